@@ -1,0 +1,34 @@
+# prodcat: `make run` starts the app, `make test` runs every test. Both create .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test worker lint bench demo screenshots clean-venv
+
+$(STAMP): requirements.txt requirements-test.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/streamlit run streamlit_app.py
+
+worker: $(STAMP)
+	$(BIN)/python -m core.worker
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+demo: $(STAMP)
+	$(BIN)/python -m core.cli demo fashion-mnist --limit 600
+
+screenshots: $(STAMP)
+	PRODCAT_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest tests/e2e
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,124 @@
+"""Database access: engine set-up (SQLite WAL, busy timeout, foreign keys), sessions, migrations on start."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.settings import Settings, get_settings
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def _make_engine(url: str, *, immediate: bool) -> Engine:
+    is_sqlite = url.startswith("sqlite")
+    kwargs: dict[str, Any] = {}
+    if is_sqlite:
+        kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+    engine = create_engine(url, **kwargs)
+    if is_sqlite:
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy's "begin" event decide how transactions start (pysqlite's own BEGIN is deferred).
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            # Writers take the write lock up front, so they wait on busy_timeout instead of failing
+            # half-way with "database is locked"; readers never block anyone under WAL.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+class Database:
+    """One database: `read()` for queries, `write()` for short transactions that start immediately."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url = settings.resolved_database_url
+        if self.url.startswith("sqlite"):
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = _make_engine(self.url, immediate=False)
+        self.write_engine = _make_engine(self.url, immediate=True)
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = sessionmaker(self.write_engine, expire_on_commit=False)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading; anything it would write is rolled back."""
+        with self._read() as session:
+            try:
+                yield session
+            finally:
+                session.rollback()
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """One unit of work: commits on success, rolls back on any exception (which propagates)."""
+        with self._write() as session:
+            with session.begin():
+                yield session
+
+    def integrity_ok(self) -> bool:
+        """`PRAGMA integrity_check` (SQLite) or a trivial query elsewhere."""
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                return conn.execute(text("PRAGMA integrity_check")).scalar_one() == "ok"
+            return conn.execute(text("SELECT 1")).scalar_one() == 1
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        self.write_engine.dispose()
+
+
+def upgrade(db: Database) -> None:
+    """Apply every Alembic migration that is not yet in the database."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", db.url.replace("%", "%%"))
+    with db.write_engine.connect() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+_open: dict[str, Database] = {}
+
+
+def open_database(settings: Settings | None = None) -> Database:
+    """The database for these settings, migrated to the newest schema (one instance per URL per process)."""
+    settings = settings or get_settings()
+    key = f"{settings.resolved_database_url}|{settings.data_dir}"
+    db = _open.get(key)
+    if db is None:
+        db = Database(settings)
+        upgrade(db)
+        _open[key] = db
+    return db
+
+
+def close_all() -> None:
+    """Dispose every engine this process opened (tests, and the worker before it exits)."""
+    for db in _open.values():
+        db.dispose()
+    _open.clear()

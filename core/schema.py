@@ -1,0 +1,218 @@
+"""The database tables (SQLAlchemy 2.x typed ORM). Alembic migrations in core/migrations mirror this file."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now; every timestamp in the database is UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores UTC, always hands back timezone-aware datetimes (SQLite keeps no zone of its own)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Split(enum.StrEnum):
+    TRAIN = "train"
+    VAL = "val"
+    TEST = "test"
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class VersionStatus(enum.StrEnum):
+    CANDIDATE = "candidate"
+    ACTIVE = "active"
+    RETIRED = "retired"
+
+
+class Category(Base):
+    __tablename__ = "categories"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    archived_at: Mapped[datetime | None] = mapped_column(default=None)
+    merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id"), default=None)
+
+
+class Image(Base):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    stored_path: Mapped[str] = mapped_column(String(300))  # relative to data_dir
+    thumb_path: Mapped[str] = mapped_column(String(300))  # relative to data_dir
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(16))
+    file_size: Mapped[int] = mapped_column(Integer)
+    original_name: Mapped[str] = mapped_column(String(500))
+    source: Mapped[str] = mapped_column(String(500), default="")
+    split: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    uploaded_by: Mapped[str] = mapped_column(String(200))
+
+    label: Mapped[Label | None] = relationship(back_populates="image", uselist=False)
+
+    __table_args__ = (
+        Index("ix_images_split_id", "split", "id"),
+        Index("ix_images_created_at", "created_at"),
+    )
+
+
+class Label(Base):
+    """The current human label of an image. No row means unlabelled."""
+
+    __tablename__ = "labels"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    category_id: Mapped[int] = mapped_column(ForeignKey("categories.id"))
+    labelled_by: Mapped[str] = mapped_column(String(200))
+    labelled_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="label")
+    category: Mapped[Category] = relationship()
+
+    __table_args__ = (Index("ix_labels_category_id", "category_id", "image_id"),)
+
+
+class LabelEvent(Base):
+    """Append-only audit trail: every change of a label, with who, when, why and what the model had said."""
+
+    __tablename__ = "label_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    old_category_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id"))
+    new_category_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id"))
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(32))  # set, clear, bulk, merge, import, undo
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    note: Mapped[str] = mapped_column(Text, default="")
+    # The prediction the person saw when they made the change (all optional).
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), default=None)
+    predicted_category_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id"), default=None)
+    predicted_confidence: Mapped[float | None] = mapped_column(Float, default=None)
+
+    __table_args__ = (
+        Index("ix_label_events_image_id", "image_id", "id"),
+        Index("ix_label_events_created_at", "created_at"),
+    )
+
+
+class Prediction(Base):
+    """One model version's output for one image: top category, confidence and the full probability vector."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    category_id: Mapped[int] = mapped_column(ForeignKey("categories.id"))
+    confidence: Mapped[float] = mapped_column(Float)
+    margin: Mapped[float] = mapped_column(Float)  # top-1 minus top-2 probability
+    entropy: Mapped[float] = mapped_column(Float)
+    probs: Mapped[list[Any]] = mapped_column(JSON)  # in the model version's class order
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("image_id", "model_version_id", name="uq_predictions_image_version"),
+        Index("ix_predictions_version_confidence", "model_version_id", "confidence"),
+        Index("ix_predictions_version_margin", "model_version_id", "margin"),
+        Index("ix_predictions_version_entropy", "model_version_id", "entropy"),
+        Index("ix_predictions_version_category", "model_version_id", "category_id"),
+    )
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    arch: Mapped[str] = mapped_column(String(100))
+    image_size: Mapped[int] = mapped_column(Integer)
+    mode: Mapped[str] = mapped_column(String(16))  # quick or full
+    class_names: Mapped[list[Any]] = mapped_column(JSON)  # ordered, as at training time
+    class_category_ids: Mapped[list[Any]] = mapped_column(JSON)  # same order as class_names
+    weights_path: Mapped[str] = mapped_column(String(300))  # relative to data_dir, .safetensors (+ .json sidecar)
+    pretrained_source: Mapped[str] = mapped_column(String(300))  # "hub", "file:<name>", "none"
+    temperature: Mapped[float] = mapped_column(Float, default=1.0)
+    status: Mapped[str] = mapped_column(String(16), default=VersionStatus.CANDIDATE)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # {"train":..., "val":..., "test":...}
+    test_accuracy: Mapped[float | None] = mapped_column(Float, default=None)
+    test_image_ids_hash: Mapped[str] = mapped_column(String(64), default="")
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), default=None)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("training_jobs.id", use_alter=True), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    activated_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (Index("ix_model_versions_status", "status"),)
+
+
+class TrainingJob(Base):
+    __tablename__ = "training_jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    # 1 while queued or running, NULL otherwise: the unique constraint admits one live job at a time,
+    # so two people pressing "retrain" at the same moment cannot both enqueue.
+    active_slot: Mapped[int | None] = mapped_column(Integer, unique=True, default=1)
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str] = mapped_column(Text, default="")
+    requested_by: Mapped[str] = mapped_column(String(200))
+    worker_id: Mapped[str] = mapped_column(String(200), default="")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), default=None)
+
+    __table_args__ = (Index("ix_training_jobs_status", "status", "id"),)
+
+
+class Worker(Base):
+    """A live worker process announces itself here; the UI starts one only when no heartbeat is fresh."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid:random
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(50), default="")
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(default=None)

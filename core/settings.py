@@ -1,0 +1,89 @@
+"""Configuration: one pydantic-settings object read from PRODCAT_* environment variables and `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything prodcat can be told from outside. Two instances with two data directories share nothing."""
+
+    model_config = SettingsConfigDict(env_prefix="PRODCAT_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("./data"), description="Database, images, checkpoints and caches live here.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in data_dir.")
+
+    # Image validation and storage.
+    max_image_side: int = Field(20_000, gt=0, description="Refuse images with a longer side than this.")
+    max_image_pixels: int = Field(80_000_000, gt=0, description="Refuse images with more pixels than this.")
+    max_file_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Refuse files larger than this.")
+    thumbnail_size: int = Field(256, gt=0, description="Longest side of the stored grid thumbnail.")
+    split_fractions: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/val/test shares, fixed per image at ingest from its hash."
+    )
+
+    # Zip archives.
+    zip_max_entries: int = Field(20_000, gt=0)
+    zip_max_total_bytes: int = Field(4 * 1024**3, gt=0, description="Cap on bytes actually decompressed.")
+
+    # Model engine.
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    default_arch: str = "resnet18"
+    image_size: int = Field(224, ge=16)
+    pretrained: Literal["auto", "hub", "file", "none"] = Field(
+        "auto", description="auto: local file if set, else the hub if reachable, else random init."
+    )
+    pretrained_file: Path | None = Field(None, description="Local .safetensors weights for the backbone.")
+    promote_policy: Literal["if_not_worse", "always", "manual"] = "if_not_worse"
+    heartbeat_timeout_s: float = Field(60.0, gt=0, description="A running job silent this long is failed.")
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    worker_poll_s: float = Field(1.0, gt=0)
+
+    default_actor: str = "staff"
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions must be three non-negative shares summing to 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _absolute_data_dir(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'prodcat.sqlite3'}"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def thumbs_dir(self) -> Path:
+        return self.data_dir / "thumbs"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (tests call `get_settings.cache_clear()` after changing the environment)."""
+    return Settings()
