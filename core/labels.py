@@ -41,8 +41,8 @@ def clean_category_name(name: str) -> str:
 
 def find_category(session: Session, name_or_id: str | int) -> Category:
     """A category by id or exact name; raises NotFound naming what was asked for."""
-    if isinstance(name_or_id, int) or (isinstance(name_or_id, str) and name_or_id.isdigit() and False):
-        category = session.get(Category, int(name_or_id))
+    if isinstance(name_or_id, int):
+        category = session.get(Category, name_or_id)
     else:
         category = session.scalar(select(Category).where(Category.name == clean_category_name(str(name_or_id))))
     if category is None:
