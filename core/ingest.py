@@ -1,19 +1,48 @@
 """Import images into the catalogue: loose files, folder trees and zip archives, with optional labels.
 
-CONTRACT (stub; the ingest helper implements it). Used by the CLI, the pages, the demo and tests.
+Every file is validated by content, stored content-addressed (files first, then one short write
+transaction for its row and label), and reported as imported, duplicate or refused with the reason.
+One bad file never stops the batch; one file's bytes are in memory at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import csv
+import hashlib
+import io
+import os
+import zipfile
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
 from core.db import Database
+from core.errors import CategoryError, ImageRefused, ProdcatError
+from core.imaging import DecodedImage, inspect_and_decode
+from core.labels import apply_label, clean_category_name, get_or_create_category
+from core.schema import Image, Label
+from core.splits import split_for_hash
+from core.store import StoredFiles, store_image
 
 # progress(done, total, current_name); total may be None while a zip or folder is still being listed.
 ProgressCallback = Callable[[int, int | None, str], None]
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_READ_CHUNK = 1024 * 1024
+# Operating-system litter that is not a product photo; skipped silently rather than reported as refusals.
+_LITTER_NAMES = {"__macosx", "thumbs.db", "desktop.ini"}
+_CSV_FILENAME_HEADERS = {"filename", "file", "file_name", "filepath", "path", "image", "name", "image_path"}
+_CSV_CATEGORY_HEADERS = {"category", "label", "class", "category_name", "class_name"}
+_MAX_NAME = 500  # images.original_name / images.source column width
+# Decode/store threads: Pillow and hashlib release the GIL, so two threads use two cores.
+DECODE_THREADS = 4
 
 
 @dataclass
@@ -54,6 +83,410 @@ class Upload:
     data: bytes
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Candidates: one file to import, whatever it came from.
+
+
+class _Refuse(Exception):
+    """A candidate refused before validation (unreadable, encrypted, nested archive, over a cap)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Candidate:
+    name: str  # shown to the user and stored as original_name
+    read: Callable[[], bytes]  # raises _Refuse
+    source: str
+    folder_category: str | None = None  # first folder below the root, for labels_from_folders
+    label_keys: tuple[str, ...] = ()  # names to look up in a labels mapping, most specific first
+
+
+@dataclass
+class _Skip:
+    """Entries after an archive hit a cap: one refusal standing for `count` entries."""
+
+    name: str
+    reason: str
+    count: int
+
+
+def _is_litter(parts: Iterable[str]) -> bool:
+    return any(p.startswith(".") or p.lower() in _LITTER_NAMES for p in parts)
+
+
+def _clean_parts(name: str) -> list[str]:
+    """Path components of a zip entry or relative path, for display and labels only (never for writing)."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return [p for p in parts if p not in ("", "/", ".", "..") and not p.endswith(":")]
+
+
+def _norm_key(name: str) -> str:
+    return "/".join(_clean_parts(name.strip()))
+
+
+def _upload_bytes(upload: object) -> bytes:
+    data = getattr(upload, "data", None)
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data)
+    if hasattr(upload, "getvalue"):
+        return bytes(upload.getvalue())
+    return bytes(upload.read())  # type: ignore[attr-defined]
+
+
+def _looks_like_zip(head: bytes) -> bool:
+    return head[:4] in _ZIP_MAGIC
+
+
+class _ZipBudget:
+    """Bytes actually decompressed from one archive (header sizes can lie, so we count while reading)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.used = 0
+        self.exhausted = False
+
+
+def _read_zip_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _ZipBudget, max_file_bytes: int) -> bytes:
+    if info.flag_bits & 0x1:
+        raise _Refuse("encrypted zip entry: password-protected files cannot be read; unzip it first")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with zf.open(info) as fh:
+            while chunk := fh.read(_READ_CHUNK):
+                if not chunks and _looks_like_zip(chunk):
+                    raise _Refuse("nested archive (a zip inside the zip) is not expanded: import the inner zip itself")
+                budget.used += len(chunk)
+                size += len(chunk)
+                if budget.used > budget.cap:
+                    budget.exhausted = True
+                    raise _Refuse(
+                        f"the archive expands to more than the limit of {budget.cap:,} bytes; stopped reading here"
+                    )
+                if size > max_file_bytes:
+                    raise _Refuse(f"file is larger than the limit of {max_file_bytes:,} bytes")
+                chunks.append(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        raise _Refuse(f"corrupt zip entry: {exc}") from exc
+    except NotImplementedError as exc:
+        raise _Refuse(f"unsupported zip compression: {exc}") from exc
+    except RuntimeError as exc:  # zipfile raises RuntimeError for encryption it detects itself
+        raise _Refuse(f"unreadable zip entry: {exc}") from exc
+    return b"".join(chunks)
+
+
+class _ZipSource:
+    """A zip archive (on disk or in memory) expanded entry by entry; entry names are labels, never paths."""
+
+    def __init__(
+        self, name: str, opener: Callable[[], BinaryIO], *, settings_caps: tuple[int, int, int], strip_top: bool
+    ) -> None:
+        self.name = name
+        self.opener = opener
+        self.max_entries, self.max_total, self.max_file = settings_caps
+        self.strip_top = strip_top
+        self.entries: list[zipfile.ZipInfo] = []
+        self.common_top = False
+        with self.opener() as fh, zipfile.ZipFile(fh) as zf:  # raises BadZipFile for a broken archive
+            for info in zf.infolist():
+                if info.is_dir() or _is_litter(_clean_parts(info.filename)):
+                    continue
+                self.entries.append(info)
+        # A zip of a folder ("dataset/Shoes/a.jpg") gets its single wrapping folder stripped for labels.
+        tops = {tuple(_clean_parts(i.filename)[:1]) for i in self.entries}
+        self.common_top = strip_top and len(tops) == 1 and all(len(_clean_parts(i.filename)) >= 3 for i in self.entries)
+
+    @property
+    def count(self) -> int:
+        over = len(self.entries) > self.max_entries
+        return min(len(self.entries), self.max_entries) + (1 if over else 0)
+
+    def candidates(self) -> Iterator[_Candidate | _Skip]:
+        budget = _ZipBudget(self.max_total)
+        source = f"zip:{self.name}"
+        with self.opener() as fh, zipfile.ZipFile(fh) as zf:
+            allowed = self.entries[: self.max_entries]
+            for position, info in enumerate(allowed):
+                if budget.exhausted:
+                    left = len(allowed) - position
+                    yield _Skip(
+                        self.name,
+                        f"the archive expands to more than the limit of {budget.cap:,} bytes: "
+                        f"{left} remaining entries were not read",
+                        left,
+                    )
+                    break
+                parts = _clean_parts(info.filename)
+                label_parts = parts[1:] if self.common_top else parts
+                yield _Candidate(
+                    name=f"{self.name}/{info.filename}",
+                    read=lambda info=info: _read_zip_entry(zf, info, budget, self.max_file),
+                    source=source,
+                    folder_category=label_parts[0] if len(label_parts) >= 2 else None,
+                    label_keys=("/".join(parts), "/".join(label_parts), parts[-1] if parts else ""),
+                )
+            if len(self.entries) > self.max_entries:
+                yield _Skip(
+                    self.name,
+                    f"the archive has {len(self.entries):,} files, more than the limit of {self.max_entries:,}: "
+                    f"the last {len(self.entries) - self.max_entries:,} were not read",
+                    1,
+                )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The importer: one candidate at a time.
+
+
+@dataclass
+class _Prepared:
+    """What a worker thread made of one new file: its validated metadata and stored files, or the refusal."""
+
+    decoded: DecodedImage | None = None
+    stored: StoredFiles | None = None
+    refusal: str | None = None
+
+
+@dataclass
+class _Pending:
+    """One candidate between reading (main thread) and its database row (main thread, in input order)."""
+
+    cand: _Candidate
+    category: str | None = None
+    sha: str = ""
+    refusal: str | None = None
+    existing: tuple[int, str] | None = None  # a duplicate of an image already in the database
+    same_as_in_flight: bool = False  # same bytes as an earlier file of this batch not yet committed
+    data: bytes | None = None  # kept only for same_as_in_flight (re-done if the earlier copy was refused)
+    future: Future[_Prepared] | None = None
+
+
+class _Importer:
+    """Runs a batch: the main thread reads, hashes and writes rows in order; a small thread pool decodes,
+    validates and stores files (Pillow and hashlib release the GIL), a bounded number at a time so memory
+    stays flat whatever the batch size.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        actor: str,
+        category: str | None,
+        labels: dict[str, str] | None,
+        labels_from_folders: bool,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.db = db
+        self.settings = db.settings
+        self.actor = actor
+        self.category = category
+        self.labels = {_norm_key(k): v for k, v in (labels or {}).items()}
+        self.labels_from_folders = labels_from_folders
+        self.progress = progress
+        self.result = ImportResult()
+        self.done = 0
+        self.total: int | None = None
+        self.seen: dict[str, tuple[int, str]] = {}  # sha256 -> (image id, original name) committed in this batch
+        self.in_flight: set[str] = set()
+        self.category_checks: dict[str, str | CategoryError] = {}
+        self.workers = min(DECODE_THREADS, os.cpu_count() or 1)
+
+    @property
+    def caps(self) -> tuple[int, int, int]:
+        s = self.settings
+        return s.zip_max_entries, s.zip_max_total_bytes, s.max_file_bytes
+
+    def tick(self, name: str, count: int = 1) -> None:
+        self.done += count
+        if self.progress is not None:
+            self.progress(self.done, self.total, name)
+
+    def refuse(self, name: str, reason: str, count: int = 1) -> None:
+        self.result.refused.append(RefusedItem(name, reason))
+        self.tick(name, count)
+
+    def _flatten(self, items: Iterable[_Candidate | _Skip | RefusedItem | _ZipSource]) -> Iterator[object]:
+        for item in items:
+            if isinstance(item, _ZipSource):
+                yield from item.candidates()
+            else:
+                yield item
+
+    def run(self, items: Iterable[_Candidate | _Skip | RefusedItem | _ZipSource]) -> ImportResult:
+        pending: deque[_Pending | _Skip | RefusedItem] = deque()
+        window = 2 * self.workers
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="ingest") as pool:
+            try:
+                for item in self._flatten(items):
+                    # Read in the main thread, in order: zip budgets and progress stay sequential.
+                    pending.append(self.start(item, pool) if isinstance(item, _Candidate) else item)  # type: ignore[arg-type]
+                    while len(pending) > window:
+                        self.finish(pending.popleft())
+                while pending:
+                    self.finish(pending.popleft())
+            finally:
+                for left in pending:  # an unexpected error: do not leave threads decoding for nobody
+                    if isinstance(left, _Pending) and left.future is not None:
+                        left.future.cancel()
+        return self.result
+
+    def wanted_category(self, cand: _Candidate) -> str | None:
+        for key in cand.label_keys:
+            if key and (found := self.labels.get(_norm_key(key))) is not None:
+                return found
+        if self.labels_from_folders and cand.folder_category:
+            return cand.folder_category
+        return self.category
+
+    def checked_category(self, name: str) -> str:
+        """The cleaned category name, or CategoryError; cached so a batch of 10,000 checks each name once."""
+        checked = self.category_checks.get(name)
+        if checked is None:
+            try:
+                checked = clean_category_name(name)
+            except CategoryError as exc:
+                checked = exc
+            self.category_checks[name] = checked
+        if isinstance(checked, CategoryError):
+            raise checked
+        return checked
+
+    def find_existing(self, sha: str) -> tuple[int, str] | None:
+        if sha in self.seen:
+            return self.seen[sha]
+        with self.db.read() as session:
+            row = session.execute(select(Image.id, Image.original_name).where(Image.sha256 == sha)).first()
+        return (row[0], row[1]) if row else None
+
+    def prepare(self, name: str, data: bytes, sha: str) -> _Prepared:
+        """Validate, decode and store one file (runs in a worker thread; touches no database)."""
+        try:
+            decoded = inspect_and_decode(name, data, self.settings, sha256=sha, draft_size=self.settings.thumbnail_size)
+        except ImageRefused as exc:
+            return _Prepared(refusal=exc.reason)
+        try:
+            stored = store_image(self.settings, data, decoded)
+        except OSError as exc:
+            return _Prepared(refusal=f"could not be stored ({exc.strerror or exc}); check free disk space")
+        decoded.image = None  # type: ignore[assignment]  # the thumbnail is written: free the pixels now
+        return _Prepared(decoded=decoded, stored=stored)
+
+    def start(self, cand: _Candidate, pool: ThreadPoolExecutor) -> _Pending:
+        p = _Pending(cand)
+        try:
+            data = cand.read()
+        except _Refuse as exc:
+            p.refusal = exc.reason
+            return p
+        wanted = self.wanted_category(cand)
+        try:
+            p.category = self.checked_category(wanted) if wanted is not None else None
+        except CategoryError as exc:
+            p.refusal = f"invalid category {wanted!r}: {exc}"
+            return p
+        p.sha = hashlib.sha256(data).hexdigest()  # hashed once; duplicates are never decoded
+        if p.sha in self.in_flight:
+            p.same_as_in_flight, p.data = True, data
+            return p
+        p.existing = self.find_existing(p.sha)
+        if p.existing is None:
+            self.in_flight.add(p.sha)
+            p.future = pool.submit(self.prepare, cand.name, data, p.sha)
+        return p
+
+    def finish(self, p: _Pending | _Skip | RefusedItem) -> None:
+        if isinstance(p, _Skip):
+            self.refuse(p.name, p.reason, p.count)
+            return
+        if isinstance(p, RefusedItem):
+            self.refuse(p.name, p.reason)
+            return
+        name = p.cand.name
+        if p.refusal is not None:
+            self.refuse(name, p.refusal)
+            return
+        if p.same_as_in_flight:
+            existing = self.seen.get(p.sha)
+            if existing is not None:
+                self.duplicate(name, existing, p.category)
+                return
+            # The earlier copy was refused: this one gets its own verdict (the same one, named after it).
+            assert p.data is not None
+            prepared = self.prepare(name, p.data, p.sha)
+            p.data = None
+        elif p.existing is not None:
+            self.duplicate(name, p.existing, p.category)
+            return
+        else:
+            assert p.future is not None
+            prepared = p.future.result()
+            self.in_flight.discard(p.sha)
+        if prepared.refusal is not None:
+            self.refuse(name, prepared.refusal)
+            return
+        assert prepared.decoded is not None and prepared.stored is not None
+        self.insert(p, prepared.decoded, prepared.stored)
+
+    def insert(self, p: _Pending, decoded: DecodedImage, stored: StoredFiles) -> None:
+        """The image row and its label in one short write transaction (files are already in place)."""
+        name, category = p.cand.name, p.category
+        row = Image(
+            sha256=p.sha,
+            stored_path=stored.original_rel,
+            thumb_path=stored.thumb_rel,
+            width=decoded.width,
+            height=decoded.height,
+            format=decoded.format,
+            file_size=decoded.file_size,
+            original_name=name[:_MAX_NAME],
+            source=p.cand.source[:_MAX_NAME],
+            split=str(split_for_hash(p.sha, self.settings.split_fractions)),
+            uploaded_by=self.actor,
+        )
+        try:
+            with self.db.write() as session:
+                session.add(row)
+                session.flush()
+                if category is not None:
+                    cat = get_or_create_category(session, category)
+                    apply_label(session, row.id, cat.id, actor=self.actor, action="import", note=p.cand.source)
+        except CategoryError as exc:  # e.g. an archived category: the image row was rolled back with it
+            self.refuse(name, f"invalid category {category!r}: {exc}")
+            return
+        except IntegrityError:
+            # Another process stored the same bytes between our lookup and insert: a duplicate after all.
+            existing = self.find_existing(p.sha)
+            if existing is None:
+                raise
+            self.duplicate(name, existing, category)
+            return
+        self.seen[p.sha] = (row.id, row.original_name)
+        self.result.imported.append(ImportedItem(name, row.id, category))
+        self.tick(name)
+
+    def duplicate(self, name: str, existing: tuple[int, str], category: str | None) -> None:
+        image_id, existing_name = existing
+        if category is not None:
+            # Label an unlabelled duplicate; a different existing label is left alone (never overwritten).
+            try:
+                with self.db.write() as session:
+                    if session.get(Label, image_id) is None:
+                        cat = get_or_create_category(session, category)
+                        apply_label(session, image_id, cat.id, actor=self.actor, action="import", note=name)
+            except CategoryError:
+                pass  # the name was checked already; only an archived category lands here: leave it unlabelled
+        self.result.duplicates.append(DuplicateItem(name, image_id, existing_name))
+        self.tick(name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
 def import_uploads(
     db: Database,
     uploads: Iterable[Upload],
@@ -68,7 +501,56 @@ def import_uploads(
 
     `category` labels every image; `labels` maps file name -> category (CSV). Unknown categories are created.
     """
-    raise NotImplementedError
+    importer = _Importer(
+        db, actor=actor, category=category, labels=labels, labels_from_folders=False, progress=progress
+    )
+    items: list[_Candidate | RefusedItem | _ZipSource] = []
+    for upload in uploads:
+        name = str(getattr(upload, "name", "") or "upload")
+        data = _upload_bytes(upload)
+        if _looks_like_zip(data):
+            try:
+                items.append(
+                    _ZipSource(
+                        name, lambda data=data: io.BytesIO(data), settings_caps=importer.caps, strip_top=True
+                    )
+                )
+            except (zipfile.BadZipFile, OSError, ValueError) as exc:
+                items.append(RefusedItem(name, f"not a readable zip archive: {exc}"))
+            continue
+        bare = _clean_parts(name)[-1:] or [name]
+        items.append(
+            _Candidate(name, read=lambda data=data: data, source=source, label_keys=(name, bare[0]))
+        )
+    importer.total = sum(i.count if isinstance(i, _ZipSource) else 1 for i in items)
+    return importer.run(items)
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise _Refuse(f"file is {size:,} bytes, larger than the limit of {max_bytes:,} bytes")
+        return path.read_bytes()
+    except OSError as exc:
+        raise _Refuse(f"cannot be read ({exc.strerror or exc})") from exc
+
+
+def _peek(path: Path) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(4)
+    except OSError:
+        return b""  # reported when the file itself is read
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Files under root, sorted, skipping hidden and OS-litter folders and files; symlinked folders not followed."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not _is_litter([d]))
+        for filename in sorted(filenames):
+            if not _is_litter([filename]):
+                yield Path(dirpath) / filename
 
 
 def import_paths(
@@ -85,10 +567,94 @@ def import_paths(
 
     labels_from_folders: ImageFolder layout, the image's parent folder name (below the given root) is its
     category. labels_csv: `filename,category` rows, matched on the relative path or the bare file name.
+    Precedence when several apply: the CSV row, then the folder, then `category`.
     """
-    raise NotImplementedError
+    labels = read_labels_csv(labels_csv) if labels_csv is not None else None
+    csv_resolved = Path(labels_csv).resolve() if labels_csv is not None else None
+    importer = _Importer(
+        db, actor=actor, category=category, labels=labels, labels_from_folders=labels_from_folders, progress=progress
+    )
+    max_bytes = db.settings.max_file_bytes
+    items: list[_Candidate | RefusedItem | _ZipSource] = []
+
+    def add_file(path: Path, display: str, rel_parts: list[str], source: str) -> None:
+        if csv_resolved is not None and path.resolve() == csv_resolved:
+            return  # the labels file kept beside the images is not an image to refuse
+        if _looks_like_zip(_peek(path)):
+            try:
+                items.append(
+                    _ZipSource(
+                        display, lambda path=path: path.open("rb"), settings_caps=importer.caps, strip_top=True
+                    )
+                )
+            except (zipfile.BadZipFile, OSError, ValueError) as exc:
+                items.append(RefusedItem(display, f"not a readable zip archive: {exc}"))
+            return
+        items.append(
+            _Candidate(
+                name=display,
+                read=lambda path=path: _read_file(path, max_bytes),
+                source=source,
+                folder_category=rel_parts[0] if len(rel_parts) >= 2 else None,
+                label_keys=("/".join(rel_parts), display, rel_parts[-1]),
+            )
+        )
+
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            source = f"folder:{path.resolve().name}"
+            for file in _walk(path):
+                rel = file.relative_to(path).parts
+                add_file(file, f"{path.name}/{'/'.join(rel)}" if path.name else "/".join(rel), list(rel), source)
+        elif path.is_file():
+            # A loose file: its own folder is its label folder.
+            add_file(path, path.name, [path.parent.resolve().name, path.name], f"folder:{path.parent.resolve().name}")
+        else:
+            items.append(RefusedItem(str(path), "no such file or folder"))
+    importer.total = sum(i.count if isinstance(i, _ZipSource) else 1 for i in items)
+    return importer.run(items)
 
 
 def read_labels_csv(path_or_file: Path | BinaryIO) -> dict[str, str]:
     """Parse a `filename,category` CSV (header optional) into a mapping; refuses malformed rows clearly."""
-    raise NotImplementedError
+    if isinstance(path_or_file, str | Path):
+        name = str(path_or_file)
+        try:
+            raw: bytes | str = Path(path_or_file).read_bytes()
+        except OSError as exc:
+            raise ProdcatError(f"labels CSV {name}: cannot be read ({exc.strerror or exc})") from exc
+    else:
+        name = str(getattr(path_or_file, "name", "labels CSV"))
+        raw = path_or_file.read()
+    try:
+        text = raw.decode("utf-8-sig") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        raise ProdcatError(f"labels CSV {name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    mapping: dict[str, str] = {}
+    first = True
+    for line, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        cells = [c.strip() for c in row]
+        while cells and not cells[-1]:
+            cells.pop()
+        if not cells:
+            continue
+        if len(cells) != 2:
+            raise ProdcatError(
+                f"labels CSV {name} line {line}: expected two columns 'filename,category', got {len(cells)}: {row!r}"
+            )
+        filename, category = cells
+        if first and filename.lower() in _CSV_FILENAME_HEADERS and category.lower() in _CSV_CATEGORY_HEADERS:
+            first = False
+            continue
+        first = False
+        if not filename or not category:
+            raise ProdcatError(f"labels CSV {name} line {line}: empty file name or category: {row!r}")
+        key = _norm_key(filename)
+        if key in mapping and mapping[key] != category:
+            raise ProdcatError(
+                f"labels CSV {name} line {line}: {filename!r} is listed twice with different categories "
+                f"({mapping[key]!r} and {category!r})"
+            )
+        mapping[key] = category
+    return mapping

@@ -6,13 +6,18 @@ current label and the audit trail can never disagree.
 
 from __future__ import annotations
 
+import re
 import unicodedata
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy.orm import Session, aliased
 
-from core.errors import CategoryError, NotFound
+from core.db import Database
+from core.errors import CategoryError, NotFound, ProdcatError
 from core.schema import Category, Image, Label, LabelEvent, utcnow
 
 MAX_CATEGORY_NAME = 200
@@ -107,3 +112,532 @@ def apply_label(
     session.add(event)
     session.flush()
     return event
+
+
+# --- Label changes -------------------------------------------------------------------------------------------
+
+# Actions a person can take back with `undo_last_change`. Imports, merges and renames are batch
+# bookkeeping, not someone's judgement about one image, so undo steps over them.
+UNDOABLE_ACTIONS = ("set", "clear", "bulk")
+_UNDO_NOTE = re.compile(r"^undo of event #(\d+)")
+_IN_CHUNK = 500  # ids per IN (...) clause, well under every database's parameter limit
+
+
+@dataclass(frozen=True)
+class LabelChange:
+    """One image's label before and after a change; `event_id` is None when nothing changed."""
+
+    image_id: int
+    old_category: str | None
+    new_category: str | None
+    event_id: int | None
+
+    @property
+    def changed(self) -> bool:
+        return self.event_id is not None
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One line of an image's label history, with names resolved."""
+
+    event_id: int
+    time: datetime
+    actor: str
+    action: str
+    old_category: str | None
+    new_category: str | None
+    predicted_category: str | None
+    predicted_confidence: float | None
+    model_version_id: int | None
+    note: str
+
+
+@dataclass(frozen=True)
+class CategoryRow:
+    """A category with the number of images currently labelled with it."""
+
+    id: int
+    name: str
+    labelled: int
+    archived: bool
+    archived_at: datetime | None = None
+    merged_into: str | None = None
+
+
+def clean_actor(actor: str) -> str:
+    """Actors are shown in the audit trail, so an empty one is refused rather than stored."""
+    cleaned = str(actor or "").strip()
+    if not cleaned:
+        raise ProdcatError("actor is empty: say who makes the change (e.g. --actor alice)")
+    return cleaned[:200]
+
+
+def resolve_category(session: Session, value: str | int) -> Category:
+    """A category by id (int) or name (str); a string of digits that is no category's name is taken as an id."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise CategoryError(f"category must be a name or an id, got {value!r}")
+    if isinstance(value, int):
+        return find_category(session, value)
+    try:
+        return find_category(session, value)
+    except NotFound:
+        if value.strip().isdigit():
+            return find_category(session, int(value.strip()))
+        raise
+
+
+def _live_category(session: Session, value: str | int) -> Category:
+    category = resolve_category(session, value)
+    if category.archived_at is not None:
+        where = ""
+        if category.merged_into_id is not None:
+            target = session.get(Category, category.merged_into_id)
+            where = f" (merged into {target.name!r})" if target is not None else ""
+        raise CategoryError(f"category {category.name!r} is archived{where}: it cannot receive new labels")
+    return category
+
+
+def _name(session: Session, category_id: int | None) -> str | None:
+    if category_id is None:
+        return None
+    category = session.get(Category, category_id)
+    return category.name if category is not None else None
+
+
+def _change(session: Session, image_id: int, event: LabelEvent | None, current: int | None) -> LabelChange:
+    if event is None:
+        name = _name(session, current)
+        return LabelChange(image_id, name, name, None)
+    return LabelChange(image_id, _name(session, event.old_category_id), _name(session, event.new_category_id), event.id)
+
+
+def _current_category_id(session: Session, image_id: int) -> int | None:
+    label = session.get(Label, image_id)
+    return label.category_id if label is not None else None
+
+
+def set_label(
+    db: Database,
+    image_id: int,
+    category: str | int,
+    *,
+    actor: str,
+    seen_prediction: SeenPrediction | None = None,
+    note: str = "",
+) -> LabelChange:
+    """Label one image (or change its label), writing the label and its audit event in one transaction.
+
+    `category` is an existing, live category's name or id. Setting the label it already has changes nothing
+    and returns a LabelChange whose `event_id` is None.
+    """
+    actor = clean_actor(actor)
+    with db.write() as session:
+        target = _live_category(session, category)
+        event = apply_label(
+            session, int(image_id), target.id, actor=actor, action="set", note=note, seen=seen_prediction
+        )
+        return _change(session, int(image_id), event, target.id)
+
+
+def clear_label(db: Database, image_id: int, *, actor: str, note: str = "") -> LabelChange:
+    """Make one image unlabelled again (audited; the earlier label stays in the trail)."""
+    actor = clean_actor(actor)
+    with db.write() as session:
+        event = apply_label(session, int(image_id), None, actor=actor, action="clear", note=note)
+        return _change(session, int(image_id), event, None)
+
+
+def _chunks(values: Sequence[int], size: int = _IN_CHUNK) -> Iterator[Sequence[int]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+@dataclass(frozen=True)
+class _Move:
+    image_id: int
+    old: int | None
+    new: int | None
+    note: str
+
+
+def _apply_many(session: Session, moves: Sequence[_Move], *, actor: str, action: str) -> list[int]:
+    """Batch form of `apply_label` for thousands of images: a few executemany statements instead of a
+    flush per image. The caller has checked that each move starts from the image's current label.
+    Returns the new event ids in the order of `moves`."""
+    if not moves:
+        return []
+    now = utcnow()
+    labels_table, events_table = Label.__table__, LabelEvent.__table__
+    # Core executemany, not ORM bulk: the ORM's INSERT..RETURNING path is quadratic in the row count.
+    cleared = [m.image_id for m in moves if m.new is None]
+    added = [m for m in moves if m.old is None and m.new is not None]
+    changed = [m for m in moves if m.old is not None and m.new is not None]
+    for chunk in _chunks(cleared):
+        session.execute(delete(labels_table).where(labels_table.c.image_id.in_(chunk)))
+    if added:
+        session.execute(
+            insert(labels_table),
+            [{"image_id": m.image_id, "category_id": m.new, "labelled_by": actor, "labelled_at": now} for m in added],
+        )
+    if changed:
+        session.execute(
+            update(labels_table)
+            .where(labels_table.c.image_id == bindparam("b_image_id"))
+            .values(category_id=bindparam("b_category_id"), labelled_by=actor, labelled_at=now),
+            [{"b_image_id": m.image_id, "b_category_id": m.new} for m in changed],
+        )
+    before = session.scalar(select(func.max(LabelEvent.id))) or 0
+    session.execute(
+        insert(events_table),
+        [
+            {
+                "image_id": m.image_id,
+                "old_category_id": m.old,
+                "new_category_id": m.new,
+                "actor": actor,
+                "action": action,
+                "created_at": now,
+                "note": m.note,
+                "model_version_id": None,
+                "predicted_category_id": None,
+                "predicted_confidence": None,
+            }
+            for m in moves
+        ],
+    )
+    # Each image appears once per batch, so (image, this batch's actor/action/time) finds its new event.
+    new_ids = dict(
+        session.execute(
+            select(LabelEvent.image_id, LabelEvent.id).where(
+                LabelEvent.id > before,
+                LabelEvent.actor == actor,
+                LabelEvent.action == action,
+                LabelEvent.created_at == now,
+            )
+        ).all()
+    )
+    # Objects loaded earlier in this session may describe the old labels.
+    session.expire_all()
+    return [new_ids[m.image_id] for m in moves]
+
+
+def _current_labels(session: Session, image_ids: Sequence[int]) -> dict[int, int]:
+    found: dict[int, int] = {}
+    for chunk in _chunks(image_ids):
+        rows = session.execute(select(Label.image_id, Label.category_id).where(Label.image_id.in_(chunk))).all()
+        found.update((image_id, category_id) for image_id, category_id in rows)
+    return found
+
+
+def _names(session: Session) -> dict[int, str]:
+    return {category_id: name for category_id, name in session.execute(select(Category.id, Category.name))}
+
+
+def bulk_relabel(db: Database, image_ids: Iterable[int], category: str | int, *, actor: str) -> list[LabelChange]:
+    """Give many images the same label in ONE transaction: one `bulk` event per image that actually changed.
+
+    Unknown image ids refuse the whole batch (naming them) before anything is written. Returns only the
+    changes made; images that already had that label are left alone.
+    """
+    actor = clean_actor(actor)
+    ids = list(dict.fromkeys(int(i) for i in image_ids))  # de-duplicated, order kept
+    if not ids:
+        return []
+    with db.write() as session:
+        target = _live_category(session, category)
+        found: set[int] = set()
+        for chunk in _chunks(ids):
+            found.update(session.scalars(select(Image.id).where(Image.id.in_(chunk))))
+        missing = [i for i in ids if i not in found]
+        if missing:
+            shown = ", ".join(str(i) for i in missing[:20]) + (" ..." if len(missing) > 20 else "")
+            raise NotFound(f"no image with id {shown}: nothing was relabelled")
+        current = _current_labels(session, ids)
+        # A batch tag in the note lets undo take the whole bulk change back at once.
+        note = f"bulk relabel of {len(ids)} images (batch {uuid.uuid4().hex[:12]})"
+        moves = [_Move(i, current.get(i), target.id, note) for i in ids if current.get(i) != target.id]
+        event_ids = _apply_many(session, moves, actor=actor, action="bulk")
+        names = _names(session)
+        return [
+            LabelChange(m.image_id, names.get(m.old) if m.old else None, target.name, event_id)
+            for m, event_id in zip(moves, event_ids, strict=True)
+        ]
+
+
+def _undone_event_ids(session: Session, actor: str) -> set[int]:
+    notes = session.scalars(select(LabelEvent.note).where(LabelEvent.actor == actor, LabelEvent.action == "undo"))
+    return {int(m.group(1)) for note in notes if (m := _UNDO_NOTE.match(note))}
+
+
+def undo_last_change(db: Database, *, actor: str) -> list[LabelChange]:
+    """Take back the actor's most recent label change that is not undone yet (a whole batch for a bulk change).
+
+    Writes new `undo` events; the original events stay. Repeating it steps further back. Refuses (changing
+    nothing) when there is nothing to undo, when someone else has changed the image since, or when the old
+    category has been archived since.
+    """
+    actor = clean_actor(actor)
+    with db.write() as session:
+        undone = _undone_event_ids(session, actor)
+        candidates = session.scalars(
+            select(LabelEvent)
+            .where(LabelEvent.actor == actor, LabelEvent.action.in_(UNDOABLE_ACTIONS))
+            .order_by(LabelEvent.id.desc())
+        )
+        last = next((event for event in candidates if event.id not in undone), None)
+        if last is None:
+            raise NotFound(f"nothing to undo: {actor!r} has no label change left that is not undone")
+        if last.action == "bulk":
+            batch = session.scalars(
+                select(LabelEvent)
+                .where(LabelEvent.actor == actor, LabelEvent.action == "bulk", LabelEvent.note == last.note)
+                .order_by(LabelEvent.id)
+            ).all()
+            events = [event for event in batch if event.id not in undone]
+        else:
+            events = [last]
+        _check_undoable(session, events, actor)
+        moves = [
+            _Move(e.image_id, e.new_category_id, e.old_category_id, f"undo of event #{e.id} ({e.action})")
+            for e in events
+        ]
+        event_ids = _apply_many(session, moves, actor=actor, action="undo")
+        names = _names(session)
+        return [
+            LabelChange(m.image_id, names.get(m.old) if m.old else None, names.get(m.new) if m.new else None, eid)
+            for m, eid in zip(moves, event_ids, strict=True)
+        ]
+
+
+def _check_undoable(session: Session, events: Sequence[LabelEvent], actor: str) -> None:
+    """Refuse the undo (naming the first image in the way) unless every event is still the image's latest word."""
+    by_image = {e.image_id: e for e in events}
+    image_ids = list(by_image)
+    first_id = min(e.id for e in events)
+    for chunk in _chunks(image_ids):
+        later = session.scalars(
+            select(LabelEvent)
+            .where(LabelEvent.image_id.in_(chunk), LabelEvent.id > first_id, LabelEvent.actor != actor)
+            .order_by(LabelEvent.id.desc())
+        )
+        for other in later:
+            event = by_image[other.image_id]
+            if other.id > event.id:
+                when = other.created_at.strftime("%Y-%m-%d %H:%M")
+                raise CategoryError(
+                    f"cannot undo event #{event.id}: image {event.image_id} was changed since by "
+                    f"{other.actor!r} ({other.action}, {when} UTC)"
+                )
+    current = _current_labels(session, image_ids)
+    for event in events:
+        if current.get(event.image_id) != event.new_category_id:
+            raise CategoryError(f"cannot undo event #{event.id}: image {event.image_id} has been relabelled since")
+    for old_id in {e.old_category_id for e in events} - {None}:
+        old = session.get(Category, old_id)
+        if old is not None and old.archived_at is not None:
+            raise CategoryError(
+                f"cannot undo: category {old.name!r} has been archived since; label the images by hand instead"
+            )
+
+
+def audit_trail(db: Database, image_id: int) -> list[AuditRow]:
+    """Every label event of one image, newest first, with category names resolved."""
+    old, new, predicted = aliased(Category), aliased(Category), aliased(Category)
+    with db.read() as session:
+        if session.get(Image, int(image_id)) is None:
+            raise NotFound(f"no image with id {image_id}")
+        rows = session.execute(
+            select(LabelEvent, old.name, new.name, predicted.name)
+            .outerjoin(old, old.id == LabelEvent.old_category_id)
+            .outerjoin(new, new.id == LabelEvent.new_category_id)
+            .outerjoin(predicted, predicted.id == LabelEvent.predicted_category_id)
+            .where(LabelEvent.image_id == int(image_id))
+            .order_by(LabelEvent.id.desc())
+        ).all()
+        # Built inside the session: read() rolls back on exit, which expires the loaded objects.
+        return [
+            AuditRow(
+                event_id=event.id,
+                time=event.created_at,
+                actor=event.actor,
+                action=event.action,
+                old_category=old_name,
+                new_category=new_name,
+                predicted_category=predicted_name,
+                predicted_confidence=event.predicted_confidence,
+                model_version_id=event.model_version_id,
+                note=event.note,
+            )
+            for event, old_name, new_name, predicted_name in rows
+        ]
+
+
+# --- Categories ----------------------------------------------------------------------------------------------
+
+
+def _category_row(session: Session, category: Category) -> CategoryRow:
+    labelled = session.scalar(select(func.count()).select_from(Label).where(Label.category_id == category.id)) or 0
+    return CategoryRow(
+        id=category.id,
+        name=category.name,
+        labelled=int(labelled),
+        archived=category.archived_at is not None,
+        archived_at=category.archived_at,
+        merged_into=_name(session, category.merged_into_id),
+    )
+
+
+def add_category(db: Database, name: str, *, actor: str) -> CategoryRow:
+    """Create a new, empty category; refuses a name that is taken (archived ones included)."""
+    clean_actor(actor)
+    cleaned = clean_category_name(name)
+    with db.write() as session:
+        existing = session.scalar(select(Category).where(Category.name == cleaned))
+        if existing is not None:
+            state = " (archived: `categories unarchive` brings it back)" if existing.archived_at else ""
+            raise CategoryError(f"category {cleaned!r} already exists{state}")
+        category = Category(name=cleaned)
+        session.add(category)
+        session.flush()
+        return _category_row(session, category)
+
+
+def _bulk_events(
+    session: Session,
+    image_ids: Sequence[int],
+    old_id: int,
+    new_id: int,
+    *,
+    actor: str,
+    action: str,
+    note: str,
+    when: datetime,
+) -> None:
+    """One audit row per image in a single executemany (a merge of 50,000 labels stays one quick statement)."""
+    rows = [
+        {
+            "image_id": image_id,
+            "old_category_id": old_id,
+            "new_category_id": new_id,
+            "actor": actor,
+            "action": action,
+            "created_at": when,
+            "note": note,
+        }
+        for image_id in image_ids
+    ]
+    if rows:
+        session.execute(insert(LabelEvent), rows)
+
+
+def rename_category(db: Database, old: str | int, new: str, *, actor: str) -> CategoryRow:
+    """Rename a category in place: its id, labels and history stay attached.
+
+    There is no table of category events, so each labelled image gets a `rename` audit row (old and new
+    category the same id, the note naming both names): an image's history then explains why the label it
+    was given under the old name now reads differently.
+    """
+    actor = clean_actor(actor)
+    cleaned = clean_category_name(new)
+    with db.write() as session:
+        category = resolve_category(session, old)
+        if category.name == cleaned:
+            return _category_row(session, category)
+        clash = session.scalar(select(Category).where(Category.name == cleaned))
+        if clash is not None:
+            raise CategoryError(
+                f"cannot rename {category.name!r} to {cleaned!r}: a category with that name exists "
+                f"(use `categories merge` to combine them)"
+            )
+        old_name, category.name = category.name, cleaned
+        now = utcnow()
+        note = f"category {old_name!r} renamed to {cleaned!r}"
+        image_ids = session.scalars(select(Label.image_id).where(Label.category_id == category.id)).all()
+        _bulk_events(session, image_ids, category.id, category.id, actor=actor, action="rename", note=note, when=now)
+        session.flush()
+        return _category_row(session, category)
+
+
+def merge_categories(db: Database, source: str | int, target: str | int, *, actor: str) -> int:
+    """Move every label of `source` to `target` (one `merge` audit row each), then archive `source`.
+
+    `source` keeps its name and records `merged_into_id`, so old audit rows still show where a label came
+    from. Returns the number of labels moved.
+    """
+    actor = clean_actor(actor)
+    with db.write() as session:
+        src = resolve_category(session, source)
+        dst = resolve_category(session, target)
+        if src.id == dst.id:
+            raise CategoryError(f"cannot merge {src.name!r} onto itself: choose a different target category")
+        if dst.archived_at is not None:
+            raise CategoryError(f"cannot merge into {dst.name!r}: it is archived")
+        if src.merged_into_id is not None:
+            raise CategoryError(f"{src.name!r} was already merged into {_name(session, src.merged_into_id)!r}")
+        now = utcnow()
+        note = f"category {src.name!r} merged into {dst.name!r}"
+        image_ids = session.scalars(select(Label.image_id).where(Label.category_id == src.id)).all()
+        _bulk_events(session, image_ids, src.id, dst.id, actor=actor, action="merge", note=note, when=now)
+        # labelled_by/labelled_at keep the person who judged the image; the merge itself is in the events.
+        session.execute(update(Label).where(Label.category_id == src.id).values(category_id=dst.id))
+        src.archived_at = now
+        src.merged_into_id = dst.id
+        session.flush()
+        return len(image_ids)
+
+
+def archive_category(db: Database, name: str | int, *, actor: str) -> CategoryRow:
+    """Stop a category from receiving new labels; the images already labelled with it keep their label."""
+    clean_actor(actor)
+    with db.write() as session:
+        category = resolve_category(session, name)
+        if category.archived_at is not None:
+            raise CategoryError(f"category {category.name!r} is already archived")
+        category.archived_at = utcnow()
+        session.flush()
+        return _category_row(session, category)
+
+
+def unarchive_category(db: Database, name: str | int, *, actor: str) -> CategoryRow:
+    """Let an archived category receive labels again (not one that was merged: its labels live elsewhere)."""
+    clean_actor(actor)
+    with db.write() as session:
+        category = resolve_category(session, name)
+        if category.archived_at is None:
+            raise CategoryError(f"category {category.name!r} is not archived")
+        if category.merged_into_id is not None:
+            raise CategoryError(
+                f"category {category.name!r} was merged into {_name(session, category.merged_into_id)!r}; "
+                "add a new category instead"
+            )
+        category.archived_at = None
+        session.flush()
+        return _category_row(session, category)
+
+
+def list_categories(db: Database, *, include_archived: bool = False) -> list[CategoryRow]:
+    """Categories by name with their labelled-image counts (one GROUP BY query)."""
+    counts = select(Label.category_id, func.count().label("n")).group_by(Label.category_id).subquery()
+    merged = aliased(Category)
+    query = (
+        select(Category, func.coalesce(counts.c.n, 0), merged.name)
+        .outerjoin(counts, counts.c.category_id == Category.id)
+        .outerjoin(merged, merged.id == Category.merged_into_id)
+        .order_by(Category.name)
+    )
+    if not include_archived:
+        query = query.where(Category.archived_at.is_(None))
+    with db.read() as session:
+        rows = session.execute(query).all()
+        return [
+            CategoryRow(
+                id=category.id,
+                name=category.name,
+                labelled=int(n),
+                archived=category.archived_at is not None,
+                archived_at=category.archived_at,
+                merged_into=merged_name,
+            )
+            for category, n, merged_name in rows
+        ]

@@ -1,0 +1,88 @@
+"""The `review` command: print a review queue (which images to look at next) as a table or JSON."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from core.cli_app import JsonOpt, app, open_db, print_json
+from core.review import MAX_PAGE_SIZE, LabelState, ReviewOrder, review_queue
+from core.schema import Split
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+@app.command("review")
+def review_command(
+    order: Annotated[
+        ReviewOrder, typer.Option("--order", help="How to sort the queue.", case_sensitive=False)
+    ] = ReviewOrder.LOWEST_CONFIDENCE,
+    category: Annotated[
+        str | None,
+        typer.Option(
+            "--category", metavar="NAME", help="Images labelled NAME, or (when unlabelled) predicted as NAME."
+        ),
+    ] = None,
+    label_state: Annotated[
+        LabelState, typer.Option("--label-state", help="Which images by label.", case_sensitive=False)
+    ] = LabelState.ALL,
+    split: Annotated[Split | None, typer.Option("--split", help="Only this split.", case_sensitive=False)] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=MAX_PAGE_SIZE, help="How many images to show.")] = 20,
+    page: Annotated[int, typer.Option("--page", min=1, help="Page of --limit images.")] = 1,
+    version: Annotated[
+        int | None, typer.Option("--version", metavar="ID", help="Model version (default: the active one).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the images to review next: id, file name, label, prediction, confidence and the ranking score."""
+    result = review_queue(
+        open_db(),
+        order=order,
+        category=category,
+        label_state=label_state,
+        split=split,
+        page=page,
+        page_size=limit,
+        version_id=version,
+    )
+    if as_json:
+        print_json(
+            {
+                "total": result.total,
+                "page": result.page,
+                "pages": result.pages,
+                "order": result.order,
+                "version_id": result.version_id,
+                "items": [
+                    {
+                        "image_id": item.image_id,
+                        "file": item.original_name,
+                        "label": item.label,
+                        "predicted": item.predicted,
+                        "confidence": item.confidence,
+                        "score": item.score,
+                        "split": item.split,
+                        "top3": item.top3,
+                    }
+                    for item in result.items
+                ],
+            }
+        )
+        return
+    model = f"model v{result.version_id}" if result.version_id is not None else "no model yet"
+    typer.echo(f"{result.total} images match ({order.value}, {model}); page {result.page} of {result.pages}")
+    if not result.items:
+        return
+    name_width = min(40, max(len("file"), *(len(item.original_name) for item in result.items)))
+    typer.echo(f"{'id':>8}  {'file':<{name_width}}  {'label':<16}  {'predicted':<16}  {'conf':>6}  {'score':>8}")
+    for item in result.items:
+        name = (
+            item.original_name if len(item.original_name) <= name_width else item.original_name[: name_width - 1] + "…"
+        )
+        typer.echo(
+            f"{item.image_id:>8}  {name:<{name_width}}  {(item.label or '-'):<16.16}  "
+            f"{(item.predicted or '-'):<16.16}  {_fmt(item.confidence, 3):>6}  {_fmt(item.score, 4):>8}"
+        )

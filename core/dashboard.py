@@ -1,0 +1,550 @@
+"""Data and plotly figures for the dashboard: confusion matrix, per-class metrics, history, balance, calibration,
+corrections per day. Pages call `dashboard(db)` (or one function per chart) and render what comes back.
+
+Where the numbers come from:
+- Confusion matrix, per-class table and calibration are *recomputed* from the current labels and the version's
+  stored predictions on the labelled images of the test split, so a label corrected today shows up today
+  (the metrics stored with a version are a snapshot taken at training time). Only when a version has no stored
+  predictions on labelled test images do we fall back to its stored `metrics["test"]["confusion_matrix"]`.
+  Labels in archived categories are left out, like `core.versions.labelled_images`; merged classes count as
+  their target category; labels in a category the model has no class for count as errors (an extra column).
+- Accuracy / macro F1 per version over time come from each version's stored test metrics: every version was
+  measured on the same fixed test split, at its own time.
+- A *correction* is a person's label change (actions set, bulk, clear) that either changed an existing label
+  (to another category or to none) or chose a category different from the prediction the person was shown.
+  Imports, merges, renames and undos are bookkeeping and are not counted. Days are UTC dates.
+
+Everything returns None or an empty frame on an empty database or before the first model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from sqlalchemy import case, func, or_, select
+from sqlalchemy.orm import Session
+
+from core.db import Database
+from core.errors import NotFound
+from core.review import LabelState, ReviewOrder, load_context
+from core.schema import Category, Image, Label, LabelEvent, ModelVersion, Prediction, Split
+from core.stats import catalogue_stats
+
+DEFAULT_BINS = 10
+DEFAULT_DAYS = 90
+CORRECTION_ACTIONS: tuple[str, ...] = ("set", "bulk", "clear")
+
+
+# --- recomputed evaluation of one version ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A version's stored predictions against current labels on one split (rows aligned; indices into classes)."""
+
+    version_id: int
+    split: str
+    class_names: list[str]
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    confidence: np.ndarray
+    image_ids: np.ndarray
+
+    @property
+    def n_images(self) -> int:
+        return len(self.y_true)
+
+
+def evaluation(db: Database, *, version_id: int | None = None, split: Split | str = Split.TEST) -> Evaluation | None:
+    """Labelled images of `split` that have a prediction from the version (default: active); None without a version."""
+    split_value = Split(split).value
+    with db.read() as session:
+        ctx = load_context(session, version_id)
+        if ctx.version_id is None:
+            return None
+        rows = session.execute(
+            select(Image.id, Label.category_id, Prediction.category_id, Prediction.confidence)
+            .select_from(Image)
+            .join(Label, Label.image_id == Image.id)
+            .join(Category, Category.id == Label.category_id)
+            # "+ 0": find predictions by image id, not by walking the whole version (see core.review).
+            .join(Prediction, (Prediction.image_id == Image.id) & (Prediction.model_version_id + 0 == ctx.version_id))
+            .where(Image.split == split_value, Category.archived_at.is_(None))
+            .order_by(Image.id)
+        ).all()
+    columns = list(ctx.groups)
+    for _, label_id, _, _ in rows:
+        if ctx.resolve(int(label_id)) not in columns:
+            columns.append(ctx.resolve(int(label_id)))  # a category the model has no class for
+    index = {c: j for j, c in enumerate(columns)}
+    return Evaluation(
+        version_id=ctx.version_id,
+        split=split_value,
+        class_names=[ctx.names.get(c, str(c)) for c in columns],
+        y_true=np.array([index[ctx.resolve(int(r[1]))] for r in rows], dtype=np.int64),
+        y_pred=np.array([index[ctx.resolve(int(r[2]))] for r in rows], dtype=np.int64),
+        confidence=np.array([float(r[3]) for r in rows], dtype=np.float64),
+        image_ids=np.array([int(r[0]) for r in rows], dtype=np.int64),
+    )
+
+
+# --- confusion matrix --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfusionData:
+    """Counts[true, predicted] over `class_names`; `source` is "predictions" (recomputed) or "stored metrics"."""
+
+    version_id: int
+    split: str
+    class_names: list[str]
+    counts: np.ndarray
+    source: str = "predictions"
+
+    @property
+    def n_images(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def normalised(self) -> np.ndarray:
+        """Row-normalised: the share of each true category predicted as each category (empty rows stay 0)."""
+        totals = self.counts.sum(axis=1, keepdims=True)
+        return np.divide(self.counts, totals, out=np.zeros(self.counts.shape), where=totals > 0)
+
+    @property
+    def accuracy(self) -> float | None:
+        return float(np.trace(self.counts) / self.n_images) if self.n_images else None
+
+    def to_frame(self, *, normalised: bool = False) -> pd.DataFrame:
+        """Rows: true category; columns: predicted category."""
+        values = self.normalised if normalised else self.counts
+        frame = pd.DataFrame(values, index=self.class_names, columns=self.class_names)
+        frame.index.name, frame.columns.name = "true", "predicted"
+        return frame
+
+
+def _confusion_from(ev: Evaluation) -> np.ndarray:
+    from sklearn.metrics import confusion_matrix
+
+    labels = list(range(len(ev.class_names)))
+    if ev.n_images == 0:
+        return np.zeros((len(labels), len(labels)), dtype=np.int64)
+    return confusion_matrix(ev.y_true, ev.y_pred, labels=labels).astype(np.int64)
+
+
+def _stored_confusion(db: Database, version_id: int, split: str) -> ConfusionData | None:
+    with db.read() as session:
+        row = session.get(ModelVersion, version_id)
+        metrics = ((row.metrics or {}).get(split) or {}) if row is not None else {}
+        matrix = metrics.get("confusion_matrix")
+        names = metrics.get("class_names") or (list(row.class_names) if row is not None else [])
+    if not matrix or len(matrix) != len(names):
+        return None
+    return ConfusionData(version_id, split, list(names), np.asarray(matrix, dtype=np.int64), "stored metrics")
+
+
+def confusion_matrix_data(
+    db: Database, *, version_id: int | None = None, split: Split | str = Split.TEST
+) -> ConfusionData | None:
+    """The version's confusion matrix on `split` (see the module docstring for where it comes from)."""
+    ev = evaluation(db, version_id=version_id, split=split)
+    if ev is None:
+        return None
+    if ev.n_images == 0:
+        return _stored_confusion(db, ev.version_id, ev.split)
+    return ConfusionData(ev.version_id, ev.split, ev.class_names, _confusion_from(ev))
+
+
+def confusion_figure(data: ConfusionData, *, normalised: bool = True) -> go.Figure:
+    """Heatmap, true category down, predicted across; hover shows count and row share. Clicks give (x, y) names."""
+    shares = data.normalised
+    text = [[f"{int(c)}" for c in row] for row in data.counts]
+    fig = go.Figure(
+        go.Heatmap(
+            z=shares if normalised else data.counts,
+            x=data.class_names,
+            y=data.class_names,
+            text=text,
+            texttemplate="%{text}",
+            customdata=np.dstack([data.counts, shares]),
+            hovertemplate="true %{y}<br>predicted %{x}<br>%{customdata[0]} images (%{customdata[1]:.0%} of row)"
+            "<extra></extra>",
+            colorscale="Blues",
+            zmin=0,
+            zmax=1 if normalised else None,
+        )
+    )
+    fig.update_layout(
+        title=f"Confusion matrix, v{data.version_id} on {data.split} ({data.n_images} images)",
+        xaxis_title="predicted",
+        yaxis_title="true label",
+        yaxis_autorange="reversed",
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+    )
+    return fig
+
+
+@dataclass(frozen=True)
+class ReviewFilters:
+    """Review-queue arguments for one confusion-matrix cell: `review_queue(db, **filters.as_kwargs())`."""
+
+    true_category: str
+    predicted_category: str
+    split: str
+    label_state: LabelState
+    order: ReviewOrder
+    version_id: int | None = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {
+            "true_category": self.true_category,
+            "predicted_category": self.predicted_category,
+            "split": self.split,
+            "label_state": self.label_state,
+            "order": self.order,
+            "version_id": self.version_id,
+        }
+
+
+def cell_review_filters(
+    true_name: str, predicted_name: str, *, split: Split | str = Split.TEST, version_id: int | None = None
+) -> ReviewFilters:
+    """What a click on cell (true, predicted) shows: those labelled images of the split.
+
+    Off-diagonal cells (errors) are ordered suspected-mislabel first, so the confident "errors" that are
+    really wrong labels come up first; diagonal cells lowest confidence first (right, but barely).
+    """
+    diagonal = true_name == predicted_name
+    return ReviewFilters(
+        true_category=true_name,
+        predicted_category=predicted_name,
+        split=Split(split).value,
+        label_state=LabelState.LABELLED,
+        order=ReviewOrder.LOWEST_CONFIDENCE if diagonal else ReviewOrder.SUSPECTED_MISLABEL,
+        version_id=version_id,
+    )
+
+
+# --- per-class metrics ---------------------------------------------------------------------------------------
+
+PER_CLASS_COLUMNS = ["category", "precision", "recall", "f1", "support"]
+
+
+def per_class_table(ev: Evaluation | None) -> pd.DataFrame:
+    """Precision, recall, F1 and support per category (sklearn), plus "macro avg" as the last row."""
+    if ev is None or ev.n_images == 0:
+        return pd.DataFrame(columns=PER_CLASS_COLUMNS)
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = list(range(len(ev.class_names)))
+    p, r, f, s = precision_recall_fscore_support(ev.y_true, ev.y_pred, labels=labels, zero_division=0)
+    frame = pd.DataFrame({"category": ev.class_names, "precision": p, "recall": r, "f1": f, "support": s})
+    macro = {"category": "macro avg", "precision": p.mean(), "recall": r.mean(), "f1": f.mean(), "support": s.sum()}
+    return pd.concat([frame, pd.DataFrame([macro])], ignore_index=True)
+
+
+def summary_scores(ev: Evaluation | None) -> dict[str, float | int | None]:
+    """Accuracy, macro F1 and image count of an evaluation (None values when there is nothing to measure)."""
+    if ev is None or ev.n_images == 0:
+        return {"accuracy": None, "macro_f1": None, "n_images": 0}
+    from sklearn.metrics import accuracy_score, f1_score
+
+    labels = list(range(len(ev.class_names)))
+    return {
+        "accuracy": float(accuracy_score(ev.y_true, ev.y_pred)),
+        "macro_f1": float(f1_score(ev.y_true, ev.y_pred, labels=labels, average="macro", zero_division=0)),
+        "n_images": ev.n_images,
+    }
+
+
+# --- history of versions -------------------------------------------------------------------------------------
+
+HISTORY_COLUMNS = ["version", "created_at", "status", "mode", "arch", "accuracy", "macro_f1", "ece", "n_test"]
+
+
+def version_history(db: Database) -> pd.DataFrame:
+    """Test accuracy, macro F1 and ECE of every version as stored at its training, oldest first."""
+    with db.read() as session:
+        rows = session.execute(
+            select(
+                ModelVersion.id,
+                ModelVersion.created_at,
+                ModelVersion.status,
+                ModelVersion.mode,
+                ModelVersion.arch,
+                ModelVersion.test_accuracy,
+                ModelVersion.metrics,
+            ).order_by(ModelVersion.id)
+        ).all()
+    records = []
+    for vid, created, status, mode, arch, accuracy, metrics in rows:
+        test = (metrics or {}).get("test") or {}
+        records.append(
+            {
+                "version": int(vid),
+                "created_at": created,
+                "status": status,
+                "mode": mode,
+                "arch": arch,
+                "accuracy": accuracy if accuracy is not None else test.get("accuracy"),
+                "macro_f1": test.get("macro_f1"),
+                "ece": test.get("ece"),
+                "n_test": test.get("n_images"),
+            }
+        )
+    return pd.DataFrame(records, columns=HISTORY_COLUMNS)
+
+
+def history_figure(history: pd.DataFrame) -> go.Figure:
+    """Accuracy and macro F1 per version over time (markers labelled v1, v2...)."""
+    fig = go.Figure()
+    for column, name in (("accuracy", "accuracy"), ("macro_f1", "macro F1")):
+        fig.add_trace(
+            go.Scatter(
+                x=history["created_at"],
+                y=history[column],
+                mode="lines+markers+text",
+                name=name,
+                text=[f"v{v}" for v in history["version"]],
+                textposition="top center",
+            )
+        )
+    fig.update_layout(title="Test accuracy and macro F1 per model version", yaxis_range=[0, 1.05], yaxis_title="")
+    return fig
+
+
+# --- class balance ---------------------------------------------------------------------------------------------
+
+
+def class_balance(db: Database) -> pd.DataFrame:
+    """Images per category and split (long form: category, split, images), unlabelled images included."""
+    frame = catalogue_stats(db).to_frame()
+    splits = [s.value for s in Split]
+    long = frame.reset_index().melt(id_vars="category", value_vars=splits, var_name="split", value_name="images")
+    return long[["category", "split", "images"]]
+
+
+def balance_figure(balance: pd.DataFrame) -> go.Figure:
+    """Stacked bars: images per category, one colour per split."""
+    fig = go.Figure(
+        [
+            go.Bar(name=split, x=part["category"], y=part["images"])
+            for split, part in balance.groupby("split", sort=False)
+        ]
+    )
+    fig.update_layout(barmode="stack", title="Images per category and split", yaxis_title="images")
+    return fig
+
+
+# --- calibration -------------------------------------------------------------------------------------------------
+
+BIN_COLUMNS = ["bin_lower", "bin_upper", "count", "mean_confidence", "accuracy"]
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """Top-label confidence vs being right on labelled test images, in equal-width bins, with the ECE."""
+
+    version_id: int
+    confidence: np.ndarray
+    correct: np.ndarray
+    bins: pd.DataFrame
+    ece: float | None
+    n_images: int = field(default=0)
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, *, n_bins: int = DEFAULT_BINS) -> pd.DataFrame:
+    """Equal-width confidence bins over [0, 1]: count, mean confidence, accuracy (NaN in empty bins)."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Right-closed bins as in the usual ECE definition; confidence 0 falls in the first bin.
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(which, minlength=n_bins)
+    conf_sum = np.bincount(which, weights=confidence, minlength=n_bins)
+    right_sum = np.bincount(which, weights=correct.astype(np.float64), minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.where(count > 0, conf_sum / count, np.nan)
+        accuracy = np.where(count > 0, right_sum / count, np.nan)
+    return pd.DataFrame(
+        {"bin_lower": edges[:-1], "bin_upper": edges[1:], "count": count, "mean_confidence": mean_conf,
+         "accuracy": accuracy}
+    )  # fmt: skip
+
+
+def ece_from_bins(bins: pd.DataFrame) -> float | None:
+    """Expected calibration error: the count-weighted mean |accuracy - confidence| over the bins."""
+    total = int(bins["count"].sum())
+    if total == 0:
+        return None
+    used = bins[bins["count"] > 0]
+    return float((used["count"] * (used["accuracy"] - used["mean_confidence"]).abs()).sum() / total)
+
+
+def calibration_data(ev: Evaluation | None, *, n_bins: int = DEFAULT_BINS) -> CalibrationData | None:
+    """Reliability bins and ECE of an evaluation; None when there is no version or no labelled test image."""
+    if ev is None or ev.n_images == 0:
+        return None
+    correct = ev.y_true == ev.y_pred
+    bins = reliability_bins(ev.confidence, correct, n_bins=n_bins)
+    return CalibrationData(ev.version_id, ev.confidence, correct, bins, ece_from_bins(bins), ev.n_images)
+
+
+def confidence_histogram_figure(data: CalibrationData) -> go.Figure:
+    """How confident the model is on labelled test images, right and wrong predictions stacked."""
+    fig = go.Figure(
+        [
+            go.Histogram(x=data.confidence[data.correct], name="right", xbins={"start": 0, "end": 1, "size": 0.05}),
+            go.Histogram(x=data.confidence[~data.correct], name="wrong", xbins={"start": 0, "end": 1, "size": 0.05}),
+        ]
+    )
+    fig.update_layout(barmode="stack", title="Confidence on labelled test images", xaxis_title="confidence")
+    return fig
+
+
+def reliability_figure(data: CalibrationData) -> go.Figure:
+    """Accuracy per confidence bin against the diagonal of perfect calibration, with the ECE in the title."""
+    used = data.bins[data.bins["count"] > 0]
+    fig = go.Figure(
+        [
+            go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfectly calibrated", line={"dash": "dash"}),
+            go.Scatter(
+                x=used["mean_confidence"],
+                y=used["accuracy"],
+                mode="lines+markers",
+                name="model",
+                customdata=used["count"],
+                hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata} images<extra></extra>",
+            ),
+        ]
+    )
+    ece = f"{data.ece:.3f}" if data.ece is not None else "n/a"
+    fig.update_layout(
+        title=f"Reliability (ECE {ece})", xaxis_title="confidence", yaxis_title="accuracy", xaxis_range=[0, 1]
+    )
+    return fig
+
+
+# --- corrections per day ---------------------------------------------------------------------------------------
+
+CORRECTION_COLUMNS = ["date", "label_changes", "corrections"]
+
+
+def corrections_per_day(db: Database, *, days: int = DEFAULT_DAYS, today: date | None = None) -> pd.DataFrame:
+    """Per UTC day of the last `days` days: label changes people made and how many were corrections.
+
+    Every day appears (zeros included) once there is any event; empty frame when there is none at all.
+    """
+    today = today or datetime.now(UTC).date()
+    since = datetime.combine(today - timedelta(days=days - 1), datetime.min.time(), tzinfo=UTC)
+    changed_existing = LabelEvent.old_category_id.is_not(None) & (
+        LabelEvent.new_category_id.is_(None) | (LabelEvent.new_category_id != LabelEvent.old_category_id)
+    )
+    overrode = (
+        LabelEvent.predicted_category_id.is_not(None)
+        & LabelEvent.new_category_id.is_not(None)
+        & (LabelEvent.new_category_id != LabelEvent.predicted_category_id)
+    )
+    day = func.date(LabelEvent.created_at)
+    with db.read() as session:
+        rows = session.execute(
+            select(day, func.count(), func.sum(case((or_(changed_existing, overrode), 1), else_=0)))
+            .where(LabelEvent.created_at >= since, LabelEvent.action.in_(CORRECTION_ACTIONS))
+            .group_by(day)
+        ).all()
+    if not rows:
+        return pd.DataFrame(columns=CORRECTION_COLUMNS)
+    counted = {date.fromisoformat(str(d)[:10]): (int(n), int(c or 0)) for d, n, c in rows}
+    span = [today - timedelta(days=k) for k in range(days - 1, -1, -1)]
+    return pd.DataFrame(
+        [
+            {"date": d, "label_changes": counted.get(d, (0, 0))[0], "corrections": counted.get(d, (0, 0))[1]}
+            for d in span
+        ],
+        columns=CORRECTION_COLUMNS,
+    )
+
+
+def corrections_figure(frame: pd.DataFrame) -> go.Figure:
+    """Bars per day: label changes, and among them the corrections."""
+    fig = go.Figure(
+        [
+            go.Bar(x=frame["date"], y=frame["label_changes"], name="label changes"),
+            go.Bar(x=frame["date"], y=frame["corrections"], name="corrections"),
+        ]
+    )
+    fig.update_layout(barmode="overlay", title="Label changes and corrections per day (UTC)")
+    return fig
+
+
+# --- everything at once ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    """All dashboard data for one version (default: active). `version_id` None = no model yet."""
+
+    version_id: int | None
+    version_label: str | None
+    scores: dict[str, Any]
+    confusion: ConfusionData | None
+    per_class: pd.DataFrame
+    history: pd.DataFrame
+    balance: pd.DataFrame
+    calibration: CalibrationData | None
+    corrections: pd.DataFrame
+
+    def figures(self) -> dict[str, go.Figure]:
+        """The plotly figures for what has data: confusion, history, balance, confidence, reliability, corrections."""
+        figs: dict[str, go.Figure] = {}
+        if self.confusion is not None:
+            figs["confusion"] = confusion_figure(self.confusion)
+        if not self.history.empty:
+            figs["history"] = history_figure(self.history)
+        if not self.balance.empty and self.balance["images"].sum() > 0:
+            figs["balance"] = balance_figure(self.balance)
+        if self.calibration is not None:
+            figs["confidence"] = confidence_histogram_figure(self.calibration)
+            figs["reliability"] = reliability_figure(self.calibration)
+        if not self.corrections.empty:
+            figs["corrections"] = corrections_figure(self.corrections)
+        return figs
+
+
+def _version_label(session: Session, version_id: int) -> str:
+    row = session.execute(
+        select(ModelVersion.arch, ModelVersion.image_size, ModelVersion.mode).where(ModelVersion.id == version_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"no model version {version_id}")
+    return f"v{version_id} ({row[0]}, {row[1]} px, {row[2]})"
+
+
+def dashboard(db: Database, *, version_id: int | None = None, days: int = DEFAULT_DAYS) -> Dashboard:
+    """Everything the dashboard page shows, in one call (test split; cheap queries, no image is decoded)."""
+    ev = evaluation(db, version_id=version_id)
+    label = None
+    if ev is not None:
+        with db.read() as session:
+            label = _version_label(session, ev.version_id)
+    confusion = None
+    if ev is not None:
+        confusion = (
+            ConfusionData(ev.version_id, ev.split, ev.class_names, _confusion_from(ev))
+            if ev.n_images
+            else _stored_confusion(db, ev.version_id, ev.split)
+        )
+    return Dashboard(
+        version_id=ev.version_id if ev is not None else None,
+        version_label=label,
+        scores=summary_scores(ev),
+        confusion=confusion,
+        per_class=per_class_table(ev),
+        history=version_history(db),
+        balance=class_balance(db),
+        calibration=calibration_data(ev),
+        corrections=corrections_per_day(db, days=days),
+    )

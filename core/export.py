@@ -1,0 +1,180 @@
+"""Export the labels: a `filename,category` CSV that re-imports, and an ImageFolder tree of the originals."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from sqlalchemy import func, select
+
+from core.db import Database
+from core.errors import ProdcatError
+from core.schema import Category, Image, Label
+from core.store import original_path
+
+CSV_COLUMNS = ("filename", "category", "image_id", "sha256", "split")
+MAX_COMPONENT_CHARS = 150  # well under the 255-byte limit of common file systems, even in UTF-8
+# Names Windows refuses as files or folders whatever the extension; exported trees get copied around.
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {f"COM{i}" for i in range(1, 10)} | {f"LPT{i}" for i in range(1, 10)}
+_YIELD_PER = 1000
+
+
+class ExportError(ProdcatError):
+    """The export cannot be written where it was asked to go."""
+
+
+@dataclass
+class ImageFolderExport:
+    """What `export_imagefolder` wrote: file count per category folder and anything it could not copy."""
+
+    directory: Path
+    written: int = 0
+    per_category: dict[str, int] = field(default_factory=dict)
+    folders: dict[str, str] = field(default_factory=dict)  # category name -> folder name used
+    missing: list[str] = field(default_factory=list)  # "image 12 (name.png): reason"
+    unlabelled_skipped: int = 0
+
+
+def safe_component(name: str, *, fallback: str = "_") -> str:
+    """One path component from a user's text: no separators, no '..', no leading dot, no control characters.
+
+    `safe_component("../../etc/passwd")` is `"_.._etc_passwd"`: a harmless name inside the export folder.
+    """
+    text = unicodedata.normalize("NFC", str(name))
+    text = "".join("_" if ch in "/\\:" or unicodedata.category(ch)[0] == "C" else ch for ch in text)
+    # Leading dots would hide the file or make '.'/'..'; trailing dots and spaces vanish on Windows.
+    text = text.strip().lstrip(".").rstrip(" .")
+    if len(text) > MAX_COMPONENT_CHARS:
+        stem, dot, suffix = text.rpartition(".")
+        if dot and 0 < len(suffix) <= 10:
+            text = stem[: MAX_COMPONENT_CHARS - len(suffix) - 1].rstrip(" .") + "." + suffix
+        else:
+            text = text[:MAX_COMPONENT_CHARS].rstrip(" .")
+    if not text:
+        return fallback
+    if text.split(".")[0].upper() in _WINDOWS_RESERVED:
+        text = "_" + text
+    return text
+
+
+def _base_name(original_name: str) -> str:
+    """The file name part of what the user uploaded ('Shoes/red.png' or 'C:\\x\\red.png' -> 'red.png')."""
+    return PureWindowsPath(PurePosixPath(original_name).name).name
+
+
+class _UniqueNames:
+    """Hands out names unique within one folder, case-insensitively (macOS and Windows fold case)."""
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+
+    def claim(self, name: str) -> str:
+        candidate, n = name, 1
+        stem, suffix = os.path.splitext(name)
+        while candidate.casefold() in self._taken:
+            n += 1
+            candidate = f"{stem}_{n}{suffix}"
+        self._taken.add(candidate.casefold())
+        return candidate
+
+
+def _labelled_rows(db: Database) -> Iterator[tuple[Image, str]]:
+    with db.read() as session:
+        query = (
+            select(Image, Category.name)
+            .join(Label, Label.image_id == Image.id)
+            .join(Category, Category.id == Label.category_id)
+            .order_by(Category.name, Image.id)
+            .execution_options(yield_per=_YIELD_PER)
+        )
+        for image, category in session.execute(query):  # noqa: UP028 (rows unpack to plain tuples)
+            yield image, category
+
+
+def export_labels_csv(db: Database, path: Path | str, *, with_ids: bool = False) -> int:
+    """Write every labelled image as a `filename,category` CSV (header row first) that `import --labels-csv`
+    reads back; `filename` is the image's original name as imported.
+
+    with_ids adds `image_id,sha256,split` columns for spreadsheets and scripts (the importer reads exactly
+    two columns, so such a file does not re-import as is). The file is written to a temporary name and
+    moved into place, so a failed export never leaves half a CSV. Returns the number of rows.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ExportError(f"{path} is a directory: give a file name such as labels.csv")
+    if not path.parent.is_dir():
+        raise ExportError(f"folder {path.parent} does not exist: create it first")
+    columns = CSV_COLUMNS if with_ids else CSV_COLUMNS[:2]
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    count = 0
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            for image, category in _labelled_rows(db):
+                row = (image.original_name, category, image.id, image.sha256, image.split)
+                writer.writerow(row[: len(columns)])
+                count += 1
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def export_imagefolder(db: Database, directory: Path | str) -> ImageFolderExport:
+    """Copy the original of every labelled image to `directory/<category>/<file name>` (ImageFolder layout).
+
+    Category and file names come from users, so each becomes one safe path component; clashes get a
+    `_2`, `_3`... suffix. `directory` must be new or empty, and nothing is ever written outside it.
+    Images whose stored original is missing are listed in `missing` and the rest are still exported.
+    """
+    root = Path(directory).expanduser()
+    if root.exists() and not root.is_dir():
+        raise ExportError(f"{root} exists and is not a folder")
+    if root.is_dir() and any(root.iterdir()):
+        raise ExportError(f"{root} is not empty: export into a new or empty folder so nothing is overwritten")
+    root.mkdir(parents=True, exist_ok=True)
+    root = root.resolve()
+    result = ImageFolderExport(directory=root)
+    folder_names = _UniqueNames()
+    files_in: dict[str, _UniqueNames] = {}
+
+    for image, category in _labelled_rows(db):
+        folder = result.folders.get(category)
+        if folder is None:
+            folder = folder_names.claim(safe_component(category, fallback="category"))
+            result.folders[category] = folder
+            files_in[folder] = _UniqueNames()
+        name = safe_component(_base_name(image.original_name), fallback=f"image_{image.id}")
+        if not os.path.splitext(name)[1] and image.format:
+            name = f"{name}.{image.format.lower()}"  # loaders such as torchvision's ImageFolder go by extension
+        target = root / folder / files_in[folder].claim(name)
+        # Belt and braces: the names are already single safe components, but never write outside root.
+        if not target.resolve().is_relative_to(root):
+            raise ExportError(f"refusing to write {target}: it is outside {root}")
+        try:
+            source = original_path(db.settings, image)
+        except ValueError as exc:  # a tampered row pointing outside the data directory
+            result.missing.append(f"image {image.id} ({image.original_name}): {exc}")
+            continue
+        if not source.is_file():
+            result.missing.append(f"image {image.id} ({image.original_name}): stored original {source} is missing")
+            continue
+        target.parent.mkdir(exist_ok=True)
+        with source.open("rb") as src, target.open("xb") as dst:  # "x": never overwrite anything
+            shutil.copyfileobj(src, dst)
+        result.written += 1
+        result.per_category[category] = result.per_category.get(category, 0) + 1
+
+    with db.read() as session:
+        total = session.scalar(select(func.count()).select_from(Image)) or 0
+        labelled = session.scalar(select(func.count()).select_from(Label)) or 0
+    result.unlabelled_skipped = int(total) - int(labelled)
+    return result

@@ -1,0 +1,315 @@
+"""Image validation by content (never by extension) and the one normalisation every pixel consumer uses."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
+
+from core.errors import ImageRefused
+from core.settings import Settings
+
+# Pillow format name -> (stored format name, file extension). MPO is the multi-picture JPEG some cameras write.
+ACCEPTED_FORMATS: dict[str, tuple[str, str]] = {
+    "JPEG": ("JPEG", "jpg"),
+    "MPO": ("JPEG", "jpg"),
+    "PNG": ("PNG", "png"),
+    "WEBP": ("WEBP", "webp"),
+    "GIF": ("GIF", "gif"),
+    "TIFF": ("TIFF", "tif"),
+    "BMP": ("BMP", "bmp"),
+}
+# Only these decoders ever see untrusted bytes: a smaller attack surface than every plugin Pillow has.
+# (MPO has no opener of its own: the JPEG opener returns it.)
+_PILLOW_FORMATS = tuple(f for f in ACCEPTED_FORMATS if f != "MPO" and (f != "WEBP" or features.check("webp")))
+WHITE = (255, 255, 255)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class DecodedImage:
+    """A validated image: what it is (from its content) and its normalised RGB pixels."""
+
+    name: str  # as the user knows it; used in messages only, never to build a path
+    sha256: str
+    format: str  # JPEG, PNG, WEBP, GIF, TIFF, BMP (detected from the content)
+    ext: str  # file extension for the stored original, from `format`
+    width: int  # full-resolution size after EXIF orientation, as people see it
+    height: int
+    mode: str  # Pillow mode of the original (e.g. CMYK, I;16, P)
+    file_size: int
+    image: Image.Image  # normalised RGB; smaller than width x height when decoded with a draft size
+
+
+def _describe_unsupported(data: bytes) -> str:
+    """A reason naming what the bytes look like, for files that no accepted decoder recognises."""
+    head = data[:4096]
+    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    signatures: list[tuple[bytes, int, str]] = [
+        (b"%PDF", 0, "not an image: looks like a PDF document"),
+        (b"PK\x03\x04", 0, "not an image: looks like a zip archive"),
+        (b"\x1f\x8b", 0, "not an image: looks like a gzip archive"),
+        (b"7z\xbc\xaf\x27\x1c", 0, "not an image: looks like a 7-Zip archive"),
+        (b"Rar!", 0, "not an image: looks like a RAR archive"),
+        (b"8BPS", 0, "unsupported format PSD (Photoshop): export it as PNG or JPEG"),
+        (b"\x00\x00\x01\x00", 0, "unsupported format ICO"),
+        (b"\x00\x00\x00\x0cjP  ", 0, "unsupported format JPEG 2000"),
+        (b"\xff\x4f\xff\x51", 0, "unsupported format JPEG 2000"),
+        (b"\xff\x0a", 0, "unsupported format JPEG XL"),
+        (b"\x00\x00\x00\x0cJXL ", 0, "unsupported format JPEG XL"),
+        (b"%!PS", 0, "unsupported format PostScript/EPS"),
+        (b"qoif", 0, "unsupported format QOI"),
+        (b"MZ", 0, "not an image: looks like a Windows program"),
+        (b"\x7fELF", 0, "not an image: looks like a program (ELF)"),
+    ]
+    for magic, offset, reason in signatures:
+        if head[offset : offset + len(magic)] == magic:
+            return reason
+    if head[4:8] == b"ftyp":
+        brand = head[8:12].decode("ascii", "replace").strip().lower()
+        if brand in ("heic", "heix", "hevc", "heim", "heis", "mif1", "msf1"):
+            return "unsupported format HEIC/HEIF: export it as JPEG"
+        if brand in ("avif", "avis"):
+            return "unsupported format AVIF: export it as JPEG or PNG"
+        return f"not an image: looks like a video or media file ({brand or 'ISO media'})"
+    if b"<svg" in stripped[:2048]:
+        return "unsupported format SVG (vector graphics): export it as PNG"
+    if stripped.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in stripped[:1024]:
+        return "not an image: looks like HTML (a web page saved instead of the image?)"
+    if stripped.startswith(b"<?xml") or stripped.startswith(b"<"):
+        return "not an image: looks like XML"
+    if stripped.startswith((b"{", b"[")):
+        return "not an image: looks like JSON or text"
+    if b"\x00" not in head:
+        try:
+            head.decode("utf-8")
+            return "not an image: looks like text"
+        except UnicodeDecodeError as exc:
+            if exc.start >= len(head) - 4:  # a multi-byte character cut by our 4 KiB window
+                return "not an image: looks like text"
+    return f"not an image: unrecognised content (starts with {data[:8].hex(' ')})"
+
+
+def _sniff_accepted(data: bytes) -> str | None:
+    """The accepted format the signature claims, so decoder errors can name it; None if none matches."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(_PNG_SIGNATURE):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    if data[:2] == b"BM":
+        return "BMP"
+    return None
+
+
+def _check_png_chunks(data: bytes) -> tuple[int, int]:
+    """Walk every PNG chunk verifying its CRC (Pillow skips image-data CRCs); returns the IHDR size.
+
+    Raises ValueError with the reason. The size comes from IHDR so a bomb is refused before any decoding.
+    """
+    pos = len(_PNG_SIGNATURE)
+    size: tuple[int, int] | None = None
+    seen_idat = False
+    while True:
+        if pos + 8 > len(data):
+            raise ValueError("truncated or corrupt PNG: the file ends before its IEND chunk")
+        length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
+        end = pos + 8 + length + 4
+        if end > len(data):
+            if size is not None:
+                # Report the size even for a cut file so a bomb header gets the more useful message.
+                raise _TruncatedPng(size, ctype.decode("latin-1"))
+            raise ValueError(f"truncated or corrupt PNG: chunk {ctype!r} runs past the end of the file")
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[end - 4 : end])
+        if zlib.crc32(ctype + body) & 0xFFFFFFFF != crc:
+            raise ValueError(f"PNG checksum error in the {ctype.decode('latin-1')} chunk: the file is corrupt")
+        if size is None:
+            if ctype != b"IHDR" or length < 8:
+                raise ValueError("corrupt PNG: the first chunk is not IHDR")
+            size = struct.unpack(">II", body[:8])
+        if ctype == b"IDAT":
+            seen_idat = True
+        if ctype == b"IEND":
+            if not seen_idat:
+                raise ValueError("corrupt PNG: no image data (IDAT) chunk")
+            return size
+        pos = end
+
+
+class _TruncatedPng(ValueError):
+    def __init__(self, size: tuple[int, int], chunk: str) -> None:
+        super().__init__(f"truncated or corrupt PNG: the file ends inside its {chunk} chunk")
+        self.size = size
+
+
+def _check_dimensions(width: int, height: int, settings: Settings) -> str | None:
+    """The reason to refuse an image of this size before decoding it, or None."""
+    pixels = width * height
+    if width <= 0 or height <= 0:
+        return f"invalid image size {width}x{height}"
+    if pixels > settings.max_image_pixels:
+        return f"{width}x{height} pixels exceeds the limit of {settings.max_image_pixels:,} pixels"
+    if max(width, height) > settings.max_image_side:
+        return f"{width}x{height} pixels: the longer side exceeds the limit of {settings.max_image_side:,} pixels"
+    return None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1024 / 1024:.1f} MB" if n >= 1024 * 1024 else f"{n:,} bytes"
+
+
+def inspect_and_decode(
+    name: str,
+    data: bytes,
+    settings: Settings,
+    *,
+    sha256: str | None = None,
+    draft_size: int | None = None,
+) -> DecodedImage:
+    """Validate `data` by content and decode it fully; raises ImageRefused(name, reason) for anything refused.
+
+    Checks, in order: empty or oversized file, recognised accepted format, dimensions from the header
+    against settings (before decoding), then a full decode (truncated or corrupt data is refused).
+    `draft_size` lets JPEGs decode at a reduced scale (still reading every byte) when only a thumbnail
+    is needed; the reported width and height stay the full size. `sha256` skips re-hashing.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone flipped the global: half images would pass as whole
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False")
+    size = len(data)
+    if size == 0:
+        raise ImageRefused(name, "empty file (0 bytes)")
+    if size > settings.max_file_bytes:
+        raise ImageRefused(name, f"file is {_mb(size)}, larger than the limit of {_mb(settings.max_file_bytes)}")
+    claimed = _sniff_accepted(data)
+    if claimed is None:
+        raise ImageRefused(name, _describe_unsupported(data))
+    if claimed == "PNG":
+        try:
+            png_size = _check_png_chunks(data)
+        except _TruncatedPng as exc:
+            reason = _check_dimensions(*exc.size, settings)
+            raise ImageRefused(name, reason or str(exc)) from exc
+        except ValueError as exc:
+            raise ImageRefused(name, str(exc)) from exc
+        reason = _check_dimensions(*png_size, settings)
+        if reason:
+            raise ImageRefused(name, reason)
+    if claimed == "WEBP" and "WEBP" not in _PILLOW_FORMATS:
+        raise ImageRefused(name, "unsupported format WebP (this installation's Pillow lacks WebP support)")
+
+    try:
+        img = Image.open(io.BytesIO(data), formats=_PILLOW_FORMATS)
+    except Image.DecompressionBombError as exc:
+        match = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(match.group(1)):,} pixels" if match else "the image"
+        raise ImageRefused(name, f"{pixels} exceeds the limit of {settings.max_image_pixels:,} pixels") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageRefused(name, f"truncated or corrupt {claimed}: the header cannot be read") from exc
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError) as exc:
+        raise ImageRefused(name, f"truncated or corrupt {claimed}: {exc}") from exc
+
+    with img:
+        fmt, ext = ACCEPTED_FORMATS.get(img.format or "", (img.format or "?", ""))
+        if not ext:
+            raise ImageRefused(name, f"unsupported format {img.format}")
+        full_w, full_h = img.size
+        reason = _check_dimensions(full_w, full_h, settings)
+        if reason:
+            raise ImageRefused(name, reason)
+        mode = img.mode
+        orientation = _orientation(img)
+        if draft_size and fmt == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        try:
+            img.load()  # the full decode: truncated or corrupt data fails here
+            rgb = normalise(img)
+        except Image.DecompressionBombError as exc:
+            raise ImageRefused(name, f"{exc}") from exc
+        except (OSError, ValueError, SyntaxError, struct.error, EOFError, MemoryError) as exc:
+            raise ImageRefused(name, f"truncated or corrupt {fmt}: {exc}") from exc
+    if orientation in (5, 6, 7, 8):
+        full_w, full_h = full_h, full_w
+    return DecodedImage(
+        name=name,
+        sha256=sha256 or hashlib.sha256(data).hexdigest(),
+        format=fmt,
+        ext=ext,
+        width=full_w,
+        height=full_h,
+        mode=mode,
+        file_size=size,
+        image=rgb,
+    )
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8), 1 when absent or unreadable: a broken EXIF block must not refuse a photo."""
+    try:
+        value = int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer or float greyscale image to 8-bit (scaled, never clipped at 255)."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        top = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 255.0
+        out = np.clip(np.nan_to_num(arr) / top * 255.0 + 0.5, 0, 255)
+    else:
+        # 16-bit sources (PNG, TIFF) arrive as I;16* or I with values 0..65535: map 65535 -> 255, rounding.
+        wide = np.clip(arr.astype(np.int64), 0, 65535)
+        out = (wide * 255 + 32767) // 65535
+    return Image.fromarray(out.astype(np.uint8), "L")
+
+
+def _composite_on_white(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGB", rgba.size, WHITE)
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def normalise(img: Image.Image) -> Image.Image:
+    """The RGB image people and models see: EXIF orientation applied, alpha and palettes composited on white,
+    16-bit scaled to 8-bit, CMYK converted. Returns a new image or `img` itself when already plain RGB.
+    """
+    img.load()
+    if _orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    has_transparency = "transparency" in img.info
+    if mode == "RGB" and not has_transparency:
+        return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (has_transparency and mode in ("P", "L", "RGB", "1")):
+        return _composite_on_white(img.convert("RGBA"))
+    if mode.startswith("I") or mode == "F":
+        return _to_8bit(img).convert("RGB")
+    # L, 1, P (opaque), CMYK (JPEG Adobe inversion is handled by Pillow's decoder), YCbCr, LAB, HSV.
+    return img.convert("RGB")
+
+
+def open_normalised(path: Path, *, target_size: int | None = None) -> Image.Image:
+    """Open a stored original and return its normalised RGB image.
+
+    With `target_size`, JPEGs decode through libjpeg's DCT scaling (`draft`) at the smallest scale whose
+    both sides are still at least `target_size`: big photos decode several times faster for model inputs.
+    """
+    with Image.open(path, formats=_PILLOW_FORMATS) as img:
+        if target_size and img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (target_size, target_size))
+        # Leaving `with` only closes the file; the loaded pixels stay valid even when normalise returns `img`.
+        return normalise(img)

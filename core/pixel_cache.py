@@ -1,0 +1,238 @@
+"""Disk caches of per-image arrays (model-sized pixels, backbone features), grown incrementally, keyed by sha256.
+
+Each cache is one folder holding a raw fixed-row-size data file (memory-mapped for reading) and a JSON index
+mapping image sha256 -> row. Rows are only ever appended, so an image is decoded (or a feature computed) once
+per configuration. Nothing is pickled. Two processes may grow the same cache: an `fcntl.flock` on a lock file
+serialises growth, and the index is replaced atomically so readers never see a half-written one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from core.db import Database
+from core.errors import ImageRefused, NotFound
+from core.schema import Image
+from core.settings import Settings
+
+# progress(done, total)
+CacheProgress = Callable[[int, int], None]
+
+INDEX_NAME = "index.json"
+DATA_NAME = "rows.bin"
+LOCK_NAME = "lock"
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class RowStore:
+    """An append-only table of fixed-shape rows (one per key) on disk: raw data file + JSON index + lock file."""
+
+    def __init__(self, folder: Path, *, dtype: str, row_shape: tuple[int, ...], meta: dict[str, Any]) -> None:
+        self.folder = folder
+        self.dtype = np.dtype(dtype)
+        self.row_shape = tuple(int(d) for d in row_shape)
+        # Identifies the content: an index written for another shape/dtype/config is treated as corrupt.
+        self.meta = {**meta, "dtype": self.dtype.str, "row_shape": list(self.row_shape)}
+        self.row_bytes = int(self.dtype.itemsize * math.prod(self.row_shape))
+        self.data_path = folder / DATA_NAME
+        self.index_path = folder / INDEX_NAME
+        self.lock_path = folder / LOCK_NAME
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive lock across processes for the duration of a growth step."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def read_index(self) -> dict[str, int]:
+        """key -> row. A missing, unreadable or inconsistent index (or data file) gives an empty index, so the
+        cache is rebuilt rather than serving wrong rows."""
+        try:
+            raw = json.loads(self.index_path.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict) or raw.get("meta") != self.meta:
+                return {}
+            rows = raw["rows"]
+            if not isinstance(rows, dict) or not all(isinstance(v, int) for v in rows.values()):
+                return {}
+            count = len(rows)
+            # Rows must be exactly 0..count-1 and all present in the data file.
+            if sorted(rows.values()) != list(range(count)):
+                return {}
+            if self.data_path.stat().st_size < count * self.row_bytes:
+                return {}
+            return {str(k): int(v) for k, v in rows.items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+
+    def _write_index(self, rows: dict[str, int]) -> None:
+        tmp = self.index_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"meta": self.meta, "rows": rows}), encoding="utf-8")
+        os.replace(tmp, self.index_path)
+
+    def append(self, index: dict[str, int], keys: Sequence[str], rows: np.ndarray) -> dict[str, int]:
+        """Append rows for new keys (caller holds the lock and passes the index it read under the lock)."""
+        if len(keys) == 0:
+            return index
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape != (len(keys), *self.row_shape):
+            raise ValueError(f"rows of shape {rows.shape} do not fit a cache of rows {self.row_shape}")
+        start = len(index)
+        mode = "r+b" if self.data_path.exists() else "w+b"
+        with open(self.data_path, mode) as handle:
+            # Bytes past the indexed rows belong to a growth that died before writing its index: overwrite them.
+            handle.truncate(start * self.row_bytes)
+            handle.seek(start * self.row_bytes)
+            handle.write(rows.tobytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        new_index = dict(index)
+        for offset, key in enumerate(keys):
+            new_index[key] = start + offset
+        self._write_index(new_index)
+        return new_index
+
+    def reset(self) -> None:
+        """Forget every row (used when the index was found corrupt)."""
+        if self.data_path.exists():
+            self.data_path.unlink()
+        self._write_index({})
+
+    def view(self, count: int) -> np.ndarray:
+        """Read-only memory map of the first `count` rows."""
+        if count == 0:
+            return np.empty((0, *self.row_shape), dtype=self.dtype)
+        return np.memmap(self.data_path, dtype=self.dtype, mode="r", shape=(count, *self.row_shape))
+
+    def gather(self, index: dict[str, int], keys: Sequence[str]) -> np.ndarray:
+        """Rows for `keys` in that order (a memory-mapped slice when they are already contiguous, else a copy)."""
+        mapped = self.view(len(index))
+        positions = np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
+        if len(positions) and np.array_equal(positions, np.arange(positions[0], positions[0] + len(positions))):
+            return mapped[positions[0] : positions[0] + len(positions)]
+        return np.asarray(mapped[positions])
+
+    def get_or_compute(
+        self,
+        keys: Sequence[str],
+        compute: Callable[[Sequence[str]], np.ndarray],
+        *,
+        chunk: int = 256,
+        progress: CacheProgress | None = None,
+    ) -> np.ndarray:
+        """Rows for `keys` (in order), computing only the keys not cached yet, `chunk` at a time."""
+        index = self.read_index()
+        missing = _unique([k for k in keys if k not in index])
+        if missing:
+            with self.locked():
+                index = self.read_index()
+                if not index and self.index_path.exists():
+                    # Corrupt or foreign index: start over (rows cannot be trusted without it).
+                    self.reset()
+                missing = _unique([k for k in keys if k not in index])
+                for start in range(0, len(missing), chunk):
+                    part = missing[start : start + chunk]
+                    index = self.append(index, part, compute(part))
+                    if progress is not None:
+                        progress(min(start + chunk, len(missing)), len(missing))
+        return self.gather(index, keys)
+
+
+def _unique(keys: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(keys))
+
+
+def _slug(value: object) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", str(value)).strip("-") or "x"
+
+
+class PixelCache:
+    """Model-sized uint8 pixels (N,S,S,3) of stored images for one preprocessing config (size, crop, resampling).
+
+    A different image size, crop or interpolation is a different folder, so a changed config never reuses rows.
+    """
+
+    def __init__(self, settings: Settings, image_size: int, crop_pct: float = 0.875, interpolation: str = "bicubic"):
+        from models.preprocess import PreprocessConfig
+
+        self.settings = settings
+        self.image_size = int(image_size)
+        self.crop_pct = float(crop_pct)
+        self.interpolation = str(interpolation)
+        # Mean/std only matter when pixels become tensors, never for the cached uint8 pixels.
+        self.config = PreprocessConfig(
+            image_size=self.image_size,
+            mean=_IMAGENET_MEAN,
+            std=_IMAGENET_STD,
+            crop_pct=self.crop_pct,
+            interpolation=self.interpolation,
+        )
+        name = f"{self.image_size}_{_slug(round(self.crop_pct, 4))}_{_slug(self.interpolation)}"
+        self.folder = settings.cache_dir / "pixels" / name
+        self.store = RowStore(
+            self.folder,
+            dtype="uint8",
+            row_shape=(self.image_size, self.image_size, 3),
+            meta={"image_size": self.image_size, "crop_pct": self.crop_pct, "interpolation": self.interpolation},
+        )
+        self.decodes = 0  # images decoded by this instance (tests count them)
+
+    @classmethod
+    def for_config(cls, settings: Settings, cfg: Any) -> PixelCache:
+        """The cache for a models.factory.PreprocessConfig."""
+        return cls(settings, cfg.image_size, cfg.crop_pct, cfg.interpolation)
+
+    def ensure(self, db: Database, image_ids: Sequence[int], progress: CacheProgress | None = None) -> np.ndarray:
+        """Pixels (N,S,S,3) uint8 for these images in the order asked; decodes only images not cached yet."""
+        ids = [int(i) for i in image_ids]
+        with db.read() as session:
+            found = {
+                row.id: (row.sha256, row.stored_path, row.original_name)
+                for row in session.execute(
+                    select(Image.id, Image.sha256, Image.stored_path, Image.original_name).where(Image.id.in_(ids))
+                )
+            } if ids else {}
+        absent = [i for i in ids if i not in found]
+        if absent:
+            raise NotFound(f"no image with id {', '.join(map(str, absent[:10]))}")
+        by_sha = {sha: (path, name, image_id) for image_id, (sha, path, name) in found.items()}
+
+        def compute(shas: Sequence[str]) -> np.ndarray:
+            out = np.empty((len(shas), self.image_size, self.image_size, 3), dtype=np.uint8)
+            for i, sha in enumerate(shas):
+                path, name, image_id = by_sha[sha]
+                out[i] = self.decode(self.settings.data_dir / path, f"image {image_id} ({name})")
+            return out
+
+        return self.store.get_or_compute([found[i][0] for i in ids], compute, progress=progress)
+
+    def decode(self, path: Path, name: str) -> np.ndarray:
+        """The model pixels of one stored original: the same path prediction of loose files takes."""
+        from core.imaging import open_normalised
+        from models.preprocess import to_model_pixels
+
+        self.decodes += 1
+        target = math.ceil(self.image_size / max(self.crop_pct, 1e-6))
+        try:
+            rgb = open_normalised(path, target_size=target)
+        except ImageRefused:
+            raise
+        except (OSError, ValueError) as exc:
+            raise ImageRefused(name, f"the stored original {path} cannot be read ({exc}); re-import it") from exc
+        return to_model_pixels(rgb, self.config)

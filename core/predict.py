@@ -1,0 +1,227 @@
+"""Predictions: stored per image and model version for the catalogue, computed on the fly for loose files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from core.db import Database
+from core.errors import ImageRefused, NotFound
+from core.pixel_cache import PixelCache
+from core.schema import Image, Prediction
+from core.versions import VersionView, category_names, load_classifier
+
+# progress(done, total)
+PredictProgress = Callable[[int, int], None]
+BATCH = 256
+
+
+@dataclass(frozen=True)
+class TopK:
+    """One of the k most likely categories."""
+
+    category_id: int
+    category: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class PredictionView:
+    """A model version's calibrated prediction for one catalogue image."""
+
+    image_id: int
+    model_version_id: int
+    category_id: int
+    category: str
+    confidence: float
+    margin: float
+    entropy: float
+    probs: list[float] = field(repr=False)
+    top_k: list[TopK] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FilePrediction:
+    """Prediction for a loose file (not imported). `error` is set (and the rest empty) when it is not usable."""
+
+    name: str
+    category: str | None
+    confidence: float | None
+    top_k: list[TopK] = field(default_factory=list)
+    error: str | None = None
+    model_version_id: int | None = None
+
+
+def _ranked(probs: Sequence[float], category_ids: Sequence[int], names: dict[int, str], k: int) -> list[TopK]:
+    order = np.argsort(-np.asarray(probs, dtype=np.float64), kind="stable")[: max(int(k), 1)]
+    return [TopK(int(category_ids[j]), names.get(int(category_ids[j]), "?"), float(probs[j])) for j in order]
+
+
+def _scores(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(top index, margin top1-top2, entropy in nats) per row."""
+    top = probs.argmax(axis=1)
+    ordered = np.sort(probs, axis=1)
+    margin = ordered[:, -1] - (ordered[:, -2] if probs.shape[1] > 1 else 0.0)
+    entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1)
+    return top, margin, entropy
+
+
+def _view(row: dict[str, Any], version: VersionView, names: dict[int, str], k: int) -> PredictionView:
+    return PredictionView(
+        image_id=row["image_id"],
+        model_version_id=row["model_version_id"],
+        category_id=row["category_id"],
+        category=names.get(row["category_id"], "?"),
+        confidence=row["confidence"],
+        margin=row["margin"],
+        entropy=row["entropy"],
+        probs=list(row["probs"]),
+        top_k=_ranked(row["probs"], version.class_category_ids, names, k),
+    )
+
+
+def _insert_ignoring_duplicates(db: Database, rows: list[dict[str, Any]]) -> None:
+    """Batch insert; a row another process stored meanwhile (same image and version) is left as it is."""
+    if not rows:
+        return
+    if db.is_sqlite:
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert
+    with db.write() as session:
+        session.execute(insert(Prediction).on_conflict_do_nothing(), rows)
+
+
+def predict_images(
+    db: Database, image_ids: Sequence[int], *, version_id: int | None = None, top_k: int = 3
+) -> dict[int, PredictionView]:
+    """Predictions of a version (default: the active one) for catalogue images, computing and storing missing ones."""
+    classifier, version = load_classifier(db, version_id)
+    ids = list(dict.fromkeys(int(i) for i in image_ids))
+    if not ids:
+        return {}
+    have = _stored(db, version.id, ids)
+    missing = [i for i in ids if i not in have]
+    if missing:
+        with db.read() as session:
+            known = set(session.scalars(select(Image.id).where(Image.id.in_(missing))))
+        unknown = [i for i in missing if i not in known]
+        if unknown:
+            raise NotFound(f"no image with id {', '.join(map(str, unknown[:10]))}")
+        meta = classifier.meta
+        cache = PixelCache(db.settings, meta.image_size, meta.crop_pct, meta.interpolation)
+        for start in range(0, len(missing), BATCH):
+            part = missing[start : start + BATCH]
+            probs = np.asarray(classifier.predict_pixels(cache.ensure(db, part), batch_size=64), dtype=np.float64)
+            top, margin, entropy = _scores(probs)
+            _insert_ignoring_duplicates(
+                db,
+                [
+                    {
+                        "image_id": image_id,
+                        "model_version_id": version.id,
+                        "category_id": int(version.class_category_ids[int(top[n])]),
+                        "confidence": float(probs[n, top[n]]),
+                        "margin": float(margin[n]),
+                        "entropy": float(entropy[n]),
+                        "probs": [round(float(p), 6) for p in probs[n]],
+                    }
+                    for n, image_id in enumerate(part)
+                ],
+            )
+        have = _stored(db, version.id, ids)
+    names = category_names(db)
+    return {i: _view(have[i], version, names, top_k) for i in ids if i in have}
+
+
+_COLUMNS = ("image_id", "model_version_id", "category_id", "confidence", "margin", "entropy", "probs")
+
+
+def _stored(db: Database, version_id: int, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """Stored rows of this version for these images, as plain dicts (usable after the session closed)."""
+    found: dict[int, dict[str, Any]] = {}
+    columns = [getattr(Prediction, c) for c in _COLUMNS]
+    with db.read() as session:
+        for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
+            part = list(ids[start : start + 900])
+            query = select(*columns).where(Prediction.model_version_id == version_id, Prediction.image_id.in_(part))
+            found.update({row.image_id: dict(row._mapping) for row in session.execute(query)})
+    return found
+
+
+def refresh_predictions(db: Database, version_id: int, *, progress: PredictProgress | None = None) -> int:
+    """Store this version's prediction for every catalogue image that lacks one; returns how many were computed."""
+    with db.read() as session:
+        all_ids = list(session.scalars(select(Image.id).order_by(Image.id)))
+        done = set(session.scalars(select(Prediction.image_id).where(Prediction.model_version_id == version_id)))
+    todo = [i for i in all_ids if i not in done]
+    for start in range(0, len(todo), BATCH * 4):
+        predict_images(db, todo[start : start + BATCH * 4], version_id=version_id)
+        if progress is not None:
+            progress(min(start + BATCH * 4, len(todo)), len(todo))
+    return len(todo)
+
+
+def _decode_upload(name: str, data: bytes, db: Database, cfg: Any) -> np.ndarray:
+    """Validate and decode like ingest does, then the same normalisation and pixels as stored images."""
+    from core.imaging import inspect_and_decode, normalise
+    from models.preprocess import to_model_pixels
+
+    decoded = inspect_and_decode(name, data, db.settings)
+    image = getattr(decoded, "image", decoded)
+    return to_model_pixels(normalise(image), cfg)
+
+
+def predict_uploads(db: Database, uploads: Iterable[Any], *, top_k: int = 3) -> list[FilePrediction]:
+    """Predict in-memory files (objects with `.name` and `.data` or `.read()`) without importing them.
+
+    A file that is not an acceptable image gets its `error`; the others are still predicted.
+    """
+    classifier, version = load_classifier(db)
+    meta = classifier.meta
+    cache = PixelCache(db.settings, meta.image_size, meta.crop_pct, meta.interpolation)
+    names = category_names(db)
+    results: list[FilePrediction | None] = []
+    good: list[tuple[int, str, np.ndarray]] = []
+    for upload in uploads:
+        name = str(getattr(upload, "name", "upload"))
+        try:
+            data = upload.data if hasattr(upload, "data") else upload.read()
+            good.append((len(results), name, _decode_upload(name, data, db, cache.config)))
+            results.append(None)
+        except ImageRefused as exc:
+            results.append(FilePrediction(name=name, category=None, confidence=None, error=exc.reason))
+        except OSError as exc:
+            results.append(FilePrediction(name=name, category=None, confidence=None, error=f"cannot read ({exc})"))
+    if good:
+        pixels = np.stack([p for _, _, p in good])
+        probs = np.asarray(classifier.predict_pixels(pixels, batch_size=64), dtype=np.float64)
+        for (slot, name, _), row in zip(good, probs, strict=True):
+            ranked = _ranked(row, version.class_category_ids, names, top_k)
+            results[slot] = FilePrediction(
+                name=name,
+                category=ranked[0].category,
+                confidence=ranked[0].probability,
+                top_k=ranked,
+                model_version_id=version.id,
+            )
+    return [r for r in results if r is not None]
+
+
+@dataclass
+class _PathUpload:
+    name: str
+    path: Path
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
+
+
+def predict_files(db: Database, paths: Iterable[Path | str], *, top_k: int = 3) -> list[FilePrediction]:
+    """Predict image files on disk without importing them (one result per path, errors included)."""
+    return predict_uploads(db, [_PathUpload(str(p), Path(p)) for p in paths], top_k=top_k)

@@ -1,0 +1,263 @@
+"""Model versions: list them, load one as a classifier, activate one (rollback), evaluate one on the test split."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from core.db import Database
+from core.errors import CheckpointError, NotFound
+from core.schema import Category, Image, Label, ModelVersion, Split, VersionStatus, utcnow
+
+
+@dataclass(frozen=True)
+class VersionView:
+    """A model version as the pages and the CLI show it."""
+
+    id: int
+    status: str
+    arch: str
+    image_size: int
+    mode: str
+    class_names: list[str]
+    class_category_ids: list[int]
+    weights_path: str
+    temperature: float
+    test_accuracy: float | None
+    macro_f1: float | None
+    ece: float | None
+    metrics: dict[str, Any] = field(repr=False)
+    test_image_ids_hash: str
+    created_at: datetime
+    activated_at: datetime | None
+    pretrained_source: str
+    job_id: int | None
+    parent_id: int | None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.class_names
+
+    @property
+    def label(self) -> str:
+        """Short human name, e.g. 'v3 (resnet18, 224 px, quick)'."""
+        return f"v{self.id} ({self.arch}, {self.image_size} px, {self.mode})"
+
+
+def _view(row: ModelVersion) -> VersionView:
+    test = (row.metrics or {}).get("test") or {}
+    return VersionView(
+        id=row.id,
+        status=row.status,
+        arch=row.arch,
+        image_size=row.image_size,
+        mode=row.mode,
+        class_names=list(row.class_names),
+        class_category_ids=[int(c) for c in row.class_category_ids],
+        weights_path=row.weights_path,
+        temperature=row.temperature,
+        test_accuracy=row.test_accuracy,
+        macro_f1=test.get("macro_f1"),
+        ece=test.get("ece"),
+        metrics=dict(row.metrics or {}),
+        test_image_ids_hash=row.test_image_ids_hash,
+        created_at=row.created_at,
+        activated_at=row.activated_at,
+        pretrained_source=row.pretrained_source,
+        job_id=row.job_id,
+        parent_id=row.parent_id,
+    )
+
+
+def list_versions(db: Database) -> list[VersionView]:
+    """Every model version, newest first."""
+    with db.read() as session:
+        return [_view(r) for r in session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc()))]
+
+
+def get_version(db: Database, version_id: int) -> VersionView:
+    """One version by id (NotFound names the id)."""
+    with db.read() as session:
+        row = session.get(ModelVersion, int(version_id))
+        if row is None:
+            raise NotFound(f"no model version {version_id}: see `models list` for the versions")
+        return _view(row)
+
+
+def active_version(db: Database) -> VersionView | None:
+    """The version that serves predictions, or None before the first training."""
+    with db.read() as session:
+        row = session.scalar(
+            select(ModelVersion).where(ModelVersion.status == VersionStatus.ACTIVE).order_by(ModelVersion.id.desc())
+        )
+        return _view(row) if row is not None else None
+
+
+def checkpoint_path(db: Database, version: VersionView | ModelVersion) -> Path:
+    """Absolute path of a version's .safetensors file (stored relative to the data directory)."""
+    path = Path(version.weights_path)
+    return path if path.is_absolute() else db.settings.data_dir / path
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str, version_id: int, mtime_ns: int, size: int, device: str) -> Any:
+    # Keyed by file identity as well as version id: a replaced checkpoint file is re-read, never served stale.
+    from models.checkpoint import load_checkpoint
+    from models.errors import CheckpointInvalid
+    from models.inference import Classifier
+
+    try:
+        import torch
+
+        model, meta = load_checkpoint(Path(path), device=torch.device(device))
+    except CheckpointInvalid as exc:
+        raise CheckpointError(f"model v{version_id}: checkpoint {path} is not usable ({exc})") from exc
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"model v{version_id}: checkpoint {path} cannot be read ({exc})") from exc
+    return Classifier(model, meta, torch.device(device))
+
+
+def _inference_device(db: Database) -> str:
+    from models.devices import pick_device
+
+    return str(pick_device(db.settings.device))
+
+
+def load_classifier(db: Database, version_id: int | None = None) -> tuple[Any, VersionView]:
+    """(models.inference.Classifier, VersionView) for a version (default: the active one).
+
+    Raises NotFound when there is no such (or no active) version and CheckpointError when its file is missing
+    or corrupt; callers keep serving whatever they held before.
+    """
+    if version_id is None:
+        version = active_version(db)
+        if version is None:
+            raise NotFound("no active model yet: label some images and train one (Train page or `prodcat train`)")
+    else:
+        version = get_version(db, version_id)
+    path = checkpoint_path(db, version)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise CheckpointError(f"model v{version.id}: checkpoint file {path} is missing ({exc.strerror})") from exc
+    classifier = _load_cached(str(path), version.id, stat.st_mtime_ns, stat.st_size, _inference_device(db))
+    return classifier, version
+
+
+def activate_version(db: Database, version_id: int, *, actor: str) -> VersionView:
+    """Make a version the one that serves predictions (the previous active one is retired).
+
+    Activating an older version is the rollback. The checkpoint is loaded first: if it is missing or corrupt,
+    CheckpointError is raised and the current active version stays.
+    """
+    load_classifier(db, version_id)  # proves the file is usable before anything changes
+    with db.write() as session:
+        target = session.get(ModelVersion, int(version_id))
+        if target is None:
+            raise NotFound(f"no model version {version_id}")
+        if target.status != VersionStatus.ACTIVE:
+            for other in session.scalars(select(ModelVersion).where(ModelVersion.status == VersionStatus.ACTIVE)):
+                other.status = VersionStatus.RETIRED
+            target.status = VersionStatus.ACTIVE
+            target.activated_at = utcnow()
+        session.flush()
+        return _view(target)
+
+
+# --- evaluation on the fixed splits -------------------------------------------------------------------------
+
+
+def labelled_images(db: Database, split: Split | str | None = None) -> list[tuple[int, int]]:
+    """(image_id, category_id) of labelled images in live (not archived) categories, by image id."""
+    with db.read() as session:
+        query = (
+            select(Label.image_id, Label.category_id)
+            .join(Image, Image.id == Label.image_id)
+            .join(Category, Category.id == Label.category_id)
+            .where(Category.archived_at.is_(None))
+            .order_by(Label.image_id)
+        )
+        if split is not None:
+            query = query.where(Image.split == str(split))
+        return [(int(i), int(c)) for i, c in session.execute(query)]
+
+
+def hash_test_set(pairs: Sequence[tuple[int, int]]) -> str:
+    """Identity of a labelled test set: versions measured under the same hash saw the same images with the same
+    labels (a corrected test label changes it, so stored accuracies are not compared across it)."""
+    return hashlib.sha256(";".join(f"{i}:{c}" for i, c in sorted(pairs)).encode()).hexdigest()
+
+
+def category_names(db: Database) -> dict[int, str]:
+    """Current names of every category (renames show under the new name)."""
+    with db.read() as session:
+        return {int(i): n for i, n in session.execute(select(Category.id, Category.name))}
+
+
+def _merged_targets(db: Database) -> dict[int, int]:
+    with db.read() as session:
+        return {int(i): int(t) for i, t in session.execute(select(Category.id, Category.merged_into_id)) if t}
+
+
+def resolve_category(category_id: int, merged: dict[int, int]) -> int:
+    """Follow merges: a class trained as 'Sneakers' later merged into 'Shoes' predicts 'Shoes'."""
+    seen = set()
+    while category_id in merged and category_id not in seen:
+        seen.add(category_id)
+        category_id = merged[category_id]
+    return category_id
+
+
+def metrics_for(
+    db: Database,
+    probs: np.ndarray,
+    class_category_ids: Sequence[int],
+    true_category_ids: Sequence[int],
+) -> dict[str, Any]:
+    """classification_metrics over the union of the model's classes and the true labels' categories.
+
+    Labels in a category the model never saw count as errors (their probability column is zero), so a version
+    that lacks a new category is not flattered by leaving those images out.
+    """
+    from models.metrics import classification_metrics
+
+    merged = _merged_targets(db)
+    names = category_names(db)
+    model_cats = [resolve_category(int(c), merged) for c in class_category_ids]
+    columns: list[int] = list(dict.fromkeys(model_cats))
+    for c in true_category_ids:
+        if int(c) not in columns:
+            columns.append(int(c))
+    full = np.zeros((len(probs), len(columns)), dtype=np.float64)
+    for j, cat in enumerate(model_cats):
+        full[:, columns.index(cat)] += probs[:, j]
+    y_true = np.array([columns.index(int(c)) for c in true_category_ids], dtype=np.int64)
+    metrics = classification_metrics(y_true, full, [names.get(c, str(c)) for c in columns])
+    metrics["n_images"] = len(y_true)
+    return metrics
+
+
+def evaluate_version(db: Database, version_id: int, *, split: Split | str = Split.TEST) -> dict[str, Any]:
+    """Metrics of a version on the current labelled images of a split (default: test), with its image-set hash."""
+    from core.pixel_cache import PixelCache
+
+    classifier, version = load_classifier(db, version_id)
+    pairs = labelled_images(db, split)
+    if not pairs:
+        note = f"the {split} split has no labelled images"
+        return {"n_images": 0, "note": note, "test_set_hash": hash_test_set([])}
+    ids = [i for i, _ in pairs]
+    meta = classifier.meta
+    pixels = PixelCache(db.settings, meta.image_size, meta.crop_pct, meta.interpolation).ensure(db, ids)
+    probs = classifier.predict_pixels(pixels, batch_size=64)
+    metrics = metrics_for(db, probs, version.class_category_ids, [c for _, c in pairs])
+    metrics["test_set_hash"] = hash_test_set(pairs)
+    return metrics

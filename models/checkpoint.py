@@ -1,0 +1,213 @@
+"""Self-describing checkpoints: safetensors weights plus a JSON sidecar, written atomically, never unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torchvision
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.errors import CheckpointInvalid
+from models.factory import PreprocessConfig, create_network
+
+SIDECAR_FORMAT = 1
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that define the weights' meaning, stored beside every checkpoint."""
+    return {"torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__}
+
+
+@dataclass
+class CheckpointMeta:
+    """Everything needed to rebuild, preprocess for, and explain a checkpoint (the `.json` sidecar)."""
+
+    arch: str
+    class_names: list[str]
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    crop_pct: float
+    interpolation: str
+    temperature: float = 1.0
+    train_config: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    data_snapshot: dict[str, Any] = field(default_factory=dict)
+    library_versions: dict[str, str] = field(default_factory=library_versions)
+    pretrained_source: str = "none"
+    backbone_id: str = ""
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        """The preprocessing the model was trained with."""
+        return PreprocessConfig(
+            image_size=self.image_size,
+            mean=tuple(self.mean),  # type: ignore[arg-type]
+            std=tuple(self.std),  # type: ignore[arg-type]
+            crop_pct=self.crop_pct,
+            interpolation=self.interpolation,
+        )
+
+    @classmethod
+    def from_preprocess(cls, arch: str, class_names: list[str], cfg: PreprocessConfig, **extra: Any) -> CheckpointMeta:
+        """Meta for `arch` and `class_names` with the preprocessing fields taken from `cfg`."""
+        return cls(
+            arch=arch,
+            class_names=list(class_names),
+            image_size=cfg.image_size,
+            mean=list(cfg.mean),
+            std=list(cfg.std),
+            crop_pct=cfg.crop_pct,
+            interpolation=cfg.interpolation,
+            **extra,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (the sidecar's content, without the format marker)."""
+        return asdict(self)
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """The JSON sidecar of a weights file: same name, `.json` suffix."""
+    return Path(path).with_suffix(".json")
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: CheckpointMeta) -> Path:
+    """Write `model`'s weights to `path` (.safetensors) and `meta` to its `.json` sidecar, each atomically.
+
+    Each file goes to a temporary file in the same folder and is moved into place with `os.replace`, so a crash
+    never leaves a half-written file under the final name. The sidecar is written after the weights.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: checkpoint files must end in .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in _unwrap(model).state_dict().items()}
+    header = {"arch": meta.arch, "num_classes": str(len(meta.class_names)), "format": "pt"}
+    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))
+    document = {"format": SIDECAR_FORMAT, **meta.to_dict()}
+    text = json.dumps(document, indent=2, sort_keys=True, allow_nan=False)
+    _atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:  # flush to disk before the rename makes it visible
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The original module behind torch.compile / DDP wrappers (their state-dict keys carry prefixes)."""
+    inner = getattr(model, "_orig_mod", model)
+    return getattr(inner, "module", inner) if isinstance(inner, nn.parallel.DistributedDataParallel) else inner
+
+
+# Sidecar field -> accepted JSON types. bool is excluded from numbers explicitly in _check_types.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "arch": (str,),
+    "class_names": (list,),
+    "image_size": (int,),
+    "mean": (list,),
+    "std": (list,),
+    "crop_pct": (int, float),
+    "interpolation": (str,),
+    "temperature": (int, float),
+    "train_config": (dict,),
+    "seed": (int,),
+    "data_snapshot": (dict,),
+    "library_versions": (dict,),
+    "pretrained_source": (str,),
+    "backbone_id": (str,),
+}
+_REQUIRED = ("arch", "class_names", "image_size", "mean", "std", "crop_pct", "interpolation")
+
+
+def read_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
+    """Read and validate the sidecar of checkpoint `path`; raises CheckpointInvalid naming the file and the fault."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise CheckpointInvalid(f"{side}: checkpoint sidecar is missing")
+    try:
+        document = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointInvalid(f"{side}: sidecar is not valid JSON ({exc})") from exc
+    if not isinstance(document, dict):
+        raise CheckpointInvalid(f"{side}: sidecar must hold a JSON object, got {type(document).__name__}")
+    missing = [k for k in _REQUIRED if k not in document]
+    if missing:
+        raise CheckpointInvalid(f"{side}: sidecar lacks required keys {', '.join(missing)}")
+    known = {f.name for f in fields(CheckpointMeta)}
+    values = {k: v for k, v in document.items() if k in known}
+    _check_types(side, values)
+    values["crop_pct"] = float(values["crop_pct"])
+    if "temperature" in values:
+        values["temperature"] = float(values["temperature"])
+    return CheckpointMeta(**values)
+
+
+def _check_types(side: Path, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        expected = _FIELD_TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise CheckpointInvalid(f"{side}: sidecar field {key!r} has type {type(value).__name__}")
+    names = values["class_names"]
+    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise CheckpointInvalid(f"{side}: class_names must be a non-empty list of distinct names")
+    for key in ("mean", "std"):
+        vec = values[key]
+        if len(vec) != 3 or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in vec):
+            raise CheckpointInvalid(f"{side}: {key} must be three numbers")
+    if any(x <= 0 for x in values["std"]):
+        raise CheckpointInvalid(f"{side}: std values must be positive")
+    if values["image_size"] < 16 or not 0 < values["crop_pct"] <= 1.0:
+        raise CheckpointInvalid(f"{side}: image_size must be >= 16 and crop_pct in (0, 1]")
+    if "temperature" in values and not 0 < values["temperature"] < 1000:
+        raise CheckpointInvalid(f"{side}: temperature must be positive")
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild the network of checkpoint `path` and load its weights strictly; returns (model in eval mode, meta).
+
+    Never unpickles: weights are read with safetensors only. Raises CheckpointInvalid (message names the file)
+    when the weights or sidecar are missing, not safetensors (e.g. a renamed pickle), truncated, or do not fit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointInvalid(f"{path}: checkpoint weights file is missing")
+    meta = read_meta(path)
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError for garbage and truncation
+        raise CheckpointInvalid(f"{path}: not a readable safetensors file ({exc})") from exc
+    try:
+        model, _ = create_network(meta.arch, len(meta.class_names), pretrained="none")
+    except ValueError as exc:
+        raise CheckpointInvalid(f"{path}: {exc}") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[:3]
+        raise CheckpointInvalid(
+            f"{path}: weights do not fit {meta.arch} with {len(meta.class_names)} classes: {' '.join(first)}"
+        ) from exc
+    model.eval()
+    return model.to(device), meta

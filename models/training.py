@@ -1,0 +1,799 @@
+"""Training: full fine-tuning (AdamW, warm-up + cosine, balanced sampling, GPU augmentation) and quick head refits."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import gc
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import timm.optim
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import WeightedRandomSampler
+
+from models.calibration import fit_temperature
+from models.devices import describe_device, pick_device
+from models.errors import NotEnoughData, TrainingStopped
+from models.factory import PreprocessConfig
+from models.preprocess import augment_batch, normalize_nchw
+
+ProgressCallback = Callable[["Progress"], None]
+StopCheck = Callable[[], bool]
+
+_MODES = ("quick", "full")
+_BALANCES = ("sampler", "loss", "none")
+# Candidate L2 strengths for the quick head when none is configured: picked by validation log loss.
+_HEAD_L2_GRID = (1e-2, 1e-3, 1e-4)
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. Saved beside the checkpoint they produced; `from_dict` refuses unknown keys."""
+
+    arch: str = "resnet18"
+    image_size: int = 224
+    mode: str = "quick"  # "quick": refit the head on cached features; "full": fine-tune every layer
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    balance: str = "sampler"  # "sampler": class-balanced sampling; "loss": class-weighted loss; "none"
+    patience: int = 3  # epochs without a better validation accuracy before stopping early
+    max_steps: int | None = None  # cap on optimiser steps in total (tests, smoke runs)
+    compile: bool = False  # torch.compile the training model (pays off on long GPU runs)
+    amp: bool = True  # bf16 autocast on CUDA
+    augment: bool = True
+    eval_batch_size: int = 128
+    progress_every_s: float = 2.0
+    head_l2: float | None = None  # quick mode L2 strength; None picks it on the validation split
+    head_max_iter: int = 100  # LBFGS iterations per quick head fit
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode not in _MODES:
+            problems.append(f"mode must be one of {', '.join(_MODES)}, got {self.mode!r}")
+        if self.balance not in _BALANCES:
+            problems.append(f"balance must be one of {', '.join(_BALANCES)}, got {self.balance!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "head_max_iter"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.image_size < 16:
+            problems.append(f"image_size must be at least 16, got {self.image_size}")
+        if not self.lr > 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.warmup_epochs < 0 or self.patience < 0:
+            problems.append("weight_decay, warmup_epochs and patience must not be negative")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be at least 1 when set, got {self.max_steps}")
+        if self.head_l2 is not None and self.head_l2 < 0:
+            problems.append(f"head_l2 must not be negative, got {self.head_l2}")
+        if problems:
+            raise ValueError("invalid training settings: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Settings from a plain dict (job parameters, a sidecar); ValueError names unknown keys or bad types."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        defaults = cls()
+        return cls(**{key: _coerce(key, value, getattr(defaults, key)) for key, value in values.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict that `from_dict` turns back into an equal config."""
+        return dataclasses.asdict(self)
+
+
+# Fields whose default is None, and the type they hold when set.
+_OPTIONAL_TYPES: dict[str, type] = {"max_steps": int, "head_l2": float}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Accept JSON-ish values for a field (1 for 1.0, "8" for 8, "true") but refuse what does not fit."""
+    if value is None:
+        if key in _OPTIONAL_TYPES:
+            return None
+        raise ValueError(f"training setting {key!r} must not be empty")
+    kind = _OPTIONAL_TYPES.get(key) or type(default)
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool | int) and value in (0, 1):
+                return bool(value)
+            raise ValueError(value)
+        if isinstance(value, bool):  # True is an int in Python, but never a sensible number of epochs
+            raise ValueError(value)
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            return float(value)
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return value
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"training setting {key!r} must be {kind.__name__}, got {value!r}") from exc
+
+
+@dataclass
+class TrainData:
+    """Model-sized uint8 NHWC pixels (numpy or memmap, from `to_model_pixels`) with int64 class indices."""
+
+    train_pixels: np.ndarray
+    train_labels: np.ndarray
+    val_pixels: np.ndarray
+    val_labels: np.ndarray
+    class_names: list[str]
+
+    def __post_init__(self) -> None:
+        self.train_labels = np.asarray(self.train_labels, dtype=np.int64).reshape(-1)
+        self.val_labels = np.asarray(self.val_labels, dtype=np.int64).reshape(-1)
+        for split, pixels, labels in (
+            ("train", self.train_pixels, self.train_labels),
+            ("val", self.val_pixels, self.val_labels),
+        ):
+            if len(pixels) != len(labels):
+                raise ValueError(f"{split}: {len(pixels)} images but {len(labels)} labels")
+            if len(pixels) and (pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8):
+                raise ValueError(f"{split} pixels must be uint8 (N, S, S, 3), got {pixels.dtype} {pixels.shape}")
+            if labels.size and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+                raise ValueError(f"{split} labels must be indices into the {len(self.class_names)} class names")
+
+
+@dataclass
+class Progress:
+    """One progress report: phase is "features", "head", "train", "val" or "done"."""
+
+    phase: str
+    epoch: int = 0
+    epochs: int = 0
+    step: int = 0
+    steps: int = 0
+    loss: float | None = None
+    train_acc: float | None = None
+    val_acc: float | None = None
+    images_per_s: float | None = None
+    eta_s: float | None = None
+    device: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (for the job row)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """A trained model (best validation weights), its fitted temperature and per-epoch history."""
+
+    model: nn.Module
+    temperature: float
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_val_acc: float | None = None
+    val_logits: np.ndarray | None = None
+    stopped_early: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _report(on_progress: ProgressCallback | None, progress: Progress) -> None:
+    if on_progress is not None:
+        on_progress(progress)
+
+
+def _check_stop(should_stop: StopCheck | None, where: str) -> None:
+    if should_stop is not None and should_stop():
+        raise TrainingStopped(f"training stopped on request ({where})")
+
+
+def _autocast(device: torch.device, enabled: bool) -> Any:
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _to_device_nchw(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 NHWC numpy -> uint8 NCHW (channels_last strides) on `device`, via pinned memory on CUDA."""
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels))
+    if device.type == "cuda":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    else:
+        tensor = tensor.to(device)
+    return tensor.permute(0, 3, 1, 2)
+
+
+def predict_logits(
+    model: nn.Module,
+    pixels: np.ndarray,
+    cfg: PreprocessConfig,
+    *,
+    device: torch.device,
+    batch_size: int = 128,
+    amp: bool = True,
+) -> np.ndarray:
+    """Float32 logits of `model` (eval mode) over uint8 NHWC pixels."""
+    model.eval()
+    channels_last = device.type == "cuda"
+    chunks = []
+    with torch.inference_mode(), _autocast(device, amp):
+        for start in range(0, len(pixels), batch_size):
+            batch = normalize_nchw(
+                _to_device_nchw(pixels[start : start + batch_size], device), cfg, channels_last=channels_last
+            )
+            chunks.append(model(batch).float().cpu().numpy())
+    if not chunks:
+        return np.zeros((0, _num_classes(model)), dtype=np.float32)
+    return np.concatenate(chunks)
+
+
+def _num_classes(model: nn.Module) -> int:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return int(head.out_features) if isinstance(head, nn.Linear) else int(getattr(model, "num_classes", 0))
+
+
+def _class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(labels, minlength=num_classes).astype(np.int64)
+
+
+def train_full(
+    config: TrainConfig,
+    data: TrainData,
+    *,
+    model: nn.Module,
+    cfg: PreprocessConfig,
+    on_progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> TrainResult:
+    """Fine-tune every layer of `model` and return it with its best-validation weights and a fitted temperature.
+
+    AdamW (no decay on biases and norms), linear warm-up then cosine decay per step, class balance by sampling or
+    loss weights, `augment_batch` on the device, bf16 autocast + channels_last + cudnn.benchmark on CUDA, early
+    stopping on validation accuracy. `on_progress` gets a report every `progress_every_s` seconds and at each
+    epoch's end; `should_stop()` is checked every step and raises TrainingStopped. A CUDA out-of-memory error frees
+    GPU memory and is re-raised as a RuntimeError saying what to lower.
+    """
+    if len(data.train_labels) < 2:
+        raise NotEnoughData(f"full training needs at least 2 training images, got {len(data.train_labels)}")
+    device = pick_device(config.device)
+    failure: str | None = None
+    try:
+        return _train_full(config, data, model, cfg, device, on_progress, should_stop)
+    except torch.OutOfMemoryError as exc:
+        failure = str(exc).splitlines()[0] if str(exc) else "out of memory"
+    # Outside the except block the traceback (and the tensors its frames hold) is released before we free memory.
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    raise RuntimeError(
+        f"the {device.type} device ran out of memory training {config.arch} at {config.image_size} px with batch "
+        f"size {config.batch_size}: lower batch_size or image_size and try again ({failure})"
+    )
+
+
+def _train_full(
+    config: TrainConfig,
+    data: TrainData,
+    model: nn.Module,
+    cfg: PreprocessConfig,
+    device: torch.device,
+    on_progress: ProgressCallback | None,
+    should_stop: StopCheck | None,
+) -> TrainResult:
+    num_classes = len(data.class_names)
+    n_train = len(data.train_labels)
+    has_val = len(data.val_labels) > 0
+    cuda = device.type == "cuda"
+    device_text = describe_device(device)
+    torch.manual_seed(config.seed)
+    sample_gen = torch.Generator().manual_seed(config.seed)
+    augment_gen = torch.Generator().manual_seed(config.seed + 1)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    train_model = torch.compile(model) if config.compile else model
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
+
+    batch_size = min(config.batch_size, n_train)
+    steps_per_epoch = max(1, n_train // batch_size)  # drop the ragged tail: BatchNorm cannot train on 1 image
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup = min(round(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, total_steps))
+
+    counts = _class_counts(data.train_labels, num_classes)
+    loss_weight = None
+    if config.balance == "loss":
+        present = counts > 0
+        weights = np.zeros(num_classes, dtype=np.float32)
+        weights[present] = n_train / (present.sum() * counts[present])
+        loss_weight = torch.from_numpy(weights).to(device)
+    criterion = nn.CrossEntropyLoss(weight=loss_weight, label_smoothing=config.label_smoothing)
+    train_labels_t = torch.from_numpy(data.train_labels)
+
+    history: list[dict[str, Any]] = []
+    best_acc, best_loss, best_epoch = -1.0, math.inf, 0
+    best_state: dict[str, torch.Tensor] | None = None
+    best_logits: np.ndarray | None = None
+    bad_epochs = 0
+    stopped_early = False
+    global_step = 0
+    started = time.monotonic()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # gathers the next batch while this one runs
+
+    def gather(indices: np.ndarray) -> np.ndarray:
+        return np.asarray(data.train_pixels[indices])
+
+    try:
+        for epoch in range(1, epochs + 1):
+            order = _epoch_indices(config.balance, data.train_labels, counts, steps_per_epoch * batch_size, sample_gen)
+            epoch_steps = min(steps_per_epoch, total_steps - global_step)
+            batches = [np.sort(order[i * batch_size : (i + 1) * batch_size]) for i in range(epoch_steps)]
+            model.train()
+            epoch_start = time.monotonic()
+            last_report = 0.0
+            loss_sum = torch.zeros((), device=device)
+            correct_sum = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            future = pool.submit(gather, batches[0])
+            for step, indices in enumerate(batches, start=1):
+                _check_stop(should_stop, f"epoch {epoch}, step {step}")
+                pixels = future.result()
+                if step < len(batches):
+                    future = pool.submit(gather, batches[step])
+                images = _to_device_nchw(pixels, device)
+                labels = train_labels_t[indices].to(device, non_blocking=True)
+                if config.augment:
+                    images = augment_batch(images, generator=augment_gen)
+                inputs = normalize_nchw(images, cfg, channels_last=cuda)
+                with _autocast(device, config.amp):
+                    logits = train_model(inputs)
+                    loss = criterion(logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                global_step += 1
+                # Accumulate on the device: a .item() per step would stall the GPU pipeline.
+                loss_sum += loss.detach() * len(indices)
+                correct_sum += (logits.detach().argmax(dim=1) == labels).sum()
+                seen += len(indices)
+                now = time.monotonic()
+                if step == 1 or now - last_report >= config.progress_every_s:
+                    last_report = now
+                    elapsed = now - started
+                    _report(
+                        on_progress,
+                        Progress(
+                            phase="train",
+                            epoch=epoch,
+                            epochs=epochs,
+                            step=global_step,
+                            steps=total_steps,
+                            loss=float(loss_sum) / seen,
+                            train_acc=float(correct_sum) / seen,
+                            val_acc=best_acc if best_acc >= 0 else None,
+                            images_per_s=seen / max(now - epoch_start, 1e-9),
+                            eta_s=elapsed / global_step * (total_steps - global_step),
+                            device=device_text,
+                        ),
+                    )
+            train_loss = float(loss_sum) / max(seen, 1)
+            train_acc = float(correct_sum) / max(seen, 1)
+            epoch_seconds = time.monotonic() - epoch_start
+
+            val_acc = val_loss = None
+            improved = True
+            if has_val:
+                _check_stop(should_stop, f"validation of epoch {epoch}")
+                val_logits = predict_logits(
+                    model, data.val_pixels, cfg, device=device, batch_size=config.eval_batch_size, amp=config.amp
+                )
+                val_acc = float((val_logits.argmax(axis=1) == data.val_labels).mean())
+                val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(data.val_labels)))
+                improved = val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss)
+                if improved:
+                    best_logits = val_logits
+            if improved:
+                best_acc, best_loss, best_epoch = (
+                    (val_acc if val_acc is not None else -1.0),
+                    (val_loss if val_loss is not None else math.inf),
+                    epoch,
+                )
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "train_acc": train_acc,
+                    "val_loss": val_loss,
+                    "val_acc": val_acc,
+                    "lr": float(optimizer.param_groups[0]["lr"]),
+                    "seconds": epoch_seconds,
+                    "images_per_s": seen / max(epoch_seconds, 1e-9),
+                }
+            )
+            elapsed = time.monotonic() - started
+            _report(
+                on_progress,
+                Progress(
+                    phase="val",
+                    epoch=epoch,
+                    epochs=epochs,
+                    step=global_step,
+                    steps=total_steps,
+                    loss=train_loss,
+                    train_acc=train_acc,
+                    val_acc=val_acc,
+                    images_per_s=seen / max(epoch_seconds, 1e-9),
+                    eta_s=elapsed / global_step * (total_steps - global_step),
+                    device=device_text,
+                ),
+            )
+            if has_val and config.patience > 0 and bad_epochs >= config.patience and epoch < epochs:
+                stopped_early = True
+                break
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    temperature = 1.0
+    if best_logits is not None and len(best_logits):
+        temperature = fit_temperature(best_logits, data.val_labels)
+    _report(
+        on_progress,
+        Progress(
+            phase="done",
+            epoch=len(history),
+            epochs=epochs,
+            step=global_step,
+            steps=total_steps,
+            loss=history[-1]["train_loss"] if history else None,
+            train_acc=history[-1]["train_acc"] if history else None,
+            val_acc=best_acc if best_acc >= 0 else None,
+            eta_s=0.0,
+            device=device_text,
+        ),
+    )
+    return TrainResult(
+        model=model,
+        temperature=temperature,
+        history=history,
+        best_epoch=best_epoch,
+        best_val_acc=best_acc if best_acc >= 0 else None,
+        val_logits=best_logits,
+        stopped_early=stopped_early,
+    )
+
+
+def _warmup_cosine(warmup: int, total: int, floor: float = 0.01) -> Callable[[int], float]:
+    """LR multiplier per step: linear warm-up to 1 over `warmup` steps, then cosine down to `floor`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _epoch_indices(
+    balance: str, labels: np.ndarray, counts: np.ndarray, num: int, generator: torch.Generator
+) -> np.ndarray:
+    """Training indices for one epoch: class-balanced draws with replacement, or a shuffle."""
+    if balance == "sampler":
+        weights = 1.0 / counts[labels]
+        sampler = WeightedRandomSampler(
+            torch.from_numpy(weights), num_samples=num, replacement=True, generator=generator
+        )
+        return np.fromiter(iter(sampler), dtype=np.int64, count=num)
+    return torch.randperm(len(labels), generator=generator)[:num].numpy()
+
+
+def extract_features(
+    model: nn.Module,
+    pixels: np.ndarray,
+    cfg: PreprocessConfig,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    on_progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+    amp: bool = True,
+) -> np.ndarray:
+    """Pooled backbone features (N, D) float32: `forward_head(forward_features(x), pre_logits=True)`.
+
+    Reports phase "features" progress per batch (throttled to about once a second) and honours `should_stop`.
+    """
+    device = torch.device(device) if isinstance(device, str) else device
+    model.eval()
+    model.to(device, memory_format=torch.channels_last)
+    n = len(pixels)
+    out = np.zeros((n, int(model.num_features)), dtype=np.float32)
+    started = last = time.monotonic()
+    with torch.inference_mode(), _autocast(device, amp):
+        for start in range(0, n, batch_size):
+            _check_stop(should_stop, f"feature extraction at image {start}")
+            batch = normalize_nchw(_to_device_nchw(pixels[start : start + batch_size], device), cfg, channels_last=True)
+            feats = model.forward_head(model.forward_features(batch), pre_logits=True)
+            out[start : start + len(batch)] = feats.float().cpu().numpy()
+            now = time.monotonic()
+            done = start + len(batch)
+            if now - last >= 1.0 or done == n:
+                last = now
+                rate = done / max(now - started, 1e-9)
+                _report(
+                    on_progress,
+                    Progress(
+                        phase="features",
+                        step=done,
+                        steps=n,
+                        images_per_s=rate,
+                        eta_s=(n - done) / rate,
+                        device=describe_device(device),
+                    ),
+                )
+    return out
+
+
+def fit_head(
+    features: np.ndarray,
+    labels: np.ndarray,
+    val_features: np.ndarray | None,
+    val_labels: np.ndarray | None,
+    *,
+    num_classes: int,
+    config: TrainConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class-balanced, L2-regularised multinomial logistic regression on features -> (weight (C, D), bias (C,)).
+
+    Full-batch LBFGS on standardised features (folded back into the returned weights, so they apply to raw
+    features). Without `config.head_l2`, the strength is chosen from a small grid by validation log loss
+    (warm-started from strong to weak). Classes absent from `labels` keep zero weights and a very low bias.
+    """
+    config = config or TrainConfig()
+    x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    if x.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"features {tuple(x.shape)} and labels {tuple(y.shape)} do not match")
+    if x.shape[0] < 2 or len(torch.unique(y)) < 2:
+        raise NotEnoughData("fitting a classifier head needs at least 2 labelled images from 2 categories")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"labels must be class indices in [0, {num_classes})")
+
+    mean = x.mean(dim=0)
+    std = x.std(dim=0).clamp_min(1e-6)
+    z = (x - mean) / std
+    counts = torch.bincount(y, minlength=num_classes).double()
+    if config.balance == "none":
+        sample_w = torch.ones(len(y), dtype=torch.float32)
+    else:
+        class_w = torch.where(counts > 0, len(y) / (counts.clamp_min(1) * (counts > 0).sum()), 0.0)
+        sample_w = class_w[y].float()
+    sample_w = sample_w / sample_w.sum()
+
+    have_val = val_features is not None and val_labels is not None and len(val_labels) > 0
+    if config.head_l2 is not None:
+        grid: tuple[float, ...] = (config.head_l2,)
+    elif have_val:
+        grid = _HEAD_L2_GRID
+    else:
+        grid = (1e-3,)
+    if have_val:
+        zv = (torch.as_tensor(np.asarray(val_features, dtype=np.float32)) - mean) / std
+        yv = torch.as_tensor(np.asarray(val_labels, dtype=np.int64))
+
+    weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    for l2 in grid:
+        _lbfgs_fit(z, y, sample_w, weight, bias, l2, config.head_max_iter)
+        if len(grid) == 1:
+            best = (0.0, weight.detach().clone(), bias.detach().clone())
+            break
+        with torch.no_grad():
+            score = float(F.cross_entropy(F.linear(zv, weight, bias), yv))
+        if best is None or score < best[0]:
+            best = (score, weight.detach().clone(), bias.detach().clone())
+    assert best is not None
+    _, w, b = best
+    absent = counts == 0
+    w[absent] = 0.0
+    b[absent] = b[~absent].min() - 10.0  # never predicted until the class has examples
+    # Fold the standardisation in: W z + b = (W / std) x + (b - (W / std) . mean).
+    w_raw = w / std
+    b_raw = b - w_raw @ mean
+    return w_raw.contiguous(), b_raw.contiguous()
+
+
+def _lbfgs_fit(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    sample_w: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    l2: float,
+    max_iter: int,
+) -> None:
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = F.linear(z, weight, bias)
+        loss = (F.cross_entropy(logits, y, reduction="none") * sample_w).sum() + 0.5 * l2 * (weight * weight).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+
+
+def set_head(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """Put a fitted (C, D) weight and (C,) bias into the model's classifier, resizing it to C classes if needed."""
+    weight = torch.as_tensor(weight)
+    bias = torch.as_tensor(bias)
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear) or head.out_features != weight.shape[0]:
+        model.reset_classifier(int(weight.shape[0]))
+        head = model.get_classifier()
+    if not isinstance(head, nn.Linear) or head.in_features != weight.shape[1]:
+        raise ValueError(f"head weight {tuple(weight.shape)} does not fit the model's classifier {head}")
+    with torch.no_grad():
+        head.weight.copy_(weight.to(head.weight))
+        head.bias.copy_(bias.to(head.bias))
+    return model
+
+
+def resize_head(model: nn.Module, old_classes: list[str], new_classes: list[str], *, seed: int = 0) -> nn.Module:
+    """Give the model a head for `new_classes`, keeping the rows of classes that persist (matched by name).
+
+    Classes new since the parent version start with small random weights and the mean old bias, so existing
+    predictions are unchanged until training teaches the new rows.
+    """
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear) or head.out_features != len(old_classes):
+        raise ValueError(
+            f"the model's head has {getattr(head, 'out_features', '?')} outputs, "
+            f"not the {len(old_classes)} old classes given"
+        )
+    old_weight = head.weight.detach().clone()
+    old_bias = head.bias.detach().clone()
+    device = old_weight.device
+    model.reset_classifier(len(new_classes))
+    new_head = model.get_classifier()
+    generator = torch.Generator().manual_seed(seed)
+    old_index = {name: i for i, name in enumerate(old_classes)}
+    with torch.no_grad():
+        new_head.weight.copy_(torch.randn(new_head.weight.shape, generator=generator) * 0.01)
+        new_head.bias.fill_(float(old_bias.mean()) if len(old_bias) else 0.0)
+        for j, name in enumerate(new_classes):
+            if name in old_index:
+                new_head.weight[j] = old_weight[old_index[name]].cpu()
+                new_head.bias[j] = old_bias[old_index[name]].cpu()
+    new_head.to(device)
+    return model
+
+
+def train_quick(
+    config: TrainConfig,
+    data: TrainData,
+    *,
+    model: nn.Module,
+    cfg: PreprocessConfig,
+    on_progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+    train_features: np.ndarray | None = None,
+    val_features: np.ndarray | None = None,
+) -> TrainResult:
+    """Quick retraining: backbone features (given, e.g. from a cache, or extracted), a refit head, a temperature.
+
+    The backbone is untouched, so features cached for the parent version stay valid for the result.
+    """
+    device = pick_device(config.device)
+    if train_features is None:
+        train_features = extract_features(
+            model,
+            data.train_pixels,
+            cfg,
+            device=device,
+            batch_size=config.eval_batch_size,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            amp=config.amp,
+        )
+    if val_features is None:
+        val_features = extract_features(
+            model,
+            data.val_pixels,
+            cfg,
+            device=device,
+            batch_size=config.eval_batch_size,
+            should_stop=should_stop,
+            amp=config.amp,
+        )
+    _check_stop(should_stop, "before fitting the head")
+    started = time.monotonic()
+    _report(on_progress, Progress(phase="head", step=0, steps=1, device="cpu"))
+    num_classes = len(data.class_names)
+    weight, bias = fit_head(
+        train_features, data.train_labels, val_features, data.val_labels, num_classes=num_classes, config=config
+    )
+    set_head(model, weight, bias)
+    model.eval()
+    train_logits = torch.from_numpy(np.asarray(train_features, dtype=np.float32)) @ weight.T + bias
+    train_acc = float((train_logits.argmax(dim=1).numpy() == data.train_labels).mean())
+    val_acc = val_loss = None
+    val_logits = None
+    temperature = 1.0
+    if len(data.val_labels):
+        val_logits = (torch.from_numpy(np.asarray(val_features, dtype=np.float32)) @ weight.T + bias).numpy()
+        val_acc = float((val_logits.argmax(axis=1) == data.val_labels).mean())
+        val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(data.val_labels)))
+        temperature = fit_temperature(val_logits, data.val_labels)
+    seconds = time.monotonic() - started
+    history = [
+        {
+            "epoch": 1,
+            "train_loss": None,
+            "train_acc": train_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": None,
+            "seconds": seconds,
+            "images_per_s": None,
+        }
+    ]
+    _report(
+        on_progress,
+        Progress(
+            phase="done",
+            epoch=1,
+            epochs=1,
+            step=1,
+            steps=1,
+            train_acc=train_acc,
+            val_acc=val_acc,
+            eta_s=0.0,
+            device="cpu",
+        ),
+    )
+    return TrainResult(
+        model=model,
+        temperature=temperature,
+        history=history,
+        best_epoch=1,
+        best_val_acc=val_acc,
+        val_logits=val_logits,
+        extra={"head_seconds": seconds},
+    )

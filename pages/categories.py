@@ -1,0 +1,140 @@
+"""Categories & data: add, rename, merge, archive categories; import labelled data; export labels, images, model."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import streamlit as st
+
+from core.export import export_imagefolder
+from core.ingest import Upload, import_paths, import_uploads, read_labels_csv
+from core.labels import add_category, archive_category, list_categories, merge_categories, rename_category
+from core.versions import active_version
+from pages import _ui
+
+db = _ui.get_db()
+_ui.show_flash()
+st.title("Categories & data")
+
+
+def _done(ok: bool, message: str) -> None:
+    if ok:
+        _ui.flash("success", message)
+        st.rerun()
+
+
+# --- categories -----------------------------------------------------------------------------------------------------
+rows = list_categories(db, include_archived=True)
+live = [c.name for c in rows if not c.archived]
+if rows:
+    st.dataframe(
+        [
+            {
+                "category": c.name,
+                "labelled images": c.labelled,
+                "archived": c.archived,
+                "merged into": c.merged_into or "",
+            }
+            for c in rows
+        ],
+        hide_index=True,
+    )
+else:
+    st.info("No categories yet: add one here, or give one when uploading.")
+
+add_tab, rename_tab, merge_tab, archive_tab = st.tabs(["Add", "Rename", "Merge", "Archive"])
+with add_tab, st.form("add_category", clear_on_submit=True):
+    name = st.text_input("New category name")
+    if st.form_submit_button("Add category"):
+        ok, _ = _ui.attempt(add_category, db, name, actor=_ui.actor())
+        _done(ok, f"Added {name.strip()}")
+with rename_tab, st.form("rename_category"):
+    old = st.selectbox("Category", live, key="rename_old")
+    new = st.text_input("New name")
+    if st.form_submit_button("Rename") and old:
+        ok, _ = _ui.attempt(rename_category, db, old, new, actor=_ui.actor())
+        _done(ok, f"Renamed {old} to {new.strip()}")
+with merge_tab, st.form("merge_categories"):
+    source = st.selectbox("Move every label of", live, key="merge_source")
+    target = st.selectbox("into", live, key="merge_target")
+    st.caption("The first category is archived afterwards; its history stays in the audit trail.")
+    if st.form_submit_button("Merge") and source and target:
+        ok, moved = _ui.attempt(merge_categories, db, source, target, actor=_ui.actor())
+        _done(ok, f"Merged {source} into {target}: {moved} labels moved")
+with archive_tab, st.form("archive_category"):
+    doomed = st.selectbox("Category", live, key="archive_name")
+    st.caption("Archived categories receive no new labels; images keep the labels they have.")
+    if st.form_submit_button("Archive") and doomed:
+        ok, _ = _ui.attempt(archive_category, db, doomed, actor=_ui.actor())
+        _done(ok, f"Archived {doomed}")
+
+# --- import ---------------------------------------------------------------------------------------------------------
+st.header("Import labelled data")
+folder_tab, zip_tab = st.tabs(["Folder on the server", "Zip upload"])
+with folder_tab, st.form("import_folder"):
+    folder = st.text_input("Folder path on the server", placeholder="/data/catalogue/photos")
+    from_folders = st.checkbox("Labels from sub-folder names (ImageFolder: <folder>/<category>/<photo>)", value=True)
+    csv_path = st.text_input("...or a labels CSV on the server (filename,category)", placeholder="optional")
+    if st.form_submit_button("Import folder") and folder.strip():
+        bar = st.progress(0.0, text="Importing...")
+        ok, result = _ui.attempt(
+            import_paths,
+            db,
+            [Path(folder.strip())],
+            labels_from_folders=from_folders and not csv_path.strip(),
+            labels_csv=Path(csv_path.strip()) if csv_path.strip() else None,
+            actor=_ui.actor(),
+            progress=lambda done, total, name: bar.progress(min(done / total, 1.0) if total else 0.0, text=name),
+        )
+        bar.empty()
+        if ok:
+            st.success(result.summary())
+            if result.refused:
+                st.dataframe([{"file": r.name, "reason": r.reason} for r in result.refused], hide_index=True)
+with zip_tab, st.form("import_zip", clear_on_submit=True):
+    archive = st.file_uploader("Zip archive of photos", type=["zip"])
+    labels_file = st.file_uploader("Labels CSV (filename,category), optional", type=["csv"])
+    if st.form_submit_button("Import zip") and archive is not None:
+        labels = None
+        if labels_file is not None:
+            ok, labels = _ui.attempt(read_labels_csv, io.BytesIO(labels_file.getvalue()))
+        if labels_file is None or labels is not None:
+            ok, result = _ui.attempt(
+                import_uploads, db, [Upload(archive.name, archive.getvalue())], labels=labels, actor=_ui.actor()
+            )
+            if ok:
+                st.success(result.summary())
+                if result.refused:
+                    st.dataframe([{"file": r.name, "reason": r.reason} for r in result.refused], hide_index=True)
+
+# --- export ---------------------------------------------------------------------------------------------------------
+st.header("Export")
+csv_col, folder_col, model_col = st.columns(3)
+with csv_col:
+    st.subheader("Labels CSV")
+    # Deferred: the CSV is written only when someone clicks, not on every rerun of this page.
+    st.download_button("Download labels.csv", lambda: _ui.labels_csv_bytes(db), file_name="labels.csv", mime="text/csv")
+with folder_col, st.form("export_folder"):
+    st.subheader("ImageFolder")
+    target_dir = st.text_input("New or empty folder on the server")
+    if st.form_submit_button("Export images") and target_dir.strip():
+        ok, exported = _ui.attempt(export_imagefolder, db, Path(target_dir.strip()))
+        if ok:
+            st.success(f"{exported.written} images written to {exported.directory}")
+            for problem in exported.missing:
+                st.warning(_ui.md_escape(problem))
+with model_col:
+    st.subheader("Model")
+    version = active_version(db)
+    if version is None:
+        st.text("No model yet.")
+    else:
+        st.text(version.label)
+        for suffix, what in ((".safetensors", "weights"), (".json", "sidecar")):
+            st.download_button(
+                f"Download {what} ({suffix})",
+                lambda suffix=suffix: _ui.model_file(db, version.id, suffix),
+                file_name=f"model-v{version.id}{suffix}",
+                key=f"download_model{suffix}",
+            )

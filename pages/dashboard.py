@@ -1,0 +1,67 @@
+"""Dashboard: where the model goes wrong (confusion matrix -> review), per-category scores, history, calibration."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core.dashboard import cell_review_filters, confusion_figure, dashboard
+from pages import _ui
+
+db = _ui.get_db()
+st.title("Dashboard")
+board = dashboard(db)
+figures = board.figures()
+
+if board.version_id is None:
+    st.info("No model yet: train one on the Train & models page to see its errors here.")
+else:
+    st.text(f"Model {board.version_label}, measured on the labelled images of the test split")
+    accuracy, macro_f1, n_images = st.columns(3)
+    scores = board.scores
+    accuracy.metric("Accuracy", "n/a" if scores["accuracy"] is None else f"{scores['accuracy']:.1%}")
+    macro_f1.metric("Macro F1", "n/a" if scores["macro_f1"] is None else f"{scores['macro_f1']:.3f}")
+    n_images.metric("Test images", scores["n_images"])
+
+if board.confusion is not None:
+    st.subheader("Confusion matrix")
+    normalised = st.toggle("Row-normalised (share of each true category)", value=True)
+    st.caption("Click a cell to review those images.")
+    event = st.plotly_chart(
+        confusion_figure(board.confusion, normalised=normalised),
+        on_select="rerun",
+        selection_mode="points",
+        key="confusion",
+    )
+    points = event.selection.points if event else []
+    if points:
+        filters = cell_review_filters(
+            str(points[0]["y"]), str(points[0]["x"]), split=board.confusion.split, version_id=board.version_id
+        )
+        st.session_state["review_cell"] = filters.as_kwargs()
+        st.switch_page(_ui.PAGES["review"][0])
+
+if not board.per_class.empty:
+    st.subheader("Per category")
+    st.dataframe(
+        board.per_class,
+        hide_index=True,
+        column_config={
+            name: st.column_config.NumberColumn(format="%.3f") for name in ("precision", "recall", "f1")
+        },
+    )
+
+charts = [
+    ("history", "Accuracy and macro F1 per version"),
+    ("balance", "Class balance per split"),
+    ("confidence", "Confidence histogram"),
+    ("reliability", "Reliability diagram"),
+    ("corrections", "Corrections per day"),
+]
+shown = [(key, title) for key, title in charts if key in figures]
+for start in range(0, len(shown), 2):
+    for column, (key, title) in zip(st.columns(2), shown[start : start + 2], strict=False):
+        with column:
+            st.subheader(title)
+            st.plotly_chart(figures[key], key=f"chart_{key}")
+if not shown and board.version_id is None:
+    st.caption("Charts appear once images are imported and labelled.")

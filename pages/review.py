@@ -1,0 +1,79 @@
+"""Review & correct: filter and order the catalogue by the model's doubt, fix labels in one click or in bulk, undo."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core.labels import bulk_relabel, undo_last_change
+from core.review import LabelState, ReviewOrder, review_queue
+from core.schema import Split
+from pages import _ui
+
+CELL_KEY = "review_cell"  # set by the dashboard's confusion-matrix click: review_queue keyword arguments
+ALL = "(all)"
+PAGE_SIZE = 24
+
+db = _ui.get_db()
+_ui.show_flash()
+st.title("Review & correct")
+categories = _ui.category_names(db)
+
+cell = st.session_state.get(CELL_KEY)
+if cell:
+    st.info(
+        _ui.md_escape(
+            f"Confusion-matrix cell: labelled {cell['true_category']}, predicted {cell['predicted_category']} "
+            f"({cell['split']} split)"
+        )
+    )
+    if st.button("Show all images again"):
+        del st.session_state[CELL_KEY]
+        st.rerun()
+    query = dict(cell)
+else:
+    # A form, so several filters change in one go and Enter applies them.
+    with st.form("review_filters", border=False):
+        c1, c2, c3, c4 = st.columns(4)
+        category = c1.selectbox("Category", [ALL, *categories], key="review_category")
+        state = c2.selectbox("Labels", [s.value for s in LabelState], key="review_state")
+        split = c3.selectbox("Split", [ALL, *(s.value for s in Split)], key="review_split")
+        order = c4.selectbox("Order", [o.value for o in ReviewOrder], key="review_order")
+        st.form_submit_button("Apply filters")
+    query = {
+        "category": None if category == ALL else category,
+        "label_state": state,
+        "split": None if split == ALL else split,
+        "order": order,
+    }
+
+page_number = st.session_state.get("review_page", 1)
+ok, page = _ui.attempt(review_queue, db, page=page_number, page_size=PAGE_SIZE, **query)
+if not ok:
+    st.stop()
+if page.version_id is None:
+    st.caption("No model yet: no predictions to order by, images are shown newest first within each order.")
+
+left, middle, right = st.columns([2, 1, 1], vertical_alignment="bottom")
+target = left.selectbox("Category for the selected images", categories, key="review_bulk_target")
+apply = middle.button("Relabel selected", width="stretch")
+if right.button("Undo my last change", width="stretch"):
+    ok, changes = _ui.attempt(undo_last_change, db, actor=_ui.actor())
+    if ok:
+        _ui.flash("success", f"Undone: {len(changes)} label change(s)")
+        st.rerun()
+
+st.text(f"{page.total} images match; page {page.page} of {page.pages}")
+if not page.items:
+    st.info("Nothing to review with these filters.")
+selected = _ui.card_grid(db, page.items, categories, prefix="rv")
+if page.pages > 1:
+    st.pagination(page.pages, key="review_page")
+
+if apply:
+    if not selected:
+        st.warning("Select some images first (the box under each image).")
+    elif target:
+        ok, changes = _ui.attempt(bulk_relabel, db, selected, target, actor=_ui.actor())
+        if ok:
+            _ui.flash("success", f"{len(changes)} images relabelled {target}")
+            st.rerun()

@@ -1,0 +1,213 @@
+"""The data commands of `python -m core.cli`, driven through typer's CliRunner and one real subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import core.cli  # noqa: F401  (registers every command module on the app)
+from core.cli_app import app
+from core.db import Database
+from tests.imagegen import image_bytes, write_image_folder
+
+REPO = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def cli(*args: str) -> object:
+    """Run one command in-process; returns click's Result (exit_code, stdout, stderr, output)."""
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def run_json(*args: str) -> object:
+    result = cli(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    root = write_image_folder(tmp_path / "photos", per_category=2, size=24)
+    (root / "Shoes" / "notes.txt").write_text("not a photo")
+    return root
+
+
+@pytest.fixture
+def imported(db: Database, photos: Path) -> Database:
+    result = cli("import", photos, "--labels-from-folders", "--actor", "alice")
+    assert result.exit_code == 0, result.output
+    return db
+
+
+def test_import_reports_counts_labels_and_each_refusal(db: Database, photos: Path) -> None:
+    result = cli("import", photos, "--labels-from-folders", "--actor", "alice")
+    assert result.exit_code == 0, result.output
+    assert "6 imported, 0 duplicates, 1 refused" in result.stdout
+    assert "Labelled: Bags 2, Hats 2, Shoes 2" in result.stdout
+    assert "notes.txt" in result.stderr  # the refused file is named, with its reason
+    again = cli("import", photos, "--json")
+    assert again.exit_code == 1  # nothing new went in and something was refused
+    report = json.loads(again.stdout)
+    assert len(report["duplicates"]) == 6 and report["imported"] == []
+    stats = run_json("stats")
+    assert (stats["total_images"], stats["labelled"], stats["categories"]) == (6, 6, 3)
+
+
+def test_import_fails_only_when_nothing_went_in(db: Database, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    result = cli("import", bad, tmp_path / "missing.png")
+    assert result.exit_code == 1
+    assert "bad.jpg" in result.stderr and "missing.png: no such file or folder" in result.stderr
+    good = tmp_path / "good.png"
+    good.write_bytes(image_bytes("Hats", 1, size=24))
+    mixed = cli("import", bad, good, "--category", "Hats")
+    assert mixed.exit_code == 0 and "1 imported" in mixed.stdout
+    assert run_json("categories", "list") == [
+        {"id": 1, "name": "Hats", "labelled": 1, "archived": False, "archived_at": None, "merged_into": None}
+    ]
+
+
+def test_import_refuses_two_ways_of_labelling(db: Database, photos: Path) -> None:
+    result = cli("import", photos, "--labels-from-folders", "--category", "Shoes")
+    assert result.exit_code == 1
+    assert "--labels-from-folders and --category" in result.stderr
+    assert run_json("stats")["total_images"] == 0
+
+
+def test_label_history_undo_and_clear_errors(imported: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USER", "dana")
+    result = cli("label", "1", "Hats")
+    assert result.exit_code == 0 and "-> Hats" in result.stdout
+    history = run_json("history", "1")
+    assert (history[0]["actor"], history[0]["action"], history[0]["new_category"]) == ("dana", "set", "Hats")
+    assert history[-1]["actor"] == "alice"
+
+    wrong = cli("label", "1", "Sandals")
+    assert wrong.exit_code == 1
+    assert "Error: no category 'Sandals'" in wrong.stderr and "Traceback" not in wrong.output
+    missing = cli("label", "999", "Hats")
+    assert missing.exit_code == 1 and "no image with id 999" in missing.stderr
+
+    undo = cli("undo")
+    assert undo.exit_code == 0 and "Image 1: Hats ->" in undo.stdout
+    assert run_json("history", "1")[0]["action"] == "undo"
+    assert cli("undo").exit_code == 1  # dana has nothing left to undo
+
+    monkeypatch.setenv("PRODCAT_DEFAULT_ACTOR", "shop-team")
+    from core.settings import get_settings
+
+    get_settings.cache_clear()
+    assert cli("unlabel", "2").exit_code == 0
+    assert run_json("history", "2")[0]["actor"] == "shop-team"
+
+
+def test_categories_commands(imported: Database) -> None:
+    assert cli("categories", "add", "Scarves").exit_code == 0
+    duplicate = cli("categories", "add", "Scarves")
+    assert duplicate.exit_code == 1 and "'Scarves' already exists" in duplicate.stderr
+    renamed = cli("categories", "rename", "Shoes", "Footwear")
+    assert renamed.exit_code == 0 and "'Shoes' to 'Footwear'" in renamed.stdout
+    onto_self = cli("categories", "merge", "Hats", "Hats")
+    assert onto_self.exit_code == 1 and "onto itself" in onto_self.stderr
+    merged = cli("categories", "merge", "Hats", "Bags")
+    assert merged.exit_code == 0 and "2 labels moved" in merged.stdout
+    assert cli("categories", "archive", "Scarves").exit_code == 0
+    archived = cli("label", "1", "Scarves")
+    assert archived.exit_code == 1 and "archived" in archived.stderr
+
+    live = {c["name"]: c["labelled"] for c in run_json("categories", "list")}
+    assert live == {"Bags": 4, "Footwear": 2}
+    text = cli("categories", "list", "--all").stdout
+    assert "merged into Bags" in text and "archived" in text
+
+
+def test_export_commands(imported: Database, photos: Path, tmp_path: Path) -> None:
+    csv_path = tmp_path / "labels.csv"
+    result = cli("export", "labels", csv_path)
+    assert result.exit_code == 0 and "Wrote 6 labels" in result.stdout
+    assert csv_path.read_text(encoding="utf-8").splitlines()[0] == "filename,category"
+
+    out = tmp_path / "tree"
+    result = cli("export", "imagefolder", out)
+    assert result.exit_code == 0 and "Wrote 6 images in 3 category folders" in result.stdout
+    exported = {(p.parent.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in out.rglob("*.png")}
+    source = {(p.parent.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in photos.rglob("*.png")}
+    assert exported == source
+    again = cli("export", "imagefolder", out)
+    assert again.exit_code == 1 and "not empty" in again.stderr
+
+
+def test_stats_text_table(imported: Database) -> None:
+    text = cli("stats").stdout
+    assert "6 images: 6 labelled, 0 unlabelled; 3 categories" in text
+    assert "(unlabelled)" in text and "Shoes" in text
+
+
+def _all_commands(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """Every (command path, click command) below a group (typer ships its own click, so duck-typed)."""
+    found = []
+    for name, command in group.commands.items():
+        path = (*prefix, name)
+        found.append((path, command))
+        if hasattr(command, "commands"):
+            found.extend(_all_commands(command, path))
+    return found
+
+
+def test_every_data_command_has_help(db: Database) -> None:
+    root = typer.main.get_command(app)
+    commands = dict(_all_commands(root))
+    mine = [
+        ("import",),
+        ("label",),
+        ("unlabel",),
+        ("undo",),
+        ("history",),
+        ("stats",),
+        ("categories",),
+        ("categories", "list"),
+        ("categories", "add"),
+        ("categories", "rename"),
+        ("categories", "merge"),
+        ("categories", "archive"),
+        ("categories", "unarchive"),
+        ("export",),
+        ("export", "labels"),
+        ("export", "imagefolder"),
+    ]
+    for path in mine:
+        assert path in commands, f"missing command {' '.join(path)}"
+        result = cli(*path, "--help")
+        assert result.exit_code == 0, f"{' '.join(path)} --help failed: {result.output}"
+        text = commands[path].help or ""
+        assert len(text) > 20 and text.split(".")[0].split()[0] in result.stdout, f"{' '.join(path)}: no help"
+    assert cli("--help").exit_code == 0
+
+
+def test_real_subprocess_import_and_stats(data_dir: Path, tmp_path: Path) -> None:
+    photos = write_image_folder(tmp_path / "sub", per_category=1, size=24)
+    env = {**os.environ, "PRODCAT_DATA_DIR": str(data_dir)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "core.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    imported = run("import", str(photos), "--labels-from-folders", "--actor", "erin")
+    assert imported.returncode == 0, imported.stderr
+    assert "3 imported" in imported.stdout
+    stats = run("stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["labelled"] == 3
+    refused = run("categories", "merge", "Shoes", "Shoes")
+    assert refused.returncode == 1 and "onto itself" in refused.stderr and "Traceback" not in refused.stderr

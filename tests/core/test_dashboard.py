@@ -1,0 +1,149 @@
+"""Dashboard numbers against hand computations: confusion matrix, per-class metrics, calibration, corrections."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from core.dashboard import (
+    cell_review_filters,
+    class_balance,
+    confusion_matrix_data,
+    corrections_per_day,
+    dashboard,
+    evaluation,
+    per_class_table,
+    reliability_bins,
+    version_history,
+)
+from core.db import Database
+from core.labels import SeenPrediction, set_label
+from core.review import ReviewOrder, review_queue
+from tests.core.factories import FakeImage, Populated, build, populate
+
+# Test split: Shoes->Shoes (0.9), Shoes->Bags (0.9), Hats->Hats (0.6), Bags->Bags (0.7); plus images that must
+# not count: a val image, an unlabelled test image and a test image without a prediction.
+CATALOGUE = [
+    FakeImage(split="test", label="Shoes", probs=(0.9, 0.05, 0.05)),
+    FakeImage(split="test", label="Shoes", probs=(0.05, 0.9, 0.05)),
+    FakeImage(split="test", label="Hats", probs=(0.2, 0.2, 0.6)),
+    FakeImage(split="test", label="Bags", probs=(0.2, 0.7, 0.1)),
+    FakeImage(split="val", label="Hats", probs=(0.9, 0.05, 0.05)),
+    FakeImage(split="test", label=None, probs=(0.1, 0.1, 0.8)),
+    FakeImage(split="test", label="Hats", probs=None),
+]
+
+
+@pytest.fixture
+def cat(db: Database) -> Populated:
+    return build(db, CATALOGUE)
+
+
+def test_confusion_matrix_counts_and_row_shares(db: Database, cat: Populated) -> None:
+    cm = confusion_matrix_data(db)
+    assert cm is not None and cm.source == "predictions"
+    assert cm.class_names == ["Shoes", "Bags", "Hats"]
+    assert cm.counts.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    assert cm.normalised[0].tolist() == [0.5, 0.5, 0.0]
+    assert cm.accuracy == pytest.approx(3 / 4)
+    assert cm.to_frame().loc["Shoes", "Bags"] == 1
+
+
+def test_a_correction_shows_up_in_the_matrix_at_once(db: Database, cat: Populated) -> None:
+    set_label(db, int(cat.image_ids[1]), "Bags", actor="alice")
+    cm = confusion_matrix_data(db)
+    assert cm is not None and cm.counts.tolist() == [[1, 0, 0], [0, 2, 0], [0, 0, 1]]
+
+
+def test_clicked_cell_opens_exactly_those_images(db: Database, cat: Populated) -> None:
+    filters = cell_review_filters("Shoes", "Bags")
+    assert filters.order is ReviewOrder.SUSPECTED_MISLABEL
+    page = review_queue(db, **filters.as_kwargs())
+    assert [i.image_id for i in page.items] == [int(cat.image_ids[1])]
+    diagonal = review_queue(db, **cell_review_filters("Hats", "Hats").as_kwargs())
+    assert [i.image_id for i in diagonal.items] == [int(cat.image_ids[2])]  # the val Hats image is not in it
+
+
+def test_per_class_table_matches_hand_computation(db: Database, cat: Populated) -> None:
+    table = per_class_table(evaluation(db)).set_index("category")
+    # Shoes: 1 of 1 predicted right, 1 of 2 found. Bags: 1 of 2 predicted right, 1 of 1 found. Hats: perfect.
+    assert table.loc["Shoes", ["precision", "recall", "support"]].tolist() == [1.0, 0.5, 2]
+    assert table.loc["Shoes", "f1"] == pytest.approx(2 / 3)
+    assert table.loc["Bags", ["precision", "recall"]].tolist() == [0.5, 1.0]
+    assert table.loc["Hats", "f1"] == 1.0
+    assert table.loc["macro avg", "f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_calibration_bins_and_ece(db: Database, cat: Populated) -> None:
+    board = dashboard(db)
+    cal = board.calibration
+    assert cal is not None and cal.n_images == 4
+    # Confidences 0.9 (right), 0.9 (wrong), 0.6 (right), 0.7 (right) in bins (0.8,0.9], (0.5,0.6], (0.6,0.7].
+    used = cal.bins[cal.bins["count"] > 0]
+    assert used["count"].tolist() == [1, 1, 2]
+    assert used["accuracy"].tolist() == [1.0, 1.0, 0.5]
+    # ECE = (1*|1-0.6| + 1*|1-0.7| + 2*|0.5-0.9|) / 4
+    assert cal.ece == pytest.approx((0.4 + 0.3 + 0.8) / 4)
+    assert board.scores["accuracy"] == pytest.approx(0.75) and board.scores["n_images"] == 4
+
+
+def test_reliability_bins_put_edges_in_the_lower_bin() -> None:
+    bins = reliability_bins(np.array([0.0, 0.5, 0.51, 1.0]), np.array([True, False, True, True]), n_bins=2)
+    assert bins["count"].tolist() == [2, 2]
+    assert bins["accuracy"].tolist() == [0.5, 1.0]
+
+
+def test_corrections_per_day(db: Database, cat: Populated) -> None:
+    today = datetime.now(UTC).date()
+    unlabelled = int(cat.image_ids[5])
+    version = int(cat.version_id or 0)
+    hats = cat.id_of("Hats")
+    # Accepting the model's "Hats" on an unlabelled image: a label change, not a correction.
+    set_label(db, unlabelled, "Hats", actor="alice", seen_prediction=SeenPrediction(version, hats, 0.8))
+    # Changing an existing label: a correction.
+    set_label(db, int(cat.image_ids[1]), "Bags", actor="alice")
+    frame = corrections_per_day(db, days=7, today=today)
+    assert len(frame) == 7 and frame["date"].iloc[-1] == today
+    assert frame[["label_changes", "corrections"]].iloc[-1].tolist() == [2, 1]
+    assert frame[["label_changes", "corrections"]].iloc[:-1].to_numpy().sum() == 0  # imports are not counted
+
+
+def test_history_and_balance(db: Database, cat: Populated) -> None:
+    history = version_history(db)
+    assert history["version"].tolist() == [cat.version_id]
+    assert history["accuracy"].iloc[0] == pytest.approx(0.75)  # stored by the factory at "training"
+    balance = class_balance(db)
+    assert balance["images"].sum() == len(CATALOGUE)
+    assert balance.set_index(["category", "split"]).loc[("Hats", "test"), "images"] == 2
+
+
+def test_dashboard_figures_on_a_populated_catalogue(db: Database) -> None:
+    populate(db, n_images=3000, seed=1)
+    board = dashboard(db)
+    figures = board.figures()
+    assert set(figures) == {"confusion", "history", "balance", "confidence", "reliability"}
+    heat = figures["confusion"].data[0]
+    assert np.asarray(heat.z).shape == (5, 5)
+    assert board.confusion is not None and board.confusion.n_images == board.scores["n_images"] > 100
+    assert board.version_label is not None and board.version_label.startswith("v")
+
+
+def test_empty_database_gives_empty_results(db: Database) -> None:
+    board = dashboard(db)
+    assert board.version_id is None and board.confusion is None and board.calibration is None
+    assert board.per_class.empty and board.history.empty and board.corrections.empty
+    assert board.scores["accuracy"] is None
+    assert board.figures() == {}
+
+
+def test_stored_matrix_is_used_when_no_test_predictions_are_stored(db: Database) -> None:
+    build(db, [FakeImage(split="test", label="Shoes", probs=None), FakeImage(split="train", label="Bags")])
+    from core.schema import ModelVersion
+
+    with db.write() as session:
+        version = session.query(ModelVersion).one()
+        version.metrics = {"test": {"confusion_matrix": [[3, 1], [0, 4]], "class_names": ["Shoes", "Bags"]}}
+    cm = confusion_matrix_data(db)
+    assert cm is not None and cm.source == "stored metrics" and cm.counts.tolist() == [[3, 1], [0, 4]]

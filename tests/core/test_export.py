@@ -1,0 +1,131 @@
+"""Exports: the labels CSV re-imports, the ImageFolder tree round-trips, and user names never escape the folder."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from core import labels
+from core.db import Database, open_database
+from core.export import ExportError, export_imagefolder, export_labels_csv, safe_component
+from core.ingest import import_paths
+from core.schema import Category, Image, Label
+from core.settings import Settings
+from tests.imagegen import write_image_folder
+
+
+def tree_contents(root: Path) -> set[tuple[str, str]]:
+    """(category folder, sha256 of bytes) for every file of an ImageFolder tree."""
+    return {(p.parent.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in root.rglob("*") if p.is_file()}
+
+
+def labelled_by_sha(db: Database) -> dict[str, str]:
+    """sha256 -> category name of every labelled image."""
+    with db.read() as session:
+        rows = session.execute(
+            select(Image.sha256, Category.name)
+            .join(Label, Label.image_id == Image.id)
+            .join(Category, Category.id == Label.category_id)
+        ).all()
+    return {sha: name for sha, name in rows}
+
+
+@pytest.fixture
+def source_tree(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "photos", per_category=3, size=24)
+
+
+@pytest.fixture
+def imported(db: Database, source_tree: Path) -> Database:
+    result = import_paths(db, [source_tree], labels_from_folders=True, actor="alice")
+    assert len(result.imported) == 9 and not result.refused
+    return db
+
+
+def test_imagefolder_round_trips_what_was_imported_from_folders(imported: Database, source_tree: Path, tmp_path: Path):
+    out = tmp_path / "export"
+    result = export_imagefolder(imported, out)
+    assert result.written == 9 and result.per_category == {"Bags": 3, "Hats": 3, "Shoes": 3}
+    assert tree_contents(out) == tree_contents(source_tree)
+    assert all(p.suffix == ".png" for p in out.rglob("*.png")) and len(list(out.rglob("*.png"))) == 9
+
+
+def test_labels_csv_reimports_into_a_fresh_catalogue(imported: Database, source_tree: Path, tmp_path: Path) -> None:
+    labels.set_label(imported, 1, "Hats", actor="bob")  # a correction must survive the trip
+    csv_path = tmp_path / "labels.csv"
+    assert export_labels_csv(imported, csv_path) == 9
+    rows = list(csv.reader(csv_path.open(encoding="utf-8")))
+    assert rows[0] == ["filename", "category"] and all(len(r) == 2 for r in rows)
+
+    before = labelled_by_sha(imported)
+    other = open_database(Settings(data_dir=tmp_path / "other-data"))
+    result = import_paths(other, [source_tree], labels_csv=csv_path, actor="carol")
+    assert len(result.imported) == 9 and not result.refused
+    after = labelled_by_sha(other)
+    assert after == before and len(after) == 9
+
+
+def test_labels_csv_with_ids(imported: Database, tmp_path: Path) -> None:
+    path = tmp_path / "ids.csv"
+    export_labels_csv(imported, path, with_ids=True)
+    rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    with imported.read() as session:
+        shas = {i: s for i, s in session.execute(select(Image.id, Image.sha256))}
+    assert len(rows) == 9 and all(shas[int(r["image_id"])] == r["sha256"] for r in rows)
+    assert {r["split"] for r in rows} <= {"train", "val", "test"}
+
+
+def test_unsafe_names_stay_inside_the_export_folder(imported: Database, tmp_path: Path) -> None:
+    # Names as a careless or hostile user might have typed them, written straight into the rows.
+    hostile_names = ["../../escape.png", "same.png", "SAME.png", ".bashrc", "", "a\\..\\b.png", "x" * 400 + ".png"]
+    with imported.write() as session:
+        ids = session.scalars(select(Image.id).order_by(Image.id)).all()
+        for image_id, name in zip(ids, hostile_names, strict=False):
+            session.execute(update(Image).where(Image.id == image_id).values(original_name=name))
+    labels.rename_category(imported, "Shoes", "../up", actor="admin")
+    labels.rename_category(imported, "Bags", "a/b", actor="admin")
+    labels.rename_category(imported, "Hats", "a_b", actor="admin")
+
+    out = tmp_path / "deep" / "export"
+    result = export_imagefolder(imported, out)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert result.written == 9 and len(files) == 9
+    assert all(p.resolve().is_relative_to(out.resolve()) for p in files)
+    assert not any(part.startswith(".") for p in files for part in p.relative_to(out).parts)
+    assert sorted(p.name for p in out.iterdir()) == ["_up", "a_b", "a_b_2"]
+    # Same names in one folder (also differing only in case) got a suffix instead of overwriting.
+    assert len({(p.parent.name, p.name.casefold()) for p in files}) == 9
+    assert result.folders == {"../up": "_up", "a/b": "a_b", "a_b": "a_b_2"}
+    # Nothing appeared next to the export folder.
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["export"]
+
+
+def test_refuses_a_non_empty_folder_and_reports_missing_originals(imported: Database, tmp_path: Path) -> None:
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not empty"):
+        export_imagefolder(imported, busy)
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+
+    with imported.read() as session:
+        victim = session.scalars(select(Image).order_by(Image.id)).first()
+        assert victim is not None
+        victim_id, victim_path = victim.id, imported.settings.data_dir / victim.stored_path
+    victim_path.unlink()
+    result = export_imagefolder(imported, tmp_path / "partial")
+    assert result.written == 8 and len(result.missing) == 1 and f"image {victim_id}" in result.missing[0]
+
+
+def test_safe_component() -> None:
+    assert safe_component("..") == "_"
+    assert safe_component("../../etc/passwd") == "_.._etc_passwd"
+    assert safe_component(".hidden") == "hidden"
+    assert safe_component("CON") == "_CON"
+    assert safe_component("Shoes & Bags") == "Shoes & Bags"
+    long = safe_component("y" * 500 + ".jpeg")
+    assert long.endswith(".jpeg") and len(long) <= 150

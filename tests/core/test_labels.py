@@ -1,0 +1,228 @@
+"""Labels and categories: set/clear/bulk/undo with an audit trail that always agrees with the current label."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from core import labels
+from core.db import Database
+from core.errors import CategoryError, NotFound, ProdcatError
+from core.schema import Category, Label, LabelEvent
+from tests.core.factories import FakeImage, Populated, build
+
+
+@pytest.fixture
+def made(db: Database) -> Populated:
+    """Six unlabelled images, the categories Shoes, Bags, Hats and one model version."""
+    return build(db, [FakeImage(split=s) for s in ("train", "train", "val", "test", "train", "val")])
+
+
+@pytest.fixture
+def ids(made: Populated) -> list[int]:
+    return [int(i) for i in made.image_ids]
+
+
+def current(db: Database, image_id: int) -> str | None:
+    with db.read() as session:
+        label = session.get(Label, image_id)
+        return None if label is None else session.get(Category, label.category_id).name
+
+
+def replay(db: Database, image_id: int) -> str | None:
+    """The label an image ends up with if its audit events are applied in order."""
+    with db.read() as session:
+        events = session.scalars(select(LabelEvent).where(LabelEvent.image_id == image_id).order_by(LabelEvent.id))
+        state: int | None = None
+        for event in events:
+            assert event.old_category_id == state, f"event #{event.id} starts from a label the image did not have"
+            state = event.new_category_id
+        return None if state is None else session.get(Category, state).name
+
+
+def test_set_change_and_clear_are_audited_newest_first(db: Database, made: Populated, ids: list[int]) -> None:
+    assert made.version_id is not None
+    seen = labels.SeenPrediction(model_version_id=made.version_id, category_id=made.id_of("Bags"), confidence=0.8)
+    first = labels.set_label(db, ids[0], "Shoes", actor="alice", seen_prediction=seen)
+    assert (first.old_category, first.new_category) == (None, "Shoes") and first.changed
+    second = labels.set_label(db, ids[0], "Bags", actor="bob")
+    assert (second.old_category, second.new_category) == ("Shoes", "Bags")
+    cleared = labels.clear_label(db, ids[0], actor="carol")
+    assert (cleared.old_category, cleared.new_category) == ("Bags", None)
+    assert current(db, ids[0]) is None
+
+    trail = labels.audit_trail(db, ids[0])
+    assert [(r.actor, r.action, r.old_category, r.new_category) for r in trail] == [
+        ("carol", "clear", "Bags", None),
+        ("bob", "set", "Shoes", "Bags"),
+        ("alice", "set", None, "Shoes"),
+    ]
+    assert trail[-1].predicted_category == "Bags" and trail[-1].predicted_confidence == pytest.approx(0.8)
+    assert trail[-1].model_version_id == made.version_id
+
+
+def test_setting_the_same_label_writes_no_event(db: Database, ids: list[int]) -> None:
+    labels.set_label(db, ids[0], "Hats", actor="alice")
+    again = labels.set_label(db, ids[0], "Hats", actor="alice")
+    assert not again.changed and again.new_category == "Hats"
+    assert len(labels.audit_trail(db, ids[0])) == 1
+
+
+def test_category_accepted_by_id_and_by_digit_string(db: Database, ids: list[int]) -> None:
+    hats = next(c for c in labels.list_categories(db) if c.name == "Hats")
+    assert labels.set_label(db, ids[0], hats.id, actor="a").new_category == "Hats"
+    assert labels.set_label(db, ids[1], str(hats.id), actor="a").new_category == "Hats"
+
+
+@pytest.mark.parametrize(
+    ("image", "category", "error", "named"),
+    [
+        (999_999, "Shoes", NotFound, "999999"),
+        (0, "Sandals", NotFound, "Sandals"),
+        (0, 4242, NotFound, "4242"),
+        (0, "   ", CategoryError, "empty"),
+    ],
+)
+def test_bad_input_is_refused_by_name_and_changes_nothing(
+    db: Database, ids: list[int], image: int, category: str | int, error: type[Exception], named: str
+) -> None:
+    image_id = image or ids[0]
+    with pytest.raises(error, match=named):
+        labels.set_label(db, image_id, category, actor="alice")
+    assert current(db, ids[0]) is None
+    assert labels.audit_trail(db, ids[0]) == []
+
+
+def test_archived_category_refuses_new_labels_but_keeps_old_ones(db: Database, ids: list[int]) -> None:
+    labels.set_label(db, ids[0], "Hats", actor="alice")
+    labels.archive_category(db, "Hats", actor="admin")
+    with pytest.raises(CategoryError, match="'Hats' is archived"):
+        labels.set_label(db, ids[1], "Hats", actor="alice")
+    with pytest.raises(CategoryError, match="archived"):
+        labels.bulk_relabel(db, ids[1:3], "Hats", actor="alice")
+    assert current(db, ids[0]) == "Hats"
+    assert "Hats" not in [c.name for c in labels.list_categories(db)]
+    archived = {c.name: c for c in labels.list_categories(db, include_archived=True)}["Hats"]
+    assert archived.archived and archived.labelled == 1
+    labels.unarchive_category(db, "Hats", actor="admin")
+    assert labels.set_label(db, ids[1], "Hats", actor="alice").changed
+
+
+def test_bulk_relabel_one_event_per_changed_image(db: Database, ids: list[int]) -> None:
+    labels.set_label(db, ids[0], "Bags", actor="alice")
+    labels.set_label(db, ids[1], "Shoes", actor="alice")
+    changes = labels.bulk_relabel(db, [ids[0], ids[1], ids[2], ids[2]], "Bags", actor="bob")
+    # ids[0] already was Bags: no event for it; the duplicate id counts once.
+    assert sorted((c.image_id, c.old_category, c.new_category) for c in changes) == [
+        (ids[1], "Shoes", "Bags"),
+        (ids[2], None, "Bags"),
+    ]
+    assert [r.action for r in labels.audit_trail(db, ids[2])] == ["bulk"]
+    assert [current(db, i) for i in ids[:3]] == ["Bags", "Bags", "Bags"]
+
+
+def test_bulk_relabel_with_an_unknown_id_changes_nothing(db: Database, ids: list[int]) -> None:
+    with pytest.raises(NotFound, match="123456"):
+        labels.bulk_relabel(db, [ids[0], 123456, ids[1]], "Shoes", actor="bob")
+    assert current(db, ids[0]) is None and current(db, ids[1]) is None
+
+
+def test_undo_steps_back_through_own_changes(db: Database, ids: list[int]) -> None:
+    labels.set_label(db, ids[0], "Shoes", actor="alice")
+    labels.set_label(db, ids[0], "Bags", actor="alice")
+    labels.bulk_relabel(db, ids[1:4], "Hats", actor="alice")
+
+    undone = labels.undo_last_change(db, actor="alice")  # the whole bulk change at once
+    assert sorted(c.image_id for c in undone) == ids[1:4]
+    assert [current(db, i) for i in ids[1:4]] == [None, None, None]
+    assert [c.new_category for c in labels.undo_last_change(db, actor="alice")] == ["Shoes"]
+    assert [c.new_category for c in labels.undo_last_change(db, actor="alice")] == [None]
+    with pytest.raises(NotFound, match="nothing to undo"):
+        labels.undo_last_change(db, actor="alice")
+
+    # The originals stay in the trail; each undo is an event of its own.
+    assert [r.action for r in labels.audit_trail(db, ids[0])] == ["undo", "undo", "set", "set"]
+    for image_id in ids:
+        assert replay(db, image_id) == current(db, image_id)
+
+
+def test_undo_refuses_when_someone_else_changed_the_image_since(db: Database, ids: list[int]) -> None:
+    labels.set_label(db, ids[0], "Shoes", actor="alice")
+    labels.set_label(db, ids[0], "Bags", actor="bob")
+    with pytest.raises(CategoryError, match="changed since by 'bob'"):
+        labels.undo_last_change(db, actor="alice")
+    assert current(db, ids[0]) == "Bags"
+    with pytest.raises(NotFound, match="nothing to undo"):
+        labels.undo_last_change(db, actor="carol")
+
+
+def test_rename_keeps_id_and_history_and_refuses_existing_names(db: Database, ids: list[int]) -> None:
+    labels.set_label(db, ids[0], "Shoes", actor="alice")
+    before = {c.name: c.id for c in labels.list_categories(db)}
+    row = labels.rename_category(db, "Shoes", "Footwear", actor="admin")
+    assert row.id == before["Shoes"] and row.labelled == 1
+    assert current(db, ids[0]) == "Footwear"
+    trail = labels.audit_trail(db, ids[0])
+    assert trail[0].action == "rename" and "'Shoes' renamed to 'Footwear'" in trail[0].note
+    with pytest.raises(CategoryError, match=r"'Bags'.*exists"):
+        labels.rename_category(db, "Footwear", "Bags", actor="admin")
+    with pytest.raises(NotFound, match="Shoes"):
+        labels.rename_category(db, "Shoes", "Boots", actor="admin")
+    assert replay(db, ids[0]) == "Footwear"
+
+
+def test_merge_moves_every_label_with_an_audit_row_and_archives_source(db: Database, ids: list[int]) -> None:
+    labels.bulk_relabel(db, ids[:3], "Hats", actor="alice")
+    labels.set_label(db, ids[3], "Bags", actor="alice")
+    moved = labels.merge_categories(db, "Hats", "Bags", actor="admin")
+    assert moved == 3
+    assert [current(db, i) for i in ids[:4]] == ["Bags"] * 4
+    trail = labels.audit_trail(db, ids[0])
+    # The old name stays visible: the source keeps its name, archived, pointing at the target.
+    assert (trail[0].action, trail[0].old_category, trail[0].new_category) == ("merge", "Hats", "Bags")
+    rows = {c.name: c for c in labels.list_categories(db, include_archived=True)}
+    assert rows["Hats"].archived and rows["Hats"].merged_into == "Bags" and rows["Hats"].labelled == 0
+    assert rows["Bags"].labelled == 4
+    with pytest.raises(CategoryError, match="onto itself"):
+        labels.merge_categories(db, "Bags", "Bags", actor="admin")
+    with pytest.raises(CategoryError, match="archived"):
+        labels.merge_categories(db, "Shoes", "Hats", actor="admin")
+    # alice's last change (ids[3] -> Bags) was untouched by the merge and undoes; her bulk Hats change was
+    # moved by admin's merge since, so undo refuses it rather than reverting into an archived category.
+    assert [c.new_category for c in labels.undo_last_change(db, actor="alice")] == [None]
+    with pytest.raises(CategoryError, match="changed since by 'admin'"):
+        labels.undo_last_change(db, actor="alice")
+    for image_id in ids:
+        assert replay(db, image_id) == current(db, image_id)
+
+
+def test_add_category_refuses_duplicates_and_counts(db: Database, ids: list[int]) -> None:
+    row = labels.add_category(db, "  Scarves ", actor="admin")
+    assert row.name == "Scarves" and row.labelled == 0 and not row.archived
+    with pytest.raises(CategoryError, match="'Scarves' already exists"):
+        labels.add_category(db, "Scarves", actor="admin")
+    labels.bulk_relabel(db, ids, "Scarves", actor="a")
+    counts = {c.name: c.labelled for c in labels.list_categories(db)}
+    assert counts == {"Bags": 0, "Hats": 0, "Scarves": 6, "Shoes": 0}
+
+
+def test_empty_actor_is_refused(db: Database, ids: list[int]) -> None:
+    with pytest.raises(ProdcatError, match="actor is empty"):
+        labels.set_label(db, ids[0], "Shoes", actor="  ")
+
+
+def test_many_mixed_changes_replay_to_the_current_labels(db: Database, ids: list[int]) -> None:
+    actions = [
+        lambda: labels.set_label(db, ids[0], "Shoes", actor="a"),
+        lambda: labels.bulk_relabel(db, ids[:4], "Bags", actor="b"),
+        lambda: labels.clear_label(db, ids[1], actor="a"),
+        lambda: labels.rename_category(db, "Bags", "Handbags", actor="c"),
+        lambda: labels.undo_last_change(db, actor="a"),
+        lambda: labels.merge_categories(db, "Handbags", "Hats", actor="c"),
+        lambda: labels.set_label(db, ids[5], "Shoes", actor="b"),
+    ]
+    for action in actions:
+        action()
+    assert [current(db, i) for i in ids] == ["Hats", "Hats", "Hats", "Hats", None, "Shoes"]
+    for image_id in ids:
+        assert replay(db, image_id) == current(db, image_id)

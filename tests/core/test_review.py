@@ -1,0 +1,187 @@
+"""Review queues: orders, filters, pagination, suspected mislabels and the `review` command, on known catalogues."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from core.db import Database
+from core.errors import NotFound, ProdcatError
+from core.labels import merge_categories
+from core.review import LabelState, ReviewOrder, review_queue
+from tests.core.factories import BASE_TIME, FakeImage, Populated, build, populate
+
+# Classes in order Shoes, Bags, Hats. Index = position in this list; ids are assigned in this order.
+CATALOGUE = [
+    FakeImage(split="test", label="Shoes", probs=(0.90, 0.05, 0.05)),  # 0 right, confident
+    FakeImage(split="test", label="Shoes", probs=(0.05, 0.90, 0.05)),  # 1 confidently "Bags": likely mislabel
+    FakeImage(split="val", label="Bags", probs=(0.40, 0.35, 0.25), created_at=BASE_TIME + timedelta(days=9)),  # 2
+    FakeImage(split="train", label=None, probs=(0.34, 0.33, 0.33)),  # 3 the model has no idea
+    FakeImage(split="test", label=None, probs=None),  # 4 no prediction at all
+    FakeImage(split="train", label="Hats", probs=(0.10, 0.85, 0.05)),  # 5 disagrees, but trained on
+    FakeImage(split="test", label="Hats", probs=(0.20, 0.20, 0.60)),  # 6 right, unsure
+]
+
+Queue = Callable[..., list[int]]
+
+
+@pytest.fixture
+def cat(db: Database) -> Populated:
+    return build(db, CATALOGUE)
+
+
+@pytest.fixture
+def queue(db: Database, cat: Populated) -> Queue:
+    """review_queue on the catalogue, returning indices into CATALOGUE."""
+    first = int(cat.image_ids[0])
+
+    def run(**kwargs: object) -> list[int]:
+        page = review_queue(db, page_size=50, **kwargs)  # type: ignore[arg-type]
+        return [item.image_id - first for item in page.items]
+
+    return run
+
+
+def test_score_orders_put_the_most_doubtful_first_and_unpredicted_last(queue: Queue) -> None:
+    assert queue(order=ReviewOrder.LOWEST_CONFIDENCE) == [3, 2, 6, 5, 0, 1, 4]
+    assert queue(order=ReviewOrder.SMALLEST_MARGIN) == [3, 2, 6, 5, 0, 1, 4]
+    assert queue(order="highest-entropy") == [3, 2, 6, 5, 0, 1, 4]
+    # Newest by upload time, not by id: image 2 was uploaded days after the others.
+    assert queue(order=ReviewOrder.NEWEST) == [2, 6, 5, 4, 3, 1, 0]
+
+
+def test_label_state_split_and_category_filters(queue: Queue) -> None:
+    order = ReviewOrder.NEWEST
+    assert sorted(queue(order=order, label_state=LabelState.UNLABELLED)) == [3, 4]
+    assert sorted(queue(order=order, label_state="labelled")) == [0, 1, 2, 5, 6]
+    assert sorted(queue(order=order, label_state=LabelState.DISAGREES)) == [1, 2, 5]
+    assert sorted(queue(order=order, split="test")) == [0, 1, 4, 6]
+    # Category: the label when there is one (2 is predicted Shoes but labelled Bags), else the prediction (3).
+    assert sorted(queue(order=order, category="Shoes")) == [0, 1, 3]
+    assert sorted(queue(order=order, category="Bags")) == [2]
+    assert sorted(queue(order=order, category="Hats", split="test")) == [6]
+    # A confusion-matrix cell: true Shoes, predicted Bags.
+    assert queue(order=order, true_category="Shoes", predicted_category="Bags") == [1]
+    assert sorted(queue(order=order, predicted_category="Bags")) == [1, 5]
+
+
+def test_suspected_mislabel_ranks_confident_out_of_sample_contradiction_first(queue: Queue) -> None:
+    # Scored: labelled val/test images with a prediction (0, 1, 2, 6), by cleanlab self-confidence
+    # (0.9, 0.05, 0.35, 0.6). Image 5 contradicts its label too, but it is a train image: not scored, after.
+    assert queue(order=ReviewOrder.SUSPECTED_MISLABEL) == [1, 2, 6, 0, 3, 4, 5]
+
+
+def test_mislabel_scores_are_shown_and_pages_continue_into_unscored(db: Database, cat: Populated) -> None:
+    first = int(cat.image_ids[0])
+    page1 = review_queue(db, order=ReviewOrder.SUSPECTED_MISLABEL, page_size=3, page=1)
+    page2 = review_queue(db, order=ReviewOrder.SUSPECTED_MISLABEL, page_size=3, page=2)
+    assert [i.image_id - first for i in page1.items] == [1, 2, 6]
+    assert [round(i.score, 6) for i in page1.items] == [0.05, 0.35, 0.6]  # type: ignore[arg-type]
+    assert [i.image_id - first for i in page2.items] == [0, 3, 4]
+    assert page2.items[1].score is None  # image 3 cannot be scored (unlabelled)
+    assert (page1.total, page1.pages) == (7, 3)
+
+
+def test_pagination_totals_and_a_page_past_the_end(db: Database, cat: Populated) -> None:
+    first = int(cat.image_ids[0])
+    page = review_queue(db, order=ReviewOrder.LOWEST_CONFIDENCE, page_size=2, page=2)
+    assert (page.total, page.pages, page.page) == (7, 4, 2)
+    assert [i.image_id - first for i in page.items] == [6, 5]
+    last = review_queue(db, order=ReviewOrder.LOWEST_CONFIDENCE, page_size=2, page=99)
+    assert last.page == 4 and [i.image_id - first for i in last.items] == [4]
+    with pytest.raises(ProdcatError, match="page 0"):
+        review_queue(db, page=0)
+    with pytest.raises(ProdcatError, match="page size"):
+        review_queue(db, page_size=0)
+
+
+def test_items_carry_what_the_grid_shows(db: Database, cat: Populated) -> None:
+    first = int(cat.image_ids[0])
+    item = review_queue(db, order=ReviewOrder.LOWEST_CONFIDENCE, true_category="Shoes", predicted_category="Bags")
+    (one,) = item.items
+    assert one.image_id == first + 1 and one.label == "Shoes" and one.predicted == "Bags" and one.disagrees
+    assert one.split == "test" and one.original_name == "img_001.jpg"
+    assert one.thumb_path.is_absolute() and one.thumb_path.is_file()
+    assert [name for name, _ in one.top3] == ["Bags", "Shoes", "Hats"]
+    assert one.top3[0][1] == pytest.approx(0.9) and one.confidence == pytest.approx(0.9)
+    assert one.model_version_id == cat.version_id and one.predicted_category_id == cat.id_of("Bags")
+    unpredicted = review_queue(db, order=ReviewOrder.NEWEST, split="test", label_state="unlabelled").items[0]
+    assert unpredicted.predicted is None and unpredicted.top3 == [] and unpredicted.score is None
+
+
+def test_merged_class_counts_as_its_target(db: Database, cat: Populated, queue: Queue) -> None:
+    merge_categories(db, "Bags", "Shoes", actor="alice")
+    # "Bags" predictions now mean "Shoes": image 1 (labelled Shoes) agrees, image 2 moved to Shoes and agrees.
+    assert sorted(queue(order=ReviewOrder.NEWEST, label_state=LabelState.DISAGREES)) == [5]
+    first = int(cat.image_ids[0])
+    item = next(i for i in review_queue(db, order=ReviewOrder.NEWEST).items if i.image_id == first + 5)
+    assert item.predicted == "Shoes" and item.top3[0] == ("Shoes", pytest.approx(0.95))
+
+
+def test_without_a_model_everything_is_unpredicted(db: Database) -> None:
+    info = build(db, CATALOGUE, with_version=False)
+    page = review_queue(db, order=ReviewOrder.LOWEST_CONFIDENCE)
+    assert page.version_id is None and page.total == 7
+    assert [i.image_id for i in page.items] == [int(i) for i in info.image_ids]  # by id
+    assert all(i.predicted is None for i in page.items)
+    assert review_queue(db, label_state=LabelState.DISAGREES).total == 0
+    assert review_queue(db, order=ReviewOrder.SUSPECTED_MISLABEL).total == 7
+
+
+def test_empty_database(db: Database) -> None:
+    page = review_queue(db)
+    assert (page.items, page.total, page.page, page.pages) == ([], 0, 1, 1)
+
+
+def test_bad_arguments_are_refused_with_the_value(db: Database, cat: Populated) -> None:
+    with pytest.raises(ProdcatError, match="unknown review order 'best'"):
+        review_queue(db, order="best")
+    with pytest.raises(ProdcatError, match="unknown split 'dev'"):
+        review_queue(db, split="dev")
+    with pytest.raises(NotFound, match="Socks"):
+        review_queue(db, category="Socks")
+    with pytest.raises(NotFound, match="model version 99"):
+        review_queue(db, version_id=99)
+
+
+def test_random_catalogue_agrees_with_numpy(db: Database) -> None:
+    info = populate(db, n_images=1500, predicted_fraction=0.9, seed=3)
+    has_pred = info.predicted >= 0
+    page = review_queue(db, order=ReviewOrder.LOWEST_CONFIDENCE, page_size=30)
+    expected = info.image_ids[has_pred][np.lexsort((info.image_ids[has_pred], info.confidence[has_pred]))][:30]
+    assert [i.image_id for i in page.items] == expected.tolist()
+    labelled = info.labels >= 0
+    disagree = labelled & has_pred & (info.labels != info.predicted)
+    assert review_queue(db, label_state=LabelState.DISAGREES).total == int(disagree.sum())
+    assert review_queue(db, label_state=LabelState.UNLABELLED, split="val").total == int(
+        (~labelled & (info.splits == "val")).sum()
+    )
+    shoes = info.id_of("Shoes")
+    by_category = np.where(labelled, info.labels == shoes, info.predicted == shoes)
+    assert review_queue(db, category="Shoes").total == int(by_category.sum())
+    last = review_queue(db, order=ReviewOrder.HIGHEST_ENTROPY, page_size=30, page=10_000)
+    assert last.items[-1].predicted is None  # unpredicted images come last
+    mislabel = review_queue(db, order=ReviewOrder.SUSPECTED_MISLABEL, page_size=10).items
+    scores = [i.score for i in mislabel]
+    assert all(i.split in ("val", "test") and i.label is not None for i in mislabel)
+    assert scores == sorted(scores)  # type: ignore[type-var]
+
+
+def test_review_command_prints_the_queue(db: Database, cat: Populated) -> None:
+    from core.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["review", "--order", "suspected-mislabel", "--limit", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["total"] == 7 and [i["file"] for i in data["items"]] == ["img_001.jpg", "img_002.jpg"]
+    assert data["items"][0]["label"] == "Shoes" and data["items"][0]["predicted"] == "Bags"
+    text = runner.invoke(app, ["review", "--category", "Shoes", "--label-state", "unlabelled"])
+    assert text.exit_code == 0 and "img_003.jpg" in text.stdout and "1 images match" in text.stdout
+    bad = runner.invoke(app, ["review", "--category", "Socks"])
+    assert bad.exit_code == 1 and "Socks" in bad.output

@@ -1,0 +1,151 @@
+"""Training orchestration: the plan and its refusals, quick and full runs, head resizing, promotion, cancelling."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from core.db import Database
+from core.errors import JobCancelled, TrainingRefused
+from core.schema import ModelVersion, Prediction
+from core.training import _promote, run_training, training_plan
+from core.versions import active_version, get_version
+from tests.core.training_helpers import add_job, dataset, save_random_version, store_images
+
+CLASSES = ["Shoes", "Bags", "Hats"]
+
+
+def _noop(_: dict) -> None:
+    return None
+
+
+def _never() -> bool:
+    return False
+
+
+def test_plan_with_no_categories_asks_for_two(db: Database) -> None:
+    plan = training_plan(db)
+    assert not plan.ok
+    assert any("at least 2 categories" in p for p in plan.problems)
+    assert plan.suggested_mode in ("quick", "full")
+
+
+def test_plan_with_one_category_is_refused_naming_the_need(db: Database) -> None:
+    store_images(db, dataset(["Shoes"], train=3, val=1, test=1))
+    plan = training_plan(db)
+    assert any("at least 2 categories" in p and "'Shoes'" in p for p in plan.problems)
+    job = add_job(db)
+    with pytest.raises(TrainingRefused, match="at least 2 categories"):
+        run_training(db, job, on_progress=_noop, should_stop=_never)
+
+
+def test_plan_names_what_to_label_per_category_and_split(db: Database) -> None:
+    store_images(db, dataset(["Shoes"], train=3, val=1, test=1))
+    store_images(db, dataset(["Bags"], train=3, val=0, test=1))
+    store_images(db, dataset(["Hats"], train=1, val=1, test=0))
+    plan = training_plan(db)
+    assert "label at least 2 images of 'Hats' in the train split (1 now)" in plan.problems
+    assert any(p.startswith("the validation split has no labelled image of 'Bags'") for p in plan.problems)
+    assert not any("'Shoes'" in p for p in plan.problems)
+    counts = {c.name: (c.train, c.val, c.test) for c in plan.categories}
+    assert counts == {"Shoes": (3, 1, 1), "Bags": (3, 0, 1), "Hats": (1, 1, 0)}
+    with pytest.raises(TrainingRefused, match="'Bags'"):
+        run_training(db, add_job(db), on_progress=_noop, should_stop=_never)
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(ModelVersion)) == 0
+
+
+def test_quick_training_registers_activates_and_predicts_everything(db: Database) -> None:
+    ids = store_images(db, dataset(CLASSES, train=4, val=2, test=2))
+    unlabelled = store_images(db, [(None, 50, "train")])
+    seen: list[dict] = []
+    version_id = run_training(db, add_job(db), on_progress=seen.append, should_stop=_never)
+    version = get_version(db, version_id)
+    assert version.status == "active" and active_version(db).id == version_id
+    assert version.class_names == CLASSES and version.image_size == 32 and version.mode == "quick"
+    assert version.metrics["test"]["n_images"] == 6 and version.metrics["val"]["n_images"] == 6
+    assert version.test_accuracy == version.metrics["test"]["accuracy"]
+    assert (db.settings.checkpoints_dir / f"v{version_id}.safetensors").is_file()
+    assert (db.settings.checkpoints_dir / f"v{version_id}.json").is_file()
+    assert not list(db.settings.checkpoints_dir.glob(".job*"))
+    phases = {p["phase"] for p in seen}
+    assert {"caching", "evaluating", "saving", "predicting"} <= phases
+    assert all(set(p) >= {"phase", "epoch", "loss", "val_acc", "device"} for p in seen)
+    with db.read() as session:
+        predicted = set(session.scalars(select(Prediction.image_id).where(Prediction.model_version_id == version_id)))
+    assert predicted == set(ids + unlabelled)
+    # Plan now counts corrections since this version.
+    assert training_plan(db).corrections_since_active == 0
+
+
+def test_second_quick_run_reuses_cached_features_and_resizes_the_head_for_a_new_category(db: Database) -> None:
+    store_images(db, dataset(CLASSES[:2], train=4, val=2, test=2))
+    v1 = run_training(db, add_job(db), on_progress=_noop, should_stop=_never)
+    assert get_version(db, v1).class_names == CLASSES[:2]
+    store_images(db, dataset(["Hats"], train=4, val=2, test=2))
+    assert training_plan(db).corrections_since_active == 8
+    v2 = run_training(db, add_job(db), on_progress=_noop, should_stop=_never)
+    version = get_version(db, v2)
+    assert version.class_names == CLASSES and version.parent_id == v1
+    assert any("head resized from 2 to 3 classes" in n for n in version.metrics["notes"])
+    # Quick mode keeps the backbone, so only the 8 new images needed features.
+    assert version.metrics["train"]["features_computed"] == 8
+
+
+def test_full_mode_one_epoch_at_32_pixels(db: Database) -> None:
+    store_images(db, dataset(CLASSES, train=4, val=1, test=1))
+    seen: list[dict] = []
+    job = add_job(db, "full", {"arch": "resnet18", "image_size": 32, "epochs": 1, "batch_size": 8})
+    version_id = run_training(db, job, on_progress=seen.append, should_stop=_never)
+    version = get_version(db, version_id)
+    assert version.mode == "full" and version.status == "active"
+    assert version.metrics["train"]["epochs_run"] == 1
+    assert any(p["phase"].startswith("training") and p["epochs"] == 1 for p in seen)
+
+
+def test_cancel_leaves_no_version_and_no_checkpoint(db: Database) -> None:
+    store_images(db, dataset(CLASSES, train=3, val=1, test=1))
+    calls = {"n": 0}
+
+    def stop_after_a_while() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    with pytest.raises(JobCancelled):
+        run_training(db, add_job(db), on_progress=_noop, should_stop=stop_after_a_while)
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(ModelVersion)) == 0
+    leftovers = list(db.settings.checkpoints_dir.glob("*")) if db.settings.checkpoints_dir.exists() else []
+    assert leftovers == []
+
+
+def test_bad_parameter_is_refused_by_name(db: Database) -> None:
+    store_images(db, dataset(CLASSES[:2], train=2, val=1, test=0))
+    with pytest.raises(TrainingRefused, match="bogus"):
+        run_training(db, add_job(db, "quick", {"bogus": 1}), on_progress=_noop, should_stop=_never)
+
+
+def test_worse_candidate_stays_candidate_and_better_or_equal_is_promoted(db: Database) -> None:
+    store_images(db, dataset(CLASSES, train=1, val=0, test=2))
+    active = save_random_version(db, CLASSES, seed=1)
+    from core.versions import activate_version, evaluate_version
+
+    activate_version(db, active, actor="ann")
+    measured = evaluate_version(db, active)
+    candidate = save_random_version(db, CLASSES, seed=2)
+    # The active version's stored hash differs from the current test set: it is re-measured on the same images.
+    worse = measured["accuracy"] - 0.01
+    assert _promote(db, candidate, test_accuracy=worse, test_hash=measured["test_set_hash"]) is False
+    assert get_version(db, candidate).status == "candidate" and active_version(db).id == active
+    promotion = get_version(db, candidate).metrics["promotion"]
+    assert promotion["active_accuracy_same_images"] == pytest.approx(measured["accuracy"])
+    assert _promote(db, candidate, test_accuracy=measured["accuracy"], test_hash=measured["test_set_hash"]) is True
+    assert active_version(db).id == candidate
+
+
+def test_manual_policy_never_activates(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    store_images(db, dataset(CLASSES[:2], train=3, val=1, test=1))
+    monkeypatch.setattr(db.settings, "promote_policy", "manual")
+    version_id = run_training(db, add_job(db), on_progress=_noop, should_stop=_never)
+    assert get_version(db, version_id).status == "candidate"
+    assert active_version(db) is None

@@ -1,0 +1,99 @@
+"""Model versions: activation and rollback, refusal of corrupt or pickled checkpoints, cached loading, evaluation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from core.db import Database
+from core.errors import CheckpointError, NotFound
+from core.versions import (
+    activate_version,
+    active_version,
+    checkpoint_path,
+    evaluate_version,
+    get_version,
+    list_versions,
+    load_classifier,
+)
+from tests.core.training_helpers import dataset, save_random_version, store_images
+
+CLASSES = ["Shoes", "Bags", "Hats"]
+
+
+def test_activate_retires_the_previous_and_rollback_restores_it(db: Database) -> None:
+    assert active_version(db) is None
+    v1 = save_random_version(db, CLASSES, seed=1)
+    v2 = save_random_version(db, CLASSES, seed=2)
+    activate_version(db, v1, actor="ann")
+    assert active_version(db).id == v1
+    activate_version(db, v2, actor="ann")
+    assert active_version(db).id == v2
+    assert get_version(db, v1).status == "retired"
+    # Rollback: activating the older version again.
+    activate_version(db, v1, actor="ann")
+    statuses = {v.id: v.status for v in list_versions(db)}
+    assert statuses == {v1: "active", v2: "retired"}
+    assert [v.id for v in list_versions(db)] == [v2, v1]  # newest first
+
+
+@pytest.mark.parametrize("damage", ["garbage", "pickle", "missing", "truncated"])
+def test_broken_checkpoint_is_refused_and_the_active_version_keeps_serving(db: Database, damage: str) -> None:
+    good = save_random_version(db, CLASSES, seed=1)
+    activate_version(db, good, actor="ann")
+    bad = save_random_version(db, CLASSES, seed=2)
+    path = checkpoint_path(db, get_version(db, bad))
+    if damage == "garbage":
+        path.write_bytes(b"this is not a safetensors file at all")
+    elif damage == "pickle":
+        # A PyTorch pickle renamed to .safetensors: must be refused, never unpickled.
+        os.remove(path)
+        torch.save({"weight": torch.zeros(3)}, path)
+    elif damage == "missing":
+        path.unlink()
+    else:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"v{bad}"):
+        activate_version(db, bad, actor="ann")
+    with pytest.raises(CheckpointError):
+        load_classifier(db, bad)
+    assert active_version(db).id == good
+    assert get_version(db, bad).status == "candidate"
+    classifier, view = load_classifier(db)
+    assert view.id == good and classifier.class_names == CLASSES
+
+
+def test_load_classifier_is_cached_until_the_file_changes(db: Database) -> None:
+    v1 = save_random_version(db, CLASSES, seed=1)
+    activate_version(db, v1, actor="ann")
+    first, _ = load_classifier(db)
+    assert load_classifier(db, v1)[0] is first
+    path = checkpoint_path(db, get_version(db, v1))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    assert load_classifier(db, v1)[0] is not first
+
+
+def test_no_active_version_is_a_clear_error(db: Database) -> None:
+    with pytest.raises(NotFound, match="train"):
+        load_classifier(db)
+    with pytest.raises(NotFound, match="42"):
+        activate_version(db, 42, actor="ann")
+
+
+def test_evaluate_version_measures_the_current_test_split(db: Database) -> None:
+    store_images(db, dataset(CLASSES, train=1, val=0, test=2))
+    v1 = save_random_version(db, CLASSES, seed=1)
+    metrics = evaluate_version(db, v1)
+    assert metrics["n_images"] == 6
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert len(metrics["confusion_matrix"]) == 3
+    # A test image in a category the model never saw counts as an error, it is not left out.
+    store_images(db, [("Belts", 0, "test")])
+    with_new = evaluate_version(db, v1)
+    assert with_new["n_images"] == 7
+    assert with_new["test_set_hash"] != metrics["test_set_hash"]
+    assert with_new["accuracy"] <= metrics["accuracy"] * 6 / 7 + 1e-9

@@ -1,0 +1,99 @@
+"""Small training functions a real worker process runs in tests (PRODCAT_WORKER_RUNNER=tests.core.worker_runners:NAME).
+
+They keep the contract of `core.training.run_training` (db, job_id, *, on_progress, should_stop) -> model version id,
+without torch, so worker tests take a second. The real training is tested end to end in the training tests.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from core.db import Database
+from core.errors import JobCancelled, TrainingRefused
+from core.schema import ModelVersion
+
+ProgressFn = Callable[[dict[str, Any]], None]
+StopFn = Callable[[], bool]
+
+
+def marks_dir(db: Database) -> Path:
+    """Where runners leave one file per run (`<job>-<pid>`), so tests can count who ran what."""
+    path = db.settings.data_dir / "runner-marks"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _mark(db: Database, job_id: int) -> None:
+    (marks_dir(db) / f"{job_id}-{os.getpid()}").write_text(str(time.time()))
+
+
+def _register_version(db: Database, job_id: int) -> int:
+    with db.write() as session:
+        version = ModelVersion(
+            arch="resnet18",
+            image_size=32,
+            mode="quick",
+            class_names=["Bags", "Hats"],
+            class_category_ids=[1, 2],
+            weights_path="checkpoints/none.safetensors",
+            pretrained_source="none",
+            job_id=job_id,
+        )
+        session.add(version)
+        session.flush()
+        return version.id
+
+
+def succeed(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: StopFn) -> int:
+    """Three quick epochs with falling loss, then a registered model version."""
+    _mark(db, job_id)
+    time.sleep(0.3)  # long enough for a second racing worker to be looking for the same job
+    for epoch in (1, 2, 3):
+        on_progress({"phase": "training", "epoch": epoch, "epochs": 3, "step": epoch * 10 - 5, "steps": 30,
+                     "loss": 2.0 / epoch, "train_acc": 0.2 * epoch, "val_acc": None})
+        on_progress({"phase": "training", "epoch": epoch, "epochs": 3, "step": epoch * 10, "steps": 30,
+                     "loss": 1.0 / epoch, "train_acc": 0.25 * epoch, "val_acc": 0.3 * epoch})
+    on_progress({"phase": "saving"})
+    return _register_version(db, job_id)
+
+
+def fail(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: StopFn) -> int:
+    """A bug in the middle of training."""
+    on_progress({"phase": "training", "epoch": 1, "epochs": 2, "loss": 1.5})
+    raise RuntimeError("synthetic failure: the loss became NaN at step 7")
+
+
+def refuse(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: StopFn) -> int:
+    """A refusal the user can act on."""
+    raise TrainingRefused("training refused: 'Hats' has 1 labelled training image: label at least 2")
+
+
+def oom(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: StopFn) -> int:
+    """What torch raises when the batch does not fit on the GPU."""
+    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total capacity)")
+
+
+def slow(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: StopFn) -> int:
+    """Steps with progress until told to stop (then JobCancelled, as run_training does)."""
+    _mark(db, job_id)
+    deadline = time.monotonic() + 30
+    step = 0
+    while time.monotonic() < deadline:
+        if should_stop():
+            raise JobCancelled("training cancelled by request")
+        step += 1
+        on_progress({"phase": "training", "epoch": 1, "epochs": 1, "step": step, "steps": 10_000, "loss": 1.0})
+        time.sleep(0.05)
+    raise RuntimeError("slow runner was never told to stop")
+
+
+def hang(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: StopFn) -> int:
+    """One very long step with no progress and no stop checks: only the heartbeat thread shows it is alive."""
+    _mark(db, job_id)
+    on_progress({"phase": "training", "epoch": 1, "epochs": 1, "step": 0, "steps": 1})
+    time.sleep(60)
+    raise RuntimeError("hang runner woke up: the test should have stopped this worker")

@@ -1,0 +1,34 @@
+"""Helpers for the AppTest page tests: the app, its page files, running one page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = ROOT / "streamlit_app.py"
+PAGE_FILES = [
+    "pages/home.py",
+    "pages/upload.py",
+    "pages/review.py",
+    "pages/dashboard.py",
+    "pages/train.py",
+    "pages/categories.py",
+]
+TIMEOUT_S = 60  # the first run of a page imports torch and friends
+
+
+def run_page(page: str, session: dict | None = None) -> AppTest:
+    """Run the app once, then switch to `page` (path relative to the repo root) and run it."""
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S).run()
+    for key, value in (session or {}).items():
+        at.session_state[key] = value
+    if page != "pages/home.py":
+        at.switch_page(page).run()
+    return at
+
+
+def errors_of(at: AppTest) -> list[str]:
+    """The texts of the st.error boxes on the page."""
+    return [e.value for e in at.error]
