@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps torch's default")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
+    parser.add_argument("--rss-only", action="store_true", help="only the peak RSS of one Classifier scoring a batch")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,6 +69,18 @@ def main() -> None:
     cfg = preprocessing_config(model, args.size)
     meta = CheckpointMeta.from_preprocess(args.arch, [f"c{i}" for i in range(10)], cfg)
     pixels = np.random.default_rng(0).integers(0, 256, size=(args.images, args.size, args.size, 3), dtype=np.uint8)
+
+    if args.rss_only:
+        classifier = Classifier(model, meta, device)
+        del model  # the Classifier holds the only (fused) copy, as in the UI
+        rss_loaded = peak_rss_mib()
+        classifier.predict_pixels(pixels[: args.batch])
+        print(json.dumps({
+            "arch": args.arch, "image_size": args.size, "batch": args.batch, "device": str(device),
+            "rss_after_imports_mib": round(rss_start, 1), "peak_rss_model_loaded_mib": round(rss_loaded, 1),
+            "peak_rss_after_one_batch_mib": round(peak_rss_mib(), 1),
+        }, indent=2))  # fmt: skip
+        return
 
     baseline_model = copy.deepcopy(model).to(device)
 

@@ -101,6 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--size", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=None, help="decode threads (default: core.ingest's)")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     args = parser.parse_args()
 
@@ -108,15 +109,20 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ["PRODCAT_DATA_DIR"] = str(work / "data")
     os.environ.pop("PRODCAT_DATABASE_URL", None)
+    import core.ingest
     from core.db import open_database
     from core.ingest import import_paths
+
+    if args.threads:
+        core.ingest.DECODE_THREADS = args.threads
     from core.settings import get_settings
 
     try:
         t0 = time.perf_counter()
         files = make_files(work / "photos", args.n, args.size)
         megabytes = sum(p.stat().st_size for p in files) / 1e6
-        print(f"made {len(files)} {args.size}x{args.size} JPEGs ({megabytes:.0f} MB) in {time.perf_counter() - t0:.1f}s")
+        made_s = time.perf_counter() - t0
+        print(f"made {len(files)} {args.size}x{args.size} JPEGs ({megabytes:.0f} MB) in {made_s:.1f}s")
 
         base_s = baseline(files)  # also warms the page cache so both runs read from memory
         get_settings.cache_clear()
@@ -134,7 +140,8 @@ def main() -> None:
         print(f"ratio import/baseline time: {import_s / base_s:.2f}x")
         note = "" if exact_peak else " (process peak, could not reset)"
         print(f"peak RSS growth during import: {peak_growth / 1024:.1f} MiB{note}")
-        print(f"cpu count: {os.cpu_count()}, load average: {os.getloadavg()[0]:.2f}")
+        threads = min(core.ingest.DECODE_THREADS, os.cpu_count() or 1)
+        print(f"cpu count: {os.cpu_count()}, decode threads: {threads}, load average: {os.getloadavg()[0]:.2f}")
         assert db.integrity_ok()
     finally:
         if args.keep is None:

@@ -44,14 +44,13 @@ def fashion_mnist(
     if limit <= 0 and not all_images:
         raise fail(f"--limit must be a positive number of images, got {limit} (use --all for every image)")
     db = open_db()
-    bar = tqdm(total=None, unit="img", desc="importing")
+    bar = tqdm(total=None, unit="img", desc="importing", mininterval=0.5)
 
     def progress(done: int, total: int | None, name: str) -> None:
         if total is not None and bar.total != total:
             bar.total = total
-        bar.n = done
         bar.set_postfix_str(name, refresh=False)
-        bar.refresh()
+        bar.update(done - bar.n)  # update() honours mininterval, so a fast import does not flood the terminal
 
     try:
         outcome = import_fashion_mnist(

@@ -198,10 +198,20 @@ def models_list(as_json: JsonOpt = False) -> None:
         print_json(
             [
                 {
-                    "id": v.id, "status": v.status, "arch": v.arch, "image_size": v.image_size, "mode": v.mode,
-                    "classes": v.class_names, "test_accuracy": v.test_accuracy, "macro_f1": v.macro_f1, "ece": v.ece,
-                    "created_at": v.created_at, "activated_at": v.activated_at,
-                    "pretrained_source": v.pretrained_source, "job_id": v.job_id, "parent_id": v.parent_id,
+                    "id": v.id,
+                    "status": v.status,
+                    "arch": v.arch,
+                    "image_size": v.image_size,
+                    "mode": v.mode,
+                    "classes": v.class_names,
+                    "test_accuracy": v.test_accuracy,
+                    "macro_f1": v.macro_f1,
+                    "ece": v.ece,
+                    "created_at": v.created_at,
+                    "activated_at": v.activated_at,
+                    "pretrained_source": v.pretrained_source,
+                    "job_id": v.job_id,
+                    "parent_id": v.parent_id,
                 }
                 for v in versions
             ]
@@ -210,8 +220,10 @@ def models_list(as_json: JsonOpt = False) -> None:
     if not versions:
         typer.echo("no model versions yet: train one with `train`")
         return
-    typer.echo(f"{'':2}{'id':>4}  {'status':9}  {'arch':12}  {'px':>4}  {'mode':5}  {'test acc':>8}  "
-               f"{'F1':>5}  {'ECE':>5}  {'classes':>7}  created")
+    typer.echo(
+        f"{'':2}{'id':>4}  {'status':9}  {'arch':12}  {'px':>4}  {'mode':5}  {'test acc':>8}  "
+        f"{'F1':>5}  {'ECE':>5}  {'classes':>7}  created"
+    )
     for v in versions:
         mark = "* " if v.status == "active" else "  "
         typer.echo(
@@ -251,11 +263,17 @@ def export_model(
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for path in sorted(source.parent.glob(source.stem + ".*")):
-        target = directory / (f"model-v{view.id}" + path.name[len(source.stem):])
+        target = directory / (f"model-v{view.id}" + path.name[len(source.stem) :])
         shutil.copyfile(path, target)
         written.append(target)
-    info = {"version": view.id, "arch": view.arch, "image_size": view.image_size, "classes": view.class_names,
-            "test_accuracy": view.test_accuracy, "temperature": view.temperature}
+    info = {
+        "version": view.id,
+        "arch": view.arch,
+        "image_size": view.image_size,
+        "classes": view.class_names,
+        "test_accuracy": view.test_accuracy,
+        "temperature": view.temperature,
+    }
     (directory / f"model-v{view.id}.version.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     written.append(directory / f"model-v{view.id}.version.json")
     if onnx:
@@ -278,6 +296,12 @@ def _export_onnx(classifier: Any, view: Any, directory: Path) -> Path | None:
     model = classifier.model.to("cpu").eval()
     dummy = torch.zeros(1, 3, view.image_size, view.image_size)
     path = directory / f"model-v{view.id}.onnx"
-    torch.onnx.export(model, (dummy,), str(path), input_names=["pixels"], output_names=["logits"],
-                      dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        (dummy,),
+        str(path),
+        input_names=["pixels"],
+        output_names=["logits"],
+        dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+    )
     return path

@@ -123,6 +123,12 @@ def _clean_parts(name: str) -> list[str]:
     return [p for p in parts if p not in ("", "/", ".", "..") and not p.endswith(":")]
 
 
+def _plain(name: str) -> bool:
+    """A relative entry name with no '..' and no drive or root: the only kind whose folders become labels."""
+    raw = PurePosixPath(name.replace("\\", "/"))
+    return not raw.is_absolute() and ".." not in raw.parts and not (raw.parts and raw.parts[0].endswith(":"))
+
+
 def _norm_key(name: str) -> str:
     return "/".join(_clean_parts(name.strip()))
 
@@ -197,7 +203,7 @@ class _ZipSource:
                 self.entries.append(info)
         # A zip of a folder ("dataset/Shoes/a.jpg") gets its single wrapping folder stripped for labels.
         tops = {tuple(_clean_parts(i.filename)[:1]) for i in self.entries}
-        self.common_top = strip_top and len(tops) == 1 and all(len(_clean_parts(i.filename)) >= 3 for i in self.entries)
+        self.common_top = strip_top and len(tops) == 1 and any(len(_clean_parts(i.filename)) >= 3 for i in self.entries)
 
     @property
     def count(self) -> int:
@@ -225,7 +231,8 @@ class _ZipSource:
                     name=f"{self.name}/{info.filename}",
                     read=lambda info=info: _read_zip_entry(zf, info, budget, self.max_file),
                     source=source,
-                    folder_category=label_parts[0] if len(label_parts) >= 2 else None,
+                    # An absolute or ../ entry name says nothing trustworthy about its category.
+                    folder_category=label_parts[0] if len(label_parts) >= 2 and _plain(info.filename) else None,
                     label_keys=("/".join(parts), "/".join(label_parts), parts[-1] if parts else ""),
                 )
             if len(self.entries) > self.max_entries:
@@ -496,13 +503,22 @@ def import_uploads(
     actor: str,
     source: str = "upload",
     progress: ProgressCallback | None = None,
+    labels_from_folders: bool = False,
 ) -> ImportResult:
     """Import in-memory files. Zip uploads (detected by content) are expanded safely.
 
     `category` labels every image; `labels` maps file name -> category (CSV). Unknown categories are created.
+    `labels_from_folders` (an addition to the contract): a zipped ImageFolder tree labels its images by their
+    first folder (a single wrapping folder, as "zip the dataset folder" makes, is skipped).
+    Precedence when several apply: `labels`, then the folder, then `category`.
     """
     importer = _Importer(
-        db, actor=actor, category=category, labels=labels, labels_from_folders=False, progress=progress
+        db,
+        actor=actor,
+        category=category,
+        labels=labels,
+        labels_from_folders=labels_from_folders,
+        progress=progress,
     )
     items: list[_Candidate | RefusedItem | _ZipSource] = []
     for upload in uploads:
@@ -518,9 +534,15 @@ def import_uploads(
             except (zipfile.BadZipFile, OSError, ValueError) as exc:
                 items.append(RefusedItem(name, f"not a readable zip archive: {exc}"))
             continue
-        bare = _clean_parts(name)[-1:] or [name]
+        parts = _clean_parts(name) or [name]
         items.append(
-            _Candidate(name, read=lambda data=data: data, source=source, label_keys=(name, bare[0]))
+            _Candidate(
+                name,
+                read=lambda data=data: data,
+                source=source,
+                folder_category=parts[0] if len(parts) >= 2 and _plain(name) else None,
+                label_keys=(name, parts[-1]),
+            )
         )
     importer.total = sum(i.count if isinstance(i, _ZipSource) else 1 for i in items)
     return importer.run(items)

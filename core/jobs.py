@@ -257,7 +257,7 @@ def cancel_job(db: Database, job_id: int, *, actor: str) -> JobView:
             row.error = f"cancelled by {actor} before it started"
         elif row.status == JobStatus.RUNNING:
             row.cancel_requested = True
-            row.error = f"cancel requested by {actor}"
+            row.error = f"cancelled by {actor} while running"  # kept when the worker marks it cancelled
         else:
             raise TrainingRefused(f"training job #{row.id} already {row.status}: there is nothing to cancel")
         view = _view(row, now)
@@ -384,12 +384,13 @@ def register_worker(db: Database, worker_id: str, *, device: str = "") -> None:
 
 
 def heartbeat_worker(db: Database, worker_id: str) -> None:
-    """Refresh a worker's heartbeat."""
+    """Refresh a worker's heartbeat (a stopped worker stays stopped: only `register_worker` revives a row, so a
+    beat racing the worker's goodbye cannot make an exiting worker look alive)."""
     with db.write() as session:
         session.execute(
             update(Worker)
-            .where(Worker.id == worker_id)
-            .values(heartbeat_at=utcnow(), stopped_at=None)
+            .where(Worker.id == worker_id, Worker.stopped_at.is_(None))
+            .values(heartbeat_at=utcnow())
             .execution_options(synchronize_session=False)
         )
 

@@ -212,11 +212,6 @@ def _change(session: Session, image_id: int, event: LabelEvent | None, current: 
     return LabelChange(image_id, _name(session, event.old_category_id), _name(session, event.new_category_id), event.id)
 
 
-def _current_category_id(session: Session, image_id: int) -> int | None:
-    label = session.get(Label, image_id)
-    return label.category_id if label is not None else None
-
-
 def set_label(
     db: Database,
     image_id: int,

@@ -115,10 +115,11 @@ class RowStore:
         self._write_index({})
 
     def view(self, count: int) -> np.ndarray:
-        """Read-only memory map of the first `count` rows."""
+        """Memory map of the first `count` rows (writes stay in memory)."""
         if count == 0:
             return np.empty((0, *self.row_shape), dtype=self.dtype)
-        return np.memmap(self.data_path, dtype=self.dtype, mode="r", shape=(count, *self.row_shape))
+        # Copy-on-write: callers (torch.from_numpy) may need a writable array; the file is never changed by it.
+        return np.memmap(self.data_path, dtype=self.dtype, mode="c", shape=(count, *self.row_shape))
 
     def gather(self, index: dict[str, int], keys: Sequence[str]) -> np.ndarray:
         """Rows for `keys` in that order (a memory-mapped slice when they are already contiguous, else a copy)."""
@@ -202,12 +203,16 @@ class PixelCache:
         """Pixels (N,S,S,3) uint8 for these images in the order asked; decodes only images not cached yet."""
         ids = [int(i) for i in image_ids]
         with db.read() as session:
-            found = {
-                row.id: (row.sha256, row.stored_path, row.original_name)
-                for row in session.execute(
-                    select(Image.id, Image.sha256, Image.stored_path, Image.original_name).where(Image.id.in_(ids))
-                )
-            } if ids else {}
+            found = (
+                {
+                    row.id: (row.sha256, row.stored_path, row.original_name)
+                    for row in session.execute(
+                        select(Image.id, Image.sha256, Image.stored_path, Image.original_name).where(Image.id.in_(ids))
+                    )
+                }
+                if ids
+                else {}
+            )
         absent = [i for i in ids if i not in found]
         if absent:
             raise NotFound(f"no image with id {', '.join(map(str, absent[:10]))}")

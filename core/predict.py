@@ -183,24 +183,15 @@ def predict_uploads(db: Database, uploads: Iterable[Any], *, top_k: int = 3) -> 
     A file that is not an acceptable image gets its `error`; the others are still predicted.
     """
     classifier, version = load_classifier(db)
-    meta = classifier.meta
-    cache = PixelCache(db.settings, meta.image_size, meta.crop_pct, meta.interpolation)
     names = category_names(db)
     results: list[FilePrediction | None] = []
     good: list[tuple[int, str, np.ndarray]] = []
-    for upload in uploads:
-        name = str(getattr(upload, "name", "upload"))
-        try:
-            data = upload.data if hasattr(upload, "data") else upload.read()
-            good.append((len(results), name, _decode_upload(name, data, db, cache.config)))
-            results.append(None)
-        except ImageRefused as exc:
-            results.append(FilePrediction(name=name, category=None, confidence=None, error=exc.reason))
-        except OSError as exc:
-            results.append(FilePrediction(name=name, category=None, confidence=None, error=f"cannot read ({exc})"))
-    if good:
-        pixels = np.stack([p for _, _, p in good])
-        probs = np.asarray(classifier.predict_pixels(pixels, batch_size=64), dtype=np.float64)
+
+    def flush() -> None:
+        # Decoded pixels are scored BATCH at a time, so thousands of files never sit in memory together.
+        if not good:
+            return
+        probs = np.asarray(classifier.predict_pixels(np.stack([p for _, _, p in good]), batch_size=64), np.float64)
         for (slot, name, _), row in zip(good, probs, strict=True):
             ranked = _ranked(row, version.class_category_ids, names, top_k)
             results[slot] = FilePrediction(
@@ -210,6 +201,21 @@ def predict_uploads(db: Database, uploads: Iterable[Any], *, top_k: int = 3) -> 
                 top_k=ranked,
                 model_version_id=version.id,
             )
+        good.clear()
+
+    for upload in uploads:
+        name = str(getattr(upload, "name", "upload"))
+        try:
+            data = upload.data if hasattr(upload, "data") else upload.read()
+            good.append((len(results), name, _decode_upload(name, data, db, classifier.cfg)))
+            results.append(None)
+        except ImageRefused as exc:
+            results.append(FilePrediction(name=name, category=None, confidence=None, error=exc.reason))
+        except OSError as exc:
+            results.append(FilePrediction(name=name, category=None, confidence=None, error=f"cannot read ({exc})"))
+        if len(good) >= BATCH:
+            flush()
+    flush()
     return [r for r in results if r is not None]
 
 

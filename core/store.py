@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from PIL import Image
 
@@ -54,7 +55,7 @@ def thumb_rel_path(sha256: str) -> str:
     return f"thumbs/{_shard(sha256)}/{sha256}.jpg"
 
 
-def _atomic_write(path: Path, write: object) -> None:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
@@ -63,7 +64,7 @@ def _atomic_write(path: Path, write: object) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
-            write(fh)  # type: ignore[operator]
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -77,8 +78,9 @@ def make_thumbnail(rgb: Image.Image, side: int) -> Image.Image:
     if scale >= 1:
         return rgb
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    # reducing_gap: a fast integer box reduction first, then bicubic; visually the same as a full bicubic.
-    return rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+    # Pillow's bilinear is antialiased (its support widens with the scale): fine for a grid thumbnail and
+    # about 40% cheaper than bicubic, which matters at hundreds of images a second.
+    return rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
 def store_image(settings: Settings, data: bytes, decoded: DecodedImage) -> StoredFiles:

@@ -31,9 +31,9 @@ from core.versions import (
     active_version,
     checkpoint_path,
     evaluate_version,
+    hash_test_set,
     labelled_images,
     metrics_for,
-    hash_test_set,
 )
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -45,7 +45,17 @@ MIN_CATEGORIES = 2
 # Keys of job params that are not TrainConfig fields.
 NETWORK_PARAMS = ("arch", "image_size", "device")
 PROGRESS_KEYS = (
-    "phase", "epoch", "epochs", "step", "steps", "loss", "train_acc", "val_acc", "images_per_s", "eta_s", "device",
+    "phase",
+    "epoch",
+    "epochs",
+    "step",
+    "steps",
+    "loss",
+    "train_acc",
+    "val_acc",
+    "images_per_s",
+    "eta_s",
+    "device",
 )
 
 
@@ -333,13 +343,28 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     try:
         if mode == "quick":
             logits, train_metrics = _train_quick(
-                db, model, cfg, pixels, splits, config, device, len(class_ids),
-                on_progress=on_progress, should_stop=should_stop,
+                db,
+                model,
+                cfg,
+                pixels,
+                splits,
+                config,
+                device,
+                len(class_ids),
+                on_progress=on_progress,
+                should_stop=should_stop,
             )
         else:
             logits, train_metrics = _train_full(
-                model, cfg, pixels, splits, config, device, class_names,
-                on_progress=on_progress, should_stop=should_stop,
+                model,
+                cfg,
+                pixels,
+                splits,
+                config,
+                device,
+                class_names,
+                on_progress=on_progress,
+                should_stop=should_stop,
             )
     except TrainingStopped as exc:
         raise JobCancelled("training cancelled by request") from exc
@@ -607,7 +632,7 @@ def _register(
         stem = f"v{row.id}"
         for path in sorted(staging.iterdir()):
             if path.name.startswith("model"):
-                path.replace(settings.checkpoints_dir / (stem + path.name[len("model"):]))
+                path.replace(settings.checkpoints_dir / (stem + path.name[len("model") :]))
         row.weights_path = str((settings.checkpoints_dir / f"{stem}.safetensors").relative_to(settings.data_dir))
         return int(row.id)
 

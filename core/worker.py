@@ -203,7 +203,7 @@ def execute_job(
         version_id = run(db, job.id, on_progress=state.on_progress, should_stop=state.should_stop)
     except (JobCancelled, TrainingStopped):
         _quietly(state.flush)
-        jobs.mark_cancelled(db, job.id, "cancelled on request")
+        jobs.mark_cancelled(db, job.id)
         log.info("job %s: cancelled after %.1f s", job.id, time.monotonic() - started)
         return None
     except (WorkerStopped, KeyboardInterrupt) as exc:

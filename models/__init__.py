@@ -1,0 +1,1 @@
+"""prodcat's pure ML library: timm networks, preprocessing, training, checkpoints, inference and metrics."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import logging
 import os
 import socket
@@ -181,8 +182,6 @@ def head_keys(model: nn.Module) -> list[str]:
 
 def backbone_fingerprint(model: nn.Module) -> str:
     """A short content hash of the backbone weights (head excluded): equal ids mean reusable cached features."""
-    import hashlib
-
     skip = set(head_keys(model))
     digest = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):

@@ -66,13 +66,18 @@ def normalize_nchw(batch: torch.Tensor, cfg: PreprocessConfig, *, channels_last:
 
 
 def _as_uint8_tensor(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-    if isinstance(pixels, torch.Tensor):
-        tensor = pixels
-    else:
-        tensor = torch.from_numpy(np.ascontiguousarray(pixels))
+    tensor = pixels if isinstance(pixels, torch.Tensor) else numpy_to_tensor(pixels)
     if tensor.dtype != torch.uint8:
         raise ValueError(f"expected uint8 pixels, got {tensor.dtype}")
     return tensor
+
+
+def numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor over `array`'s data, copying only when needed (read-only memmaps, non-contiguous slices)."""
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # torch cannot share read-only memory (e.g. a memmap opened with mode "r")
+        array = array.copy()
+    return torch.from_numpy(array)
 
 
 def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import gc
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from models.calibration import fit_temperature
 from models.devices import describe_device, pick_device
 from models.errors import NotEnoughData, TrainingStopped
 from models.factory import PreprocessConfig
-from models.preprocess import augment_batch, normalize_nchw
+from models.preprocess import augment_batch, normalize_nchw, numpy_to_tensor
 
 ProgressCallback = Callable[["Progress"], None]
 StopCheck = Callable[[], bool]
@@ -58,6 +59,7 @@ class TrainConfig:
     progress_every_s: float = 2.0
     head_l2: float | None = None  # quick mode L2 strength; None picks it on the validation split
     head_max_iter: int = 100  # LBFGS iterations per quick head fit
+    head_threads: int = 1  # torch CPU threads while fitting the head (small matmuls: more threads only contend)
 
     def __post_init__(self) -> None:
         problems = []
@@ -65,7 +67,7 @@ class TrainConfig:
             problems.append(f"mode must be one of {', '.join(_MODES)}, got {self.mode!r}")
         if self.balance not in _BALANCES:
             problems.append(f"balance must be one of {', '.join(_BALANCES)}, got {self.balance!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "head_max_iter"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "head_max_iter", "head_threads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.image_size < 16:
@@ -209,7 +211,7 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
 
 def _to_device_nchw(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 NHWC numpy -> uint8 NCHW (channels_last strides) on `device`, via pinned memory on CUDA."""
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels))
+    tensor = numpy_to_tensor(pixels)
     if device.type == "cuda":
         tensor = tensor.pin_memory().to(device, non_blocking=True)
     else:
@@ -610,15 +612,16 @@ def fit_head(
     weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)
     best: tuple[float, torch.Tensor, torch.Tensor] | None = None
-    for l2 in grid:
-        _lbfgs_fit(z, y, sample_w, weight, bias, l2, config.head_max_iter)
-        if len(grid) == 1:
-            best = (0.0, weight.detach().clone(), bias.detach().clone())
-            break
-        with torch.no_grad():
-            score = float(F.cross_entropy(F.linear(zv, weight, bias), yv))
-        if best is None or score < best[0]:
-            best = (score, weight.detach().clone(), bias.detach().clone())
+    with _cpu_threads(config.head_threads):
+        for l2 in grid:
+            _lbfgs_fit(z, y, sample_w, weight, bias, l2, config.head_max_iter)
+            if len(grid) == 1:
+                best = (0.0, weight.detach().clone(), bias.detach().clone())
+                break
+            with torch.no_grad():
+                score = float(F.cross_entropy(F.linear(zv, weight, bias), yv))
+            if best is None or score < best[0]:
+                best = (score, weight.detach().clone(), bias.detach().clone())
     assert best is not None
     _, w, b = best
     absent = counts == 0
@@ -628,6 +631,18 @@ def fit_head(
     w_raw = w / std
     b_raw = b - w_raw @ mean
     return w_raw.contiguous(), b_raw.contiguous()
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int) -> Iterator[None]:
+    """Temporarily cap torch's CPU threads. Measured on a shared 2-core machine: the head fit's small matmuls ran
+    2-4x faster on 1 thread than on 2 under load, and about as fast unloaded (benchmarks/bench_quick_retrain.py)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, previous)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _lbfgs_fit(

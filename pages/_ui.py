@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import plotly.graph_objects as go
 import streamlit as st
 
 from core.db import Database, open_database
@@ -248,7 +250,8 @@ def image_card(db: Database, item: ReviewItem, categories: list[str], *, prefix:
 
     Returns whether the image is selected.
     """
-    with st.container(border=True):
+    # The key names the card in the page (CSS class st-key-<key>), which the browser test relies on.
+    with st.container(border=True, key=f"{prefix}_card_{item.image_id}"):
         st.image(str(item.thumb_path), width="stretch")
         st.text(f"#{item.image_id} {item.original_name}")
         st.text(f"Label: {item.label or '(unlabelled)'}   [{item.split}]")
@@ -300,6 +303,34 @@ def card_grid(db: Database, items: Sequence[ReviewItem], categories: list[str], 
                 if image_card(db, item, categories, prefix=prefix):
                     selected.append(item.image_id)
     return selected
+
+
+# --- charts -------------------------------------------------------------------------------------------------------
+
+
+def clickable_cells(fig: go.Figure) -> go.Figure:
+    """ADAPTER (ask core.dashboard's confusion_figure to do this): make a heatmap's cells clickable in Streamlit.
+
+    st.plotly_chart's on_select reports nothing for heatmap traces (streamlit/streamlit#8760, #15042), so an
+    invisible square marker sits on every cell and takes over the heatmap's hover text; clicking a cell then
+    selects its marker, whose x and y are the cell's predicted and true category.
+    """
+    heat = fig.data[0]
+    xs, ys = np.meshgrid(np.asarray(heat.x, dtype=object), np.asarray(heat.y, dtype=object))
+    custom = np.asarray(heat.customdata)
+    fig.add_trace(
+        go.Scatter(
+            x=xs.ravel(),
+            y=ys.ravel(),
+            mode="markers",
+            marker={"symbol": "square", "size": 36, "opacity": 0},
+            customdata=custom.reshape(-1, custom.shape[-1]) if custom.ndim == 3 else None,
+            hovertemplate=heat.hovertemplate,
+            showlegend=False,
+        )
+    )
+    heat.update(hoverinfo="skip", hovertemplate=None)
+    return fig
 
 
 # --- downloads ----------------------------------------------------------------------------------------------------

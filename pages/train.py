@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from core.jobs import cancel_job, current_job, enqueue_training, ensure_worker, list_jobs
-from core.training import training_plan
+from core.training import suggested_mode, training_plan
 from core.versions import activate_version, active_version, list_versions
 from pages import _ui
 
@@ -18,11 +18,12 @@ _ui.show_flash()
 st.title("Train & models")
 
 # --- what would be trained ------------------------------------------------------------------------------------------
-suggested = training_plan(db).suggested_mode
+suggested = suggested_mode(db.settings)
 choice = st.radio(
     "Mode",
     [AUTO, "quick", "full"],
     horizontal=True,
+    key="train_mode",
     format_func=lambda m: f"picked by hardware ({suggested})" if m == AUTO else m,
     help="quick: refit only the classifier head on cached features (seconds, fine on a CPU). "
     "full: fine-tune every layer (minutes on a GPU).",
@@ -164,11 +165,18 @@ st.dataframe(
         for v in versions
     ],
     hide_index=True,
+    column_config={
+        "test accuracy": st.column_config.NumberColumn(format="percent"),
+        "macro F1": st.column_config.NumberColumn(format="%.3f"),
+        "ECE": st.column_config.NumberColumn(format="%.3f"),
+    },
 )
 labels = {v.id: v.label for v in versions if active is None or v.id != active.id}
 if labels:
     left, right = st.columns([3, 1], vertical_alignment="bottom")
-    pick = left.selectbox("Serve another version (promote a candidate or roll back)", labels, format_func=labels.get)
+    pick = left.selectbox(
+        "Serve another version (promote a candidate or roll back)", labels, format_func=labels.get, key="activate_pick"
+    )
     if right.button("Activate", width="stretch"):
         ok, view = _ui.attempt(activate_version, db, pick, actor=_ui.actor())
         if ok:

@@ -27,6 +27,7 @@ with st.form("upload_form", clear_on_submit=True):
         "Category for the whole upload (optional; type a new name to create one)",
         [NO_CATEGORY, *categories],
         accept_new_options=True,
+        key="upload_category",  # a key keeps the widget's identity when a new category joins the options
     )
     submitted = st.form_submit_button("Import", type="primary")
 
@@ -83,7 +84,9 @@ if ids and active_version(db) is not None:
 items = _ui.items_for_ids(db, ids)
 
 left, right = st.columns([3, 1], vertical_alignment="bottom")
-target = left.selectbox("Category for the selected photos (all photos of this upload if none is selected)", categories)
+target = left.selectbox(
+    "Category for the selected photos (all photos of this upload if none is selected)", categories, key="upload_target"
+)
 apply = right.button("Apply to selection", width="stretch")
 selected = _ui.card_grid(db, items, categories, prefix="up")
 if apply and target:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ CATEGORY_COLOURS: dict[str, tuple[int, int, int]] = {
 
 def make_image(category: str, index: int, size: int = 48) -> Image.Image:
     """An RGB image: the category's colour with a position-dependent pattern and seeded noise."""
-    rng = np.random.default_rng(hash((category, index)) % (2**32))
+    # crc32, not hash(): str hashes change between processes and the images (and so their splits) must not.
+    rng = np.random.default_rng(zlib.crc32(f"{category}:{index}".encode()))
     base = np.array(CATEGORY_COLOURS.get(category, (128, 128, 128)), dtype=np.float32)
     pixels = np.tile(base, (size, size, 1))
     pixels += rng.normal(0, 18, size=pixels.shape)

@@ -57,7 +57,7 @@ def test_import_train_in_the_worker_process_and_predict_new_files(db: Database, 
     _import_until_every_category_can_train(db, tmp_path / "photos")
     plan = training_plan(db)
     assert plan.ok, plan.problems
-    job_id = enqueue_training(db, "quick", {"arch": "resnet18", "image_size": 32}, "tester")
+    job_id = enqueue_training(db, "quick", {"arch": "resnet18", "image_size": 32, "head_l2": 1e-3}, "tester")
 
     worker = subprocess.run(
         [sys.executable, "-m", "core.worker", "--once"],

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from core import jobs
 from core.db import Database
 from core.errors import NotFound, TrainingRefused
 from core.schema import ModelVersion, TrainingJob, Worker, utcnow
+from core.settings import Settings
 
 
 def _race(n: int, db: Database, action: Callable[[Database], Any]) -> list[Any]:
@@ -159,8 +162,10 @@ def test_cancel_queued_at_once_and_running_on_request(db: Database) -> None:
     assert view.status == "running" and view.cancel_requested
     assert jobs.record_progress(db, running, {"phase": "training"}) is True  # the worker learns to stop
     assert jobs.heartbeat_job(db, running) is True
-    assert jobs.mark_cancelled(db, running, "cancelled on request")
-    assert jobs.get_job(db, running).status == "cancelled" and jobs.current_job(db) is None
+    assert jobs.mark_cancelled(db, running)
+    done = jobs.get_job(db, running)
+    assert done.status == "cancelled" and done.error == "cancelled by ben while running"
+    assert jobs.current_job(db) is None
 
     with pytest.raises(TrainingRefused, match=rf"#{running} already cancelled"):
         jobs.cancel_job(db, running, actor="ben")
@@ -223,9 +228,43 @@ def test_worker_liveness_follows_heartbeats(db: Database) -> None:
     assert jobs.worker_alive(db)
     jobs.unregister_worker(db, "host:1:abc")
     assert not jobs.worker_alive(db) and jobs.live_workers(db) == []
+    jobs.heartbeat_worker(db, "host:1:abc")  # a late beat from a worker on its way out does not revive it
+    assert not jobs.worker_alive(db)
 
 
-def test_worker_environment_carries_settings_to_the_spawned_worker(db: Database) -> None:
-    env = jobs.worker_environment(db.settings)
-    assert env["PRODCAT_DATA_DIR"] == str(db.settings.data_dir)
-    assert env["PRODCAT_PRETRAINED"] == "none"
+def test_worker_environment_carries_settings_to_the_spawned_worker(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Settings given in code (not only through the environment) must reach the worker the UI starts.
+    custom = Settings(data_dir=tmp_path / "elsewhere", heartbeat_timeout_s=7.5, split_fractions=(0.7, 0.2, 0.1))
+    env = jobs.worker_environment(custom)
+    for key in [k for k in os.environ if k.startswith("PRODCAT_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("PRODCAT_"):
+            monkeypatch.setenv(key, value)
+    seen = Settings()
+    assert seen.data_dir == custom.data_dir and seen.heartbeat_timeout_s == 7.5
+    assert seen.split_fractions == (0.7, 0.2, 0.1)
+
+
+def test_worker_progress_is_throttled_but_keeps_each_epochs_last_report(db: Database) -> None:
+    from core.worker import JobRun
+
+    job_id = jobs.enqueue_training(db, "full", {}, "ana")
+    jobs.claim_next_job(db, "w1")
+    run = JobRun(db, job_id)
+    for step in range(1, 51):  # a burst within one second: written once, the rest held back
+        run.on_progress({"phase": "training", "epoch": 1, "step": step, "loss": 1.0 / step, "val_acc": None})
+    assert jobs.get_job(db, job_id).progress["step"] == 1
+    run.on_progress({"phase": "training", "epoch": 1, "step": 60, "loss": 0.1, "train_acc": 0.8, "val_acc": 0.7})
+    run.on_progress({"phase": "training", "epoch": 2, "step": 61, "loss": 0.09, "val_acc": 0.7})
+    job = jobs.get_job(db, job_id)
+    assert job.progress["step"] == 61
+    assert job.history[0] == {"epoch": 1, "loss": 0.1, "train_acc": 0.8, "val_acc": 0.7}
+    run.on_progress({"phase": "training", "epoch": 2, "step": 70, "loss": 0.05, "val_acc": 0.7})
+    run.flush()  # what the heartbeat thread does every interval
+    assert jobs.get_job(db, job_id).progress["step"] == 70
+    jobs.cancel_job(db, job_id, actor="ben")
+    run.on_progress({"phase": "evaluating"})
+    assert run.should_stop()

@@ -144,8 +144,25 @@ def test_worse_candidate_stays_candidate_and_better_or_equal_is_promoted(db: Dat
 
 
 def test_manual_policy_never_activates(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    store_images(db, dataset(CLASSES[:2], train=3, val=1, test=1))
     monkeypatch.setattr(db.settings, "promote_policy", "manual")
-    version_id = run_training(db, add_job(db), on_progress=_noop, should_stop=_never)
-    assert get_version(db, version_id).status == "candidate"
+    candidate = save_random_version(db, CLASSES, seed=1)
+    assert _promote(db, candidate, test_accuracy=1.0, test_hash="") is False
     assert active_version(db) is None
+    assert "manual" in get_version(db, candidate).metrics["promotion"]["reason"]
+
+
+def test_cli_train_wait_runs_the_job_here_and_reports_refusals(db: Database) -> None:
+    from typer.testing import CliRunner
+
+    from core.cli import app
+    from core.jobs import list_jobs
+
+    runner = CliRunner()
+    refused = runner.invoke(app, ["train", "--wait"])
+    assert refused.exit_code == 1 and "at least 2 categories" in refused.output
+    store_images(db, dataset(CLASSES[:2], train=3, val=1, test=1))
+    result = runner.invoke(app, ["train", "--wait", "--mode", "quick", "--image-size", "32", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    [job] = list_jobs(db, 5)
+    assert job.status == "succeeded" and job.model_version_id == active_version(db).id
+    assert f"model v{job.model_version_id}" in result.output

@@ -97,3 +97,32 @@ def test_evaluate_version_measures_the_current_test_split(db: Database) -> None:
     assert with_new["n_images"] == 7
     assert with_new["test_set_hash"] != metrics["test_set_hash"]
     assert with_new["accuracy"] <= metrics["accuracy"] * 6 / 7 + 1e-9
+
+
+def test_cli_lists_activates_evaluates_and_exports(db: Database, tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from core.cli import app
+
+    store_images(db, dataset(CLASSES, train=1, val=0, test=1))
+    v1 = save_random_version(db, CLASSES, seed=1)
+    v2 = save_random_version(db, CLASSES, seed=2)
+    runner = CliRunner()
+    assert runner.invoke(app, ["models", "activate", str(v2)]).exit_code == 0
+    result = runner.invoke(app, ["models", "activate", str(v1)])  # rollback
+    assert result.exit_code == 0 and f"v{v1} is now active" in result.output
+    listed = json.loads(runner.invoke(app, ["models", "list", "--json"]).output)
+    assert [(v["id"], v["status"]) for v in listed] == [(v2, "retired"), (v1, "active")]
+    evaluated = json.loads(runner.invoke(app, ["evaluate", "--json"]).output)
+    assert evaluated["version"] == v1 and evaluated["n_images"] == 3
+    checkpoint_path(db, get_version(db, v2)).write_bytes(b"garbage")
+    refused = runner.invoke(app, ["models", "activate", str(v2)])
+    assert refused.exit_code == 1 and f"v{v2}" in refused.output
+    assert active_version(db).id == v1
+    exported = runner.invoke(app, ["export", "model", str(tmp_path / "out")])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "out" / f"model-v{v1}.safetensors").is_file()
+    sidecar = json.loads((tmp_path / "out" / f"model-v{v1}.json").read_text())
+    assert sidecar["class_names"] == CLASSES

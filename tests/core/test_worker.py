@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from core.db import Database
 from tests.core.worker_runners import marks_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-HEARTBEAT_TIMEOUT_S = 1.5
+HEARTBEAT_TIMEOUT_S = 2.5  # short, yet far above the 0.2 s beat even on a loaded machine
 
 pytestmark = pytest.mark.slow
 
@@ -32,14 +32,30 @@ def fast_worker_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PRODCAT_WORKER_POLL_S", "0.1")
 
 
+@pytest.fixture(autouse=True)
+def no_leftover_workers() -> Iterator[None]:
+    """A test that fails half-way must not leave a worker process behind."""
+    yield
+    for process in _started + jobs._spawned:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    _started.clear()
+
+
+_started: list[subprocess.Popen[bytes]] = []
+
+
 def use_runner(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setenv("PRODCAT_WORKER_RUNNER", f"tests.core.worker_runners:{name}")
 
 
 def start_worker(tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
     with open(tmp_path / f"worker-{time.monotonic_ns()}.log", "wb") as log:  # the child keeps its own handle
-        return subprocess.Popen([sys.executable, "-m", "core.worker", *args], cwd=ROOT, env=dict(os.environ),
-                                stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", "core.worker", *args], cwd=ROOT, env=dict(os.environ),
+                                   stdout=log, stderr=subprocess.STDOUT)
+    _started.append(process)
+    return process
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 20, what: str = "condition") -> None:
@@ -99,6 +115,16 @@ def test_a_failing_job_is_marked_failed_with_its_error(
         assert "Traceback" not in job.error
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_cuda_out_of_memory_fails_the_job_clearly(db: Database, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    use_runner(monkeypatch, "cuda_oom")
+    job_id = queue(db)
+    assert finished(start_worker(tmp_path, "--once"), timeout=120) == 0, worker_log(tmp_path)
+    job = jobs.get_job(db, job_id)
+    assert job.status == "failed" and "the GPU ran out of memory" in job.error, job.error
+
+
 def test_cancelling_a_running_job_stops_the_worker_run(db: Database, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     use_runner(monkeypatch, "slow")
@@ -110,6 +136,7 @@ def test_cancelling_a_running_job_stops_the_worker_run(db: Database, tmp_path: P
     assert finished(worker, timeout=15) == 0, worker_log(tmp_path)
     job = jobs.get_job(db, job_id)
     assert job.status == "cancelled" and job.progress["step"] > 0 and jobs.current_job(db) is None
+    assert job.error == "cancelled by ben while running"
 
 
 def test_a_killed_worker_leaves_a_failed_job_not_a_running_one(db: Database, tmp_path: Path,
@@ -119,7 +146,7 @@ def test_a_killed_worker_leaves_a_failed_job_not_a_running_one(db: Database, tmp
     worker = start_worker(tmp_path)
     wait_for(lambda: jobs.get_job(db, job_id).status == "running", what="the job to start")
     # One long step without progress: the heartbeat thread alone keeps it from looking dead.
-    time.sleep(HEARTBEAT_TIMEOUT_S * 1.5)
+    time.sleep(HEARTBEAT_TIMEOUT_S * 1.2)
     assert jobs.fail_stale_jobs(db) == [] and jobs.get_job(db, job_id).status == "running"
     assert jobs.worker_alive(db)
 
@@ -209,10 +236,28 @@ def test_cli_lists_shows_and_cancels_jobs(db: Database, monkeypatch: pytest.Monk
     assert runner.invoke(app, ["jobs", "show", "99"]).exit_code == 1
 
 
-def test_cli_worker_command_runs_a_queued_job(db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_worker_command_runs_a_queued_job(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    import core.cli_jobs  # noqa: F401 (registers the commands)
+    from core.cli_app import app
+
     use_runner(monkeypatch, "succeed")
     job_id = queue(db)
-    process = subprocess.run([sys.executable, "-m", "core.cli", "worker", "--once"], cwd=ROOT, env=dict(os.environ),
-                             capture_output=True, text=True, timeout=120)
-    assert process.returncode == 0, process.stderr
+    result = CliRunner().invoke(app, ["worker", "--once", "--poll", "0.1"])
+    assert result.exit_code == 0, result.output
     assert jobs.get_job(db, job_id).status == "succeeded"
+
+
+def test_foreground_run_for_train_wait(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.errors import TrainingRefused
+    from core.worker import run_job_in_foreground
+
+    use_runner(monkeypatch, "succeed")
+    job_id = queue(db)
+    seen: list[dict[str, object]] = []
+    version_id = run_job_in_foreground(db, job_id, on_progress=seen.append)
+    job = jobs.get_job(db, job_id)
+    assert job.status == "succeeded" and version_id == job.model_version_id is not None
+    assert [p["epoch"] for p in seen if p.get("val_acc") is not None] == [1, 2, 3]  # the CLI's progress bar saw them
+    assert not jobs.worker_alive(db)
+    with pytest.raises(TrainingRefused, match=rf"#{job_id}, succeeded.* is not queued"):
+        run_job_in_foreground(db, job_id)

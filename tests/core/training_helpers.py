@@ -47,8 +47,14 @@ def store_images(db: Database, specs: Sequence[Spec], *, size: int = 40) -> list
     return ids
 
 
-def dataset(categories: Sequence[str] = ("Shoes", "Bags", "Hats"), *, train: int = 4, val: int = 2, test: int = 2,
-            start: int = 0) -> list[Spec]:
+def dataset(
+    categories: Sequence[str] = ("Shoes", "Bags", "Hats"),
+    *,
+    train: int = 4,
+    val: int = 2,
+    test: int = 2,
+    start: int = 0,
+) -> list[Spec]:
     """Specs for `train`/`val`/`test` labelled images per category."""
     specs: list[Spec] = []
     for cat in categories:
@@ -65,7 +71,8 @@ def add_job(db: Database, mode: str = "quick", params: dict | None = None) -> in
     with db.write() as session:
         job = TrainingJob(
             mode=mode,
-            params=params or {"image_size": 32, "arch": "resnet18"},
+            # A fixed head L2 skips the strength search: one LBFGS fit instead of three keeps tests fast.
+            params=params or {"image_size": 32, "arch": "resnet18", "head_l2": 1e-3},
             status="running",
             requested_by="test",
         )
@@ -77,8 +84,14 @@ def add_job(db: Database, mode: str = "quick", params: dict | None = None) -> in
         return job.id
 
 
-def save_random_version(db: Database, class_names: Sequence[str], *, status: str = VersionStatus.CANDIDATE,
-                        seed: int = 0, test_accuracy: float | None = None) -> int:
+def save_random_version(
+    db: Database,
+    class_names: Sequence[str],
+    *,
+    status: str = VersionStatus.CANDIDATE,
+    seed: int = 0,
+    test_accuracy: float | None = None,
+) -> int:
     """A registered version with a real (randomly initialised) resnet18 checkpoint at 32 px."""
     import torch
     from sqlalchemy import select
@@ -94,14 +107,24 @@ def save_random_version(db: Database, class_names: Sequence[str], *, status: str
         ids = []
         for name in class_names:
             ids.append(get_or_create_category(session, name).id)
-        row = ModelVersion(arch="resnet18", image_size=32, mode="quick", class_names=list(class_names),
-                           class_category_ids=ids, weights_path="", pretrained_source="none", status=status,
-                           metrics={}, test_accuracy=test_accuracy)
+        row = ModelVersion(
+            arch="resnet18",
+            image_size=32,
+            mode="quick",
+            class_names=list(class_names),
+            class_category_ids=ids,
+            weights_path="",
+            pretrained_source="none",
+            status=status,
+            metrics={},
+            test_accuracy=test_accuracy,
+        )
         session.add(row)
         session.flush()
         rel = Path("checkpoints") / f"v{row.id}.safetensors"
-        save_checkpoint(db.settings.data_dir / rel, model, CheckpointMeta.from_preprocess("resnet18", list(class_names),
-                                                                                          cfg))
+        save_checkpoint(
+            db.settings.data_dir / rel, model, CheckpointMeta.from_preprocess("resnet18", list(class_names), cfg)
+        )
         row.weights_path = rel.as_posix()
         assert session.scalars(select(Category)).first() is not None
         return row.id

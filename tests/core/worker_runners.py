@@ -97,3 +97,11 @@ def hang(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: Sto
     on_progress({"phase": "training", "epoch": 1, "epochs": 1, "step": 0, "steps": 1})
     time.sleep(60)
     raise RuntimeError("hang runner woke up: the test should have stopped this worker")
+
+
+def cuda_oom(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: StopFn) -> int:
+    """A real CUDA out-of-memory error: asks the GPU for far more than it has."""
+    import torch
+
+    torch.empty(1 << 50, dtype=torch.uint8, device="cuda")  # a petabyte
+    raise RuntimeError("the GPU allocated a petabyte")

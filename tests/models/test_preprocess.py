@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +96,12 @@ def test_augment_batch_keeps_a_flat_image_close_to_its_colour() -> None:
 def test_augment_batch_refuses_float_input() -> None:
     with pytest.raises(ValueError, match="uint8"):
         augment_batch(torch.zeros(1, 3, 8, 8), generator=torch.Generator())
+
+
+def test_read_only_memmaps_are_accepted_without_warnings(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    path = tmp_path / "pixels.u8"
+    np.memmap(path, dtype=np.uint8, mode="w+", shape=(2, 32, 32, 3))[:] = 100
+    cache = np.memmap(path, dtype=np.uint8, mode="r", shape=(2, 32, 32, 3))
+    out = pixels_to_tensor(cache[:2], CFG, "cpu")
+    assert out.shape == (2, 3, 32, 32)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]

@@ -32,3 +32,8 @@ def run_page(page: str, session: dict | None = None) -> AppTest:
 def errors_of(at: AppTest) -> list[str]:
     """The texts of the st.error boxes on the page."""
     return [e.value for e in at.error]
+
+
+def card_ids(at: AppTest) -> list[int]:
+    """Image ids of the cards on the page (each card shows `#<id> <file name>`)."""
+    return [int(t.value[1:].split(" ", 1)[0]) for t in at.text if t.value.startswith("#")]

@@ -1,0 +1,367 @@
+"""Ingest end to end on a real SQLite file and file system: bad files refused by name, good ones imported."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from core import db as core_db
+from core.db import Database
+from core.errors import ProdcatError
+from core.ingest import ImportResult, Upload, import_paths, import_uploads, read_labels_csv
+from core.schema import Category, Image, Label, LabelEvent
+from core.settings import get_settings
+from core.splits import split_for_hash
+from tests.core import badfiles
+from tests.imagegen import CATEGORY_COLOURS, image_bytes, write_image_folder
+
+BAD_FILES: dict[str, tuple[bytes, str]] = {
+    "notes.jpg": (badfiles.TEXT, "not an image: looks like text"),
+    "saved-page.jpg": (badfiles.HTML, "not an image: looks like HTML"),
+    "logo.svg": (badfiles.SVG, "unsupported format SVG"),
+    "spec.pdf": (badfiles.PDF, "looks like a PDF"),
+    "empty.jpg": (b"", "empty file (0 bytes)"),
+    "half.jpg": (badfiles.truncated_jpeg(), "truncated or corrupt JPEG"),
+    "crc.png": (badfiles.png_bad_crc(), "PNG checksum error"),
+    "bomb.png": (badfiles.png_huge_header(), "60000x60000 pixels exceeds the limit of"),
+}
+
+
+def _refusals(result: ImportResult) -> dict[str, str]:
+    return {item.name: item.reason for item in result.refused}
+
+
+def _image_count(db: Database) -> int:
+    with db.read() as session:
+        return session.scalar(select(func.count()).select_from(Image)) or 0
+
+
+def _labels(db: Database) -> dict[str, str]:
+    """original_name -> current label name."""
+    with db.read() as session:
+        rows = session.execute(
+            select(Image.original_name, Category.name).join(Label, Label.image_id == Image.id).join(Category)
+        )
+        return {name: category for name, category in rows}
+
+
+def _files_outside(root: Path, data_dir: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() and not p.is_relative_to(data_dir)}
+
+
+def test_a_mixed_folder_imports_the_good_and_names_every_bad_file(db: Database, tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "photos", per_category=2)
+    for name, (data, _) in BAD_FILES.items():
+        (root / "Shoes" / name).write_bytes(data)
+    seen: list[tuple[int, int | None, str]] = []
+    result = import_paths(
+        db, [root], labels_from_folders=True, actor="alice", progress=lambda d, t, n: seen.append((d, t, n))
+    )
+
+    refused = _refusals(result)
+    assert set(refused) == {f"photos/Shoes/{name}" for name in BAD_FILES}
+    for name, (_, reason) in BAD_FILES.items():
+        assert reason in refused[f"photos/Shoes/{name}"]
+    assert len(result.imported) == 6 and not result.duplicates
+    assert _image_count(db) == 6
+    assert db.integrity_ok()
+    # Progress: one call per file, ending at the total.
+    total = 6 + len(BAD_FILES)
+    assert [d for d, _, _ in seen] == list(range(1, total + 1))
+    assert {t for _, t, _ in seen} == {total}
+    # Rows: stored paths relative to data_dir and present, source, uploader, split from the hash.
+    with db.read() as session:
+        rows = session.scalars(select(Image)).all()
+        session.expunge_all()  # keep the loaded rows readable after the read session ends
+    for row in rows:
+        assert not Path(row.stored_path).is_absolute()
+        assert (db.settings.data_dir / row.stored_path).is_file()
+        assert (db.settings.data_dir / row.thumb_path).is_file()
+        assert row.source == "folder:photos" and row.uploaded_by == "alice"
+        assert row.split == split_for_hash(row.sha256, db.settings.split_fractions)
+        assert row.format == "PNG" and (row.width, row.height) == (48, 48)
+
+
+def test_uploads_mixed_batch(db: Database) -> None:
+    uploads = [Upload(name, data) for name, (data, _) in BAD_FILES.items()]
+    uploads.insert(3, Upload("good-1.png", image_bytes("Bags", 1)))
+    uploads.append(Upload("good-2.jpg", image_bytes("Hats", 2, fmt="JPEG")))
+    result = import_uploads(db, uploads, category="Bags", actor="bob")
+    refused = _refusals(result)
+    for name, (_, reason) in BAD_FILES.items():
+        assert reason in refused[name], (name, refused.get(name))
+    assert [item.name for item in result.imported] == ["good-1.png", "good-2.jpg"]
+    assert all(item.category == "Bags" for item in result.imported)
+    assert _labels(db) == {"good-1.png": "Bags", "good-2.jpg": "Bags"}
+    with db.read() as session:
+        assert set(session.scalars(select(Image.source))) == {"upload"}
+        events = [(e.action, e.actor) for e in session.scalars(select(LabelEvent))]
+    assert events == [("import", "bob"), ("import", "bob")]
+    assert db.integrity_ok()
+
+
+def test_streamlit_like_uploads_with_read_are_accepted(db: Database) -> None:
+    class FakeUploadedFile(io.BytesIO):
+        def __init__(self, name: str, data: bytes) -> None:
+            super().__init__(data)
+            self.name = name
+
+    result = import_uploads(db, [FakeUploadedFile("a.png", image_bytes("Shoes", 1))], actor="x")  # type: ignore[list-item]
+    assert len(result.imported) == 1
+
+
+def test_formats_by_content_cmyk_16bit_palette_gif_exif(db: Database) -> None:
+    upright = badfiles.quadrants(96, 64)
+    uploads = [
+        Upload("print.jpg", badfiles.cmyk_jpeg()),
+        Upload("depth.png", badfiles.png16([65535, 32768, 0])),
+        Upload("cutout.png", badfiles.palette_png_with_transparency()),
+        Upload("spin.gif", badfiles.animated_gif()),
+        Upload("phone.jpg", badfiles.jpeg_with_orientation(upright.transpose(badfiles.ORIENTATION_FIX[6]), 8)),
+        Upload("really-a-png.jpg", badfiles.png()),
+    ]
+    result = import_uploads(db, uploads, actor="x")
+    assert not result.refused, result.refused
+    with db.read() as session:
+        rows = {r.original_name: r for r in session.scalars(select(Image))}
+        session.expunge_all()
+    assert rows["really-a-png.jpg"].format == "PNG" and rows["really-a-png.jpg"].stored_path.endswith(".png")
+    assert rows["spin.gif"].format == "GIF"
+    # Stored 64x96 on its side with orientation 8: people see (and the row records) 96x64.
+    assert (rows["phone.jpg"].width, rows["phone.jpg"].height) == (96, 64)
+    assert db.integrity_ok()
+
+
+def test_duplicates_in_one_batch_and_across_batches(db: Database) -> None:
+    same = image_bytes("Shoes", 3)
+    batch = [Upload("a.png", same), Upload("b.png", image_bytes("Hats", 1)), Upload("a-copy.png", same)]
+    first = import_uploads(db, batch, actor="x")
+    assert [i.name for i in first.imported] == ["a.png", "b.png"]
+    original_id = first.imported[0].image_id
+    assert [(d.name, d.image_id, d.existing_name) for d in first.duplicates] == [("a-copy.png", original_id, "a.png")]
+    again = import_uploads(db, [Upload("renamed.png", same)], actor="y")
+    assert not again.imported
+    assert [(d.name, d.image_id, d.existing_name) for d in again.duplicates] == [("renamed.png", original_id, "a.png")]
+    assert _image_count(db) == 2
+    stored = list((db.settings.images_dir).rglob("*.png"))
+    assert len(stored) == 2  # the same bytes are stored once
+    assert db.integrity_ok()
+
+
+def test_duplicate_labels_an_unlabelled_image_but_never_overwrites(db: Database) -> None:
+    data_a, data_b = image_bytes("Shoes", 4), image_bytes("Bags", 4)
+    import_uploads(db, [Upload("a.png", data_a)], actor="x")  # unlabelled
+    import_uploads(db, [Upload("b.png", data_b)], category="Bags", actor="x")
+    result = import_uploads(db, [Upload("a2.png", data_a), Upload("b2.png", data_b)], category="Shoes", actor="y")
+    assert len(result.duplicates) == 2 and not result.imported and not result.refused
+    assert _labels(db) == {"a.png": "Shoes", "b.png": "Bags"}  # b keeps the label a person gave it
+
+
+def test_category_names_are_kept_as_text_and_bad_ones_refuse_only_their_file(db: Database, tmp_path: Path) -> None:
+    html_name = "<b>Shoes</b> & <script>alert(1)</script>"
+    result = import_uploads(db, [Upload("a.png", image_bytes("Shoes", 5))], category=html_name, actor="x")
+    assert result.imported[0].category == html_name
+    assert _labels(db) == {"a.png": html_name}
+
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text('filename,category\ngood.png,Hats\nbad.png,"Bad\tName"\nlong.png,' + "x" * 300 + "\n")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, name in enumerate(["good.png", "bad.png", "long.png"]):
+        (folder / name).write_bytes(image_bytes("Hats", 10 + i))
+    result = import_paths(db, [folder], labels_csv=csv_path, actor="x")
+    refused = _refusals(result)
+    assert "control characters" in refused["in/bad.png"] and "invalid category" in refused["in/bad.png"]
+    assert "limit is 200" in refused["in/long.png"]
+    assert [i.name for i in result.imported] == ["in/good.png"]
+    assert _image_count(db) == 2
+    assert db.integrity_ok()
+
+
+def test_labels_from_folders_round_trip(db: Database, tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "dataset", per_category=3)
+    (root / "Shoes" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "__MACOSX").mkdir()
+    (root / "__MACOSX" / "._x.png").write_bytes(b"junk")
+    result = import_paths(db, [root], labels_from_folders=True, actor="x")
+    assert not result.refused  # OS litter is skipped silently
+    labels = _labels(db)
+    assert len(labels) == 9
+    for name, category in labels.items():
+        assert name.split("/")[1] == category and category in CATEGORY_COLOURS
+    with db.read() as session:
+        assert {e.action for e in session.scalars(select(LabelEvent))} == {"import"}
+
+
+def test_labels_csv_by_relative_path_or_bare_name_and_precedence(db: Database, tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "photos", per_category=2)
+    csv_path = root / "labels.csv"  # kept inside the tree: not reported as a bad image
+    csv_path.write_text("Shoes/shoes_0.png,Sneakers\nhats_1.png,Caps\n")
+    result = import_paths(db, [root], labels_from_folders=True, labels_csv=csv_path, category="Misc", actor="x")
+    assert not result.refused
+    labels = _labels(db)
+    assert labels["photos/Shoes/shoes_0.png"] == "Sneakers"  # CSV by relative path beats the folder
+    assert labels["photos/Hats/hats_1.png"] == "Caps"  # CSV by bare name
+    assert labels["photos/Bags/bags_0.png"] == "Bags"  # folder beats the batch category
+    other = tmp_path / "loose.png"
+    other.write_bytes(image_bytes("Bags", 99))
+    import_paths(db, [other], category="Misc", actor="x")
+    assert _labels(db)["loose.png"] == "Misc"
+
+
+def test_read_labels_csv_header_optional_and_malformed_rows_named(tmp_path: Path) -> None:
+    with_header = tmp_path / "a.csv"
+    with_header.write_text("filename,category\na.jpg,Shoes\n\n.\\sub\\b.jpg , Bags \n")
+    assert read_labels_csv(with_header) == {"a.jpg": "Shoes", "sub/b.jpg": "Bags"}
+    assert read_labels_csv(io.BytesIO(b"\xef\xbb\xbfa.jpg,Shoes\n")) == {"a.jpg": "Shoes"}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a.jpg,Shoes\nb.jpg\n")
+    with pytest.raises(ProdcatError, match=r"bad\.csv line 2: expected two columns"):
+        read_labels_csv(bad)
+    clash = tmp_path / "clash.csv"
+    clash.write_text("a.jpg,Shoes\na.jpg,Bags\n")
+    with pytest.raises(ProdcatError, match="listed twice"):
+        read_labels_csv(clash)
+
+
+def test_zip_traversal_names_never_write_outside_the_store(db: Database, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    entries = [
+        ("../escape.png", image_bytes("Shoes", 20)),
+        (f"/tmp/{marker}.png", image_bytes("Bags", 20)),
+        ("../../../../../../tmp/deep.png", image_bytes("Hats", 20)),
+        ("ok/fine.png", image_bytes("Hats", 21)),
+        ("..\\windows.png", badfiles.TEXT),
+    ]
+    archive = tmp_path / "work" / "evil.zip"
+    archive.parent.mkdir()
+    archive.write_bytes(badfiles.make_zip(entries))
+    before = _files_outside(tmp_path, db.settings.data_dir)
+    result = import_paths(db, [archive], labels_from_folders=True, actor="x")
+    assert len(result.imported) == 4
+    assert _refusals(result) == {"evil.zip/..\\windows.png": "not an image: looks like text"}
+    assert _files_outside(tmp_path, db.settings.data_dir) == before
+    assert not (tmp_path / "escape.png").exists() and not (tmp_path / "work" / "escape.png").exists()
+    assert not Path(f"/tmp/{marker}.png").exists()
+    with db.read() as session:
+        rows = session.scalars(select(Image)).all()
+        session.expunge_all()
+    assert {r.source for r in rows} == {"zip:evil.zip"}
+    for row in rows:  # stored by content under the store, whatever the entry was called
+        assert (db.settings.data_dir / row.stored_path).resolve().is_relative_to(db.settings.images_dir)
+    # A '..' component is not a category; the real folder is.
+    assert _labels(db) == {"evil.zip/ok/fine.png": "ok"}
+    assert db.integrity_ok()
+
+
+@pytest.fixture
+def capped_db(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Database]:
+    """A database whose settings carry small zip caps (set through the environment, as an operator would)."""
+
+    def make(**env: int) -> Database:
+        for key, value in env.items():
+            monkeypatch.setenv(f"PRODCAT_{key.upper()}", str(value))
+        get_settings.cache_clear()
+        return core_db.open_database(get_settings())
+
+    return make
+
+
+def test_zip_expanding_past_the_byte_cap_keeps_the_good_entries_before_it(
+    capped_db: Callable[..., Database], tmp_path: Path
+) -> None:
+    db = capped_db(zip_max_total_bytes=1_000_000)
+    zeros = b"\x00" * 5_000_000  # 5 MB of zeros compresses to a few kilobytes
+    archive = badfiles.make_zip(
+        [("a.png", image_bytes("Shoes", 30)), ("b.png", image_bytes("Bags", 30)),
+         ("filler1.bin", zeros), ("filler2.bin", zeros), ("c.png", image_bytes("Hats", 30))]
+    )
+    assert len(archive) < 50_000
+    result = import_uploads(db, [Upload("bomb.zip", archive)], actor="x")
+    assert [i.name for i in result.imported] == ["bomb.zip/a.png", "bomb.zip/b.png"]
+    refused = _refusals(result)
+    assert "more than the limit of 1,000,000 bytes" in refused["bomb.zip/filler1.bin"]
+    assert "2 remaining entries were not read" in refused["bomb.zip"]
+    assert _image_count(db) == 2
+    assert db.integrity_ok()
+
+
+def test_zip_with_too_many_entries_imports_up_to_the_cap(capped_db: Callable[..., Database]) -> None:
+    db = capped_db(zip_max_entries=3)
+    archive = badfiles.make_zip([(f"{i}.png", image_bytes("Hats", 40 + i)) for i in range(5)])
+    result = import_uploads(db, [Upload("many.zip", archive), Upload("loose.png", image_bytes("Bags", 40))], actor="x")
+    assert [i.name for i in result.imported] == ["many.zip/0.png", "many.zip/1.png", "many.zip/2.png", "loose.png"]
+    assert "5 files, more than the limit of 3: the last 2 were not read" in _refusals(result)["many.zip"]
+    assert db.integrity_ok()
+
+
+def test_encrypted_and_nested_zip_entries_are_refused_per_entry(db: Database) -> None:
+    inner = badfiles.make_zip([("x.png", image_bytes("Shoes", 50))])
+    archive = badfiles.zip_with_encrypted_entry(
+        [("one.png", image_bytes("Shoes", 51)), ("inner.zip", inner), ("two.png", image_bytes("Bags", 51))],
+        "secret.png",
+        image_bytes("Hats", 51),
+    )
+    result = import_uploads(db, [Upload("mixed.dat", archive)], actor="x")  # a zip by content, whatever its name
+    refused = _refusals(result)
+    assert "encrypted zip entry" in refused["mixed.dat/secret.png"]
+    assert "nested archive" in refused["mixed.dat/inner.zip"]
+    assert sorted(i.name for i in result.imported) == ["mixed.dat/one.png", "mixed.dat/two.png"]
+    assert _image_count(db) == 2
+    assert db.integrity_ok()
+
+
+def test_a_broken_zip_is_refused_and_the_rest_of_the_batch_goes_through(db: Database) -> None:
+    broken = badfiles.make_zip([("a.png", image_bytes("Shoes", 60))])[:40]
+    result = import_uploads(db, [Upload("broken.zip", broken), Upload("ok.png", image_bytes("Shoes", 61))], actor="x")
+    assert "broken.zip" in _refusals(result)
+    assert [i.name for i in result.imported] == ["ok.png"]
+
+
+def test_missing_path_is_refused_by_name(db: Database, tmp_path: Path) -> None:
+    good = tmp_path / "g.png"
+    good.write_bytes(image_bytes("Bags", 70))
+    result = import_paths(db, [tmp_path / "nope", good], actor="x")
+    assert _refusals(result) == {str(tmp_path / "nope"): "no such file or folder"}
+    assert len(result.imported) == 1
+
+
+def test_a_failing_database_insert_leaves_no_half_image(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.ingest as ingest
+
+    import_uploads(db, [Upload("before.png", image_bytes("Shoes", 80))], category="Shoes", actor="x")
+
+    def broken_apply_label(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk I/O error (simulated)")
+
+    monkeypatch.setattr(ingest, "apply_label", broken_apply_label)
+    with pytest.raises(RuntimeError, match="simulated"):
+        import_uploads(db, [Upload("during.png", image_bytes("Shoes", 81))], category="Shoes", actor="x")
+    monkeypatch.undo()
+    # The row and its label were one transaction: neither is there, the earlier import is intact.
+    assert _labels(db) == {"before.png": "Shoes"}
+    assert _image_count(db) == 1
+    assert db.integrity_ok()
+    # The orphaned stored file is harmless: importing again reuses it and completes.
+    again = import_uploads(db, [Upload("during.png", image_bytes("Shoes", 81))], category="Shoes", actor="x")
+    assert [i.name for i in again.imported] == ["during.png"]
+
+
+def test_zipped_image_folder_upload_labels_by_folder_skipping_the_wrapper(db: Database) -> None:
+    entries = [(f"dataset/{c}/{c.lower()}_{i}.png", image_bytes(c, 90 + i)) for c in CATEGORY_COLOURS for i in range(2)]
+    entries.append(("dataset/readme.txt", b"hello"))
+    upload = Upload("dataset.zip", badfiles.make_zip(entries))
+    result = import_uploads(db, [upload], labels_from_folders=True, actor="x")
+    assert _refusals(result) == {"dataset.zip/dataset/readme.txt": "not an image: looks like text"}
+    labels = _labels(db)
+    assert len(labels) == 6
+    assert all(name.split("/")[2] == category for name, category in labels.items())
+    with db.read() as session:
+        assert set(session.scalars(select(Image.source))) == {"zip:dataset.zip"}

@@ -1,0 +1,125 @@
+"""What people do on the pages changes the database as they expect (AppTest, real SQLite)."""
+
+from __future__ import annotations
+
+from core.dashboard import cell_review_filters
+from core.db import Database
+from core.jobs import list_jobs, live_workers, register_worker
+from core.labels import audit_trail
+from core.training import training_plan
+from tests.core.factories import FakeImage, build, populate
+from tests.pages.helpers import card_ids, errors_of, run_page
+
+SHOES, BAGS, HATS = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
+
+
+def _mixed(p: tuple[float, float, float]) -> tuple[float, ...]:
+    # Mostly `p`, never certain: a prediction with a visible confidence below 100%.
+    return tuple(0.8 * v + 0.1 for v in p)
+
+
+def test_picking_a_category_on_the_review_page_relabels_and_audits(db: Database) -> None:
+    made = build(
+        db,
+        [
+            FakeImage(split="test", label="Shoes", probs=_mixed(BAGS), name="boot.jpg"),
+            FakeImage(split="train", label="Hats", probs=_mixed(HATS), name="cap.jpg"),
+        ],
+    )
+    boot = int(made.image_ids[0])
+    at = run_page("pages/review.py", session={"actor": "alice"})
+    assert boot in card_ids(at)
+
+    key = f"rv_pick_{boot}_Shoes"
+    at.pills(key=key).set_value("Bags").run()
+
+    assert not at.exception and errors_of(at) == []
+    trail = audit_trail(db, boot)
+    assert trail[0].actor == "alice"
+    assert (trail[0].old_category, trail[0].new_category) == ("Shoes", "Bags")
+    # The prediction the person saw is kept with the change.
+    assert trail[0].predicted_category == "Bags" and trail[0].model_version_id == made.version_id
+    # The card now shows the new label.
+    assert any(t.value.startswith("Label: Bags") for t in at.text)
+
+
+def test_accepting_the_prediction_then_undo_restores_the_label(db: Database) -> None:
+    made = build(db, [FakeImage(split="val", label=None, probs=_mixed(HATS), name="beanie.png")])
+    image = int(made.image_ids[0])
+    at = run_page("pages/review.py", session={"actor": "bob"})
+    at.button(key=f"rv_accept_{image}").click().run()
+    assert audit_trail(db, image)[0].new_category == "Hats"
+
+    next(b for b in at.button if b.label == "Undo my last change").click().run()
+    trail = audit_trail(db, image)
+    assert trail[0].action == "undo" and trail[0].new_category is None
+    assert any(t.value.startswith("Label: (unlabelled)") for t in at.text)
+
+
+def test_bulk_relabel_of_selected_images(db: Database) -> None:
+    made = build(db, [FakeImage(split="train", label="Shoes", probs=_mixed(SHOES), name=f"s{k}.jpg") for k in range(3)])
+    first, second, third = (int(i) for i in made.image_ids)
+    at = run_page("pages/review.py", session={"actor": "cara"})
+    at.checkbox(key=f"rv_sel_{first}").check()
+    at.checkbox(key=f"rv_sel_{third}").check()
+    at.selectbox(key="review_bulk_target").set_value("Hats")
+    next(b for b in at.button if b.label == "Relabel selected").click().run()
+    assert [audit_trail(db, i)[0].new_category for i in (first, second, third)] == ["Hats", "Shoes", "Hats"]
+    assert audit_trail(db, first)[0].action == "bulk"
+
+
+def test_retrain_button_queues_exactly_one_job_and_refuses_a_second(db: Database) -> None:
+    populate(db, n_images=300, categories=("Shoes", "Bags", "Hats"), labelled_fraction=0.9, seed=3)
+    assert training_plan(db, mode="quick").ok
+    # A live worker (as if on another machine): the page must not start one, and the job stays queued.
+    register_worker(db, "test-worker-elsewhere")
+    at = run_page("pages/train.py", session={"actor": "dana"})
+    at.radio[0].set_value("quick").run()
+    retrain = next(b for b in at.button if b.label.startswith("Retrain"))
+    retrain.click().run()
+    assert not at.exception and errors_of(at) == []
+    jobs = list_jobs(db)
+    assert [(j.status, j.mode, j.requested_by) for j in jobs] == [("queued", "quick", "dana")]
+    assert [w["id"] for w in live_workers(db)] == ["test-worker-elsewhere"]  # no second worker was started
+
+    next(b for b in at.button if b.label.startswith("Retrain")).click().run()
+    assert any("already queued" in e for e in errors_of(at))
+    assert len(list_jobs(db)) == 1
+
+
+def test_a_confusion_matrix_cell_filters_the_review_grid(db: Database) -> None:
+    made = build(
+        db,
+        [
+            FakeImage(split="test", label="Shoes", probs=_mixed(BAGS), name="shoe_as_bag_1.jpg"),
+            FakeImage(split="test", label="Shoes", probs=_mixed(SHOES), name="shoe_ok.jpg"),
+            FakeImage(split="test", label="Shoes", probs=_mixed(BAGS), name="shoe_as_bag_2.jpg"),
+            FakeImage(split="train", label="Shoes", probs=_mixed(BAGS), name="train_shoe_as_bag.jpg"),
+            FakeImage(split="test", label="Bags", probs=_mixed(SHOES), name="bag_as_shoe.jpg"),
+        ],
+    )
+    # What a click on the cell (true Shoes, predicted Bags) stores before switching to the review page.
+    cell = cell_review_filters("Shoes", "Bags", version_id=made.version_id).as_kwargs()
+    at = run_page("pages/review.py", session={"review_cell": cell})
+    assert sorted(card_ids(at)) == [int(made.image_ids[0]), int(made.image_ids[2])]
+
+    next(b for b in at.button if b.label == "Show all images again").click().run()
+    assert sorted(card_ids(at)) == sorted(int(i) for i in made.image_ids)
+
+
+def test_dashboard_shows_the_confusion_matrix_and_scores(db: Database) -> None:
+    build(
+        db,
+        [
+            FakeImage(split="test", label="Shoes", probs=_mixed(SHOES)),
+            FakeImage(split="test", label="Bags", probs=_mixed(SHOES)),
+            FakeImage(split="test", label="Hats", probs=_mixed(HATS)),
+            FakeImage(split="test", label="Bags", probs=_mixed(BAGS)),
+        ],
+    )
+    at = run_page("pages/dashboard.py")
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Accuracy"] == "75.0%"
+    assert metrics["Test images"] == "4"
+    assert any(s.value == "Confusion matrix" for s in at.subheader)

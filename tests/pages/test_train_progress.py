@@ -1,0 +1,37 @@
+"""The train page follows a running job from the database and can cancel it; user text is never Markdown."""
+
+from __future__ import annotations
+
+from core.db import Database
+from core.jobs import claim_next_job, enqueue_training, get_job, record_progress
+from pages._ui import md_escape
+from tests.pages.helpers import run_page
+
+
+def test_live_progress_of_a_running_job_and_cancel(db: Database) -> None:
+    job_id = enqueue_training(db, "quick", {}, "gus")
+    claim_next_job(db, "worker-under-test")
+    for epoch, loss in ((1, 0.9), (2, 0.5)):
+        record_progress(
+            db,
+            job_id,
+            {"phase": "train", "epoch": epoch, "epochs": 4, "loss": loss, "train_acc": 0.5 + epoch / 10,
+             "val_acc": 0.4 + epoch / 10, "images_per_s": 250.0, "eta_s": 95.0, "device": "cpu"},
+        )  # fmt: skip
+    at = run_page("pages/train.py", session={"actor": "hana"})
+    assert not at.exception
+    assert any(s.value == f"Training job #{job_id}: running" for s in at.subheader)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics == {"Loss": "0.500", "Images/s": "250", "ETA": "1 min 35 s", "Device": "cpu"}
+    # The sidebar tells every page about the job too.
+    assert any("running" in t.value and "epoch 2/4" in t.value for t in at.sidebar.text)
+
+    at.button(key=f"cancel_{job_id}").click().run()
+    job = get_job(db, job_id)
+    assert job.cancel_requested and "hana" in job.error
+
+
+def test_user_text_is_escaped_for_markdown() -> None:
+    assert md_escape("*sale* [x](http://e.vil) :red[hi] $x$") == (
+        r"\*sale\* \[x\]\(http\:\/\/e\.vil\) \:red\[hi\] \$x\$"
+    )

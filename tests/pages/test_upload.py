@@ -1,0 +1,57 @@
+"""The upload page: import with a category, refused and duplicate files reported, one-click labelling (AppTest)."""
+
+from __future__ import annotations
+
+from streamlit.testing.v1 import AppTest
+
+from core.db import Database
+from core.labels import add_category, audit_trail
+from core.stats import catalogue_stats
+from tests.imagegen import image_bytes
+from tests.pages.helpers import card_ids, errors_of, run_page
+
+
+def _import(at: AppTest, files: list[tuple[str, bytes, str]], category: str | None = None) -> AppTest:
+    at.file_uploader[0].set_value(files)
+    if category is not None:
+        at.selectbox[0].set_value(category)
+    next(b for b in at.button if b.label == "Import").click().run()
+    return at
+
+
+def test_upload_with_a_category_labels_every_image_and_reports_refusals(db: Database) -> None:
+    files = [(f"shoe_{k}.png", image_bytes("Shoes", k), "image/png") for k in range(3)]
+    files.append(("notes.txt", b"not an image at all", "text/plain"))
+    add_category(db, "Shoes", actor="setup")  # AppTest's selectbox cannot type a new name (the browser test does)
+    at = run_page("pages/upload.py", session={"actor": "erin"})
+    _import(at, files, category="Shoes")
+
+    assert not at.exception and errors_of(at) == []
+    stats = catalogue_stats(db)
+    assert (stats.total_images, stats.labelled) == (3, 3)
+    assert any("3 imported" in t.value and "1 refused" in t.value for t in at.text)
+    refused = at.dataframe[0].value
+    assert list(refused["file"]) == ["notes.txt"] and refused["reason"][0]
+    shown = card_ids(at)
+    assert len(shown) == 3
+    assert audit_trail(db, shown[0])[0].actor == "erin"
+
+
+def test_duplicates_name_the_image_they_match_and_one_click_labels(db: Database) -> None:
+    for name in ("Bags", "Hats"):
+        add_category(db, name, actor="setup")
+    at = run_page("pages/upload.py", session={"actor": "finn"})
+    _import(at, [("bag.png", image_bytes("Bags", 1), "image/png")], category="Bags")
+    _import(at, [("hat.png", image_bytes("Hats", 1), "image/png")], category="Hats")
+    first = catalogue_stats(db).total_images
+    # The same bag again under another name, plus a new unlabelled photo.
+    again = [("bag-copy.png", image_bytes("Bags", 1), "image/png"), ("new.png", image_bytes("Hats", 2), "image/png")]
+    _import(at, again)
+
+    assert catalogue_stats(db).total_images == first + 1
+    duplicates = at.dataframe[0].value
+    assert list(duplicates["file"]) == ["bag-copy.png"] and list(duplicates["its name"]) == ["bag.png"]
+    new_id = max(card_ids(at))
+    at.pills(key=f"up_pick_{new_id}_None").set_value("Hats").run()
+    assert audit_trail(db, new_id)[0].new_category == "Hats"
+    assert audit_trail(db, new_id)[0].actor == "finn"
