@@ -100,6 +100,8 @@ def main() -> None:
 
     fp32 = Classifier(model, meta, device, cpu_bf16=False)
     variants["Classifier fp32 (channels_last, inference_mode, conv-bn fused)"] = fp32.logits_pixels
+    unfused = Classifier(model, meta, device, fuse=False)
+    variants[f"Classifier without conv-bn fusion (autocast {unfused.autocast_dtype})"] = unfused.logits_pixels
     classifier = Classifier(model, meta, device)
     name = f"Classifier default (autocast {classifier.autocast_dtype})"
     variants[name] = classifier.logits_pixels
