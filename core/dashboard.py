@@ -10,9 +10,9 @@ Where the numbers come from:
   their target category; labels in a category the model has no class for count as errors (an extra column).
 - Accuracy / macro F1 per version over time come from each version's stored test metrics: every version was
   measured on the same fixed test split, at its own time.
-- A *correction* is a person's label change (actions set, bulk, clear) that either changed an existing label
-  (to another category or to none) or chose a category different from the prediction the person was shown.
-  Imports, merges, renames and undos are bookkeeping and are not counted. Days are UTC dates.
+- Label changes and corrections are defined once, in `core.corrections` (the training plan counts the same):
+  a person's set/bulk/clear that still stands; a correction changed an existing label or overrode the shown
+  prediction. Imports, merges, renames, undos and the changes undone are not counted. Days are UTC dates.
 
 Everything returns None or an empty frame on an empty database or before the first model.
 """
@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from core.corrections import correction_clause, label_change_clause
 from core.db import Database
 from core.errors import NotFound
 from core.review import LabelState, ReviewOrder, load_context
@@ -37,7 +38,6 @@ from core.stats import catalogue_stats
 
 DEFAULT_BINS = 10
 DEFAULT_DAYS = 90
-CORRECTION_ACTIONS: tuple[str, ...] = ("set", "bulk", "clear")
 
 
 # --- recomputed evaluation of one version ----------------------------------------------------------------------
@@ -160,10 +160,20 @@ def confusion_matrix_data(
     return ConfusionData(ev.version_id, ev.split, ev.class_names, _confusion_from(ev))
 
 
-def confusion_figure(data: ConfusionData, *, normalised: bool = True) -> go.Figure:
-    """Heatmap, true category down, predicted across; hover shows count and row share. Clicks give (x, y) names."""
+def confusion_figure(data: ConfusionData, *, normalised: bool = True, clickable: bool = True) -> go.Figure:
+    """Heatmap, true category down, predicted across; hover shows count and row share.
+
+    clickable: a click on a cell selects a point whose x and y are the cell's predicted and true category names
+    (what `cell_review_filters` takes). Streamlit's `st.plotly_chart(on_select=...)` reports nothing for heatmap
+    traces (streamlit/streamlit#8760, #15042), so an invisible square marker sits on every cell and takes over
+    the heatmap's hover text; clicking the cell selects its marker.
+    """
     shares = data.normalised
     text = [[f"{int(c)}" for c in row] for row in data.counts]
+    customdata = np.dstack([data.counts, shares])
+    hovertemplate = (
+        "true %{y}<br>predicted %{x}<br>%{customdata[0]} images (%{customdata[1]:.0%} of row)<extra></extra>"
+    )
     fig = go.Figure(
         go.Heatmap(
             z=shares if normalised else data.counts,
@@ -171,14 +181,29 @@ def confusion_figure(data: ConfusionData, *, normalised: bool = True) -> go.Figu
             y=data.class_names,
             text=text,
             texttemplate="%{text}",
-            customdata=np.dstack([data.counts, shares]),
-            hovertemplate="true %{y}<br>predicted %{x}<br>%{customdata[0]} images (%{customdata[1]:.0%} of row)"
-            "<extra></extra>",
+            customdata=customdata,
+            hovertemplate=None if clickable else hovertemplate,
+            hoverinfo="skip" if clickable else None,
             colorscale="Blues",
             zmin=0,
             zmax=1 if normalised else None,
         )
     )
+    if clickable:
+        # Row-major like the heatmap: marker k is cell (true k // n, predicted k % n).
+        names = np.asarray(data.class_names, dtype=object)
+        predicted, true = np.meshgrid(names, names)
+        fig.add_trace(
+            go.Scatter(
+                x=predicted.ravel(),
+                y=true.ravel(),
+                mode="markers",
+                marker={"symbol": "square", "size": 36, "opacity": 0},
+                customdata=customdata.reshape(-1, 2),
+                hovertemplate=hovertemplate,
+                showlegend=False,
+            )
+        )
     fig.update_layout(
         title=f"Confusion matrix, v{data.version_id} on {data.split} ({data.n_images} images)",
         xaxis_title="predicted",
@@ -440,19 +465,11 @@ def corrections_per_day(db: Database, *, days: int = DEFAULT_DAYS, today: date |
     """
     today = today or datetime.now(UTC).date()
     since = datetime.combine(today - timedelta(days=days - 1), datetime.min.time(), tzinfo=UTC)
-    changed_existing = LabelEvent.old_category_id.is_not(None) & (
-        LabelEvent.new_category_id.is_(None) | (LabelEvent.new_category_id != LabelEvent.old_category_id)
-    )
-    overrode = (
-        LabelEvent.predicted_category_id.is_not(None)
-        & LabelEvent.new_category_id.is_not(None)
-        & (LabelEvent.new_category_id != LabelEvent.predicted_category_id)
-    )
     day = func.date(LabelEvent.created_at)
     with db.read() as session:
         rows = session.execute(
-            select(day, func.count(), func.sum(case((or_(changed_existing, overrode), 1), else_=0)))
-            .where(LabelEvent.created_at >= since, LabelEvent.action.in_(CORRECTION_ACTIONS))
+            select(day, func.count(), func.sum(case((correction_clause(), 1), else_=0)))
+            .where(LabelEvent.created_at >= since, label_change_clause())
             .group_by(day)
         ).all()
     if not rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import shutil
 import tempfile
@@ -10,6 +11,7 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TextIO
 
 from sqlalchemy import func, select
 
@@ -97,30 +99,43 @@ def _labelled_rows(db: Database) -> Iterator[tuple[Image, str]]:
             yield image, category
 
 
+def _write_labels_csv(db: Database, handle: TextIO, *, with_ids: bool) -> int:
+    """The labels CSV (header row first) into an open text handle; returns the number of data rows."""
+    columns = CSV_COLUMNS if with_ids else CSV_COLUMNS[:2]
+    writer = csv.writer(handle)
+    writer.writerow(columns)
+    count = 0
+    for image, category in _labelled_rows(db):
+        row = (image.original_name, category, image.id, image.sha256, image.split)
+        writer.writerow(row[: len(columns)])
+        count += 1
+    return count
+
+
+def labels_csv_bytes(db: Database, *, with_ids: bool = False) -> bytes:
+    """The same CSV as `export_labels_csv`, as UTF-8 bytes (for a download button)."""
+    buffer = io.StringIO(newline="")
+    _write_labels_csv(db, buffer, with_ids=with_ids)
+    return buffer.getvalue().encode("utf-8")
+
+
 def export_labels_csv(db: Database, path: Path | str, *, with_ids: bool = False) -> int:
     """Write every labelled image as a `filename,category` CSV (header row first) that `import --labels-csv`
     reads back; `filename` is the image's original name as imported.
 
-    with_ids adds `image_id,sha256,split` columns for spreadsheets and scripts (the importer reads exactly
-    two columns, so such a file does not re-import as is). The file is written to a temporary name and
-    moved into place, so a failed export never leaves half a CSV. Returns the number of rows.
+    with_ids adds `image_id,sha256,split` columns for spreadsheets and scripts (the importer goes by the header
+    and ignores them, so such a file re-imports too). The file is written to a temporary name and moved into
+    place, so a failed export never leaves half a CSV. Returns the number of rows.
     """
     path = Path(path).expanduser()
     if path.is_dir():
         raise ExportError(f"{path} is a directory: give a file name such as labels.csv")
     if not path.parent.is_dir():
         raise ExportError(f"folder {path.parent} does not exist: create it first")
-    columns = CSV_COLUMNS if with_ids else CSV_COLUMNS[:2]
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    count = 0
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(columns)
-            for image, category in _labelled_rows(db):
-                row = (image.original_name, category, image.id, image.sha256, image.split)
-                writer.writerow(row[: len(columns)])
-                count += 1
+            count = _write_labels_csv(db, handle, with_ids=with_ids)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

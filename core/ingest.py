@@ -638,8 +638,32 @@ def import_paths(
     return importer.run(items)
 
 
+def _header_columns(cells: list[str]) -> tuple[int, int] | None:
+    """(filename column, category column) when a row is a header naming both, else None.
+
+    The usual names win (`filename`, `category`), then the first of the accepted synonyms, so an exported file with
+    extra columns (`export labels --with-ids`: image_id, sha256, split) reads back by its header.
+    """
+    lowered = [c.lower() for c in cells]
+
+    def pick(names: set[str], usual: str) -> int | None:
+        if usual in lowered:
+            return lowered.index(usual)
+        return next((i for i, c in enumerate(lowered) if c in names), None)
+
+    filename_col = pick(_CSV_FILENAME_HEADERS, "filename")
+    category_col = pick(_CSV_CATEGORY_HEADERS, "category")
+    if filename_col is None or category_col is None or filename_col == category_col:
+        return None
+    return filename_col, category_col
+
+
 def read_labels_csv(path_or_file: Path | BinaryIO) -> dict[str, str]:
-    """Parse a `filename,category` CSV (header optional) into a mapping; refuses malformed rows clearly."""
+    """Parse a labels CSV into a mapping file name -> category; refuses malformed rows clearly (by line number).
+
+    Without a header every row is exactly `filename,category`. With a header row naming a file name and a category
+    column (`filename,category`, `file,label`...), those two columns are read and any other columns are ignored.
+    """
     if isinstance(path_or_file, str | Path):
         name = str(path_or_file)
         try:
@@ -654,6 +678,8 @@ def read_labels_csv(path_or_file: Path | BinaryIO) -> dict[str, str]:
     except UnicodeDecodeError as exc:
         raise ProdcatError(f"labels CSV {name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     mapping: dict[str, str] = {}
+    header: list[str] | None = None
+    columns = (0, 1)
     first = True
     for line, row in enumerate(csv.reader(io.StringIO(text)), start=1):
         cells = [c.strip() for c in row]
@@ -661,15 +687,23 @@ def read_labels_csv(path_or_file: Path | BinaryIO) -> dict[str, str]:
             cells.pop()
         if not cells:
             continue
-        if len(cells) != 2:
+        if first:
+            first = False
+            found = _header_columns(cells)
+            if found is not None:
+                header, columns = cells, found
+                continue
+        if header is None and len(cells) != 2:
             raise ProdcatError(
                 f"labels CSV {name} line {line}: expected two columns 'filename,category', got {len(cells)}: {row!r}"
             )
-        filename, category = cells
-        if first and filename.lower() in _CSV_FILENAME_HEADERS and category.lower() in _CSV_CATEGORY_HEADERS:
-            first = False
-            continue
-        first = False
+        if header is not None and len(cells) > len(header):
+            raise ProdcatError(
+                f"labels CSV {name} line {line}: {len(cells)} columns but the header has {len(header)} "
+                f"({','.join(header)}): {row!r}"
+            )
+        filename = cells[columns[0]] if columns[0] < len(cells) else ""
+        category = cells[columns[1]] if columns[1] < len(cells) else ""
         if not filename or not category:
             raise ProdcatError(f"labels CSV {name} line {line}: empty file name or category: {row!r}")
         key = _norm_key(filename)

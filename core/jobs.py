@@ -35,10 +35,10 @@ LIVE_STATES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 FINISHED_STATES = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
 # Per-epoch points kept in progress["history"] for the loss/accuracy curves.
 HISTORY_KEYS = ("epoch", "loss", "train_acc", "val_acc")
-# Model-library phases that are summaries, not epochs (their numbers are best-so-far, not per epoch).
+# Model-library phases that are summaries, not epochs (their numbers are best-so-far, not per epoch). Reports from
+# core.training carry the library's phase as "stage" (their "phase" is a display text such as "training (done)").
 _NON_EPOCH_PHASES = ("done",)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_IDLE_EXIT_S = 300.0
 # Workers this process started: kept referenced so they are reaped (polled) instead of warned about when collected.
 _spawned: list[subprocess.Popen[bytes]] = []
 
@@ -199,7 +199,9 @@ def claim_next_job(db: Database, worker_id: str, *, job_id: int | None = None) -
 def _merge_history(history: list[dict[str, Any]], progress: dict[str, Any]) -> list[dict[str, Any]]:
     """Upsert the point of progress["epoch"]: the last report of an epoch (its validation) is the one kept."""
     epoch = progress.get("epoch")
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1 or progress.get("phase") in _NON_EPOCH_PHASES:
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        return history
+    if progress.get("stage") in _NON_EPOCH_PHASES or progress.get("phase") in _NON_EPOCH_PHASES:
         return history
     if all(progress.get(k) is None for k in HISTORY_KEYS[1:]):
         return history
@@ -448,15 +450,18 @@ def worker_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-def ensure_worker(db: Database, *, exit_when_idle: float = DEFAULT_IDLE_EXIT_S) -> bool:
+def ensure_worker(db: Database, *, exit_when_idle: float | None = None) -> bool:
     """Start a detached `python -m core.worker` here when no worker is alive; True if one was started.
 
     The check and a placeholder row for the new worker are written in one write transaction, so two UIs pressing at
     once start one worker (the second sees the placeholder's fresh heartbeat). The worker takes the row over when it
     registers; if it dies before that, the placeholder goes stale after `heartbeat_timeout_s` and a later call
-    starts another. Two workers would be harmless anyway: claiming is atomic.
+    starts another. Two workers would be harmless anyway: claiming is atomic. `exit_when_idle` defaults to
+    `settings.worker_idle_exit_s` (PRODCAT_WORKER_IDLE_EXIT_S).
     """
     settings = db.settings
+    if exit_when_idle is None:
+        exit_when_idle = settings.worker_idle_exit_s
     worker_id = new_worker_id("spawned")
     now = utcnow()
     with db.write() as session:

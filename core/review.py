@@ -399,6 +399,18 @@ def _items(
     return items
 
 
+def review_items(db: Database, image_ids: Sequence[int], *, version_id: int | None = None) -> list[ReviewItem]:
+    """The review-card data of the given images, in the order given, with the predictions the version (default:
+    the active one) stored for them. Unknown ids are left out; `score` is None (nothing ranks them).
+
+    Raises NotFound for an unknown version.
+    """
+    ids = list(dict.fromkeys(int(i) for i in image_ids))  # an image twice in a batch shows once
+    with db.read() as session:
+        ctx = load_context(session, version_id)
+        return _items(session, ctx, db.settings.data_dir, ids, {}, ReviewOrder.NEWEST)
+
+
 def review_queue(
     db: Database,
     *,

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(60.0, gt=0, description="A running job silent this long is failed.")
     heartbeat_interval_s: float = Field(2.0, gt=0)
     worker_poll_s: float = Field(1.0, gt=0)
+    worker_idle_exit_s: float = Field(
+        300.0, ge=0, description="A worker started by the UI (ensure_worker) exits after this long without a job."
+    )
 
     default_actor: str = "staff"
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import func, select
 
+from core.corrections import correction_clause
 from core.db import Database
 from core.errors import CheckpointError, JobCancelled, NotFound, TrainingRefused
 from core.pixel_cache import PixelCache, RowStore
@@ -44,8 +45,11 @@ MIN_VAL_PER_CATEGORY = 1
 MIN_CATEGORIES = 2
 # Keys of job params that are not TrainConfig fields.
 NETWORK_PARAMS = ("arch", "image_size", "device")
+# "phase" is what people read ("training (val)"); "stage" is the models library's own phase ("train", "val",
+# "done", "features"; None for core's steps), so the worker can tell the loop's final summary from an epoch.
 PROGRESS_KEYS = (
     "phase",
+    "stage",
     "epoch",
     "epochs",
     "step",
@@ -79,7 +83,7 @@ class TrainingPlan:
     """What a retrain would use now, and why it would be refused (`problems`, empty when it can run)."""
 
     categories: list[CategoryPlan]
-    corrections_since_active: int
+    corrections_since_active: int  # as defined in core.corrections (bookkeeping and undone changes excluded)
     suggested_mode: str
     mode: str
     active_version_id: int | None
@@ -123,7 +127,7 @@ def training_plan(db: Database, *, mode: str | None = None) -> TrainingPlan:
             )
         }
         active = session.scalar(select(ModelVersion).where(ModelVersion.status == VersionStatus.ACTIVE))
-        events = select(func.count()).select_from(LabelEvent)
+        events = select(func.count()).select_from(LabelEvent).where(correction_clause())
         if active is not None:
             events = events.where(LabelEvent.created_at > active.created_at)
         corrections = int(session.scalar(events) or 0)
@@ -509,7 +513,7 @@ def _train_quick(
                 cfg,
                 device=device,
                 batch_size=config.eval_batch_size,
-                on_progress=lambda p: _emit(on_progress, **{**_progress_dict(p), "phase": phase}),
+                on_progress=lambda p: _emit(on_progress, **{**_progress_dict(p), "phase": phase, "stage": p.phase}),
                 should_stop=should_stop,
                 amp=config.amp,
             )
@@ -571,7 +575,9 @@ def _train_full(
         data,
         model=model,
         cfg=cfg,
-        on_progress=lambda p: _emit(on_progress, **{**_progress_dict(p), "phase": f"training ({p.phase})"}),
+        on_progress=lambda p: _emit(
+            on_progress, **{**_progress_dict(p), "phase": f"training ({p.phase})", "stage": p.phase}
+        ),
         should_stop=should_stop,
     )
     trained = result.model

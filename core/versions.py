@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -105,6 +107,33 @@ def checkpoint_path(db: Database, version: VersionView | ModelVersion) -> Path:
     """Absolute path of a version's .safetensors file (stored relative to the data directory)."""
     path = Path(version.weights_path)
     return path if path.is_absolute() else db.settings.data_dir / path
+
+
+def checkpoint_files(db: Database, version_id: int) -> list[Path]:
+    """[weights (.safetensors), sidecar (.json)] of a version, both checked to exist.
+
+    Raises NotFound for an unknown version and CheckpointError naming the first missing file.
+    """
+    from models.checkpoint import sidecar_path
+
+    weights = checkpoint_path(db, get_version(db, version_id))
+    files = [weights, sidecar_path(weights)]
+    for path in files:
+        if not path.is_file():
+            raise CheckpointError(f"model v{version_id}: checkpoint file {path} is missing")
+    return files
+
+
+def model_archive_bytes(db: Database, version_id: int) -> bytes:
+    """A zip of a version's weights and sidecar, named `model-v<id>.safetensors` and `model-v<id>.json` (the pair
+    `models.checkpoint.load_checkpoint` reads), for one download. Errors as `checkpoint_files`."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in checkpoint_files(db, version_id):
+            # Weights hardly compress and are large: stored as they are; the JSON sidecar is deflated.
+            method = zipfile.ZIP_DEFLATED if path.suffix == ".json" else zipfile.ZIP_STORED
+            archive.write(path, f"model-v{version_id}{path.suffix}", compress_type=method)
+    return buffer.getvalue()
 
 
 @functools.lru_cache(maxsize=4)

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import string
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import plotly.graph_objects as go
 import streamlit as st
 
 from core.db import Database, open_database
-from core.errors import CheckpointError, ProdcatError
+from core.errors import ProdcatError
 from core.jobs import fail_stale_jobs
 from core.labels import SeenPrediction, audit_trail, list_categories, set_label
 from core.overview import Overview, home_overview
-from core.review import ReviewItem, ReviewOrder, load_context
+from core.review import ReviewItem
 from core.settings import get_settings
 
 ACTOR_KEY = "actor"
@@ -173,16 +169,6 @@ def category_names(db: Database) -> list[str]:
     return [c.name for c in list_categories(db)]
 
 
-def items_for_ids(db: Database, image_ids: Sequence[int]) -> list[ReviewItem]:
-    """ADAPTER (ask core.review for a public `review_items(db, image_ids)`): the review-card data of given images,
-    in the order given, with the active version's stored predictions. Uses core.review's own row builder."""
-    from core.review import _items
-
-    with db.read() as session:
-        ctx = load_context(session, None)
-        return _items(session, ctx, db.settings.data_dir, list(image_ids), {}, ReviewOrder.NEWEST)
-
-
 def _seen(item: ReviewItem) -> SeenPrediction | None:
     if item.predicted_category_id is None or item.model_version_id is None or item.confidence is None:
         return None
@@ -303,57 +289,3 @@ def card_grid(db: Database, items: Sequence[ReviewItem], categories: list[str], 
                 if image_card(db, item, categories, prefix=prefix):
                     selected.append(item.image_id)
     return selected
-
-
-# --- charts -------------------------------------------------------------------------------------------------------
-
-
-def clickable_cells(fig: go.Figure) -> go.Figure:
-    """ADAPTER (ask core.dashboard's confusion_figure to do this): make a heatmap's cells clickable in Streamlit.
-
-    st.plotly_chart's on_select reports nothing for heatmap traces (streamlit/streamlit#8760, #15042), so an
-    invisible square marker sits on every cell and takes over the heatmap's hover text; clicking a cell then
-    selects its marker, whose x and y are the cell's predicted and true category.
-    """
-    heat = fig.data[0]
-    xs, ys = np.meshgrid(np.asarray(heat.x, dtype=object), np.asarray(heat.y, dtype=object))
-    custom = np.asarray(heat.customdata)
-    fig.add_trace(
-        go.Scatter(
-            x=xs.ravel(),
-            y=ys.ravel(),
-            mode="markers",
-            marker={"symbol": "square", "size": 36, "opacity": 0},
-            customdata=custom.reshape(-1, custom.shape[-1]) if custom.ndim == 3 else None,
-            hovertemplate=heat.hovertemplate,
-            showlegend=False,
-        )
-    )
-    heat.update(hoverinfo="skip", hovertemplate=None)
-    return fig
-
-
-# --- downloads ----------------------------------------------------------------------------------------------------
-
-
-def labels_csv_bytes(db: Database) -> bytes:
-    """ADAPTER (ask core.export for `labels_csv_bytes(db)`): core.export writes the CSV to a path, the download
-    button needs bytes, so export into a private temporary folder and read it back."""
-    from core.export import export_labels_csv
-
-    with tempfile.TemporaryDirectory(prefix="prodcat-export-") as folder:
-        path = Path(folder) / "labels.csv"
-        export_labels_csv(db, path)
-        return path.read_bytes()
-
-
-def model_file(db: Database, version_id: int, suffix: str) -> bytes:
-    """ADAPTER (ask core.versions for `checkpoint_files(db, version_id)`): one file of a version's checkpoint,
-    `.safetensors` (weights) or `.json` (sidecar), for a download button."""
-    from core.versions import checkpoint_path, get_version
-
-    weights = checkpoint_path(db, get_version(db, version_id))
-    path = weights.with_suffix(suffix)
-    if not path.is_file():
-        raise CheckpointError(f"model v{version_id}: checkpoint file {path} is missing")
-    return path.read_bytes()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.export import export_imagefolder
+from core.export import export_imagefolder, labels_csv_bytes
 from core.ingest import Upload, import_paths, import_uploads, read_labels_csv
 from core.labels import add_category, archive_category, list_categories, merge_categories, rename_category
-from core.versions import active_version
+from core.versions import active_version, checkpoint_files, model_archive_bytes
 from pages import _ui
 
 db = _ui.get_db()
@@ -114,7 +114,7 @@ csv_col, folder_col, model_col = st.columns(3)
 with csv_col:
     st.subheader("Labels CSV")
     # Deferred: the CSV is written only when someone clicks, not on every rerun of this page.
-    st.download_button("Download labels.csv", lambda: _ui.labels_csv_bytes(db), file_name="labels.csv", mime="text/csv")
+    st.download_button("Download labels.csv", lambda: labels_csv_bytes(db), file_name="labels.csv", mime="text/csv")
 with folder_col, st.form("export_folder"):
     st.subheader("ImageFolder")
     target_dir = st.text_input("New or empty folder on the server")
@@ -131,10 +131,13 @@ with model_col:
         st.text("No model yet.")
     else:
         st.text(version.label)
-        for suffix, what in ((".safetensors", "weights"), (".json", "sidecar")):
+        ok, _ = _ui.attempt(checkpoint_files, db, version.id)  # a missing file is reported here, not on click
+        if ok:
+            # Deferred like the CSV: the zip (weights + JSON sidecar) is built only when someone clicks.
             st.download_button(
-                f"Download {what} ({suffix})",
-                lambda suffix=suffix: _ui.model_file(db, version.id, suffix),
-                file_name=f"model-v{version.id}{suffix}",
-                key=f"download_model{suffix}",
+                "Download model (.zip)",
+                lambda: model_archive_bytes(db, version.id),
+                file_name=f"model-v{version.id}.zip",
+                mime="application/zip",
+                key="download_model",
             )

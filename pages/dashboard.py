@@ -27,7 +27,7 @@ if board.confusion is not None:
     normalised = st.toggle("Row-normalised (share of each true category)", value=True)
     st.caption("Click a cell to review those images.")
     event = st.plotly_chart(
-        _ui.clickable_cells(confusion_figure(board.confusion, normalised=normalised)),
+        confusion_figure(board.confusion, normalised=normalised),
         on_select="rerun",
         selection_mode="points",
         key="confusion",

@@ -32,7 +32,7 @@ mode = suggested if choice == AUTO else choice
 plan = training_plan(db, mode=mode)
 st.text(
     f"{plan.labelled} labelled images in {len(plan.trainable)} categories; "
-    f"{plan.corrections_since_active} label changes since the active model."
+    f"{plan.corrections_since_active} corrections since the active model."
 )
 if plan.categories:
     st.dataframe(

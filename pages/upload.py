@@ -7,6 +7,7 @@ import streamlit as st
 from core.ingest import Upload, import_uploads
 from core.labels import bulk_relabel
 from core.predict import predict_images
+from core.review import review_items
 from core.versions import active_version
 from pages import _ui
 
@@ -81,7 +82,7 @@ if ids and active_version(db) is not None:
     # Stored once per image and version: after a retrain this computes the new version's predictions.
     with st.spinner("Classifying..."):
         _ui.attempt(predict_images, db, ids)
-items = _ui.items_for_ids(db, ids)
+items = review_items(db, ids)
 
 left, right = st.columns([3, 1], vertical_alignment="bottom")
 target = left.selectbox(

@@ -19,6 +19,7 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.delenv("PRODCAT_DATABASE_URL", raising=False)
     # Tests never reach the network: no hub weights unless a test provides a local file.
     monkeypatch.setenv("PRODCAT_PRETRAINED", "none")
+    monkeypatch.setenv("PRODCAT_WORKER_IDLE_EXIT_S", "5")
     get_settings.cache_clear()
     yield path
     core_db.close_all()

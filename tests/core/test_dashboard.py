@@ -10,6 +10,7 @@ import pytest
 from core.dashboard import (
     cell_review_filters,
     class_balance,
+    confusion_figure,
     confusion_matrix_data,
     corrections_per_day,
     dashboard,
@@ -64,6 +65,24 @@ def test_clicked_cell_opens_exactly_those_images(db: Database, cat: Populated) -
     assert [i.image_id for i in page.items] == [int(cat.image_ids[1])]
     diagonal = review_queue(db, **cell_review_filters("Hats", "Hats").as_kwargs())
     assert [i.image_id for i in diagonal.items] == [int(cat.image_ids[2])]  # the val Hats image is not in it
+
+
+def test_every_confusion_cell_is_a_clickable_point_naming_its_categories(db: Database, cat: Populated) -> None:
+    cm = confusion_matrix_data(db)
+    assert cm is not None
+    fig = confusion_figure(cm)
+    heat, cells = fig.data
+    assert heat.type == "heatmap" and heat.hoverinfo == "skip"  # the markers carry the hover text
+    assert cells.type == "scatter" and cells.marker.opacity == 0 and len(cells.x) == 9
+    # What a click reports (x = predicted, y = true) and what its hover shows, cell by cell.
+    clicked = {(y, x): (int(c[0]), float(c[1])) for x, y, c in zip(cells.x, cells.y, cells.customdata, strict=True)}
+    assert clicked[("Shoes", "Bags")] == (1, 0.5) and clicked[("Bags", "Bags")] == (1, 1.0)
+    assert clicked[("Hats", "Shoes")] == (0, 0.0)
+    assert {k: v[0] for k, v in clicked.items()} == {
+        (t, p): int(cm.counts[i, j]) for i, t in enumerate(cm.class_names) for j, p in enumerate(cm.class_names)
+    }
+    plain = confusion_figure(cm, clickable=False)
+    assert len(plain.data) == 1 and "images" in plain.data[0].hovertemplate
 
 
 def test_per_class_table_matches_hand_computation(db: Database, cat: Populated) -> None:

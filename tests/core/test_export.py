@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ from sqlalchemy import select, update
 
 from core import labels
 from core.db import Database, open_database
-from core.export import ExportError, export_imagefolder, export_labels_csv, safe_component
-from core.ingest import import_paths
+from core.export import ExportError, export_imagefolder, export_labels_csv, labels_csv_bytes, safe_component
+from core.ingest import import_paths, read_labels_csv
 from core.schema import Category, Image, Label
 from core.settings import Settings
 from tests.imagegen import write_image_folder
@@ -77,6 +78,31 @@ def test_labels_csv_with_ids(imported: Database, tmp_path: Path) -> None:
         shas = {i: s for i, s in session.execute(select(Image.id, Image.sha256))}
     assert len(rows) == 9 and all(shas[int(r["image_id"])] == r["sha256"] for r in rows)
     assert {r["split"] for r in rows} <= {"train", "val", "test"}
+
+
+def test_labels_csv_with_ids_reimports_into_a_fresh_catalogue(
+    imported: Database, source_tree: Path, tmp_path: Path
+) -> None:
+    labels.set_label(imported, 2, "Shoes", actor="bob")
+    path = tmp_path / "ids.csv"
+    assert export_labels_csv(imported, path, with_ids=True) == 9
+    other = open_database(Settings(data_dir=tmp_path / "other-data"))
+    result = import_paths(other, [source_tree], labels_csv=path, actor="carol")
+    assert len(result.imported) == 9 and not result.refused
+    assert labelled_by_sha(other) == labelled_by_sha(imported)
+
+
+def test_labels_csv_bytes_is_the_exported_file(imported: Database, tmp_path: Path) -> None:
+    labels.rename_category(imported, "Hats", "Hüte, \"warm\"", actor="admin")  # non-ASCII, comma and quotes
+    for with_ids in (False, True):
+        path = tmp_path / f"labels-{with_ids}.csv"
+        export_labels_csv(imported, path, with_ids=with_ids)
+        data = labels_csv_bytes(imported, with_ids=with_ids)
+        assert data == path.read_bytes()
+        assert read_labels_csv(io.BytesIO(data)) == read_labels_csv(path)
+    assert sorted(set(read_labels_csv(io.BytesIO(labels_csv_bytes(imported))).values())) == [
+        "Bags", "Hüte, \"warm\"", "Shoes"
+    ]
 
 
 def test_unsafe_names_stay_inside_the_export_folder(imported: Database, tmp_path: Path) -> None:

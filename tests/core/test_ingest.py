@@ -229,6 +229,25 @@ def test_read_labels_csv_header_optional_and_malformed_rows_named(tmp_path: Path
         read_labels_csv(clash)
 
 
+def test_read_labels_csv_with_a_header_ignores_extra_columns_but_not_broken_rows(tmp_path: Path) -> None:
+    # The shape of `export labels --with-ids`, columns reordered as a spreadsheet might leave them.
+    wide = tmp_path / "wide.csv"
+    wide.write_text("image_id,Category,sha256,filename,split\n1,Shoes,ab12,a.jpg,train\n2,Bags,cd34,sub/b.jpg,test,,\n")
+    assert read_labels_csv(wide) == {"a.jpg": "Shoes", "sub/b.jpg": "Bags"}
+    too_wide = tmp_path / "too_wide.csv"
+    too_wide.write_text("filename,category,split\na.jpg,Shoes,train\nb.jpg,Bags,test,oops\n")
+    with pytest.raises(ProdcatError, match=r"too_wide\.csv line 3: 4 columns but the header has 3"):
+        read_labels_csv(too_wide)
+    short = tmp_path / "short.csv"
+    short.write_text("split,filename,category\ntrain,a.jpg,Shoes\n\ntest,b.jpg\n")
+    with pytest.raises(ProdcatError, match=r"short\.csv line 4: empty file name or category"):
+        read_labels_csv(short)
+    headless = tmp_path / "headless.csv"
+    headless.write_text("a.jpg,Shoes,train\n")  # no header: extra columns stay an error
+    with pytest.raises(ProdcatError, match=r"headless\.csv line 1: expected two columns"):
+        read_labels_csv(headless)
+
+
 def test_zip_traversal_names_never_write_outside_the_store(db: Database, tmp_path: Path) -> None:
     marker = uuid.uuid4().hex
     entries = [

@@ -138,6 +138,8 @@ def test_progress_keeps_latest_values_and_one_history_point_per_epoch(db: Databa
         {"phase": "training", "epoch": 1, "epochs": 2, "loss": 1.5, "train_acc": 0.4, "val_acc": 0.5},
         {"phase": "training", "epoch": 2, "epochs": 2, "loss": 1.0, "train_acc": 0.6, "val_acc": 0.7},
         {"phase": "done", "epoch": 2, "epochs": 2, "loss": 1.0, "train_acc": 0.6, "val_acc": 0.75},
+        # As core.training reports the loop's summary: display phase plus the library's own phase as "stage".
+        {"phase": "training (done)", "stage": "done", "epoch": 2, "loss": 0.9, "train_acc": 0.6, "val_acc": 0.8},
         {"phase": "evaluating", "epoch": None},
     ]
     assert [jobs.record_progress(db, job_id, r) for r in reports] == [False] * len(reports)
@@ -268,3 +270,19 @@ def test_worker_progress_is_throttled_but_keeps_each_epochs_last_report(db: Data
     jobs.cancel_job(db, job_id, actor="ben")
     run.on_progress({"phase": "evaluating"})
     assert run.should_stop()
+
+
+def test_a_worker_started_for_the_ui_exits_after_the_configured_idle_time(db: Database) -> None:
+    # conftest sets PRODCAT_WORKER_IDLE_EXIT_S=5: the worker started without an explicit idle time uses it,
+    # so no test (and no UI session on a quiet day) leaves a worker running for minutes.
+    assert db.settings.worker_idle_exit_s == 5
+    assert jobs.ensure_worker(db) is True
+    process = jobs._spawned[-1]
+    try:
+        assert process.args[process.args.index("--exit-when-idle") + 1] == "5"
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert "idle" in (db.settings.logs_dir / "worker.log").read_text()

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from core.db import Database
 from core.errors import NotFound, ProdcatError
 from core.labels import merge_categories
-from core.review import LabelState, ReviewOrder, review_queue
+from core.review import LabelState, ReviewOrder, review_items, review_queue
 from tests.core.factories import BASE_TIME, FakeImage, Populated, build, populate
 
 # Classes in order Shoes, Bags, Hats. Index = position in this list; ids are assigned in this order.
@@ -112,6 +112,22 @@ def test_items_carry_what_the_grid_shows(db: Database, cat: Populated) -> None:
     assert one.model_version_id == cat.version_id and one.predicted_category_id == cat.id_of("Bags")
     unpredicted = review_queue(db, order=ReviewOrder.NEWEST, split="test", label_state="unlabelled").items[0]
     assert unpredicted.predicted is None and unpredicted.top3 == [] and unpredicted.score is None
+
+
+def test_review_items_of_an_upload_batch_keep_its_order(db: Database, cat: Populated) -> None:
+    first = int(cat.image_ids[0])
+    # What the upload page asks for: the batch's ids, in upload order, an id repeated and one since deleted.
+    items = review_items(db, [first + 6, first + 1, first + 4, first + 1, 999_999])
+    assert [i.image_id for i in items] == [first + 6, first + 1, first + 4]
+    hats, shoes, unpredicted = items
+    assert (hats.label, hats.predicted, hats.confidence) == ("Hats", "Hats", pytest.approx(0.6))
+    assert shoes.predicted == "Bags" and shoes.disagrees and shoes.model_version_id == cat.version_id
+    assert shoes.top3[0] == ("Bags", pytest.approx(0.9)) and shoes.thumb_path.is_file()
+    assert unpredicted.label is None and unpredicted.predicted is None and unpredicted.model_version_id is None
+    assert review_items(db, [first], version_id=cat.version_id)[0].predicted == "Shoes"
+    assert review_items(db, []) == []
+    with pytest.raises(NotFound, match="no model version 12345"):
+        review_items(db, [first], version_id=12345)
 
 
 def test_merged_class_counts_as_its_target(db: Database, cat: Populated, queue: Queue) -> None:

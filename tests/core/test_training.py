@@ -7,6 +7,7 @@ from sqlalchemy import func, select
 
 from core.db import Database
 from core.errors import JobCancelled, TrainingRefused
+from core.jobs import get_job
 from core.schema import ModelVersion, Prediction
 from core.training import _promote, run_training, training_plan
 from core.versions import active_version, get_version
@@ -83,7 +84,7 @@ def test_second_quick_run_reuses_cached_features_and_resizes_the_head_for_a_new_
     v1 = run_training(db, add_job(db), on_progress=_noop, should_stop=_never)
     assert get_version(db, v1).class_names == CLASSES[:2]
     store_images(db, dataset(["Hats"], train=4, val=2, test=2))
-    assert training_plan(db).corrections_since_active == 8
+    assert training_plan(db).corrections_since_active == 0  # new labels, not corrections of the model
     v2 = run_training(db, add_job(db), on_progress=_noop, should_stop=_never)
     version = get_version(db, v2)
     assert version.class_names == CLASSES and version.parent_id == v1
@@ -92,15 +93,25 @@ def test_second_quick_run_reuses_cached_features_and_resizes_the_head_for_a_new_
     assert version.metrics["train"]["features_computed"] == 8
 
 
-def test_full_mode_one_epoch_at_32_pixels(db: Database) -> None:
+def test_full_mode_at_32_pixels_records_one_history_point_per_epoch_with_its_numbers(db: Database) -> None:
+    from core.worker import JobRun
+
     store_images(db, dataset(CLASSES, train=4, val=1, test=1))
     seen: list[dict] = []
-    job = add_job(db, "full", {"arch": "resnet18", "image_size": 32, "epochs": 1, "batch_size": 8})
-    version_id = run_training(db, job, on_progress=seen.append, should_stop=_never)
+    job = add_job(db, "full", {"arch": "resnet18", "image_size": 32, "epochs": 2, "batch_size": 8, "patience": 0})
+    run = JobRun(db, job, extra_progress=seen.append)  # the worker's own progress path, throttling included
+    version_id = run_training(db, job, on_progress=run.on_progress, should_stop=run.should_stop)
+    run.flush()
     version = get_version(db, version_id)
     assert version.mode == "full" and version.status == "active"
-    assert version.metrics["train"]["epochs_run"] == 1
-    assert any(p["phase"].startswith("training") and p["epochs"] == 1 for p in seen)
+    assert version.metrics["train"]["epochs_run"] == 2
+    loop = [p for p in seen if p["stage"] in ("train", "val", "done")]
+    assert loop and all(p["phase"] == f"training ({p['stage']})" and p["epochs"] == 2 for p in loop)
+    assert loop[-1]["stage"] == "done"  # the loop's summary (best epoch's val accuracy) comes last
+    # The curve shows each epoch's own end-of-epoch numbers; the "done" summary never overwrites the last one.
+    keys = ("epoch", "loss", "train_acc", "val_acc")
+    ends = {p["epoch"]: {k: p[k] for k in keys} for p in loop if p["stage"] == "val"}
+    assert get_job(db, job).history == [ends[1], ends[2]]
 
 
 def test_cancel_leaves_no_version_and_no_checkpoint(db: Database) -> None:

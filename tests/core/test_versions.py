@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +15,13 @@ from core.errors import CheckpointError, NotFound
 from core.versions import (
     activate_version,
     active_version,
+    checkpoint_files,
     checkpoint_path,
     evaluate_version,
     get_version,
     list_versions,
     load_classifier,
+    model_archive_bytes,
 )
 from tests.core.training_helpers import dataset, save_random_version, store_images
 
@@ -126,3 +131,22 @@ def test_cli_lists_activates_evaluates_and_exports(db: Database, tmp_path) -> No
     assert (tmp_path / "out" / f"model-v{v1}.safetensors").is_file()
     sidecar = json.loads((tmp_path / "out" / f"model-v{v1}.json").read_text())
     assert sidecar["class_names"] == CLASSES
+
+
+def test_model_download_holds_weights_and_sidecar_that_load_again(db: Database, tmp_path: Path) -> None:
+    from models.checkpoint import load_checkpoint
+
+    version = save_random_version(db, CLASSES, seed=3)
+    weights, sidecar = checkpoint_files(db, version)
+    assert weights == checkpoint_path(db, get_version(db, version)) and sidecar.suffix == ".json"
+    with zipfile.ZipFile(io.BytesIO(model_archive_bytes(db, version))) as archive:
+        assert sorted(archive.namelist()) == [f"model-v{version}.json", f"model-v{version}.safetensors"]
+        assert archive.read(f"model-v{version}.safetensors") == weights.read_bytes()
+        archive.extractall(tmp_path)
+    _, meta = load_checkpoint(tmp_path / f"model-v{version}.safetensors", device=torch.device("cpu"))
+    assert meta.class_names == CLASSES
+    with pytest.raises(NotFound, match="no model version 999"):
+        checkpoint_files(db, 999)
+    sidecar.unlink()
+    with pytest.raises(CheckpointError, match=rf"v{version}: checkpoint file .*\.json is missing"):
+        model_archive_bytes(db, version)

@@ -7,7 +7,9 @@ from core.db import Database
 from core.jobs import list_jobs, live_workers, register_worker
 from core.labels import audit_trail
 from core.training import training_plan
+from core.versions import activate_version, checkpoint_files
 from tests.core.factories import FakeImage, build, populate
+from tests.core.training_helpers import save_random_version
 from tests.pages.helpers import card_ids, errors_of, run_page
 
 SHOES, BAGS, HATS = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
@@ -123,3 +125,18 @@ def test_dashboard_shows_the_confusion_matrix_and_scores(db: Database) -> None:
     assert metrics["Accuracy"] == "75.0%"
     assert metrics["Test images"] == "4"
     assert any(s.value == "Confusion matrix" for s in at.subheader)
+
+
+def test_categories_page_offers_the_active_model_as_one_download_or_says_what_is_missing(db: Database) -> None:
+    version = save_random_version(db, ["Shoes", "Bags"], seed=1)
+    activate_version(db, version, actor="ana")
+    at = run_page("pages/categories.py")
+    assert not at.exception and errors_of(at) == []
+    assert [b.label for b in at.download_button] == ["Download labels.csv", "Download model (.zip)"]
+
+    _, sidecar = checkpoint_files(db, version)
+    sidecar.unlink()
+    at = run_page("pages/categories.py")
+    shown = [e.replace("\\", "") for e in errors_of(at)]  # the page escapes Markdown punctuation
+    assert shown == [f"model v{version}: checkpoint file {sidecar} is missing"]
+    assert [b.label for b in at.download_button] == ["Download labels.csv"]

@@ -1,0 +1,50 @@
+"""What counts as a correction: the one definition behind the training plan and the dashboard's corrections per day.
+
+A *label change* is a person's judgement about one image (actions set, bulk, clear) that still stands. Imports,
+renames and merges are batch bookkeeping, not judgements. An undo takes an earlier change back: the undo itself
+is not a change, and the change it took back no longer counts either (together they changed nothing).
+
+A *correction* is a label change that either changed an existing label (to another category or to none) or chose
+a category other than the prediction the person was shown. Accepting the model's prediction, or giving a first
+label with no prediction shown, is labelling, not correcting.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import ColumnElement, String, and_, cast, exists, literal, select
+from sqlalchemy.orm import aliased
+
+from core.schema import LabelEvent
+
+PERSON_ACTIONS: tuple[str, ...] = ("set", "bulk", "clear")
+
+
+def _undone() -> ColumnElement[bool]:
+    """The event was taken back by a later undo (core.labels notes undo events `undo of event #<id> (<action>)`)."""
+    undo = aliased(LabelEvent)
+    return exists(
+        select(undo.id).where(
+            undo.image_id == LabelEvent.image_id,  # the (image_id, id) index finds the image's later events
+            undo.id > LabelEvent.id,
+            undo.action == "undo",
+            undo.note.like(literal("undo of event #").concat(cast(LabelEvent.id, String)).concat(" (%")),
+        )
+    )
+
+
+def label_change_clause() -> ColumnElement[bool]:
+    """WHERE term on `LabelEvent`: a person's label change that still stands (see the module docstring)."""
+    return and_(LabelEvent.action.in_(PERSON_ACTIONS), ~_undone())
+
+
+def correction_clause() -> ColumnElement[bool]:
+    """WHERE term on `LabelEvent`: a label change that changed an existing label or overrode the shown prediction."""
+    changed_existing = LabelEvent.old_category_id.is_not(None) & (
+        LabelEvent.new_category_id.is_(None) | (LabelEvent.new_category_id != LabelEvent.old_category_id)
+    )
+    overrode = (
+        LabelEvent.predicted_category_id.is_not(None)
+        & LabelEvent.new_category_id.is_not(None)
+        & (LabelEvent.new_category_id != LabelEvent.predicted_category_id)
+    )
+    return and_(label_change_clause(), changed_existing | overrode)

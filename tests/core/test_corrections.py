@@ -1,0 +1,56 @@
+"""One definition of a correction: the training plan and the dashboard count the same events, bookkeeping never."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from core.dashboard import corrections_per_day
+from core.db import Database
+from core.labels import (
+    SeenPrediction,
+    bulk_relabel,
+    clear_label,
+    merge_categories,
+    rename_category,
+    set_label,
+    undo_last_change,
+)
+from core.training import training_plan
+from tests.core.factories import FakeImage, build
+
+CATALOGUE = [
+    FakeImage(label="Shoes"),  # 0
+    FakeImage(label="Shoes"),  # 1
+    FakeImage(label="Hats"),  # 2
+    FakeImage(label=None),  # 3
+    FakeImage(label=None),  # 4
+    FakeImage(label=None),  # 5
+    FakeImage(label="Bags"),  # 6
+]
+
+
+def test_training_plan_and_dashboard_count_the_same_corrections(db: Database) -> None:
+    made = build(db, CATALOGUE)  # labels arrive as "import" events, before the active version was made
+    ids = [int(i) for i in made.image_ids]
+    version = int(made.version_id or 0)
+
+    def seen(name: str) -> SeenPrediction:
+        return SeenPrediction(version, made.id_of(name), 0.9)
+
+    assert training_plan(db).corrections_since_active == 0
+    set_label(db, ids[3], "Hats", actor="alice", seen_prediction=seen("Hats"))  # accepted: labelling
+    set_label(db, ids[4], "Bags", actor="alice", seen_prediction=seen("Shoes"))  # overrode the model: correction
+    set_label(db, ids[5], "Shoes", actor="alice")  # first label, no prediction shown: labelling
+    set_label(db, ids[0], "Bags", actor="alice")  # changed a label: correction
+    clear_label(db, ids[2], actor="alice")  # removed a label: correction
+    bulk_relabel(db, [ids[1], ids[6]], "Hats", actor="bob")  # two labels changed: two corrections
+    set_label(db, ids[0], "Hats", actor="carol")  # a change ...
+    undo_last_change(db, actor="carol")  # ... taken back: neither the change nor the undo counts
+    rename_category(db, "Shoes", "Footwear", actor="admin")  # bookkeeping
+    merge_categories(db, "Bags", "Hats", actor="admin")  # bookkeeping, though it moves labels
+
+    assert training_plan(db).corrections_since_active == 5
+    today = datetime.now(UTC).date()
+    frame = corrections_per_day(db, days=3, today=today)
+    assert frame[["label_changes", "corrections"]].iloc[-1].tolist() == [7, 5]
+    assert frame[["label_changes", "corrections"]].iloc[:-1].to_numpy().sum() == 0
