@@ -7,7 +7,7 @@ Every step is the code users run: images enter as PNG files through `core.ingest
 directory (the app's own 80/10/10 hash split applies), a "full" training job is queued with
 `core.jobs.enqueue_training` and run by `python -m core.worker --once` (or the same code in this process), and the
 official 10,000 test images (never imported, so never trained on) are classified as PNG files on disk with
-`core.predict.predict_files`, the path behind `python -m core.cli models predict`.
+`core.predict.predict_files`, the path behind `python -m core.cli predict`.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def classify_test_set(db: Any, limit: int | None, work: Path) -> dict[str, Any]:
     results = []
     bar = tqdm(total=len(paths), unit="img", desc="predict", mininterval=1.0)
     with timed() as clock:
-        # Chunks only bound memory; each call is exactly what `models predict FILES...` does.
+        # Chunks only bound memory; each call is exactly what `predict FILES...` does.
         for start in range(0, len(paths), 2000):
             results += predict_files(db, paths[start : start + 2000], top_k=len(FASHION_MNIST_CLASSES))
             bar.update(min(2000, len(paths) - start))

@@ -73,7 +73,7 @@ app = _typer(
 )
 categories_app = _typer("List, add, rename, merge, archive and un-archive categories.")
 export_app = _typer("Export labels as a CSV or the labelled originals as an ImageFolder tree.")
-models_app = _typer("Model versions: list, activate, evaluate, predict.")
+models_app = _typer("Model versions: list and activate (rollback = activate an older one).")
 app.add_typer(categories_app, name="categories")
 app.add_typer(export_app, name="export")
 app.add_typer(models_app, name="models")
