@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import exists, select
 
 from core.db import Database
 from core.errors import ImageRefused, NotFound
 from core.pixel_cache import PixelCache
 from core.schema import Image, Prediction
-from core.versions import VersionView, category_names, load_classifier
+from core.versions import VersionView, active_version, category_names, load_classifier
 
 # progress(done, total)
 PredictProgress = Callable[[int, int], None]
@@ -164,6 +164,28 @@ def refresh_predictions(db: Database, version_id: int, *, progress: PredictProgr
         predict_images(db, todo[start : start + BATCH * 4], version_id=version_id)
         if progress is not None:
             progress(min(start + BATCH * 4, len(todo)), len(todo))
+    return len(todo)
+
+
+def missing_image_ids(db: Database, version_id: int, *, limit: int) -> list[int]:
+    """Up to `limit` catalogue images (lowest ids first) that have no stored prediction of this version."""
+    has_row = exists().where(Prediction.image_id == Image.id, Prediction.model_version_id == int(version_id))
+    with db.read() as session:
+        return list(session.scalars(select(Image.id).where(~has_row).order_by(Image.id).limit(max(int(limit), 0))))
+
+
+def predict_missing(db: Database, *, limit: int = BATCH * 2) -> int:
+    """Store the ACTIVE version's prediction for up to `limit` images that lack one; returns how many were computed.
+
+    One bounded page per call (the worker calls it while idle, so a queued job waits at most one page); 0 when there
+    is no active version or nothing is missing. Errors of `predict_images` (CheckpointError, ImageRefused) propagate.
+    """
+    version = active_version(db)
+    if version is None:
+        return 0
+    todo = missing_image_ids(db, version.id, limit=limit)
+    if todo:
+        predict_images(db, todo, version_id=version.id)
     return len(todo)
 
 

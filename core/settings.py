@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     )
 
     default_actor: str = "staff"
+    server_files_dir: Path | None = Field(
+        None,
+        description="The only server folder the web pages may import from or export to (default: data_dir/exchange). "
+        "The command line is not limited by it.",
+    )
 
     @field_validator("split_fractions")
     @classmethod
@@ -80,6 +85,10 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+    @property
+    def exchange_dir(self) -> Path:
+        return (self.server_files_dir or self.data_dir / "exchange").expanduser().resolve()
 
     @property
     def logs_dir(self) -> Path:

@@ -38,6 +38,8 @@ RUNNER = "core.training:run_training"
 RUNNER_ENV = "PRODCAT_WORKER_RUNNER"
 PROGRESS_MIN_INTERVAL_S = 1.0  # at most one progress write per second, except phase and epoch changes
 TRACEBACK_TAIL_LINES = 25
+IDLE_PREDICT_LIMIT = 512  # images predicted per idle tick: bounds how long a newly queued job waits to be claimed
+IDLE_PREDICT_RETRY_S = 300.0  # after a failed background refresh, wait this long before trying the same version
 
 ProgressFn = Callable[[dict[str, Any]], None]
 Runner = Callable[..., int]
@@ -246,6 +248,53 @@ def _quietly(action: Callable[[], None]) -> None:
         log.warning("%s failed: %s", getattr(action, "__name__", "action"), exc)
 
 
+class IdlePredictions:
+    """The worker's idle step: store the active version's missing predictions, one bounded page per tick.
+
+    Activating a version from the UI (a rollback, say) leaves images imported since without a prediction of it; the
+    worker fills them in here instead of the web process. A failure (corrupt checkpoint, unreadable original) is
+    logged once and retried only after `retry_s` or when another version becomes active: it never stops the worker.
+    """
+
+    def __init__(self, *, limit: int = IDLE_PREDICT_LIMIT, retry_s: float = IDLE_PREDICT_RETRY_S) -> None:
+        self.limit = limit
+        self.retry_s = retry_s
+        self._failed: tuple[int, str, float] | None = None  # (version id, error text, monotonic time)
+
+    def step(self, db: Database) -> int:
+        """Predict up to `limit` images lacking the active version's prediction; returns how many (0: nothing done)."""
+        from core.predict import predict_missing  # imported on the first idle tick, not at worker start
+        from core.versions import active_version
+
+        version_id = -1  # unknown until the active version is read
+        try:
+            version = active_version(db)
+            if version is None:
+                return 0
+            version_id = version.id
+            failed = self._failed
+            if failed is not None and failed[0] == version_id and time.monotonic() - failed[2] < self.retry_s:
+                return 0
+            done = predict_missing(db, limit=self.limit)
+        except Exception as exc:  # background work: the worker must keep claiming jobs whatever happens here
+            text = str(exc) or type(exc).__name__
+            if self._failed is None or self._failed[:2] != (version_id, text):
+                log.error("background prediction refresh failed (retried in %.0f s): %s", self.retry_s, text)
+            self._failed = (version_id, text, time.monotonic())
+            return 0
+        if self._failed is not None:
+            log.info("background prediction refresh works again")
+            self._failed = None
+        if done:
+            log.info("stored predictions of model v%s for %s more images", version_id, done)
+        return done
+
+
+def refresh_idle_predictions(db: Database, *, limit: int = IDLE_PREDICT_LIMIT) -> int:
+    """One idle step with a fresh state (no back-off memory): how many predictions were stored."""
+    return IdlePredictions(limit=limit).step(db)
+
+
 def run_worker(
     db: Database,
     *,
@@ -271,6 +320,7 @@ def run_worker(
     heartbeat = Heartbeat(db, worker_id)
     heartbeat.start()
     ran = 0
+    idle_predictions = IdlePredictions()
     idle_since = last_stale_check = time.monotonic()
     try:
         while True:
@@ -285,6 +335,13 @@ def run_worker(
             if once:
                 break
             now = time.monotonic()
+            if now - last_stale_check >= settings.heartbeat_timeout_s / 2:
+                last_stale_check = now
+                jobs.fail_stale_jobs(db)
+            # One page of missing predictions, then straight back to claiming: a queued job waits one page at most.
+            if idle_predictions.step(db):
+                idle_since = time.monotonic()
+                continue
             if exit_when_idle is not None and now - idle_since >= exit_when_idle:
                 # Stop announcing first, then look once more: a job queued by a UI that still saw us alive
                 # (and so started no worker) is picked up instead of stranded.
@@ -295,9 +352,6 @@ def run_worker(
                 jobs.register_worker(db, worker_id, device=settings.device)
                 idle_since = now
                 continue
-            if now - last_stale_check >= settings.heartbeat_timeout_s / 2:
-                last_stale_check = now
-                jobs.fail_stale_jobs(db)
             time.sleep(poll_s)
     finally:
         heartbeat.halt()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import streamlit as st
 
 from core.export import export_imagefolder, labels_csv_bytes
 from core.ingest import Upload, import_paths, import_uploads, read_labels_csv
 from core.labels import add_category, archive_category, list_categories, merge_categories, rename_category
+from core.serverfiles import exchange_path
 from core.versions import active_version, checkpoint_files, model_archive_bytes
 from pages import _ui
 
@@ -73,25 +73,34 @@ with archive_tab, st.form("archive_category"):
 st.header("Import labelled data")
 folder_tab, zip_tab = st.tabs(["Folder on the server", "Zip upload"])
 with folder_tab, st.form("import_folder"):
-    folder = st.text_input("Folder path on the server", placeholder="/data/catalogue/photos")
+    exchange = db.settings.exchange_dir
+    st.caption(
+        _ui.md_escape(f"Server paths are relative to the exchange folder {exchange} (PRODCAT_SERVER_FILES_DIR).")
+    )
+    folder = st.text_input("Folder path on the server", placeholder="photos")
     from_folders = st.checkbox("Labels from sub-folder names (ImageFolder: <folder>/<category>/<photo>)", value=True)
     csv_path = st.text_input("...or a labels CSV on the server (filename,category)", placeholder="optional")
     if st.form_submit_button("Import folder") and folder.strip():
-        bar = st.progress(0.0, text="Importing...")
-        ok, result = _ui.attempt(
-            import_paths,
-            db,
-            [Path(folder.strip())],
-            labels_from_folders=from_folders and not csv_path.strip(),
-            labels_csv=Path(csv_path.strip()) if csv_path.strip() else None,
-            actor=_ui.actor(),
-            progress=lambda done, total, name: bar.progress(min(done / total, 1.0) if total else 0.0, text=name),
-        )
-        bar.empty()
+        ok, source = _ui.attempt(exchange_path, db.settings, folder)
+        labels_csv = None
+        if ok and csv_path.strip():
+            ok, labels_csv = _ui.attempt(exchange_path, db.settings, csv_path)
         if ok:
-            st.success(result.summary())
-            if result.refused:
-                st.dataframe([{"file": r.name, "reason": r.reason} for r in result.refused], hide_index=True)
+            bar = st.progress(0.0, text="Importing...")
+            ok, result = _ui.attempt(
+                import_paths,
+                db,
+                [source],
+                labels_from_folders=from_folders and labels_csv is None,
+                labels_csv=labels_csv,
+                actor=_ui.actor(),
+                progress=lambda done, total, name: bar.progress(min(done / total, 1.0) if total else 0.0, text=name),
+            )
+            bar.empty()
+            if ok:
+                st.success(result.summary())
+                if result.refused:
+                    st.dataframe([{"file": r.name, "reason": r.reason} for r in result.refused], hide_index=True)
 with zip_tab, st.form("import_zip", clear_on_submit=True):
     archive = st.file_uploader("Zip archive of photos", type=["zip"])
     labels_file = st.file_uploader("Labels CSV (filename,category), optional", type=["csv"])
@@ -117,11 +126,13 @@ with csv_col:
     st.download_button("Download labels.csv", lambda: labels_csv_bytes(db), file_name="labels.csv", mime="text/csv")
 with folder_col, st.form("export_folder"):
     st.subheader("ImageFolder")
-    target_dir = st.text_input("New or empty folder on the server")
+    target_dir = st.text_input("New or empty folder on the server (inside the exchange folder)")
     if st.form_submit_button("Export images") and target_dir.strip():
-        ok, exported = _ui.attempt(export_imagefolder, db, Path(target_dir.strip()))
+        ok, target = _ui.attempt(exchange_path, db.settings, target_dir)
         if ok:
-            st.success(f"{exported.written} images written to {exported.directory}")
+            ok, exported = _ui.attempt(export_imagefolder, db, target)
+        if ok:
+            st.success(_ui.md_escape(f"{exported.written} images written to {exported.directory}"))
             for problem in exported.missing:
                 st.warning(_ui.md_escape(problem))
 with model_col:

@@ -180,5 +180,10 @@ if labels:
     if right.button("Activate", width="stretch"):
         ok, view = _ui.attempt(activate_version, db, pick, actor=_ui.actor())
         if ok:
+            # Images imported since this version last served lack its predictions: a worker fills them in.
+            _ui.attempt(ensure_worker, db)
             _ui.flash("success", f"Now serving {view.label}")
+            _ui.flash(
+                "caption", "Predictions for images added since this version are being refreshed in the background."
+            )
             st.rerun()

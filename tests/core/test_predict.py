@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from core.db import Database
 from core.errors import NotFound
 from core.ingest import Upload
-from core.predict import predict_files, predict_images, predict_uploads, refresh_predictions
+from core.predict import predict_files, predict_images, predict_missing, predict_uploads, refresh_predictions
 from core.schema import Image, Prediction
 from core.versions import activate_version
 from tests.core.training_helpers import dataset, save_random_version, store_images
@@ -93,3 +93,27 @@ def test_predict_uploads_matches_the_stored_prediction_of_the_same_picture(db: D
 def test_no_model_yet_is_a_clear_error(db: Database) -> None:
     with pytest.raises(NotFound, match="train"):
         predict_images(db, [1])
+
+
+def test_predict_missing_fills_only_the_active_versions_gaps_one_page_at_a_time(db: Database, version: int) -> None:
+    ids = store_images(db, dataset(CLASSES, train=2, val=1, test=0))  # 9 images
+    predict_images(db, ids[:3])
+    with db.read() as session:
+        before = {p.image_id: p.id for p in session.scalars(select(Prediction))}
+    assert predict_missing(db, limit=4) == 4  # a bounded page, lowest ids first
+    with db.read() as session:
+        assert set(session.scalars(select(Prediction.image_id))) == set(ids[:7])
+    assert predict_missing(db, limit=4) == 2
+    assert _count(db, version) == len(ids)
+    with db.read() as session:
+        after = {p.image_id: p.id for p in session.scalars(select(Prediction))}
+    assert all(after[i] == before[i] for i in ids[:3])  # stored rows are never recomputed
+    assert predict_missing(db, limit=4) == 0
+
+
+def test_predict_missing_does_nothing_without_an_active_version(db: Database) -> None:
+    save_random_version(db, CLASSES, seed=3)  # a candidate only
+    store_images(db, [("Shoes", 1, "train")])
+    assert predict_missing(db, limit=10) == 0
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(Prediction)) == 0

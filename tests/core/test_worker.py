@@ -261,3 +261,39 @@ def test_foreground_run_for_train_wait(db: Database, monkeypatch: pytest.MonkeyP
     assert not jobs.worker_alive(db)
     with pytest.raises(TrainingRefused, match=rf"#{job_id}, succeeded.* is not queued"):
         run_job_in_foreground(db, job_id)
+
+
+def test_idle_step_refreshes_the_rolled_back_versions_predictions_and_survives_a_corrupt_checkpoint(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sqlalchemy import func, select
+
+    from core.schema import Prediction
+    from core.versions import activate_version, checkpoint_files
+    from core.worker import IdlePredictions, refresh_idle_predictions
+    from tests.core.training_helpers import save_random_version, store_images
+
+    def stored(version_id: int) -> int:
+        with db.read() as session:
+            query = select(func.count()).select_from(Prediction).where(Prediction.model_version_id == version_id)
+            return session.scalar(query)
+
+    old = save_random_version(db, ["Shoes", "Bags"], seed=1)
+    new = save_random_version(db, ["Shoes", "Bags"], seed=2)
+    activate_version(db, new, actor="ana")
+    store_images(db, [("Shoes", i, "train") for i in range(3)])
+    activate_version(db, old, actor="ana")  # the rollback: old has no predictions for the images added since
+    assert refresh_idle_predictions(db, limit=2) == 2 and stored(old) == 2
+    assert refresh_idle_predictions(db, limit=2) == 1 and stored(old) == 3
+    assert refresh_idle_predictions(db, limit=2) == 0 and stored(new) == 0
+
+    activate_version(db, new, actor="ana")
+    weights, _ = checkpoint_files(db, new)
+    weights.write_bytes(b"not a checkpoint")  # corrupt after activation: the worker must log it, not die
+    step = IdlePredictions(limit=2)
+    with caplog.at_level("ERROR", logger="core.worker"):
+        assert step.step(db) == 0
+        assert step.step(db) == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"v{new}" in errors[0]
+    assert stored(new) == 0

@@ -1,0 +1,46 @@
+"""Paths typed into the web pages stay inside the exchange folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from core.serverfiles import PathRefused, exchange_path
+from core.settings import Settings
+
+
+def test_relative_and_absolute_paths_inside_the_exchange_folder_are_accepted(settings: Settings) -> None:
+    root = settings.exchange_dir
+    assert root == (settings.data_dir / "exchange").resolve()
+    assert exchange_path(settings, "photos/shoes") == root / "photos" / "shoes"
+    assert exchange_path(settings, str(root / "batch1")) == root / "batch1"
+
+
+@pytest.mark.parametrize("text", ["../prodcat.sqlite3", "/etc", "photos/../../images", "~"])
+def test_paths_leaving_the_exchange_folder_are_refused_with_the_folder_named(settings: Settings, text: str) -> None:
+    with pytest.raises(PathRefused) as refused:
+        exchange_path(settings, text)
+    assert text in str(refused.value) and str(settings.exchange_dir) in str(refused.value)
+
+
+def test_a_symlink_out_of_the_exchange_folder_is_refused(settings: Settings, tmp_path: Path) -> None:
+    settings.exchange_dir.mkdir(parents=True)
+    os.symlink(tmp_path, settings.exchange_dir / "escape")
+    with pytest.raises(PathRefused):
+        exchange_path(settings, "escape/anything")
+
+
+def test_empty_input_is_refused(settings: Settings) -> None:
+    with pytest.raises(PathRefused, match="no path given"):
+        exchange_path(settings, "   ")
+
+
+def test_the_exchange_folder_is_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRODCAT_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.setenv("PRODCAT_SERVER_FILES_DIR", str(tmp_path / "shared"))
+    settings = Settings()
+    assert exchange_path(settings, "x") == (tmp_path / "shared" / "x").resolve()
+    with pytest.raises(PathRefused):
+        exchange_path(settings, str(tmp_path / "d"))
