@@ -270,7 +270,7 @@ def test_idle_step_refreshes_the_rolled_back_versions_predictions_and_survives_a
 
     from core.schema import Prediction
     from core.versions import activate_version, checkpoint_files
-    from core.worker import IdlePredictions, refresh_idle_predictions
+    from core.worker import IdlePredictions, refresh_idle_predictions, run_worker
     from tests.core.training_helpers import save_random_version, store_images
 
     def stored(version_id: int) -> int:
@@ -284,8 +284,10 @@ def test_idle_step_refreshes_the_rolled_back_versions_predictions_and_survives_a
     store_images(db, [("Shoes", i, "train") for i in range(3)])
     activate_version(db, old, actor="ana")  # the rollback: old has no predictions for the images added since
     assert refresh_idle_predictions(db, limit=2) == 2 and stored(old) == 2
-    assert refresh_idle_predictions(db, limit=2) == 1 and stored(old) == 3
-    assert refresh_idle_predictions(db, limit=2) == 0 and stored(new) == 0
+    # The real loop: no job queued, so it fills in the rest while idle, then still exits when idle.
+    assert run_worker(db, exit_when_idle=0.3, poll_s=0.05) == 0
+    assert stored(old) == 3 and stored(new) == 0
+    assert refresh_idle_predictions(db, limit=2) == 0
 
     activate_version(db, new, actor="ana")
     weights, _ = checkpoint_files(db, new)
