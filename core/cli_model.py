@@ -244,8 +244,11 @@ def models_activate(
 
     db = open_db()
     view = activate_version(db, version, actor=actor_or_default(actor))
-    computed = refresh_predictions(db, view.id)
-    typer.echo(f"v{view.id} is now active ({computed} predictions computed)")
+    unreadable: list = []
+    computed = refresh_predictions(db, view.id, unreadable=unreadable)
+    typer.echo(f"v{view.id} is now active ({computed - len(unreadable)} predictions computed)")
+    for refusal in unreadable:
+        typer.echo(f"no prediction for {refusal}", err=True)
 
 
 @export_app.command("model")

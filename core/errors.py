@@ -12,6 +12,7 @@ class ImageRefused(ProdcatError):
         super().__init__(f"{name}: {reason}")
         self.name = name
         self.reason = reason
+        self.image_id: int | None = None  # set when the file is a stored catalogue image
 
 
 class ArchiveRefused(ProdcatError):

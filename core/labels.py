@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -254,6 +254,7 @@ class _Move:
     old: int | None
     new: int | None
     note: str
+    seen: SeenPrediction | None = None
 
 
 def _apply_many(session: Session, moves: Sequence[_Move], *, actor: str, action: str) -> list[int]:
@@ -294,9 +295,9 @@ def _apply_many(session: Session, moves: Sequence[_Move], *, actor: str, action:
                 "action": action,
                 "created_at": now,
                 "note": m.note,
-                "model_version_id": None,
-                "predicted_category_id": None,
-                "predicted_confidence": None,
+                "model_version_id": m.seen.model_version_id if m.seen else None,
+                "predicted_category_id": m.seen.category_id if m.seen else None,
+                "predicted_confidence": m.seen.confidence if m.seen else None,
             }
             for m in moves
         ],
@@ -329,11 +330,20 @@ def _names(session: Session) -> dict[int, str]:
     return {category_id: name for category_id, name in session.execute(select(Category.id, Category.name))}
 
 
-def bulk_relabel(db: Database, image_ids: Iterable[int], category: str | int, *, actor: str) -> list[LabelChange]:
+def bulk_relabel(
+    db: Database,
+    image_ids: Iterable[int],
+    category: str | int,
+    *,
+    actor: str,
+    seen_predictions: Mapping[int, SeenPrediction | None] | None = None,
+) -> list[LabelChange]:
     """Give many images the same label in ONE transaction: one `bulk` event per image that actually changed.
 
     Unknown image ids refuse the whole batch (naming them) before anything is written. Returns only the
-    changes made; images that already had that label are left alone.
+    changes made; images that already had that label are left alone. `seen_predictions` (image id -> what the
+    grid showed) goes into each audit row, as with `set_label`, so overriding a prediction in bulk counts as a
+    correction and accepting it in bulk does not.
     """
     actor = clean_actor(actor)
     ids = list(dict.fromkeys(int(i) for i in image_ids))  # de-duplicated, order kept
@@ -351,7 +361,8 @@ def bulk_relabel(db: Database, image_ids: Iterable[int], category: str | int, *,
         current = _current_labels(session, ids)
         # A batch tag in the note lets undo take the whole bulk change back at once.
         note = f"bulk relabel of {len(ids)} images (batch {uuid.uuid4().hex[:12]})"
-        moves = [_Move(i, current.get(i), target.id, note) for i in ids if current.get(i) != target.id]
+        seen = seen_predictions or {}
+        moves = [_Move(i, current.get(i), target.id, note, seen.get(i)) for i in ids if current.get(i) != target.id]
         event_ids = _apply_many(session, moves, actor=actor, action="bulk")
         names = _names(session)
         return [

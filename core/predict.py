@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,9 +98,18 @@ def _insert_ignoring_duplicates(db: Database, rows: list[dict[str, Any]]) -> Non
 
 
 def predict_images(
-    db: Database, image_ids: Sequence[int], *, version_id: int | None = None, top_k: int = 3
+    db: Database,
+    image_ids: Sequence[int],
+    *,
+    version_id: int | None = None,
+    top_k: int = 3,
+    unreadable: list[ImageRefused] | None = None,
 ) -> dict[int, PredictionView]:
-    """Predictions of a version (default: the active one) for catalogue images, computing and storing missing ones."""
+    """Predictions of a version (default: the active one) for catalogue images, computing and storing missing ones.
+
+    A stored original that cannot be read raises ImageRefused, unless a list is passed as `unreadable`: then the
+    refusals are appended to it (their `image_id` set), those images get no prediction and the others still do.
+    """
     classifier, version = load_classifier(db, version_id)
     ids = list(dict.fromkeys(int(i) for i in image_ids))
     if not ids:
@@ -116,8 +125,10 @@ def predict_images(
         meta = classifier.meta
         cache = PixelCache(db.settings, meta.image_size, meta.crop_pct, meta.interpolation)
         for start in range(0, len(missing), BATCH):
-            part = missing[start : start + BATCH]
-            probs = np.asarray(classifier.predict_pixels(cache.ensure(db, part), batch_size=64), dtype=np.float64)
+            part, pixels = _readable_pixels(db, cache, missing[start : start + BATCH], unreadable)
+            if not part:
+                continue
+            probs = np.asarray(classifier.predict_pixels(pixels, batch_size=64), dtype=np.float64)
             top, margin, entropy = _scores(probs)
             _insert_ignoring_duplicates(
                 db,
@@ -139,6 +150,27 @@ def predict_images(
     return {i: _view(have[i], version, names, top_k) for i in ids if i in have}
 
 
+def _readable_pixels(
+    db: Database, cache: PixelCache, ids: list[int], unreadable: list[ImageRefused] | None
+) -> tuple[list[int], np.ndarray]:
+    """(ids, pixels) of this batch; with `unreadable` given, an image that cannot be read is left out, not fatal."""
+    try:
+        return ids, cache.ensure(db, ids)
+    except ImageRefused:
+        if unreadable is None:
+            raise
+    good: list[int] = []
+    rows: list[np.ndarray] = []
+    for image_id in ids:  # the slow path, only for a batch holding a bad original: find which one(s)
+        try:
+            rows.append(cache.ensure(db, [image_id])[0])
+            good.append(image_id)
+        except ImageRefused as exc:
+            exc.image_id = image_id
+            unreadable.append(exc)
+    return good, (np.stack(rows) if rows else np.empty((0,)))
+
+
 _COLUMNS = ("image_id", "model_version_id", "category_id", "confidence", "margin", "entropy", "probs")
 
 
@@ -154,38 +186,54 @@ def _stored(db: Database, version_id: int, ids: Sequence[int]) -> dict[int, dict
     return found
 
 
-def refresh_predictions(db: Database, version_id: int, *, progress: PredictProgress | None = None) -> int:
-    """Store this version's prediction for every catalogue image that lacks one; returns how many were computed."""
+def refresh_predictions(
+    db: Database,
+    version_id: int,
+    *,
+    progress: PredictProgress | None = None,
+    unreadable: list[ImageRefused] | None = None,
+) -> int:
+    """Store this version's prediction for every catalogue image that lacks one; returns how many were tried.
+
+    With `unreadable` given, images whose stored original cannot be read are listed there and skipped.
+    """
     with db.read() as session:
         all_ids = list(session.scalars(select(Image.id).order_by(Image.id)))
         done = set(session.scalars(select(Prediction.image_id).where(Prediction.model_version_id == version_id)))
     todo = [i for i in all_ids if i not in done]
     for start in range(0, len(todo), BATCH * 4):
-        predict_images(db, todo[start : start + BATCH * 4], version_id=version_id)
+        predict_images(db, todo[start : start + BATCH * 4], version_id=version_id, unreadable=unreadable)
         if progress is not None:
             progress(min(start + BATCH * 4, len(todo)), len(todo))
     return len(todo)
 
 
-def missing_image_ids(db: Database, version_id: int, *, limit: int) -> list[int]:
-    """Up to `limit` catalogue images (lowest ids first) that have no stored prediction of this version."""
+def missing_image_ids(db: Database, version_id: int, *, limit: int, skip: Collection[int] = ()) -> list[int]:
+    """Up to `limit` catalogue images (lowest ids first, `skip` left out) with no stored prediction of this version."""
     has_row = exists().where(Prediction.image_id == Image.id, Prediction.model_version_id == int(version_id))
+    query = select(Image.id).where(~has_row)
+    if skip:
+        query = query.where(Image.id.not_in(sorted(int(i) for i in skip)))
     with db.read() as session:
-        return list(session.scalars(select(Image.id).where(~has_row).order_by(Image.id).limit(max(int(limit), 0))))
+        return list(session.scalars(query.order_by(Image.id).limit(max(int(limit), 0))))
 
 
-def predict_missing(db: Database, *, limit: int = BATCH * 2) -> int:
-    """Store the ACTIVE version's prediction for up to `limit` images that lack one; returns how many were computed.
+def predict_missing(
+    db: Database, *, limit: int = BATCH * 2, skip: Collection[int] = (), unreadable: list[ImageRefused] | None = None
+) -> int:
+    """Store the ACTIVE version's prediction for up to `limit` images that lack one; returns how many were tried.
 
     One bounded page per call (the worker calls it while idle, so a queued job waits at most one page); 0 when there
-    is no active version or nothing is missing. Errors of `predict_images` (CheckpointError, ImageRefused) propagate.
+    is no active version or nothing is missing. Images in `skip` are not tried (the worker passes those it found
+    unreadable); with `unreadable` given, a stored original that cannot be read is listed there instead of raising.
+    A CheckpointError of the version propagates.
     """
     version = active_version(db)
     if version is None:
         return 0
-    todo = missing_image_ids(db, version.id, limit=limit)
+    todo = missing_image_ids(db, version.id, limit=limit, skip=skip)
     if todo:
-        predict_images(db, todo, version_id=version.id)
+        predict_images(db, todo, version_id=version.id, unreadable=unreadable)
     return len(todo)
 
 

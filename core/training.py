@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -61,6 +62,8 @@ PROGRESS_KEYS = (
     "eta_s",
     "device",
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -436,13 +439,17 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     if _promote(db, version_id, test_accuracy=test_accuracy, test_hash=test_hash):
         from core.predict import refresh_predictions
 
+        unreadable: list[Any] = []  # one bad stored original must not fail a run whose model is already promoted
         refresh_predictions(
             db,
             version_id,
             progress=lambda done, total: _emit(
                 on_progress, phase="predicting", step=done, steps=total, device=device_text
             ),
+            unreadable=unreadable,
         )
+        for refusal in unreadable[:20]:
+            log.warning("no prediction of v%s for %s", version_id, refusal)
     return version_id
 
 

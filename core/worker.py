@@ -252,21 +252,31 @@ class IdlePredictions:
     """The worker's idle step: store the active version's missing predictions, one bounded page per tick.
 
     Activating a version from the UI (a rollback, say) leaves images imported since without a prediction of it; the
-    worker fills them in here instead of the web process. A failure (corrupt checkpoint, unreadable original) is
-    logged once and retried only after `retry_s` or when another version becomes active: it never stops the worker.
+    worker fills them in here instead of the web process. A stored original that cannot be read is logged and
+    skipped (the rest still get predictions) and tried again after `retry_s`; a failure of the whole step (a
+    corrupt checkpoint) is logged once and retried after `retry_s` or when another version becomes active. Nothing
+    here ever stops the worker.
     """
 
     def __init__(self, *, limit: int = IDLE_PREDICT_LIMIT, retry_s: float = IDLE_PREDICT_RETRY_S) -> None:
         self.limit = limit
         self.retry_s = retry_s
         self._failed: tuple[int, str, float] | None = None  # (version id, error text, monotonic time)
+        self._skip: tuple[int, set[int], float] = (-1, set(), 0.0)  # (version id, unreadable image ids, since)
+
+    def _skipped(self, version_id: int) -> set[int]:
+        version, ids, since = self._skip
+        if version != version_id or (ids and time.monotonic() - since >= self.retry_s):
+            self._skip = (version_id, set(), time.monotonic())
+        return self._skip[1]
 
     def step(self, db: Database) -> int:
-        """Predict up to `limit` images lacking the active version's prediction; returns how many (0: nothing done)."""
+        """Predict up to `limit` images lacking the active version's prediction; returns how many were stored."""
         from core.predict import predict_missing  # imported on the first idle tick, not at worker start
         from core.versions import active_version
 
         version_id = -1  # unknown until the active version is read
+        unreadable: list[Any] = []
         try:
             version = active_version(db)
             if version is None:
@@ -275,16 +285,21 @@ class IdlePredictions:
             failed = self._failed
             if failed is not None and failed[0] == version_id and time.monotonic() - failed[2] < self.retry_s:
                 return 0
-            done = predict_missing(db, limit=self.limit)
+            skip = self._skipped(version_id)
+            tried = predict_missing(db, limit=self.limit, skip=skip, unreadable=unreadable)
         except Exception as exc:  # background work: the worker must keep claiming jobs whatever happens here
             text = str(exc) or type(exc).__name__
             if self._failed is None or self._failed[:2] != (version_id, text):
                 log.error("background prediction refresh failed (retried in %.0f s): %s", self.retry_s, text)
             self._failed = (version_id, text, time.monotonic())
             return 0
+        for refusal in unreadable:
+            log.error("no prediction of v%s for %s (retried in %.0f s)", version_id, refusal, self.retry_s)
+            skip.add(int(refusal.image_id))
         if self._failed is not None:
             log.info("background prediction refresh works again")
             self._failed = None
+        done = tried - len(unreadable)
         if done:
             log.info("stored predictions of model v%s for %s more images", version_id, done)
         return done

@@ -175,6 +175,11 @@ def _seen(item: ReviewItem) -> SeenPrediction | None:
     return SeenPrediction(item.model_version_id, item.predicted_category_id, float(item.confidence))
 
 
+def seen_predictions(items: list[ReviewItem]) -> dict[int, SeenPrediction | None]:
+    """What the grid showed for each image: the audit row of a bulk change records it, like a one-click one."""
+    return {item.image_id: _seen(item) for item in items}
+
+
 def _on_pick(db: Database, item: ReviewItem, key: str) -> None:
     choice = st.session_state.get(key)
     if choice is None:  # clicking the selected pill again deselects it: keep showing the stored label

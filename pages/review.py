@@ -73,7 +73,9 @@ if apply:
     if not selected:
         st.warning("Select some images first (the box under each image).")
     elif target:
-        ok, changes = _ui.attempt(bulk_relabel, db, selected, target, actor=_ui.actor())
+        ok, changes = _ui.attempt(
+            bulk_relabel, db, selected, target, actor=_ui.actor(), seen_predictions=_ui.seen_predictions(page.items)
+        )
         if ok:
             _ui.flash("success", f"{len(changes)} images relabelled {target}")
             st.rerun()

@@ -92,7 +92,9 @@ apply = right.button("Apply to selection", width="stretch")
 selected = _ui.card_grid(db, items, categories, prefix="up")
 if apply and target:
     chosen = selected or [item.image_id for item in items]
-    ok, changes = _ui.attempt(bulk_relabel, db, chosen, target, actor=_ui.actor())
+    ok, changes = _ui.attempt(
+        bulk_relabel, db, chosen, target, actor=_ui.actor(), seen_predictions=_ui.seen_predictions(items)
+    )
     if ok:
         _ui.flash("success", f"{len(changes)} photos labelled {target}")
         st.rerun()

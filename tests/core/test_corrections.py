@@ -54,3 +54,23 @@ def test_training_plan_and_dashboard_count_the_same_corrections(db: Database) ->
     frame = corrections_per_day(db, days=3, today=today)
     assert frame[["label_changes", "corrections"]].iloc[-1].tolist() == [7, 5]
     assert frame[["label_changes", "corrections"]].iloc[:-1].to_numpy().sum() == 0
+
+
+def test_a_bulk_change_records_what_the_grid_showed_so_bulk_accepts_are_not_corrections(db: Database) -> None:
+    from core.labels import audit_trail
+
+    made = build(db, CATALOGUE)
+    ids = [int(i) for i in made.image_ids]
+    version = int(made.version_id or 0)
+    shown = {
+        ids[3]: SeenPrediction(version, made.id_of("Hats"), 0.9),
+        ids[4]: SeenPrediction(version, made.id_of("Hats"), 0.8),
+        ids[5]: SeenPrediction(version, made.id_of("Bags"), 0.7),
+    }
+    # The grid showed Hats, Hats, Bags; the person selects all three and applies Hats.
+    bulk_relabel(db, [ids[3], ids[4], ids[5]], "Hats", actor="alice", seen_predictions=shown)
+
+    assert training_plan(db).corrections_since_active == 1  # only image 5: the model said Bags
+    last = audit_trail(db, ids[5])[-1]
+    assert (last.action, last.new_category, last.predicted_category) == ("bulk", "Hats", "Bags")
+    assert abs(last.predicted_confidence - 0.7) < 1e-9

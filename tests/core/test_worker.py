@@ -299,3 +299,32 @@ def test_idle_step_refreshes_the_rolled_back_versions_predictions_and_survives_a
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and f"v{new}" in errors[0]
     assert stored(new) == 0
+
+
+def test_an_unreadable_original_is_skipped_by_the_idle_refresh_and_the_others_still_get_predictions(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sqlalchemy import select
+
+    from core.schema import Image, Prediction
+    from core.versions import activate_version
+    from core.worker import IdlePredictions
+    from tests.core.training_helpers import save_random_version, store_images
+
+    version = save_random_version(db, ["Shoes", "Bags"], seed=1)
+    activate_version(db, version, actor="ana")
+    ids = store_images(db, [("Shoes", i, "train") for i in range(5)])
+    with db.read() as session:
+        broken = session.get(Image, ids[1])
+        (db.settings.data_dir / broken.stored_path).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+
+    step = IdlePredictions(limit=3, retry_s=3600)
+    with caplog.at_level("ERROR", logger="core.worker"):
+        assert step.step(db) == 2  # ids 0 and 2 of the page; 1 is unreadable
+        assert step.step(db) == 2  # the bad one is not tried again in the next page
+        assert step.step(db) == 0
+    with db.read() as session:
+        predicted = set(session.scalars(select(Prediction.image_id).where(Prediction.model_version_id == version)))
+    assert predicted == set(ids) - {ids[1]}
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"image {ids[1]}" in errors[0] and "re-import" in errors[0]

@@ -68,6 +68,7 @@ def test_bulk_relabel_of_selected_images(db: Database) -> None:
     next(b for b in at.button if b.label == "Relabel selected").click().run()
     assert [audit_trail(db, i)[0].new_category for i in (first, second, third)] == ["Hats", "Shoes", "Hats"]
     assert audit_trail(db, first)[0].action == "bulk"
+    assert audit_trail(db, first)[0].predicted_category == "Shoes"  # what the grid showed is in the audit row
 
 
 def test_retrain_button_queues_exactly_one_job_and_refuses_a_second(db: Database) -> None:
