@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import os
+import struct
 import zipfile
 import zlib
 from collections import deque
@@ -24,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from core.db import Database
-from core.errors import CategoryError, ImageRefused, ProdcatError
+from core.errors import ArchiveRefused, CategoryError, ImageRefused, ProdcatError
 from core.imaging import DecodedImage, inspect_and_decode
 from core.labels import apply_label, clean_category_name, get_or_create_category
 from core.schema import Image, Label
@@ -184,6 +185,37 @@ def _read_zip_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _ZipBudg
     return b"".join(chunks)
 
 
+# An archive listing more entries than this many times the cap is refused before its directory is parsed:
+# zipfile builds one object per listed entry, so a small upload listing millions of entries would cost gigabytes.
+ZIP_LISTED_FACTOR = 4
+
+
+def listed_zip_entries(fh: BinaryIO) -> int | None:
+    """How many entries a zip's end-of-central-directory record claims (zip64 aware), read from the last bytes.
+
+    None when no record is found (zipfile then reports the archive as broken). Leaves `fh` at its start.
+    """
+    fh.seek(0, io.SEEK_END)
+    size = fh.tell()
+    tail_len = min(size, 22 + 0xFFFF + 20)  # the record, its longest comment, and a zip64 locator before it
+    fh.seek(size - tail_len)
+    tail = fh.read(tail_len)
+    fh.seek(0)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + 22 > len(tail):
+        return None
+    (total,) = struct.unpack_from("<H", tail, at + 10)
+    if total == 0xFFFF and at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":
+        (offset,) = struct.unpack_from("<Q", tail, at - 20 + 8)
+        if offset < size:
+            fh.seek(offset)
+            record = fh.read(40)
+            fh.seek(0)
+            if len(record) == 40 and record[:4] == b"PK\x06\x06":
+                (total,) = struct.unpack_from("<Q", record, 32)
+    return int(total)
+
+
 class _ZipSource:
     """A zip archive (on disk or in memory) expanded entry by entry; entry names are labels, never paths."""
 
@@ -196,6 +228,13 @@ class _ZipSource:
         self.strip_top = strip_top
         self.entries: list[zipfile.ZipInfo] = []
         self.common_top = False
+        with self.opener() as fh:
+            listed = listed_zip_entries(fh)
+        if listed is not None and listed > ZIP_LISTED_FACTOR * self.max_entries:
+            raise ArchiveRefused(
+                f"the archive lists {listed:,} entries, far more than the limit of {self.max_entries:,} "
+                f"files per archive: split it into smaller archives"
+            )
         with self.opener() as fh, zipfile.ZipFile(fh) as zf:  # raises BadZipFile for a broken archive
             for info in zf.infolist():
                 if info.is_dir() or _is_litter(_clean_parts(info.filename)):
@@ -531,6 +570,8 @@ def import_uploads(
                         name, lambda data=data: io.BytesIO(data), settings_caps=importer.caps, strip_top=True
                     )
                 )
+            except ArchiveRefused as exc:
+                items.append(RefusedItem(name, str(exc)))
             except (zipfile.BadZipFile, OSError, ValueError) as exc:
                 items.append(RefusedItem(name, f"not a readable zip archive: {exc}"))
             continue
@@ -609,6 +650,8 @@ def import_paths(
                         display, lambda path=path: path.open("rb"), settings_caps=importer.caps, strip_top=True
                     )
                 )
+            except ArchiveRefused as exc:
+                items.append(RefusedItem(display, str(exc)))
             except (zipfile.BadZipFile, OSError, ValueError) as exc:
                 items.append(RefusedItem(display, f"not a readable zip archive: {exc}"))
             return

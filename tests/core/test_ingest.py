@@ -384,3 +384,31 @@ def test_zipped_image_folder_upload_labels_by_folder_skipping_the_wrapper(db: Da
     assert all(name.split("/")[2] == category for name, category in labels.items())
     with db.read() as session:
         assert set(session.scalars(select(Image.source))) == {"zip:dataset.zip"}
+
+
+def test_a_zip_listing_far_more_entries_than_the_cap_is_refused_before_its_directory_is_read(
+    capped_db: Callable[..., Database],
+) -> None:
+    db = capped_db(zip_max_entries=3)
+    archive = badfiles.make_zip([(f"{i}.png", b"") for i in range(13)])  # 13 > 4 x the cap of 3
+    result = import_uploads(db, [Upload("lots.zip", archive), Upload("loose.png", image_bytes("Bags", 41))], actor="x")
+    assert [i.name for i in result.imported] == ["loose.png"]
+    assert "lists 13 entries, far more than the limit of 3" in _refusals(result)["lots.zip"]
+    assert db.integrity_ok()
+
+
+def test_listed_zip_entries_reads_the_zip64_record() -> None:
+    import io
+    import zipfile
+
+    from core.ingest import listed_zip_entries
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for i in range(0x10000 + 5):  # more than a classic record's 16-bit count: zipfile writes zip64 records
+            zf.writestr(zipfile.ZipInfo(f"{i}"), b"")
+    data = buf.getvalue()
+    assert b"PK\x06\x06" in data[-200:]
+    assert listed_zip_entries(io.BytesIO(data)) == 0x10000 + 5
+    assert listed_zip_entries(io.BytesIO(badfiles.make_zip([("a", b"x"), ("b", b"y")]))) == 2
+    assert listed_zip_entries(io.BytesIO(b"PK\x03\x04 not really a zip")) is None
