@@ -313,3 +313,18 @@ def open_normalised(path: Path, *, target_size: int | None = None) -> Image.Imag
             img.draft("RGB", (target_size, target_size))
         # Leaving `with` only closes the file; the loaded pixels stay valid even when normalise returns `img`.
         return normalise(img)
+
+
+def difference_hash(img: Image.Image) -> int | None:
+    """A 64-bit perceptual hash (dHash): equal for the same picture resized, re-encoded or lightly retouched.
+
+    Grey levels of a 9x8 reduction, one bit per horizontally adjacent pair that gets brighter. Returned as a
+    signed 64-bit integer (what SQLite stores); None for a picture without structure (flat, or a plain gradient),
+    whose hash would match every other such picture.
+    """
+    small = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).flatten()
+    value = int("".join("1" if b else "0" for b in bits), 2)
+    if value in (0, 2**64 - 1):
+        return None
+    return value - 2**64 if value >= 2**63 else value

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from core.db import Database
 from core.errors import ArchiveRefused, CategoryError, ImageRefused, ProdcatError
-from core.imaging import DecodedImage, inspect_and_decode
+from core.imaging import DecodedImage, difference_hash, inspect_and_decode
 from core.labels import apply_label, clean_category_name, get_or_create_category
 from core.schema import Image, Label
 from core.splits import split_for_hash
@@ -294,6 +294,7 @@ class _Prepared:
     decoded: DecodedImage | None = None
     stored: StoredFiles | None = None
     refusal: str | None = None
+    phash: int | None = None
 
 
 @dataclass
@@ -418,8 +419,9 @@ class _Importer:
             stored = store_image(self.settings, data, decoded)
         except OSError as exc:
             return _Prepared(refusal=f"could not be stored ({exc.strerror or exc}); check free disk space")
+        phash = difference_hash(decoded.image)
         decoded.image = None  # type: ignore[assignment]  # the thumbnail is written: free the pixels now
-        return _Prepared(decoded=decoded, stored=stored)
+        return _Prepared(decoded=decoded, stored=stored, phash=phash)
 
     def start(self, cand: _Candidate, pool: ThreadPoolExecutor) -> _Pending:
         p = _Pending(cand)
@@ -475,9 +477,9 @@ class _Importer:
             self.refuse(name, prepared.refusal)
             return
         assert prepared.decoded is not None and prepared.stored is not None
-        self.insert(p, prepared.decoded, prepared.stored)
+        self.insert(p, prepared.decoded, prepared.stored, prepared.phash)
 
-    def insert(self, p: _Pending, decoded: DecodedImage, stored: StoredFiles) -> None:
+    def insert(self, p: _Pending, decoded: DecodedImage, stored: StoredFiles, phash: int | None) -> None:
         """The image row and its label in one short write transaction (files are already in place)."""
         name, category = p.cand.name, p.category
         row = Image(
@@ -492,9 +494,15 @@ class _Importer:
             source=p.cand.source[:_MAX_NAME],
             split=str(split_for_hash(p.sha, self.settings.split_fractions)),
             uploaded_by=self.actor,
+            phash=phash,
         )
         try:
             with self.db.write() as session:
+                if phash is not None:
+                    # A near-duplicate joins the split of the first picture like it, so a resized or re-encoded
+                    # copy of a test image is never trained on (and vice versa).
+                    first = select(Image.split).where(Image.phash == phash).order_by(Image.id).limit(1)
+                    row.split = session.scalar(first) or row.split
                 session.add(row)
                 session.flush()
                 if category is not None:

@@ -6,7 +6,19 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -87,12 +99,15 @@ class Image(Base):
     split: Mapped[str] = mapped_column(String(8))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     uploaded_by: Mapped[str] = mapped_column(String(200))
+    # core.imaging.difference_hash of the normalised picture: near-duplicates share it, and then share a split.
+    phash: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     label: Mapped[Label | None] = relationship(back_populates="image", uselist=False)
 
     __table_args__ = (
         Index("ix_images_split_id", "split", "id"),
         Index("ix_images_created_at", "created_at"),
+        Index("ix_images_phash", "phash"),
     )
 
 

@@ -7,7 +7,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image as PILImage
 from sqlalchemy import func, select
 
 from core import db as core_db
@@ -297,8 +299,13 @@ def test_zip_expanding_past_the_byte_cap_keeps_the_good_entries_before_it(
     db = capped_db(zip_max_total_bytes=1_000_000)
     zeros = b"\x00" * 5_000_000  # 5 MB of zeros compresses to a few kilobytes
     archive = badfiles.make_zip(
-        [("a.png", image_bytes("Shoes", 30)), ("b.png", image_bytes("Bags", 30)),
-         ("filler1.bin", zeros), ("filler2.bin", zeros), ("c.png", image_bytes("Hats", 30))]
+        [
+            ("a.png", image_bytes("Shoes", 30)),
+            ("b.png", image_bytes("Bags", 30)),
+            ("filler1.bin", zeros),
+            ("filler2.bin", zeros),
+            ("c.png", image_bytes("Hats", 30)),
+        ]
     )
     assert len(archive) < 50_000
     result = import_uploads(db, [Upload("bomb.zip", archive)], actor="x")
@@ -350,9 +357,7 @@ def test_missing_path_is_refused_by_name(db: Database, tmp_path: Path) -> None:
     assert len(result.imported) == 1
 
 
-def test_a_failing_database_insert_leaves_no_half_image(
-    db: Database, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failing_database_insert_leaves_no_half_image(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     import core.ingest as ingest
 
     import_uploads(db, [Upload("before.png", image_bytes("Shoes", 80))], category="Shoes", actor="x")
@@ -412,3 +417,44 @@ def test_listed_zip_entries_reads_the_zip64_record() -> None:
     assert listed_zip_entries(io.BytesIO(data)) == 0x10000 + 5
     assert listed_zip_entries(io.BytesIO(badfiles.make_zip([("a", b"x"), ("b", b"y")]))) == 2
     assert listed_zip_entries(io.BytesIO(b"PK\x03\x04 not really a zip")) is None
+
+
+def _blocky(seed: int, scale: int, fmt: str) -> bytes:
+    """A picture of 9x8 distinct grey blocks (a structure dHash sees clearly), at `scale` pixels per block."""
+    grid = (np.random.default_rng(seed).permutation(72).reshape(8, 9) * 3 + 20).astype(np.uint8)
+    pixels = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+    buf = io.BytesIO()
+    PILImage.fromarray(np.stack([pixels] * 3, axis=-1)).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def test_a_near_duplicate_joins_the_split_of_the_picture_it_copies(db: Database) -> None:
+    import hashlib
+
+    from core.imaging import difference_hash
+
+    fractions = db.settings.split_fractions
+    # A picture whose resized JPEG copy would land in another split by its own bytes' hash.
+    seed = next(
+        s
+        for s in range(200)
+        if split_for_hash(hashlib.sha256(_blocky(s, 10, "PNG")).hexdigest(), fractions)
+        != split_for_hash(hashlib.sha256(_blocky(s, 20, "JPEG")).hexdigest(), fractions)
+    )
+    original, copy = _blocky(seed, 10, "PNG"), _blocky(seed, 20, "JPEG")
+    result = import_uploads(db, [Upload("shirt.png", original)], actor="x")
+    result2 = import_uploads(
+        db, [Upload("shirt_large.jpg", copy), Upload("other.png", _blocky(seed + 1, 10, "PNG"))], actor="x"
+    )
+    assert not result.refused and not result2.refused
+    with db.read() as session:
+        rows = {
+            r.original_name: r
+            for r in session.execute(select(Image.original_name, Image.phash, Image.split, Image.sha256))
+        }
+    assert rows["shirt_large.jpg"].phash == rows["shirt.png"].phash is not None  # two files, one picture
+    assert rows["shirt_large.jpg"].split == rows["shirt.png"].split  # so one split: the copy is not a leak
+    assert rows["shirt_large.jpg"].split != str(split_for_hash(rows["shirt_large.jpg"].sha256, fractions))
+    assert rows["other.png"].phash != rows["shirt.png"].phash  # a different picture keeps its own split
+    assert rows["other.png"].split == str(split_for_hash(rows["other.png"].sha256, fractions))
+    assert difference_hash(PILImage.new("RGB", (40, 40), (200, 10, 10))) is None  # flat: no structure to match on
