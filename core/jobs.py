@@ -149,6 +149,7 @@ def enqueue_training(db: Database, mode: str, params: dict[str, Any] | None, act
     if not actor:
         raise TrainingRefused("who is asking? a training job needs an actor name for the audit trail")
     clean = validate_params(db.settings, mode, params)
+    fail_stale_jobs(db)  # a job whose worker died must not refuse this one as "already running"
     try:
         with db.write() as session:
             _refuse_if_live(session)
@@ -247,6 +248,7 @@ def cancel_job(db: Database, job_id: int, *, actor: str) -> JobView:
 
     Raises NotFound for an unknown id and TrainingRefused when the job has already finished.
     """
+    fail_stale_jobs(db)  # a job whose worker died is failed now: nobody would ever read a cancel request
     now = utcnow()
     with db.write() as session:
         row = session.get(TrainingJob, int(job_id))
@@ -301,11 +303,21 @@ def mark_cancelled(db: Database, job_id: int, note: str = "") -> bool:
     return _finish(db, job_id, JobStatus.CANCELLED, only_live=True, **values)
 
 
+def is_stale(row: TrainingJob, settings: Settings, now: datetime | None = None) -> bool:
+    """A running job whose worker has been silent longer than `heartbeat_timeout_s` (killed, out of memory...)."""
+    if row.status != JobStatus.RUNNING.value:
+        return False
+    last = row.heartbeat_at or row.started_at or row.created_at
+    return last < (now or utcnow()) - timedelta(seconds=settings.heartbeat_timeout_s)
+
+
 def fail_stale_jobs(db: Database) -> list[int]:
     """Fail running jobs whose worker has been silent longer than `heartbeat_timeout_s`; returns their ids.
 
-    Called by every worker at start (and while idle) and by the UI on start. Queued jobs are never touched: they
-    simply wait for a worker. Workers that went silent are marked stopped so they no longer count as alive.
+    Called by every worker at start (and while idle), by the UI on start, and whenever the UI, `enqueue_training`
+    or `cancel_job` meets a stale running job, so a dead worker's job never blocks the Retrain button. Queued jobs
+    are never touched: they simply wait for a worker. Workers that went silent are marked stopped so they no longer
+    count as alive.
     """
     now = utcnow()
     cutoff = now - timedelta(seconds=db.settings.heartbeat_timeout_s)
@@ -316,7 +328,7 @@ def fail_stale_jobs(db: Database) -> list[int]:
         ).all()
         for row in rows:
             last = row.heartbeat_at or row.started_at or row.created_at
-            if last >= cutoff:
+            if not is_stale(row, db.settings, now):
                 continue
             row.status = JobStatus.FAILED.value
             row.active_slot = None
@@ -339,10 +351,16 @@ def fail_stale_jobs(db: Database) -> list[int]:
 
 
 def current_job(db: Database) -> JobView | None:
-    """The queued or running job, if any."""
-    with db.read() as session:
-        row = _live_job_in(session)
-        return None if row is None else _view(row)
+    """The queued or running job, if any; a running job whose worker went silent is failed first (and not returned)."""
+    for attempt in range(2):
+        with db.read() as session:
+            row = _live_job_in(session)
+            if row is None:
+                return None
+            if attempt == 1 or not is_stale(row, db.settings):
+                return _view(row)
+        fail_stale_jobs(db)
+    return None
 
 
 def get_job(db: Database, job_id: int) -> JobView:

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from core.db import Database
+from core.jobs import fail_stale_jobs, is_stale
 from core.schema import Category, Image, JobStatus, Label, ModelVersion, TrainingJob, VersionStatus
 
 LIVE_JOB_STATES: tuple[str, ...] = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
@@ -82,7 +83,7 @@ def _job(row: TrainingJob) -> JobSummary:
     )
 
 
-def home_overview(db: Database) -> Overview:
+def home_overview(db: Database, *, _stale_checked: bool = False) -> Overview:
     """Counts, the active version and the current (else last) training job: five indexed queries, no rows scanned
     beyond counting."""
     with db.read() as session:
@@ -108,6 +109,10 @@ def home_overview(db: Database) -> Overview:
             select(TrainingJob).where(TrainingJob.status.in_(LIVE_JOB_STATES)).order_by(TrainingJob.id.desc()).limit(1)
         ) or session.scalar(select(TrainingJob).order_by(TrainingJob.id.desc()).limit(1))
         job_summary = _job(job) if job is not None else None
+        stale = job is not None and not _stale_checked and is_stale(job, db.settings)
+    if stale:  # its worker died while this app was up: fail it now, so no page shows it running
+        fail_stale_jobs(db)
+        return home_overview(db, _stale_checked=True)
     if version is None:
         return Overview(images=images, labelled=labelled, categories=categories, job=job_summary)
     vid, arch, size, mode, accuracy, pretrained = version

@@ -436,7 +436,8 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-    if _promote(db, version_id, test_accuracy=test_accuracy, test_hash=test_hash):
+    test_pairs = list(zip(test.ids, test.category_ids, strict=True))
+    if _promote(db, version_id, test_accuracy=test_accuracy, test_hash=test_hash, test_pairs=test_pairs):
         from core.predict import refresh_predictions
 
         unreadable: list[Any] = []  # one bad stored original must not fail a run whose model is already promoted
@@ -655,8 +656,19 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def _promote(db: Database, version_id: int, *, test_accuracy: float | None, test_hash: str) -> bool:
-    """Apply settings.promote_policy to a new candidate; returns True when it became active."""
+def _promote(
+    db: Database,
+    version_id: int,
+    *,
+    test_accuracy: float | None,
+    test_hash: str,
+    test_pairs: Sequence[tuple[int, int]],
+) -> bool:
+    """Apply settings.promote_policy to a new candidate; returns True when it became active.
+
+    The active version is compared on the candidate's own test images and labels (`test_pairs`, as they were when
+    the candidate was measured): labels corrected while the job ran do not tilt the comparison either way.
+    """
     policy = db.settings.promote_policy
     current = active_version(db)
     decision: dict[str, Any] = {"policy": policy}
@@ -674,8 +686,11 @@ def _promote(db: Database, version_id: int, *, test_accuracy: float | None, test
                 if current.test_image_ids_hash == test_hash and current.test_accuracy is not None:
                     baseline = float(current.test_accuracy)
                 else:
-                    # The test set changed since the active version was measured: measure it again, same images.
-                    baseline = float(evaluate_version(db, current.id)["accuracy"])
+                    # The test set changed since the active version was measured: measure it again on the
+                    # candidate's images and labels.
+                    again = evaluate_version(db, current.id, pairs=test_pairs)
+                    assert again["test_set_hash"] == test_hash
+                    baseline = float(again["accuracy"])
             except CheckpointError as exc:
                 baseline = None
                 decision["active_error"] = str(exc)

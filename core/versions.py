@@ -274,12 +274,22 @@ def metrics_for(
     return metrics
 
 
-def evaluate_version(db: Database, version_id: int, *, split: Split | str = Split.TEST) -> dict[str, Any]:
-    """Metrics of a version on the current labelled images of a split (default: test), with its image-set hash."""
+def evaluate_version(
+    db: Database,
+    version_id: int,
+    *,
+    split: Split | str = Split.TEST,
+    pairs: Sequence[tuple[int, int]] | None = None,
+) -> dict[str, Any]:
+    """Metrics of a version on the current labelled images of a split (default: test), with its image-set hash.
+
+    `pairs` ((image_id, category_id), e.g. a candidate's test set as it was when the candidate was measured)
+    replaces the current labels, so two versions are compared on exactly the same images and labels.
+    """
     from core.pixel_cache import PixelCache
 
     classifier, version = load_classifier(db, version_id)
-    pairs = labelled_images(db, split)
+    pairs = list(pairs) if pairs is not None else labelled_images(db, split)
     if not pairs:
         note = f"the {split} split has no labelled images"
         return {"n_images": 0, "note": note, "test_set_hash": hash_test_set([])}

@@ -83,6 +83,10 @@ def live_progress() -> None:
                 st.text(text)
         return
     st.session_state[SEEN_LIVE_KEY] = job.id
+    if job.status == "queued":
+        # Its worker may have died before claiming it (or none was ever started): start one here. ensure_worker
+        # does nothing while any worker is alive, and starts at most one per heartbeat timeout.
+        _ui.attempt(ensure_worker, db)
     p = job.progress
     st.subheader(f"Training job #{job.id}: {job.status}")
     epoch, epochs = p.get("epoch"), p.get("epochs")

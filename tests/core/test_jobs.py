@@ -219,6 +219,34 @@ def test_stale_running_jobs_fail_but_fresh_and_queued_ones_do_not(db: Database) 
     assert jobs.fail_stale_jobs(db) == [] and jobs.get_job(db, queued).status == "queued"
 
 
+def test_a_dead_workers_job_never_blocks_the_app_while_it_runs(db: Database) -> None:
+    """The UI process stays up while a worker is killed (out of memory, say): the next look at the job fails it."""
+    from core.overview import home_overview
+
+    timeout = db.settings.heartbeat_timeout_s
+    dead = jobs.enqueue_training(db, "quick", {}, "ana")
+    jobs.claim_next_job(db, "oom-killed")
+    _set_heartbeat(db, dead, timeout + 5)
+    assert home_overview(db).job.status == "failed"  # the sidebar on every page
+
+    again = jobs.enqueue_training(db, "quick", {}, "ana")
+    jobs.claim_next_job(db, "oom-killed-too")
+    _set_heartbeat(db, again, timeout + 5)
+    assert jobs.current_job(db) is None  # the Train page's live view
+    assert jobs.get_job(db, again).status == "failed"
+
+    third = jobs.enqueue_training(db, "quick", {}, "ana")
+    jobs.claim_next_job(db, "gone")
+    _set_heartbeat(db, third, timeout + 5)
+    retrain = jobs.enqueue_training(db, "quick", {}, "bo")  # Retrain is not refused as "already running"
+    assert jobs.get_job(db, third).status == "failed" and jobs.current_job(db).id == retrain
+    jobs.claim_next_job(db, "gone-again")
+    _set_heartbeat(db, retrain, timeout + 5)
+    with pytest.raises(TrainingRefused, match="already failed"):  # Cancel says what happened instead of waiting
+        jobs.cancel_job(db, retrain, actor="bo")
+    assert "stopped responding" in (jobs.get_job(db, retrain).error or "")
+
+
 def test_worker_liveness_follows_heartbeats(db: Database) -> None:
     assert not jobs.worker_alive(db)
     jobs.register_worker(db, "host:1:abc", device="cpu")

@@ -9,7 +9,7 @@ from sqlalchemy import null
 
 from core.db import Database
 from core.overview import home_overview
-from core.schema import JobStatus, ModelVersion, TrainingJob
+from core.schema import JobStatus, ModelVersion, TrainingJob, utcnow
 from tests.core.factories import BASE_TIME, populate
 
 
@@ -43,6 +43,7 @@ def _job(status: str, minutes: int, *, live: bool) -> dict[str, object]:
         requested_by="alice",
         created_at=BASE_TIME + timedelta(minutes=minutes),
         progress={"epoch": 1, "epochs": 3} if live else {},
+        heartbeat_at=utcnow() if live else None,  # its worker is alive (a silent one would get the job failed)
         error="out of memory" if status == JobStatus.FAILED else "",
     )
 

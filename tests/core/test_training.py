@@ -10,7 +10,7 @@ from core.errors import JobCancelled, TrainingRefused
 from core.jobs import get_job
 from core.schema import ModelVersion, Prediction
 from core.training import _promote, run_training, training_plan
-from core.versions import active_version, get_version
+from core.versions import active_version, get_version, labelled_images
 from tests.core.training_helpers import add_job, dataset, save_random_version, store_images
 
 CLASSES = ["Shoes", "Bags", "Hats"]
@@ -146,12 +146,44 @@ def test_worse_candidate_stays_candidate_and_better_or_equal_is_promoted(db: Dat
     candidate = save_random_version(db, CLASSES, seed=2)
     # The active version's stored hash differs from the current test set: it is re-measured on the same images.
     worse = measured["accuracy"] - 0.01
-    assert _promote(db, candidate, test_accuracy=worse, test_hash=measured["test_set_hash"]) is False
+    pairs = labelled_images(db, "test")
+    assert _promote(db, candidate, test_accuracy=worse, test_hash=measured["test_set_hash"], test_pairs=pairs) is False
     assert get_version(db, candidate).status == "candidate" and active_version(db).id == active
     promotion = get_version(db, candidate).metrics["promotion"]
     assert promotion["active_accuracy_same_images"] == pytest.approx(measured["accuracy"])
-    assert _promote(db, candidate, test_accuracy=measured["accuracy"], test_hash=measured["test_set_hash"]) is True
+    equal = measured["accuracy"]
+    assert _promote(db, candidate, test_accuracy=equal, test_hash=measured["test_set_hash"], test_pairs=pairs) is True
     assert active_version(db).id == candidate
+
+
+def test_labels_corrected_while_a_job_runs_do_not_tilt_the_promotion(db: Database) -> None:
+    from core.labels import set_label
+    from core.versions import activate_version, evaluate_version, hash_test_set
+
+    store_images(db, dataset(CLASSES, train=1, val=0, test=4))
+    active = save_random_version(db, CLASSES, seed=1)
+    activate_version(db, active, actor="ann")
+    candidate = save_random_version(db, CLASSES, seed=2)
+    seen_by_candidate = labelled_images(db, "test")  # the candidate was measured on these labels
+    on_same_labels = evaluate_version(db, active, pairs=seen_by_candidate)["accuracy"]
+    # Meanwhile someone relabels every test image to what the active model predicts for it: on the new labels the
+    # active model would score 100% and a fair candidate would look worse.
+    from core.predict import predict_images
+
+    for image_id, _ in seen_by_candidate:
+        set_label(db, image_id, predict_images(db, [image_id], version_id=active)[image_id].category, actor="bo")
+    assert evaluate_version(db, active)["accuracy"] == 1.0 != on_same_labels
+
+    promoted = _promote(
+        db,
+        candidate,
+        test_accuracy=on_same_labels,  # as good as the active version on the images and labels it was measured on
+        test_hash=hash_test_set(seen_by_candidate),
+        test_pairs=seen_by_candidate,
+    )
+    promotion = get_version(db, candidate).metrics["promotion"]
+    assert promotion["active_accuracy_same_images"] == pytest.approx(on_same_labels)
+    assert promoted is True and active_version(db).id == candidate
 
 
 def test_manual_policy_never_activates(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
