@@ -105,19 +105,30 @@ def _load_backbone_file(model: nn.Module, path: Path) -> list[str]:
         raise FileNotFoundError(f"{path} does not exist")
     state = load_file(str(path))
     own = model.state_dict()
-    skipped = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-    state = {k: v for k, v in state.items() if k not in skipped}
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k not in skipped]
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "")
-    # Only the head may be missing: anything else means the file is for a different architecture.
-    backbone_missing = [k for k in missing if not (classifier and k.startswith(f"{classifier}."))]
+
+    def is_head(key: str) -> bool:
+        return bool(classifier) and key.startswith(f"{classifier}.")
+
+    mismatched = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    # Only the head may differ (another number of classes) or be missing: anything else means the file is for a
+    # different architecture (a resnet50 file for a resnet18 shares key names but not shapes).
+    wrong_shape = [k for k in mismatched if not is_head(k)]
+    if wrong_shape:
+        k = wrong_shape[0]
+        raise ValueError(
+            f"{path} does not match the architecture: {len(wrong_shape)} backbone tensors have other shapes "
+            f"(e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model)"
+        )
+    state = {k: v for k, v in state.items() if k not in mismatched}
+    result = model.load_state_dict(state, strict=False)
+    backbone_missing = [k for k in result.missing_keys if k not in mismatched and not is_head(k)]
     if backbone_missing:
         raise ValueError(
             f"{path} does not match the architecture: {len(backbone_missing)} backbone tensors missing "
             f"(e.g. {backbone_missing[0]})"
         )
-    return skipped
+    return mismatched
 
 
 def _create_from_hub(arch: str, num_classes: int) -> nn.Module:

@@ -65,6 +65,15 @@ def test_file_for_another_architecture_is_not_silently_accepted(tmp_path: Path) 
     assert "does not match" in info.message
 
 
+def test_a_resnet50_file_is_refused_for_a_resnet18_although_the_key_names_match(tmp_path: Path) -> None:
+    other = timm.create_model("resnet50", pretrained=False, num_classes=3)
+    path = tmp_path / "resnet50.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    _, info = create_network("resnet18", 3, pretrained="file", pretrained_file=path)
+    assert info.source == "none"  # not "pretrained weights from ..." with a quarter of the backbone random
+    assert "backbone tensors have other shapes" in info.message and "layer1.0.conv1.weight" in info.message
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown architecture 'resnet_nope'"):
         create_network("resnet_nope", 3, pretrained="none")
