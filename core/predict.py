@@ -14,7 +14,14 @@ from core.db import Database
 from core.errors import ImageRefused, NotFound
 from core.pixel_cache import PixelCache
 from core.schema import Image, Prediction
-from core.versions import VersionView, active_version, category_names, load_classifier
+from core.versions import (
+    VersionView,
+    active_version,
+    category_names,
+    load_classifier,
+    merged_targets,
+    resolve_category,
+)
 
 # progress(done, total)
 PredictProgress = Callable[[int, int], None]
@@ -57,9 +64,17 @@ class FilePrediction:
     model_version_id: int | None = None
 
 
-def _ranked(probs: Sequence[float], category_ids: Sequence[int], names: dict[int, str], k: int) -> list[TopK]:
-    order = np.argsort(-np.asarray(probs, dtype=np.float64), kind="stable")[: max(int(k), 1)]
-    return [TopK(int(category_ids[j]), names.get(int(category_ids[j]), "?"), float(probs[j])) for j in order]
+def _ranked(
+    probs: Sequence[float], category_ids: Sequence[int], names: dict[int, str], k: int, merged: dict[int, int]
+) -> list[TopK]:
+    """The k most likely categories. A class whose category was merged since training counts as the category it
+    was merged into (probabilities added), so 'Sneakers' merged into 'Shoes' is never shown on its own."""
+    totals: dict[int, float] = {}
+    for category_id, p in zip(category_ids, probs, strict=True):
+        target = resolve_category(int(category_id), merged)
+        totals[target] = totals.get(target, 0.0) + float(p)
+    ordered = sorted(totals.items(), key=lambda item: -item[1])[: max(int(k), 1)]  # stable: class order on ties
+    return [TopK(category_id, names.get(category_id, "?"), p) for category_id, p in ordered]
 
 
 def _scores(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,17 +86,20 @@ def _scores(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return top, margin, entropy
 
 
-def _view(row: dict[str, Any], version: VersionView, names: dict[int, str], k: int) -> PredictionView:
+def _view(
+    row: dict[str, Any], version: VersionView, names: dict[int, str], k: int, merged: dict[int, int]
+) -> PredictionView:
+    top_k = _ranked(row["probs"], version.class_category_ids, names, k, merged)
     return PredictionView(
         image_id=row["image_id"],
         model_version_id=row["model_version_id"],
-        category_id=row["category_id"],
-        category=names.get(row["category_id"], "?"),
-        confidence=row["confidence"],
+        category_id=top_k[0].category_id,
+        category=top_k[0].category,
+        confidence=top_k[0].probability,
         margin=row["margin"],
         entropy=row["entropy"],
         probs=list(row["probs"]),
-        top_k=_ranked(row["probs"], version.class_category_ids, names, k),
+        top_k=top_k,
     )
 
 
@@ -146,8 +164,8 @@ def predict_images(
                 ],
             )
         have = _stored(db, version.id, ids)
-    names = category_names(db)
-    return {i: _view(have[i], version, names, top_k) for i in ids if i in have}
+    names, merged = category_names(db), merged_targets(db)
+    return {i: _view(have[i], version, names, top_k, merged) for i in ids if i in have}
 
 
 def _readable_pixels(
@@ -253,7 +271,7 @@ def predict_uploads(db: Database, uploads: Iterable[Any], *, top_k: int = 3) -> 
     A file that is not an acceptable image gets its `error`; the others are still predicted.
     """
     classifier, version = load_classifier(db)
-    names = category_names(db)
+    names, merged = category_names(db), merged_targets(db)
     results: list[FilePrediction | None] = []
     good: list[tuple[int, str, np.ndarray]] = []
 
@@ -263,7 +281,7 @@ def predict_uploads(db: Database, uploads: Iterable[Any], *, top_k: int = 3) -> 
             return
         probs = np.asarray(classifier.predict_pixels(np.stack([p for _, _, p in good]), batch_size=64), np.float64)
         for (slot, name, _), row in zip(good, probs, strict=True):
-            ranked = _ranked(row, version.class_category_ids, names, top_k)
+            ranked = _ranked(row, version.class_category_ids, names, top_k, merged)
             results[slot] = FilePrediction(
                 name=name,
                 category=ranked[0].category,

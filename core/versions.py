@@ -231,7 +231,8 @@ def category_names(db: Database) -> dict[int, str]:
         return {int(i): n for i, n in session.execute(select(Category.id, Category.name))}
 
 
-def _merged_targets(db: Database) -> dict[int, int]:
+def merged_targets(db: Database) -> dict[int, int]:
+    """category id -> the category it was merged into, for every merged category (see `resolve_category`)."""
     with db.read() as session:
         return {int(i): int(t) for i, t in session.execute(select(Category.id, Category.merged_into_id)) if t}
 
@@ -258,7 +259,7 @@ def metrics_for(
     """
     from models.metrics import classification_metrics
 
-    merged = _merged_targets(db)
+    merged = merged_targets(db)
     names = category_names(db)
     model_cats = [resolve_category(int(c), merged) for c in class_category_ids]
     columns: list[int] = list(dict.fromkeys(model_cats))

@@ -117,3 +117,27 @@ def test_predict_missing_does_nothing_without_an_active_version(db: Database) ->
     assert predict_missing(db, limit=10) == 0
     with db.read() as session:
         assert session.scalar(select(func.count()).select_from(Prediction)) == 0
+
+
+def test_after_a_merge_predictions_name_only_live_categories_and_add_up_their_probabilities(
+    db: Database, version: int, tmp_path: Path
+) -> None:
+    from core.labels import merge_categories
+
+    ids = store_images(db, dataset(CLASSES, train=1, val=0, test=0))
+    before = predict_images(db, ids[:1])[ids[0]]
+    by_name = {t.category: t.probability for t in before.top_k}
+    merge_categories(db, "Hats", "Bags", actor="ann")  # the model was trained with Hats as its own class
+
+    after = predict_images(db, ids[:1], top_k=3)[ids[0]]
+    ranked = {t.category: t.probability for t in after.top_k}
+    assert sorted(ranked) == ["Bags", "Shoes"]  # the archived Hats is not offered
+    assert ranked["Bags"] == pytest.approx(by_name["Bags"] + by_name["Hats"])
+    assert [t.probability for t in after.top_k] == sorted(ranked.values(), reverse=True)
+    assert after.confidence == pytest.approx(after.top_k[0].probability)
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(image_bytes("Hats", 77))
+    [loose] = predict_files(db, [photo], top_k=3)  # the CLI's `predict` path
+    assert "Hats" not in [t.category for t in loose.top_k] and len(loose.top_k) == 2
+    assert sum(t.probability for t in loose.top_k) == pytest.approx(1.0, abs=1e-4)
