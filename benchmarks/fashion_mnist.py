@@ -233,7 +233,7 @@ def build_pixel_cache(db: Any, params: dict[str, Any]) -> dict[str, Any]:
         bar.refresh()
 
     with timed() as clock:
-        cache.ensure(db, ids, progress=progress)
+        cache.fill(db, ids, progress=progress)
     bar.close()
     return {
         "images": len(ids),

@@ -2,8 +2,10 @@
 
 Each cache is one folder holding a raw fixed-row-size data file (memory-mapped for reading) and a JSON index
 mapping image sha256 -> row. Rows are only ever appended, so an image is decoded (or a feature computed) once
-per configuration. Nothing is pickled. Two processes may grow the same cache: an `fcntl.flock` on a lock file
-serialises growth, and the index is replaced atomically so readers never see a half-written one.
+per configuration. Nothing is pickled. Two processes may grow the same cache: rows are computed without any lock,
+an `fcntl.flock` on a lock file is held only to re-read the index and append one chunk, and the index is replaced
+atomically so readers never see a half-written one. Large reads go through `CachedRows`, a lazy view that copies
+rows into memory only when a batch of them is indexed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,51 @@ DATA_NAME = "rows.bin"
 LOCK_NAME = "lock"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+IN_CHUNK = 900  # ids per IN (...) clause: stays under SQLite's bound-parameter limit
+
+
+class CachedRows:
+    """Cached rows in a chosen order, read from the memory-mapped data file only when indexed.
+
+    `rows[a:b]`, `rows[index_array]` and `rows[i]` return ordinary arrays holding just those rows, so a loop can
+    take batches from a whole split without the split being copied into memory; `len`, `shape`, `ndim` and `dtype`
+    are the gathered array's. `np.asarray(rows)` does copy everything (for small sets and tests).
+    """
+
+    def __init__(self, mapped: np.ndarray, positions: np.ndarray) -> None:
+        self.mapped = mapped  # np.memmap of the data file's rows (an empty array when the cache is empty)
+        self.positions = np.asarray(positions, dtype=np.int64).reshape(-1)  # row in `mapped` of each item
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.positions), *self.mapped.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return self.mapped.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.mapped.dtype
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        """A copy of the rows at these item positions (an int gives one row, anything else a stack of rows)."""
+        picked = self.positions[key]
+        # Fancy indexing reads just these rows from the map into a new array.
+        return np.array(self.mapped[picked]) if np.ndim(picked) == 0 else np.asarray(self.mapped[picked])
+
+    def subset(self, items: Sequence[int] | np.ndarray) -> CachedRows:
+        """A lazy view of some of these items (in the order given), still reading nothing."""
+        return CachedRows(self.mapped, self.positions[np.asarray(items, dtype=np.int64)])
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("cached rows are read from the file: they cannot be viewed without a copy")
+        rows = self[:]
+        return rows if dtype is None else rows.astype(dtype, copy=False)
 
 
 class RowStore:
@@ -121,13 +168,49 @@ class RowStore:
         # Copy-on-write: callers (torch.from_numpy) may need a writable array; the file is never changed by it.
         return np.memmap(self.data_path, dtype=self.dtype, mode="c", shape=(count, *self.row_shape))
 
+    def rows(self, index: dict[str, int], keys: Sequence[str]) -> CachedRows:
+        """A lazy view of the rows for `keys` in that order (nothing is read until it is indexed)."""
+        positions = np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
+        return CachedRows(self.view(len(index)), positions)
+
     def gather(self, index: dict[str, int], keys: Sequence[str]) -> np.ndarray:
         """Rows for `keys` in that order (a memory-mapped slice when they are already contiguous, else a copy)."""
-        mapped = self.view(len(index))
-        positions = np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
+        lazy = self.rows(index, keys)
+        positions = lazy.positions
         if len(positions) and np.array_equal(positions, np.arange(positions[0], positions[0] + len(positions))):
-            return mapped[positions[0] : positions[0] + len(positions)]
-        return np.asarray(mapped[positions])
+            return lazy.mapped[positions[0] : positions[0] + len(positions)]
+        return lazy[:]
+
+    def fill(
+        self,
+        keys: Sequence[str],
+        compute: Callable[[Sequence[str]], np.ndarray],
+        *,
+        chunk: int = 256,
+        progress: CacheProgress | None = None,
+    ) -> dict[str, int]:
+        """Cache the rows of the keys not cached yet, `chunk` at a time; returns an index holding every key.
+
+        Each chunk is computed outside the lock; the lock is taken only to re-read the index and append the chunk
+        (less any key another process appended meanwhile), so another process asking for one new row waits for at
+        most one append, not for the whole growth.
+        """
+        index = self.read_index()
+        missing = _unique([k for k in keys if k not in index])
+        for start in range(0, len(missing), chunk):
+            part = [k for k in missing[start : start + chunk] if k not in index]
+            if part:
+                computed = compute(part)
+                with self.locked():
+                    index = self.read_index()
+                    if not index and self.index_path.exists():
+                        # Corrupt or foreign index: start over (rows cannot be trusted without it).
+                        self.reset()
+                    new = [n for n, key in enumerate(part) if key not in index]
+                    index = self.append(index, [part[n] for n in new], np.asarray(computed)[new])
+            if progress is not None:
+                progress(min(start + chunk, len(missing)), len(missing))
+        return index
 
     def get_or_compute(
         self,
@@ -137,22 +220,8 @@ class RowStore:
         chunk: int = 256,
         progress: CacheProgress | None = None,
     ) -> np.ndarray:
-        """Rows for `keys` (in order), computing only the keys not cached yet, `chunk` at a time."""
-        index = self.read_index()
-        missing = _unique([k for k in keys if k not in index])
-        if missing:
-            with self.locked():
-                index = self.read_index()
-                if not index and self.index_path.exists():
-                    # Corrupt or foreign index: start over (rows cannot be trusted without it).
-                    self.reset()
-                missing = _unique([k for k in keys if k not in index])
-                for start in range(0, len(missing), chunk):
-                    part = missing[start : start + chunk]
-                    index = self.append(index, part, compute(part))
-                    if progress is not None:
-                        progress(min(start + chunk, len(missing)), len(missing))
-        return self.gather(index, keys)
+        """Rows for `keys` (in order, gathered into memory), computing only the keys not cached yet."""
+        return self.gather(self.fill(keys, compute, chunk=chunk, progress=progress), keys)
 
 
 def _unique(keys: Sequence[str]) -> list[str]:
@@ -200,19 +269,37 @@ class PixelCache:
         return cls(settings, cfg.image_size, cfg.crop_pct, cfg.interpolation)
 
     def ensure(self, db: Database, image_ids: Sequence[int], progress: CacheProgress | None = None) -> np.ndarray:
-        """Pixels (N,S,S,3) uint8 for these images in the order asked; decodes only images not cached yet."""
+        """Pixels (N,S,S,3) uint8 for these images in the order asked; decodes only images not cached yet.
+
+        A memory-mapped slice when the rows lie in order in the file, else a copy of every row: for more images than
+        a batch, use `rows` (a lazy view) or `fill` instead.
+        """
+        index, shas = self._fill(db, image_ids, progress)
+        return self.store.gather(index, shas)
+
+    def fill(self, db: Database, image_ids: Sequence[int], progress: CacheProgress | None = None) -> None:
+        """Decode into the cache the images not cached yet, reading no pixels back."""
+        self._fill(db, image_ids, progress)
+
+    def rows(self, db: Database, image_ids: Sequence[int], progress: CacheProgress | None = None) -> CachedRows:
+        """A lazy (N,S,S,3) uint8 view of these images' pixels in the order asked (filling the cache first):
+        indexing it reads only the rows asked for, so whole splits can be used without holding them in memory."""
+        index, shas = self._fill(db, image_ids, progress)
+        return self.store.rows(index, shas)
+
+    def _fill(
+        self, db: Database, image_ids: Sequence[int], progress: CacheProgress | None
+    ) -> tuple[dict[str, int], list[str]]:
+        """(index holding every image, sha256 of each image in order) after decoding the images not cached yet."""
         ids = [int(i) for i in image_ids]
+        found: dict[int, tuple[str, str, str]] = {}
         with db.read() as session:
-            found = (
-                {
-                    row.id: (row.sha256, row.stored_path, row.original_name)
-                    for row in session.execute(
-                        select(Image.id, Image.sha256, Image.stored_path, Image.original_name).where(Image.id.in_(ids))
-                    )
-                }
-                if ids
-                else {}
-            )
+            for start in range(0, len(ids), IN_CHUNK):
+                query = select(Image.id, Image.sha256, Image.stored_path, Image.original_name).where(
+                    Image.id.in_(ids[start : start + IN_CHUNK])
+                )
+                for row in session.execute(query):
+                    found[row.id] = (row.sha256, row.stored_path, row.original_name)
         absent = [i for i in ids if i not in found]
         if absent:
             raise NotFound(f"no image with id {', '.join(map(str, absent[:10]))}")
@@ -225,7 +312,8 @@ class PixelCache:
                 out[i] = self.decode(self.settings.data_dir / path, f"image {image_id} ({name})")
             return out
 
-        return self.store.get_or_compute([found[i][0] for i in ids], compute, progress=progress)
+        shas = [found[i][0] for i in ids]
+        return self.store.fill(shas, compute, progress=progress), shas
 
     def decode(self, path: Path, name: str) -> np.ndarray:
         """The model pixels of one stored original: the same path prediction of loose files takes."""

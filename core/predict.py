@@ -135,8 +135,10 @@ def predict_images(
     have = _stored(db, version.id, ids)
     missing = [i for i in ids if i not in have]
     if missing:
+        known: set[int] = set()
         with db.read() as session:
-            known = set(session.scalars(select(Image.id).where(Image.id.in_(missing))))
+            for start in range(0, len(missing), 900):  # stay under SQLite's bound-parameter limit
+                known.update(session.scalars(select(Image.id).where(Image.id.in_(missing[start : start + 900]))))
         unknown = [i for i in missing if i not in known]
         if unknown:
             raise NotFound(f"no image with id {', '.join(map(str, unknown[:10]))}")

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from core.corrections import correction_clause
 from core.db import Database
 from core.errors import CheckpointError, JobCancelled, NotFound, TrainingRefused
-from core.pixel_cache import PixelCache, RowStore
+from core.pixel_cache import IN_CHUNK, CachedRows, PixelCache, RowStore
 from core.schema import Category, Image, Label, LabelEvent, ModelVersion, Split, TrainingJob, VersionStatus
 from core.settings import Settings
 from core.versions import (
@@ -255,9 +255,14 @@ class FeatureCache:
 
 
 def _shas(db: Database, image_ids: Sequence[int]) -> list[str]:
+    ids = list(image_ids)
+    found: dict[int, str] = {}
     with db.read() as session:
-        found = dict(session.execute(select(Image.id, Image.sha256).where(Image.id.in_(list(image_ids)))).all())
-    return [found[i] for i in image_ids]
+        for start in range(0, len(ids), IN_CHUNK):
+            part = ids[start : start + IN_CHUNK]
+            for image_id, sha in session.execute(select(Image.id, Image.sha256).where(Image.id.in_(part))):
+                found[image_id] = sha
+    return [found[i] for i in ids]
 
 
 def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -339,13 +344,14 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     # Pixels: decoded once per image and preprocessing config, shared with prediction and evaluation.
     cache = PixelCache.for_config(settings, cfg)
     every_id = splits["train"].ids + splits["val"].ids + splits["test"].ids
-    cache.ensure(
+    cache.fill(
         db,
         every_id,
         progress=lambda done, total: _emit(on_progress, phase="caching", step=done, steps=total, device=device_text),
     )
     _check_stop(should_stop)
-    pixels = {s: cache.ensure(db, d.ids) for s, d in splits.items()}
+    # Lazy views: training reads one batch of rows at a time, never a whole split into memory.
+    pixels = {s: cache.rows(db, d.ids) for s, d in splits.items()}
 
     try:
         if mode == "quick":
@@ -488,7 +494,7 @@ def _train_quick(
     db: Database,
     model: Any,
     cfg: Any,
-    pixels: dict[str, np.ndarray],
+    pixels: dict[str, CachedRows],
     splits: dict[str, _Split],
     config: Any,
     device: Any,
@@ -510,11 +516,11 @@ def _train_quick(
 
         def compute(
             keys: Sequence[str],
-            split_pixels: np.ndarray = pixels[split],
+            split_pixels: CachedRows = pixels[split],
             position: dict[str, int] = position,
             phase: str = f"features ({split})",
         ) -> np.ndarray:
-            rows = np.asarray(split_pixels[[position[k] for k in keys]])
+            rows = split_pixels.subset([position[k] for k in keys])
             return extract_features(
                 model,
                 rows,
@@ -559,7 +565,7 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float | None:
 def _train_full(
     model: Any,
     cfg: Any,
-    pixels: dict[str, np.ndarray],
+    pixels: dict[str, CachedRows],
     splits: dict[str, _Split],
     config: Any,
     device: Any,

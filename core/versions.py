@@ -296,7 +296,8 @@ def evaluate_version(
         return {"n_images": 0, "note": note, "test_set_hash": hash_test_set([])}
     ids = [i for i, _ in pairs]
     meta = classifier.meta
-    pixels = PixelCache(db.settings, meta.image_size, meta.crop_pct, meta.interpolation).ensure(db, ids)
+    # A lazy view: the classifier reads 64 rows at a time, so a large test split is never held in memory.
+    pixels = PixelCache(db.settings, meta.image_size, meta.crop_pct, meta.interpolation).rows(db, ids)
     probs = classifier.predict_pixels(pixels, batch_size=64)
     metrics = metrics_for(db, probs, version.class_category_ids, [c for _, c in pairs])
     metrics["test_set_hash"] = hash_test_set(pairs)

@@ -13,7 +13,7 @@ from torch import nn
 
 from models.checkpoint import CheckpointMeta
 from models.devices import pick_device
-from models.preprocess import pixels_to_tensor
+from models.preprocess import PixelRows, pixels_to_tensor
 
 
 def fuse_conv_bn(model: nn.Module) -> nn.Module:
@@ -100,7 +100,7 @@ class Classifier:
             else:
                 yield
 
-    def _batches(self, pixels: np.ndarray | torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    def _batches(self, pixels: PixelRows | torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         if len(pixels) == 0:
             return
         for start in range(0, len(pixels), batch_size):
@@ -108,7 +108,7 @@ class Classifier:
                 pixels[start : start + batch_size], self.cfg, self.device, channels_last=self.channels_last
             )
 
-    def logits_pixels(self, pixels: np.ndarray | torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
+    def logits_pixels(self, pixels: PixelRows | torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         """Raw float32 logits (N, C) for uint8 NHWC pixels made by `to_model_pixels`."""
         out = [np.zeros((0, len(self.class_names)), dtype=np.float32)]
         with self._context():
@@ -116,12 +116,12 @@ class Classifier:
                 out.append(self.model(batch).float().cpu().numpy())
         return np.concatenate(out)
 
-    def predict_pixels(self, pixels: np.ndarray | torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
+    def predict_pixels(self, pixels: PixelRows | torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         """Calibrated probabilities (N, C), float32, rows summing to 1."""
         logits = torch.from_numpy(self.logits_pixels(pixels, batch_size=batch_size))
         return torch.softmax(logits / self.temperature, dim=1).numpy()
 
-    def features_pixels(self, pixels: np.ndarray | torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
+    def features_pixels(self, pixels: PixelRows | torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         """Pooled backbone features (N, D) float32, the input of the classifier head (quick retraining reuses them)."""
         chunks: list[np.ndarray] = []
         with self._context():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -12,6 +13,25 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from models.factory import PreprocessConfig
+
+
+class PixelRows(Protocol):
+    """uint8 (N, S, S, 3) pixels that give an ordinary array per slice or index array: an ndarray, a memmap, or a
+    lazy view over a pixel cache file, so a loop reads a whole split batch by batch without holding it in memory."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def ndim(self) -> int: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: Any) -> np.ndarray: ...
+
 
 _INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,

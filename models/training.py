@@ -23,7 +23,7 @@ from models.calibration import fit_temperature
 from models.devices import describe_device, pick_device
 from models.errors import NotEnoughData, TrainingStopped
 from models.factory import PreprocessConfig
-from models.preprocess import augment_batch, normalize_nchw, numpy_to_tensor
+from models.preprocess import PixelRows, augment_batch, normalize_nchw, numpy_to_tensor
 
 ProgressCallback = Callable[["Progress"], None]
 StopCheck = Callable[[], bool]
@@ -135,11 +135,14 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 @dataclass
 class TrainData:
-    """Model-sized uint8 NHWC pixels (numpy or memmap, from `to_model_pixels`) with int64 class indices."""
+    """Model-sized uint8 NHWC pixels (from `to_model_pixels`) with int64 class indices.
 
-    train_pixels: np.ndarray
+    The pixels may be an ndarray, a memmap or any lazy `PixelRows` view: training only ever indexes a batch at a time.
+    """
+
+    train_pixels: PixelRows
     train_labels: np.ndarray
-    val_pixels: np.ndarray
+    val_pixels: PixelRows
     val_labels: np.ndarray
     class_names: list[str]
 
@@ -221,7 +224,7 @@ def _to_device_nchw(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def predict_logits(
     model: nn.Module,
-    pixels: np.ndarray,
+    pixels: PixelRows,
     cfg: PreprocessConfig,
     *,
     device: torch.device,
@@ -518,7 +521,7 @@ def _epoch_indices(
 
 def extract_features(
     model: nn.Module,
-    pixels: np.ndarray,
+    pixels: PixelRows,
     cfg: PreprocessConfig,
     *,
     device: torch.device | str = "cpu",

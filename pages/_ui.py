@@ -283,6 +283,53 @@ def image_card(db: Database, item: ReviewItem, categories: list[str], *, prefix:
     return bool(selected)
 
 
+KEYBOARD_CHOICES = 9  # number keys 1-9
+
+
+def keyboard_choices(item: ReviewItem, categories: Sequence[str]) -> list[str]:
+    """The categories offered on number keys: the model's top 3 first (most likely on 1), then the rest by name."""
+    first = [name for name, _ in item.top3 if name in categories]
+    return (first + sorted(c for c in categories if c not in first))[:KEYBOARD_CHOICES]
+
+
+def _on_keyboard(db: Database, item: ReviewItem, choice: str | None, done: list[int]) -> None:
+    if choice is not None:
+        change = flash_errors(set_label, db, item.image_id, choice, actor=actor(), seen_prediction=_seen(item))
+        if change is None:
+            return  # refused (e.g. archived meanwhile): stay on this photo, the error says why
+        flash("success", f"#{item.image_id} {item.original_name}: labelled {choice}")
+    done.append(item.image_id)
+
+
+def keyboard_card(db: Database, item: ReviewItem, categories: Sequence[str], done: list[int]) -> None:
+    """One photo, large, with its category on number keys (1 = the model's first choice) and Right to skip.
+
+    `done` (kept in session state by the page) collects the photos handled, so the next one comes up.
+    """
+    with st.container(border=True, key=f"kb_card_{item.image_id}"):
+        picture, controls = st.columns([1, 2])
+        picture.image(str(item.thumb_path), width="stretch")
+        controls.text(f"#{item.image_id} {item.original_name}   [{item.split}]")
+        controls.text(f"Label: {item.label or '(unlabelled)'}")
+        controls.text(prediction_text(item))
+        probabilities = dict(item.top3)
+        buttons = controls.columns(3)
+        for n, name in enumerate(keyboard_choices(item, categories), start=1):
+            shown = f"{name} ({probabilities[name]:.0%})" if name in probabilities else name
+            buttons[(n - 1) % 3].button(
+                md_escape(shown),
+                key=f"kb_pick_{item.image_id}_{n}",
+                shortcut=str(n),
+                on_click=_on_keyboard,
+                args=(db, item, name, done),
+                type="primary" if name == item.label else "secondary",
+                width="stretch",
+            )
+        controls.button(
+            "Skip", key=f"kb_skip_{item.image_id}", shortcut="Right", on_click=_on_keyboard, args=(db, item, None, done)
+        )
+
+
 def card_grid(db: Database, items: Sequence[ReviewItem], categories: list[str], *, prefix: str, per_row: int = 4
               ) -> list[int]:
     """Cards in rows of `per_row`; returns the ids of the selected images."""

@@ -12,6 +12,7 @@ from pages import _ui
 CELL_KEY = "review_cell"  # set by the dashboard's confusion-matrix click: review_queue keyword arguments
 ALL = "(all)"
 PAGE_SIZE = 24
+KEYBOARD_DONE_KEY = "review_keyboard_done"  # photos labelled or skipped in keyboard review, this session
 
 db = _ui.get_db()
 _ui.show_flash()
@@ -56,15 +57,31 @@ if page.version_id is None:
 left, middle, right = st.columns([2, 1, 1], vertical_alignment="bottom")
 target = left.selectbox("Category for the selected images", categories, key="review_bulk_target")
 apply = middle.button("Relabel selected", width="stretch")
-if right.button("Undo my last change", width="stretch"):
+if right.button("Undo my last change", width="stretch", shortcut="U"):
     ok, changes = _ui.attempt(undo_last_change, db, actor=_ui.actor())
     if ok:
+        done = st.session_state.get(KEYBOARD_DONE_KEY, [])
+        for change in changes:  # an undone keyboard label brings its photo back
+            if change.image_id in done:
+                done.remove(change.image_id)
         _ui.flash("success", f"Undone: {len(changes)} label change(s)")
         st.rerun()
 
 st.text(f"{page.total} images match; page {page.page} of {page.pages}")
 if not page.items:
     st.info("Nothing to review with these filters.")
+keyboard = st.toggle(
+    "Keyboard review: one photo at a time, keys 1-9 pick its category, Right skips",
+    key="review_keyboard",
+    disabled=not page.items,
+)
+if keyboard and page.items:
+    done: list[int] = st.session_state.setdefault(KEYBOARD_DONE_KEY, [])
+    item = next((i for i in page.items if i.image_id not in done), None)
+    if item is None:
+        st.info("Every photo on this page is done: go to the next page (below), or change the filters.")
+    else:
+        _ui.keyboard_card(db, item, categories, done)
 selected = _ui.card_grid(db, page.items, categories, prefix="rv")
 if page.pages > 1:
     st.pagination(page.pages, key="review_page")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from core.db import Database
 from core.errors import NotFound
-from core.pixel_cache import PixelCache
+from core.pixel_cache import CachedRows, PixelCache, RowStore
 from core.schema import Image
 from tests.core.training_helpers import store_images
 
@@ -93,3 +97,86 @@ def test_damaged_index_or_data_is_rebuilt(db: Database, images: list[int], damag
 def test_unknown_image_id_is_named(db: Database, images: list[int]) -> None:
     with pytest.raises(NotFound, match="9999"):
         PixelCache(db.settings, 32, 0.875, "bicubic").ensure(db, [images[0], 9999])
+
+
+def test_rows_of_a_reordered_cache_are_a_lazy_view_identical_to_the_gather(db: Database, images: list[int]) -> None:
+    cache = PixelCache(db.settings, 32, 0.875, "bicubic")
+    # Cached in another order than asked (as after uploads and prediction refreshes): rows are not contiguous.
+    cache.fill(db, images[::-1])
+    eager = np.array(cache.ensure(db, images))
+    lazy = cache.rows(db, images)
+    assert isinstance(lazy, CachedRows) and isinstance(lazy.mapped, np.memmap)
+    assert Path(lazy.mapped.filename) == cache.store.data_path
+    assert list(lazy.positions) == [3, 2, 1, 0]  # the view holds positions only, no pixels
+    assert len(lazy) == 4 and lazy.shape == (4, 32, 32, 3) and lazy.ndim == 4 and lazy.dtype == np.uint8
+    batch = np.array([3, 0, 2])
+    assert type(lazy[batch]) is np.ndarray and np.array_equal(lazy[batch], eager[batch])
+    assert np.array_equal(lazy[1:3], eager[1:3]) and np.array_equal(lazy[2], eager[2])
+    assert np.array_equal(np.asarray(lazy), eager)
+    assert np.array_equal(lazy.subset([2, 1])[:], eager[[2, 1]])
+    assert cache.decodes == 4  # rows() and ensure() decoded nothing more
+
+
+def _slow_rows(calls: list[float], delay: float) -> Callable[[Sequence[str]], np.ndarray]:
+    """A compute callback for a (2,) int64 row store: row = (int(key), len(key)), after `delay` seconds."""
+
+    def compute(keys: Sequence[str]) -> np.ndarray:
+        calls.append(time.monotonic())
+        time.sleep(delay)
+        return np.array([[int(k), len(k)] for k in keys], dtype=np.int64)
+
+    return compute
+
+
+def test_a_one_row_lookup_is_not_blocked_by_a_long_growth(tmp_path: Path) -> None:
+    """The UI predicting one new upload must not wait for a training job caching thousands of images."""
+    store = RowStore(tmp_path / "cache", dtype="int64", row_shape=(2,), meta={"test": 1})
+    started = threading.Event()
+    finished: dict[str, float] = {}
+    growth_calls: list[float] = []
+    slow = _slow_rows(growth_calls, 0.15)
+
+    def grow() -> None:
+        def signalling(keys: Sequence[str]) -> np.ndarray:
+            started.set()
+            return slow(keys)
+
+        store.get_or_compute([str(i) for i in range(100, 112)], signalling, chunk=2)  # 6 chunks, about 0.9 s
+        finished["growth"] = time.monotonic()
+
+    worker = threading.Thread(target=grow)
+    worker.start()
+    assert started.wait(5)
+    time.sleep(0.2)  # well inside the growth: at least one chunk appended, more to come
+    got = store.get_or_compute(["7"], _slow_rows([], 0.0))
+    finished["lookup"] = time.monotonic()
+    worker.join(10)
+    assert got.tolist() == [[7, 1]]
+    assert finished["lookup"] < growth_calls[-1] < finished["growth"]
+    index = store.read_index()
+    assert len(index) == 13 and sorted(index.values()) == list(range(13))
+
+
+def test_two_writers_growing_overlapping_keys_keep_one_correct_row_per_key(tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    keys_a = [str(i) for i in range(0, 40)]
+    keys_b = [str(i) for i in range(20, 60)]
+    results: dict[str, np.ndarray] = {}
+
+    def writer(name: str, keys: list[str]) -> None:
+        # Each writer has its own store object (as another process would): the flock is what serialises appends.
+        store = RowStore(folder, dtype="int64", row_shape=(2,), meta={"test": 1})
+        results[name] = store.get_or_compute(keys, _slow_rows([], 0.01), chunk=3)
+
+    threads = [threading.Thread(target=writer, args=("a", keys_a)), threading.Thread(target=writer, args=("b", keys_b))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert results["a"][:, 0].tolist() == list(range(0, 40)) and results["b"][:, 0].tolist() == list(range(20, 60))
+    store = RowStore(folder, dtype="int64", row_shape=(2,), meta={"test": 1})
+    index = store.read_index()
+    assert sorted(index, key=int) == [str(i) for i in range(60)]  # every key once, none lost, none duplicated
+    assert sorted(index.values()) == list(range(60))
+    on_disk = store.view(len(index))
+    assert all(on_disk[row, 0] == int(key) for key, row in index.items())

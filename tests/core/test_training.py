@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 
 from core.db import Database
 from core.errors import JobCancelled, TrainingRefused
 from core.jobs import get_job
+from core.pixel_cache import CachedRows, PixelCache
 from core.schema import ModelVersion, Prediction
 from core.training import _promote, run_training, training_plan
 from core.versions import active_version, get_version, labelled_images
@@ -189,7 +191,7 @@ def test_labels_corrected_while_a_job_runs_do_not_tilt_the_promotion(db: Databas
 def test_manual_policy_never_activates(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(db.settings, "promote_policy", "manual")
     candidate = save_random_version(db, CLASSES, seed=1)
-    assert _promote(db, candidate, test_accuracy=1.0, test_hash="") is False
+    assert _promote(db, candidate, test_accuracy=1.0, test_hash="", test_pairs=[]) is False
     assert active_version(db) is None
     assert "manual" in get_version(db, candidate).metrics["promotion"]["reason"]
 
@@ -209,3 +211,77 @@ def test_cli_train_wait_runs_the_job_here_and_reports_refusals(db: Database) -> 
     [job] = list_jobs(db, 5)
     assert job.status == "succeeded" and job.model_version_id == active_version(db).id
     assert f"model v{job.model_version_id}" in result.output
+
+
+def _cache_in_reverse(db: Database, ids: list[int]) -> None:
+    """Cache these images' pixels (resnet18 at 32 px) in reverse order, as uploads and prediction refreshes leave a
+    cache: the rows of each split are then not contiguous in the file, so an eager gather would copy them all."""
+    from models.factory import create_network, preprocessing_config
+
+    model, _ = create_network("resnet18", len(CLASSES), pretrained="none")
+    PixelCache.for_config(db.settings, preprocessing_config(model, 32)).fill(db, ids[::-1])
+
+
+def _assert_lazy_rows_of(db: Database, pixels: object, cfg: object, ids: list[int]) -> None:
+    """`pixels` is a lazy view over the cache file (not an in-memory copy) showing exactly these images' pixels."""
+    assert isinstance(pixels, CachedRows) and isinstance(pixels.mapped, np.memmap)
+    assert len(pixels) == len(ids) and np.any(np.diff(pixels.positions) != 1)
+    eager = PixelCache.for_config(db.settings, cfg).ensure(db, ids)
+    batch = np.array([len(ids) - 1, 0, 1])
+    assert np.array_equal(pixels[batch], eager[batch])
+    assert np.array_equal(np.asarray(pixels), eager)
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_training_reads_a_non_contiguous_pixel_cache_through_lazy_views(
+    db: Database, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    import models.training
+
+    ids = store_images(db, dataset(CLASSES, train=3, val=1, test=1))
+    _cache_in_reverse(db, ids)
+    seen: list[tuple[object, object]] = []  # (pixels, preprocessing config) the models library was given
+    if mode == "quick":
+        real_features = models.training.extract_features
+
+        def features_spy(model: object, pixels: object, cfg: object, **kwargs: object) -> np.ndarray:
+            seen.append((pixels, cfg))
+            return real_features(model, pixels, cfg, **kwargs)
+
+        monkeypatch.setattr(models.training, "extract_features", features_spy)
+    else:
+        real_train = models.training.train_full
+
+        def train_spy(config: object, data: models.training.TrainData, **kwargs: object) -> object:
+            seen.extend([(data.train_pixels, kwargs["cfg"]), (data.val_pixels, kwargs["cfg"])])
+            return real_train(config, data, **kwargs)
+
+        monkeypatch.setattr(models.training, "train_full", train_spy)
+    params = {"arch": "resnet18", "image_size": 32, "head_l2": 1e-3, "epochs": 1, "batch_size": 4, "patience": 0}
+    run_training(db, add_job(db, mode, params), on_progress=_noop, should_stop=_never)
+    splits = ["train", "val", "test"] if mode == "quick" else ["train", "val"]
+    assert len(seen) == len(splits)
+    for (pixels, cfg), split in zip(seen, splits, strict=True):
+        _assert_lazy_rows_of(db, pixels, cfg, [i for i, _ in labelled_images(db, split)])
+
+
+def test_evaluation_reads_a_non_contiguous_test_split_through_a_lazy_view(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.versions import evaluate_version
+    from models.inference import Classifier
+
+    ids = store_images(db, dataset(CLASSES, train=0, val=0, test=3))
+    _cache_in_reverse(db, ids)
+    version = save_random_version(db, CLASSES)
+    real_predict = Classifier.predict_pixels
+    seen: list[tuple[object, object]] = []
+
+    def predict_spy(self: Classifier, pixels: object, **kwargs: object) -> np.ndarray:
+        seen.append((pixels, self.cfg))
+        return real_predict(self, pixels, **kwargs)
+
+    monkeypatch.setattr(Classifier, "predict_pixels", predict_spy)
+    assert evaluate_version(db, version)["n_images"] == 9
+    [(pixels, cfg)] = seen
+    _assert_lazy_rows_of(db, pixels, cfg, [i for i, _ in labelled_images(db, "test")])

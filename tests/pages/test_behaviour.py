@@ -58,6 +58,35 @@ def test_accepting_the_prediction_then_undo_restores_the_label(db: Database) -> 
     assert any(t.value.startswith("Label: (unlabelled)") for t in at.text)
 
 
+def test_keyboard_review_offers_the_models_choices_on_number_keys_and_moves_on(db: Database) -> None:
+    made = build(
+        db,
+        [
+            FakeImage(split="train", label=None, probs=_mixed(BAGS), name="tote.jpg"),
+            FakeImage(split="train", label=None, probs=_mixed(HATS), name="cap.jpg"),
+        ],
+    )
+    ids = [int(i) for i in made.image_ids]
+    at = run_page("pages/review.py", session={"actor": "kim"})
+    at.toggle(key="review_keyboard").set_value(True).run()
+    first = next(i for i in ids if any(b.key == f"kb_pick_{i}_1" for b in at.button))
+    other = next(i for i in ids if i != first)
+    keys = {b.key: b for b in at.button if b.key and b.key.startswith(f"kb_pick_{first}_")}
+    assert len(keys) == 3  # three categories, on keys 1-3
+    top = keys[f"kb_pick_{first}_1"].label  # the model's first choice is on 1 (Markdown-escaped "Bags (82%)")
+    assert top.startswith(("Bags", "Hats")) and "82" in top
+
+    keys[f"kb_pick_{first}_2"].click().run()  # the person disagrees with the model
+    assert not at.exception and errors_of(at) == []
+    [event] = audit_trail(db, first)
+    assert event.actor == "kim" and event.predicted_category in ("Bags", "Hats") != event.new_category
+    assert any(b.key == f"kb_pick_{other}_1" for b in at.button)  # the next photo came up
+
+    at.button(key=f"kb_skip_{other}").click().run()
+    assert audit_trail(db, other) == []  # skipping changes nothing
+    assert any("Every photo on this page is done" in i.value for i in at.info)
+
+
 def test_bulk_relabel_of_selected_images(db: Database) -> None:
     made = build(db, [FakeImage(split="train", label="Shoes", probs=_mixed(SHOES), name=f"s{k}.jpg") for k in range(3)])
     first, second, third = (int(i) for i in made.image_ids)
