@@ -35,7 +35,9 @@ from core.versions import (
     evaluate_version,
     hash_test_set,
     labelled_images,
+    merged_targets,
     metrics_for,
+    resolve_category,
 )
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -460,15 +462,30 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     return version_id
 
 
+def _head_row_names(class_category_ids: Sequence[int], merged: dict[int, int]) -> list[str]:
+    """Names matching the parent's head rows to today's categories (by id): a class merged since then answers to
+    the category it went into, unless that category has its own row already (which keeps it)."""
+    own = {int(c) for c in class_category_ids}
+    names: list[str] = []
+    for c in class_category_ids:
+        target = resolve_category(int(c), merged)
+        taken = target != int(c) and (target in own or str(target) in names)
+        names.append(f"merged:{c}" if taken else str(target))
+    return names
+
+
 def _starting_network(
     db: Database, config: Any, parent: Any, class_ids: list[int]
 ) -> tuple[Any, str, list[str], int | None]:
     """(model, pretrained source, notes, parent id): the active version's weights when compatible, else fresh."""
+    import torch
+
     from models.checkpoint import load_checkpoint
     from models.errors import CheckpointInvalid
     from models.factory import create_network
     from models.training import resize_head
 
+    torch.manual_seed(config.seed)  # a fresh network's (or new head rows') initial weights follow the job's seed
     settings = db.settings
     notes: list[str] = []
     if parent is not None and parent.arch == config.arch and parent.image_size == config.image_size:
@@ -476,7 +493,8 @@ def _starting_network(
             model, _ = load_checkpoint(checkpoint_path(db, parent), device="cpu")
             if list(parent.class_category_ids) != class_ids:
                 # Rows follow categories by id, so a renamed category keeps its learned row; new ones start fresh.
-                resize_head(model, [str(c) for c in parent.class_category_ids], [str(c) for c in class_ids])
+                old_rows = _head_row_names(parent.class_category_ids, merged_targets(db))
+                resize_head(model, old_rows, [str(c) for c in class_ids], seed=config.seed)
                 notes.append(f"head resized from {len(parent.class_category_ids)} to {len(class_ids)} classes")
             notes.append(f"started from v{parent.id}")
             return model, parent.pretrained_source, notes, parent.id

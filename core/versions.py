@@ -136,6 +136,11 @@ def model_archive_bytes(db: Database, version_id: int) -> bytes:
     return buffer.getvalue()
 
 
+def forget_loaded_classifiers() -> None:
+    """Drop the classifiers `load_classifier` keeps loaded (the worker does before training, to free GPU memory)."""
+    _load_cached.cache_clear()
+
+
 @functools.lru_cache(maxsize=4)
 def _load_cached(path: str, version_id: int, mtime_ns: int, size: int, device: str) -> Any:
     # Keyed by file identity as well as version id: a replaced checkpoint file is re-read, never served stale.

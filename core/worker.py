@@ -87,7 +87,7 @@ def is_cuda_oom(exc: BaseException) -> bool:
 
 
 def release_gpu_memory() -> None:
-    """Give cached CUDA memory back after a failed job so the next one starts clean."""
+    """Give cached CUDA memory back (before a job, and after one that ran out of memory)."""
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
@@ -200,6 +200,11 @@ def execute_job(
     started = time.monotonic()
     log.info("job %s (%s, requested by %s): started", job.id, job.mode, job.requested_by)
     oom = False
+    # Classifiers loaded for idle predictions or evaluation would hold GPU memory all through training.
+    from core.versions import forget_loaded_classifiers
+
+    forget_loaded_classifiers()
+    release_gpu_memory()
     try:
         run = runner or resolve_runner()
         version_id = run(db, job.id, on_progress=state.on_progress, should_stop=state.should_stop)

@@ -683,8 +683,10 @@ def set_head(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.M
     bias = torch.as_tensor(bias)
     head = model.get_classifier()
     if not isinstance(head, nn.Linear) or head.out_features != weight.shape[0]:
+        device = next(model.parameters()).device
         model.reset_classifier(int(weight.shape[0]))
         head = model.get_classifier()
+        head.to(device)  # timm builds the new head on the CPU: keep it with the rest of the model (CUDA)
     if not isinstance(head, nn.Linear) or head.in_features != weight.shape[1]:
         raise ValueError(f"head weight {tuple(weight.shape)} does not fit the model's classifier {head}")
     with torch.no_grad():

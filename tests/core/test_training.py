@@ -285,3 +285,30 @@ def test_evaluation_reads_a_non_contiguous_test_split_through_a_lazy_view(
     assert evaluate_version(db, version)["n_images"] == 9
     [(pixels, cfg)] = seen
     _assert_lazy_rows_of(db, pixels, cfg, [i for i, _ in labelled_images(db, "test")])
+
+
+def test_a_class_merged_since_the_parent_keeps_its_learned_row_under_the_category_it_went_into(db: Database) -> None:
+    import torch
+
+    from core.labels import add_category, merge_categories
+    from core.training import _head_row_names, _starting_network, build_train_config
+    from core.versions import checkpoint_path, get_version
+    from models.checkpoint import load_checkpoint
+
+    parent_id = save_random_version(db, ["Shoes", "Sneakers", "Hats"], seed=4)
+    parent = get_version(db, parent_id)
+    shoes, sneakers, hats = parent.class_category_ids
+    boots = add_category(db, "Boots", actor="ann").id
+    merge_categories(db, "Sneakers", "Boots", actor="ann")  # Boots is new to the model: it inherits Sneakers' row
+    assert _head_row_names([shoes, sneakers, hats], {sneakers: boots}) == [str(shoes), str(boots), str(hats)]
+    # Merged into a category the model already has a row for: that row stays the category's own.
+    assert _head_row_names([shoes, sneakers], {sneakers: shoes}) == [str(shoes), f"merged:{sneakers}"]
+
+    config = build_train_config(db.settings, "quick", {"image_size": 32})
+    model, _, notes, used = _starting_network(db, config, parent, [shoes, hats, boots])
+    old, _ = load_checkpoint(checkpoint_path(db, parent), device="cpu")
+    new_w, old_w = model.get_classifier().weight, old.get_classifier().weight
+    assert used == parent_id and any("head resized" in n for n in notes)
+    torch.testing.assert_close(new_w[2], old_w[1])  # Boots = what Sneakers learned
+    torch.testing.assert_close(new_w[0], old_w[0])  # Shoes
+    torch.testing.assert_close(new_w[1], old_w[2])  # Hats
