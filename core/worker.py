@@ -200,12 +200,11 @@ def execute_job(
     started = time.monotonic()
     log.info("job %s (%s, requested by %s): started", job.id, job.mode, job.requested_by)
     oom = False
-    # Classifiers loaded for idle predictions or evaluation would hold GPU memory all through training.
-    from core.versions import forget_loaded_classifiers
-
-    forget_loaded_classifiers()
-    release_gpu_memory()
     try:
+        versions = sys.modules.get("core.versions")
+        if versions is not None:  # classifiers loaded for idle predictions would hold GPU memory all through training
+            versions.forget_loaded_classifiers()
+            release_gpu_memory()
         run = runner or resolve_runner()
         version_id = run(db, job.id, on_progress=state.on_progress, should_stop=state.should_stop)
     except (JobCancelled, TrainingStopped):
