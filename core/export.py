@@ -21,7 +21,11 @@ from core.schema import Category, Image, Label
 from core.store import original_path
 
 CSV_COLUMNS = ("filename", "category", "image_id", "sha256", "split")
-MAX_COMPONENT_CHARS = 150  # well under the 255-byte limit of common file systems, even in UTF-8
+# File systems limit a name to 255 bytes (not characters): 200 leaves room for a `_2` clash suffix.
+MAX_COMPONENT_BYTES = 200
+# Excel reads a CSV without a byte order mark in the local code page; with one it shows non-ASCII names right.
+# The importer (`core.ingest.read_labels_csv`) reads either.
+CSV_ENCODING = "utf-8-sig"
 # Names Windows refuses as files or folders whatever the extension; exported trees get copied around.
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {f"COM{i}" for i in range(1, 10)} | {f"LPT{i}" for i in range(1, 10)}
 _YIELD_PER = 1000
@@ -39,7 +43,7 @@ class ImageFolderExport:
     written: int = 0
     per_category: dict[str, int] = field(default_factory=dict)
     folders: dict[str, str] = field(default_factory=dict)  # category name -> folder name used
-    missing: list[str] = field(default_factory=list)  # "image 12 (name.png): reason"
+    missing: list[str] = field(default_factory=list)  # "image 12 (name.png): reason" (not found or not written)
     unlabelled_skipped: int = 0
 
 
@@ -47,22 +51,30 @@ def safe_component(name: str, *, fallback: str = "_") -> str:
     """One path component from a user's text: no separators, no '..', no leading dot, no control characters.
 
     `safe_component("../../etc/passwd")` is `"_.._etc_passwd"`: a harmless name inside the export folder.
+    A long name is cut to MAX_COMPONENT_BYTES of UTF-8 (file systems count bytes: 150 CJK characters are 450),
+    keeping its extension and never splitting a character.
     """
     text = unicodedata.normalize("NFC", str(name))
     text = "".join("_" if ch in "/\\:" or unicodedata.category(ch)[0] == "C" else ch for ch in text)
     # Leading dots would hide the file or make '.'/'..'; trailing dots and spaces vanish on Windows.
     text = text.strip().lstrip(".").rstrip(" .")
-    if len(text) > MAX_COMPONENT_CHARS:
+    if len(text.encode("utf-8")) > MAX_COMPONENT_BYTES:
         stem, dot, suffix = text.rpartition(".")
         if dot and 0 < len(suffix) <= 10:
-            text = stem[: MAX_COMPONENT_CHARS - len(suffix) - 1].rstrip(" .") + "." + suffix
+            room = MAX_COMPONENT_BYTES - len(suffix.encode("utf-8")) - 1
+            text = _utf8_prefix(stem, room).rstrip(" .") + "." + suffix
         else:
-            text = text[:MAX_COMPONENT_CHARS].rstrip(" .")
+            text = _utf8_prefix(text, MAX_COMPONENT_BYTES).rstrip(" .")
     if not text:
         return fallback
     if text.split(".")[0].upper() in _WINDOWS_RESERVED:
         text = "_" + text
     return text
+
+
+def _utf8_prefix(text: str, max_bytes: int) -> str:
+    """The longest start of `text` that is at most `max_bytes` in UTF-8, never ending inside a character."""
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
 
 
 def _base_name(original_name: str) -> str:
@@ -113,10 +125,10 @@ def _write_labels_csv(db: Database, handle: TextIO, *, with_ids: bool) -> int:
 
 
 def labels_csv_bytes(db: Database, *, with_ids: bool = False) -> bytes:
-    """The same CSV as `export_labels_csv`, as UTF-8 bytes (for a download button)."""
+    """The same CSV as `export_labels_csv`, as UTF-8 bytes with a byte order mark (for a download button)."""
     buffer = io.StringIO(newline="")
     _write_labels_csv(db, buffer, with_ids=with_ids)
-    return buffer.getvalue().encode("utf-8")
+    return buffer.getvalue().encode(CSV_ENCODING)
 
 
 def export_labels_csv(db: Database, path: Path | str, *, with_ids: bool = False) -> int:
@@ -125,7 +137,8 @@ def export_labels_csv(db: Database, path: Path | str, *, with_ids: bool = False)
 
     with_ids adds `image_id,sha256,split` columns for spreadsheets and scripts (the importer goes by the header
     and ignores them, so such a file re-imports too). The file is written to a temporary name and moved into
-    place, so a failed export never leaves half a CSV. Returns the number of rows.
+    place, so a failed export never leaves half a CSV. UTF-8 with a byte order mark, so Excel shows non-ASCII
+    names right. Returns the number of rows.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -134,7 +147,7 @@ def export_labels_csv(db: Database, path: Path | str, *, with_ids: bool = False)
         raise ExportError(f"folder {path.parent} does not exist: create it first")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+        with os.fdopen(fd, "w", newline="", encoding=CSV_ENCODING) as handle:
             count = _write_labels_csv(db, handle, with_ids=with_ids)
         os.replace(tmp_name, path)
     except BaseException:
@@ -143,12 +156,26 @@ def export_labels_csv(db: Database, path: Path | str, *, with_ids: bool = False)
     return count
 
 
+def _copy_new(source: Path, target: Path) -> None:
+    """Copy `source` to a new file `target` (never overwriting one); a failed copy leaves no partial file."""
+    target.parent.mkdir(exist_ok=True)
+    with target.open("xb") as dst:  # "x": never overwrite anything
+        try:
+            with source.open("rb") as src:
+                shutil.copyfileobj(src, dst)
+        except BaseException:
+            dst.close()
+            target.unlink(missing_ok=True)
+            raise
+
+
 def export_imagefolder(db: Database, directory: Path | str) -> ImageFolderExport:
     """Copy the original of every labelled image to `directory/<category>/<file name>` (ImageFolder layout).
 
     Category and file names come from users, so each becomes one safe path component; clashes get a
     `_2`, `_3`... suffix. `directory` must be new or empty, and nothing is ever written outside it.
-    Images whose stored original is missing are listed in `missing` and the rest are still exported.
+    Images whose stored original is missing, or whose copy the file system refuses, are listed in `missing`
+    and the rest are still exported.
     """
     root = Path(directory).expanduser()
     if root.exists() and not root.is_dir():
@@ -182,9 +209,14 @@ def export_imagefolder(db: Database, directory: Path | str) -> ImageFolderExport
         if not source.is_file():
             result.missing.append(f"image {image.id} ({image.original_name}): stored original {source} is missing")
             continue
-        target.parent.mkdir(exist_ok=True)
-        with source.open("rb") as src, target.open("xb") as dst:  # "x": never overwrite anything
-            shutil.copyfileobj(src, dst)
+        try:
+            _copy_new(source, target)
+        except OSError as exc:  # one file the file system refuses (name, permissions, I/O) is not the whole export
+            where = target.relative_to(root)
+            result.missing.append(
+                f"image {image.id} ({image.original_name}): could not write {where}: {exc.strerror or exc}"
+            )
+            continue
         result.written += 1
         result.per_category[category] = result.per_category.get(category, 0) + 1
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, String, bindparam, cast, delete, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session, aliased
 
 from core.db import Database
@@ -32,9 +32,17 @@ class SeenPrediction:
     confidence: float
 
 
+# Runs of spaces of any kind (Unicode "Zs": space, no-break space, ideographic space...) read as one space.
+# Tabs and line breaks are not among them: inside a name they are refused as control characters.
+_SPACE_RUN = re.compile(r"[ \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
+
+
 def clean_category_name(name: str) -> str:
-    """Trim and validate a category name; names are shown as text, so any printable character is fine."""
-    cleaned = unicodedata.normalize("NFC", str(name)).strip()
+    """Trim and validate a category name; names are shown as text, so any printable character is fine.
+
+    Runs of spaces (no-break spaces included) become one space, so 'Running  Shoes' is 'Running Shoes'.
+    """
+    cleaned = _SPACE_RUN.sub(" ", unicodedata.normalize("NFC", str(name))).strip()
     if not cleaned:
         raise CategoryError("category name is empty: type a name such as 'Shoes'")
     if len(cleaned) > MAX_CATEGORY_NAME:
@@ -44,27 +52,53 @@ def clean_category_name(name: str) -> str:
     return cleaned
 
 
+def _category_key(name: str) -> str:
+    """What two names must share to be the same category: case and runs of spaces do not count."""
+    spaced = _SPACE_RUN.sub(" ", unicodedata.normalize("NFC", str(name))).strip()
+    return unicodedata.normalize("NFC", spaced.casefold())
+
+
+def _same_name_category(session: Session, cleaned: str, *, other_than: int | None = None) -> Category | None:
+    """The category called `cleaned` up to case and spacing (an exact match first, else the oldest), or None.
+
+    `other_than` leaves one category out (a rename may change the case of its own name). Category counts are
+    small, so a miss scans the names: SQL's lower() would fold ASCII only.
+    """
+    exact = session.scalar(select(Category).where(Category.name == cleaned))
+    if exact is not None and exact.id != other_than:
+        return exact
+    key = _category_key(cleaned)
+    for category_id, name in session.execute(select(Category.id, Category.name).order_by(Category.id)):
+        if category_id != other_than and _category_key(name) == key:
+            return session.get(Category, category_id)
+    return None
+
+
 def find_category(session: Session, name_or_id: str | int) -> Category:
-    """A category by id or exact name; raises NotFound naming what was asked for."""
+    """A category by id or name (case and spacing aside, the exact name first); raises NotFound naming it."""
     if isinstance(name_or_id, int):
         category = session.get(Category, name_or_id)
     else:
-        category = session.scalar(select(Category).where(Category.name == clean_category_name(str(name_or_id))))
+        category = _same_name_category(session, clean_category_name(str(name_or_id)))
     if category is None:
         raise NotFound(f"no category {name_or_id!r}: see `categories list` for the names")
     return category
 
 
 def get_or_create_category(session: Session, name: str) -> Category:
-    """The live category of that name, created if new. Refuses archived ones (un-archive is explicit)."""
+    """The live category of that name, created if new. Refuses archived ones (un-archive is explicit).
+
+    A name that differs from an existing category's only in case or spacing is that category: an import
+    from a folder `shoes` labels into an existing `Shoes`.
+    """
     cleaned = clean_category_name(name)
-    category = session.scalar(select(Category).where(Category.name == cleaned))
+    category = _same_name_category(session, cleaned)
     if category is None:
         category = Category(name=cleaned)
         session.add(category)
         session.flush()
     elif category.archived_at is not None:
-        raise CategoryError(f"category {cleaned!r} is archived: un-archive it or choose another category")
+        raise CategoryError(f"category {category.name!r} is archived: un-archive it or choose another category")
     return category
 
 
@@ -119,7 +153,7 @@ def apply_label(
 # Actions a person can take back with `undo_last_change`. Imports, merges and renames are batch
 # bookkeeping, not someone's judgement about one image, so undo steps over them.
 UNDOABLE_ACTIONS = ("set", "clear", "bulk")
-_UNDO_NOTE = re.compile(r"^undo of event #(\d+)")
+_UNDO_PREFIX = "undo of event #"  # + "<id> (<action>)"; core.corrections reads the same notes
 _IN_CHUNK = 500  # ids per IN (...) clause, well under every database's parameter limit
 
 
@@ -371,9 +405,21 @@ def bulk_relabel(
         ]
 
 
-def _undone_event_ids(session: Session, actor: str) -> set[int]:
-    notes = session.scalars(select(LabelEvent.note).where(LabelEvent.actor == actor, LabelEvent.action == "undo"))
-    return {int(m.group(1)) for note in notes if (m := _UNDO_NOTE.match(note))}
+def _undone_by(actor: str) -> ColumnElement[bool]:
+    """WHERE term on `LabelEvent`: one of `actor`'s later undo events took it back (their note names its id).
+
+    Undo events are written for the undone event's image, so the (image_id, id) index finds them.
+    """
+    undo = aliased(LabelEvent)
+    return exists(
+        select(undo.id).where(
+            undo.image_id == LabelEvent.image_id,
+            undo.id > LabelEvent.id,
+            undo.actor == actor,
+            undo.action == "undo",
+            undo.note.like(literal(_UNDO_PREFIX).concat(cast(LabelEvent.id, String)).concat(" (%")),
+        )
+    )
 
 
 def undo_last_change(db: Database, *, actor: str) -> list[LabelChange]:
@@ -385,27 +431,38 @@ def undo_last_change(db: Database, *, actor: str) -> list[LabelChange]:
     """
     actor = clean_actor(actor)
     with db.write() as session:
-        undone = _undone_event_ids(session, actor)
-        candidates = session.scalars(
+        # Newest first along the (actor, id) index, stopping at the first event not undone: the write lock is
+        # held here, so this must not read the actor's whole history.
+        last = session.scalars(
             select(LabelEvent)
-            .where(LabelEvent.actor == actor, LabelEvent.action.in_(UNDOABLE_ACTIONS))
+            .where(LabelEvent.actor == actor, LabelEvent.action.in_(UNDOABLE_ACTIONS), ~_undone_by(actor))
             .order_by(LabelEvent.id.desc())
-        )
-        last = next((event for event in candidates if event.id not in undone), None)
+            .limit(1)
+        ).first()
         if last is None:
             raise NotFound(f"nothing to undo: {actor!r} has no label change left that is not undone")
         if last.action == "bulk":
-            batch = session.scalars(
-                select(LabelEvent)
-                .where(LabelEvent.actor == actor, LabelEvent.action == "bulk", LabelEvent.note == last.note)
-                .order_by(LabelEvent.id)
-            ).all()
-            events = [event for event in batch if event.id not in undone]
+            # A batch is written by one `_apply_many` call, so its events share their time (indexed) and the
+            # batch tag in the note; any of them newer than `last` are undone already.
+            events = list(
+                session.scalars(
+                    select(LabelEvent)
+                    .where(
+                        LabelEvent.created_at == last.created_at,
+                        LabelEvent.id <= last.id,
+                        LabelEvent.actor == actor,
+                        LabelEvent.action == "bulk",
+                        LabelEvent.note == last.note,
+                        ~_undone_by(actor),
+                    )
+                    .order_by(LabelEvent.id)
+                )
+            )
         else:
             events = [last]
         _check_undoable(session, events, actor)
         moves = [
-            _Move(e.image_id, e.new_category_id, e.old_category_id, f"undo of event #{e.id} ({e.action})")
+            _Move(e.image_id, e.new_category_id, e.old_category_id, f"{_UNDO_PREFIX}{e.id} ({e.action})")
             for e in events
         ]
         event_ids = _apply_many(session, moves, actor=actor, action="undo")
@@ -495,14 +552,16 @@ def _category_row(session: Session, category: Category) -> CategoryRow:
 
 
 def add_category(db: Database, name: str, *, actor: str) -> CategoryRow:
-    """Create a new, empty category; refuses a name that is taken (archived ones included)."""
+    """Create a new, empty category; refuses a name that is taken (archived ones included), case and spacing aside."""
     clean_actor(actor)
     cleaned = clean_category_name(name)
     with db.write() as session:
-        existing = session.scalar(select(Category).where(Category.name == cleaned))
+        existing = _same_name_category(session, cleaned)
         if existing is not None:
             state = " (archived: `categories unarchive` brings it back)" if existing.archived_at else ""
-            raise CategoryError(f"category {cleaned!r} already exists{state}")
+            if existing.name == cleaned:
+                raise CategoryError(f"category {cleaned!r} already exists{state}")
+            raise CategoryError(f"{cleaned!r} is the same as the existing category {existing.name!r}{state}")
         category = Category(name=cleaned)
         session.add(category)
         session.flush()
@@ -550,11 +609,16 @@ def rename_category(db: Database, old: str | int, new: str, *, actor: str) -> Ca
         category = resolve_category(session, old)
         if category.name == cleaned:
             return _category_row(session, category)
-        clash = session.scalar(select(Category).where(Category.name == cleaned))
+        # Another category of that name, case and spacing aside; changing the case of its own name is fine.
+        clash = _same_name_category(session, cleaned, other_than=category.id)
         if clash is not None:
+            why = (
+                "a category with that name exists"
+                if clash.name == cleaned
+                else f"{cleaned!r} is the same as the existing category {clash.name!r}"
+            )
             raise CategoryError(
-                f"cannot rename {category.name!r} to {cleaned!r}: a category with that name exists "
-                f"(use `categories merge` to combine them)"
+                f"cannot rename {category.name!r} to {cleaned!r}: {why} (use `categories merge` to combine them)"
             )
         old_name, category.name = category.name, cleaned
         now = utcnow()

@@ -148,6 +148,8 @@ class LabelEvent(Base):
     __table_args__ = (
         Index("ix_label_events_image_id", "image_id", "id"),
         Index("ix_label_events_created_at", "created_at"),
+        # Undo walks one actor's events newest first while it holds the write lock.
+        Index("ix_label_events_actor_id", "actor", "id"),
     )
 
 

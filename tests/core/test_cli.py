@@ -135,7 +135,7 @@ def test_export_commands(imported: Database, photos: Path, tmp_path: Path) -> No
     csv_path = tmp_path / "labels.csv"
     result = cli("export", "labels", csv_path)
     assert result.exit_code == 0 and "Wrote 6 labels" in result.stdout
-    assert csv_path.read_text(encoding="utf-8").splitlines()[0] == "filename,category"
+    assert csv_path.read_text(encoding="utf-8-sig").splitlines()[0] == "filename,category"
 
     out = tmp_path / "tree"
     result = cli("export", "imagefolder", out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from core import labels
+from core import export, labels
 from core.db import Database, open_database
 from core.export import ExportError, export_imagefolder, export_labels_csv, labels_csv_bytes, safe_component
 from core.ingest import import_paths, read_labels_csv
@@ -59,7 +60,7 @@ def test_labels_csv_reimports_into_a_fresh_catalogue(imported: Database, source_
     labels.set_label(imported, 1, "Hats", actor="bob")  # a correction must survive the trip
     csv_path = tmp_path / "labels.csv"
     assert export_labels_csv(imported, csv_path) == 9
-    rows = list(csv.reader(csv_path.open(encoding="utf-8")))
+    rows = list(csv.reader(csv_path.open(encoding="utf-8-sig")))
     assert rows[0] == ["filename", "category"] and all(len(r) == 2 for r in rows)
 
     before = labelled_by_sha(imported)
@@ -73,7 +74,7 @@ def test_labels_csv_reimports_into_a_fresh_catalogue(imported: Database, source_
 def test_labels_csv_with_ids(imported: Database, tmp_path: Path) -> None:
     path = tmp_path / "ids.csv"
     export_labels_csv(imported, path, with_ids=True)
-    rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    rows = list(csv.DictReader(path.open(encoding="utf-8-sig")))
     with imported.read() as session:
         shas = {i: s for i, s in session.execute(select(Image.id, Image.sha256))}
     assert len(rows) == 9 and all(shas[int(r["image_id"])] == r["sha256"] for r in rows)
@@ -93,15 +94,19 @@ def test_labels_csv_with_ids_reimports_into_a_fresh_catalogue(
 
 
 def test_labels_csv_bytes_is_the_exported_file(imported: Database, tmp_path: Path) -> None:
-    labels.rename_category(imported, "Hats", "Hüte, \"warm\"", actor="admin")  # non-ASCII, comma and quotes
+    labels.rename_category(imported, "Hats", 'Hüte, "warm"', actor="admin")  # non-ASCII, comma and quotes
     for with_ids in (False, True):
         path = tmp_path / f"labels-{with_ids}.csv"
         export_labels_csv(imported, path, with_ids=with_ids)
         data = labels_csv_bytes(imported, with_ids=with_ids)
         assert data == path.read_bytes()
+        # A byte order mark, so Excel reads the file as UTF-8 instead of mangling 'Hüte'.
+        assert data.startswith(codecs.BOM_UTF8) and "Hüte" in data.decode("utf-8-sig")
         assert read_labels_csv(io.BytesIO(data)) == read_labels_csv(path)
     assert sorted(set(read_labels_csv(io.BytesIO(labels_csv_bytes(imported))).values())) == [
-        "Bags", "Hüte, \"warm\"", "Shoes"
+        "Bags",
+        'Hüte, "warm"',
+        "Shoes",
     ]
 
 
@@ -154,4 +159,65 @@ def test_safe_component() -> None:
     assert safe_component("CON") == "_CON"
     assert safe_component("Shoes & Bags") == "Shoes & Bags"
     long = safe_component("y" * 500 + ".jpeg")
-    assert long.endswith(".jpeg") and len(long) <= 150
+    assert long.endswith(".jpeg") and len(long.encode()) <= export.MAX_COMPONENT_BYTES
+
+
+def test_safe_component_limits_utf8_bytes_and_never_splits_a_character() -> None:
+    limit = export.MAX_COMPONENT_BYTES
+    shoes = safe_component("靴" * 120)  # 120 characters, 360 bytes: more than a file system allows
+    assert len(shoes.encode()) <= limit and shoes == "靴" * (limit // 3)
+    photo = safe_component("商品写真" * 40 + ".png")
+    assert photo.endswith(".png") and len(photo.encode()) <= limit and ("商品写真" * 40).startswith(photo[:-4])
+    accents = safe_component("é" * 300)  # two bytes each
+    assert accents == "é" * (limit // 2)
+    odd = safe_component("a" + "€" * 100)  # 1 + 300 bytes: the cut falls inside a three-byte character
+    assert odd == "a" + "€" * ((limit - 1) // 3)
+
+
+def _give_long_cjk_names(db: Database) -> int:
+    """Rename Shoes to 120 CJK characters (360 bytes) and give one Shoes image a 480-byte name; returns its id."""
+    labels.rename_category(db, "Shoes", "靴" * 120, actor="admin")
+    with db.write() as session:
+        image_id = session.scalars(
+            select(Label.image_id).join(Category, Category.id == Label.category_id).where(Category.name == "靴" * 120)
+        ).first()
+        session.execute(update(Image).where(Image.id == image_id).values(original_name="商品写真" * 40 + ".png"))
+    return image_id
+
+
+def test_long_non_ascii_names_export_completely(imported: Database, source_tree: Path, tmp_path: Path) -> None:
+    _give_long_cjk_names(imported)
+    out = tmp_path / "export"
+    result = export_imagefolder(imported, out)
+    assert result.written == 9 and result.missing == []
+    assert result.per_category == {"Bags": 3, "Hats": 3, "靴" * 120: 3}
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert all(len(part.encode()) <= 255 for p in files for part in p.relative_to(out).parts)
+    assert any(p.name.startswith("商品写真") and p.suffix == ".png" for p in files)  # extension kept
+    # Same bytes as imported, only the long category's folder name is shortened.
+    assert {sha for _, sha in tree_contents(out)} == {sha for _, sha in tree_contents(source_tree)}
+
+
+def test_a_file_the_file_system_refuses_is_reported_and_the_rest_exported(
+    imported: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image_id = _give_long_cjk_names(imported)
+    # Let one name through longer than the file system takes (480 bytes): the OS refuses that one file.
+    monkeypatch.setattr(export, "MAX_COMPONENT_BYTES", 1000)
+    labels.rename_category(imported, "靴" * 120, "Shoes", actor="admin")
+    out = tmp_path / "export"
+    result = export_imagefolder(imported, out)
+    assert result.written == 8 and len(result.missing) == 1
+    assert f"image {image_id} (商品写真" in result.missing[0] and "too long" in result.missing[0]
+    assert len([p for p in out.rglob("*") if p.is_file()]) == 8  # no partial file, nothing else lost
+
+
+def test_labels_csv_has_a_byte_order_mark_and_reimports(imported: Database, tmp_path: Path) -> None:
+    labels.rename_category(imported, "Bags", "Sacs à main", actor="admin")
+    path = tmp_path / "labels.csv"
+    export_labels_csv(imported, path)
+    raw = path.read_bytes()
+    assert raw.startswith(codecs.BOM_UTF8) and raw.count(codecs.BOM_UTF8) == 1
+    assert raw.decode("utf-8-sig").splitlines()[0] == "filename,category"
+    # The importer skips the mark: the header is recognised and the names come back intact.
+    assert sorted(set(read_labels_csv(path).values())) == ["Hats", "Sacs à main", "Shoes"]

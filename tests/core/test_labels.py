@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, insert, select
 
 from core import labels
 from core.db import Database
 from core.errors import CategoryError, NotFound, ProdcatError
-from core.schema import Category, Label, LabelEvent
+from core.ingest import import_paths
+from core.schema import Category, Label, LabelEvent, utcnow
 from tests.core.factories import FakeImage, Populated, build
+from tests.imagegen import image_bytes
 
 
 @pytest.fixture
@@ -226,3 +232,125 @@ def test_many_mixed_changes_replay_to_the_current_labels(db: Database, ids: list
     assert [current(db, i) for i in ids] == ["Hats", "Hats", "Hats", "Hats", None, "Shoes"]
     for image_id in ids:
         assert replay(db, image_id) == current(db, image_id)
+
+
+def test_names_differing_only_in_case_or_spacing_are_one_category(db: Database, ids: list[int]) -> None:
+    assert labels.clean_category_name(" Running \u00a0 Shoes ") == "Running Shoes"
+    assert labels.clean_category_name("\u3000靴\u3000\u3000下") == "靴 下"
+    with pytest.raises(CategoryError, match="control characters"):
+        labels.clean_category_name("Running\tShoes")  # tabs and line breaks are still refused, not spaces
+    shoes_id = next(c.id for c in labels.list_categories(db) if c.name == "Shoes")
+
+    with pytest.raises(CategoryError, match="'shoes' is the same as the existing category 'Shoes'"):
+        labels.add_category(db, "shoes", actor="admin")
+    with pytest.raises(CategoryError, match="'SHOES' is the same as the existing category 'Shoes'"):
+        labels.add_category(db, " SHOES ", actor="admin")
+    labels.add_category(db, "Running Shoes", actor="admin")
+    with pytest.raises(CategoryError, match="'running shoes' is the same as the existing category 'Running Shoes'"):
+        labels.add_category(db, "running\u00a0\u00a0shoes", actor="admin")
+    with pytest.raises(CategoryError, match="'shoes' is the same as the existing category 'Shoes'"):
+        labels.rename_category(db, "Hats", "shoes", actor="admin")
+
+    # A different case of a category's own name is a rename, keeping its id and labels.
+    labels.set_label(db, ids[0], "Shoes", actor="alice")
+    row = labels.rename_category(db, "Shoes", "SHOES", actor="admin")
+    assert (row.id, row.name, row.labelled) == (shoes_id, "SHOES", 1)
+    # Any case finds it again, for labelling as for renaming.
+    assert labels.set_label(db, ids[1], "shoes", actor="alice").new_category == "SHOES"
+    assert labels.rename_category(db, "shoes", "Shoes", actor="admin").id == shoes_id
+    assert sorted(c.name for c in labels.list_categories(db)) == ["Bags", "Hats", "Running Shoes", "Shoes"]
+
+
+def test_import_into_a_folder_named_in_another_case_labels_the_existing_category(
+    db: Database, made: Populated, tmp_path: Path
+) -> None:
+    for folder, index in (("shoes", 0), ("SHOES", 1), ("Running\u00a0 Shoes", 2), ("running shoes", 3)):
+        (tmp_path / "photos" / folder).mkdir(parents=True)
+        (tmp_path / "photos" / folder / f"p{index}.png").write_bytes(image_bytes("Shoes", index, size=24))
+    labels.add_category(db, "Running Shoes", actor="admin")
+    result = import_paths(db, [tmp_path / "photos"], labels_from_folders=True, actor="alice")
+    assert len(result.imported) == 4 and not result.refused
+    counts = {c.name: c.labelled for c in labels.list_categories(db)}
+    assert counts == {"Bags": 0, "Hats": 0, "Running Shoes": 2, "Shoes": 2}
+
+
+def _add_events(db: Database, rows: list[dict[str, Any]]) -> None:
+    now = utcnow()
+    with db.write() as session:
+        session.execute(insert(LabelEvent), [{"created_at": now, "note": "", **row} for row in rows])
+
+
+def test_undo_is_right_among_many_events_of_other_actors(db: Database) -> None:
+    made = build(db, [FakeImage(split="train") for _ in range(40)])
+    ids = [int(i) for i in made.image_ids]
+    shoes, bags = made.id_of("Shoes"), made.id_of("Bags")
+    first = labels.set_label(db, ids[0], "Shoes", actor="alice")
+    labels.bulk_relabel(db, ids[1:4], "Hats", actor="alice")
+    # Thousands of other actors' events on other images, including undo notes naming alice's events (only
+    # her own undo takes her change back), and alice's own imports, which undo steps over.
+    others = ids[10:]
+    noise: list[dict[str, Any]] = []
+    for k in range(3000):
+        image_id = others[k % len(others)]
+        noise.append(
+            dict(image_id=image_id, old_category_id=None, new_category_id=bags, actor=f"u{k % 7}", action="set")
+        )
+    for event_id in range(first.event_id or 0, (first.event_id or 0) + 4):
+        noise.append(
+            dict(
+                image_id=others[0],
+                new_category_id=shoes,
+                actor="bob",
+                action="undo",
+                note=f"undo of event #{event_id} (set)",
+            )
+        )
+    noise += [dict(image_id=others[1], new_category_id=shoes, actor="alice", action="import") for _ in range(500)]
+    _add_events(db, noise)
+    labels.set_label(db, ids[4], "Bags", actor="alice")
+
+    assert [(c.image_id, c.new_category) for c in labels.undo_last_change(db, actor="alice")] == [(ids[4], None)]
+    assert sorted(c.image_id for c in labels.undo_last_change(db, actor="alice")) == ids[1:4]  # the whole batch
+    assert [(c.image_id, c.new_category) for c in labels.undo_last_change(db, actor="alice")] == [(ids[0], None)]
+    with pytest.raises(NotFound, match="nothing to undo"):
+        labels.undo_last_change(db, actor="alice")
+    for image_id in ids[:10]:
+        assert current(db, image_id) is None and replay(db, image_id) is None
+
+
+def test_undo_finds_the_last_change_through_the_actor_index(db: Database, ids: list[int]) -> None:
+    """Undo holds the write lock: its lookup must not read the whole audit trail (no `SCAN label_events`)."""
+    for k in range(10):  # older history that undo has no reason to read
+        labels.set_label(db, ids[4], ("Shoes", "Bags")[k % 2], actor="alice")
+    labels.bulk_relabel(db, ids[:3], "Hats", actor="alice")
+    labels.set_label(db, ids[3], "Bags", actor="alice")
+    labels.undo_last_change(db, actor="alice")  # so the lookup has an undo to step over
+
+    statements: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if not executemany and statement.lstrip().upper().startswith("SELECT") and "label_events" in statement:
+            statements.append((statement, parameters))
+
+    loaded: list[int] = []
+
+    def count(target: LabelEvent, context: Any) -> None:
+        loaded.append(target.id)
+
+    event.listen(db.write_engine, "before_cursor_execute", record)
+    event.listen(LabelEvent, "load", count)
+    try:
+        changes = labels.undo_last_change(db, actor="alice")  # the bulk batch
+    finally:
+        event.remove(db.write_engine, "before_cursor_execute", record)
+        event.remove(LabelEvent, "load", count)
+    assert sorted(c.image_id for c in changes) == ids[:3]
+    assert len(loaded) <= 1 + 3  # the newest undoable event and its batch: no reading of the whole history
+
+    plans: list[str] = []
+    with db.engine.connect() as connection:
+        for statement, parameters in statements:
+            rows = connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters).all()
+            plans.append(" | ".join(row[-1] for row in rows))
+    assert statements and not [p for p in plans if re.search(r"\bSCAN label_events", p)], plans
+    assert any("ix_label_events_actor_id (actor=?)" in p for p in plans), plans

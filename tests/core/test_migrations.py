@@ -46,3 +46,40 @@ def test_upgrading_a_database_with_images_from_the_first_revision_keeps_them(set
     engine.dispose()
     assert tuple(row) == ("old.png", "test", None)  # kept, split unchanged, no hash invented
     assert "ix_images_phash" in indexes
+
+
+def test_upgrading_from_0002_adds_the_undo_index_without_touching_the_audit_trail(settings: Settings) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{settings.data_dir / 'old.db'}"
+    command.upgrade(_config(url), "0002")
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO images (sha256, stored_path, thumb_path, width, height, format, file_size, "
+                "original_name, source, split, created_at, uploaded_by) VALUES ('ab', 'a', 't', 1, 1, 'PNG', 1, "
+                "'old.png', '', 'test', '2026-01-01 00:00:00', 'x')"
+            )
+        )
+        connection.execute(text("INSERT INTO categories (name, created_at) VALUES ('Shoes', '2026-01-01 00:00:00')"))
+        connection.execute(
+            text(
+                "INSERT INTO label_events (image_id, old_category_id, new_category_id, actor, action, created_at, note)"
+                " VALUES (1, NULL, 1, 'alice', 'set', '2026-01-01 00:00:00', 'kept')"
+            )
+        )
+    command.upgrade(_config(url), "head")
+    with engine.connect() as connection:
+        event = connection.execute(text("SELECT id, actor, action, note FROM label_events")).one()
+        columns = [r[2] for r in connection.execute(text("PRAGMA index_info('ix_label_events_actor_id')"))]
+        plan = connection.execute(
+            text("EXPLAIN QUERY PLAN SELECT id FROM label_events WHERE actor = 'alice' ORDER BY id DESC LIMIT 1")
+        ).all()
+    command.downgrade(_config(url), "0002")
+    with engine.connect() as connection:
+        after_downgrade = {r[1] for r in connection.execute(text("PRAGMA index_list('label_events')"))}
+    engine.dispose()
+    assert tuple(event) == (1, "alice", "set", "kept")
+    assert columns == ["actor", "id"]
+    assert "ix_label_events_actor_id" in plan[0][-1]  # undo's lookup walks the index, newest first
+    assert "ix_label_events_actor_id" not in after_downgrade and "ix_label_events_image_id" in after_downgrade
