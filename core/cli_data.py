@@ -114,6 +114,8 @@ def _print_import_summary(result: ImportResult) -> None:
             typer.echo(f"  {dup.name} = image {dup.image_id} ({dup.existing_name})")
         if len(result.duplicates) > MAX_LISTED:
             typer.echo(f"  ... and {len(result.duplicates) - MAX_LISTED} more")
+    for note in result.notes:
+        typer.secho(f"Note: {note}", fg=typer.colors.YELLOW, err=True)
     if result.refused:
         # Every refusal is listed: each is a file the user has to look at.
         typer.secho("Refused:", fg=typer.colors.RED, err=True)
@@ -283,7 +285,10 @@ def export_labels(
     path: Annotated[Path, typer.Argument(help="CSV file to write (replaced if it exists).", show_default=False)],
     with_ids: Annotated[
         bool,
-        typer.Option("--with-ids", help="Add image_id, sha256 and split columns (such a file does not re-import)."),
+        typer.Option(
+            "--with-ids",
+            help="Add image_id, sha256 and split columns; such a file re-imports too, matched by content (sha256).",
+        ),
     ] = False,
 ) -> None:
     """Write `filename,category` for every labelled image; the file re-imports with `import --labels-csv`."""

@@ -30,6 +30,9 @@ ACCEPTED_FORMATS: dict[str, tuple[str, str]] = {
 # (MPO has no opener of its own: the JPEG opener returns it.)
 _PILLOW_FORMATS = tuple(f for f in ACCEPTED_FORMATS if f != "MPO" and (f != "WEBP" or features.check("webp")))
 WHITE = (255, 255, 255)
+# Colour spaces Pillow decodes but cannot convert to RGB faithfully (its LAB/HSV -> RGB conversion only relabels
+# channels): refused with the mode named rather than stored with wrong colours.
+_UNCONVERTIBLE_MODES = {"LAB", "HSV"}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -230,6 +233,8 @@ def inspect_and_decode(
         if reason:
             raise ImageRefused(name, reason)
         mode = img.mode
+        if mode in _UNCONVERTIBLE_MODES:
+            raise ImageRefused(name, f"colour space {mode} is not supported: save it as RGB")
         orientation = _orientation(img)
         if draft_size and fmt == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
@@ -298,7 +303,8 @@ def normalise(img: Image.Image) -> Image.Image:
         return _composite_on_white(img.convert("RGBA"))
     if mode.startswith("I") or mode == "F":
         return _to_8bit(img).convert("RGB")
-    # L, 1, P (opaque), CMYK (JPEG Adobe inversion is handled by Pillow's decoder), YCbCr, LAB, HSV.
+    # L, 1, P (opaque), CMYK (JPEG Adobe inversion is handled by Pillow's decoder), YCbCr. LAB and HSV are refused
+    # at import (inspect_and_decode), as this conversion would give them wrong colours.
     return img.convert("RGB")
 
 

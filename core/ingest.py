@@ -11,13 +11,16 @@ import csv
 import hashlib
 import io
 import os
+import re
 import struct
+import unicodedata
 import zipfile
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -27,8 +30,8 @@ from sqlalchemy.exc import IntegrityError
 from core.db import Database
 from core.errors import ArchiveRefused, CategoryError, ImageRefused, ProdcatError
 from core.imaging import DecodedImage, difference_hash, inspect_and_decode
-from core.labels import apply_label, clean_category_name, get_or_create_category
-from core.schema import Image, Label
+from core.labels import apply_label, clean_actor, clean_category_name, get_or_create_category
+from core.schema import Category, Image, Label
 from core.splits import split_for_hash
 from core.store import StoredFiles, store_image
 
@@ -41,6 +44,8 @@ _READ_CHUNK = 1024 * 1024
 _LITTER_NAMES = {"__macosx", "thumbs.db", "desktop.ini"}
 _CSV_FILENAME_HEADERS = {"filename", "file", "file_name", "filepath", "path", "image", "name", "image_path"}
 _CSV_CATEGORY_HEADERS = {"category", "label", "class", "category_name", "class_name"}
+_CSV_SHA256_HEADER = "sha256"  # the content-hash column of `export labels --with-ids`
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _MAX_NAME = 500  # images.original_name / images.source column width
 # Decode/store threads: Pillow and hashlib release the GIL, so two threads use two cores.
 DECODE_THREADS = 4
@@ -71,6 +76,8 @@ class ImportResult:
     imported: list[ImportedItem] = field(default_factory=list)
     duplicates: list[DuplicateItem] = field(default_factory=list)
     refused: list[RefusedItem] = field(default_factory=list)
+    # Things the user should know that refused no file, e.g. a CSV label not applied because it was ambiguous.
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return f"{len(self.imported)} imported, {len(self.duplicates)} duplicates, {len(self.refused)} refused"
@@ -131,7 +138,9 @@ def _plain(name: str) -> bool:
 
 
 def _norm_key(name: str) -> str:
-    return "/".join(_clean_parts(name.strip()))
+    """The form names are matched in: separators unified, `.`/`..` dropped, and NFC-normalised, so a name macOS
+    stored decomposed (Finder's zips, HFS+ folders) matches the same name typed or saved composed (a CSV)."""
+    return "/".join(_clean_parts(unicodedata.normalize("NFC", name.strip())))
 
 
 def _upload_bytes(upload: object) -> bytes:
@@ -235,11 +244,22 @@ class _ZipSource:
                 f"the archive lists {listed:,} entries, far more than the limit of {self.max_entries:,} "
                 f"files per archive: split it into smaller archives"
             )
+        litter = 0
         with self.opener() as fh, zipfile.ZipFile(fh) as zf:  # raises BadZipFile for a broken archive
             for info in zf.infolist():
-                if info.is_dir() or _is_litter(_clean_parts(info.filename)):
+                if info.is_dir():
+                    continue
+                if _is_litter(_clean_parts(info.filename)):
+                    litter += 1
                     continue
                 self.entries.append(info)
+        if not self.entries:
+            # Said out loud: "0 imported, 0 refused" would leave the user guessing what happened to the upload.
+            raise ArchiveRefused(
+                f"the archive holds only hidden or system files ({litter:,}, such as __MACOSX or .DS_Store), no photos"
+                if litter
+                else "the archive holds no files"
+            )
         # A zip of a folder ("dataset/Shoes/a.jpg") gets its single wrapping folder stripped for labels.
         tops = {tuple(_clean_parts(i.filename)[:1]) for i in self.entries}
         self.common_top = strip_top and len(tops) == 1 and any(len(_clean_parts(i.filename)) >= 3 for i in self.entries)
@@ -266,13 +286,15 @@ class _ZipSource:
                     break
                 parts = _clean_parts(info.filename)
                 label_parts = parts[1:] if self.common_top else parts
+                name = f"{self.name}/{info.filename}"
                 yield _Candidate(
-                    name=f"{self.name}/{info.filename}",
+                    name=name,
                     read=lambda info=info: _read_zip_entry(zf, info, budget, self.max_file),
                     source=source,
                     # An absolute or ../ entry name says nothing trustworthy about its category.
                     folder_category=label_parts[0] if len(label_parts) >= 2 and _plain(info.filename) else None,
-                    label_keys=("/".join(parts), "/".join(label_parts), parts[-1] if parts else ""),
+                    # The full name first: it is the stored original_name, so an exported labels CSV re-applies.
+                    label_keys=(name, "/".join(parts), "/".join(label_parts), parts[-1] if parts else ""),
                 )
             if len(self.entries) > self.max_entries:
                 yield _Skip(
@@ -329,9 +351,15 @@ class _Importer:
     ) -> None:
         self.db = db
         self.settings = db.settings
-        self.actor = actor
+        self.actor = clean_actor(actor)  # refused before anything is read or written
         self.category = category
         self.labels = {_norm_key(k): v for k, v in (labels or {}).items()}
+        table = labels if isinstance(labels, LabelsCSV) else LabelsCSV()
+        self.labels_by_sha256 = table.by_sha256
+        self.ambiguous = {_norm_key(k): v for k, v in table.ambiguous.items()}
+        self.ambiguous_sha256 = table.ambiguous_sha256
+        self.csv_name = f"the labels CSV {table.source}" if table.source else "the labels CSV"
+        self.noted: set[str] = set()
         self.labels_from_folders = labels_from_folders
         self.progress = progress
         self.result = ImportResult()
@@ -381,20 +409,60 @@ class _Importer:
                         left.future.cancel()
         return self.result
 
-    def wanted_category(self, cand: _Candidate) -> str | None:
+    def note(self, key: str, text: str) -> None:
+        if key not in self.noted:
+            self.noted.add(key)
+            self.result.notes.append(text)
+
+    def wanted_category(self, cand: _Candidate, sha: str) -> str | None:
+        """The CSV row for this file (by content hash, then by name), else its folder, else the batch category.
+
+        A CSV row that cannot tell this file apart (its name or hash listed with different categories) leaves the
+        file unlabelled, and the import says so once per name.
+        """
+        if (found := self.labels_by_sha256.get(sha)) is not None:
+            return found
+        if sha in self.ambiguous_sha256:
+            listed = ", ".join(repr(c) for c in self.ambiguous_sha256[sha])
+            self.note(
+                sha,
+                f"label not applied to {cand.name!r}: its sha256 {sha[:12]}... is listed with different categories "
+                f"in {self.csv_name} ({listed}); it was left unlabelled",
+            )
+            return None
         for key in cand.label_keys:
-            if key and (found := self.labels.get(_norm_key(key))) is not None:
+            if not key:
+                continue
+            norm = _norm_key(key)
+            if (found := self.labels.get(norm)) is not None:
                 return found
+            if norm in self.ambiguous:
+                listed = ", ".join(repr(c) for c in self.ambiguous[norm])
+                self.note(
+                    norm,
+                    f"label not applied: {norm!r} is listed with different categories in {self.csv_name} ({listed}); "
+                    "files of that name were left unlabelled (a CSV with a sha256 column, as `export labels "
+                    "--with-ids` writes, tells them apart by content)",
+                )
+                return None
         if self.labels_from_folders and cand.folder_category:
             return cand.folder_category
         return self.category
 
     def checked_category(self, name: str) -> str:
-        """The cleaned category name, or CategoryError; cached so a batch of 10,000 checks each name once."""
+        """The cleaned name of a live category (or a new one), else CategoryError.
+
+        Cached per name, so a batch of 10,000 checks each name once; checked before any file is decoded or stored,
+        so a file bound for an archived category leaves nothing behind.
+        """
         checked = self.category_checks.get(name)
         if checked is None:
             try:
                 checked = clean_category_name(name)
+                with self.db.read() as session:
+                    archived_at = session.scalar(select(Category.archived_at).where(Category.name == checked))
+                if archived_at is not None:
+                    raise CategoryError(f"category {checked!r} is archived: un-archive it or choose another category")
             except CategoryError as exc:
                 checked = exc
             self.category_checks[name] = checked
@@ -430,13 +498,13 @@ class _Importer:
         except _Refuse as exc:
             p.refusal = exc.reason
             return p
-        wanted = self.wanted_category(cand)
+        p.sha = hashlib.sha256(data).hexdigest()  # hashed once; duplicates are never decoded
+        wanted = self.wanted_category(cand, p.sha)
         try:
             p.category = self.checked_category(wanted) if wanted is not None else None
         except CategoryError as exc:
             p.refusal = f"invalid category {wanted!r}: {exc}"
             return p
-        p.sha = hashlib.sha256(data).hexdigest()  # hashed once; duplicates are never decoded
         if p.sha in self.in_flight:
             p.same_as_in_flight, p.data = True, data
             return p
@@ -508,7 +576,7 @@ class _Importer:
                 if category is not None:
                     cat = get_or_create_category(session, category)
                     apply_label(session, row.id, cat.id, actor=self.actor, action="import", note=p.cand.source)
-        except CategoryError as exc:  # e.g. an archived category: the image row was rolled back with it
+        except CategoryError as exc:  # archived since checked_category: the image row was rolled back with it
             self.refuse(name, f"invalid category {category!r}: {exc}")
             return
         except IntegrityError:
@@ -554,7 +622,8 @@ def import_uploads(
 ) -> ImportResult:
     """Import in-memory files. Zip uploads (detected by content) are expanded safely.
 
-    `category` labels every image; `labels` maps file name -> category (CSV). Unknown categories are created.
+    `category` labels every image; `labels` maps file name -> category (CSV; a `LabelsCSV` from `read_labels_csv`
+    also matches by content hash). Unknown categories are created; archived ones are refused per file.
     `labels_from_folders` (an addition to the contract): a zipped ImageFolder tree labels its images by their
     first folder (a single wrapping folder, as "zip the dataset folder" makes, is skipped).
     Precedence when several apply: `labels`, then the folder, then `category`.
@@ -615,13 +684,32 @@ def _peek(path: Path) -> bytes:
         return b""  # reported when the file itself is read
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    """Files under root, sorted, skipping hidden and OS-litter folders and files; symlinked folders not followed."""
+LINK_OUTSIDE_FOLDER = "a link to a file outside the folder: not followed (copy the file into the folder instead)"
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, str | None]]:
+    """Files under root, sorted, each with None or the reason it is refused.
+
+    Hidden and OS-litter folders and files are skipped; symlinked folders are not followed, and a symlinked file is
+    refused when its target lies outside root (a folder typed in the web page must not read the rest of the disk).
+    """
+    inside = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not _is_litter([d]))
         for filename in sorted(filenames):
-            if not _is_litter([filename]):
-                yield Path(dirpath) / filename
+            if _is_litter([filename]):
+                continue
+            path = Path(dirpath) / filename
+            if path.is_symlink():
+                try:
+                    target = path.resolve()
+                except (OSError, RuntimeError):  # a link loop
+                    yield path, "a link that cannot be followed (it loops)"
+                    continue
+                if not target.is_relative_to(inside):
+                    yield path, LINK_OUTSIDE_FOLDER
+                    continue
+            yield path, None
 
 
 def import_paths(
@@ -637,7 +725,9 @@ def import_paths(
     """Import files, folder trees (recursively) and zip archives from disk.
 
     labels_from_folders: ImageFolder layout, the image's parent folder name (below the given root) is its
-    category. labels_csv: `filename,category` rows, matched on the relative path or the bare file name.
+    category. labels_csv: `filename,category` rows, matched on the content hash when the CSV has a sha256 column
+    (`export labels --with-ids`), else on the full name, the relative path or the bare file name.
+    A symlinked file inside a folder is refused when it points outside that folder.
     Precedence when several apply: the CSV row, then the folder, then `category`.
     """
     labels = read_labels_csv(labels_csv) if labels_csv is not None else None
@@ -677,9 +767,13 @@ def import_paths(
         path = Path(raw)
         if path.is_dir():
             source = f"folder:{path.resolve().name}"
-            for file in _walk(path):
+            for file, refusal in _walk(path):
                 rel = file.relative_to(path).parts
-                add_file(file, f"{path.name}/{'/'.join(rel)}" if path.name else "/".join(rel), list(rel), source)
+                display = f"{path.name}/{'/'.join(rel)}" if path.name else "/".join(rel)
+                if refusal is not None:
+                    items.append(RefusedItem(display, refusal))
+                else:
+                    add_file(file, display, list(rel), source)
         elif path.is_file():
             # A loose file: its own folder is its label folder.
             add_file(path, path.name, [path.parent.resolve().name, path.name], f"folder:{path.parent.resolve().name}")
@@ -689,8 +783,15 @@ def import_paths(
     return importer.run(items)
 
 
-def _header_columns(cells: list[str]) -> tuple[int, int] | None:
-    """(filename column, category column) when a row is a header naming both, else None.
+@dataclass(frozen=True)
+class _Columns:
+    filename: int
+    category: int
+    sha256: int | None = None
+
+
+def _header_columns(cells: list[str]) -> _Columns | None:
+    """The file name, category (and sha256) columns when a row is a header naming both, else None.
 
     The usual names win (`filename`, `category`), then the first of the accepted synonyms, so an exported file with
     extra columns (`export labels --with-ids`: image_id, sha256, split) reads back by its header.
@@ -706,62 +807,200 @@ def _header_columns(cells: list[str]) -> tuple[int, int] | None:
     category_col = pick(_CSV_CATEGORY_HEADERS, "category")
     if filename_col is None or category_col is None or filename_col == category_col:
         return None
-    return filename_col, category_col
+    sha_col = lowered.index(_CSV_SHA256_HEADER) if _CSV_SHA256_HEADER in lowered else None
+    return _Columns(filename_col, category_col, sha_col)
 
 
-def read_labels_csv(path_or_file: Path | BinaryIO) -> dict[str, str]:
-    """Parse a labels CSV into a mapping file name -> category; refuses malformed rows clearly (by line number).
+class LabelsCSV(dict[str, str]):
+    """A labels CSV as read: file name -> category for every name listed with one category, plus what a plain
+    mapping cannot hold (the importer also accepts a plain dict).
+
+    `by_sha256`: content hash -> category, from the sha256 column of `export labels --with-ids`; tried first, so two
+    images that share a file name each get their own label back. `ambiguous`: names listed with different
+    categories (in order of appearance); files of such a name import unlabelled and the import says so.
+    `ambiguous_sha256`: the same for hashes.
+    """
+
+    def __init__(self, source: str = "") -> None:
+        super().__init__()
+        self.source = source
+        self.by_sha256: dict[str, str] = {}
+        self.ambiguous: dict[str, list[str]] = {}
+        self.ambiguous_sha256: dict[str, list[str]] = {}
+
+
+def _settle(listed: dict[str, list[str]], single: dict[str, str], ambiguous: dict[str, list[str]]) -> None:
+    for key, categories in listed.items():
+        if len(categories) == 1:
+            single[key] = categories[0]
+        else:
+            ambiguous[key] = categories
+
+
+def read_labels_csv(path_or_file: Path | BinaryIO, *, name: str | None = None) -> LabelsCSV:
+    """Parse a labels CSV into file name -> category; refuses malformed rows clearly (by file and line number).
 
     Without a header every row is exactly `filename,category`. With a header row naming a file name and a category
-    column (`filename,category`, `file,label`...), those two columns are read and any other columns are ignored.
+    column (`filename,category`, `file,label`...), those two columns are read and other columns are ignored, except
+    `sha256` (`export labels --with-ids`), which matches rows to files by content. A name listed twice with one
+    category is fine; with different categories it is ambiguous (see `LabelsCSV`), not an error.
+    `name` names the file in messages (an upload's name); a path or a file object with a name names itself.
     """
     if isinstance(path_or_file, str | Path):
-        name = str(path_or_file)
+        name = name or str(path_or_file)
         try:
             raw: bytes | str = Path(path_or_file).read_bytes()
         except OSError as exc:
             raise ProdcatError(f"labels CSV {name}: cannot be read ({exc.strerror or exc})") from exc
     else:
-        name = str(getattr(path_or_file, "name", "labels CSV"))
+        name = name or getattr(path_or_file, "name", None)
         raw = path_or_file.read()
+    where = f"labels CSV {name}" if name else "labels CSV"
     try:
         text = raw.decode("utf-8-sig") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError as exc:
-        raise ProdcatError(f"labels CSV {name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    mapping: dict[str, str] = {}
+        raise ProdcatError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    by_name: dict[str, list[str]] = {}
+    by_sha: dict[str, list[str]] = {}
     header: list[str] | None = None
-    columns = (0, 1)
+    columns = _Columns(0, 1)
     first = True
-    for line, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        cells = [c.strip() for c in row]
-        while cells and not cells[-1]:
-            cells.pop()
-        if not cells:
-            continue
-        if first:
-            first = False
-            found = _header_columns(cells)
-            if found is not None:
-                header, columns = cells, found
+    # newline="" leaves line endings to the csv module: \r\n, \n and a lone \r (old Mac, some exports) all end a
+    # row, and a quoted field may hold a line break.
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            line = reader.line_num  # the physical line the row ends on (a quoted field can span lines)
+            cells = [c.strip() for c in row]
+            while cells and not cells[-1]:
+                cells.pop()
+            if not cells:
                 continue
-        if header is None and len(cells) != 2:
-            raise ProdcatError(
-                f"labels CSV {name} line {line}: expected two columns 'filename,category', got {len(cells)}: {row!r}"
-            )
-        if header is not None and len(cells) > len(header):
-            raise ProdcatError(
-                f"labels CSV {name} line {line}: {len(cells)} columns but the header has {len(header)} "
-                f"({','.join(header)}): {row!r}"
-            )
-        filename = cells[columns[0]] if columns[0] < len(cells) else ""
-        category = cells[columns[1]] if columns[1] < len(cells) else ""
-        if not filename or not category:
-            raise ProdcatError(f"labels CSV {name} line {line}: empty file name or category: {row!r}")
-        key = _norm_key(filename)
-        if key in mapping and mapping[key] != category:
-            raise ProdcatError(
-                f"labels CSV {name} line {line}: {filename!r} is listed twice with different categories "
-                f"({mapping[key]!r} and {category!r})"
-            )
-        mapping[key] = category
-    return mapping
+            if first:
+                first = False
+                found = _header_columns(cells)
+                if found is not None:
+                    header, columns = cells, found
+                    continue
+            if header is None and len(cells) != 2:
+                raise ProdcatError(
+                    f"{where} line {line}: expected two columns 'filename,category', got {len(cells)}: {row!r}"
+                )
+            if header is not None and len(cells) > len(header):
+                raise ProdcatError(
+                    f"{where} line {line}: {len(cells)} columns but the header has {len(header)} "
+                    f"({','.join(header)}): {row!r}"
+                )
+            filename = cells[columns.filename] if columns.filename < len(cells) else ""
+            category = cells[columns.category] if columns.category < len(cells) else ""
+            if not filename or not category:
+                raise ProdcatError(f"{where} line {line}: empty file name or category: {row!r}")
+            listed = by_name.setdefault(_norm_key(filename), [])
+            if category not in listed:
+                listed.append(category)
+            sha = cells[columns.sha256].lower() if columns.sha256 is not None and columns.sha256 < len(cells) else ""
+            # A cell that is no digest (a spreadsheet turned it into a number, someone typed a note) is not trusted:
+            # that row is matched by its name alone.
+            if _SHA256_HEX.fullmatch(sha):
+                listed = by_sha.setdefault(sha, [])
+                if category not in listed:
+                    listed.append(category)
+    except csv.Error as exc:
+        raise ProdcatError(f"{where} line {reader.line_num}: not readable as CSV ({exc})") from exc
+    labels = LabelsCSV(str(name or ""))
+    _settle(by_name, labels, labels.ambiguous)
+    _settle(by_sha, labels.by_sha256, labels.ambiguous_sha256)
+    return labels
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One label source per import, as the Categories page offers it for a server folder and for a zip upload alike.
+
+
+class LabelSource(StrEnum):
+    """Where an import's labels come from."""
+
+    FOLDERS = "folders"  # ImageFolder layout: each image's first folder below the root (a zip's wrapper skipped)
+    CSV = "csv"  # a `filename,category` CSV (or an `export labels --with-ids` file)
+    CATEGORY = "category"  # one category for every image
+    NONE = "none"  # imported unlabelled
+
+
+@dataclass(frozen=True)
+class _LabelChoice:
+    from_folders: bool
+    use_csv: bool
+    category: str | None
+
+
+def _label_choice(source: LabelSource | str, *, csv_given: bool, category: str | None) -> _LabelChoice:
+    """The import arguments for one label source; refuses a choice that contradicts what was given."""
+    source = LabelSource(source)
+    category = (category or "").strip() or None
+    if source is LabelSource.CSV and not csv_given:
+        raise ProdcatError("labels are to come from a CSV but none was given: give the CSV, or choose another source")
+    if csv_given and source is not LabelSource.CSV:
+        raise ProdcatError(
+            "a labels CSV was given but labels are set to come from elsewhere: choose the CSV as the label source, "
+            "or remove the file"
+        )
+    if source is LabelSource.CATEGORY:
+        if category is None:
+            raise CategoryError("labels are to be one category for every image but none was given: choose one")
+        return _LabelChoice(from_folders=False, use_csv=False, category=clean_category_name(category))
+    if category is not None:
+        raise ProdcatError(
+            f"category {category!r} was given but labels are set to come from elsewhere: choose one category as the "
+            "label source, or clear the category"
+        )
+    return _LabelChoice(from_folders=source is LabelSource.FOLDERS, use_csv=source is LabelSource.CSV, category=None)
+
+
+def import_labelled_folder(
+    db: Database,
+    folder: Path,
+    *,
+    label_source: LabelSource | str,
+    labels_csv: Path | None = None,
+    category: str | None = None,
+    actor: str,
+    progress: ProgressCallback | None = None,
+) -> ImportResult:
+    """Import a folder tree (`import_paths`) labelled from one source: folder names, a CSV, one category, or none."""
+    choice = _label_choice(label_source, csv_given=labels_csv is not None, category=category)
+    return import_paths(
+        db,
+        [folder],
+        labels_from_folders=choice.from_folders,
+        labels_csv=labels_csv if choice.use_csv else None,
+        category=choice.category,
+        actor=actor,
+        progress=progress,
+    )
+
+
+def import_labelled_upload(
+    db: Database,
+    upload: Upload,
+    *,
+    label_source: LabelSource | str,
+    labels_csv: Upload | None = None,
+    category: str | None = None,
+    actor: str,
+    progress: ProgressCallback | None = None,
+) -> ImportResult:
+    """Import an uploaded zip (or image) labelled from one source: folder names, an uploaded CSV (named by its file
+    name in any error), one category, or none."""
+    choice = _label_choice(label_source, csv_given=labels_csv is not None, category=category)
+    labels = None
+    if choice.use_csv and labels_csv is not None:
+        labels = read_labels_csv(io.BytesIO(_upload_bytes(labels_csv)), name=str(labels_csv.name or "upload"))
+    return import_uploads(
+        db,
+        [upload],
+        labels=labels,
+        labels_from_folders=choice.from_folders,
+        category=choice.category,
+        actor=actor,
+        progress=progress,
+    )

@@ -24,7 +24,13 @@ def exchange_path(settings: Settings, text: str) -> Path:
         raise PathRefused("no path given: type a folder inside " + str(root))
     if "\x00" in raw:
         raise PathRefused(f"{raw!r}: a path cannot contain a NUL character")
-    candidate = Path(raw).expanduser()
+    try:
+        candidate = Path(raw).expanduser()  # "~/..." is the server account's home, which may hold the exchange folder
+    except (RuntimeError, KeyError) as exc:  # "~someone/...": no such account (or no home) on the server
+        raise PathRefused(
+            f"{raw}: {raw.split('/', 1)[0]!r} is no home folder on the server: type a path inside the server "
+            f"exchange folder {root}"
+        ) from exc
     resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
     if not resolved.is_relative_to(root):
         raise PathRefused(

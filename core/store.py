@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -55,8 +56,31 @@ def thumb_rel_path(sha256: str) -> str:
     return f"thumbs/{_shard(sha256)}/{sha256}.jpg"
 
 
+@functools.cache
+def _file_mode() -> int:
+    """The mode a plain `open()` would give a new file (0o666 less the umask), read once.
+
+    Linux reports the umask in /proc without changing it; elsewhere it is read by setting and restoring it, which
+    is not thread-safe, hence once per process (the first store, before the decode threads write anything).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
+    """Write through a temporary file in the same folder, then os.replace: readers never see half a file.
+
+    mkstemp creates the file 0600; it gets the usual umask-based mode instead, so a worker or web server running as
+    another user on shared storage can read the stored originals and thumbnails.
+    """
+    mode = _file_mode()
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     except FileNotFoundError:  # first file in this shard: make the folder only then (saves a syscall per file)
@@ -64,6 +88,8 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if hasattr(os, "fchmod"):  # not on Windows, where the mode bits mean little anyway
+                os.fchmod(fh.fileno(), mode)
             write(fh)
         os.replace(tmp, path)
     except BaseException:

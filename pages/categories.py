@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
-
 import streamlit as st
 
 from core.export import export_imagefolder, labels_csv_bytes
-from core.ingest import Upload, import_paths, import_uploads, read_labels_csv
+from core.ingest import ImportResult, LabelSource, Upload, import_labelled_folder, import_labelled_upload
 from core.labels import add_category, archive_category, list_categories, merge_categories, rename_category
 from core.serverfiles import exchange_path
 from core.versions import active_version, checkpoint_files, model_archive_bytes
@@ -70,6 +68,31 @@ with archive_tab, st.form("archive_category"):
         _done(ok, f"Archived {doomed}")
 
 # --- import ---------------------------------------------------------------------------------------------------------
+LABEL_SOURCES = {
+    LabelSource.FOLDERS: "Sub-folder names (ImageFolder: <folder>/<category>/<photo>)",
+    LabelSource.CSV: "A labels CSV (filename,category)",
+    LabelSource.CATEGORY: "One category for every image",
+    LabelSource.NONE: "None: import unlabelled",
+}
+
+
+def _label_source(form: str) -> tuple[LabelSource, str | None]:
+    """The label-source radio and the category picker, the same for both import forms."""
+    source = st.radio("Labels from", list(LABEL_SOURCES), format_func=LABEL_SOURCES.__getitem__, key=f"{form}_source")
+    category = st.selectbox(
+        "Category for every image (with 'One category')", live, index=None, accept_new_options=True, key=f"{form}_cat"
+    )
+    return source, category
+
+
+def _show_import(result: ImportResult) -> None:
+    st.success(result.summary())
+    for note in result.notes:
+        st.warning(_ui.md_escape(note))
+    if result.refused:
+        st.dataframe([{"file": r.name, "reason": r.reason} for r in result.refused], hide_index=True)
+
+
 st.header("Import labelled data")
 folder_tab, zip_tab = st.tabs(["Folder on the server", "Zip upload"])
 with folder_tab, st.form("import_folder"):
@@ -78,8 +101,8 @@ with folder_tab, st.form("import_folder"):
         _ui.md_escape(f"Server paths are relative to the exchange folder {exchange} (PRODCAT_SERVER_FILES_DIR).")
     )
     folder = st.text_input("Folder path on the server", placeholder="photos")
-    from_folders = st.checkbox("Labels from sub-folder names (ImageFolder: <folder>/<category>/<photo>)", value=True)
-    csv_path = st.text_input("...or a labels CSV on the server (filename,category)", placeholder="optional")
+    folder_source, folder_category = _label_source("folder")
+    csv_path = st.text_input("Labels CSV on the server (with 'A labels CSV')", placeholder="labels.csv")
     if st.form_submit_button("Import folder") and folder.strip():
         ok, source = _ui.attempt(exchange_path, db.settings, folder)
         labels_csv = None
@@ -88,34 +111,34 @@ with folder_tab, st.form("import_folder"):
         if ok:
             bar = st.progress(0.0, text="Importing...")
             ok, result = _ui.attempt(
-                import_paths,
+                import_labelled_folder,
                 db,
-                [source],
-                labels_from_folders=from_folders and labels_csv is None,
+                source,
+                label_source=folder_source,
                 labels_csv=labels_csv,
+                category=folder_category,
                 actor=_ui.actor(),
                 progress=lambda done, total, name: bar.progress(min(done / total, 1.0) if total else 0.0, text=name),
             )
             bar.empty()
             if ok:
-                st.success(result.summary())
-                if result.refused:
-                    st.dataframe([{"file": r.name, "reason": r.reason} for r in result.refused], hide_index=True)
+                _show_import(result)
 with zip_tab, st.form("import_zip", clear_on_submit=True):
     archive = st.file_uploader("Zip archive of photos", type=["zip"])
-    labels_file = st.file_uploader("Labels CSV (filename,category), optional", type=["csv"])
+    zip_source, zip_category = _label_source("zip")
+    labels_file = st.file_uploader("Labels CSV (with 'A labels CSV')", type=["csv"])
     if st.form_submit_button("Import zip") and archive is not None:
-        labels = None
-        if labels_file is not None:
-            ok, labels = _ui.attempt(read_labels_csv, io.BytesIO(labels_file.getvalue()))
-        if labels_file is None or labels is not None:
-            ok, result = _ui.attempt(
-                import_uploads, db, [Upload(archive.name, archive.getvalue())], labels=labels, actor=_ui.actor()
-            )
-            if ok:
-                st.success(result.summary())
-                if result.refused:
-                    st.dataframe([{"file": r.name, "reason": r.reason} for r in result.refused], hide_index=True)
+        ok, result = _ui.attempt(
+            import_labelled_upload,
+            db,
+            Upload(archive.name, archive.getvalue()),
+            label_source=zip_source,
+            labels_csv=Upload(labels_file.name, labels_file.getvalue()) if labels_file is not None else None,
+            category=zip_category,
+            actor=_ui.actor(),
+        )
+        if ok:
+            _show_import(result)
 
 # --- export ---------------------------------------------------------------------------------------------------------
 st.header("Export")

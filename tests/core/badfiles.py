@@ -78,6 +78,11 @@ def cmyk_jpeg(rgb: tuple[int, int, int] = (220, 30, 30)) -> bytes:
     return encode(Image.new("RGB", (32, 32), rgb).convert("CMYK"), "JPEG", quality=95)
 
 
+def lab_tiff(lab: tuple[int, int, int] = (50, 0, 0)) -> bytes:
+    """A CIE L*a*b* TIFF (what some scanners and Photoshop exports write); (50, 0, 0) is a mid grey."""
+    return encode(Image.new("LAB", (16, 16), lab), "TIFF")
+
+
 def png16(values: list[int]) -> bytes:
     """A 16-bit greyscale PNG, one row holding `values` (0..65535)."""
     return encode(Image.fromarray(np.array([values], dtype=np.uint16)), "PNG")

@@ -103,6 +103,14 @@ def test_cmyk_jpeg_becomes_rgb_with_sane_colours(cfg: Settings) -> None:
     assert np.allclose(mean, (220, 30, 30), atol=12), mean
 
 
+def test_a_lab_tiff_is_refused_naming_its_colour_space_not_stored_with_wrong_colours(cfg: Settings) -> None:
+    # Pillow's LAB -> RGB "conversion" only relabels channels: this mid grey would come out bright blue.
+    with pytest.raises(ImageRefused) as caught:
+        inspect_and_decode("scan.tif", badfiles.lab_tiff(), cfg)
+    assert caught.value.name == "scan.tif"
+    assert caught.value.reason == "colour space LAB is not supported: save it as RGB"
+
+
 def test_16_bit_png_is_scaled_not_clipped(cfg: Settings) -> None:
     decoded = inspect_and_decode("depth.png", badfiles.png16([65535, 32768, 0, 257, 1000]), cfg)
     row = np.asarray(decoded.image)[0, :, 0]

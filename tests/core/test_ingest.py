@@ -225,10 +225,10 @@ def test_read_labels_csv_header_optional_and_malformed_rows_named(tmp_path: Path
     bad.write_text("a.jpg,Shoes\nb.jpg\n")
     with pytest.raises(ProdcatError, match=r"bad\.csv line 2: expected two columns"):
         read_labels_csv(bad)
-    clash = tmp_path / "clash.csv"
-    clash.write_text("a.jpg,Shoes\na.jpg,Bags\n")
-    with pytest.raises(ProdcatError, match="listed twice"):
-        read_labels_csv(clash)
+    clash = tmp_path / "clash.csv"  # ambiguous, not an error: the name is left out (see the import tests below)
+    clash.write_text("a.jpg,Shoes\na.jpg,Bags\nb.jpg,Hats\nb.jpg,Hats\n")
+    labels = read_labels_csv(clash)
+    assert labels == {"b.jpg": "Hats"} and labels.ambiguous == {"a.jpg": ["Shoes", "Bags"]}
 
 
 def test_read_labels_csv_with_a_header_ignores_extra_columns_but_not_broken_rows(tmp_path: Path) -> None:
@@ -458,3 +458,175 @@ def test_a_near_duplicate_joins_the_split_of_the_picture_it_copies(db: Database)
     assert rows["other.png"].phash != rows["shirt.png"].phash  # a different picture keeps its own split
     assert rows["other.png"].split == str(split_for_hash(rows["other.png"].sha256, fractions))
     assert difference_hash(PILImage.new("RGB", (40, 40), (200, 10, 10))) is None  # flat: no structure to match on
+
+
+# --- labels CSV round trips and name matching ----------------------------------------------------------------------
+
+
+def _other_db(tmp_path: Path, name: str = "other-data") -> Database:
+    """A second catalogue (its own data folder and SQLite file), as on another machine."""
+    from core.settings import Settings
+
+    return core_db.open_database(Settings(data_dir=tmp_path / name))
+
+
+def test_an_exported_csv_relabels_two_images_that_share_a_file_name(db: Database, tmp_path: Path) -> None:
+    from core.export import labels_csv_bytes
+
+    shoe, bag = image_bytes("Shoes", 200), image_bytes("Bags", 200)
+    import_uploads(db, [Upload("IMG_0001.jpg", shoe)], category="Shoes", actor="alice")
+    import_uploads(db, [Upload("IMG_0001.jpg", bag)], category="Bags", actor="alice")
+    batch = [Upload("IMG_0001.jpg", shoe), Upload("IMG_0001.jpg", bag)]
+
+    # --with-ids: each row is matched to its file by content, so both labels come back.
+    with_ids = read_labels_csv(io.BytesIO(labels_csv_bytes(db, with_ids=True)))
+    other = _other_db(tmp_path)
+    result = import_uploads(other, batch, labels=with_ids, actor="bob")
+    assert [i.category for i in result.imported] == ["Shoes", "Bags"] and not result.notes and not result.refused
+
+    # The plain export cannot tell the two apart: the file still imports, the name is left unlabelled and said so.
+    plain = read_labels_csv(io.BytesIO(labels_csv_bytes(db)))
+    third = _other_db(tmp_path, "third-data")
+    result = import_uploads(third, batch, labels=plain, actor="bob")
+    assert len(result.imported) == 2 and not result.refused
+    assert [i.category for i in result.imported] == [None, None]
+    assert len(result.notes) == 1
+    assert "label not applied: 'IMG_0001.jpg' is listed with different categories in the labels CSV" in result.notes[0]
+    assert "'Bags'" in result.notes[0] and "'Shoes'" in result.notes[0]
+
+
+def test_labels_exported_from_a_zip_import_reapply_to_the_same_zip(db: Database, tmp_path: Path) -> None:
+    from core.export import labels_csv_bytes
+
+    entries = [("Shoes/a.png", image_bytes("Shoes", 210)), ("Bags/b.png", image_bytes("Bags", 210))]
+    archive = Upload("batch.zip", badfiles.make_zip(entries))
+    import_uploads(db, [archive], labels_from_folders=True, actor="alice")
+    exported = labels_csv_bytes(db)
+    assert b"batch.zip/Shoes/a.png,Shoes" in exported  # the stored name, zip name included
+    other = _other_db(tmp_path)
+    result = import_uploads(other, [archive], labels=read_labels_csv(io.BytesIO(exported)), actor="bob")
+    assert {(i.name, i.category) for i in result.imported} == {
+        ("batch.zip/Shoes/a.png", "Shoes"),
+        ("batch.zip/Bags/b.png", "Bags"),
+    }
+
+
+def test_a_decomposed_zip_entry_name_matches_a_composed_csv_name(db: Database) -> None:
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", "café.png")  # how macOS Finder's "Compress" writes it
+    archive = Upload("batch.zip", badfiles.make_zip([(decomposed, image_bytes("Hats", 220))]))
+    labels = read_labels_csv(io.BytesIO("filename,category\ncafé.png,Cups\n".encode()))  # typed: composed
+    result = import_uploads(db, [archive], labels=labels, actor="alice")
+    assert [i.category for i in result.imported] == ["Cups"]
+
+
+def test_a_csv_with_old_mac_line_endings_reads_and_broken_csv_names_file_and_line(tmp_path: Path) -> None:
+    assert read_labels_csv(io.BytesIO(b"filename,category\ra.jpg,Shoes\rb.jpg,Bags\r")) == {
+        "a.jpg": "Shoes",
+        "b.jpg": "Bags",
+    }
+    # A quoted field spanning lines: the line reported is where the bad row ends, in the file people open.
+    with pytest.raises(ProdcatError, match=r"my labels\.csv line 4: empty file name or category"):
+        read_labels_csv(io.BytesIO(b'filename,category\n"a\nb.jpg",Shoes\nc.jpg,\n'), name="my labels.csv")
+    huge = tmp_path / "huge.csv"
+    huge.write_bytes(b"a.jpg,Shoes\n" + b"x" * 200_000 + b",Bags\n")  # over the csv module's field limit
+    with pytest.raises(ProdcatError, match=r"huge\.csv line 2: not readable as CSV"):
+        read_labels_csv(huge)
+    # An unnamed file object is not called "labels CSV labels CSV".
+    with pytest.raises(ProdcatError) as refused:
+        read_labels_csv(io.BytesIO(b"a.jpg\n"))
+    assert str(refused.value).startswith("labels CSV line 1:")
+
+
+def test_an_uploaded_csv_is_named_in_its_errors(db: Database) -> None:
+    from core.ingest import LabelSource, import_labelled_upload
+
+    archive = Upload("batch.zip", badfiles.make_zip([("a.png", image_bytes("Hats", 230))]))
+    with pytest.raises(ProdcatError, match=r"^labels CSV shop-labels\.csv line 3: expected two columns"):
+        import_labelled_upload(
+            db,
+            archive,
+            label_source=LabelSource.CSV,
+            labels_csv=Upload("shop-labels.csv", b"a.png,Hats\nb.png,Hats\nc.png\n"),
+            actor="alice",
+        )
+    assert _image_count(db) == 0
+
+
+def test_one_label_source_per_import_and_contradictions_are_refused(db: Database, tmp_path: Path) -> None:
+    from core.ingest import LabelSource, import_labelled_folder, import_labelled_upload
+
+    archive = Upload(
+        "dataset.zip", badfiles.make_zip([(f"dataset/{c}/{c}.png", image_bytes(c, 240)) for c in CATEGORY_COLOURS])
+    )
+    result = import_labelled_upload(db, archive, label_source=LabelSource.FOLDERS, actor="alice")
+    assert {i.category for i in result.imported} == set(CATEGORY_COLOURS)
+    root = write_image_folder(tmp_path / "photos", per_category=1)
+    result = import_labelled_folder(db, root, label_source=LabelSource.CATEGORY, category="Misc", actor="alice")
+    assert {i.category for i in result.imported} == {"Misc"}
+    with pytest.raises(ProdcatError, match="none was given"):
+        import_labelled_folder(db, root, label_source=LabelSource.CSV, actor="alice")
+    with pytest.raises(ProdcatError, match="choose the CSV as the label source"):
+        import_labelled_folder(db, root, label_source=LabelSource.FOLDERS, labels_csv=tmp_path / "x.csv", actor="a")
+
+
+# --- what an import refuses up front ----------------------------------------------------------------------------
+
+
+def test_an_empty_actor_is_refused_before_anything_is_written(db: Database) -> None:
+    with pytest.raises(ProdcatError, match="actor is empty"):
+        import_uploads(db, [Upload("a.png", image_bytes("Shoes", 250))], category="Shoes", actor="   ")
+    assert _image_count(db) == 0
+    assert not db.settings.images_dir.exists() or not any(db.settings.images_dir.rglob("*.*"))
+
+
+def test_files_for_an_archived_category_are_refused_and_nothing_is_stored(db: Database) -> None:
+    from core.labels import add_category, archive_category
+
+    add_category(db, "Old", actor="a")
+    archive_category(db, "Old", actor="a")
+    uploads = [Upload("a.png", image_bytes("Shoes", 260)), Upload("b.png", image_bytes("Bags", 260))]
+    result = import_uploads(db, uploads, category="Old", actor="a")
+    assert not result.imported and len(result.refused) == 2
+    assert all("category 'Old' is archived" in r.reason for r in result.refused)
+    stored = [p for p in db.settings.data_dir.rglob("*") if p.is_file() and "sqlite" not in p.name]
+    assert stored == []  # no orphaned originals or thumbnails
+
+
+def test_a_symlinked_file_pointing_outside_the_folder_is_refused(db: Database, tmp_path: Path) -> None:
+    import core.ingest as ingest
+    from core.serverfiles import exchange_path
+
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(image_bytes("Hats", 270))
+    photos = db.settings.exchange_dir / "photos"
+    photos.mkdir(parents=True)
+    (photos / "real.png").write_bytes(image_bytes("Bags", 270))
+    (photos / "escape.png").symlink_to(outside / "secret.png")
+    (photos / "alias.png").symlink_to(photos / "real.png")  # a link inside the folder is fine
+    (photos / "linkdir").symlink_to(outside)  # folders are not followed at all
+    result = import_paths(db, [exchange_path(db.settings, "photos")], actor="web")  # as the Categories page does
+    assert _refusals(result) == {"photos/escape.png": ingest.LINK_OUTSIDE_FOLDER}
+    assert "a link to a file outside the folder" in ingest.LINK_OUTSIDE_FOLDER
+    assert [i.name for i in result.imported] == ["photos/alias.png"]  # sorted: the link inside comes first
+    assert [d.name for d in result.duplicates] == ["photos/real.png"]
+
+
+@pytest.mark.parametrize(
+    ("entries", "reason"),
+    [
+        ([], "the archive holds no files"),
+        (
+            [("__MACOSX/._a.png", b"junk"), (".DS_Store", b"\x00\x00\x00\x01Bud1"), ("Thumbs.db", b"x")],
+            "the archive holds only hidden or system files (3, such as __MACOSX or .DS_Store), no photos",
+        ),
+    ],
+)
+def test_an_empty_zip_or_one_of_only_system_files_is_refused_with_the_reason(
+    db: Database, entries: list[tuple[str, bytes]], reason: str
+) -> None:
+    result = import_uploads(db, [Upload("photos.zip", badfiles.make_zip(entries))], actor="alice")
+    assert _refusals(result) == {"photos.zip": reason}
+    assert result.summary() == "0 imported, 0 duplicates, 1 refused"

@@ -25,6 +25,13 @@ def test_paths_leaving_the_exchange_folder_are_refused_with_the_folder_named(set
     assert text in str(refused.value) and str(settings.exchange_dir) in str(refused.value)
 
 
+def test_another_accounts_home_folder_is_refused_not_a_crash(settings: Settings) -> None:
+    with pytest.raises(PathRefused) as refused:
+        exchange_path(settings, "~nosuchuser_prodcat/photos")
+    assert "'~nosuchuser_prodcat' is no home folder on the server" in str(refused.value)
+    assert str(settings.exchange_dir) in str(refused.value)
+
+
 def test_a_symlink_out_of_the_exchange_folder_is_refused(settings: Settings, tmp_path: Path) -> None:
     settings.exchange_dir.mkdir(parents=True)
     os.symlink(tmp_path, settings.exchange_dir / "escape")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -82,3 +84,15 @@ def test_two_data_dirs_share_nothing(settings: Settings, tmp_path: Path) -> None
     theirs = store_image(other, data, decoded)
     assert mine.original.is_relative_to(settings.data_dir)
     assert theirs.original.is_relative_to(tmp_path / "other")
+
+
+def test_stored_files_get_the_umask_mode_so_other_accounts_can_read_them(settings: Settings) -> None:
+    # A worker or web server running as another user on shared storage reads these files; mkstemp alone gives 0600.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    data = badfiles.jpeg(seed=9)
+    stored = store_image(settings, data, inspect_and_decode("a.jpg", data, settings))
+    for path in (stored.original, stored.thumb):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    if not umask & 0o044:  # the usual 022 or 002: group and others may read
+        assert stat.S_IMODE(stored.original.stat().st_mode) & 0o044 == 0o044
