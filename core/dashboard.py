@@ -19,6 +19,8 @@ Everything returns None or an empty frame on an empty database or before the fir
 
 from __future__ import annotations
 
+import html
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -33,11 +35,18 @@ from core.corrections import correction_clause, label_change_clause
 from core.db import Database
 from core.errors import NotFound
 from core.review import LabelState, ReviewOrder, load_context
-from core.schema import Category, Image, Label, LabelEvent, ModelVersion, Prediction, Split
+from core.schema import Category, Image, Label, LabelEvent, ModelVersion, Prediction, Split, VersionStatus
 from core.stats import catalogue_stats
+from core.versions import VersionView
 
 DEFAULT_BINS = 10
 DEFAULT_DAYS = 90
+
+
+def shown_names(names: Sequence[object]) -> list[str]:
+    """Category names as plotly text: plotly renders a subset of HTML in axis labels, hover, legends and titles,
+    so a category called `<b>x</b>` would show bold (or `<a href=...>` as a link) unless escaped."""
+    return [html.escape(str(name)) for name in names]
 
 
 # --- recomputed evaluation of one version ----------------------------------------------------------------------
@@ -174,11 +183,12 @@ def confusion_figure(data: ConfusionData, *, normalised: bool = True, clickable:
     hovertemplate = (
         "true %{y}<br>predicted %{x}<br>%{customdata[0]} images (%{customdata[1]:.0%} of row)<extra></extra>"
     )
+    names = shown_names(data.class_names)
     fig = go.Figure(
         go.Heatmap(
             z=shares if normalised else data.counts,
-            x=data.class_names,
-            y=data.class_names,
+            x=names,
+            y=names,
             text=text,
             texttemplate="%{text}",
             customdata=customdata,
@@ -190,9 +200,8 @@ def confusion_figure(data: ConfusionData, *, normalised: bool = True, clickable:
         )
     )
     if clickable:
-        # Row-major like the heatmap: marker k is cell (true k // n, predicted k % n).
-        names = np.asarray(data.class_names, dtype=object)
-        predicted, true = np.meshgrid(names, names)
+        # Row-major like the heatmap: marker k is cell (true k // n, predicted k % n) (see `cell_filters_for_point`).
+        predicted, true = np.meshgrid(np.asarray(names, dtype=object), np.asarray(names, dtype=object))
         fig.add_trace(
             go.Scatter(
                 x=predicted.ravel(),
@@ -208,6 +217,9 @@ def confusion_figure(data: ConfusionData, *, normalised: bool = True, clickable:
         title=f"Confusion matrix, v{data.version_id} on {data.split} ({data.n_images} images)",
         xaxis_title="predicted",
         yaxis_title="true label",
+        # Names like "42" stay categories instead of becoming a numeric axis.
+        xaxis_type="category",
+        yaxis_type="category",
         yaxis_autorange="reversed",
         margin={"l": 10, "r": 10, "t": 40, "b": 10},
     )
@@ -253,6 +265,22 @@ def cell_review_filters(
         order=ReviewOrder.LOWEST_CONFIDENCE if diagonal else ReviewOrder.SUSPECTED_MISLABEL,
         version_id=version_id,
     )
+
+
+def cell_filters_for_point(data: ConfusionData, point: Mapping[str, Any]) -> ReviewFilters:
+    """The review filters for a point selected in `confusion_figure` (one entry of `st.plotly_chart`'s selection).
+
+    The point's index names the cell (markers are row-major); its x and y are the escaped names the figure shows,
+    used only when no index came with it. No version is pinned: the review page follows whichever version is
+    active when it reads the filters, so a cell opened before a retrain or a rollback shows the serving model's view.
+    """
+    n = len(data.class_names)
+    index = point.get("point_index")
+    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < n * n:
+        true_name, predicted_name = data.class_names[index // n], data.class_names[index % n]
+    else:
+        true_name, predicted_name = html.unescape(str(point["y"])), html.unescape(str(point["x"]))
+    return cell_review_filters(true_name, predicted_name, split=data.split)
 
 
 # --- per-class metrics ---------------------------------------------------------------------------------------
@@ -326,20 +354,32 @@ def version_history(db: Database) -> pd.DataFrame:
 
 
 def history_figure(history: pd.DataFrame) -> go.Figure:
-    """Accuracy and macro F1 per version over time (markers labelled v1, v2...)."""
+    """Accuracy and macro F1 per version, one category per version on the x axis (v1, v2...; hover shows the date).
+
+    Versions rather than a time axis: with one version (or several on one day) a time axis shows millisecond ticks.
+    """
+    labels = [f"v{v}" for v in history["version"]]
+    dates = [pd.Timestamp(c).strftime("%Y-%m-%d %H:%M") if pd.notna(c) else "" for c in history["created_at"]]
     fig = go.Figure()
     for column, name in (("accuracy", "accuracy"), ("macro_f1", "macro F1")):
         fig.add_trace(
             go.Scatter(
-                x=history["created_at"],
+                x=labels,
                 y=history[column],
-                mode="lines+markers+text",
+                mode="lines+markers",
                 name=name,
-                text=[f"v{v}" for v in history["version"]],
-                textposition="top center",
+                customdata=dates,
+                hovertemplate=f"%{{x}} (%{{customdata}} UTC)<br>{name} %{{y:.1%}}<extra></extra>",
             )
         )
-    fig.update_layout(title="Test accuracy and macro F1 per model version", yaxis_range=[0, 1.05], yaxis_title="")
+    fig.update_layout(
+        title="Test accuracy and macro F1 per model version",
+        xaxis_type="category",
+        xaxis_title="model version",
+        yaxis_range=[0, 1.05],
+        yaxis_tickformat=".0%",
+        yaxis_title="",
+    )
     return fig
 
 
@@ -358,11 +398,13 @@ def balance_figure(balance: pd.DataFrame) -> go.Figure:
     """Stacked bars: images per category, one colour per split."""
     fig = go.Figure(
         [
-            go.Bar(name=split, x=part["category"], y=part["images"])
+            go.Bar(name=split, x=shown_names(part["category"]), y=part["images"])
             for split, part in balance.groupby("split", sort=False)
         ]
     )
-    fig.update_layout(barmode="stack", title="Images per category and split", yaxis_title="images")
+    fig.update_layout(
+        barmode="stack", title="Images per category and split", yaxis_title="images", xaxis_type="category"
+    )
     return fig
 
 
@@ -495,6 +537,125 @@ def corrections_figure(frame: pd.DataFrame) -> go.Figure:
     )
     fig.update_layout(barmode="overlay", title="Label changes and corrections per day (UTC)")
     return fig
+
+
+# --- the newest version against the one before it --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VersionComparison:
+    """The newest version against its baseline: what happened to it (`headline`), overall and per-category scores.
+
+    Accuracies are on the same test images when `same_images` (the promotion check re-measures the active version
+    on the candidate's images); otherwise each was measured when it was trained. `per_class` has one row per
+    category: recall and F1 of both versions, as stored at each one's training.
+    """
+
+    newest_id: int
+    baseline_id: int
+    baseline_role: str
+    headline: str
+    newest_accuracy: float | None
+    baseline_accuracy: float | None
+    newest_macro_f1: float | None
+    baseline_macro_f1: float | None
+    same_images: bool
+    per_class: pd.DataFrame
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _baseline(newest: VersionView, versions: Sequence[VersionView]) -> tuple[VersionView, str]:
+    """The version to compare with: the one active when the newest was trained, else the one it started from, else
+    the one active now, else the version before it; with why it was chosen."""
+    by_id = {v.id: v for v in versions}
+    promotion = newest.metrics.get("promotion") or {}
+    active = next((v.id for v in versions if v.status == VersionStatus.ACTIVE), None)
+    for vid, role in (
+        (promotion.get("active_version"), f"active when v{newest.id} was trained"),
+        (newest.parent_id, f"the version v{newest.id} started from"),
+        (active, "active now"),
+    ):
+        if isinstance(vid, int) and vid != newest.id and vid in by_id:
+            return by_id[vid], role
+    return max((v for v in versions if v.id < newest.id), key=lambda v: v.id), f"the version before v{newest.id}"
+
+
+def version_comparison(versions: Sequence[VersionView]) -> VersionComparison | None:
+    """What became of the newest version and how it compares with its baseline; None with fewer than two versions.
+
+    The headline is worded from the promotion record stored with the version (`metrics["promotion"]`: promoted,
+    reason) and its status now, so a version promoted and later rolled back reads as exactly that.
+    """
+    if len(versions) < 2:
+        return None
+    newest = max(versions, key=lambda v: v.id)
+    baseline, role = _baseline(newest, versions)
+    promotion = newest.metrics.get("promotion") or {}
+    replaced = promotion.get("active_version")
+    active = next((v for v in versions if v.status == VersionStatus.ACTIVE), None)
+
+    same_images = bool(newest.test_image_ids_hash) and newest.test_image_ids_hash == baseline.test_image_ids_hash
+    baseline_accuracy = baseline.test_accuracy
+    remeasured = promotion.get("active_accuracy_same_images")
+    if baseline.id == replaced and isinstance(remeasured, int | float):
+        baseline_accuracy, same_images = float(remeasured), True
+    n, b, status = f"v{newest.id}", f"v{baseline.id}", newest.status
+
+    def scores(*, naming: bool) -> str:
+        if newest.test_accuracy is None or baseline_accuracy is None:
+            return f"no test accuracy to compare with {b}" if naming else "no test accuracy to compare"
+        where = "on the same test images" if same_images else "(each measured when it was trained)"
+        versus = f"{_percent(baseline_accuracy)} for {b}" if naming else _percent(baseline_accuracy)
+        return f"accuracy {_percent(newest.test_accuracy)} vs {versus} {where}"
+
+    serving = f"{'v' + str(active.id) if active else 'no version'} serves now"
+    reason = str(promotion.get("reason") or "no reason recorded")
+    if promotion.get("promoted") is True:
+        if replaced == baseline.id:
+            headline = f"{n} replaced {b}: {scores(naming=False)}."
+        else:
+            headline = f"{n} became active ({reason}); {scores(naming=True)}."
+        if status != VersionStatus.ACTIVE:
+            headline = f"{headline[:-1]}. It was {status} later: {serving}."
+    elif promotion.get("promoted") is False:
+        headline = f"{n} was not promoted automatically: {reason} ({scores(naming=True)})."
+        if status == VersionStatus.CANDIDATE:
+            headline += " Activate it below to serve it anyway."
+        elif status == VersionStatus.ACTIVE:
+            headline += " It was activated by hand and serves now."
+        else:
+            headline += f" It was activated by hand later and is {status} now: {serving}."
+    else:  # no promotion record (versions registered by hand)
+        headline = f"{n} ({status}) against {b}: {scores(naming=False)}."
+
+    new_classes = (newest.metrics.get("test") or {}).get("per_class") or {}
+    old_classes = (baseline.metrics.get("test") or {}).get("per_class") or {}
+    rows = [
+        {
+            "category": name,
+            f"{b} recall": (old_classes.get(name) or {}).get("recall"),
+            f"{n} recall": (new_classes.get(name) or {}).get("recall"),
+            f"{b} F1": (old_classes.get(name) or {}).get("f1"),
+            f"{n} F1": (new_classes.get(name) or {}).get("f1"),
+        }
+        for name in dict.fromkeys([*old_classes, *new_classes])
+    ]
+    columns = ["category", f"{b} recall", f"{n} recall", f"{b} F1", f"{n} F1"]
+    return VersionComparison(
+        newest_id=newest.id,
+        baseline_id=baseline.id,
+        baseline_role=role,
+        headline=headline,
+        newest_accuracy=newest.test_accuracy,
+        baseline_accuracy=baseline_accuracy,
+        newest_macro_f1=newest.macro_f1,
+        baseline_macro_f1=baseline.macro_f1,
+        same_images=same_images,
+        per_class=pd.DataFrame(rows, columns=columns),
+    )
 
 
 # --- everything at once ------------------------------------------------------------------------------------------

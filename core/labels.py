@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -422,34 +422,43 @@ def _undone_by(actor: str) -> ColumnElement[bool]:
     )
 
 
-def undo_last_change(db: Database, *, actor: str) -> list[LabelChange]:
+def undo_last_change(
+    db: Database, *, actor: str, only_event_ids: Collection[int] | None = None
+) -> list[LabelChange]:
     """Take back the actor's most recent label change that is not undone yet (a whole batch for a bulk change).
 
-    Writes new `undo` events; the original events stay. Repeating it steps further back. Refuses (changing
-    nothing) when there is nothing to undo, when someone else has changed the image since, or when the old
-    category has been archived since.
+    `only_event_ids` limits the search to those events (e.g. the changes made in one browser session, so
+    people who share a name never undo each other's work); a bulk change found through one of its events is
+    still undone as a whole. Writes new `undo` events; the original events stay. Repeating it steps further
+    back. Refuses (changing nothing) when there is nothing to undo, when someone else has changed the image
+    since, or when the old category has been archived since.
     """
     actor = clean_actor(actor)
+    restricted = only_event_ids is not None
+    allowed = sorted({int(i) for i in only_event_ids or ()})
+    undoable = (LabelEvent.actor == actor, LabelEvent.action.in_(UNDOABLE_ACTIONS), ~_undone_by(actor))
     with db.write() as session:
-        # Newest first along the (actor, id) index, stopping at the first event not undone: the write lock is
-        # held here, so this must not read the actor's whole history.
-        last = session.scalars(
-            select(LabelEvent)
-            .where(LabelEvent.actor == actor, LabelEvent.action.in_(UNDOABLE_ACTIONS), ~_undone_by(actor))
-            .order_by(LabelEvent.id.desc())
-            .limit(1)
-        ).first()
+        # Newest first, stopping at the first event not undone: the write lock is held here, so this must not
+        # read the actor's whole history (the (actor, id) index, or the allowed ids by primary key, newest
+        # chunk first).
+        last: LabelEvent | None = None
+        chunks: list[Sequence[int] | None] = list(reversed(list(_chunks(allowed)))) if restricted else [None]
+        for chunk in chunks:
+            where = undoable if chunk is None else (LabelEvent.id.in_(chunk), *undoable)
+            last = session.scalars(select(LabelEvent).where(*where).order_by(LabelEvent.id.desc()).limit(1)).first()
+            if last is not None:
+                break
         if last is None:
-            raise NotFound(f"nothing to undo: {actor!r} has no label change left that is not undone")
+            among = " among the given changes" if restricted else ""
+            raise NotFound(f"nothing to undo: {actor!r} has no label change{among} left that is not undone")
         if last.action == "bulk":
             # A batch is written by one `_apply_many` call, so its events share their time (indexed) and the
-            # batch tag in the note; any of them newer than `last` are undone already.
+            # batch tag in the note. The whole batch, even where `only_event_ids` named only some of it.
             events = list(
                 session.scalars(
                     select(LabelEvent)
                     .where(
                         LabelEvent.created_at == last.created_at,
-                        LabelEvent.id <= last.id,
                         LabelEvent.actor == actor,
                         LabelEvent.action == "bulk",
                         LabelEvent.note == last.note,

@@ -1,11 +1,14 @@
-"""The home overview and sidebar: catalogue counts, the active model, the current training job (cheap queries)."""
+"""The home overview and sidebar: catalogue counts, the active model, the current training job (cheap queries), and
+how a job's progress, curves and error read on a page."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import pandas as pd
 from sqlalchemy import func, select
 
 from core.db import Database
@@ -13,6 +16,8 @@ from core.jobs import fail_stale_jobs, is_stale
 from core.schema import Category, Image, JobStatus, Label, ModelVersion, TrainingJob, VersionStatus
 
 LIVE_JOB_STATES: tuple[str, ...] = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+# How often the sidebar re-reads the job while one is queued or running (it does not poll otherwise).
+SIDEBAR_REFRESH_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,11 @@ class Overview:
     @property
     def has_model(self) -> bool:
         return self.active_version_id is not None
+
+    @property
+    def refresh_every_s(self) -> float | None:
+        """How often a page should re-read this overview: every few seconds while a job is live, else never."""
+        return SIDEBAR_REFRESH_S if self.job is not None and self.job.live else None
 
     @property
     def pretrained_notice(self) -> str | None:
@@ -126,3 +136,70 @@ def home_overview(db: Database, *, _stale_checked: bool = False) -> Overview:
         pretrained_source=pretrained,
         job=job_summary,
     )
+
+
+# --- how a job reads on a page ------------------------------------------------------------------------------------
+
+
+def error_headline(error: str | None) -> str:
+    """The first non-empty line of a job's error (the message; a traceback may follow it)."""
+    return next((line.strip() for line in (error or "").splitlines() if line.strip()), "")
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """A progress bar for a job: `fraction` in [0, 1] (None when nothing countable is known yet) and its text."""
+
+    fraction: float | None
+    text: str
+
+
+def job_progress(progress: Mapping[str, Any]) -> JobProgress:
+    """Read a job's latest progress report (`core.training.PROGRESS_KEYS`) as a bar.
+
+    `step`/`steps` is the finest count there is (images cached or embedded, batches over the whole run), so it sets
+    the bar when known; quick mode reports only steps. Otherwise epochs do, counting only finished ones: epoch 2 of
+    6 under way fills 1/6.
+    """
+    phase = str(progress.get("phase") or "")
+    epoch, epochs = _number(progress.get("epoch")), _number(progress.get("epochs"))
+    step, steps = _number(progress.get("step")), _number(progress.get("steps"))
+    text, fraction = phase, None
+    if epoch and epochs:
+        text += f", epoch {epoch:.0f}/{epochs:.0f}"
+        finished = epoch if progress.get("stage") == "done" else epoch - 1
+        fraction = finished / epochs
+    if step is not None and steps:
+        if steps > 1:  # "1/1" says nothing
+            text += f", step {step:.0f}/{steps:.0f}" if epoch else f" {step:.0f}/{steps:.0f}"
+        fraction = step / steps
+    if fraction is not None:
+        fraction = min(max(fraction, 0.0), 1.0)
+    return JobProgress(fraction, text.strip(", "))
+
+
+CURVES = {"loss": ("loss",), "accuracy": ("train_acc", "val_acc")}
+
+
+def training_curves(history: Sequence[Mapping[str, Any]]) -> dict[str, pd.DataFrame]:
+    """Per-epoch curves worth drawing: {"loss": frame of loss, "accuracy": frame of train_acc/val_acc}, by epoch.
+
+    A series with no value at all is left out, and a chart with no series too (quick mode has no loss curve), so
+    a page never draws an empty chart.
+    """
+    points = [p for p in history if _number(p.get("epoch"))]
+    frame = pd.DataFrame(
+        {key: [_number(p.get(key)) for p in points] for keys in CURVES.values() for key in keys},
+        index=pd.Index([int(p["epoch"]) for p in points], name="epoch"),
+        dtype="float64",
+    )
+    curves: dict[str, pd.DataFrame] = {}
+    for chart, keys in CURVES.items():
+        kept = [key for key in keys if frame[key].notna().any()]
+        if kept:
+            curves[chart] = frame[kept]
+    return curves

@@ -3,6 +3,7 @@
 Orders (`ReviewOrder`): lowest confidence, smallest margin (top-1 minus top-2), highest entropy, suspected
 mislabel (cleanlab label quality, lowest first) and newest. Score orders use the model version's stored
 predictions (default: the active version); images without a prediction for that version sort last, by id.
+With no model at all there is nothing to rank by, so every order shows the newest uploads first.
 
 Filters, all combinable:
 - `label_state`: all, unlabelled, labelled, or disagrees (labelled AND predicted AND prediction != label).
@@ -27,7 +28,7 @@ from __future__ import annotations
 import enum
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -411,6 +412,29 @@ def review_items(db: Database, image_ids: Sequence[int], *, version_id: int | No
         return _items(session, ctx, db.settings.data_dir, ids, {}, ReviewOrder.NEWEST)
 
 
+@dataclass(frozen=True)
+class BatchTargets:
+    """The photos a "label these" action on an upload batch changes, and how many duplicates it leaves alone."""
+
+    image_ids: list[int]
+    kept_duplicates: int = 0
+
+
+def batch_targets(
+    items: Sequence[ReviewItem], *, selected: Collection[int], duplicate_ids: Collection[int]
+) -> BatchTargets:
+    """What "apply to selection" on an upload batch labels: the ticked photos, or with none ticked the whole batch
+    except duplicates of catalogue images that already have a label (earlier work, not part of this upload: one
+    click must not overwrite it). Ticking such a duplicate still relabels it on purpose.
+    """
+    if selected:
+        chosen = set(selected)
+        return BatchTargets([item.image_id for item in items if item.image_id in chosen])
+    duplicates = set(duplicate_ids)
+    kept = {item.image_id for item in items if item.image_id in duplicates and item.label is not None}
+    return BatchTargets([item.image_id for item in items if item.image_id not in kept], len(kept))
+
+
 def review_queue(
     db: Database,
     *,
@@ -448,13 +472,15 @@ def review_queue(
             true_id=_category_id(session, ctx, true_category),
             predicted_id=_category_id(session, ctx, predicted_category),
         )
+        # No model yet: every image is unscored, so the newest uploads come first whatever the order asked.
+        sort = order if ctx.version_id is not None else ReviewOrder.NEWEST
         counted = _joined(select(func.count()).select_from(Image), ctx, flt.label, flt.prediction)
         total = int(session.scalar(counted.where(*flt.conds)) or 0)
         pages = max(1, math.ceil(total / page_size))
         page = min(int(page), pages)
         offset = (page - 1) * page_size
         scores: dict[int, float] = {}
-        if order is ReviewOrder.SUSPECTED_MISLABEL:
+        if sort is ReviewOrder.SUSPECTED_MISLABEL:
             ranked_ids, ranked_scores = _mislabel_scores(session, ctx, flt)
             window = slice(offset, offset + page_size)
             ids = [int(i) for i in ranked_ids[window]]
@@ -474,13 +500,13 @@ def review_queue(
                 )
                 ids += [int(i) for i in rest]
         else:
-            needs_prediction = _join(flt.prediction, None if order is ReviewOrder.NEWEST else "outer")
+            needs_prediction = _join(flt.prediction, None if sort is ReviewOrder.NEWEST else "outer")
             ids = [
                 int(i)
                 for i in session.scalars(
                     _joined(select(Image.id).select_from(Image), ctx, flt.label, needs_prediction)
                     .where(*flt.conds)
-                    .order_by(*_sql_order(order))
+                    .order_by(*_sql_order(sort))
                     .offset(offset)
                     .limit(page_size)
                 )

@@ -163,11 +163,14 @@ def training_plan(db: Database, *, mode: str | None = None) -> TrainingPlan:
         plan.problems.append(f"unknown training mode {plan.mode!r}: choose 'quick' or 'full'")
     trainable = plan.trainable
     if len(trainable) < MIN_CATEGORIES:
-        have = ", ".join(repr(c.name) for c in trainable) or "none"
-        plan.problems.append(
-            f"need at least {MIN_CATEGORIES} categories with labelled images (now: {have}): "
-            "label images of another category"
-        )
+        if not categories:
+            need = f"add at least {MIN_CATEGORIES} categories and label images in each"
+        elif not trainable:
+            need = f"label images in at least {MIN_CATEGORIES} categories: none has labelled images yet"
+        else:
+            have = ", ".join(repr(c.name) for c in trainable)
+            need = f"label images in at least {MIN_CATEGORIES} categories: only {have} has labelled images so far"
+        plan.problems.append(need)
     for cat in trainable:
         if cat.train < MIN_TRAIN_PER_CATEGORY:
             plan.problems.append(

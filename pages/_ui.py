@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import string
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import streamlit as st
 
 from core.db import Database, open_database
-from core.errors import ProdcatError
+from core.errors import NotFound, ProdcatError
 from core.jobs import fail_stale_jobs
-from core.labels import SeenPrediction, audit_trail, list_categories, set_label
-from core.overview import Overview, home_overview
+from core.labels import LabelChange, SeenPrediction, audit_trail, list_categories, set_label, undo_last_change
+from core.overview import Overview, error_headline, home_overview, job_progress
 from core.review import ReviewItem
 from core.settings import get_settings
 
 ACTOR_KEY = "actor"
 FLASH_KEY = "_flash"
+SESSION_CHANGES_KEY = "session_label_events"  # audit event ids of the label changes made in this browser session
 # key -> (file, title, url path); streamlit_app.py builds the navigation from this, pages link with it.
 # The url paths deliberately differ from the file names: with a `pages/` folder next to the entry point, Streamlit
 # 1.67 starts a fresh server (and every AppTest run) in its old folder-based mode until st.navigation runs, and in
@@ -67,6 +68,28 @@ def actor() -> str:
     """Who makes changes: the sidebar's "Your name", or the configured default."""
     name = str(st.session_state.get(ACTOR_KEY) or "").strip()
     return name or get_settings().default_actor
+
+
+def remember_changes(changes: Iterable[LabelChange | None]) -> None:
+    """Note the audit events of label changes made in this session: undo on the page takes back only these,
+    so people who all keep the default name never undo each other's work."""
+    ids: list[int] = st.session_state.setdefault(SESSION_CHANGES_KEY, [])
+    ids.extend(c.event_id for c in changes if c is not None and c.event_id is not None)
+
+
+def undo_session_change(db: Database) -> list[LabelChange] | None:
+    """Undo this session's most recent label change (a whole bulk change at once); None, with the reason shown,
+    when there is none left or it is refused."""
+    try:
+        return undo_last_change(db, actor=actor(), only_event_ids=st.session_state.get(SESSION_CHANGES_KEY, []))
+    except NotFound:
+        st.warning(
+            "Nothing of yours to undo in this session: changes made in other browser tabs or sessions, "
+            "even under the same name, are left alone."
+        )
+    except ProdcatError as exc:
+        st.error(md_escape(exc))
+    return None
 
 
 # --- errors and messages -----------------------------------------------------------------------------------------
@@ -125,39 +148,34 @@ def _percent(value: float | None) -> str:
 
 
 def job_line(overview: Overview) -> str:
-    """One line on the training job: live state with epoch, or how the last one ended."""
+    """One line on the training job: live state with its progress, or how the last one ended (first line of an
+    error only: a traceback belongs on the Train page)."""
     job = overview.job
     if job is None:
         return "No training job yet."
-    progress = job.progress or {}
     if job.status == "running":
-        epoch, epochs = progress.get("epoch"), progress.get("epochs")
-        phase = progress.get("phase") or "training"
-        at = f", epoch {epoch}/{epochs}" if epoch is not None and epochs else ""
-        return f"Training job #{job.id} running ({job.mode}, {phase}{at})."
+        at = job_progress(job.progress or {}).text or "training"
+        return f"Training job #{job.id} running ({job.mode}, {at})."
     if job.status == "queued":
         return f"Training job #{job.id} queued ({job.mode}), waiting for a worker."
     if job.status == "succeeded":
         made = f": model v{job.model_version_id}" if job.model_version_id else ""
         return f"Last training job #{job.id} succeeded{made}."
-    return f"Last training job #{job.id} {job.status}: {job.error}".strip()
+    return f"Last training job #{job.id} {job.status}: {error_headline(job.error)}".strip().rstrip(":")
 
 
 def render_sidebar(db: Database) -> Overview:
-    """Who you are, the active model and the training job, on every page."""
+    """Who you are, the active model and the training job, on every page.
+
+    The model and job lines are a fragment that re-reads them every few seconds while a job is queued or running
+    (so every page follows a training), and does not poll at all otherwise.
+    """
     overview = home_overview(db)
     with st.sidebar:
         if ACTOR_KEY not in st.session_state:
             st.session_state[ACTOR_KEY] = get_settings().default_actor
         st.text_input("Your name", key=ACTOR_KEY, help="Recorded as the author of every label change.")
-        st.subheader("Model")
-        if overview.has_model:
-            st.text(f"Active: {overview.active_version_label}")
-            st.text(f"Test accuracy: {_percent(overview.test_accuracy)}")
-        else:
-            st.text("No model yet: label images, then retrain.")
-        st.subheader("Training")
-        st.text(job_line(overview))
+        st.fragment(_sidebar_status, run_every=overview.refresh_every_s)(db, [overview])
     return overview
 
 
@@ -186,6 +204,7 @@ def _on_pick(db: Database, item: ReviewItem, key: str) -> None:
         st.session_state[key] = item.label
         return
     change = flash_errors(set_label, db, item.image_id, choice, actor=actor(), seen_prediction=_seen(item))
+    remember_changes([change])
     if change is not None and change.changed:
         flash("success", f"#{item.image_id} {item.original_name}: labelled {choice}")
 
@@ -194,6 +213,7 @@ def _on_accept(db: Database, item: ReviewItem) -> None:
     if item.predicted is None:
         return
     change = flash_errors(set_label, db, item.image_id, item.predicted, actor=actor(), seen_prediction=_seen(item))
+    remember_changes([change])
     if change is not None and change.changed:
         flash("success", f"#{item.image_id} {item.original_name}: accepted {item.predicted}")
 
@@ -257,7 +277,8 @@ def image_card(db: Database, item: ReviewItem, categories: list[str], *, prefix:
                 key=f"{prefix}_accept_{item.image_id}",
                 on_click=_on_accept,
                 args=(db, item),
-                type="primary",
+                # Prominent only where nothing is lost: on a labelled image one misclick would overwrite a person.
+                type="primary" if item.label is None else "secondary",
                 width="stretch",
             )
         options = list(categories)
@@ -277,7 +298,7 @@ def image_card(db: Database, item: ReviewItem, categories: list[str], *, prefix:
             label_visibility="collapsed",
         )
         left, right = st.columns(2)
-        selected = left.checkbox("Select", key=f"{prefix}_sel_{item.image_id}")
+        selected = left.checkbox("Select", key=_selection_key(prefix, item.image_id))
         if right.button("History", key=f"{prefix}_hist_{item.image_id}"):
             show_audit(db, item.image_id, item.original_name)
     return bool(selected)
@@ -286,10 +307,19 @@ def image_card(db: Database, item: ReviewItem, categories: list[str], *, prefix:
 KEYBOARD_CHOICES = 9  # number keys 1-9
 
 
+def _keyboard_order(item: ReviewItem, categories: Sequence[str]) -> list[str]:
+    first = [name for name, _ in item.top3 if name in categories]
+    return first + sorted(c for c in categories if c not in first)
+
+
 def keyboard_choices(item: ReviewItem, categories: Sequence[str]) -> list[str]:
     """The categories offered on number keys: the model's top 3 first (most likely on 1), then the rest by name."""
-    first = [name for name, _ in item.top3 if name in categories]
-    return (first + sorted(c for c in categories if c not in first))[:KEYBOARD_CHOICES]
+    return _keyboard_order(item, categories)[:KEYBOARD_CHOICES]
+
+
+def keyboard_others(item: ReviewItem, categories: Sequence[str]) -> list[str]:
+    """The categories beyond the number keys (by name), offered in a picker without a shortcut."""
+    return _keyboard_order(item, categories)[KEYBOARD_CHOICES:]
 
 
 def _on_keyboard(db: Database, item: ReviewItem, choice: str | None, done: list[int]) -> None:
@@ -297,8 +327,15 @@ def _on_keyboard(db: Database, item: ReviewItem, choice: str | None, done: list[
         change = flash_errors(set_label, db, item.image_id, choice, actor=actor(), seen_prediction=_seen(item))
         if change is None:
             return  # refused (e.g. archived meanwhile): stay on this photo, the error says why
+        remember_changes([change])
         flash("success", f"#{item.image_id} {item.original_name}: labelled {choice}")
     done.append(item.image_id)
+
+
+def _on_keyboard_other(db: Database, item: ReviewItem, key: str, done: list[int]) -> None:
+    choice = st.session_state.get(key)
+    if choice is not None:
+        _on_keyboard(db, item, choice, done)
 
 
 def keyboard_card(db: Database, item: ReviewItem, categories: Sequence[str], done: list[int]) -> None:
@@ -325,14 +362,48 @@ def keyboard_card(db: Database, item: ReviewItem, categories: Sequence[str], don
                 type="primary" if name == item.label else "secondary",
                 width="stretch",
             )
+        others = keyboard_others(item, categories)
+        if others:  # more categories than number keys: the rest are one pick away, without a shortcut
+            other_key = f"kb_other_{item.image_id}"
+            controls.selectbox(
+                "Other category",
+                others,
+                index=None,
+                placeholder=f"{len(others)} more categories (no shortcut)",
+                key=other_key,
+                format_func=md_escape,
+                on_change=_on_keyboard_other,
+                args=(db, item, other_key, done),
+            )
         controls.button(
             "Skip", key=f"kb_skip_{item.image_id}", shortcut="Right", on_click=_on_keyboard, args=(db, item, None, done)
         )
 
 
+def _selection_key(prefix: str, image_id: int) -> str:
+    return f"{prefix}_sel_{image_id}"
+
+
+def clear_selection(prefix: str) -> None:
+    """Untick every box of the grid `prefix` on the next run (after a bulk change: the ticks were for that change).
+
+    A widget drawn in this run cannot be changed any more, so the boxes are reset before the grid is drawn again.
+    """
+    st.session_state[f"_clear_{prefix}_sel"] = True
+
+
+def ticked(items: Sequence[ReviewItem], *, prefix: str) -> list[int]:
+    """Ids of the images ticked in the grid `prefix`, readable before the grid is drawn (e.g. to label a button)."""
+    if st.session_state.pop(f"_clear_{prefix}_sel", False):
+        for key in [k for k in st.session_state if str(k).startswith(f"{prefix}_sel_")]:
+            st.session_state[key] = False  # a write (not a delete) so the browser unticks the box too
+    return [item.image_id for item in items if st.session_state.get(_selection_key(prefix, item.image_id))]
+
+
 def card_grid(db: Database, items: Sequence[ReviewItem], categories: list[str], *, prefix: str, per_row: int = 4
               ) -> list[int]:
     """Cards in rows of `per_row`; returns the ids of the selected images."""
+    ticked(items, prefix=prefix)  # a pending clear_selection unticks the boxes before they are drawn
     selected: list[int] = []
     for start in range(0, len(items), per_row):
         columns = st.columns(per_row)
@@ -341,3 +412,36 @@ def card_grid(db: Database, items: Sequence[ReviewItem], categories: list[str], 
                 if image_card(db, item, categories, prefix=prefix):
                     selected.append(item.image_id)
     return selected
+
+
+# --- sidebar status (a fragment) -----------------------------------------------------------------------------------
+
+
+def _sidebar_status(db: Database, first: list[Overview]) -> None:
+    """The sidebar's model and training lines. `first` holds the overview this page run already read: it is used
+    once, and each timed rerun of the fragment reads a fresh one. The fragment only reruns while a job is live, so
+    when a rerun finds it ended, the whole app reruns: the page shows the new model and the polling stops."""
+    timed_rerun = not first
+    overview = first.pop() if first else home_overview(db)
+    st.subheader("Model")
+    if overview.has_model:
+        st.text(f"Active: {overview.active_version_label}")
+        st.text(f"Test accuracy: {_percent(overview.test_accuracy)}")
+    else:
+        st.text("No model yet: label images, then retrain.")
+    st.subheader("Training")
+    st.text(job_line(overview))
+    if timed_rerun and overview.refresh_every_s is None:
+        st.rerun(scope="app")
+
+
+# --- tables -------------------------------------------------------------------------------------------------------
+
+PERCENT_COLUMN = st.column_config.NumberColumn(format="%.1f%%")
+
+
+def percent_columns(frame: Any, columns: Iterable[str]) -> tuple[Any, dict[str, Any]]:
+    """`frame` (a pandas DataFrame) with the rate `columns` (fractions) as percentages with one decimal, and the
+    column_config for st.dataframe; its own "percent" format shows 0% next to 66.67% in one column."""
+    names = [c for c in columns if c in frame.columns]
+    return frame.assign(**{c: frame[c].astype(float) * 100 for c in names}), dict.fromkeys(names, PERCENT_COLUMN)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.dashboard import cell_review_filters, confusion_figure, dashboard
+from core.dashboard import cell_filters_for_point, confusion_figure, dashboard
 from pages import _ui
 
 db = _ui.get_db()
@@ -19,13 +19,13 @@ else:
     accuracy, macro_f1, n_images = st.columns(3)
     scores = board.scores
     accuracy.metric("Accuracy", "n/a" if scores["accuracy"] is None else f"{scores['accuracy']:.1%}")
-    macro_f1.metric("Macro F1", "n/a" if scores["macro_f1"] is None else f"{scores['macro_f1']:.3f}")
+    macro_f1.metric("Macro F1", "n/a" if scores["macro_f1"] is None else f"{scores['macro_f1']:.1%}")
     n_images.metric("Test images", scores["n_images"])
 
 if board.confusion is not None:
     st.subheader("Confusion matrix")
     normalised = st.toggle("Row-normalised (share of each true category)", value=True)
-    st.caption("Click a cell to review those images.")
+    st.caption("Click a cell to review those images (as the active model sees them).")
     event = st.plotly_chart(
         confusion_figure(board.confusion, normalised=normalised),
         on_select="rerun",
@@ -34,21 +34,14 @@ if board.confusion is not None:
     )
     points = event.selection.points if event else []
     if points:
-        filters = cell_review_filters(
-            str(points[0]["y"]), str(points[0]["x"]), split=board.confusion.split, version_id=board.version_id
-        )
-        st.session_state["review_cell"] = filters.as_kwargs()
+        st.session_state["review_cell"] = cell_filters_for_point(board.confusion, points[0]).as_kwargs()
         st.switch_page(_ui.PAGES["review"][0])
 
 if not board.per_class.empty:
     st.subheader("Per category")
-    st.dataframe(
-        board.per_class,
-        hide_index=True,
-        column_config={
-            name: st.column_config.NumberColumn(format="%.3f") for name in ("precision", "recall", "f1")
-        },
-    )
+    table, formats = _ui.percent_columns(board.per_class, ["precision", "recall", "f1"])
+    # height "content": every category and the "macro avg" row, without scrolling.
+    st.dataframe(table, hide_index=True, height="content", column_config=formats)
 
 charts = [
     ("history", "Accuracy and macro F1 per version"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.labels import bulk_relabel, undo_last_change
+from core.labels import bulk_relabel
 from core.review import LabelState, ReviewOrder, review_queue
 from core.schema import Split
 from pages import _ui
@@ -13,6 +13,10 @@ CELL_KEY = "review_cell"  # set by the dashboard's confusion-matrix click: revie
 ALL = "(all)"
 PAGE_SIZE = 24
 KEYBOARD_DONE_KEY = "review_keyboard_done"  # photos labelled or skipped in keyboard review, this session
+PAGE_KEY = "review_page"
+SHOWN_QUERY_KEY = "review_shown_query"  # the filters the grid was last shown with: a change goes back to page 1
+# Filters, page and keyboard mode outlive a visit to another page (Streamlit drops undrawn widgets' state otherwise).
+KEEP = "session"
 
 db = _ui.get_db()
 _ui.show_flash()
@@ -35,10 +39,10 @@ else:
     # A form, so several filters change in one go and Enter applies them.
     with st.form("review_filters", border=False):
         c1, c2, c3, c4 = st.columns(4)
-        category = c1.selectbox("Category", [ALL, *categories], key="review_category")
-        state = c2.selectbox("Labels", [s.value for s in LabelState], key="review_state")
-        split = c3.selectbox("Split", [ALL, *(s.value for s in Split)], key="review_split")
-        order = c4.selectbox("Order", [o.value for o in ReviewOrder], key="review_order")
+        category = c1.selectbox("Category", [ALL, *categories], key="review_category", persist_state=KEEP)
+        state = c2.selectbox("Labels", [s.value for s in LabelState], key="review_state", persist_state=KEEP)
+        split = c3.selectbox("Split", [ALL, *(s.value for s in Split)], key="review_split", persist_state=KEEP)
+        order = c4.selectbox("Order", [o.value for o in ReviewOrder], key="review_order", persist_state=KEEP)
         st.form_submit_button("Apply filters")
     query = {
         "category": None if category == ALL else category,
@@ -47,19 +51,24 @@ else:
         "order": order,
     }
 
-page_number = st.session_state.get("review_page", 1)
+if st.session_state.get(SHOWN_QUERY_KEY) != query:  # other filters: their first page, not the old page number
+    st.session_state[SHOWN_QUERY_KEY] = query
+    st.session_state[PAGE_KEY] = 1
+page_number = st.session_state.get(PAGE_KEY, 1)
 ok, page = _ui.attempt(review_queue, db, page=page_number, page_size=PAGE_SIZE, **query)
 if not ok:
     st.stop()
+if page.page != page_number:  # past the end (fewer images now): the pagination shows the page the grid shows
+    st.session_state[PAGE_KEY] = page.page
 if page.version_id is None:
-    st.caption("No model yet: no predictions to order by, images are shown newest first within each order.")
+    st.caption("No model yet: no predictions to order by, so the newest uploads are shown first.")
 
 left, middle, right = st.columns([2, 1, 1], vertical_alignment="bottom")
 target = left.selectbox("Category for the selected images", categories, key="review_bulk_target")
 apply = middle.button("Relabel selected", width="stretch")
-if right.button("Undo my last change", width="stretch", shortcut="U"):
-    ok, changes = _ui.attempt(undo_last_change, db, actor=_ui.actor())
-    if ok:
+if right.button("Undo my last change", width="stretch", shortcut="U", help="Takes back changes made in this session"):
+    changes = _ui.undo_session_change(db)
+    if changes is not None:
         done = st.session_state.get(KEYBOARD_DONE_KEY, [])
         for change in changes:  # an undone keyboard label brings its photo back
             if change.image_id in done:
@@ -73,6 +82,7 @@ if not page.items:
 keyboard = st.toggle(
     "Keyboard review: one photo at a time, keys 1-9 pick its category, Right skips",
     key="review_keyboard",
+    persist_state=KEEP,
     disabled=not page.items,
 )
 if keyboard and page.items:
@@ -84,7 +94,7 @@ if keyboard and page.items:
         _ui.keyboard_card(db, item, categories, done)
 selected = _ui.card_grid(db, page.items, categories, prefix="rv")
 if page.pages > 1:
-    st.pagination(page.pages, key="review_page")
+    st.pagination(page.pages, key=PAGE_KEY, persist_state=KEEP)
 
 if apply:
     if not selected:
@@ -94,5 +104,7 @@ if apply:
             bulk_relabel, db, selected, target, actor=_ui.actor(), seen_predictions=_ui.seen_predictions(page.items)
         )
         if ok:
+            _ui.remember_changes(changes)
+            _ui.clear_selection("rv")
             _ui.flash("success", f"{len(changes)} images relabelled {target}")
             st.rerun()

@@ -1,24 +1,47 @@
-"""Train & models: what a retrain would use, THE retrain button, live progress, candidate vs active, all versions."""
+"""Train & models: what a retrain would use, THE retrain button, live progress, the newest version against the one
+before it, all versions."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
+from core.dashboard import version_comparison
 from core.jobs import cancel_job, current_job, enqueue_training, ensure_worker, list_jobs
+from core.overview import error_headline, job_progress, training_curves
 from core.training import suggested_mode, training_plan
 from core.versions import activate_version, active_version, list_versions
 from pages import _ui
 
 AUTO = "auto"
-SEEN_LIVE_KEY = "train_seen_live_job"
 
 db = _ui.get_db()
+
+
+@st.cache_resource(show_spinner=False)
+def _hardware_mode(device: str) -> str:
+    # The first call imports torch to look for a GPU (10 s or more); once per process and device setting.
+    return suggested_mode(db.settings)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _retrain(mode: str) -> None:
+    # A callback, so the page (Retrain button, sidebar) is drawn already knowing the job is queued.
+    job_id = _ui.flash_errors(enqueue_training, db, mode, {}, _ui.actor())
+    if job_id is not None:
+        _ui.flash_errors(ensure_worker, db)  # no live worker on any machine: start one here
+        _ui.flash("success", f"Training job #{job_id} queued.")
+
+
 _ui.show_flash()
 st.title("Train & models")
 
 # --- what would be trained ------------------------------------------------------------------------------------------
-suggested = suggested_mode(db.settings)
+with st.spinner("Checking the hardware..."):
+    suggested = _hardware_mode(db.settings.device)
 choice = st.radio(
     "Mode",
     [AUTO, "quick", "full"],
@@ -30,10 +53,13 @@ choice = st.radio(
 )
 mode = suggested if choice == AUTO else choice
 plan = training_plan(db, mode=mode)
-st.text(
-    f"{plan.labelled} labelled images in {len(plan.trainable)} categories; "
-    f"{plan.corrections_since_active} corrections since the active model."
+since = (
+    "no model yet"
+    if plan.active_version_id is None
+    else f"{plan.corrections_since_active} correction{'' if plan.corrections_since_active == 1 else 's'} since the "
+    f"active model v{plan.active_version_id}"
 )
+st.text(f"{plan.labelled} labelled images in {len(plan.trainable)} categories; {since}.")
 if plan.categories:
     st.dataframe(
         [
@@ -41,18 +67,23 @@ if plan.categories:
             for c in plan.categories
         ],
         hide_index=True,
+        height="content",
     )
 for problem in plan.problems:
     st.warning(_ui.md_escape(problem))
 for note in plan.notes:
     st.caption(_ui.md_escape(note))
 
-if st.button(f"Retrain ({mode})", type="primary", disabled=not plan.ok):
-    ok, job_id = _ui.attempt(enqueue_training, db, mode, {}, _ui.actor())
-    if ok:
-        _ui.attempt(ensure_worker, db)  # no live worker on any machine: start one here
-        st.session_state[SEEN_LIVE_KEY] = job_id
-        st.success(f"Training job #{job_id} queued.")
+live_job = current_job(db)
+st.button(
+    f"Retrain ({mode})",
+    type="primary",
+    disabled=not plan.ok or live_job is not None,
+    on_click=_retrain,
+    args=(mode,),
+)
+if live_job is not None:
+    st.caption(f"Training job #{live_job.id} is {live_job.status}: Retrain is available again once it ends.")
 
 
 # --- live progress --------------------------------------------------------------------------------------------------
@@ -63,117 +94,112 @@ def _eta(seconds: float | None) -> str:
 
 
 @st.fragment(run_every="2s")
-def live_progress() -> None:
+def live_progress(drawn_job_id: int | None) -> None:
     """Reads the job from the database every 2 s, so it survives reloads and shows jobs started elsewhere."""
     job = current_job(db)
+    if (job.id if job is not None else None) != drawn_job_id:
+        # A job started (here or elsewhere) or ended since the page was drawn: redraw the whole page (the Retrain
+        # button, the comparison, the versions).
+        st.rerun(scope="app")
     if job is None:
         recent = list_jobs(db, limit=1)
-        if st.session_state.get(SEEN_LIVE_KEY) is not None and recent:
-            # The job this session watched has just finished: redraw the whole page (versions, comparison).
-            st.session_state[SEEN_LIVE_KEY] = None
-            st.rerun(scope="app")
         if recent:
             last = recent[0]
             text = f"Last training job #{last.id} ({last.mode}) {last.status}"
-            if last.error:
-                text += f": {last.error}"
+            headline = error_headline(last.error)
             if last.status == "failed":
-                st.error(_ui.md_escape(text))
+                st.error(_ui.md_escape(f"{text}: {headline}"))
+                if last.error.strip() != headline:
+                    with st.expander("Full error", key=f"job_error_{last.id}"):
+                        st.code(last.error, language=None)
             else:
-                st.text(text)
+                st.text(f"{text}: {headline}" if headline else text)
         return
-    st.session_state[SEEN_LIVE_KEY] = job.id
     if job.status == "queued":
         # Its worker may have died before claiming it (or none was ever started): start one here. ensure_worker
         # does nothing while any worker is alive, and starts at most one per heartbeat timeout.
         _ui.attempt(ensure_worker, db)
     p = job.progress
     st.subheader(f"Training job #{job.id}: {job.status}")
-    epoch, epochs = p.get("epoch"), p.get("epochs")
-    if epoch is not None and epochs:
-        st.progress(min(float(epoch) / float(epochs), 1.0), text=f"epoch {epoch}/{epochs} ({p.get('phase') or ''})")
+    bar = job_progress(p)
+    if bar.fraction is not None:
+        st.progress(bar.fraction, text=_ui.md_escape(bar.text))
     else:
-        st.text(f"phase: {p.get('phase') or 'waiting for a worker'}")
-    a, b, c, d = st.columns(4)
+        st.text(f"phase: {bar.text or 'waiting for a worker'}")
+    a, b, c = st.columns(3)
     a.metric("Loss", "n/a" if p.get("loss") is None else f"{p['loss']:.3f}")
     b.metric("Images/s", "n/a" if p.get("images_per_s") is None else f"{p['images_per_s']:.0f}")
     c.metric("ETA", _eta(p.get("eta_s")))
-    d.metric("Device", p.get("device") or "n/a")
-    if job.history:
-        frame = pd.DataFrame(job.history).set_index("epoch")
-        left, right = st.columns(2)
-        left.line_chart(frame[["loss"]] if "loss" in frame else frame)
-        accuracy = [k for k in ("train_acc", "val_acc") if k in frame]
-        if accuracy:
-            right.line_chart(frame[accuracy])
+    st.caption(_ui.md_escape(f"Device: {p.get('device') or 'n/a'}"))
+    curves = training_curves(job.history)
+    for column, (name, frame) in zip(st.columns(2), curves.items(), strict=False):
+        column.line_chart(frame, x_label="epoch", y_label=name)
     if job.cancel_requested:
         st.text("Cancel requested: the worker stops after the current step.")
     elif st.button("Cancel training", key=f"cancel_{job.id}"):
         _ui.attempt(cancel_job, db, job.id, actor=_ui.actor())
 
 
-live_progress()
+live_progress(live_job.id if live_job is not None else None)
 
-# --- candidate vs active, promote / roll back ---------------------------------------------------------------------
+# --- the newest version against the one before it, promote / roll back ----------------------------------------------
 versions = list_versions(db)
 active = active_version(db)
 if not versions:
     st.info("No model versions yet.")
     st.stop()
 
-newest = versions[0]
-if active is not None and newest.id != active.id:
-    st.subheader(f"Candidate v{newest.id} against active v{active.id}")
-    promotion = newest.metrics.get("promotion") or {}
-    if promotion.get("reason"):
-        st.text(f"Not promoted automatically: {promotion['reason']}")
-    rows = []
-    cand_classes = (newest.metrics.get("test") or {}).get("per_class") or {}
-    act_classes = (active.metrics.get("test") or {}).get("per_class") or {}
-    for name in dict.fromkeys([*act_classes, *cand_classes]):
-        rows.append(
-            {
-                "category": name,
-                f"v{active.id} recall": (act_classes.get(name) or {}).get("recall"),
-                f"v{newest.id} recall": (cand_classes.get(name) or {}).get("recall"),
-                f"v{active.id} F1": (act_classes.get(name) or {}).get("f1"),
-                f"v{newest.id} F1": (cand_classes.get(name) or {}).get("f1"),
-            }
-        )
-    rows.append(
-        {
-            "category": "overall accuracy",
-            f"v{active.id} recall": active.test_accuracy,
-            f"v{newest.id} recall": newest.test_accuracy,
-            f"v{active.id} F1": active.macro_f1,
-            f"v{newest.id} F1": newest.macro_f1,
-        }
+comparison = version_comparison(versions)
+if comparison is not None:
+    new, old = f"v{comparison.newest_id}", f"v{comparison.baseline_id}"
+    st.subheader(f"Newest version {new} against {old}")
+    st.text(comparison.headline)
+    st.caption(f"{old}: {comparison.baseline_role}.")
+
+    def _delta(new_value: float | None, old_value: float | None) -> str | None:
+        if new_value is None or old_value is None:
+            return None
+        return f"{(new_value - old_value) * 100:+.1f} points vs {old}"
+
+    scores = st.columns(4)
+    scores[0].metric(
+        f"{new} test accuracy",
+        _percent(comparison.newest_accuracy),
+        delta=_delta(comparison.newest_accuracy, comparison.baseline_accuracy),
     )
-    st.dataframe(rows, hide_index=True)
+    scores[1].metric(f"{old} test accuracy", _percent(comparison.baseline_accuracy))
+    scores[2].metric(
+        f"{new} macro F1",
+        _percent(comparison.newest_macro_f1),
+        delta=_delta(comparison.newest_macro_f1, comparison.baseline_macro_f1),
+    )
+    scores[3].metric(f"{old} macro F1", _percent(comparison.baseline_macro_f1))
+    if not comparison.per_class.empty:
+        table, formats = _ui.percent_columns(comparison.per_class, comparison.per_class.columns[1:])
+        st.dataframe(table, hide_index=True, height="content", column_config=formats)
 
 st.subheader("All versions")
+rows = [
+    {
+        "version": f"v{v.id}",
+        "status": v.status,
+        "mode": v.mode,
+        "arch": v.arch,
+        "image px": v.image_size,
+        "test accuracy": v.test_accuracy,
+        "macro F1": v.macro_f1,
+        "ECE": v.ece,
+        "pretrained": v.pretrained_source,
+        "created (UTC)": v.created_at.strftime("%Y-%m-%d %H:%M"),
+    }
+    for v in versions
+]
+table, formats = _ui.percent_columns(pd.DataFrame(rows), ["test accuracy", "macro F1"])
 st.dataframe(
-    [
-        {
-            "version": f"v{v.id}",
-            "status": v.status,
-            "mode": v.mode,
-            "arch": v.arch,
-            "image px": v.image_size,
-            "test accuracy": v.test_accuracy,
-            "macro F1": v.macro_f1,
-            "ECE": v.ece,
-            "pretrained": v.pretrained_source,
-            "created (UTC)": v.created_at.strftime("%Y-%m-%d %H:%M"),
-        }
-        for v in versions
-    ],
+    table,
     hide_index=True,
-    column_config={
-        "test accuracy": st.column_config.NumberColumn(format="percent"),
-        "macro F1": st.column_config.NumberColumn(format="%.3f"),
-        "ECE": st.column_config.NumberColumn(format="%.3f"),
-    },
+    height="content",
+    column_config={**formats, "ECE": st.column_config.NumberColumn(format="%.3f")},
 )
 labels = {v.id: v.label for v in versions if active is None or v.id != active.id}
 if labels:

@@ -7,7 +7,7 @@ import streamlit as st
 from core.ingest import Upload, import_uploads
 from core.labels import bulk_relabel
 from core.predict import predict_images
-from core.review import review_items
+from core.review import batch_targets, review_items
 from core.versions import active_version
 from pages import _ui
 
@@ -55,6 +55,7 @@ if submitted:
         if ok:
             st.session_state[BATCH_KEY] = {
                 "ids": [i.image_id for i in result.imported] + [d.image_id for d in result.duplicates],
+                "imported_ids": [i.image_id for i in result.imported],
                 "summary": result.summary(),
                 "duplicates": [(d.name, d.image_id, d.existing_name) for d in result.duplicates],
                 "refused": [(r.name, r.reason) for r in result.refused],
@@ -84,17 +85,39 @@ if ids and active_version(db) is not None:
         _ui.attempt(predict_images, db, ids)
 items = review_items(db, ids)
 
+# Duplicates of photos already in the catalogue (not ones repeated within this upload) keep an existing label.
+duplicate_ids = {i for _, i, _ in batch["duplicates"]} - set(batch.get("imported_ids", []))
+selected = _ui.ticked(items, prefix="up")
+targets = batch_targets(items, selected=selected, duplicate_ids=duplicate_ids)
+n = len(targets.image_ids)
 left, right = st.columns([3, 1], vertical_alignment="bottom")
 target = left.selectbox(
-    "Category for the selected photos (all photos of this upload if none is selected)", categories, key="upload_target"
+    "Category for the selected photos (all photos of this upload if none is selected)",
+    categories,
+    index=None,  # no category until one is chosen: a click must not label a whole batch with the first one
+    placeholder="choose a category",
+    key="upload_target",
 )
-apply = right.button("Apply to selection", width="stretch")
-selected = _ui.card_grid(db, items, categories, prefix="up")
+label = f"Apply to {n} selected" if selected else ("Apply to the 1 photo" if n == 1 else f"Apply to all {n} photos")
+apply = right.button(
+    label,
+    key="upload_apply",
+    width="stretch",
+    disabled=target is None or n == 0,
+    help="Choose a category first" if target is None else None,
+)
+k = targets.kept_duplicates  # only when nothing is ticked
+duplicates = f"{k} duplicate{'s' if k != 1 else ''} already labelled"
+if k:
+    st.caption(f"{duplicates} {'are' if k != 1 else 'is'} left out: tick one to relabel it.")
+_ui.card_grid(db, items, categories, prefix="up")
 if apply and target:
-    chosen = selected or [item.image_id for item in items]
     ok, changes = _ui.attempt(
-        bulk_relabel, db, chosen, target, actor=_ui.actor(), seen_predictions=_ui.seen_predictions(items)
+        bulk_relabel, db, targets.image_ids, target, actor=_ui.actor(), seen_predictions=_ui.seen_predictions(items)
     )
     if ok:
-        _ui.flash("success", f"{len(changes)} photos labelled {target}")
+        _ui.remember_changes(changes)
+        _ui.clear_selection("up")
+        left_alone = f"; {duplicates} {'were' if k != 1 else 'was'} left alone" if k else ""
+        _ui.flash("success", f"{len(changes)} photos labelled {target}{left_alone}")
         st.rerun()

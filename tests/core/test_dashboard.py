@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from core.dashboard import (
+    cell_filters_for_point,
     cell_review_filters,
     class_balance,
     confusion_figure,
@@ -17,11 +18,13 @@ from core.dashboard import (
     evaluation,
     per_class_table,
     reliability_bins,
+    version_comparison,
     version_history,
 )
 from core.db import Database
 from core.labels import SeenPrediction, set_label
 from core.review import ReviewOrder, review_queue
+from core.versions import list_versions
 from tests.core.factories import FakeImage, Populated, build, populate
 
 # Test split: Shoes->Shoes (0.9), Shoes->Bags (0.9), Hats->Hats (0.6), Bags->Bags (0.7); plus images that must
@@ -166,3 +169,143 @@ def test_stored_matrix_is_used_when_no_test_predictions_are_stored(db: Database)
         version.metrics = {"test": {"confusion_matrix": [[3, 1], [0, 4]], "class_names": ["Shoes", "Bags"]}}
     cm = confusion_matrix_data(db)
     assert cm is not None and cm.source == "stored metrics" and cm.counts.tolist() == [[3, 1], [0, 4]]
+
+
+def _strings(value: object) -> set[str]:
+    """Every string in a figure's data and layout (axis values, hover text, legend names, titles)."""
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple | np.ndarray):
+        return set().union(set(), *(_strings(v) for v in value))
+    return set()
+
+
+def test_category_names_show_as_text_in_every_figure_not_as_html(db: Database) -> None:
+    # A category named like HTML must read literally: plotly would render <b> bold and <a href> as a link.
+    made = build(
+        db,
+        [FakeImage(split="test", label="<b>x</b>", probs=(0.1, 0.8, 0.1)), FakeImage(split="train", label="Bags")],
+        categories=("<b>x</b>", "Bags", "Hats"),
+    )
+    figures = dashboard(db).figures()
+    assert {"confusion", "balance", "history", "confidence", "reliability"} <= set(figures)
+    for name, figure in figures.items():
+        shown = _strings(figure.to_dict())
+        assert not any("<b>" in text or "</b>" in text for text in shown), name
+        if name in ("confusion", "balance"):
+            assert "&lt;b&gt;x&lt;/b&gt;" in shown, name
+    heat, cells = figures["confusion"].data
+    assert list(heat.x) == ["&lt;b&gt;x&lt;/b&gt;", "Bags", "Hats"] and list(heat.y) == list(heat.x)
+    # A click on the cell (true <b>x</b>, predicted Bags) still reviews the category by its real name.
+    cm = dashboard(db).confusion
+    assert cm is not None
+    by_index = cell_filters_for_point(cm, {"point_index": 1, "x": cells.x[1], "y": cells.y[1]})
+    by_name = cell_filters_for_point(cm, {"x": cells.x[1], "y": cells.y[1]})
+    for filters in (by_index, by_name):
+        assert (filters.true_category, filters.predicted_category) == ("<b>x</b>", "Bags")
+    page = review_queue(db, **by_index.as_kwargs())
+    assert [i.image_id for i in page.items] == [int(made.image_ids[0])]
+
+
+def test_a_clicked_cell_follows_the_active_version(db: Database, cat: Populated) -> None:
+    cm = confusion_matrix_data(db)
+    assert cm is not None
+    filters = cell_filters_for_point(cm, {"point_index": 1})  # true Shoes, predicted Bags
+    # Not pinned to the version shown when clicked: after a retrain or rollback the review shows the serving model.
+    assert filters.version_id is None and filters.as_kwargs()["version_id"] is None
+    assert [i.image_id for i in review_queue(db, **filters.as_kwargs()).items] == [int(cat.image_ids[1])]
+
+
+def test_history_axis_names_versions_not_millisecond_times(db: Database, cat: Populated) -> None:
+    figure = dashboard(db).figures()["history"]
+    assert figure.layout.xaxis.type == "category"
+    assert [list(trace.x) for trace in figure.data] == [[f"v{cat.version_id}"]] * 2
+
+
+def _add_version(
+    db: Database,
+    *,
+    status: str,
+    accuracy: float | None,
+    promotion: dict | None = None,
+    recall: dict[str, float] | None = None,
+    test_hash: str = "same-images",
+) -> int:
+    from core.schema import ModelVersion
+
+    test = {"macro_f1": accuracy, "per_class": {k: {"recall": v, "f1": v} for k, v in (recall or {}).items()}}
+    metrics = {"test": test, **({"promotion": promotion} if promotion else {})}
+    with db.write() as session:
+        row = ModelVersion(
+            arch="resnet18",
+            image_size=224,
+            mode="quick",
+            class_names=["Shoes", "Bags"],
+            class_category_ids=[1, 2],
+            weights_path="checkpoints/none.safetensors",
+            pretrained_source="none",
+            status=status,
+            metrics=metrics,
+            test_accuracy=accuracy,
+            test_image_ids_hash=test_hash,
+        )
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def test_comparison_in_the_normal_flow_says_which_version_replaced_which(db: Database) -> None:
+    old = _add_version(db, status="retired", accuracy=0.88, recall={"Shoes": 0.9, "Bags": 0.86})
+    new = _add_version(
+        db,
+        status="active",
+        accuracy=0.91,
+        recall={"Shoes": 0.95, "Bags": 0.87},
+        promotion={"promoted": True, "reason": "not worse than the active version", "active_version": old,
+                   "active_accuracy_same_images": 0.88},
+    )  # fmt: skip
+    comparison = version_comparison(list_versions(db))
+    assert comparison is not None and (comparison.newest_id, comparison.baseline_id) == (new, old)
+    assert comparison.headline == f"v{new} replaced v{old}: accuracy 91% vs 88% on the same test images."
+    assert comparison.per_class.columns.tolist() == ["category", f"v{old} recall", f"v{new} recall", f"v{old} F1",
+                                                     f"v{new} F1"]  # fmt: skip
+    assert comparison.per_class.set_index("category").loc["Shoes", f"v{new} recall"] == 0.95
+    assert "overall" not in comparison.per_class["category"].tolist()  # overall scores are separate, not a row
+
+
+def test_comparison_after_a_rollback_says_the_newest_was_promoted_then_retired(db: Database) -> None:
+    first = _add_version(db, status="active", accuracy=0.0)
+    second = _add_version(
+        db,
+        status="retired",  # promoted automatically, then rolled back to the first
+        accuracy=0.3214,
+        promotion={"promoted": True, "reason": "not worse than the active version", "active_version": first,
+                   "active_accuracy_same_images": 0.0},
+    )  # fmt: skip
+    comparison = version_comparison(list_versions(db))
+    assert comparison is not None
+    assert comparison.headline == (
+        f"v{second} replaced v{first}: accuracy 32% vs 0% on the same test images. "
+        f"It was retired later: v{first} serves now."
+    )
+    assert "not promoted" not in comparison.headline.lower()
+
+
+def test_comparison_of_a_candidate_that_was_not_promoted(db: Database) -> None:
+    active = _add_version(db, status="active", accuracy=0.88)
+    candidate = _add_version(
+        db,
+        status="candidate",
+        accuracy=0.8,
+        promotion={"promoted": False, "reason": "worse than the active version", "active_version": active,
+                   "active_accuracy_same_images": 0.88},
+    )  # fmt: skip
+    comparison = version_comparison(list_versions(db))
+    assert comparison is not None and comparison.baseline_id == active
+    assert comparison.headline == (
+        f"v{candidate} was not promoted automatically: worse than the active version "
+        f"(accuracy 80% vs 88% for v{active} on the same test images). Activate it below to serve it anyway."
+    )
+    assert version_comparison([v for v in list_versions(db) if v.id == active]) is None  # one version: nothing

@@ -152,6 +152,28 @@ def test_undo_steps_back_through_own_changes(db: Database, ids: list[int]) -> No
         assert replay(db, image_id) == current(db, image_id)
 
 
+def test_undo_limited_to_given_events_leaves_the_same_named_colleagues_work_alone(db: Database, ids: list[int]) -> None:
+    # Two browser sessions both signed "staff": each undo may only take back its own session's changes.
+    mine = [labels.set_label(db, ids[0], "Shoes", actor="staff").event_id]
+    mine += [c.event_id for c in labels.bulk_relabel(db, ids[1:3], "Hats", actor="staff")]
+    theirs = labels.set_label(db, ids[3], "Bags", actor="staff").event_id  # newest, by the other session
+    assert None not in mine and theirs is not None
+
+    undone = labels.undo_last_change(db, actor="staff", only_event_ids=mine[1:2])  # one event names the batch
+    assert sorted(c.image_id for c in undone) == ids[1:3]  # the whole bulk change, not the colleague's
+    assert [current(db, i) for i in ids[:4]] == ["Shoes", None, None, "Bags"]
+    assert [c.image_id for c in labels.undo_last_change(db, actor="staff", only_event_ids=mine)] == [ids[0]]
+    with pytest.raises(NotFound, match="nothing to undo: 'staff' has no label change among the given changes"):
+        labels.undo_last_change(db, actor="staff", only_event_ids=mine)
+    with pytest.raises(NotFound, match="among the given changes"):
+        labels.undo_last_change(db, actor="staff", only_event_ids=[])
+    assert current(db, ids[3]) == "Bags"
+    # Someone else's ids do not make their changes undoable under another name.
+    with pytest.raises(NotFound, match="nothing to undo"):
+        labels.undo_last_change(db, actor="alice", only_event_ids=[theirs])
+    assert [c.image_id for c in labels.undo_last_change(db, actor="staff")] == [ids[3]]  # unrestricted: as before
+
+
 def test_undo_refuses_when_someone_else_changed_the_image_since(db: Database, ids: list[int]) -> None:
     labels.set_label(db, ids[0], "Shoes", actor="alice")
     labels.set_label(db, ids[0], "Bags", actor="bob")

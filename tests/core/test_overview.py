@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import null
 
 from core.db import Database
-from core.overview import home_overview
+from core.overview import SIDEBAR_REFRESH_S, error_headline, home_overview, job_progress, training_curves
 from core.schema import JobStatus, ModelVersion, TrainingJob, utcnow
 from tests.core.factories import BASE_TIME, populate
 
@@ -61,3 +61,53 @@ def test_live_job_wins_else_the_latest(db: Database, with_live: bool) -> None:
         assert job.status == JobStatus.RUNNING and job.live and job.progress["epochs"] == 3
     else:
         assert job.status == JobStatus.FAILED and not job.live and job.error == "out of memory"
+
+
+def test_the_sidebar_polls_only_while_a_job_is_live(db: Database) -> None:
+    assert home_overview(db).refresh_every_s is None  # no job at all
+    with db.write() as session:
+        session.add(TrainingJob(**_job(JobStatus.RUNNING, 1, live=True)))
+    assert home_overview(db).refresh_every_s == SIDEBAR_REFRESH_S
+    with db.write() as session:
+        job = session.query(TrainingJob).one()
+        job.status, job.active_slot = JobStatus.SUCCEEDED.value, None
+    assert home_overview(db).refresh_every_s is None
+
+
+@pytest.mark.parametrize(
+    ("progress", "fraction", "text"),
+    [
+        # Quick mode reports steps only (images cached, then embedded): the bar moves with them.
+        ({"phase": "caching", "step": 120, "steps": 300}, 0.4, "caching 120/300"),
+        ({"phase": "features (train)", "stage": "features", "step": 0, "steps": 240}, 0.0, "features (train) 0/240"),
+        # Epochs alone: only finished epochs count (epoch 2 of 4 under way fills a quarter).
+        ({"phase": "train", "epoch": 2, "epochs": 4}, 0.25, "train, epoch 2/4"),
+        ({"phase": "done", "stage": "done", "epoch": 4, "epochs": 4}, 1.0, "done, epoch 4/4"),
+        # Full mode: global steps over the whole run are finer than epochs.
+        ({"phase": "training (train)", "epoch": 2, "epochs": 6, "step": 150, "steps": 600}, 0.25,
+         "training (train), epoch 2/6, step 150/600"),
+        ({"phase": "preparing"}, None, "preparing"),
+        ({}, None, ""),
+    ],
+)  # fmt: skip
+def test_job_progress_bar(progress: dict, fraction: float | None, text: str) -> None:
+    bar = job_progress(progress)
+    assert bar.fraction == (None if fraction is None else pytest.approx(fraction))
+    assert bar.text == text
+
+
+def test_training_curves_leave_out_what_has_no_values() -> None:
+    # Quick mode: one point with accuracies and no loss: no (empty) loss chart.
+    curves = training_curves([{"epoch": 1, "loss": None, "train_acc": 0.9, "val_acc": 0.8}])
+    assert list(curves) == ["accuracy"]
+    assert curves["accuracy"].to_dict() == {"train_acc": {1: 0.9}, "val_acc": {1: 0.8}}
+    full = training_curves([{"epoch": 1, "loss": 0.9, "val_acc": None}, {"epoch": 2, "loss": 0.5, "val_acc": 0.7}])
+    assert full["loss"]["loss"].tolist() == [0.9, 0.5] and full["accuracy"].columns.tolist() == ["val_acc"]
+    assert training_curves([]) == {}
+
+
+def test_error_headline_is_the_message_without_the_traceback() -> None:
+    error = 'ValueError: matmul: size 4 is different from 3\n\nTraceback (most recent call last):\n  File "x"'
+    assert error_headline(error) == "ValueError: matmul: size 4 is different from 3"
+    assert error_headline("\n  out of memory  \n") == "out of memory"
+    assert error_headline("") == ""

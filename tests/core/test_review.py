@@ -139,11 +139,16 @@ def test_merged_class_counts_as_its_target(db: Database, cat: Populated, queue: 
     assert item.predicted == "Shoes" and item.top3[0] == ("Shoes", pytest.approx(0.95))
 
 
-def test_without_a_model_everything_is_unpredicted(db: Database) -> None:
+def test_without_a_model_everything_is_unpredicted_and_newest_first(db: Database) -> None:
     info = build(db, CATALOGUE, with_version=False)
+    first = int(info.image_ids[0])
     page = review_queue(db, order=ReviewOrder.LOWEST_CONFIDENCE)
     assert page.version_id is None and page.total == 7
-    assert [i.image_id for i in page.items] == [int(i) for i in info.image_ids]  # by id
+    # Nothing to rank by: the newest uploads first (image 2 was uploaded days after the others), in every order.
+    assert [i.image_id - first for i in page.items] == [2, 6, 5, 4, 3, 1, 0]
+    for order in ReviewOrder:
+        assert [i.image_id - first for i in review_queue(db, order=order).items] == [2, 6, 5, 4, 3, 1, 0], order
+    assert [i.image_id - first for i in review_queue(db, page=2, page_size=3).items] == [4, 3, 1]
     assert all(i.predicted is None for i in page.items)
     assert review_queue(db, label_state=LabelState.DISAGREES).total == 0
     assert review_queue(db, order=ReviewOrder.SUSPECTED_MISLABEL).total == 7

@@ -55,3 +55,38 @@ def test_duplicates_name_the_image_they_match_and_one_click_labels(db: Database)
     at.pills(key=f"up_pick_{new_id}_None").set_value("Hats").run()
     assert audit_trail(db, new_id)[0].new_category == "Hats"
     assert audit_trail(db, new_id)[0].actor == "finn"
+
+
+def test_apply_to_the_whole_upload_needs_a_category_and_leaves_labelled_duplicates_alone(db: Database) -> None:
+    for name in ("Bags", "Hats"):
+        add_category(db, name, actor="setup")
+    at = run_page("pages/upload.py", session={"actor": "gus"})
+    _import(at, [("bag.png", image_bytes("Bags", 1), "image/png")], category="Bags")
+    bag = card_ids(at)[0]
+    # The labelled bag again (a duplicate) with two new photos, nothing ticked.
+    again = [("bag-copy.png", image_bytes("Bags", 1), "image/png")]
+    again += [(f"new{k}.png", image_bytes("Hats", k), "image/png") for k in (2, 3)]
+    _import(at, again)
+    new = [i for i in card_ids(at) if i != bag]
+    assert len(new) == 2 and bag in card_ids(at)
+
+    target, apply = at.selectbox(key="upload_target"), at.button(key="upload_apply")
+    assert target.value is None and target.placeholder == "choose a category"
+    assert apply.label == "Apply to all 2 photos" and apply.proto.disabled  # no category yet: nothing to apply
+    assert any(c.value.startswith("1 duplicate already labelled is left out") for c in at.caption)
+
+    target.set_value("Hats").run()
+    at.button(key="upload_apply").click().run()
+    assert not at.exception and errors_of(at) == []
+    assert [audit_trail(db, i)[0].new_category for i in new] == ["Hats", "Hats"]
+    assert [r.new_category for r in audit_trail(db, bag)] == ["Bags"]  # the catalogue's label stands
+    shown = [s.value.replace("\\", "") for s in at.success]  # the page escapes Markdown punctuation
+    assert "2 photos labelled Hats; 1 duplicate already labelled was left alone" in shown
+
+    # Ticking the duplicate relabels it on purpose; the tick is gone afterwards.
+    at.checkbox(key=f"up_sel_{bag}").check().run()
+    assert at.button(key="upload_apply").label == "Apply to 1 selected"
+    at.button(key="upload_apply").click().run()
+    assert audit_trail(db, bag)[0].new_category == "Hats"
+    assert at.checkbox(key=f"up_sel_{bag}").value is False
+    assert at.button(key="upload_apply").label == "Apply to all 2 photos"  # the labelled duplicate stays out

@@ -1,0 +1,185 @@
+"""The review page keeps what a person set up, pages agree, undo stays in its own session (AppTest, real SQLite)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from streamlit.testing.v1 import AppTest
+
+from core.db import Database
+from core.labels import audit_trail
+from core.settings import get_settings
+from tests.core.factories import BASE_TIME, FakeImage, build
+from tests.pages.helpers import card_ids, errors_of, run_page
+
+BAGS, HATS = (0.1, 0.8, 0.1), (0.1, 0.1, 0.8)
+
+
+def _apply_filters(at: AppTest, **values: str) -> AppTest:
+    for key, value in values.items():
+        at.selectbox(key=f"review_{key}").set_value(value)
+    return next(b for b in at.button if b.label == "Apply filters").click().run()
+
+
+def _page_line(at: AppTest) -> str:
+    return next(t.value for t in at.text if " images match; page " in t.value)
+
+
+def _alternating(db: Database, n: int) -> list[int]:
+    """`n` images without predictions, every second one labelled; returns the ids (the queue shows them by id)."""
+    made = build(db, [FakeImage(split="train", label="Shoes" if k % 2 else None) for k in range(n)])
+    return [int(i) for i in made.image_ids]
+
+
+def test_filters_page_and_keyboard_mode_survive_a_visit_to_another_page(db: Database) -> None:
+    ids = _alternating(db, 60)
+    unlabelled = ids[0::2]  # 30: two pages of 24
+    at = run_page("pages/review.py")
+    _apply_filters(at, state="unlabelled", split="train")
+    at.pagination(key="review_page").set_value(2).run()
+    assert card_ids(at) == unlabelled[24:]
+    at.toggle(key="review_keyboard").set_value(True).run()
+
+    at.switch_page("pages/home.py").run()
+    assert not at.exception and not at.toggle
+    at.switch_page("pages/review.py").run()
+
+    assert not at.exception and errors_of(at) == []
+    assert at.selectbox(key="review_state").value == "unlabelled" and at.selectbox(key="review_split").value == "train"
+    assert at.toggle(key="review_keyboard").value is True
+    assert at.pagination(key="review_page").value == 2
+    assert _page_line(at) == "30 images match; page 2 of 2"
+    assert card_ids(at)[-6:] == unlabelled[24:]  # the keyboard card shows the first of them above the grid
+
+
+def test_a_filter_change_starts_at_page_one_and_the_highlighted_page_is_the_one_shown(db: Database) -> None:
+    ids = _alternating(db, 100)  # all: 5 pages; unlabelled: 50 (3 pages); labelled: 50
+    at = run_page("pages/review.py")
+    at.pagination(key="review_page").set_value(4).run()
+    assert card_ids(at) == ids[72:96]
+
+    _apply_filters(at, state="unlabelled")
+    assert _page_line(at) == "50 images match; page 1 of 3"
+    assert at.pagination(key="review_page").value == 1
+    assert card_ids(at) == ids[0::2][:24]
+
+    # On the last page, labelling its two photos leaves two pages: the grid and the pagination both show page 2.
+    at.pagination(key="review_page").set_value(3).run()
+    last = card_ids(at)
+    assert last == ids[0::2][48:]
+    for image_id in last:
+        at.checkbox(key=f"rv_sel_{image_id}").check()
+    at.selectbox(key="review_bulk_target").set_value("Hats")
+    next(b for b in at.button if b.label == "Relabel selected").click().run()
+    assert _page_line(at) == "48 images match; page 2 of 2"
+    assert at.pagination(key="review_page").value == 2
+    assert card_ids(at) == ids[0::2][24:48]
+
+
+def test_undo_takes_back_only_this_sessions_changes_when_everyone_is_called_staff(db: Database) -> None:
+    made = build(
+        db,
+        [
+            FakeImage(split="train", label=None, probs=BAGS, name="tote.jpg"),
+            FakeImage(split="train", label=None, probs=HATS, name="cap.jpg"),
+        ],
+    )
+    tote, cap = (int(i) for i in made.image_ids)
+    staff = get_settings().default_actor
+    a = run_page("pages/review.py")  # two people in two browsers, both keeping the default name
+    b = run_page("pages/review.py")
+    a.button(key=f"rv_accept_{tote}").click().run()
+    assert audit_trail(db, tote)[0].actor == staff
+
+    undo = next(x for x in b.button if x.label == "Undo my last change")
+    undo.click().run()
+    assert any("Nothing of yours to undo in this session" in w.value for w in b.warning)
+    assert [r.action for r in audit_trail(db, tote)] == ["set"]  # A's label stands
+
+    b.pills(key=f"rv_pick_{cap}_None").set_value("Shoes").run()
+    next(x for x in a.button if x.label == "Undo my last change").click().run()  # A's own change, not B's newer one
+    assert [r.action for r in audit_trail(db, tote)] == ["undo", "set"]
+    assert [r.action for r in audit_trail(db, cap)] == ["set"]
+    next(x for x in b.button if x.label == "Undo my last change").click().run()
+    assert [r.action for r in audit_trail(db, cap)] == ["undo", "set"]
+    assert not a.exception and not b.exception
+
+
+def test_keyboard_review_reaches_categories_beyond_the_number_keys(db: Database) -> None:
+    names = ["Bags", "Belts", "Caps", "Coats", "Dresses", "Gloves", "Hats", "Jeans", "Scarves", "Shoes", "Socks"]
+    probs = [0.0] * len(names)
+    probs[names.index("Hats")], probs[names.index("Bags")], probs[names.index("Caps")] = 0.6, 0.3, 0.1
+    made = build(
+        db,
+        [FakeImage(split="train", label=None, probs=probs, name=f"p{k}.jpg") for k in range(2)],
+        categories=names,
+    )
+    first, second = (int(i) for i in made.image_ids)
+    at = run_page("pages/review.py", session={"actor": "lee"})
+    at.toggle(key="review_keyboard").set_value(True).run()
+    on_keys = [b for b in at.button if b.key and b.key.startswith(f"kb_pick_{first}_")]
+    assert len(on_keys) == 9
+    other = at.selectbox(key=f"kb_other_{first}")
+    assert other.label == "Other category" and other.value is None
+    assert other.options == ["Shoes", "Socks"]  # the two that have no number key, by name
+
+    other.set_value("Socks").run()
+    assert not at.exception and errors_of(at) == []
+    [event] = audit_trail(db, first)
+    assert (event.actor, event.new_category) == ("lee", "Socks")
+    assert any(b.key == f"kb_pick_{second}_1" for b in at.button)  # moved on to the next photo
+    # Undo brings the photo back: the change counts as this session's.
+    next(b for b in at.button if b.label == "Undo my last change").click().run()
+    assert audit_trail(db, first)[0].action == "undo"
+    assert any(b.key == f"kb_pick_{first}_1" for b in at.button)
+
+
+def test_ticks_are_cleared_after_a_bulk_relabel_and_stay_cleared_after_undo(db: Database) -> None:
+    ids = _alternating(db, 4)
+    at = run_page("pages/review.py", session={"actor": "max"})
+    for image_id in ids[:2]:
+        at.checkbox(key=f"rv_sel_{image_id}").check()
+    at.selectbox(key="review_bulk_target").set_value("Bags")
+    next(b for b in at.button if b.label == "Relabel selected").click().run()
+    assert [audit_trail(db, i)[0].new_category for i in ids[:2]] == ["Bags", "Bags"]
+    assert [at.checkbox(key=f"rv_sel_{i}").value for i in ids] == [False] * 4
+
+    next(b for b in at.button if b.label == "Undo my last change").click().run()
+    assert [audit_trail(db, i)[0].action for i in ids[:2]] == ["undo", "undo"]
+    assert [at.checkbox(key=f"rv_sel_{i}").value for i in ids] == [False] * 4
+    # Relabel selected with nothing ticked changes nothing.
+    next(b for b in at.button if b.label == "Relabel selected").click().run()
+    assert any("Select some images first" in w.value for w in at.warning)
+    assert [audit_trail(db, i)[0].action for i in ids[:2]] == ["undo", "undo"]
+
+
+def test_without_a_model_the_newest_uploads_come_first_as_the_caption_says(db: Database) -> None:
+    made = build(
+        db,
+        [
+            FakeImage(split="train", name="old.jpg", created_at=BASE_TIME),
+            FakeImage(split="train", name="newest.jpg", created_at=BASE_TIME + timedelta(days=3)),
+            FakeImage(split="train", name="middle.jpg", created_at=BASE_TIME + timedelta(days=1)),
+        ],
+        with_version=False,
+    )
+    old, newest, middle = (int(i) for i in made.image_ids)
+    at = run_page("pages/review.py")
+    assert any("newest uploads are shown first" in c.value for c in at.caption)
+    assert card_ids(at) == [newest, middle, old]
+    _apply_filters(at, order="smallest-margin")  # any order: there is nothing else to rank by
+    assert card_ids(at) == [newest, middle, old]
+
+
+def test_accept_prediction_is_prominent_only_on_unlabelled_images(db: Database) -> None:
+    made = build(
+        db,
+        [
+            FakeImage(split="train", label=None, probs=BAGS, name="new.jpg"),
+            FakeImage(split="train", label="Shoes", probs=BAGS, name="labelled.jpg"),
+        ],
+    )
+    unlabelled, labelled = (int(i) for i in made.image_ids)
+    at = run_page("pages/review.py")
+    assert at.button(key=f"rv_accept_{unlabelled}").proto.type == "primary"
+    assert at.button(key=f"rv_accept_{labelled}").proto.type == "secondary"
