@@ -233,27 +233,11 @@ def _add_version(
     recall: dict[str, float] | None = None,
     test_hash: str = "same-images",
 ) -> int:
-    from core.schema import ModelVersion
+    from tests.core.training_helpers import add_version_row
 
     test = {"macro_f1": accuracy, "per_class": {k: {"recall": v, "f1": v} for k, v in (recall or {}).items()}}
     metrics = {"test": test, **({"promotion": promotion} if promotion else {})}
-    with db.write() as session:
-        row = ModelVersion(
-            arch="resnet18",
-            image_size=224,
-            mode="quick",
-            class_names=["Shoes", "Bags"],
-            class_category_ids=[1, 2],
-            weights_path="checkpoints/none.safetensors",
-            pretrained_source="none",
-            status=status,
-            metrics=metrics,
-            test_accuracy=accuracy,
-            test_image_ids_hash=test_hash,
-        )
-        session.add(row)
-        session.flush()
-        return row.id
+    return add_version_row(db, status=status, accuracy=accuracy, metrics=metrics, test_hash=test_hash)
 
 
 def test_comparison_in_the_normal_flow_says_which_version_replaced_which(db: Database) -> None:

@@ -128,3 +128,31 @@ def save_random_version(
         row.weights_path = rel.as_posix()
         assert session.scalars(select(Category)).first() is not None
         return row.id
+
+
+def add_version_row(
+    db: Database,
+    *,
+    status: str,
+    accuracy: float | None,
+    metrics: dict | None = None,
+    test_hash: str = "same-images",
+) -> int:
+    """A version row with metrics only (no checkpoint file): for pages and figures that read the table."""
+    with db.write() as session:
+        row = ModelVersion(
+            arch="resnet18",
+            image_size=224,
+            mode="quick",
+            class_names=["Shoes", "Bags"],
+            class_category_ids=[1, 2],
+            weights_path="checkpoints/none.safetensors",
+            pretrained_source="none",
+            status=status,
+            metrics=metrics or {},
+            test_accuracy=accuracy,
+            test_image_ids_hash=test_hash,
+        )
+        session.add(row)
+        session.flush()
+        return row.id

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from core.db import Database
 from core.jobs import claim_next_job, enqueue_training, fail_job, record_progress
-from core.schema import ModelVersion
 from pages._ui import md_escape
+from tests.core.training_helpers import add_version_row
 from tests.pages.helpers import errors_of, run_page
 
 TRACEBACK = (
@@ -64,23 +64,8 @@ def test_a_failed_job_shows_its_message_and_keeps_the_traceback_in_an_expander(d
 
 def _version(db: Database, *, status: str, accuracy: float, promotion: dict | None = None) -> int:
     per_class = {"Shoes": {"recall": accuracy, "f1": accuracy}, "Bags": {"recall": accuracy, "f1": accuracy}}
-    with db.write() as session:
-        row = ModelVersion(
-            arch="resnet18",
-            image_size=224,
-            mode="quick",
-            class_names=["Shoes", "Bags"],
-            class_category_ids=[1, 2],
-            weights_path="checkpoints/none.safetensors",
-            pretrained_source="none",
-            status=status,
-            metrics={"test": {"macro_f1": accuracy, "per_class": per_class}, "promotion": promotion or {}},
-            test_accuracy=accuracy,
-            test_image_ids_hash="same",
-        )
-        session.add(row)
-        session.flush()
-        return row.id
+    metrics = {"test": {"macro_f1": accuracy, "per_class": per_class}, "promotion": promotion or {}}
+    return add_version_row(db, status=status, accuracy=accuracy, metrics=metrics, test_hash="same")
 
 
 def test_after_a_rollback_the_comparison_says_what_happened(db: Database) -> None:
