@@ -26,16 +26,10 @@ from benchmarks.common import cpu_name, markdown_table
 from core import db as core_db
 from core.settings import get_settings
 from tests.core.factories import populate
+from tests.pages.helpers import PAGE_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [
-    "pages/home.py",
-    "pages/upload.py",
-    "pages/review.py",
-    "pages/dashboard.py",
-    "pages/train.py",
-    "pages/categories.py",
-]
+PAGES = PAGE_FILES
 
 
 def _use(data_dir: Path) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -14,6 +14,15 @@ from core.settings import Settings, get_settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+IN_CHUNK = 900  # values per IN (...) clause: under the smallest SQLite bound-parameter limit (999)
+
+_T = TypeVar("_T")
+
+
+def in_chunks(values: Sequence[_T], size: int = IN_CHUNK) -> Iterator[Sequence[_T]]:
+    """`values` in slices small enough for one IN (...) clause on any database."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 def _make_engine(url: str, *, immediate: bool) -> Engine:

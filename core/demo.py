@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from core.db import Database
+from core.db import Database, in_chunks
 from core.errors import ProdcatError
 from core.ingest import ImportResult, ProgressCallback, Upload, import_uploads
 from core.schema import Image
@@ -233,8 +233,6 @@ def _split_counts(db: Database, image_ids: Sequence[int]) -> dict[str, int]:
     counts: Counter[str] = Counter()
     ids = list(image_ids)
     with db.read() as session:
-        # Chunked: SQLite caps the number of bound parameters in one IN (...).
-        for start in range(0, len(ids), 900):
-            chunk = ids[start : start + 900]
+        for chunk in in_chunks(ids):
             counts.update(session.scalars(select(Image.split).where(Image.id.in_(chunk))))
     return {name: counts[name] for name in ("train", "val", "test") if counts[name]}

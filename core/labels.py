@@ -9,14 +9,14 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, String, bindparam, cast, delete, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session, aliased
 
-from core.db import Database
+from core.db import Database, in_chunks
 from core.errors import CategoryError, NotFound, ProdcatError
 from core.schema import Category, Image, Label, LabelEvent, utcnow
 
@@ -154,7 +154,6 @@ def apply_label(
 # bookkeeping, not someone's judgement about one image, so undo steps over them.
 UNDOABLE_ACTIONS = ("set", "clear", "bulk")
 _UNDO_PREFIX = "undo of event #"  # + "<id> (<action>)"; core.corrections reads the same notes
-_IN_CHUNK = 500  # ids per IN (...) clause, well under every database's parameter limit
 
 
 @dataclass(frozen=True)
@@ -277,11 +276,6 @@ def clear_label(db: Database, image_id: int, *, actor: str, note: str = "") -> L
         return _change(session, int(image_id), event, None)
 
 
-def _chunks(values: Sequence[int], size: int = _IN_CHUNK) -> Iterator[Sequence[int]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
-
-
 @dataclass(frozen=True)
 class _Move:
     image_id: int
@@ -303,7 +297,7 @@ def _apply_many(session: Session, moves: Sequence[_Move], *, actor: str, action:
     cleared = [m.image_id for m in moves if m.new is None]
     added = [m for m in moves if m.old is None and m.new is not None]
     changed = [m for m in moves if m.old is not None and m.new is not None]
-    for chunk in _chunks(cleared):
+    for chunk in in_chunks(cleared):
         session.execute(delete(labels_table).where(labels_table.c.image_id.in_(chunk)))
     if added:
         session.execute(
@@ -354,7 +348,7 @@ def _apply_many(session: Session, moves: Sequence[_Move], *, actor: str, action:
 
 def _current_labels(session: Session, image_ids: Sequence[int]) -> dict[int, int]:
     found: dict[int, int] = {}
-    for chunk in _chunks(image_ids):
+    for chunk in in_chunks(image_ids):
         rows = session.execute(select(Label.image_id, Label.category_id).where(Label.image_id.in_(chunk))).all()
         found.update((image_id, category_id) for image_id, category_id in rows)
     return found
@@ -386,7 +380,7 @@ def bulk_relabel(
     with db.write() as session:
         target = _live_category(session, category)
         found: set[int] = set()
-        for chunk in _chunks(ids):
+        for chunk in in_chunks(ids):
             found.update(session.scalars(select(Image.id).where(Image.id.in_(chunk))))
         missing = [i for i in ids if i not in found]
         if missing:
@@ -442,7 +436,7 @@ def undo_last_change(
         # read the actor's whole history (the (actor, id) index, or the allowed ids by primary key, newest
         # chunk first).
         last: LabelEvent | None = None
-        chunks: list[Sequence[int] | None] = list(reversed(list(_chunks(allowed)))) if restricted else [None]
+        chunks: list[Sequence[int] | None] = list(reversed(list(in_chunks(allowed)))) if restricted else [None]
         for chunk in chunks:
             where = undoable if chunk is None else (LabelEvent.id.in_(chunk), *undoable)
             last = session.scalars(select(LabelEvent).where(*where).order_by(LabelEvent.id.desc()).limit(1)).first()
@@ -487,7 +481,7 @@ def _check_undoable(session: Session, events: Sequence[LabelEvent], actor: str) 
     by_image = {e.image_id: e for e in events}
     image_ids = list(by_image)
     first_id = min(e.id for e in events)
-    for chunk in _chunks(image_ids):
+    for chunk in in_chunks(image_ids):
         later = session.scalars(
             select(LabelEvent)
             .where(LabelEvent.image_id.in_(chunk), LabelEvent.id > first_id, LabelEvent.actor != actor)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from core.db import Database
+from core.db import Database, in_chunks
 from core.errors import ImageRefused, NotFound
 from core.schema import Image
 from core.settings import Settings
@@ -36,7 +36,6 @@ DATA_NAME = "rows.bin"
 LOCK_NAME = "lock"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-IN_CHUNK = 900  # ids per IN (...) clause: stays under SQLite's bound-parameter limit
 
 
 class CachedRows:
@@ -294,9 +293,9 @@ class PixelCache:
         ids = [int(i) for i in image_ids]
         found: dict[int, tuple[str, str, str]] = {}
         with db.read() as session:
-            for start in range(0, len(ids), IN_CHUNK):
+            for part in in_chunks(ids):
                 query = select(Image.id, Image.sha256, Image.stored_path, Image.original_name).where(
-                    Image.id.in_(ids[start : start + IN_CHUNK])
+                    Image.id.in_(part)
                 )
                 for row in session.execute(query):
                     found[row.id] = (row.sha256, row.stored_path, row.original_name)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import exists, select
 
-from core.db import Database
+from core.db import Database, in_chunks
 from core.errors import ImageRefused, NotFound
 from core.pixel_cache import PixelCache
 from core.schema import Image, Prediction
@@ -137,8 +137,8 @@ def predict_images(
     if missing:
         known: set[int] = set()
         with db.read() as session:
-            for start in range(0, len(missing), 900):  # stay under SQLite's bound-parameter limit
-                known.update(session.scalars(select(Image.id).where(Image.id.in_(missing[start : start + 900]))))
+            for part in in_chunks(missing):
+                known.update(session.scalars(select(Image.id).where(Image.id.in_(part))))
         unknown = [i for i in missing if i not in known]
         if unknown:
             raise NotFound(f"no image with id {', '.join(map(str, unknown[:10]))}")
@@ -199,8 +199,7 @@ def _stored(db: Database, version_id: int, ids: Sequence[int]) -> dict[int, dict
     found: dict[int, dict[str, Any]] = {}
     columns = [getattr(Prediction, c) for c in _COLUMNS]
     with db.read() as session:
-        for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
-            part = list(ids[start : start + 900])
+        for part in in_chunks(list(ids)):
             query = select(*columns).where(Prediction.model_version_id == version_id, Prediction.image_id.in_(part))
             found.update({row.image_id: dict(row._mapping) for row in session.execute(query)})
     return found

@@ -23,9 +23,9 @@ import numpy as np
 from sqlalchemy import func, select
 
 from core.corrections import correction_clause
-from core.db import Database
+from core.db import Database, in_chunks
 from core.errors import CheckpointError, JobCancelled, NotFound, TrainingRefused
-from core.pixel_cache import IN_CHUNK, CachedRows, PixelCache, RowStore
+from core.pixel_cache import CachedRows, PixelCache, RowStore
 from core.schema import Category, Image, Label, LabelEvent, ModelVersion, Split, TrainingJob, VersionStatus
 from core.settings import Settings
 from core.versions import (
@@ -263,8 +263,7 @@ def _shas(db: Database, image_ids: Sequence[int]) -> list[str]:
     ids = list(image_ids)
     found: dict[int, str] = {}
     with db.read() as session:
-        for start in range(0, len(ids), IN_CHUNK):
-            part = ids[start : start + IN_CHUNK]
+        for part in in_chunks(ids):
             for image_id, sha in session.execute(select(Image.id, Image.sha256).where(Image.id.in_(part))):
                 found[image_id] = sha
     return [found[i] for i in ids]

@@ -6,6 +6,7 @@ whose right answers a test can compute by hand. Both return what they inserted, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -281,32 +282,19 @@ def populate(
         probs /= probs.sum(axis=1, keepdims=True)
         probs[rng.random(n_images) >= predicted_fraction] = np.nan
 
-    ids, version_id, predicted, conf, margin, entropy = _insert_all(
+    populated = _insert_populated(
         db,
-        splits=splits,
-        labels=labels,
-        probs=probs,
-        class_ids=class_ids,
-        class_names=names,
-        names=None,
+        splits,
+        labels,
+        probs,
+        category_ids,
+        names,
+        image_names=None,
         created=None,
         seed=seed,
         with_version=with_version,
     )
-    _store_metrics(db, version_id, _test_metrics(labels, predicted, splits, class_ids), names)
-    return Populated(
-        image_ids=ids,
-        splits=splits,
-        labels=labels,
-        predicted=predicted,
-        confidence=conf,
-        margin=margin,
-        entropy=entropy,
-        probs=probs if keep_probs else None,
-        category_ids=category_ids,
-        version_id=version_id,
-        class_names=names,
-    )
+    return populated if keep_probs else dataclasses.replace(populated, probs=None)
 
 
 def build(
@@ -320,7 +308,6 @@ def build(
     """Insert hand-written images in order (ids ascending); `probs` are in `categories` order."""
     names = list(categories)
     category_ids = _categories(db, names)
-    class_ids = [category_ids[c] for c in names]
     n = len(images)
     splits = np.array([im.split for im in images])
     labels = np.array([category_ids[im.label] if im.label else -1 for im in images], dtype=np.int64)
@@ -330,6 +317,36 @@ def build(
             row = np.asarray(im.probs, dtype=np.float64)
             probs[k] = row / row.sum()
     created = [im.created_at or BASE_TIME + timedelta(seconds=k) for k, im in enumerate(images)]
+    image_names = [im.name or f"img_{k:03d}.jpg" for k, im in enumerate(images)]
+    return _insert_populated(
+        db,
+        splits,
+        labels,
+        probs,
+        category_ids,
+        names,
+        image_names=image_names,
+        created=created,
+        seed=seed,
+        with_version=with_version,
+    )
+
+
+def _insert_populated(
+    db: Database,
+    splits: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    category_ids: dict[str, int],
+    names: list[str],
+    *,
+    image_names: list[str] | None,
+    created: list[datetime] | None,
+    seed: int,
+    with_version: bool,
+) -> Populated:
+    """Insert the rows (and the version with its test metrics) and describe what was made."""
+    class_ids = [category_ids[c] for c in names]
     ids, version_id, predicted, conf, margin, entropy = _insert_all(
         db,
         splits=splits,
@@ -337,7 +354,7 @@ def build(
         probs=probs,
         class_ids=class_ids,
         class_names=names,
-        names=[im.name or f"img_{k:03d}.jpg" for k, im in enumerate(images)],
+        names=image_names,
         created=created,
         seed=seed,
         with_version=with_version,

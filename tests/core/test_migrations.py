@@ -6,7 +6,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from core.db import MIGRATIONS_DIR, Database
 from core.schema import Base
@@ -20,16 +20,11 @@ def _config(url: str) -> Config:
     return config
 
 
-def test_a_migrated_database_matches_the_orm_models(db: Database) -> None:
-    with db.engine.connect() as connection:
-        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
-    assert differences == []  # a model changed without a migration (or the other way round) shows up here
-
-
-def test_upgrading_a_database_with_images_from_the_first_revision_keeps_them(settings: Settings) -> None:
+def _database_at(settings: Settings, revision: str) -> tuple[str, Engine]:
+    """A SQLite file migrated up to `revision` only, holding one image row (id 1) written as that revision had it."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{settings.data_dir / 'old.db'}"
-    command.upgrade(_config(url), "0001")
+    command.upgrade(_config(url), revision)
     engine = create_engine(url)
     with engine.begin() as connection:
         connection.execute(
@@ -39,6 +34,17 @@ def test_upgrading_a_database_with_images_from_the_first_revision_keeps_them(set
                 "'old.png', '', 'test', '2026-01-01 00:00:00', 'x')"
             )
         )
+    return url, engine
+
+
+def test_a_migrated_database_matches_the_orm_models(db: Database) -> None:
+    with db.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert differences == []  # a model changed without a migration (or the other way round) shows up here
+
+
+def test_upgrading_a_database_with_images_from_the_first_revision_keeps_them(settings: Settings) -> None:
+    url, engine = _database_at(settings, "0001")
     command.upgrade(_config(url), "head")
     with engine.connect() as connection:
         row = connection.execute(text("SELECT original_name, split, phash FROM images")).one()
@@ -49,18 +55,8 @@ def test_upgrading_a_database_with_images_from_the_first_revision_keeps_them(set
 
 
 def test_upgrading_from_0002_adds_the_undo_index_without_touching_the_audit_trail(settings: Settings) -> None:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{settings.data_dir / 'old.db'}"
-    command.upgrade(_config(url), "0002")
-    engine = create_engine(url)
+    url, engine = _database_at(settings, "0002")
     with engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO images (sha256, stored_path, thumb_path, width, height, format, file_size, "
-                "original_name, source, split, created_at, uploaded_by) VALUES ('ab', 'a', 't', 1, 1, 'PNG', 1, "
-                "'old.png', '', 'test', '2026-01-01 00:00:00', 'x')"
-            )
-        )
         connection.execute(text("INSERT INTO categories (name, created_at) VALUES ('Shoes', '2026-01-01 00:00:00')"))
         connection.execute(
             text(

@@ -133,26 +133,30 @@ def save_random_version(
 def add_version_row(
     db: Database,
     *,
-    status: str,
-    accuracy: float | None,
+    status: str = VersionStatus.CANDIDATE,
+    accuracy: float | None = None,
     metrics: dict | None = None,
     test_hash: str = "same-images",
+    **columns: object,
 ) -> int:
-    """A version row with metrics only (no checkpoint file): for pages and figures that read the table."""
+    """A version row with metrics only (no checkpoint file): for pages, figures and fake training runs that only
+    read the table. `columns` override the defaults (a resnet18 at 224 px over Shoes and Bags)."""
+    values: dict[str, object] = {
+        "arch": "resnet18",
+        "image_size": 224,
+        "mode": "quick",
+        "class_names": ["Shoes", "Bags"],
+        "class_category_ids": [1, 2],
+        "weights_path": "checkpoints/none.safetensors",
+        "pretrained_source": "none",
+        "status": status,
+        "metrics": metrics or {},
+        "test_accuracy": accuracy,
+        "test_image_ids_hash": test_hash,
+        **columns,
+    }
     with db.write() as session:
-        row = ModelVersion(
-            arch="resnet18",
-            image_size=224,
-            mode="quick",
-            class_names=["Shoes", "Bags"],
-            class_category_ids=[1, 2],
-            weights_path="checkpoints/none.safetensors",
-            pretrained_source="none",
-            status=status,
-            metrics=metrics or {},
-            test_accuracy=accuracy,
-            test_image_ids_hash=test_hash,
-        )
+        row = ModelVersion(**values)
         session.add(row)
         session.flush()
         return row.id

@@ -14,7 +14,7 @@ from typing import Any
 
 from core.db import Database
 from core.errors import JobCancelled, TrainingRefused
-from core.schema import ModelVersion
+from tests.core.training_helpers import add_version_row
 
 ProgressFn = Callable[[dict[str, Any]], None]
 StopFn = Callable[[], bool]
@@ -32,20 +32,7 @@ def _mark(db: Database, job_id: int) -> None:
 
 
 def _register_version(db: Database, job_id: int) -> int:
-    with db.write() as session:
-        version = ModelVersion(
-            arch="resnet18",
-            image_size=32,
-            mode="quick",
-            class_names=["Bags", "Hats"],
-            class_category_ids=[1, 2],
-            weights_path="checkpoints/none.safetensors",
-            pretrained_source="none",
-            job_id=job_id,
-        )
-        session.add(version)
-        session.flush()
-        return version.id
+    return add_version_row(db, image_size=32, class_names=["Bags", "Hats"], job_id=job_id, test_hash="")
 
 
 def succeed(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: StopFn) -> int:
@@ -53,10 +40,30 @@ def succeed(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: 
     _mark(db, job_id)
     time.sleep(0.3)  # long enough for a second racing worker to be looking for the same job
     for epoch in (1, 2, 3):
-        on_progress({"phase": "training", "epoch": epoch, "epochs": 3, "step": epoch * 10 - 5, "steps": 30,
-                     "loss": 2.0 / epoch, "train_acc": 0.2 * epoch, "val_acc": None})
-        on_progress({"phase": "training", "epoch": epoch, "epochs": 3, "step": epoch * 10, "steps": 30,
-                     "loss": 1.0 / epoch, "train_acc": 0.25 * epoch, "val_acc": 0.3 * epoch})
+        on_progress(
+            {
+                "phase": "training",
+                "epoch": epoch,
+                "epochs": 3,
+                "step": epoch * 10 - 5,
+                "steps": 30,
+                "loss": 2.0 / epoch,
+                "train_acc": 0.2 * epoch,
+                "val_acc": None,
+            }
+        )
+        on_progress(
+            {
+                "phase": "training",
+                "epoch": epoch,
+                "epochs": 3,
+                "step": epoch * 10,
+                "steps": 30,
+                "loss": 1.0 / epoch,
+                "train_acc": 0.25 * epoch,
+                "val_acc": 0.3 * epoch,
+            }
+        )
     on_progress({"phase": "saving"})
     return _register_version(db, job_id)
 
