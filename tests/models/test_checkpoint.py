@@ -109,12 +109,13 @@ class _TouchOnUnpickle:
 
 def test_a_pickle_in_place_of_weights_is_never_executed(saved: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    saved.write_bytes(pickle.dumps({"state_dict": _TouchOnUnpickle(marker)}))
+    payload = pickle.dumps({"state_dict": _TouchOnUnpickle(marker)})
+    saved.write_bytes(payload)
     with pytest.raises(CheckpointInvalid, match="not a readable safetensors file"):
         load_checkpoint(saved)
     assert not marker.exists()
     # The payload is live: unpickling it really would have created the marker.
-    pickle.loads(saved.read_bytes())  # deliberately, to prove the test can fail
+    pickle.loads(payload)  # deliberately, from memory (never from disk), to prove the test can fail
     assert marker.exists()
 
 
