@@ -198,24 +198,30 @@ def seen_predictions(items: list[ReviewItem]) -> dict[int, SeenPrediction | None
     return {item.image_id: _seen(item) for item in items}
 
 
+def _label_one(db: Database, item: ReviewItem, category: str, *, verb: str = "labelled") -> bool:
+    """Label one photo as the person chose, with what the model showed them; remembered for this session's undo.
+
+    False when refused (the error is queued for the next run)."""
+    change = flash_errors(set_label, db, item.image_id, category, actor=actor(), seen_prediction=_seen(item))
+    if change is None:
+        return False
+    remember_changes([change])
+    if change.changed:
+        flash("success", f"#{item.image_id} {item.original_name}: {verb} {category}")
+    return True
+
+
 def _on_pick(db: Database, item: ReviewItem, key: str) -> None:
     choice = st.session_state.get(key)
     if choice is None:  # clicking the selected pill again deselects it: keep showing the stored label
         st.session_state[key] = item.label
         return
-    change = flash_errors(set_label, db, item.image_id, choice, actor=actor(), seen_prediction=_seen(item))
-    remember_changes([change])
-    if change is not None and change.changed:
-        flash("success", f"#{item.image_id} {item.original_name}: labelled {choice}")
+    _label_one(db, item, choice)
 
 
 def _on_accept(db: Database, item: ReviewItem) -> None:
-    if item.predicted is None:
-        return
-    change = flash_errors(set_label, db, item.image_id, item.predicted, actor=actor(), seen_prediction=_seen(item))
-    remember_changes([change])
-    if change is not None and change.changed:
-        flash("success", f"#{item.image_id} {item.original_name}: accepted {item.predicted}")
+    if item.predicted is not None:
+        _label_one(db, item, item.predicted, verb="accepted")
 
 
 @st.dialog("Label history", width="large")
@@ -323,12 +329,8 @@ def keyboard_others(item: ReviewItem, categories: Sequence[str]) -> list[str]:
 
 
 def _on_keyboard(db: Database, item: ReviewItem, choice: str | None, done: list[int]) -> None:
-    if choice is not None:
-        change = flash_errors(set_label, db, item.image_id, choice, actor=actor(), seen_prediction=_seen(item))
-        if change is None:
-            return  # refused (e.g. archived meanwhile): stay on this photo, the error says why
-        remember_changes([change])
-        flash("success", f"#{item.image_id} {item.original_name}: labelled {choice}")
+    if choice is not None and not _label_one(db, item, choice):
+        return  # refused (e.g. archived meanwhile): stay on this photo, the error says why
     done.append(item.image_id)
 
 
