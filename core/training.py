@@ -9,6 +9,7 @@ the model version and promotes it according to `settings.promote_policy`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -110,11 +111,19 @@ class TrainingPlan:
 
 
 def suggested_mode(settings: Settings) -> str:
-    """Full fine-tuning where a GPU makes it minutes; head-only ("quick") elsewhere."""
+    """Full fine-tuning where a GPU makes it minutes; head-only ("quick") elsewhere.
+
+    The first call imports torch to look for a GPU (seconds); the answer is kept per device setting.
+    """
+    return _mode_for_device(str(settings.device))
+
+
+@functools.cache
+def _mode_for_device(device: str) -> str:
     from models.devices import pick_device
 
     try:
-        return "full" if pick_device(settings.device).type == "cuda" else "quick"
+        return "full" if pick_device(device).type == "cuda" else "quick"
     except Exception:
         return "quick"
 

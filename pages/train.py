@@ -18,12 +18,6 @@ AUTO = "auto"
 db = _ui.get_db()
 
 
-@st.cache_resource(show_spinner=False)
-def _hardware_mode(device: str) -> str:
-    # The first call imports torch to look for a GPU (10 s or more); once per process and device setting.
-    return suggested_mode(db.settings)
-
-
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
@@ -40,8 +34,8 @@ _ui.show_flash()
 st.title("Train & models")
 
 # --- what would be trained ------------------------------------------------------------------------------------------
-with st.spinner("Checking the hardware..."):
-    suggested = _hardware_mode(db.settings.device)
+with st.spinner("Checking the hardware..."):  # the first visit imports torch to look for a GPU
+    suggested = suggested_mode(db.settings)
 choice = st.radio(
     "Mode",
     [AUTO, "quick", "full"],
