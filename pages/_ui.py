@@ -143,7 +143,7 @@ def flash_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 # --- sidebar ----------------------------------------------------------------------------------------------------
 
 
-def _percent(value: float | None) -> str:
+def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
@@ -259,7 +259,7 @@ def prediction_text(item: ReviewItem) -> str:
     """`Predicted: Shoes (93%)` or that there is none."""
     if item.predicted is None:
         return "Predicted: (no model prediction)"
-    return f"Predicted: {item.predicted} ({_percent(item.confidence)})"
+    return f"Predicted: {item.predicted} ({percent(item.confidence)})"
 
 
 def image_card(db: Database, item: ReviewItem, categories: list[str], *, prefix: str) -> bool:
@@ -428,7 +428,7 @@ def _sidebar_status(db: Database, first: list[Overview]) -> None:
     st.subheader("Model")
     if overview.has_model:
         st.text(f"Active: {overview.active_version_label}")
-        st.text(f"Test accuracy: {_percent(overview.test_accuracy)}")
+        st.text(f"Test accuracy: {percent(overview.test_accuracy)}")
     else:
         st.text("No model yet: label images, then retrain.")
     st.subheader("Training")

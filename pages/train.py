@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from core.dashboard import version_comparison
-from core.jobs import cancel_job, current_job, enqueue_training, ensure_worker, list_jobs
+from core.jobs import cancel_job, current_job, enqueue_training, ensure_worker, list_jobs, worker_alive
 from core.overview import error_headline, job_progress, training_curves
 from core.training import suggested_mode, training_plan
 from core.versions import activate_version, active_version, list_versions
@@ -16,10 +16,6 @@ from pages import _ui
 AUTO = "auto"
 
 db = _ui.get_db()
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1%}"
 
 
 def _retrain(mode: str) -> None:
@@ -110,9 +106,10 @@ def live_progress(drawn_job_id: int | None) -> None:
                 st.text(f"{text}: {headline}" if headline else text)
         return
     if job.status == "queued":
-        # Its worker may have died before claiming it (or none was ever started): start one here. ensure_worker
-        # does nothing while any worker is alive, and starts at most one per heartbeat timeout.
-        _ui.attempt(ensure_worker, db)
+        # Its worker may have died before claiming it (or none was ever started): start one here. A read first, so
+        # a waiting page does not take the write lock every 2 s; ensure_worker starts at most one per timeout.
+        if not worker_alive(db):
+            _ui.attempt(ensure_worker, db)
     p = job.progress
     st.subheader(f"Training job #{job.id}: {job.status}")
     bar = job_progress(p)
@@ -158,16 +155,16 @@ if comparison is not None:
     scores = st.columns(4)
     scores[0].metric(
         f"{new} test accuracy",
-        _percent(comparison.newest_accuracy),
+        _ui.percent(comparison.newest_accuracy),
         delta=_delta(comparison.newest_accuracy, comparison.baseline_accuracy),
     )
-    scores[1].metric(f"{old} test accuracy", _percent(comparison.baseline_accuracy))
+    scores[1].metric(f"{old} test accuracy", _ui.percent(comparison.baseline_accuracy))
     scores[2].metric(
         f"{new} macro F1",
-        _percent(comparison.newest_macro_f1),
+        _ui.percent(comparison.newest_macro_f1),
         delta=_delta(comparison.newest_macro_f1, comparison.baseline_macro_f1),
     )
-    scores[3].metric(f"{old} macro F1", _percent(comparison.baseline_macro_f1))
+    scores[3].metric(f"{old} macro F1", _ui.percent(comparison.baseline_macro_f1))
     if not comparison.per_class.empty:
         table, formats = _ui.percent_columns(comparison.per_class, comparison.per_class.columns[1:])
         st.dataframe(table, hide_index=True, height="content", column_config=formats)
