@@ -23,15 +23,18 @@ from models.calibration import fit_temperature
 from models.devices import describe_device, pick_device
 from models.errors import NotEnoughData, TrainingStopped
 from models.factory import PreprocessConfig
+from models.modes import TrainMode
 from models.preprocess import PixelRows, augment_batch, normalize_nchw, numpy_to_tensor
 
 ProgressCallback = Callable[["Progress"], None]
 StopCheck = Callable[[], bool]
 
-_MODES = ("quick", "full")
 _BALANCES = ("sampler", "loss", "none")
 # Candidate L2 strengths for the quick head when none is configured: picked by validation log loss.
 _HEAD_L2_GRID = (1e-2, 1e-3, 1e-4)
+# With fewer images per batch, BatchNorm's batch statistics are too noisy to train on (freeze_bn=None decides by it).
+_FREEZE_BN_BELOW = 16
+_HEAD, _BACKBONE = "head", "backbone"
 
 
 @dataclass
@@ -40,12 +43,15 @@ class TrainConfig:
 
     arch: str = "resnet18"
     image_size: int = 224
-    mode: str = "quick"  # "quick": refit the head on cached features; "full": fine-tune every layer
+    mode: TrainMode = TrainMode.QUICK
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    backbone_lr_scale: float = 0.1  # full mode: the backbone learns at lr * this, the classifier head at lr
+    head_warmup_epochs: float = 0.0  # full mode: only the head trains this long (the backbone's lr is 0)
+    freeze_bn: bool | None = None  # full mode: BatchNorm in eval mode, running stats kept; None: when a batch < 16
     label_smoothing: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -63,8 +69,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.mode not in _MODES:
-            problems.append(f"mode must be one of {', '.join(_MODES)}, got {self.mode!r}")
+        try:
+            self.mode = TrainMode(self.mode)
+        except ValueError:
+            problems.append(f"mode must be one of {', '.join(TrainMode)}, got {self.mode!r}")
         if self.balance not in _BALANCES:
             problems.append(f"balance must be one of {', '.join(_BALANCES)}, got {self.balance!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "head_max_iter", "head_threads"):
@@ -76,6 +84,11 @@ class TrainConfig:
             problems.append(f"lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.warmup_epochs < 0 or self.patience < 0:
             problems.append("weight_decay, warmup_epochs and patience must not be negative")
+        for name in ("backbone_lr_scale", "head_warmup_epochs"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.freeze_bn not in (None, True, False):
+            problems.append(f"freeze_bn must be true, false or empty (automatic), got {self.freeze_bn!r}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -101,7 +114,7 @@ class TrainConfig:
 
 
 # Fields whose default is None, and the type they hold when set.
-_OPTIONAL_TYPES: dict[str, type] = {"max_steps": int, "head_l2": float}
+_OPTIONAL_TYPES: dict[str, type] = {"max_steps": int, "head_l2": float, "freeze_bn": bool}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -110,7 +123,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if key in _OPTIONAL_TYPES:
             return None
         raise ValueError(f"training setting {key!r} must not be empty")
-    kind = _OPTIONAL_TYPES.get(key) or type(default)
+    kind = _OPTIONAL_TYPES.get(key) or (str if isinstance(default, str) else type(default))  # a StrEnum is text
     try:
         if kind is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
@@ -266,18 +279,20 @@ def train_full(
 ) -> TrainResult:
     """Fine-tune every layer of `model` and return it with its best-validation weights and a fitted temperature.
 
-    AdamW (no decay on biases and norms), linear warm-up then cosine decay per step, class balance by sampling or
-    loss weights, `augment_batch` on the device, bf16 autocast + channels_last + cudnn.benchmark on CUDA, early
-    stopping on validation accuracy. `on_progress` gets a report every `progress_every_s` seconds and at each
-    epoch's end; `should_stop()` is checked every step and raises TrainingStopped. A CUDA out-of-memory error frees
-    GPU memory and is re-raised as a RuntimeError saying what to lower.
+    AdamW (no decay on biases and norms; the backbone at `backbone_lr_scale` times the head's lr, and idle for the
+    first `head_warmup_epochs`), linear warm-up then cosine decay per step, class balance by sampling or loss weights,
+    BatchNorm statistics frozen for small batches (`freeze_bn`), `augment_batch` on the device, bf16 autocast +
+    channels_last + cudnn.benchmark on CUDA, early stopping on validation accuracy. `on_progress` gets a report every
+    `progress_every_s` seconds and at each epoch's end; `should_stop()` is checked every step and raises
+    TrainingStopped. A CUDA out-of-memory error frees GPU memory and is re-raised as a RuntimeError saying what to
+    lower.
     """
     if len(data.train_labels) < 2:
         raise NotEnoughData(f"full training needs at least 2 training images, got {len(data.train_labels)}")
     device = pick_device(config.device)
     failure: str | None = None
     try:
-        return _train_full(config, data, model, cfg, device, on_progress, should_stop)
+        return _FullRun(config, data, model, cfg, device, on_progress, should_stop).run()
     except torch.OutOfMemoryError as exc:
         failure = str(exc).splitlines()[0] if str(exc) else "out of memory"
     # Outside the except block the traceback (and the tensors its frames hold) is released before we free memory.
@@ -290,220 +305,365 @@ def train_full(
     )
 
 
-def _train_full(
-    config: TrainConfig,
-    data: TrainData,
-    model: nn.Module,
-    cfg: PreprocessConfig,
-    device: torch.device,
-    on_progress: ProgressCallback | None,
-    should_stop: StopCheck | None,
-) -> TrainResult:
-    num_classes = len(data.class_names)
-    n_train = len(data.train_labels)
-    has_val = len(data.val_labels) > 0
-    cuda = device.type == "cuda"
-    device_text = describe_device(device)
-    torch.manual_seed(config.seed)
-    sample_gen = torch.Generator().manual_seed(config.seed)
-    augment_gen = torch.Generator().manual_seed(config.seed + 1)
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+@dataclass(frozen=True)
+class _StepPlan:
+    """How a full run's optimiser steps are laid out over its epochs."""
 
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
-    train_model = torch.compile(model) if config.compile else model
-    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    warmup_steps: int  # the head's linear warm-up
+    head_only_steps: int  # steps before the backbone starts learning
+    backbone_warmup_steps: int  # the backbone's linear warm-up, from head_only_steps on
+    freeze_bn: bool
 
+
+def _plan_steps(config: TrainConfig, n_train: int) -> _StepPlan:
     batch_size = min(config.batch_size, n_train)
     steps_per_epoch = max(1, n_train // batch_size)  # drop the ragged tail: BatchNorm cannot train on 1 image
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup = min(round(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, total_steps))
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    head_only = min(round(config.head_warmup_epochs * steps_per_epoch), total_steps)
+    return _StepPlan(
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        epochs=math.ceil(total_steps / steps_per_epoch),
+        warmup_steps=min(warmup, max(total_steps - 1, 0)),
+        head_only_steps=head_only,
+        backbone_warmup_steps=min(warmup, max(total_steps - head_only - 1, 0)),
+        freeze_bn=config.freeze_bn if config.freeze_bn is not None else batch_size < _FREEZE_BN_BELOW,
+    )
 
-    counts = _class_counts(data.train_labels, num_classes)
+
+def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: timm's weight-decay split (none on biases and norms) of the classifier head, at lr, and of the
+    backbone, at lr * backbone_lr_scale; head groups first, each tagged with its "part" for the schedule.
+
+    A model without a timm classifier (`get_classifier`) trains as one part, the head.
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else model
+    head_ids = {id(p) for p in head.parameters()}
+    groups = timm.optim.param_groups_weight_decay(
+        model, config.weight_decay, no_weight_decay_list=getattr(model, "no_weight_decay", set)()
+    )
+    parts = []
+    for part, lr in ((_HEAD, config.lr), (_BACKBONE, config.lr * config.backbone_lr_scale)):
+        for group in groups:
+            params = [p for p in group["params"] if (id(p) in head_ids) == (part == _HEAD)]
+            if params:
+                parts.append({**group, "params": params, "lr": lr, "part": part})
+    return parts
+
+
+def _optimizer_and_schedule(
+    model: nn.Module, config: TrainConfig, plan: _StepPlan
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the head and backbone groups, and a per-step warm-up + cosine schedule for each part."""
+    optimizer = timm.optim.create_optimizer_v2(
+        model,
+        "adamw",
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        param_group_fn=lambda m: _param_groups(m, config),
+    )
+    schedules = {
+        _HEAD: _warmup_cosine(plan.warmup_steps, plan.total_steps),
+        _BACKBONE: _warmup_cosine(plan.backbone_warmup_steps, plan.total_steps, start=plan.head_only_steps),
+    }
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedules[g["part"]] for g in optimizer.param_groups])
+    return optimizer, scheduler
+
+
+def _criterion(config: TrainConfig, counts: np.ndarray, device: torch.device) -> nn.Module:
+    """Label-smoothed cross entropy, weighted by inverse class frequency when `balance` is "loss"."""
     loss_weight = None
     if config.balance == "loss":
         present = counts > 0
-        weights = np.zeros(num_classes, dtype=np.float32)
-        weights[present] = n_train / (present.sum() * counts[present])
+        weights = np.zeros(len(counts), dtype=np.float32)
+        weights[present] = counts.sum() / (present.sum() * counts[present])
         loss_weight = torch.from_numpy(weights).to(device)
-    criterion = nn.CrossEntropyLoss(weight=loss_weight, label_smoothing=config.label_smoothing)
-    train_labels_t = torch.from_numpy(data.train_labels)
-
-    history: list[dict[str, Any]] = []
-    best_acc, best_loss, best_epoch = -1.0, math.inf, 0
-    best_state: dict[str, torch.Tensor] | None = None
-    best_logits: np.ndarray | None = None
-    bad_epochs = 0
-    stopped_early = False
-    global_step = 0
-    started = time.monotonic()
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # gathers the next batch while this one runs
-
-    def gather(indices: np.ndarray) -> np.ndarray:
-        return np.asarray(data.train_pixels[indices])
-
-    try:
-        for epoch in range(1, epochs + 1):
-            order = _epoch_indices(config.balance, data.train_labels, counts, steps_per_epoch * batch_size, sample_gen)
-            epoch_steps = min(steps_per_epoch, total_steps - global_step)
-            batches = [np.sort(order[i * batch_size : (i + 1) * batch_size]) for i in range(epoch_steps)]
-            model.train()
-            epoch_start = time.monotonic()
-            last_report = 0.0
-            loss_sum = torch.zeros((), device=device)
-            correct_sum = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            future = pool.submit(gather, batches[0])
-            for step, indices in enumerate(batches, start=1):
-                _check_stop(should_stop, f"epoch {epoch}, step {step}")
-                pixels = future.result()
-                if step < len(batches):
-                    future = pool.submit(gather, batches[step])
-                images = _to_device_nchw(pixels, device)
-                labels = train_labels_t[indices].to(device, non_blocking=True)
-                if config.augment:
-                    images = augment_batch(images, generator=augment_gen)
-                inputs = normalize_nchw(images, cfg, channels_last=cuda)
-                with _autocast(device, config.amp):
-                    logits = train_model(inputs)
-                    loss = criterion(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                global_step += 1
-                # Accumulate on the device: a .item() per step would stall the GPU pipeline.
-                loss_sum += loss.detach() * len(indices)
-                correct_sum += (logits.detach().argmax(dim=1) == labels).sum()
-                seen += len(indices)
-                now = time.monotonic()
-                if step == 1 or now - last_report >= config.progress_every_s:
-                    last_report = now
-                    elapsed = now - started
-                    _report(
-                        on_progress,
-                        Progress(
-                            phase="train",
-                            epoch=epoch,
-                            epochs=epochs,
-                            step=global_step,
-                            steps=total_steps,
-                            loss=float(loss_sum) / seen,
-                            train_acc=float(correct_sum) / seen,
-                            val_acc=best_acc if best_acc >= 0 else None,
-                            images_per_s=seen / max(now - epoch_start, 1e-9),
-                            eta_s=elapsed / global_step * (total_steps - global_step),
-                            device=device_text,
-                        ),
-                    )
-            train_loss = float(loss_sum) / max(seen, 1)
-            train_acc = float(correct_sum) / max(seen, 1)
-            epoch_seconds = time.monotonic() - epoch_start
-
-            val_acc = val_loss = None
-            improved = True
-            if has_val:
-                _check_stop(should_stop, f"validation of epoch {epoch}")
-                val_logits = predict_logits(
-                    model, data.val_pixels, cfg, device=device, batch_size=config.eval_batch_size, amp=config.amp
-                )
-                val_acc = float((val_logits.argmax(axis=1) == data.val_labels).mean())
-                val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(data.val_labels)))
-                improved = val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss)
-                if improved:
-                    best_logits = val_logits
-            if improved:
-                best_acc, best_loss, best_epoch = (
-                    (val_acc if val_acc is not None else -1.0),
-                    (val_loss if val_loss is not None else math.inf),
-                    epoch,
-                )
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-            history.append(
-                {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "train_acc": train_acc,
-                    "val_loss": val_loss,
-                    "val_acc": val_acc,
-                    "lr": float(optimizer.param_groups[0]["lr"]),
-                    "seconds": epoch_seconds,
-                    "images_per_s": seen / max(epoch_seconds, 1e-9),
-                }
-            )
-            elapsed = time.monotonic() - started
-            _report(
-                on_progress,
-                Progress(
-                    phase="val",
-                    epoch=epoch,
-                    epochs=epochs,
-                    step=global_step,
-                    steps=total_steps,
-                    loss=train_loss,
-                    train_acc=train_acc,
-                    val_acc=val_acc,
-                    images_per_s=seen / max(epoch_seconds, 1e-9),
-                    eta_s=elapsed / global_step * (total_steps - global_step),
-                    device=device_text,
-                ),
-            )
-            if has_val and config.patience > 0 and bad_epochs >= config.patience and epoch < epochs:
-                stopped_early = True
-                break
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    temperature = 1.0
-    if best_logits is not None and len(best_logits):
-        temperature = fit_temperature(best_logits, data.val_labels)
-    _report(
-        on_progress,
-        Progress(
-            phase="done",
-            epoch=len(history),
-            epochs=epochs,
-            step=global_step,
-            steps=total_steps,
-            loss=history[-1]["train_loss"] if history else None,
-            train_acc=history[-1]["train_acc"] if history else None,
-            val_acc=best_acc if best_acc >= 0 else None,
-            eta_s=0.0,
-            device=device_text,
-        ),
-    )
-    return TrainResult(
-        model=model,
-        temperature=temperature,
-        history=history,
-        best_epoch=best_epoch,
-        best_val_acc=best_acc if best_acc >= 0 else None,
-        val_logits=best_logits,
-        stopped_early=stopped_early,
-    )
+    return nn.CrossEntropyLoss(weight=loss_weight, label_smoothing=config.label_smoothing)
 
 
-def _warmup_cosine(warmup: int, total: int, floor: float = 0.01) -> Callable[[int], float]:
-    """LR multiplier per step: linear warm-up to 1 over `warmup` steps, then cosine down to `floor`."""
+def _warmup_cosine(warmup: int, total: int, *, start: int = 0, floor: float = 0.01) -> Callable[[int], float]:
+    """LR multiplier per step: 0 before `start`, then a linear warm-up to 1 over `warmup` steps, then a cosine down to
+    `floor` at step `total`."""
 
     def factor(step: int) -> float:
+        if step < start:
+            return 0.0
+        step -= start
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total - start - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+@dataclass
+class _EpochStats:
+    loss: float
+    acc: float
+    seen: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.seen / max(self.seconds, 1e-9)
+
+
+@dataclass
+class _Validation:
+    acc: float
+    loss: float
+    logits: np.ndarray
+
+
+@dataclass
+class _Best:
+    """The best epoch so far (validation accuracy, ties broken by loss), with its weights and validation logits.
+
+    Without a validation split every epoch counts as the best, so the last one is kept.
+    """
+
+    acc: float = -1.0
+    loss: float = math.inf
+    epoch: int = 0
+    state: dict[str, torch.Tensor] | None = None
+    logits: np.ndarray | None = None
+    bad_epochs: int = 0  # epochs since the last improvement
+
+    @property
+    def val_acc(self) -> float | None:
+        return self.acc if self.acc >= 0 else None
+
+    def update(self, epoch: int, model: nn.Module, val: _Validation | None) -> None:
+        if val is not None and not (val.acc > self.acc or (val.acc == self.acc and val.loss < self.loss)):
+            self.bad_epochs += 1
+            return
+        if val is not None:
+            self.acc, self.loss, self.logits = val.acc, val.loss, val.logits
+        else:
+            self.acc, self.loss = -1.0, math.inf
+        self.epoch = epoch
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.bad_epochs = 0
+
+
+class _FullRun:
+    """One full fine-tuning run: set up from the config, then epochs of training and validation, then the result."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: TrainData,
+        model: nn.Module,
+        cfg: PreprocessConfig,
+        device: torch.device,
+        on_progress: ProgressCallback | None,
+        should_stop: StopCheck | None,
+    ) -> None:
+        self.config, self.data, self.model, self.cfg, self.device = config, data, model, cfg, device
+        self.on_progress, self.should_stop = on_progress, should_stop
+        self.cuda = device.type == "cuda"
+        self.device_text = describe_device(device)
+        torch.manual_seed(config.seed)
+        self.sample_gen = torch.Generator().manual_seed(config.seed)
+        self.augment_gen = torch.Generator().manual_seed(config.seed + 1)
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+        model.to(device, memory_format=torch.channels_last if self.cuda else torch.contiguous_format)
+        self.train_model = torch.compile(model) if config.compile else model
+        self.plan = _plan_steps(config, len(data.train_labels))
+        self.optimizer, self.scheduler = _optimizer_and_schedule(model, config, self.plan)
+        self.counts = _class_counts(data.train_labels, len(data.class_names))
+        self.criterion = _criterion(config, self.counts, device)
+        self.train_labels = torch.from_numpy(data.train_labels)
+        self.global_step = 0
+        self.bn_frozen = False
+        self.started = time.monotonic()
+
+    def run(self) -> TrainResult:
+        history: list[dict[str, Any]] = []
+        best = _Best()
+        stopped_early = False
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # gathers the next batch while this one runs
+        try:
+            for epoch in range(1, self.plan.epochs + 1):
+                stats = self._train_epoch(epoch, pool, best.val_acc)
+                val = self._validate(epoch)
+                best.update(epoch, self.model, val)
+                history.append(self._history_point(epoch, stats, val))
+                self._report(
+                    "val",
+                    epoch,
+                    loss=stats.loss,
+                    train_acc=stats.acc,
+                    val_acc=val.acc if val is not None else None,
+                    images_per_s=stats.images_per_s,
+                    eta_s=self._eta(time.monotonic()),
+                )
+                patience = self.config.patience
+                if val is not None and patience > 0 and best.bad_epochs >= patience and epoch < self.plan.epochs:
+                    stopped_early = True
+                    break
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return self._result(best, history, stopped_early)
+
+    def _train_epoch(
+        self, epoch: int, pool: concurrent.futures.ThreadPoolExecutor, best_val_acc: float | None
+    ) -> _EpochStats:
+        """One epoch of steps over class-balanced (or shuffled) batches, reporting every `progress_every_s`."""
+        plan = self.plan
+        num = plan.steps_per_epoch * plan.batch_size
+        order = _epoch_indices(self.config.balance, self.data.train_labels, self.counts, num, self.sample_gen)
+        epoch_steps = min(plan.steps_per_epoch, plan.total_steps - self.global_step)
+        batches = [np.sort(order[i * plan.batch_size : (i + 1) * plan.batch_size]) for i in range(epoch_steps)]
+        self.model.train()
+        self.bn_frozen = False
+        epoch_start = time.monotonic()
+        last_report = 0.0
+        loss_sum = torch.zeros((), device=self.device)
+        correct_sum = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        future = pool.submit(self._gather, batches[0])
+        for step, indices in enumerate(batches, start=1):
+            _check_stop(self.should_stop, f"epoch {epoch}, step {step}")
+            pixels = future.result()
+            if step < len(batches):
+                future = pool.submit(self._gather, batches[step])
+            self._freeze_batch_norm(plan.freeze_bn or self.global_step < plan.head_only_steps)
+            loss, correct = self._step(pixels, indices)
+            # Accumulate on the device: a .item() per step would stall the GPU pipeline.
+            loss_sum += loss * len(indices)
+            correct_sum += correct
+            seen += len(indices)
+            now = time.monotonic()
+            if step == 1 or now - last_report >= self.config.progress_every_s:
+                last_report = now
+                self._report(
+                    "train",
+                    epoch,
+                    loss=float(loss_sum) / seen,
+                    train_acc=float(correct_sum) / seen,
+                    val_acc=best_val_acc,
+                    images_per_s=seen / max(now - epoch_start, 1e-9),
+                    eta_s=self._eta(now),
+                )
+        return _EpochStats(
+            loss=float(loss_sum) / max(seen, 1),
+            acc=float(correct_sum) / max(seen, 1),
+            seen=seen,
+            seconds=time.monotonic() - epoch_start,
+        )
+
+    def _gather(self, indices: np.ndarray) -> np.ndarray:
+        return np.asarray(self.data.train_pixels[indices])
+
+    def _freeze_batch_norm(self, frozen: bool) -> None:
+        """BatchNorm layers in eval mode (running statistics used and kept) or back in training mode."""
+        if frozen == self.bn_frozen:
+            return
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.train(not frozen)
+        self.bn_frozen = frozen
+
+    def _step(self, pixels: np.ndarray, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser and schedule step on a batch: its mean loss and its number of correct predictions."""
+        images = _to_device_nchw(pixels, self.device)
+        labels = self.train_labels[indices].to(self.device, non_blocking=True)
+        if self.config.augment:
+            images = augment_batch(images, generator=self.augment_gen)
+        inputs = normalize_nchw(images, self.cfg, channels_last=self.cuda)
+        with _autocast(self.device, self.config.amp):
+            logits = self.train_model(inputs)
+            loss = self.criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.global_step += 1
+        return loss.detach(), (logits.detach().argmax(dim=1) == labels).sum()
+
+    def _validate(self, epoch: int) -> _Validation | None:
+        """Accuracy, loss and logits on the validation split; None without one."""
+        if not len(self.data.val_labels):
+            return None
+        _check_stop(self.should_stop, f"validation of epoch {epoch}")
+        logits = predict_logits(
+            self.model,
+            self.data.val_pixels,
+            self.cfg,
+            device=self.device,
+            batch_size=self.config.eval_batch_size,
+            amp=self.config.amp,
+        )
+        labels = self.data.val_labels
+        loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
+        return _Validation(acc=float((logits.argmax(axis=1) == labels).mean()), loss=loss, logits=logits)
+
+    def _history_point(self, epoch: int, stats: _EpochStats, val: _Validation | None) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "train_loss": stats.loss,
+            "train_acc": stats.acc,
+            "val_loss": val.loss if val is not None else None,
+            "val_acc": val.acc if val is not None else None,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),  # the head's
+            "seconds": stats.seconds,
+            "images_per_s": stats.images_per_s,
+        }
+
+    def _eta(self, now: float) -> float:
+        return (now - self.started) / self.global_step * (self.plan.total_steps - self.global_step)
+
+    def _report(self, phase: str, epoch: int, **numbers: float | None) -> None:
+        _report(
+            self.on_progress,
+            Progress(
+                phase=phase,
+                epoch=epoch,
+                epochs=self.plan.epochs,
+                step=self.global_step,
+                steps=self.plan.total_steps,
+                device=self.device_text,
+                **numbers,
+            ),
+        )
+
+    def _result(self, best: _Best, history: list[dict[str, Any]], stopped_early: bool) -> TrainResult:
+        """The best epoch's weights in eval mode, a temperature fitted on its validation logits, the final report."""
+        if best.state is not None:
+            self.model.load_state_dict(best.state)
+        self.model.eval()
+        temperature = 1.0
+        if best.logits is not None and len(best.logits):
+            temperature = fit_temperature(best.logits, self.data.val_labels)
+        last = history[-1] if history else {}
+        self._report(
+            "done",
+            len(history),
+            loss=last.get("train_loss"),
+            train_acc=last.get("train_acc"),
+            val_acc=best.val_acc,
+            eta_s=0.0,
+        )
+        return TrainResult(
+            model=self.model,
+            temperature=temperature,
+            history=history,
+            best_epoch=best.epoch,
+            best_val_acc=best.val_acc,
+            val_logits=best.logits,
+            stopped_early=stopped_early,
+        )
 
 
 def _epoch_indices(
@@ -725,6 +885,18 @@ def resize_head(model: nn.Module, old_classes: list[str], new_classes: list[str]
     return model
 
 
+def head_logits(model: nn.Module, features: np.ndarray) -> np.ndarray:
+    """Float64 logits of the model's linear classifier over pooled backbone features (N, D)."""
+    head = model.get_classifier()
+    weight = head.weight.detach().double().cpu().numpy()
+    bias = head.bias.detach().double().cpu().numpy()
+    return np.asarray(features, dtype=np.float64) @ weight.T + bias
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float | None:
+    return float((logits.argmax(axis=1) == labels).mean()) if len(labels) else None
+
+
 def train_quick(
     config: TrainConfig,
     data: TrainData,
@@ -738,7 +910,8 @@ def train_quick(
 ) -> TrainResult:
     """Quick retraining: backbone features (given, e.g. from a cache, or extracted), a refit head, a temperature.
 
-    The backbone is untouched, so features cached for the parent version stay valid for the result.
+    The backbone is untouched, so features cached for the parent version stay valid for the result. Reports phase
+    "head" before the fit, then "val" (the fit's numbers, as one epoch) and "done".
     """
     device = pick_device(config.device)
     if train_features is None:
@@ -771,14 +944,13 @@ def train_quick(
     )
     set_head(model, weight, bias)
     model.eval()
-    train_logits = torch.from_numpy(np.asarray(train_features, dtype=np.float32)) @ weight.T + bias
-    train_acc = float((train_logits.argmax(dim=1).numpy() == data.train_labels).mean())
+    train_acc = _accuracy(head_logits(model, train_features), data.train_labels)
     val_acc = val_loss = None
     val_logits = None
     temperature = 1.0
     if len(data.val_labels):
-        val_logits = (torch.from_numpy(np.asarray(val_features, dtype=np.float32)) @ weight.T + bias).numpy()
-        val_acc = float((val_logits.argmax(axis=1) == data.val_labels).mean())
+        val_logits = head_logits(model, val_features)
+        val_acc = _accuracy(val_logits, data.val_labels)
         val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(data.val_labels)))
         temperature = fit_temperature(val_logits, data.val_labels)
     seconds = time.monotonic() - started
@@ -794,20 +966,11 @@ def train_quick(
             "images_per_s": None,
         }
     ]
-    _report(
-        on_progress,
-        Progress(
-            phase="done",
-            epoch=1,
-            epochs=1,
-            step=1,
-            steps=1,
-            train_acc=train_acc,
-            val_acc=val_acc,
-            eta_s=0.0,
-            device="cpu",
-        ),
+    fitted = Progress(
+        phase="val", epoch=1, epochs=1, step=1, steps=1, train_acc=train_acc, val_acc=val_acc, eta_s=0.0, device="cpu"
     )
+    _report(on_progress, fitted)
+    _report(on_progress, dataclasses.replace(fitted, phase="done"))
     return TrainResult(
         model=model,
         temperature=temperature,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +14,10 @@ from models.training import (
     Progress,
     TrainConfig,
     TrainData,
+    TrainMode,
     extract_features,
     fit_head,
+    head_logits,
     resize_head,
     set_head,
     train_full,
@@ -108,7 +112,79 @@ def test_config_refuses_unknown_keys_and_bad_values() -> None:
 def test_config_round_trips_through_a_dict() -> None:
     config = TrainConfig.from_dict({"mode": "full", "epochs": "3", "lr": 1, "amp": "false", "max_steps": None})
     assert (config.epochs, config.lr, config.amp) == (3, 1.0, False)
+    assert config.mode is TrainMode.FULL
     assert TrainConfig.from_dict(config.to_dict()) == config
+    tuned = TrainConfig.from_dict({"backbone_lr_scale": "0.5", "head_warmup_epochs": 1, "freeze_bn": "true"})
+    assert (tuned.backbone_lr_scale, tuned.head_warmup_epochs, tuned.freeze_bn) == (0.5, 1.0, True)
+    assert json.loads(json.dumps(tuned.to_dict()))["freeze_bn"] is True  # the sidecar is JSON
+    assert TrainConfig.from_dict(json.loads(json.dumps(tuned.to_dict()))) == tuned
+    assert TrainConfig.from_dict({"freeze_bn": None}).freeze_bn is None
+
+
+def test_config_refuses_bad_fine_tuning_settings() -> None:
+    with pytest.raises(ValueError, match="backbone_lr_scale must not be negative"):
+        TrainConfig(backbone_lr_scale=-0.1)
+    with pytest.raises(ValueError, match="head_warmup_epochs must not be negative"):
+        TrainConfig.from_dict({"head_warmup_epochs": -1})
+    with pytest.raises(ValueError, match="'freeze_bn' must be bool"):
+        TrainConfig.from_dict({"freeze_bn": "sometimes"})
+
+
+def _fine_tune(model: torch.nn.Module, cfg: PreprocessConfig, **overrides: object) -> dict[str, torch.Tensor]:
+    """Train a few steps from a snapshot of the model's state; returns that snapshot (parameters and buffers)."""
+    before = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    train_full(_config(epochs=1, max_steps=3, patience=0, **overrides), _data(), model=model, cfg=cfg)
+    return before
+
+
+def _head_names(model: torch.nn.Module) -> set[str]:
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in head}
+
+
+def _mean_move(model: torch.nn.Module, before: dict[str, torch.Tensor], names: set[str]) -> float:
+    moved = [(p.detach() - before[n]).abs().mean().item() for n, p in model.named_parameters() if n in names]
+    return float(np.mean(moved))
+
+
+def test_the_backbone_learns_at_a_fraction_of_the_heads_rate(tiny_cfg: PreprocessConfig) -> None:
+    from models.factory import create_network
+
+    moves = {}
+    for scale in (0.1, 1.0):
+        torch.manual_seed(0)
+        model, _ = create_network("resnet18", len(CLASSES), pretrained="none")
+        before = _fine_tune(model, tiny_cfg, backbone_lr_scale=scale)
+        head = _head_names(model)
+        backbone = {name for name, _ in model.named_parameters()} - head
+        moves[scale] = (_mean_move(model, before, head), _mean_move(model, before, backbone))
+    (head_slow, backbone_slow), (head_full, backbone_full) = moves[0.1], moves[1.0]
+    assert backbone_slow > 0 and backbone_slow < 0.2 * head_slow  # Adam steps about lr per weight: 0.1 lr, 0.1 move
+    assert backbone_slow < 0.3 * backbone_full and head_slow > 0.5 * head_full
+
+
+def test_head_warmup_over_the_whole_run_leaves_the_backbone_bit_identical(
+    tiny_net: torch.nn.Module, tiny_cfg: PreprocessConfig
+) -> None:
+    before = _fine_tune(tiny_net, tiny_cfg, head_warmup_epochs=1, freeze_bn=False, backbone_lr_scale=1.0)
+    head = _head_names(tiny_net)
+    after = tiny_net.state_dict()
+    changed = {name for name, value in after.items() if not torch.equal(value, before[name])}
+    assert changed == head  # BatchNorm statistics included: a backbone that is not learning is not re-estimated
+
+
+@pytest.mark.parametrize(("freeze_bn", "batch_size", "kept"), [(True, 12, True), (False, 12, False), (None, 12, True),
+                                                                (None, 18, False)])  # fmt: skip
+def test_frozen_batch_norm_keeps_its_running_statistics(
+    tiny_net: torch.nn.Module, tiny_cfg: PreprocessConfig, freeze_bn: bool | None, batch_size: int, kept: bool
+) -> None:
+    before = _fine_tune(tiny_net, tiny_cfg, freeze_bn=freeze_bn, batch_size=batch_size)
+    stats = [name for name in before if name.endswith("running_mean")]
+    assert stats
+    unchanged = [torch.equal(tiny_net.state_dict()[name], before[name]) for name in stats]
+    assert all(unchanged) if kept else not any(unchanged)
+    backbone = {name for name, _ in tiny_net.named_parameters()} - _head_names(tiny_net)
+    assert _mean_move(tiny_net, before, backbone) > 0  # frozen statistics, learning weights
 
 
 def _separable_features(n_per_class: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,12 +246,38 @@ def test_quick_pieces_fit_together(tiny_net: torch.nn.Module, tiny_cfg: Preproce
     torch.testing.assert_close(logits, torch.from_numpy(feats) @ weight.T + bias, rtol=1e-3, atol=1e-3)
 
 
-def test_train_quick_reuses_given_features(tiny_net: torch.nn.Module, tiny_cfg: PreprocessConfig) -> None:
+def test_train_quick_extracts_features_and_refits_the_head(
+    tiny_net: torch.nn.Module, tiny_cfg: PreprocessConfig
+) -> None:
     data = _data(per_class=8)
-    result = train_quick(_config(mode="quick"), data, model=tiny_net, cfg=tiny_cfg)
+    reports: list[Progress] = []
+    result = train_quick(_config(mode="quick"), data, model=tiny_net, cfg=tiny_cfg, on_progress=reports.append)
     assert result.best_val_acc is not None and result.best_val_acc > 0.6
     assert result.history[0]["train_acc"] >= 0.9
     assert 0.05 <= result.temperature <= 20
+    assert [r.phase for r in reports if r.phase != "features"] == ["head", "val", "done"]
+    assert reports[-2].epoch == 1 and reports[-2].val_acc == result.best_val_acc
+
+
+def test_train_quick_reuses_given_features(
+    tiny_net: torch.nn.Module, tiny_cfg: PreprocessConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.training
+
+    data = _data(per_class=8)
+    train = extract_features(tiny_net, data.train_pixels, tiny_cfg, device="cpu")
+    val = extract_features(tiny_net, data.val_pixels, tiny_cfg, device="cpu")
+    monkeypatch.setattr(models.training, "extract_features", None)  # given features: no backbone pass at all
+    result = train_quick(_config(mode="quick"), data, model=tiny_net, cfg=tiny_cfg, train_features=train,
+                         val_features=val)  # fmt: skip
+    assert result.best_val_acc is not None and result.best_val_acc > 0.6
+    assert result.val_logits is not None
+    np.testing.assert_allclose(result.val_logits, head_logits(tiny_net, val))
+    with torch.inference_mode():
+        from models.preprocess import pixels_to_tensor
+
+        logits = tiny_net(pixels_to_tensor(data.val_pixels, tiny_cfg, "cpu"))
+    np.testing.assert_allclose(logits.numpy(), result.val_logits, rtol=1e-3, atol=1e-3)  # the head is in the model
 
 
 def test_resize_head_keeps_rows_of_persisting_classes(tiny_net: torch.nn.Module) -> None:
