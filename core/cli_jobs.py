@@ -8,6 +8,7 @@ import typer
 
 from core import jobs
 from core.cli_app import ActorOpt, JsonOpt, ProdcatTyper, actor_or_default, app, open_db, print_json
+from core.schema import JobStatus
 
 jobs_app = ProdcatTyper(
     help="Training jobs: list, show progress and errors, cancel, fail jobs whose worker died.",
@@ -48,18 +49,18 @@ def _age(seconds: float | None) -> str:
 
 
 def _summary(view: jobs.JobView) -> str:
-    progress = view.progress
+    report = view.report
     bits = [f"#{view.id}", view.status, view.mode, f"by {view.requested_by}", f"{view.created_at:%Y-%m-%d %H:%M}"]
-    if view.status == "running":
-        phase = progress.get("phase") or "starting"
-        if progress.get("epochs"):
-            phase += f" epoch {progress.get('epoch')}/{progress.get('epochs')}"
+    if view.status == JobStatus.RUNNING:
+        phase = report.phase or "starting"
+        if report.epochs:
+            phase += f" epoch {report.epoch}/{report.epochs}"
         bits.append(f"{phase}, heartbeat {_age(view.heartbeat_age_s)}")
         if view.cancel_requested:
             bits.append("cancel requested")
     if view.model_version_id is not None:
         bits.append(f"model v{view.model_version_id}")
-    if view.status in ("failed", "cancelled") and view.error:
+    if view.status in (JobStatus.FAILED, JobStatus.CANCELLED) and view.error:
         bits.append(view.error.splitlines()[0])
     return "  ".join(bits)
 
@@ -106,7 +107,7 @@ def jobs_show(job_id: JobIdArg, as_json: JsonOpt = False) -> None:
 def jobs_cancel(job_id: JobIdArg, actor: ActorOpt = None) -> None:
     """Cancel a job: a queued one at once, a running one at its worker's next step."""
     view = jobs.cancel_job(open_db(), job_id, actor=actor_or_default(actor))
-    if view.status == "cancelled":
+    if view.status == JobStatus.CANCELLED:
         typer.echo(f"job {view.id} cancelled")
     else:
         typer.echo(f"job {view.id} is running: asked its worker to stop at the next step")

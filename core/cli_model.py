@@ -16,11 +16,8 @@ from typing import Annotated, Any
 import typer
 
 from core.cli_app import ActorOpt, JsonOpt, actor_or_default, app, export_app, fail, models_app, open_db, print_json
-
-
-class Mode(StrEnum):
-    QUICK = "quick"
-    FULL = "full"
+from core.jobs import ProgressReport, TrainMode
+from core.schema import JobStatus
 
 
 class DeviceChoice(StrEnum):
@@ -74,7 +71,7 @@ def predict(
 
 @app.command("train")
 def train(
-    mode: Annotated[Mode | None, typer.Option("--mode", help="quick: head only; full: all layers.")] = None,
+    mode: Annotated[TrainMode | None, typer.Option("--mode", help="quick: head only; full: all layers.")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs (full mode).")] = None,
     arch: Annotated[str | None, typer.Option("--arch", help="timm architecture, e.g. resnet18, resnet50.")] = None,
     image_size: Annotated[int | None, typer.Option("--image-size", min=16, help="Input size in pixels.")] = None,
@@ -87,7 +84,7 @@ def train(
     from core.training import training_plan
 
     db = open_db()
-    plan = training_plan(db, mode=mode.value if mode else None)
+    plan = training_plan(db, mode=mode)
     if plan.problems:
         raise fail("training refused:\n  - " + "\n  - ".join(plan.problems))
     params: dict[str, Any] = {}
@@ -119,17 +116,16 @@ def _run_in_foreground(db: Any, job_id: int) -> int:
 
     bar = tqdm(total=None, unit="step", desc="training", file=sys.stderr)
 
-    def show(progress: dict[str, Any]) -> None:
-        phase = progress.get("phase") or ""
-        total = progress.get("steps")
+    def show(report: ProgressReport) -> None:
+        total = report.steps
         if total and bar.total != total:
             bar.reset(total=total)
-        if progress.get("step") is not None:
-            bar.n = int(progress["step"])
-        epoch = f" epoch {progress['epoch']}/{progress['epochs']}" if progress.get("epochs") else ""
-        bar.set_description(f"{phase}{epoch}", refresh=False)
-        extras = {k: progress[k] for k in ("loss", "train_acc", "val_acc") if progress.get(k) is not None}
-        bar.set_postfix({k: f"{v:.3f}" for k, v in extras.items()}, refresh=False)
+        if report.step is not None:
+            bar.n = int(report.step)
+        epoch = f" epoch {report.epoch}/{report.epochs}" if report.epochs else ""
+        bar.set_description(f"{report.phase or ''}{epoch}", refresh=False)
+        numbers = {"loss": report.loss, "train_acc": report.train_acc, "val_acc": report.val_acc}
+        bar.set_postfix({k: f"{v:.3f}" for k, v in numbers.items() if v is not None}, refresh=False)
         bar.refresh()
 
     try:
@@ -137,7 +133,7 @@ def _run_in_foreground(db: Any, job_id: int) -> int:
     finally:
         bar.close()
     view = jobs.get_job(db, job_id)
-    if str(view.status) != "succeeded":
+    if view.status != JobStatus.SUCCEEDED:
         raise fail(f"training job {job_id} {view.status}: {view.error or 'no message'}")
     return int(job if isinstance(job, int) else view.model_version_id)
 

@@ -7,6 +7,7 @@ except in `ensure_worker`, which starts a worker here when no worker anywhere ha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,10 +28,10 @@ from core.db import Database
 from core.errors import NotFound, TrainingRefused
 from core.schema import JobStatus, TrainingJob, Worker, utcnow
 from core.settings import Settings
+from models.modes import TrainMode
 
 log = logging.getLogger(__name__)
 
-MODES = ("quick", "full")
 LIVE_STATES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 FINISHED_STATES = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
 # Per-epoch points kept in progress["history"] for the loss/accuracy curves.
@@ -44,13 +45,91 @@ _spawned: list[subprocess.Popen[bytes]] = []
 
 
 @dataclass(frozen=True)
+class JobParams:
+    """What a training job carries: its mode and the TrainConfig settings it overrides (`training_jobs.params`)."""
+
+    mode: TrainMode
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, mode: str, params: Any) -> JobParams:
+        """A known mode and a dict of plain JSON values, or TrainingRefused naming what is wrong.
+
+        Whether the overrides are TrainConfig fields with fitting values is `core.training.build_train_config`'s call.
+        """
+        try:
+            known = TrainMode(mode)
+        except (TypeError, ValueError):
+            raise TrainingRefused(f"unknown training mode {mode!r}: use one of {', '.join(TrainMode)}") from None
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise TrainingRefused(f"training parameters must be a dict of name -> value, got {type(params).__name__}")
+        try:
+            params = json.loads(json.dumps(params))  # stored as JSON: refuse what would not survive the trip
+        except (TypeError, ValueError) as exc:
+            raise TrainingRefused(f"training parameters must be plain JSON values: {exc}") from exc
+        return cls(known, params)
+
+
+@dataclass(frozen=True)
+class ProgressReport:
+    """One progress report of a running job, stored as JSON in `training_jobs.progress` (beside its `history`).
+
+    `phase` is what people read ("training (val)"); `stage` is the models library's own phase ("features", "head",
+    "train", "val", "done"; None for core's own steps), so the history can tell the loop's summary from an epoch.
+    """
+
+    phase: str
+    stage: str | None = None
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    steps: int | None = None
+    loss: float | None = None
+    train_acc: float | None = None
+    val_acc: float | None = None
+    images_per_s: float | None = None
+    eta_s: float | None = None
+    device: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field, None where unknown, as plain JSON values (numpy numbers become Python ones)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=_json_number))
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> ProgressReport:
+        """A stored report (rows written before a field existed lack it); other keys, such as `history`, are skipped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{"phase": "", **{k: v for k, v in values.items() if k in known}})
+
+    def history_point(self) -> dict[str, Any] | None:
+        """The point this report contributes to the per-epoch curves (HISTORY_KEYS), or None: no epoch, a summary
+        ("done"), or no number at all."""
+        values = self.to_json()
+        epoch = values["epoch"]
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+            return None
+        if self.stage in _NON_EPOCH_PHASES or self.phase in _NON_EPOCH_PHASES:
+            return None
+        point = {key: values[key] for key in HISTORY_KEYS}
+        if all(point[key] is None for key in HISTORY_KEYS[1:]):
+            return None
+        return point
+
+
+def _json_number(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+@dataclass(frozen=True)
 class JobView:
     """A training job as pages, the CLI and the worker see it (a detached copy of the row)."""
 
     id: int
     mode: str
-    status: str
-    progress: dict[str, Any]
+    status: JobStatus
+    progress: dict[str, Any]  # the latest ProgressReport as stored, plus "history"
     error: str
     requested_by: str
     created_at: datetime
@@ -69,6 +148,11 @@ class JobView:
         return self.status in LIVE_STATES
 
     @property
+    def report(self) -> ProgressReport:
+        """The latest progress report (an empty phase before the worker's first)."""
+        return ProgressReport.from_json(self.progress)
+
+    @property
     def history(self) -> list[dict[str, Any]]:
         """Per-epoch points (epoch, loss, train_acc, val_acc) for the training curves."""
         return list(self.progress.get("history") or [])
@@ -84,7 +168,7 @@ def _view(row: TrainingJob, now: datetime | None = None) -> JobView:
     return JobView(
         id=row.id,
         mode=row.mode,
-        status=str(row.status),
+        status=JobStatus(row.status),
         progress=dict(row.progress or {}),
         error=row.error or "",
         requested_by=row.requested_by,
@@ -109,8 +193,7 @@ def _live_job_in(session: Session) -> TrainingJob | None:
 def _refusal(live: JobView | None) -> TrainingRefused:
     if live is None:  # the other request vanished between our INSERT and this read (cancelled at once)
         return TrainingRefused("another training job was requested at the same moment: try again")
-    verb = "queued" if live.status == JobStatus.QUEUED else "running"
-    return TrainingRefused(f"a training job ({live.describe()}) is already {verb}: wait for it or cancel it")
+    return TrainingRefused(f"a training job ({live.describe()}) is already {live.status}: wait for it or cancel it")
 
 
 def _refuse_if_live(session: Session) -> None:
@@ -119,27 +202,19 @@ def _refuse_if_live(session: Session) -> None:
         raise _refusal(_view(live))
 
 
-def validate_params(settings: Settings, mode: str, params: Any) -> dict[str, Any]:
-    """The job parameters as a JSON-ready dict; raises TrainingRefused naming a bad mode, key or value."""
-    if mode not in MODES:
-        raise TrainingRefused(f"unknown training mode {mode!r}: use one of {', '.join(MODES)}")
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise TrainingRefused(f"training parameters must be a dict of name -> value, got {type(params).__name__}")
-    try:
-        params = json.loads(json.dumps(params))  # stored as JSON: refuse what would not survive the trip
-    except (TypeError, ValueError) as exc:
-        raise TrainingRefused(f"training parameters must be plain JSON values: {exc}") from exc
+def validate_params(settings: Settings, mode: str, params: Any) -> JobParams:
+    """The job's parameters, checked as the worker will read them; raises TrainingRefused naming a bad mode, key or
+    value."""
+    job_params = JobParams.parse(mode, params)
     try:
         from core.training import build_train_config
     except ImportError:  # the training module is optional for the job queue itself
-        return params
-    build_train_config(settings, mode, params)  # raises TrainingRefused for unknown keys or bad values
-    return params
+        return job_params
+    build_train_config(settings, job_params)  # raises TrainingRefused for unknown keys or bad values
+    return job_params
 
 
-def enqueue_training(db: Database, mode: str, params: dict[str, Any] | None, actor: str) -> int:
+def enqueue_training(db: Database, mode: TrainMode | str, params: dict[str, Any] | None, actor: str) -> int:
     """Queue a training job and return its id.
 
     Raises TrainingRefused for a bad mode or parameters, and when a job is already queued or running, also when
@@ -148,12 +223,18 @@ def enqueue_training(db: Database, mode: str, params: dict[str, Any] | None, act
     actor = (actor or "").strip()
     if not actor:
         raise TrainingRefused("who is asking? a training job needs an actor name for the audit trail")
-    clean = validate_params(db.settings, mode, params)
+    job_params = validate_params(db.settings, mode, params)
     fail_stale_jobs(db)  # a job whose worker died must not refuse this one as "already running"
     try:
         with db.write() as session:
             _refuse_if_live(session)
-            job = TrainingJob(mode=mode, params=clean, status=JobStatus.QUEUED.value, active_slot=1, requested_by=actor)
+            job = TrainingJob(
+                mode=job_params.mode.value,
+                params=job_params.overrides,
+                status=JobStatus.QUEUED.value,
+                active_slot=1,
+                requested_by=actor,
+            )
             session.add(job)
             session.flush()
             job_id = job.id
@@ -161,7 +242,7 @@ def enqueue_training(db: Database, mode: str, params: dict[str, Any] | None, act
         # Another session inserted its live job between our check and our INSERT (PostgreSQL read committed;
         # SQLite's BEGIN IMMEDIATE serialises writers so the check above normally catches it first).
         raise _refusal(current_job(db)) from None
-    log.info("queued training job %s (%s) for %s", job_id, mode, actor)
+    log.info("queued training job %s (%s) for %s", job_id, job_params.mode, actor)
     return job_id
 
 
@@ -197,29 +278,24 @@ def claim_next_job(db: Database, worker_id: str, *, job_id: int | None = None) -
     return view
 
 
-def _merge_history(history: list[dict[str, Any]], progress: dict[str, Any]) -> list[dict[str, Any]]:
-    """Upsert the point of progress["epoch"]: the last report of an epoch (its validation) is the one kept."""
-    epoch = progress.get("epoch")
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+def _merge_history(history: list[dict[str, Any]], report: ProgressReport) -> list[dict[str, Any]]:
+    """Upsert the report's point for its epoch: the last report of an epoch (its validation) is the one kept."""
+    point = report.history_point()
+    if point is None:
         return history
-    if progress.get("stage") in _NON_EPOCH_PHASES or progress.get("phase") in _NON_EPOCH_PHASES:
-        return history
-    if all(progress.get(k) is None for k in HISTORY_KEYS[1:]):
-        return history
-    point = {k: progress.get(k) for k in HISTORY_KEYS}
-    kept = [p for p in history if p.get("epoch") != epoch]
+    kept = [p for p in history if p.get("epoch") != point["epoch"]]
     kept.append(point)
     kept.sort(key=lambda p: p["epoch"])
     return kept
 
 
-def record_progress(db: Database, job_id: int, progress: dict[str, Any]) -> bool:
-    """Store the latest progress (plus the per-epoch history for curves) and refresh the heartbeat.
+def record_progress(db: Database, job_id: int, report: ProgressReport) -> bool:
+    """Store the latest progress report (plus the per-epoch history for curves) and refresh the heartbeat.
 
     Returns True when the job should stop: cancel was requested, or it is no longer running (failed as stale,
     say). One short write transaction per call; the worker throttles how often it calls.
     """
-    clean = json.loads(json.dumps(progress, default=str))  # numpy floats and the like become JSON
+    stored = report.to_json()
     with db.write() as session:
         row = session.get(TrainingJob, int(job_id))
         if row is None:
@@ -227,8 +303,8 @@ def record_progress(db: Database, job_id: int, progress: dict[str, Any]) -> bool
         if row.status != JobStatus.RUNNING:
             return True
         previous = dict(row.progress or {})
-        clean["history"] = _merge_history(list(previous.get("history") or []), clean)
-        row.progress = clean
+        stored["history"] = _merge_history(list(previous.get("history") or []), report)
+        row.progress = stored
         row.heartbeat_at = utcnow()
         return bool(row.cancel_requested)
 

@@ -159,7 +159,7 @@ class JobProgress:
 
 
 def job_progress(progress: Mapping[str, Any]) -> JobProgress:
-    """Read a job's latest progress report (`core.training.PROGRESS_KEYS`) as a bar.
+    """Read a job's latest progress report (a stored `core.jobs.ProgressReport`) as a bar.
 
     `step`/`steps` is the finest count there is (images cached or embedded, batches over the whole run), so it sets
     the bar when known; quick mode reports only steps. Otherwise epochs do, counting only finished ones: epoch 2 of

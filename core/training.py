@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import func, select
@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 from core.corrections import correction_clause
 from core.db import Database, in_chunks
 from core.errors import CheckpointError, JobCancelled, NotFound, TrainingRefused
+from core.jobs import JobParams, ProgressReport
 from core.pixel_cache import CachedRows, PixelCache, RowStore
 from core.schema import Category, Image, Label, LabelEvent, ModelVersion, Split, TrainingJob, VersionStatus
 from core.settings import Settings
@@ -40,31 +41,17 @@ from core.versions import (
     metrics_for,
     resolve_category,
 )
+from models.modes import TrainMode
 
-ProgressFn = Callable[[dict[str, Any]], None]
+if TYPE_CHECKING:
+    from models.training import Progress, TrainConfig, TrainData
+
+ProgressFn = Callable[[ProgressReport], None]
 StopFn = Callable[[], bool]
 
 MIN_TRAIN_PER_CATEGORY = 2
 MIN_VAL_PER_CATEGORY = 1
 MIN_CATEGORIES = 2
-# Keys of job params that are not TrainConfig fields.
-NETWORK_PARAMS = ("arch", "image_size", "device")
-# "phase" is what people read ("training (val)"); "stage" is the models library's own phase ("train", "val",
-# "done", "features"; None for core's steps), so the worker can tell the loop's final summary from an epoch.
-PROGRESS_KEYS = (
-    "phase",
-    "stage",
-    "epoch",
-    "epochs",
-    "step",
-    "steps",
-    "loss",
-    "train_acc",
-    "val_acc",
-    "images_per_s",
-    "eta_s",
-    "device",
-)
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +77,8 @@ class TrainingPlan:
 
     categories: list[CategoryPlan]
     corrections_since_active: int  # as defined in core.corrections (bookkeeping and undone changes excluded)
-    suggested_mode: str
-    mode: str
+    suggested_mode: TrainMode
+    mode: str  # a TrainMode, or the unknown text asked for (then `problems` says so)
     active_version_id: int | None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -110,8 +97,8 @@ class TrainingPlan:
         return [c for c in self.categories if c.total > 0]
 
 
-def suggested_mode(settings: Settings) -> str:
-    """Full fine-tuning where a GPU makes it minutes; head-only ("quick") elsewhere.
+def suggested_mode(settings: Settings) -> TrainMode:
+    """Full fine-tuning where a GPU makes it minutes; head-only (quick) elsewhere.
 
     The first call imports torch to look for a GPU (seconds); the answer is kept per device setting.
     """
@@ -119,16 +106,16 @@ def suggested_mode(settings: Settings) -> str:
 
 
 @functools.cache
-def _mode_for_device(device: str) -> str:
+def _mode_for_device(device: str) -> TrainMode:
     from models.devices import pick_device
 
     try:
-        return "full" if pick_device(device).type == "cuda" else "quick"
+        return TrainMode.FULL if pick_device(device).type == "cuda" else TrainMode.QUICK
     except Exception:
-        return "quick"
+        return TrainMode.QUICK
 
 
-def training_plan(db: Database, *, mode: str | None = None) -> TrainingPlan:
+def training_plan(db: Database, *, mode: TrainMode | str | None = None) -> TrainingPlan:
     """Labelled images per live category and split, corrections since the active version, and any problems."""
     with db.read() as session:
         live = list(session.execute(select(Category.id, Category.name).where(Category.archived_at.is_(None))))
@@ -168,8 +155,11 @@ def training_plan(db: Database, *, mode: str | None = None) -> TrainingPlan:
         mode=mode or suggested,
         active_version_id=active_id,
     )
-    if plan.mode not in ("quick", "full"):
-        plan.problems.append(f"unknown training mode {plan.mode!r}: choose 'quick' or 'full'")
+    try:
+        plan.mode = TrainMode(plan.mode)
+    except ValueError:
+        choices = " or ".join(f"'{m}'" for m in TrainMode)
+        plan.problems.append(f"unknown training mode {plan.mode!r}: choose {choices}")
     trainable = plan.trainable
     if len(trainable) < MIN_CATEGORIES:
         if not categories:
@@ -202,13 +192,6 @@ def training_plan(db: Database, *, mode: str | None = None) -> TrainingPlan:
 # --- helpers ------------------------------------------------------------------------------------------------
 
 
-def _emit(on_progress: ProgressFn, **values: Any) -> None:
-    """Progress in the shape the worker records: every key present, None where unknown."""
-    payload = dict.fromkeys(PROGRESS_KEYS)
-    payload.update(values)
-    on_progress(payload)
-
-
 def _check_stop(should_stop: StopFn) -> None:
     if should_stop():
         raise JobCancelled("training cancelled by request")
@@ -220,8 +203,8 @@ def data_snapshot(pairs: Sequence[tuple[int, int]]) -> dict[str, Any]:
     return {"labels": len(pairs), "labels_hash": digest}
 
 
-def build_train_config(settings: Settings, mode: str, params: dict[str, Any]) -> Any:
-    """models.training.TrainConfig from settings defaults (arch, image size, device) overridden by job params.
+def build_train_config(settings: Settings, job: JobParams) -> TrainConfig:
+    """models.training.TrainConfig from settings defaults (arch, image size, device) overridden by the job's settings.
 
     Raises TrainingRefused naming any unknown or invalid parameter.
     """
@@ -232,8 +215,8 @@ def build_train_config(settings: Settings, mode: str, params: dict[str, Any]) ->
         "image_size": settings.image_size,
         "device": settings.device,
     }
-    values.update({k: v for k, v in dict(params or {}).items() if v is not None})
-    values["mode"] = mode
+    values.update({k: v for k, v in job.overrides.items() if v is not None})
+    values["mode"] = job.mode
     try:
         return TrainConfig.from_dict(values)
     except (TypeError, ValueError) as exc:
@@ -285,10 +268,9 @@ def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _progress_dict(progress: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(progress) and not isinstance(progress, type):
-        return dataclasses.asdict(progress)
-    return dict(progress or {})
+def _library_report(progress: Progress, phase: str) -> ProgressReport:
+    """A models.training report as the job's: `phase` for people, the library's own phase as `stage`."""
+    return ProgressReport(**{**dataclasses.asdict(progress), "phase": phase, "stage": progress.phase})
 
 
 # --- the training job ---------------------------------------------------------------------------------------
@@ -301,35 +283,107 @@ class _Split:
     category_ids: list[int]
 
 
+@dataclass
+class _Labelled:
+    """The labelled images of the trainable categories per split, as the job found them, and their identity."""
+
+    class_ids: list[int]
+    class_names: list[str]
+    splits: dict[str, _Split]
+    snapshot: dict[str, Any]
+    notes: list[str]  # the plan's notes (say, a category without test images)
+
+
+class _StartingNetwork(NamedTuple):
+    """The network a job starts from: the active version's weights when compatible, else a fresh one."""
+
+    model: Any
+    pretrained_source: str
+    notes: list[str]
+    parent_id: int | None
+
+
+@dataclass
+class _Measured:
+    """A trained model's calibration and its metrics on the validation and test splits."""
+
+    temperature: float
+    metrics: dict[str, Any]
+    test_accuracy: float | None
+    test_hash: str
+    test_pairs: list[tuple[int, int]]
+
+
 def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: StopFn) -> int:
     """Train, calibrate, evaluate, register and (per policy) activate a model version for a claimed job.
 
     Returns the new model version id. Raises TrainingRefused when the data cannot make a model (the messages say
     what to label), JobCancelled when should_stop() turns true. Nothing is registered unless everything succeeded.
     """
-    from models.checkpoint import CheckpointMeta, save_checkpoint
     from models.devices import describe_device, pick_device
     from models.errors import TrainingStopped
+    from models.factory import preprocessing_config
 
-    settings = db.settings
+    job = _job_params(db, job_id)
+    config = build_train_config(db.settings, job)
+    device = pick_device(config.device)
+    device_text = describe_device(device)
+    started = time.monotonic()
+    on_progress(ProgressReport(phase="preparing", device=device_text))
+    labelled = _gather_labelled(db, job.mode)
+    _check_stop(should_stop)
+
+    start = _starting_network(db, config, active_version(db), labelled.class_ids)
+    cfg = preprocessing_config(start.model, config.image_size)
+    pixels = _fill_pixel_cache(db, cfg, labelled.splits, on_progress=on_progress, device_text=device_text)
+    _check_stop(should_stop)
+
+    train = _train_quick if job.mode == TrainMode.QUICK else _train_full
+    try:
+        logits, train_metrics = train(
+            db, start.model, cfg, pixels, labelled, config, device, on_progress=on_progress, should_stop=should_stop
+        )
+    except TrainingStopped as exc:
+        raise JobCancelled("training cancelled by request") from exc
+    _check_stop(should_stop)
+
+    on_progress(ProgressReport(phase="evaluating", device=device_text))
+    measured = _calibrate_and_measure(db, logits, labelled, train_metrics)
+    measured.metrics["notes"] = start.notes + labelled.notes
+    measured.metrics["seconds"] = round(time.monotonic() - started, 2)
+    measured.metrics["device"] = device_text
+    _check_stop(should_stop)
+
+    on_progress(ProgressReport(phase="saving", device=device_text))
+    version_id = _save_and_register(db, int(job_id), config, cfg, start, labelled, measured)
+    if _promote(
+        db,
+        version_id,
+        test_accuracy=measured.test_accuracy,
+        test_hash=measured.test_hash,
+        test_pairs=measured.test_pairs,
+    ):
+        _refresh_predictions(db, version_id, on_progress=on_progress, device_text=device_text)
+    return version_id
+
+
+def _job_params(db: Database, job_id: int) -> JobParams:
     with db.read() as session:
         job = session.get(TrainingJob, int(job_id))
         if job is None:
             raise NotFound(f"no training job {job_id}")
         mode, params = str(job.mode), dict(job.params or {})
-    config = build_train_config(settings, mode, params)
-    device = pick_device(config.device)
-    device_text = describe_device(device)
-    started = time.monotonic()
-    _emit(on_progress, phase="preparing", device=device_text)
+    return JobParams.parse(mode, params)
 
+
+def _gather_labelled(db: Database, mode: TrainMode) -> _Labelled:
+    """The labelled images of the plan's trainable categories per split; TrainingRefused when the plan has problems."""
     plan = training_plan(db, mode=mode)
     if plan.problems:
         error = TrainingRefused("training refused: " + "; ".join(plan.problems))
         error.problems = plan.problems  # type: ignore[attr-defined]
         raise error
     class_ids = [c.id for c in plan.trainable]
-    class_names = [c.name for c in plan.trainable]
     index_of = {cid: i for i, cid in enumerate(class_ids)}
     splits: dict[str, _Split] = {}
     all_pairs: list[tuple[int, int]] = []
@@ -346,65 +400,37 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
         **{f"{s}_images": len(d.ids) for s, d in splits.items()},
         "class_category_ids": class_ids,
     }
-    _check_stop(should_stop)
+    return _Labelled(class_ids, [c.name for c in plan.trainable], splits, snapshot, plan.notes)
 
-    parent = active_version(db)
-    model, pretrained_source, notes, parent_used = _starting_network(db, config, parent, class_ids)
-    from models.factory import preprocessing_config
 
-    cfg = preprocessing_config(model, config.image_size)
-
-    # Pixels: decoded once per image and preprocessing config, shared with prediction and evaluation.
-    cache = PixelCache.for_config(settings, cfg)
-    every_id = splits["train"].ids + splits["val"].ids + splits["test"].ids
+def _fill_pixel_cache(
+    db: Database, cfg: Any, splits: dict[str, _Split], *, on_progress: ProgressFn, device_text: str
+) -> dict[str, CachedRows]:
+    """Decode every split's images once per preprocessing config (shared with prediction and evaluation) and return
+    lazy views: training reads one batch of rows at a time, never a whole split into memory."""
+    cache = PixelCache.for_config(db.settings, cfg)
     cache.fill(
         db,
-        every_id,
-        progress=lambda done, total: _emit(on_progress, phase="caching", step=done, steps=total, device=device_text),
+        splits["train"].ids + splits["val"].ids + splits["test"].ids,
+        progress=lambda done, total: on_progress(
+            ProgressReport(phase="caching", step=done, steps=total, device=device_text)
+        ),
     )
-    _check_stop(should_stop)
-    # Lazy views: training reads one batch of rows at a time, never a whole split into memory.
-    pixels = {s: cache.rows(db, d.ids) for s, d in splits.items()}
+    return {s: cache.rows(db, d.ids) for s, d in splits.items()}
 
-    try:
-        if mode == "quick":
-            logits, train_metrics = _train_quick(
-                db,
-                model,
-                cfg,
-                pixels,
-                splits,
-                config,
-                device,
-                len(class_ids),
-                on_progress=on_progress,
-                should_stop=should_stop,
-            )
-        else:
-            logits, train_metrics = _train_full(
-                model,
-                cfg,
-                pixels,
-                splits,
-                config,
-                device,
-                class_names,
-                on_progress=on_progress,
-                should_stop=should_stop,
-            )
-    except TrainingStopped as exc:
-        raise JobCancelled("training cancelled by request") from exc
-    _check_stop(should_stop)
 
-    # Calibrate on validation, then measure calibrated probabilities on validation and test.
+def _calibrate_and_measure(
+    db: Database, logits: dict[str, np.ndarray], labelled: _Labelled, train_metrics: dict[str, Any]
+) -> _Measured:
+    """Fit the temperature on validation, then measure calibrated probabilities on validation and test."""
     from models.calibration import fit_temperature
 
-    _emit(on_progress, phase="evaluating", device=device_text)
-    val, test = splits["val"], splits["test"]
+    val, test = labelled.splits["val"], labelled.splits["test"]
+    class_ids = labelled.class_ids
     temperature = float(fit_temperature(logits["val"], val.labels))
     metrics: dict[str, Any] = {"train": train_metrics}
     metrics["val"] = metrics_for(db, _softmax(logits["val"], temperature), class_ids, val.category_ids)
-    test_hash = hash_test_set(list(zip(test.ids, test.category_ids, strict=True)))
+    test_pairs = list(zip(test.ids, test.category_ids, strict=True))
     test_accuracy: float | None = None
     if test.ids:
         metrics["test"] = metrics_for(db, _softmax(logits["test"], temperature), class_ids, test.category_ids)
@@ -412,24 +438,36 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     else:
         metrics["test"] = {"n_images": 0, "note": "the test split has no labelled images: accuracy not measured"}
     metrics["temperature"] = temperature
-    metrics["notes"] = notes + plan.notes
-    metrics["seconds"] = round(time.monotonic() - started, 2)
-    metrics["device"] = device_text
-    _check_stop(should_stop)
+    return _Measured(temperature, metrics, test_accuracy, hash_test_set(test_pairs), test_pairs)
 
-    # The checkpoint goes to a job-specific staging folder and gets its final name in the registering transaction,
-    # so a job killed at any point leaves either nothing registered or a complete version.
-    _emit(on_progress, phase="saving", device=device_text)
-    model = model.to("cpu").eval()
+
+def _save_and_register(
+    db: Database,
+    job_id: int,
+    config: TrainConfig,
+    cfg: Any,
+    start: _StartingNetwork,
+    labelled: _Labelled,
+    measured: _Measured,
+) -> int:
+    """Write the checkpoint and register it as a candidate version; returns its id.
+
+    The checkpoint goes to a job-specific staging folder and gets its final name in the registering transaction, so
+    a job killed at any point leaves either nothing registered or a complete version.
+    """
+    from models.checkpoint import CheckpointMeta, save_checkpoint
+
+    settings = db.settings
+    model = start.model.to("cpu").eval()
     meta = CheckpointMeta.from_preprocess(
         config.arch,
-        class_names,
+        labelled.class_names,
         cfg,
-        temperature=temperature,
+        temperature=measured.temperature,
         train_config=config.to_dict(),
         seed=config.seed,
-        data_snapshot=snapshot,
-        pretrained_source=pretrained_source,
+        data_snapshot=labelled.snapshot,
+        pretrained_source=start.pretrained_source,
         backbone_id=backbone_id(model, cfg),
     )
     settings.checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -438,39 +476,40 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     staging.mkdir(parents=True)
     try:
         save_checkpoint(staging / "model.safetensors", model, meta)
-        version_id = _register(
+        return _register(
             db,
             staging,
-            job_id=int(job_id),
+            job_id=job_id,
             config=config,
-            class_names=class_names,
-            class_ids=class_ids,
-            pretrained_source=pretrained_source,
-            temperature=temperature,
-            metrics=metrics,
-            test_accuracy=test_accuracy,
-            test_hash=test_hash,
-            parent_id=parent_used,
+            class_names=labelled.class_names,
+            class_ids=labelled.class_ids,
+            pretrained_source=start.pretrained_source,
+            temperature=measured.temperature,
+            metrics=measured.metrics,
+            test_accuracy=measured.test_accuracy,
+            test_hash=measured.test_hash,
+            parent_id=start.parent_id,
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-    test_pairs = list(zip(test.ids, test.category_ids, strict=True))
-    if _promote(db, version_id, test_accuracy=test_accuracy, test_hash=test_hash, test_pairs=test_pairs):
-        from core.predict import refresh_predictions
 
-        unreadable: list[Any] = []  # one bad stored original must not fail a run whose model is already promoted
-        refresh_predictions(
-            db,
-            version_id,
-            progress=lambda done, total: _emit(
-                on_progress, phase="predicting", step=done, steps=total, device=device_text
-            ),
-            unreadable=unreadable,
-        )
-        for refusal in unreadable[:20]:
-            log.warning("no prediction of v%s for %s", version_id, refusal)
-    return version_id
+def _refresh_predictions(db: Database, version_id: int, *, on_progress: ProgressFn, device_text: str) -> None:
+    """Store the promoted version's predictions for every image; one unreadable original is logged, not fatal (the
+    model is already promoted)."""
+    from core.predict import refresh_predictions
+
+    unreadable: list[Any] = []
+    refresh_predictions(
+        db,
+        version_id,
+        progress=lambda done, total: on_progress(
+            ProgressReport(phase="predicting", step=done, steps=total, device=device_text)
+        ),
+        unreadable=unreadable,
+    )
+    for refusal in unreadable[:20]:
+        log.warning("no prediction of v%s for %s", version_id, refusal)
 
 
 def _head_row_names(class_category_ids: Sequence[int], merged: dict[int, int]) -> list[str]:
@@ -485,10 +524,8 @@ def _head_row_names(class_category_ids: Sequence[int], merged: dict[int, int]) -
     return names
 
 
-def _starting_network(
-    db: Database, config: Any, parent: Any, class_ids: list[int]
-) -> tuple[Any, str, list[str], int | None]:
-    """(model, pretrained source, notes, parent id): the active version's weights when compatible, else fresh."""
+def _starting_network(db: Database, config: TrainConfig, parent: Any, class_ids: list[int]) -> _StartingNetwork:
+    """The active version's weights when compatible (head resized to today's classes), else a fresh network."""
     import torch
 
     from models.checkpoint import load_checkpoint
@@ -508,7 +545,7 @@ def _starting_network(
                 resize_head(model, old_rows, [str(c) for c in class_ids], seed=config.seed)
                 notes.append(f"head resized from {len(parent.class_category_ids)} to {len(class_ids)} classes")
             notes.append(f"started from v{parent.id}")
-            return model, parent.pretrained_source, notes, parent.id
+            return _StartingNetwork(model, parent.pretrained_source, notes, parent.id)
         except (CheckpointInvalid, OSError, ValueError) as exc:
             notes.append(f"could not start from v{parent.id} ({exc}); started from a fresh network")
     model, info = create_network(
@@ -516,7 +553,19 @@ def _starting_network(
     )
     if info.message:
         notes.append(str(info.message))
-    return model, str(info.source), notes, parent.id if parent is not None else None
+    return _StartingNetwork(model, str(info.source), notes, parent.id if parent is not None else None)
+
+
+def _train_data(pixels: dict[str, CachedRows], labelled: _Labelled) -> TrainData:
+    from models.training import TrainData
+
+    return TrainData(
+        train_pixels=pixels["train"],
+        train_labels=labelled.splits["train"].labels,
+        val_pixels=pixels["val"],
+        val_labels=labelled.splits["val"].labels,
+        class_names=labelled.class_names,
+    )
 
 
 def _train_quick(
@@ -524,103 +573,112 @@ def _train_quick(
     model: Any,
     cfg: Any,
     pixels: dict[str, CachedRows],
-    splits: dict[str, _Split],
-    config: Any,
+    labelled: _Labelled,
+    config: TrainConfig,
     device: Any,
-    num_classes: int,
     *,
     on_progress: ProgressFn,
     should_stop: StopFn,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Head-only training on cached backbone features; returns logits per split and train metrics."""
-    from models.training import extract_features, fit_head, set_head
+    """models.training.train_quick on cached backbone features; returns logits per split (val, test) and train
+    metrics."""
+    from models.training import head_logits, train_quick
 
     bid = backbone_id(model, cfg)
-    dim = int(model.num_features)
-    features_cache = FeatureCache(db.settings, bid, dim)
+    features_cache = FeatureCache(db.settings, bid, int(model.num_features))
     features: dict[str, np.ndarray] = {}
-    for split, data in splits.items():
-        shas = _shas(db, data.ids)
-        position = {sha: pos for pos, sha in enumerate(shas)}
-
-        def compute(
-            keys: Sequence[str],
-            split_pixels: CachedRows = pixels[split],
-            position: dict[str, int] = position,
-            phase: str = f"features ({split})",
-        ) -> np.ndarray:
-            rows = split_pixels.subset([position[k] for k in keys])
-            return extract_features(
-                model,
-                rows,
-                cfg,
-                device=device,
-                batch_size=config.eval_batch_size,
-                on_progress=lambda p: _emit(on_progress, **{**_progress_dict(p), "phase": phase, "stage": p.phase}),
-                should_stop=should_stop,
-                amp=config.amp,
-            )
-
-        features[split] = features_cache.ensure(shas, compute) if shas else np.zeros((0, dim), dtype=np.float32)
+    for split, data in labelled.splits.items():
+        features[split] = _split_features(
+            db,
+            model,
+            cfg,
+            pixels[split],
+            data.ids,
+            features_cache,
+            config,
+            device,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            phase=f"features ({split})",
+        )
     _check_stop(should_stop)
-    _emit(on_progress, phase="fitting head")
-    weight, bias = fit_head(
-        features["train"],
-        splits["train"].labels,
-        features["val"],
-        splits["val"].labels,
-        num_classes=num_classes,
-        config=config,
+    result = train_quick(
+        config,
+        _train_data(pixels, labelled),
+        model=model,
+        cfg=cfg,
+        on_progress=lambda p: on_progress(_library_report(p, "fitting head")),
+        should_stop=should_stop,
+        train_features=features["train"],
+        val_features=features["val"],
     )
-    set_head(model, weight, bias)
-    w = weight.detach().double().numpy()
-    b = bias.detach().double().numpy()
-    logits = {split: f.astype(np.float64) @ w.T + b for split, f in features.items()}
-    train_acc = _accuracy(logits["train"], splits["train"].labels)
-    val_acc = _accuracy(logits["val"], splits["val"].labels)
-    _emit(on_progress, phase="fitting head", epoch=1, epochs=1, step=1, steps=1, train_acc=train_acc, val_acc=val_acc)
+    logits = {split: head_logits(result.model, features[split]) for split in ("val", "test")}
     return logits, {
-        "accuracy": train_acc,
-        "n_images": len(splits["train"].ids),
+        "accuracy": result.history[0]["train_acc"],
+        "n_images": len(labelled.splits["train"].ids),
         "features_computed": features_cache.computed,
         "backbone_id": bid,
     }
 
 
-def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float | None:
-    return float((logits.argmax(axis=1) == labels).mean()) if len(labels) else None
+def _split_features(
+    db: Database,
+    model: Any,
+    cfg: Any,
+    split_pixels: CachedRows,
+    image_ids: list[int],
+    features_cache: FeatureCache,
+    config: TrainConfig,
+    device: Any,
+    *,
+    on_progress: ProgressFn,
+    should_stop: StopFn,
+    phase: str,
+) -> np.ndarray:
+    """Backbone features of one split's images: from the cache, computing (and caching) only the missing ones."""
+    from models.training import extract_features
+
+    if not image_ids:
+        return np.zeros((0, int(model.num_features)), dtype=np.float32)
+    shas = _shas(db, image_ids)
+    position = {sha: pos for pos, sha in enumerate(shas)}
+
+    def compute(keys: Sequence[str]) -> np.ndarray:
+        return extract_features(
+            model,
+            split_pixels.subset([position[k] for k in keys]),
+            cfg,
+            device=device,
+            batch_size=config.eval_batch_size,
+            on_progress=lambda p: on_progress(_library_report(p, phase)),
+            should_stop=should_stop,
+            amp=config.amp,
+        )
+
+    return features_cache.ensure(shas, compute)
 
 
 def _train_full(
+    db: Database,
     model: Any,
     cfg: Any,
     pixels: dict[str, CachedRows],
-    splits: dict[str, _Split],
-    config: Any,
+    labelled: _Labelled,
+    config: TrainConfig,
     device: Any,
-    class_names: list[str],
     *,
     on_progress: ProgressFn,
     should_stop: StopFn,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Fine-tune every layer; returns logits per split (val, test) and train metrics."""
-    from models.training import TrainData, predict_logits, train_full
+    from models.training import predict_logits, train_full
 
-    data = TrainData(
-        train_pixels=pixels["train"],
-        train_labels=splits["train"].labels,
-        val_pixels=pixels["val"],
-        val_labels=splits["val"].labels,
-        class_names=class_names,
-    )
     result = train_full(
         config,
-        data,
+        _train_data(pixels, labelled),
         model=model,
         cfg=cfg,
-        on_progress=lambda p: _emit(
-            on_progress, **{**_progress_dict(p), "phase": f"training ({p.phase})", "stage": p.phase}
-        ),
+        on_progress=lambda p: on_progress(_library_report(p, f"training ({p.phase})")),
         should_stop=should_stop,
     )
     trained = result.model
@@ -635,7 +693,7 @@ def _train_full(
     return logits, {
         "accuracy": last.get("train_acc"),
         "loss": last.get("train_loss"),
-        "n_images": len(splits["train"].ids),
+        "n_images": len(labelled.splits["train"].ids),
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "stopped_early": result.stopped_early,
@@ -647,7 +705,7 @@ def _register(
     staging: Path,
     *,
     job_id: int,
-    config: Any,
+    config: TrainConfig,
     class_names: list[str],
     class_ids: list[int],
     pretrained_source: str,
@@ -663,7 +721,7 @@ def _register(
         row = ModelVersion(
             arch=config.arch,
             image_size=config.image_size,
-            mode=config.mode,
+            mode=config.mode.value,
             class_names=class_names,
             class_category_ids=class_ids,
             weights_path="",
@@ -691,6 +749,71 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+@dataclass
+class PromotionDecision:
+    """Whether a new candidate became active and why; stored as `metrics["promotion"]` of its version.
+
+    `active_version` and `active_accuracy_same_images` are recorded when the candidate was compared with the active
+    version (policy if_not_worse); `active_error` when that version could not be measured again.
+    """
+
+    policy: str
+    reason: str = ""
+    promoted: bool = False
+    active_version: int | None = None
+    active_accuracy_same_images: float | None = None
+    active_error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored record: the comparison's keys only when a comparison was made."""
+        record: dict[str, Any] = {"policy": self.policy, "reason": self.reason, "promoted": self.promoted}
+        if self.active_version is not None:
+            record["active_version"] = self.active_version
+            record["active_accuracy_same_images"] = self.active_accuracy_same_images
+        if self.active_error is not None:
+            record["active_error"] = self.active_error
+        return _json_safe(record)
+
+
+def _decide_promotion(
+    db: Database, *, test_accuracy: float | None, test_hash: str, test_pairs: Sequence[tuple[int, int]]
+) -> PromotionDecision:
+    """What settings.promote_policy says about a candidate measured at `test_accuracy` (before activating it)."""
+    policy = db.settings.promote_policy
+    current = active_version(db)
+    decision = PromotionDecision(policy=policy)
+    if policy == "always" or (policy == "if_not_worse" and current is None):
+        decision.promoted = True
+        decision.reason = "no active version" if current is None else "policy: always"
+    elif policy == "if_not_worse":
+        assert current is not None
+        if test_accuracy is None:
+            decision.promoted = True
+            decision.reason = "no labelled test images to compare on"
+        else:
+            baseline: float | None = None
+            try:
+                if current.test_image_ids_hash == test_hash and current.test_accuracy is not None:
+                    baseline = float(current.test_accuracy)
+                else:
+                    # The test set changed since the active version was measured: measure it again on the
+                    # candidate's images and labels.
+                    again = evaluate_version(db, current.id, pairs=test_pairs)
+                    assert again["test_set_hash"] == test_hash
+                    baseline = float(again["accuracy"])
+            except CheckpointError as exc:
+                decision.active_error = str(exc)
+            decision.active_version = current.id
+            decision.active_accuracy_same_images = baseline
+            decision.promoted = baseline is None or test_accuracy >= baseline
+            decision.reason = (
+                "not worse than the active version" if decision.promoted else "worse than the active version"
+            )
+    else:
+        decision.reason = "policy: manual (activate it from the Models page or `models activate`)"
+    return decision
+
+
 def _promote(
     db: Database,
     version_id: int,
@@ -704,46 +827,15 @@ def _promote(
     The active version is compared on the candidate's own test images and labels (`test_pairs`, as they were when
     the candidate was measured): labels corrected while the job ran do not tilt the comparison either way.
     """
-    policy = db.settings.promote_policy
-    current = active_version(db)
-    decision: dict[str, Any] = {"policy": policy}
-    promote = False
-    if policy == "always" or (policy == "if_not_worse" and current is None):
-        promote = True
-        decision["reason"] = "no active version" if current is None else "policy: always"
-    elif policy == "if_not_worse":
-        assert current is not None
-        if test_accuracy is None:
-            promote = True
-            decision["reason"] = "no labelled test images to compare on"
-        else:
-            try:
-                if current.test_image_ids_hash == test_hash and current.test_accuracy is not None:
-                    baseline = float(current.test_accuracy)
-                else:
-                    # The test set changed since the active version was measured: measure it again on the
-                    # candidate's images and labels.
-                    again = evaluate_version(db, current.id, pairs=test_pairs)
-                    assert again["test_set_hash"] == test_hash
-                    baseline = float(again["accuracy"])
-            except CheckpointError as exc:
-                baseline = None
-                decision["active_error"] = str(exc)
-            decision["active_version"] = current.id
-            decision["active_accuracy_same_images"] = baseline
-            promote = baseline is None or test_accuracy >= baseline
-            decision["reason"] = "not worse than the active version" if promote else "worse than the active version"
-    else:
-        decision["reason"] = "policy: manual (activate it from the Models page or `models activate`)"
-    if promote:
+    decision = _decide_promotion(db, test_accuracy=test_accuracy, test_hash=test_hash, test_pairs=test_pairs)
+    if decision.promoted:
         try:
             activate_version(db, version_id, actor="training")
         except CheckpointError as exc:
-            promote = False
-            decision["reason"] = f"could not activate: {exc}"
-    decision["promoted"] = promote
+            decision.promoted = False
+            decision.reason = f"could not activate: {exc}"
     with db.write() as session:
         row = session.get(ModelVersion, version_id)
         assert row is not None
-        row.metrics = {**(row.metrics or {}), "promotion": _json_safe(decision)}
-    return promote
+        row.metrics = {**(row.metrics or {}), "promotion": decision.to_json()}
+    return decision.promoted

@@ -21,7 +21,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
 from types import FrameType
 from typing import Any
 
@@ -41,7 +40,7 @@ TRACEBACK_TAIL_LINES = 25
 IDLE_PREDICT_LIMIT = 512  # images predicted per idle tick: bounds how long a newly queued job waits to be claimed
 IDLE_PREDICT_RETRY_S = 300.0  # after a failed background refresh, wait this long before trying the same version
 
-ProgressFn = Callable[[dict[str, Any]], None]
+ProgressFn = Callable[[jobs.ProgressReport], None]
 Runner = Callable[..., int]
 
 
@@ -94,12 +93,6 @@ def release_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _as_dict(progress: Any) -> dict[str, Any]:
-    if is_dataclass(progress) and not isinstance(progress, type):
-        return asdict(progress)
-    return dict(progress or {})
-
-
 class JobRun:
     """One job being run: throttled progress writes and the stop flag, shared with the heartbeat thread."""
 
@@ -109,28 +102,27 @@ class JobRun:
         self.extra_progress = extra_progress
         self.stop = threading.Event()
         self._lock = threading.Lock()
-        self._pending: dict[str, Any] | None = None
+        self._pending: jobs.ProgressReport | None = None
         self._last_write = 0.0
-        self._last_key: tuple[Any, Any] | None = None
+        self._last_key: tuple[str, str | None, int | None] | None = None
 
     def should_stop(self) -> bool:
         """True once a cancel was seen (by a progress write or the heartbeat thread)."""
         return self.stop.is_set()
 
-    def on_progress(self, progress: Any) -> None:
-        """Record progress: immediately when the phase or epoch changes, else at most once a second."""
-        values = _as_dict(progress)
+    def on_progress(self, report: jobs.ProgressReport) -> None:
+        """Record a report: immediately when the phase, stage or epoch changes, else at most once a second."""
         if self.extra_progress is not None:
-            self.extra_progress(values)
-        key = (values.get("phase"), values.get("epoch"))
+            self.extra_progress(report)
+        key = (report.phase, report.stage, report.epoch)
         with self._lock:
             changed = key != self._last_key
             if changed and self._pending is not None:
                 self._write(self._pending)  # the last report of an epoch carries its validation numbers
-            self._pending = values
+            self._pending = report
             self._last_key = key
             if changed or time.monotonic() - self._last_write >= PROGRESS_MIN_INTERVAL_S:
-                self._write(values)
+                self._write(report)
 
     def flush(self) -> None:
         """Write progress held back by the throttle (the heartbeat thread calls this too)."""
@@ -138,9 +130,9 @@ class JobRun:
             if self._pending is not None:
                 self._write(self._pending)
 
-    def _write(self, values: dict[str, Any]) -> None:
+    def _write(self, report: jobs.ProgressReport) -> None:
         try:
-            if jobs.record_progress(self.db, self.job_id, values):
+            if jobs.record_progress(self.db, self.job_id, report):
                 self.stop.set()
         except OperationalError as exc:  # progress is best effort: a busy database must not fail the training
             log.warning("job %s: progress not recorded (%s)", self.job_id, exc)

@@ -132,15 +132,16 @@ def test_progress_keeps_latest_values_and_one_history_point_per_epoch(db: Databa
     job_id = jobs.enqueue_training(db, "full", {}, "ana")
     jobs.claim_next_job(db, "w1")
     _set_heartbeat(db, job_id, 30)
+    report = jobs.ProgressReport
     reports = [
-        {"phase": "caching", "step": 5, "steps": 10},
-        {"phase": "training", "epoch": 1, "epochs": 2, "loss": 2.0, "train_acc": 0.3, "val_acc": None},
-        {"phase": "training", "epoch": 1, "epochs": 2, "loss": 1.5, "train_acc": 0.4, "val_acc": 0.5},
-        {"phase": "training", "epoch": 2, "epochs": 2, "loss": 1.0, "train_acc": 0.6, "val_acc": 0.7},
-        {"phase": "done", "epoch": 2, "epochs": 2, "loss": 1.0, "train_acc": 0.6, "val_acc": 0.75},
+        report(phase="caching", step=5, steps=10),
+        report(phase="training", epoch=1, epochs=2, loss=2.0, train_acc=0.3, val_acc=None),
+        report(phase="training", epoch=1, epochs=2, loss=1.5, train_acc=0.4, val_acc=0.5),
+        report(phase="training", epoch=2, epochs=2, loss=1.0, train_acc=0.6, val_acc=0.7),
+        report(phase="done", epoch=2, epochs=2, loss=1.0, train_acc=0.6, val_acc=0.75),
         # As core.training reports the loop's summary: display phase plus the library's own phase as "stage".
-        {"phase": "training (done)", "stage": "done", "epoch": 2, "loss": 0.9, "train_acc": 0.6, "val_acc": 0.8},
-        {"phase": "evaluating", "epoch": None},
+        report(phase="training (done)", stage="done", epoch=2, loss=0.9, train_acc=0.6, val_acc=0.8),
+        report(phase="evaluating", epoch=None),
     ]
     assert [jobs.record_progress(db, job_id, r) for r in reports] == [False] * len(reports)
     job = jobs.get_job(db, job_id)
@@ -162,7 +163,7 @@ def test_cancel_queued_at_once_and_running_on_request(db: Database) -> None:
     jobs.claim_next_job(db, "w1")
     view = jobs.cancel_job(db, running, actor="ben")
     assert view.status == "running" and view.cancel_requested
-    assert jobs.record_progress(db, running, {"phase": "training"}) is True  # the worker learns to stop
+    assert jobs.record_progress(db, running, jobs.ProgressReport(phase="training")) is True  # the worker learns to stop
     assert jobs.heartbeat_job(db, running) is True
     assert jobs.mark_cancelled(db, running)
     done = jobs.get_job(db, running)
@@ -188,7 +189,8 @@ def test_finish_and_fail_free_the_slot_and_first_failure_stands(db: Database) ->
     assert jobs.fail_job(db, second, "RuntimeError: boom")
     assert jobs.fail_job(db, second, "a later, different story") is False
     assert jobs.get_job(db, second).error == "RuntimeError: boom"
-    assert jobs.record_progress(db, second, {"phase": "x"}) is True  # a finished job tells its runner to stop
+    # A finished job tells its runner to stop.
+    assert jobs.record_progress(db, second, jobs.ProgressReport(phase="x")) is True
     assert jobs.current_job(db) is None
     assert [j.id for j in jobs.list_jobs(db)] == [second, first]
     assert [j.id for j in jobs.list_jobs(db, limit=1)] == [second]
@@ -285,18 +287,18 @@ def test_worker_progress_is_throttled_but_keeps_each_epochs_last_report(db: Data
     jobs.claim_next_job(db, "w1")
     run = JobRun(db, job_id)
     for step in range(1, 51):  # a burst within one second: written once, the rest held back
-        run.on_progress({"phase": "training", "epoch": 1, "step": step, "loss": 1.0 / step, "val_acc": None})
+        run.on_progress(jobs.ProgressReport(phase="training", epoch=1, step=step, loss=1.0 / step, val_acc=None))
     assert jobs.get_job(db, job_id).progress["step"] == 1
-    run.on_progress({"phase": "training", "epoch": 1, "step": 60, "loss": 0.1, "train_acc": 0.8, "val_acc": 0.7})
-    run.on_progress({"phase": "training", "epoch": 2, "step": 61, "loss": 0.09, "val_acc": 0.7})
+    run.on_progress(jobs.ProgressReport(phase="training", epoch=1, step=60, loss=0.1, train_acc=0.8, val_acc=0.7))
+    run.on_progress(jobs.ProgressReport(phase="training", epoch=2, step=61, loss=0.09, val_acc=0.7))
     job = jobs.get_job(db, job_id)
     assert job.progress["step"] == 61
     assert job.history[0] == {"epoch": 1, "loss": 0.1, "train_acc": 0.8, "val_acc": 0.7}
-    run.on_progress({"phase": "training", "epoch": 2, "step": 70, "loss": 0.05, "val_acc": 0.7})
+    run.on_progress(jobs.ProgressReport(phase="training", epoch=2, step=70, loss=0.05, val_acc=0.7))
     run.flush()  # what the heartbeat thread does every interval
     assert jobs.get_job(db, job_id).progress["step"] == 70
     jobs.cancel_job(db, job_id, actor="ben")
-    run.on_progress({"phase": "evaluating"})
+    run.on_progress(jobs.ProgressReport(phase="evaluating"))
     assert run.should_stop()
 
 

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 
 from core.db import Database
 from core.errors import JobCancelled, TrainingRefused
-from core.jobs import get_job
+from core.jobs import JobParams, ProgressReport, TrainMode, get_job
 from core.pixel_cache import CachedRows, PixelCache
 from core.schema import ModelVersion, Prediction
 from core.training import _promote, run_training, training_plan
@@ -18,7 +18,7 @@ from tests.core.training_helpers import add_job, dataset, save_random_version, s
 CLASSES = ["Shoes", "Bags", "Hats"]
 
 
-def _noop(_: dict) -> None:
+def _noop(_: ProgressReport) -> None:
     return None
 
 
@@ -61,7 +61,7 @@ def test_plan_names_what_to_label_per_category_and_split(db: Database) -> None:
 def test_quick_training_registers_activates_and_predicts_everything(db: Database) -> None:
     ids = store_images(db, dataset(CLASSES, train=4, val=2, test=2))
     unlabelled = store_images(db, [(None, 50, "train")])
-    seen: list[dict] = []
+    seen: list[ProgressReport] = []
     version_id = run_training(db, add_job(db), on_progress=seen.append, should_stop=_never)
     version = get_version(db, version_id)
     assert version.status == "active" and active_version(db).id == version_id
@@ -71,9 +71,12 @@ def test_quick_training_registers_activates_and_predicts_everything(db: Database
     assert (db.settings.checkpoints_dir / f"v{version_id}.safetensors").is_file()
     assert (db.settings.checkpoints_dir / f"v{version_id}.json").is_file()
     assert not list(db.settings.checkpoints_dir.glob(".job*"))
-    phases = {p["phase"] for p in seen}
+    phases = {p.phase for p in seen}
     assert {"caching", "evaluating", "saving", "predicting"} <= phases
-    assert all(set(p) >= {"phase", "epoch", "loss", "val_acc", "device"} for p in seen)
+    assert all(set(p.to_json()) >= {"phase", "epoch", "loss", "val_acc", "device"} for p in seen)
+    # The head fit is reported as quick mode's one epoch, then its summary.
+    fit = [p for p in seen if p.phase == "fitting head"]
+    assert [p.stage for p in fit] == ["head", "val", "done"] and fit[1].epoch == 1 and fit[1].val_acc is not None
     with db.read() as session:
         predicted = set(session.scalars(select(Prediction.image_id).where(Prediction.model_version_id == version_id)))
     assert predicted == set(ids + unlabelled)
@@ -99,7 +102,7 @@ def test_full_mode_at_32_pixels_records_one_history_point_per_epoch_with_its_num
     from core.worker import JobRun
 
     store_images(db, dataset(CLASSES, train=4, val=1, test=1))
-    seen: list[dict] = []
+    seen: list[ProgressReport] = []
     job = add_job(db, "full", {"arch": "resnet18", "image_size": 32, "epochs": 2, "batch_size": 8, "patience": 0})
     run = JobRun(db, job, extra_progress=seen.append)  # the worker's own progress path, throttling included
     version_id = run_training(db, job, on_progress=run.on_progress, should_stop=run.should_stop)
@@ -107,13 +110,27 @@ def test_full_mode_at_32_pixels_records_one_history_point_per_epoch_with_its_num
     version = get_version(db, version_id)
     assert version.mode == "full" and version.status == "active"
     assert version.metrics["train"]["epochs_run"] == 2
-    loop = [p for p in seen if p["stage"] in ("train", "val", "done")]
-    assert loop and all(p["phase"] == f"training ({p['stage']})" and p["epochs"] == 2 for p in loop)
-    assert loop[-1]["stage"] == "done"  # the loop's summary (best epoch's val accuracy) comes last
+    loop = [p for p in seen if p.stage in ("train", "val", "done")]
+    assert loop and all(p.phase == f"training ({p.stage})" and p.epochs == 2 for p in loop)
+    assert loop[-1].stage == "done"  # the loop's summary (best epoch's val accuracy) comes last
     # The curve shows each epoch's own end-of-epoch numbers; the "done" summary never overwrites the last one.
     keys = ("epoch", "loss", "train_acc", "val_acc")
-    ends = {p["epoch"]: {k: p[k] for k in keys} for p in loop if p["stage"] == "val"}
+    ends = {p.epoch: {k: getattr(p, k) for k in keys} for p in loop if p.stage == "val"}
     assert get_job(db, job).history == [ends[1], ends[2]]
+
+
+def test_quick_mode_records_its_head_fit_as_one_history_point(db: Database) -> None:
+    from core.worker import JobRun
+
+    store_images(db, dataset(CLASSES, train=4, val=1, test=1))
+    job = add_job(db)
+    run = JobRun(db, job)  # the worker's own progress path, throttling included
+    version_id = run_training(db, job, on_progress=run.on_progress, should_stop=run.should_stop)
+    run.flush()
+    train_accuracy = get_version(db, version_id).metrics["train"]["accuracy"]
+    [point] = get_job(db, job).history
+    assert point["epoch"] == 1 and point["loss"] is None and point["val_acc"] is not None
+    assert point["train_acc"] == pytest.approx(train_accuracy)
 
 
 def test_cancel_leaves_no_version_and_no_checkpoint(db: Database) -> None:
@@ -304,7 +321,7 @@ def test_a_class_merged_since_the_parent_keeps_its_learned_row_under_the_categor
     # Merged into a category the model already has a row for: that row stays the category's own.
     assert _head_row_names([shoes, sneakers], {sneakers: shoes}) == [str(shoes), f"merged:{sneakers}"]
 
-    config = build_train_config(db.settings, "quick", {"image_size": 32})
+    config = build_train_config(db.settings, JobParams(TrainMode.QUICK, {"image_size": 32}))
     model, _, notes, used = _starting_network(db, config, parent, [shoes, hats, boots])
     old, _ = load_checkpoint(checkpoint_path(db, parent), device="cpu")
     new_w, old_w = model.get_classifier().weight, old.get_classifier().weight

@@ -253,11 +253,11 @@ def test_foreground_run_for_train_wait(db: Database, monkeypatch: pytest.MonkeyP
 
     use_runner(monkeypatch, "succeed")
     job_id = queue(db)
-    seen: list[dict[str, object]] = []
+    seen: list[jobs.ProgressReport] = []
     version_id = run_job_in_foreground(db, job_id, on_progress=seen.append)
     job = jobs.get_job(db, job_id)
     assert job.status == "succeeded" and version_id == job.model_version_id is not None
-    assert [p["epoch"] for p in seen if p.get("val_acc") is not None] == [1, 2, 3]  # the CLI's progress bar saw them
+    assert [p.epoch for p in seen if p.val_acc is not None] == [1, 2, 3]  # the CLI's progress bar saw them
     assert not jobs.worker_alive(db)
     with pytest.raises(TrainingRefused, match=rf"#{job_id}, succeeded.* is not queued"):
         run_job_in_foreground(db, job_id)

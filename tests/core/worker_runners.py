@@ -10,13 +10,13 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from core.db import Database
 from core.errors import JobCancelled, TrainingRefused
+from core.jobs import ProgressReport
 from tests.core.training_helpers import add_version_row
 
-ProgressFn = Callable[[dict[str, Any]], None]
+ProgressFn = Callable[[ProgressReport], None]
 StopFn = Callable[[], bool]
 
 
@@ -41,36 +41,36 @@ def succeed(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: 
     time.sleep(0.3)  # long enough for a second racing worker to be looking for the same job
     for epoch in (1, 2, 3):
         on_progress(
-            {
-                "phase": "training",
-                "epoch": epoch,
-                "epochs": 3,
-                "step": epoch * 10 - 5,
-                "steps": 30,
-                "loss": 2.0 / epoch,
-                "train_acc": 0.2 * epoch,
-                "val_acc": None,
-            }
+            ProgressReport(
+                phase="training",
+                epoch=epoch,
+                epochs=3,
+                step=epoch * 10 - 5,
+                steps=30,
+                loss=2.0 / epoch,
+                train_acc=0.2 * epoch,
+                val_acc=None,
+            )
         )
         on_progress(
-            {
-                "phase": "training",
-                "epoch": epoch,
-                "epochs": 3,
-                "step": epoch * 10,
-                "steps": 30,
-                "loss": 1.0 / epoch,
-                "train_acc": 0.25 * epoch,
-                "val_acc": 0.3 * epoch,
-            }
+            ProgressReport(
+                phase="training",
+                epoch=epoch,
+                epochs=3,
+                step=epoch * 10,
+                steps=30,
+                loss=1.0 / epoch,
+                train_acc=0.25 * epoch,
+                val_acc=0.3 * epoch,
+            )
         )
-    on_progress({"phase": "saving"})
+    on_progress(ProgressReport(phase="saving"))
     return _register_version(db, job_id)
 
 
 def fail(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: StopFn) -> int:
     """A bug in the middle of training."""
-    on_progress({"phase": "training", "epoch": 1, "epochs": 2, "loss": 1.5})
+    on_progress(ProgressReport(phase="training", epoch=1, epochs=2, loss=1.5))
     raise RuntimeError("synthetic failure: the loss became NaN at step 7")
 
 
@@ -93,7 +93,7 @@ def slow(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: Sto
         if should_stop():
             raise JobCancelled("training cancelled by request")
         step += 1
-        on_progress({"phase": "training", "epoch": 1, "epochs": 1, "step": step, "steps": 10_000, "loss": 1.0})
+        on_progress(ProgressReport(phase="training", epoch=1, epochs=1, step=step, steps=10_000, loss=1.0))
         time.sleep(0.05)
     raise RuntimeError("slow runner was never told to stop")
 
@@ -101,7 +101,7 @@ def slow(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: Sto
 def hang(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: StopFn) -> int:
     """One very long step with no progress and no stop checks: only the heartbeat thread shows it is alive."""
     _mark(db, job_id)
-    on_progress({"phase": "training", "epoch": 1, "epochs": 1, "step": 0, "steps": 1})
+    on_progress(ProgressReport(phase="training", epoch=1, epochs=1, step=0, steps=1))
     time.sleep(60)
     raise RuntimeError("hang runner woke up: the test should have stopped this worker")
 

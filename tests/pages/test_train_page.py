@@ -4,7 +4,7 @@ and what became of the newest version (AppTest, real SQLite)."""
 from __future__ import annotations
 
 from core.db import Database
-from core.jobs import claim_next_job, enqueue_training, fail_job, record_progress
+from core.jobs import ProgressReport, claim_next_job, enqueue_training, fail_job, record_progress
 from pages._ui import md_escape
 from tests.core.training_helpers import add_version_row
 from tests.pages.helpers import errors_of, run_page
@@ -30,7 +30,7 @@ def test_quick_mode_progress_moves_with_steps_and_draws_no_empty_chart(db: Datab
     job_id = enqueue_training(db, "quick", {}, "gus")
     claim_next_job(db, "worker-under-test")
     # Quick mode caches pixels, then embeds them: steps only, no epochs, no loss.
-    record_progress(db, job_id, {"phase": "caching", "step": 120, "steps": 300, "device": "cpu (2 threads)"})
+    record_progress(db, job_id, ProgressReport(phase="caching", step=120, steps=300, device="cpu (2 threads)"))
     at = run_page("pages/train.py")
     assert not at.exception
     [bar] = at.get("progress")
@@ -41,7 +41,7 @@ def test_quick_mode_progress_moves_with_steps_and_draws_no_empty_chart(db: Datab
     record_progress(
         db,
         job_id,
-        {"phase": "fitting head", "epoch": 1, "epochs": 1, "step": 1, "steps": 1, "train_acc": 0.9, "val_acc": 0.8},
+        ProgressReport(phase="fitting head", epoch=1, epochs=1, step=1, steps=1, train_acc=0.9, val_acc=0.8),
     )
     at = run_page("pages/train.py")
     assert len(at.get("vega_lite_chart")) == 1  # accuracy only: quick mode has no loss curve

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from core.db import Database
-from core.jobs import claim_next_job, enqueue_training, get_job, record_progress
+from core.jobs import ProgressReport, claim_next_job, enqueue_training, get_job, record_progress
 from pages._ui import md_escape
 from tests.pages.helpers import run_page
 
@@ -15,8 +15,8 @@ def test_live_progress_of_a_running_job_and_cancel(db: Database) -> None:
         record_progress(
             db,
             job_id,
-            {"phase": "train", "epoch": epoch, "epochs": 4, "loss": loss, "train_acc": 0.5 + epoch / 10,
-             "val_acc": 0.4 + epoch / 10, "images_per_s": 250.0, "eta_s": 95.0, "device": "cpu"},
+            ProgressReport(phase="train", epoch=epoch, epochs=4, loss=loss, train_acc=0.5 + epoch / 10,
+                           val_acc=0.4 + epoch / 10, images_per_s=250.0, eta_s=95.0, device="cpu"),
         )  # fmt: skip
     at = run_page("pages/train.py", session={"actor": "hana"})
     assert not at.exception
