@@ -15,6 +15,7 @@ from core.jobs import fail_stale_jobs
 from core.labels import LabelChange, SeenPrediction, audit_trail, list_categories, set_label, undo_last_change
 from core.overview import Overview, error_headline, home_overview, job_progress
 from core.review import ReviewItem
+from core.schema import JobStatus
 from core.settings import get_settings
 
 ACTOR_KEY = "actor"
@@ -153,12 +154,12 @@ def job_line(overview: Overview) -> str:
     job = overview.job
     if job is None:
         return "No training job yet."
-    if job.status == "running":
+    if job.status == JobStatus.RUNNING:
         at = job_progress(job.progress or {}).text or "training"
         return f"Training job #{job.id} running ({job.mode}, {at})."
-    if job.status == "queued":
+    if job.status == JobStatus.QUEUED:
         return f"Training job #{job.id} queued ({job.mode}), waiting for a worker."
-    if job.status == "succeeded":
+    if job.status == JobStatus.SUCCEEDED:
         made = f": model v{job.model_version_id}" if job.model_version_id else ""
         return f"Last training job #{job.id} succeeded{made}."
     return f"Last training job #{job.id} {job.status}: {error_headline(job.error)}".strip().rstrip(":")

@@ -7,8 +7,9 @@ import pandas as pd
 import streamlit as st
 
 from core.dashboard import version_comparison
-from core.jobs import cancel_job, current_job, enqueue_training, ensure_worker, list_jobs, worker_alive
+from core.jobs import TrainMode, cancel_job, current_job, enqueue_training, ensure_worker, list_jobs, worker_alive
 from core.overview import error_headline, job_progress, training_curves
+from core.schema import JobStatus
 from core.training import suggested_mode, training_plan
 from core.versions import activate_version, active_version, list_versions
 from pages import _ui
@@ -18,7 +19,7 @@ AUTO = "auto"
 db = _ui.get_db()
 
 
-def _retrain(mode: str) -> None:
+def _retrain(mode: TrainMode) -> None:
     # A callback, so the page (Retrain button, sidebar) is drawn already knowing the job is queued.
     job_id = _ui.flash_errors(enqueue_training, db, mode, {}, _ui.actor())
     if job_id is not None:
@@ -34,7 +35,7 @@ with st.spinner("Checking the hardware..."):  # the first visit imports torch to
     suggested = suggested_mode(db.settings)
 choice = st.radio(
     "Mode",
-    [AUTO, "quick", "full"],
+    [AUTO, *TrainMode],
     horizontal=True,
     key="train_mode",
     format_func=lambda m: f"picked by hardware ({suggested})" if m == AUTO else m,
@@ -97,7 +98,7 @@ def live_progress(drawn_job_id: int | None) -> None:
             last = recent[0]
             text = f"Last training job #{last.id} ({last.mode}) {last.status}"
             headline = error_headline(last.error)
-            if last.status == "failed":
+            if last.status == JobStatus.FAILED:
                 st.error(_ui.md_escape(f"{text}: {headline}"))
                 if last.error.strip() != headline:
                     with st.expander("Full error", key=f"job_error_{last.id}"):
@@ -105,23 +106,23 @@ def live_progress(drawn_job_id: int | None) -> None:
             else:
                 st.text(f"{text}: {headline}" if headline else text)
         return
-    if job.status == "queued":
+    if job.status == JobStatus.QUEUED:
         # Its worker may have died before claiming it (or none was ever started): start one here. A read first, so
         # a waiting page does not take the write lock every 2 s; ensure_worker starts at most one per timeout.
         if not worker_alive(db):
             _ui.attempt(ensure_worker, db)
-    p = job.progress
+    report = job.report
     st.subheader(f"Training job #{job.id}: {job.status}")
-    bar = job_progress(p)
+    bar = job_progress(job.progress)
     if bar.fraction is not None:
         st.progress(bar.fraction, text=_ui.md_escape(bar.text))
     else:
         st.text(f"phase: {bar.text or 'waiting for a worker'}")
     a, b, c = st.columns(3)
-    a.metric("Loss", "n/a" if p.get("loss") is None else f"{p['loss']:.3f}")
-    b.metric("Images/s", "n/a" if p.get("images_per_s") is None else f"{p['images_per_s']:.0f}")
-    c.metric("ETA", _eta(p.get("eta_s")))
-    st.caption(_ui.md_escape(f"Device: {p.get('device') or 'n/a'}"))
+    a.metric("Loss", "n/a" if report.loss is None else f"{report.loss:.3f}")
+    b.metric("Images/s", "n/a" if report.images_per_s is None else f"{report.images_per_s:.0f}")
+    c.metric("ETA", _eta(report.eta_s))
+    st.caption(_ui.md_escape(f"Device: {report.device or 'n/a'}"))
     curves = training_curves(job.history)
     for column, (name, frame) in zip(st.columns(2), curves.items(), strict=False):
         column.line_chart(frame, x_label="epoch", y_label=name)
