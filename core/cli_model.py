@@ -17,7 +17,7 @@ import typer
 
 from core.cli_app import ActorOpt, JsonOpt, actor_or_default, app, export_app, fail, models_app, open_db, print_json
 from core.jobs import ProgressReport, TrainMode
-from core.schema import JobStatus
+from core.schema import JobStatus, VersionStatus
 
 
 class DeviceChoice(StrEnum):
@@ -221,7 +221,7 @@ def models_list(as_json: JsonOpt = False) -> None:
         f"{'F1':>5}  {'ECE':>5}  {'classes':>7}  created"
     )
     for v in versions:
-        mark = "* " if v.status == "active" else "  "
+        mark = "* " if v.status == VersionStatus.ACTIVE else "  "
         typer.echo(
             f"{mark}{v.id:>4}  {v.status:9}  {v.arch:12}  {v.image_size:>4}  {v.mode:5}  {_fmt(v.test_accuracy):>8}  "
             f"{_fmt(v.macro_f1, '{:.3f}'):>5}  {_fmt(v.ece, '{:.3f}'):>5}  {len(v.class_names):>7}  "

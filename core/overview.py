@@ -12,10 +12,9 @@ import pandas as pd
 from sqlalchemy import func, select
 
 from core.db import Database
-from core.jobs import fail_stale_jobs, is_stale
+from core.jobs import LIVE_STATES, fail_stale_jobs, is_stale
 from core.schema import Category, Image, JobStatus, Label, ModelVersion, TrainingJob, VersionStatus
 
-LIVE_JOB_STATES: tuple[str, ...] = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 # How often the sidebar re-reads the job while one is queued or running (it does not poll otherwise).
 SIDEBAR_REFRESH_S = 3.0
 
@@ -25,7 +24,7 @@ class JobSummary:
     """The live training job, or else the most recent one."""
 
     id: int
-    status: str
+    status: JobStatus
     mode: str
     requested_by: str
     created_at: datetime
@@ -38,7 +37,7 @@ class JobSummary:
     @property
     def live(self) -> bool:
         """Queued or running."""
-        return self.status in LIVE_JOB_STATES
+        return self.status in LIVE_STATES
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class Overview:
 def _job(row: TrainingJob) -> JobSummary:
     return JobSummary(
         id=row.id,
-        status=row.status,
+        status=JobStatus(row.status),
         mode=row.mode,
         requested_by=row.requested_by,
         created_at=row.created_at,
@@ -116,7 +115,7 @@ def home_overview(db: Database, *, _stale_checked: bool = False) -> Overview:
             .limit(1)
         ).first()
         job = session.scalar(
-            select(TrainingJob).where(TrainingJob.status.in_(LIVE_JOB_STATES)).order_by(TrainingJob.id.desc()).limit(1)
+            select(TrainingJob).where(TrainingJob.status.in_(LIVE_STATES)).order_by(TrainingJob.id.desc()).limit(1)
         ) or session.scalar(select(TrainingJob).order_by(TrainingJob.id.desc()).limit(1))
         job_summary = _job(job) if job is not None else None
         stale = job is not None and not _stale_checked and is_stale(job, db.settings)
