@@ -33,10 +33,16 @@ class Settings(BaseSettings):
 
     # Model engine.
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    default_arch: str = "resnet18"
+    default_arch: str | None = Field(
+        None,
+        description="timm architecture of a new model lineage. Empty: it follows the weights (resnet18 with timm hub "
+        "weights when they are cached or reachable, else the bundled ImageNet EfficientNet-Lite0).",
+    )
     image_size: int = Field(224, ge=16)
-    pretrained: Literal["auto", "hub", "file", "none"] = Field(
-        "auto", description="auto: local file if set, else the hub if reachable, else random init."
+    pretrained: Literal["auto", "file", "hub", "bundled", "none"] = Field(
+        "auto",
+        description="auto: the local file if set, else the timm hub if cached or reachable, else the bundled "
+        "ImageNet backbone, else random init (with a notice). The other values insist on one source.",
     )
     pretrained_file: Path | None = Field(None, description="Local .safetensors weights for the backbone.")
     promote_policy: Literal["if_not_worse", "always", "manual"] = "if_not_worse"
@@ -60,6 +66,16 @@ class Settings(BaseSettings):
         if any(f < 0 for f in value) or abs(sum(value) - 1.0) > 1e-6:
             raise ValueError(f"split_fractions must be three non-negative shares summing to 1, got {value}")
         return value
+
+    @field_validator("default_arch", mode="before")
+    @classmethod
+    def _arch_or_auto(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "auto") else value
+
+    @field_validator("pretrained_file", mode="before")
+    @classmethod
+    def _file_or_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _absolute_data_dir(self) -> Settings:

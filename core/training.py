@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from sqlalchemy import func, select
 
+from core.backbone import Lineage, plan_lineage
 from core.corrections import correction_clause
 from core.db import Database, in_chunks
 from core.errors import CheckpointError, JobCancelled, NotFound, TrainingRefused
@@ -35,6 +36,7 @@ from core.versions import (
     active_version,
     checkpoint_path,
     evaluate_version,
+    get_version,
     hash_test_set,
     labelled_images,
     merged_targets,
@@ -203,15 +205,17 @@ def data_snapshot(pairs: Sequence[tuple[int, int]]) -> dict[str, Any]:
     return {"labels": len(pairs), "labels_hash": digest}
 
 
-def build_train_config(settings: Settings, job: JobParams) -> TrainConfig:
+def build_train_config(settings: Settings, job: JobParams, *, arch: str | None = None) -> TrainConfig:
     """models.training.TrainConfig from settings defaults (arch, image size, device) overridden by the job's settings.
 
+    `arch` is the lineage's architecture (`core.backbone.plan_lineage`); without it, the configured one or resnet18.
     Raises TrainingRefused naming any unknown or invalid parameter.
     """
+    from models.pretrained import HUB_DEFAULT_ARCH
     from models.training import TrainConfig
 
     values: dict[str, Any] = {
-        "arch": settings.default_arch,
+        "arch": arch or settings.default_arch or HUB_DEFAULT_ARCH,
         "image_size": settings.image_size,
         "device": settings.device,
     }
@@ -325,7 +329,14 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     from models.factory import preprocessing_config
 
     job = _job_params(db, job_id)
-    config = build_train_config(db.settings, job)
+    active = active_version(db)
+    lineage = plan_lineage(
+        db.settings,
+        parent=active,
+        job_arch=job.overrides.get("arch"),
+        image_size=job.overrides.get("image_size"),
+    )
+    config = build_train_config(db.settings, job, arch=lineage.arch)
     device = pick_device(config.device)
     device_text = describe_device(device)
     started = time.monotonic()
@@ -333,7 +344,7 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     labelled = _gather_labelled(db, job.mode)
     _check_stop(should_stop)
 
-    start = _starting_network(db, config, active_version(db), labelled.class_ids)
+    start = _starting_network(db, config, lineage, labelled.class_ids, active_id=active.id if active else None)
     cfg = preprocessing_config(start.model, config.image_size)
     pixels = _fill_pixel_cache(db, cfg, labelled.splits, on_progress=on_progress, device_text=device_text)
     _check_stop(should_stop)
@@ -524,19 +535,21 @@ def _head_row_names(class_category_ids: Sequence[int], merged: dict[int, int]) -
     return names
 
 
-def _starting_network(db: Database, config: TrainConfig, parent: Any, class_ids: list[int]) -> _StartingNetwork:
-    """The active version's weights when compatible (head resized to today's classes), else a fresh network."""
+def _starting_network(
+    db: Database, config: TrainConfig, lineage: Lineage, class_ids: list[int], *, active_id: int | None = None
+) -> _StartingNetwork:
+    """The active version's weights (head resized to today's classes) when the lineage continues, else fresh ones."""
     import torch
 
     from models.checkpoint import load_checkpoint
-    from models.errors import CheckpointInvalid
-    from models.factory import create_network
+    from models.errors import CheckpointInvalid, WeightsInvalid, WeightsUnavailable
+    from models.factory import build_network
     from models.training import resize_head
 
     torch.manual_seed(config.seed)  # a fresh network's (or new head rows') initial weights follow the job's seed
-    settings = db.settings
     notes: list[str] = []
-    if parent is not None and parent.arch == config.arch and parent.image_size == config.image_size:
+    parent = get_version(db, lineage.continue_from) if lineage.continue_from is not None else None
+    if parent is not None:
         try:
             model, _ = load_checkpoint(checkpoint_path(db, parent), device="cpu")
             if list(parent.class_category_ids) != class_ids:
@@ -548,12 +561,14 @@ def _starting_network(db: Database, config: TrainConfig, parent: Any, class_ids:
             return _StartingNetwork(model, parent.pretrained_source, notes, parent.id)
         except (CheckpointInvalid, OSError, ValueError) as exc:
             notes.append(f"could not start from v{parent.id} ({exc}); started from a fresh network")
-    model, info = create_network(
-        config.arch, len(class_ids), pretrained=settings.pretrained, pretrained_file=settings.pretrained_file
-    )
-    if info.message:
-        notes.append(str(info.message))
-    return _StartingNetwork(model, str(info.source), notes, parent.id if parent is not None else None)
+            lineage = plan_lineage(db.settings, parent=None, job_arch=config.arch, image_size=config.image_size)
+    assert lineage.weights is not None
+    try:
+        model = build_network(lineage.weights, len(class_ids))
+    except (WeightsInvalid, WeightsUnavailable) as exc:
+        raise TrainingRefused(f"pretrained weights refused: {exc}") from exc
+    notes.append(lineage.describe())
+    return _StartingNetwork(model, lineage.weights.label, notes, active_id)
 
 
 def _train_data(pixels: dict[str, CachedRows], labelled: _Labelled) -> TrainData:

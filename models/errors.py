@@ -13,3 +13,11 @@ class TrainingStopped(Exception):
 
 class NotEnoughData(ValueError):
     """Too few images (or classes) to train or calibrate: the message says how many are needed."""
+
+
+class WeightsInvalid(ValueError):
+    """A pretrained weights file is missing, unreadable, truncated or made for another architecture."""
+
+
+class WeightsUnavailable(RuntimeError):
+    """The pretrained weights source that was asked for explicitly cannot be used here (offline, not installed)."""

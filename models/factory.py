@@ -1,12 +1,10 @@
-"""Building timm networks with pretrained weights from a local file, the hub, or none, and their preprocessing."""
+"""Building timm networks from resolved starting weights (file, hub, bundled, none), and their preprocessing."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,16 +14,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-log = logging.getLogger(__name__)
+from models.errors import WeightsInvalid, WeightsUnavailable
+from models.pretrained import StartingWeights, WeightsSource
 
-PRETRAINED_CHOICES = ("auto", "hub", "file", "none")
-_HUB_HOST = ("huggingface.co", 443)
-_HUB_PROBE_TIMEOUT_S = 3.0
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PretrainedInfo:
-    """Where the starting weights came from: source is "file", "hub" or "none"; message is for the UI."""
+    """Where the starting weights came from (a `WeightsSource` value) and a sentence for people."""
 
     source: str
     message: str
@@ -51,59 +48,64 @@ def create_network(
     arch: str,
     num_classes: int,
     *,
-    pretrained: str = "auto",
+    pretrained: str = "none",
     pretrained_file: str | os.PathLike[str] | None = None,
 ) -> tuple[nn.Module, PretrainedInfo]:
-    """A timm network with a fresh `num_classes` head, and a note saying which starting weights it got.
+    """A timm network with a fresh `num_classes` head, started from the weights source named by `pretrained`.
 
-    `pretrained`: "file" loads `pretrained_file` (.safetensors; head keys whose shape differs are dropped), "hub"
-    uses timm's normal download path, "none" keeps random init, "auto" tries file (if given), then hub, then none.
-    "file" and "hub" fall back to random init with a message saying why, so the UI can warn instead of failing.
-    Raises ValueError for an unknown architecture, pretrained choice or a non-positive class count.
+    "none": random init. "file" and "bundled": the safetensors `pretrained_file` (head tensors whose shape differs
+    are dropped; backbone tensors must all match). "hub": timm's normal download path. Which source to use is
+    decided beforehand by `models.pretrained.resolve_starting_weights`; here a source that fails raises
+    (WeightsInvalid, WeightsUnavailable) instead of silently starting from random weights.
+    Raises ValueError for an unknown architecture, source or a non-positive class count.
     """
-    if pretrained not in PRETRAINED_CHOICES:
-        raise ValueError(f"unknown pretrained source {pretrained!r}: use one of {', '.join(PRETRAINED_CHOICES)}")
+    try:
+        source = WeightsSource(pretrained)
+    except ValueError:
+        options = ", ".join(s.value for s in WeightsSource)
+        raise ValueError(f"unknown pretrained source {pretrained!r}: use one of {options}") from None
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     if not timm.is_model(arch):
         raise ValueError(f"unknown architecture {arch!r}: not a timm model name (see timm.list_models())")
 
-    notes: list[str] = []
-    if pretrained in ("auto", "file"):
-        if pretrained_file is not None:
-            model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-            try:
-                skipped = _load_backbone_file(model, Path(pretrained_file))
-            except Exception as exc:  # any unreadable file: fall back, and say so
-                notes.append(f"could not load pretrained file {pretrained_file}: {exc}")
-            else:
-                extra = f" (new {len(skipped)}-tensor classifier head)" if skipped else ""
-                return model, PretrainedInfo("file", f"{arch}: pretrained weights from {pretrained_file}{extra}")
-        elif pretrained == "file":
-            notes.append("pretrained source 'file' chosen but no pretrained file is set")
-    if pretrained in ("auto", "hub"):
+    if source is WeightsSource.HUB:
         try:
-            model = _create_from_hub(arch, num_classes)
-        except Exception as exc:  # offline, missing weights, proxy errors...: random init is still usable
-            notes.append(f"hub weights unavailable: {exc}")
-        else:
-            return model, PretrainedInfo("hub", f"{arch}: pretrained weights from the timm hub")
-
+            model = timm.create_model(arch, pretrained=True, num_classes=num_classes)
+        except Exception as exc:  # offline, proxy, missing weights: say so, never hand back random weights
+            raise WeightsUnavailable(f"timm hub weights for {arch} could not be loaded: {exc}") from exc
+        return model, PretrainedInfo(source.value, f"{arch}: pretrained weights from the timm hub")
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    reason = "; ".join(notes) if notes else "pretrained weights switched off"
-    return model, PretrainedInfo(
-        "none", f"{arch}: random initial weights ({reason}); accuracy will be much lower than with pretrained weights"
-    )
+    if source is WeightsSource.NONE:
+        return model, PretrainedInfo(
+            source.value, f"{arch}: random initial weights; accuracy will be much lower than with pretrained weights"
+        )
+    if pretrained_file is None:
+        raise WeightsUnavailable(f"pretrained source {source.value!r} needs a weights file, and none was given")
+    path = Path(pretrained_file)
+    skipped = _load_backbone_file(model, path)
+    extra = f" (new {len(skipped)}-tensor classifier head)" if skipped else ""
+    what = "the bundled ImageNet weights" if source is WeightsSource.BUNDLED else f"pretrained weights from {path}"
+    return model, PretrainedInfo(source.value, f"{arch}: {what}{extra}")
+
+
+def build_network(weights: StartingWeights, num_classes: int) -> nn.Module:
+    """The network a resolved `StartingWeights` describes, with a fresh `num_classes` head."""
+    model, _ = create_network(weights.arch, num_classes, pretrained=weights.source.value, pretrained_file=weights.path)
+    return model
 
 
 def _load_backbone_file(model: nn.Module, path: Path) -> list[str]:
     """Load safetensors weights into `model`, dropping keys whose shape differs (the classifier head).
 
-    Returns the dropped keys. Raises when the file is missing, not safetensors, or matches too little of the model.
+    Returns the dropped keys. Raises WeightsInvalid when the file is missing, not safetensors, or does not match.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    state = load_file(str(path))
+        raise WeightsInvalid(f"pretrained weights file {path} does not exist")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise WeightsInvalid(f"pretrained weights file {path} is not a readable safetensors file ({exc})") from exc
     own = model.state_dict()
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "")
 
@@ -116,7 +118,7 @@ def _load_backbone_file(model: nn.Module, path: Path) -> list[str]:
     wrong_shape = [k for k in mismatched if not is_head(k)]
     if wrong_shape:
         k = wrong_shape[0]
-        raise ValueError(
+        raise WeightsInvalid(
             f"{path} does not match the architecture: {len(wrong_shape)} backbone tensors have other shapes "
             f"(e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model)"
         )
@@ -124,49 +126,11 @@ def _load_backbone_file(model: nn.Module, path: Path) -> list[str]:
     result = model.load_state_dict(state, strict=False)
     backbone_missing = [k for k in result.missing_keys if k not in mismatched and not is_head(k)]
     if backbone_missing:
-        raise ValueError(
+        raise WeightsInvalid(
             f"{path} does not match the architecture: {len(backbone_missing)} backbone tensors missing "
             f"(e.g. {backbone_missing[0]})"
         )
     return mismatched
-
-
-def _create_from_hub(arch: str, num_classes: int) -> nn.Module:
-    """timm's normal pretrained path, after a fast check that the hub is cached or reachable."""
-    if not _hub_cached(arch) and not _hub_reachable():
-        raise ConnectionError(f"{_HUB_HOST[0]} is not reachable and no cached weights were found")
-    return timm.create_model(arch, pretrained=True, num_classes=num_classes)
-
-
-def _hub_cached(arch: str) -> bool:
-    """True when the Hugging Face cache already holds this architecture's default weights."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hub_id = timm.models.get_pretrained_cfg(arch.split(".")[0]).hf_hub_id
-        if not hub_id:
-            return False
-        return isinstance(try_to_load_from_cache(hub_id, "model.safetensors"), str)
-    except Exception:
-        return False
-
-
-def _hub_reachable() -> bool:
-    """Probe the hub host in a thread so a hanging DNS lookup cannot stall model creation offline."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-
-    def probe() -> bool:
-        with socket.create_connection(_HUB_HOST, timeout=_HUB_PROBE_TIMEOUT_S):
-            return True
-
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    try:
-        return pool.submit(probe).result(timeout=_HUB_PROBE_TIMEOUT_S)
-    except Exception:
-        return False
-    finally:
-        pool.shutdown(wait=False)
 
 
 def preprocessing_config(model: nn.Module, image_size: int) -> PreprocessConfig:

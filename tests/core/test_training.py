@@ -308,6 +308,7 @@ def test_a_class_merged_since_the_parent_keeps_its_learned_row_under_the_categor
     import torch
 
     from core.labels import add_category, merge_categories
+    from core.backbone import plan_lineage
     from core.training import _head_row_names, _starting_network, build_train_config
     from core.versions import checkpoint_path, get_version
     from models.checkpoint import load_checkpoint
@@ -322,7 +323,9 @@ def test_a_class_merged_since_the_parent_keeps_its_learned_row_under_the_categor
     assert _head_row_names([shoes, sneakers], {sneakers: shoes}) == [str(shoes), f"merged:{sneakers}"]
 
     config = build_train_config(db.settings, JobParams(TrainMode.QUICK, {"image_size": 32}))
-    model, _, notes, used = _starting_network(db, config, parent, [shoes, hats, boots])
+    lineage = plan_lineage(db.settings, parent=parent, image_size=32)
+    assert lineage.continue_from == parent_id  # random weights everywhere (tests): the active version is continued
+    model, _, notes, used = _starting_network(db, config, lineage, [shoes, hats, boots], active_id=parent_id)
     old, _ = load_checkpoint(checkpoint_path(db, parent), device="cpu")
     new_w, old_w = model.get_classifier().weight, old.get_classifier().weight
     assert used == parent_id and any("head resized" in n for n in notes)

@@ -1,4 +1,4 @@
-"""create_network: pretrained weights from a local safetensors file, random init, and preprocessing config."""
+"""create_network: weights from a local safetensors file (refused clearly when bad), random init, preprocessing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from models.errors import WeightsInvalid
 from models.factory import backbone_fingerprint, create_network, preprocessing_config
 
 
@@ -32,10 +33,10 @@ def test_file_weights_load_into_backbone_with_a_fresh_head(tmp_path: Path) -> No
     torch.testing.assert_close(model.state_dict()["layer4.1.bn2.running_var"], state["layer4.1.bn2.running_var"])
 
 
-def test_auto_prefers_the_file_and_keeps_matching_head(tmp_path: Path) -> None:
+def test_a_file_with_a_matching_head_keeps_it(tmp_path: Path) -> None:
     weights = tmp_path / "w.safetensors"
     state = _write_backbone_file(weights, num_classes=4)
-    model, info = create_network("resnet18", 4, pretrained="auto", pretrained_file=weights)
+    model, info = create_network("resnet18", 4, pretrained="file", pretrained_file=weights)
     assert info.source == "file"
     torch.testing.assert_close(model.state_dict()["fc.weight"], state["fc.weight"])
 
@@ -47,31 +48,30 @@ def test_none_gives_random_init_and_says_so() -> None:
     assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
 
 
-def test_unreadable_file_falls_back_with_a_message(tmp_path: Path) -> None:
+def test_an_unreadable_file_is_refused_never_replaced_by_random_weights(tmp_path: Path) -> None:
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not safetensors at all")
-    model, info = create_network("resnet18", 2, pretrained="file", pretrained_file=bad)
-    assert info.source == "none"
-    assert "broken.safetensors" in info.message
-    assert model.get_classifier().out_features == 2
+    with pytest.raises(WeightsInvalid, match="broken.safetensors.*not a readable safetensors"):
+        create_network("resnet18", 2, pretrained="file", pretrained_file=bad)
+    with pytest.raises(WeightsInvalid, match="does not exist"):
+        create_network("resnet18", 2, pretrained="file", pretrained_file=tmp_path / "missing.safetensors")
 
 
 def test_file_for_another_architecture_is_not_silently_accepted(tmp_path: Path) -> None:
     other = timm.create_model("resnet10t", pretrained=False, num_classes=3)
     path = tmp_path / "other.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
-    _, info = create_network("resnet18", 3, pretrained="file", pretrained_file=path)
-    assert info.source == "none"
-    assert "does not match" in info.message
+    with pytest.raises(WeightsInvalid, match="other.safetensors does not match the architecture"):
+        create_network("resnet18", 3, pretrained="file", pretrained_file=path)
 
 
 def test_a_resnet50_file_is_refused_for_a_resnet18_although_the_key_names_match(tmp_path: Path) -> None:
     other = timm.create_model("resnet50", pretrained=False, num_classes=3)
     path = tmp_path / "resnet50.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
-    _, info = create_network("resnet18", 3, pretrained="file", pretrained_file=path)
-    assert info.source == "none"  # not "pretrained weights from ..." with a quarter of the backbone random
-    assert "backbone tensors have other shapes" in info.message and "layer1.0.conv1.weight" in info.message
+    # Not "pretrained weights from ..." with a quarter of the backbone random: one clear refusal.
+    with pytest.raises(WeightsInvalid, match=r"backbone tensors have other shapes \(e\.g\. layer1\.0\.conv1\.weight"):
+        create_network("resnet18", 3, pretrained="file", pretrained_file=path)
 
 
 def test_bad_arguments_are_refused() -> None:
