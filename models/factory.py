@@ -74,6 +74,7 @@ def create_network(
             model = timm.create_model(arch, pretrained=True, num_classes=num_classes)
         except Exception as exc:  # offline, proxy, missing weights: say so, never hand back random weights
             raise WeightsUnavailable(f"timm hub weights for {arch} could not be loaded: {exc}") from exc
+        _zero_head(model)
         return model, PretrainedInfo(source.value, f"{arch}: pretrained weights from the timm hub")
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     if source is WeightsSource.NONE:
@@ -84,9 +85,20 @@ def create_network(
         raise WeightsUnavailable(f"pretrained source {source.value!r} needs a weights file, and none was given")
     path = Path(pretrained_file)
     skipped = _load_backbone_file(model, path)
+    if skipped:
+        _zero_head(model)
     extra = f" (new {len(skipped)}-tensor classifier head)" if skipped else ""
     what = "the bundled ImageNet weights" if source is WeightsSource.BUNDLED else f"pretrained weights from {path}"
     return model, PretrainedInfo(source.value, f"{arch}: {what}{extra}")
+
+
+def _zero_head(model: nn.Module) -> None:
+    """Start a new head on pretrained features at zero: the first loss is log(classes) and the first gradients reach
+    the head only, so fine-tuning does not push large random-head errors into the pretrained backbone."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
 
 
 def build_network(weights: StartingWeights, num_classes: int) -> nn.Module:
