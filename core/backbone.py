@@ -1,16 +1,33 @@
-"""Where the next retrain starts: the active version, or a new lineage from the best available pretrained weights."""
+"""Where the next retrain starts: the active version, or a new lineage from pretrained weights (set or chosen)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sqlalchemy import func, select
+
 from core.errors import TrainingRefused
+from core.schema import Category, Label
+from core.serverfiles import exchange_file, exchange_files
 from core.settings import Settings
 
 if TYPE_CHECKING:
+    from core.db import Database
     from core.versions import VersionView
     from models.pretrained import StartingWeights
+
+WEIGHTS_SUFFIX = ".safetensors"
+SELECTION_FILE = "selected.json"
+RANDOM_SOURCE = "none"  # the `pretrained_source` of a version trained from random initial weights
+# Where the chosen file is used: the other PRODCAT_PRETRAINED values insist on the hub, the bundled weights or none.
+_FILE_CHOICES = ("auto", "file")
 
 # First-model accuracy by labelled images, measured by benchmarks/label_efficiency.py (Fashion-MNIST, official test
 # images, every default, 2 CPU cores; docs/benchmarks.md). Keyed by the weights source of a new lineage.
@@ -47,9 +64,14 @@ def starting_weights(settings: Settings, arch: str | None) -> StartingWeights:
     from models.errors import WeightsInvalid, WeightsUnavailable
     from models.pretrained import resolve_starting_weights
 
+    weights_file, chosen = _effective_choice(settings)
+    if arch is None and chosen is not None and settings.pretrained in _FILE_CHOICES:
+        # A chosen file's architecture was settled when it was picked (its metadata, or the configured default then):
+        # a new lineage follows it even when the file names none and the default has changed since.
+        arch = chosen.arch
     try:
         return resolve_starting_weights(
-            settings.pretrained, arch=arch, pretrained_file=settings.pretrained_file, cache_dir=settings.cache_dir
+            settings.pretrained, arch=arch, pretrained_file=weights_file, cache_dir=settings.cache_dir
         )
     except (WeightsInvalid, WeightsUnavailable) as exc:
         raise TrainingRefused(f"pretrained weights refused: {exc}") from exc
@@ -75,7 +97,7 @@ def plan_lineage(
     continuing = Lineage(
         parent.arch, parent.id, None, f"Continues v{parent.id} ({parent.arch}, from {parent.pretrained_source})."
     )
-    if parent.pretrained_source != "none" and settings.pretrained_file is None:
+    if not started_from_random(parent.pretrained_source) and effective_pretrained_file(settings) is None:
         return continuing
     weights = starting_weights(settings, parent.arch if arch else None)
     if not weights.pretrained or weights.label == parent.pretrained_source:
@@ -96,3 +118,286 @@ def expected_accuracy(source_label: str | None, labelled: int) -> tuple[int, flo
     points = EXPECTED_ACCURACY.get(source_label.split(":")[0], ())
     below = [p for p in points if p[0] <= max(labelled, points[0][0] if points else 0)]
     return below[-1] if below else None
+
+
+def started_from_random(source: str | None) -> bool:
+    """True for a version trained from random initial weights (`pretrained_source` "none"; empty in damaged rows)."""
+    return (source or RANDOM_SOURCE).split(":", 1)[0] == RANDOM_SOURCE
+
+
+# --- the weights file chosen on the Categories & data page ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightsSelection:
+    """The pretrained weights file an admin chose from the exchange folder, kept as a copy in data_dir/weights/."""
+
+    arch: str
+    file: str  # the copy's name in data_dir/weights/ (its `file:<name>` label is stored with every version)
+    sha256: str
+    chosen_at: datetime
+    path: Path
+    source: str = ""  # the name it had in the exchange folder
+    chosen_by: str = ""
+
+
+def weights_dir(settings: Settings) -> Path:
+    """Where chosen weights files are kept: inside the data directory, so the exchange copy can be deleted."""
+    return settings.data_dir / "weights"
+
+
+def selected_weights(settings: Settings) -> WeightsSelection | None:
+    """The recorded choice, or None. A damaged record is refused (TrainingRefused) rather than silently ignored."""
+    record = weights_dir(settings) / SELECTION_FILE
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        name = str(data["file"])
+        # The record names a file in the weights folder and nothing else, whatever was written into it.
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"{name!r} is not a file name")
+        return WeightsSelection(
+            arch=str(data["arch"]),
+            file=name,
+            sha256=str(data["sha256"]),
+            chosen_at=datetime.fromisoformat(str(data["chosen_at"])),
+            path=weights_dir(settings) / name,
+            source=str(data.get("source", "")),
+            chosen_by=str(data.get("chosen_by", "")),
+        )
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise TrainingRefused(
+            f"the record of the chosen pretrained weights {record} is damaged ({exc}): choose the weights file again, "
+            "or clear the choice, on the Categories & data page"
+        ) from exc
+
+
+def _effective_choice(settings: Settings) -> tuple[Path | None, WeightsSelection | None]:
+    if settings.pretrained_file is not None:  # the environment wins over the choice made in the app
+        return settings.pretrained_file, None
+    chosen = selected_weights(settings)
+    return (chosen.path if chosen is not None else None), chosen
+
+
+def effective_pretrained_file(settings: Settings) -> Path | None:
+    """The weights file a new lineage starts from: PRODCAT_PRETRAINED_FILE when set, else the file chosen in the app."""
+    return _effective_choice(settings)[0]
+
+
+def weights_notes(settings: Settings) -> tuple[str, ...]:
+    """Why a chosen weights file is not the one used (a setting overrides it), for the Train and Categories pages."""
+    chosen = selected_weights(settings)
+    if chosen is None:
+        return ()
+    if settings.pretrained_file is not None:
+        return (
+            f"PRODCAT_PRETRAINED_FILE ({settings.pretrained_file}) is set and wins over the weights file chosen in the "
+            f"app ({chosen.file}).",
+        )
+    if settings.pretrained not in _FILE_CHOICES:
+        return (f"PRODCAT_PRETRAINED={settings.pretrained}: the chosen weights file {chosen.file} is not used.",)
+    return ()
+
+
+def use_weights_file(settings: Settings, name: str, *, actor: str = "") -> StartingWeights:
+    """Make the `.safetensors` file `name` in the exchange folder the pretrained backbone of new lineages.
+
+    The name is resolved only inside the exchange folder (PathRefused for `..`, full paths, links out). The file is
+    checked as the PRODCAT_PRETRAINED_FILE setting would be, and by building the network for its architecture (its
+    safetensors metadata "arch", else PRODCAT_DEFAULT_ARCH), so a corrupt or wrong-architecture file is refused here
+    (TrainingRefused, naming the file and why) and the previous choice stays. Then it is copied into data_dir/weights/
+    (temporary file, then moved into place) and the choice recorded in data_dir/weights/selected.json.
+    """
+    from models.errors import WeightsInvalid, WeightsUnavailable
+    from models.factory import create_network
+    from models.pretrained import StartingWeights, WeightsSource, check_weights_file, resolve_starting_weights
+
+    source = exchange_file(settings, name, suffix=WEIGHTS_SUFFIX)
+    try:
+        file_arch = check_weights_file(source)
+        if file_arch is None and settings.default_arch is None:
+            raise TrainingRefused(
+                f"pretrained weights refused: {name} does not say which architecture it holds (no 'arch' in its "
+                "safetensors metadata): set PRODCAT_DEFAULT_ARCH to its timm architecture (e.g. resnet18), or save "
+                'it with metadata {"arch": ...}'
+            )
+        # The same check (and wording) as a configured PRODCAT_PRETRAINED_FILE, then the network it would build.
+        weights = resolve_starting_weights(
+            "file", arch=settings.default_arch, pretrained_file=source, cache_dir=settings.cache_dir
+        )
+        create_network(weights.arch, 2, pretrained=WeightsSource.FILE.value, pretrained_file=source)
+    except (WeightsInvalid, WeightsUnavailable, ValueError) as exc:  # ValueError: an architecture timm does not know
+        raise TrainingRefused(f"pretrained weights refused: {exc}") from exc
+
+    folder = weights_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / source.name
+    try:
+        previous = selected_weights(settings)
+    except TrainingRefused:  # a damaged record is replaced by this choice
+        previous = None
+    digest = _copy_checked(source, target)
+    record = {
+        "arch": weights.arch,
+        "file": target.name,
+        "sha256": digest,
+        "chosen_at": datetime.now(UTC).isoformat(),
+        "source": Path(name).as_posix(),
+        "chosen_by": actor,
+    }
+    _write_atomically(folder / SELECTION_FILE, json.dumps(record, indent=2).encode("utf-8"))
+    if previous is not None and previous.path != target:
+        previous.path.unlink(missing_ok=True)  # only the chosen file is kept: weights files are tens of megabytes
+    return StartingWeights(weights.arch, WeightsSource.FILE, target)
+
+
+def clear_weights_selection(settings: Settings) -> WeightsSelection | None:
+    """Forget the weights file chosen in the app (new lineages follow PRODCAT_PRETRAINED again); returns what it was.
+
+    A damaged record is removed too (then None is returned).
+    """
+    try:
+        chosen = selected_weights(settings)
+    except TrainingRefused:
+        chosen = None
+    (weights_dir(settings) / SELECTION_FILE).unlink(missing_ok=True)
+    if chosen is not None:
+        chosen.path.unlink(missing_ok=True)
+    return chosen
+
+
+def _copy_checked(source: Path, target: Path) -> str:
+    """Copy `source` to `target` through a temporary file in the target folder, then move it into place.
+
+    Returns the copy's sha256. The copy is read back as safetensors before it replaces anything, so a file that
+    changed while it was being copied (still uploading) never becomes the chosen weights.
+    """
+    from models.errors import WeightsInvalid
+    from models.pretrained import check_weights_file
+
+    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    temp = Path(temp_name)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(handle, "wb") as out, open(source, "rb") as src:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+        try:
+            check_weights_file(temp)
+        except WeightsInvalid as exc:
+            raise TrainingRefused(
+                f"pretrained weights refused: {source.name} changed while it was being copied ({exc}): try again "
+                "once it is complete"
+            ) from exc
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temp_name, path)
+    finally:
+        Path(temp_name).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class BackboneChoice:
+    """The Categories & data page's backbone section: the chosen file, what else could be chosen, and caveats."""
+
+    chosen: WeightsSelection | None
+    candidates: list[str]  # `.safetensors` names in the exchange folder
+    notes: tuple[str, ...] = ()
+    problem: str | None = None  # a damaged choice record: clearing it is the way out
+
+
+def backbone_choice(settings: Settings) -> BackboneChoice:
+    """What the Categories & data page shows about the chosen pretrained weights file (no file is read but JSON)."""
+    candidates = exchange_files(settings, suffix=WEIGHTS_SUFFIX)
+    try:
+        return BackboneChoice(selected_weights(settings), candidates, weights_notes(settings))
+    except TrainingRefused as exc:
+        return BackboneChoice(None, candidates, problem=str(exc))
+
+
+# --- what the next retrain starts from ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpectedAccuracy:
+    """A measured first-model accuracy: `accuracy` with `labels` labelled images, from `source` weights."""
+
+    source: str  # the kind of weights it was measured with: bundled, hub, file, none
+    labels: int
+    accuracy: float
+
+    def describe(self, labelled: int) -> str:
+        """One sentence for people who have `labelled` images labelled now."""
+        return (
+            f"Expected first model: about {self.accuracy:.0%} test accuracy with {self.labels} labelled images "
+            f"({labelled} now), as measured from {self.source} weights on Fashion-MNIST (docs/benchmarks.md); "
+            "your photos will differ."
+        )
+
+
+@dataclass(frozen=True)
+class NextStart:
+    """What the next retrain starts from, for the Train page and `train`; `problem` when the weights are refused."""
+
+    description: str  # Lineage.describe(), or the refusal
+    source_label: str | None  # the weights of a new lineage (`bundled:efficientnet_lite0`); None when continuing
+    new_lineage: bool
+    labelled: int
+    expected: ExpectedAccuracy | None = None
+    problem: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def random_start(self) -> bool:
+        """A new lineage from random initial weights: expect a much weaker first model."""
+        return self.new_lineage and started_from_random(self.source_label)
+
+
+def next_start(
+    db: Database, *, job_arch: str | None = None, image_size: int | None = None, labelled: int | None = None
+) -> NextStart:
+    """Where the next retrain would start (continue the active version, or a new lineage from which weights), with
+    the benchmarked accuracy of a first model at this many labels when one is known.
+
+    `labelled` (images labelled in live categories) is counted when not given. Refused weights are not raised:
+    `problem` says why, so the page can show it and keep Retrain disabled.
+    """
+    from core.versions import active_version
+
+    if labelled is None:
+        labelled = _labelled_in_live_categories(db)
+    try:
+        notes = weights_notes(db.settings)
+        lineage = plan_lineage(db.settings, parent=active_version(db), job_arch=job_arch, image_size=image_size)
+    except TrainingRefused as exc:
+        return NextStart(str(exc), None, False, labelled, problem=str(exc))
+    new = lineage.continue_from is None
+    expected = None
+    if new:
+        point = expected_accuracy(lineage.source_label, labelled)
+        if point is not None:
+            kind = (lineage.source_label or RANDOM_SOURCE).split(":", 1)[0]
+            expected = ExpectedAccuracy(kind, point[0], point[1])
+    return NextStart(lineage.describe(), lineage.source_label, new, labelled, expected, notes=notes)
+
+
+def _labelled_in_live_categories(db: Database) -> int:
+    with db.read() as session:
+        query = (
+            select(func.count())
+            .select_from(Label)
+            .join(Category, Category.id == Label.category_id)
+            .where(Category.archived_at.is_(None))
+        )
+        return int(session.scalar(query) or 0)

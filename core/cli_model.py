@@ -80,6 +80,7 @@ def train(
     actor: ActorOpt = None,
 ) -> None:
     """Queue a retrain on the current labels (or run it here with --wait)."""
+    from core.backbone import next_start
     from core.jobs import enqueue_training
     from core.training import training_plan
 
@@ -87,6 +88,15 @@ def train(
     plan = training_plan(db, mode=mode)
     if plan.problems:
         raise fail("training refused:\n  - " + "\n  - ".join(plan.problems))
+    # Said before queueing: which backbone and weights the job starts from, and refused weights stop it here.
+    start = next_start(db, job_arch=arch or None, image_size=image_size, labelled=plan.labelled)
+    if start.problem is not None:
+        raise fail(f"training refused: {start.problem}")
+    typer.echo(f"backbone: {start.description}")
+    for note in start.notes:
+        typer.echo(f"  {note}")
+    if start.expected is not None:
+        typer.echo(f"  {start.expected.describe(start.labelled)}")
     params: dict[str, Any] = {}
     if epochs is not None:
         params["epochs"] = epochs
@@ -216,16 +226,17 @@ def models_list(as_json: JsonOpt = False) -> None:
     if not versions:
         typer.echo("no model versions yet: train one with `train`")
         return
+    # The backbone source (where the lineage's weights started) goes last: file names make it the widest column.
     typer.echo(
-        f"{'':2}{'id':>4}  {'status':9}  {'arch':12}  {'px':>4}  {'mode':5}  {'test acc':>8}  "
-        f"{'F1':>5}  {'ECE':>5}  {'classes':>7}  created"
+        f"{'':2}{'id':>4}  {'status':9}  {'arch':18}  {'px':>4}  {'mode':5}  {'test acc':>8}  "
+        f"{'F1':>5}  {'ECE':>5}  {'classes':>7}  {'created':16}  backbone source"
     )
     for v in versions:
         mark = "* " if v.status == VersionStatus.ACTIVE else "  "
         typer.echo(
-            f"{mark}{v.id:>4}  {v.status:9}  {v.arch:12}  {v.image_size:>4}  {v.mode:5}  {_fmt(v.test_accuracy):>8}  "
+            f"{mark}{v.id:>4}  {v.status:9}  {v.arch:18}  {v.image_size:>4}  {v.mode:5}  {_fmt(v.test_accuracy):>8}  "
             f"{_fmt(v.macro_f1, '{:.3f}'):>5}  {_fmt(v.ece, '{:.3f}'):>5}  {len(v.class_names):>7}  "
-            f"{v.created_at:%Y-%m-%d %H:%M}"
+            f"{v.created_at:%Y-%m-%d %H:%M}  {v.pretrained_source}"
         )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import func, select
 
+from core.backbone import started_from_random
 from core.db import Database
 from core.jobs import LIVE_STATES, fail_stale_jobs, is_stale
 from core.schema import Category, Image, JobStatus, Label, ModelVersion, TrainingJob, VersionStatus
@@ -68,12 +69,18 @@ class Overview:
 
     @property
     def pretrained_notice(self) -> str | None:
-        """A warning to show when the active model was trained from random weights (no pretrained backbone)."""
-        if self.active_version_id is None or self.pretrained_source not in ("none", ""):
+        """A warning to show when the active model was trained from random weights (no pretrained backbone).
+
+        Versions record where their weights started (`bundled:efficientnet_lite0`, `hub:resnet18`,
+        `file:w.safetensors`, or `none`); only a random start warrants it.
+        """
+        if self.active_version_id is None or not started_from_random(self.pretrained_source):
             return None
         return (
             f"Model v{self.active_version_id} was trained without pretrained weights (random initialisation): "
-            "expect low accuracy. Set PRODCAT_PRETRAINED_FILE to a local weights file, or allow the hub, and retrain."
+            "expect low accuracy. Choose a pretrained weights file on the Categories & data page (or set "
+            "PRODCAT_PRETRAINED=auto, or PRODCAT_PRETRAINED_FILE), and retrain: the next retrain starts a new lineage "
+            "from those weights."
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core.backbone import backbone_choice, clear_weights_selection, use_weights_file
 from core.export import export_imagefolder, labels_csv_bytes
 from core.ingest import ImportResult, LabelSource, Upload, import_labelled_folder, import_labelled_upload
 from core.labels import add_category, archive_category, list_categories, merge_categories, rename_category
@@ -139,6 +140,50 @@ with zip_tab, st.form("import_zip", clear_on_submit=True):
         )
         if ok:
             _show_import(result)
+
+
+# --- pretrained backbone --------------------------------------------------------------------------------------------
+def _use_weights() -> None:
+    name = st.session_state.get("weights_pick")
+    chosen = _ui.flash_errors(use_weights_file, db.settings, name or "", actor=_ui.actor())
+    if chosen is not None:
+        _ui.flash("success", f"New model lineages start from {chosen.describe()}.")
+
+
+def _clear_weights() -> None:
+    cleared = _ui.flash_errors(clear_weights_selection, db.settings)
+    what = f"the weights file {cleared.file}" if cleared is not None else "the damaged choice"
+    _ui.flash("success", f"Forgot {what}: new model lineages follow PRODCAT_PRETRAINED ({db.settings.pretrained}).")
+
+
+st.header("Pretrained backbone")
+st.caption(
+    _ui.md_escape(
+        f"A new model lineage starts from pretrained weights. Put a .safetensors file in the exchange folder "
+        f"{db.settings.exchange_dir} to choose it here; the next retrain then starts a new lineage from it."
+    )
+)
+backbone = backbone_choice(db.settings)
+if backbone.problem is not None:
+    st.error(_ui.md_escape(backbone.problem))
+if backbone.chosen is not None:
+    chosen = backbone.chosen
+    by = f" by {chosen.chosen_by}" if chosen.chosen_by else ""
+    st.text(
+        f"Chosen: {chosen.file} ({chosen.arch}), sha256 {chosen.sha256[:12]}, {chosen.chosen_at:%Y-%m-%d %H:%M} UTC{by}"
+    )
+elif backbone.problem is None:
+    st.text(f"No weights file chosen: new lineages follow PRODCAT_PRETRAINED ({db.settings.pretrained}).")
+for note in backbone.notes:
+    st.warning(_ui.md_escape(note))
+if backbone.candidates:
+    pick_col, use_col = st.columns([3, 1], vertical_alignment="bottom")
+    pick_col.selectbox("Weights file in the exchange folder", backbone.candidates, key="weights_pick")
+    use_col.button("Use as backbone", on_click=_use_weights, width="stretch")
+else:
+    st.caption("No .safetensors file in the exchange folder yet.")
+if backbone.chosen is not None or backbone.problem is not None:
+    st.button("Clear the choice", on_click=_clear_weights)
 
 # --- export ---------------------------------------------------------------------------------------------------------
 st.header("Export")

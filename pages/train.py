@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from core.backbone import next_start
 from core.dashboard import version_comparison
 from core.jobs import TrainMode, cancel_job, current_job, enqueue_training, ensure_worker, list_jobs, worker_alive
 from core.overview import error_headline, job_progress, training_curves
@@ -65,14 +66,34 @@ for problem in plan.problems:
 for note in plan.notes:
     st.caption(_ui.md_escape(note))
 
+# Which backbone and weights the next model starts from (file names are user text: escaped, never markup).
+start = next_start(db, labelled=plan.labelled)
+if start.problem is not None:
+    st.error(_ui.md_escape(start.problem))
+elif start.new_lineage:
+    headline = _ui.md_escape(f"Backbone of the next model: {start.description}")
+    if start.random_start:
+        st.warning(headline)
+    else:
+        st.info(headline)
+    if start.expected is not None:
+        st.caption(_ui.md_escape(start.expected.describe(start.labelled)))
+else:
+    st.caption(_ui.md_escape(start.description))
+for note in start.notes:
+    st.warning(_ui.md_escape(note))
+
 live_job = current_job(db)
 st.button(
     f"Retrain ({mode})",
     type="primary",
-    disabled=not plan.ok or live_job is not None,
+    disabled=not plan.ok or live_job is not None or start.problem is not None,
+    help=None if start.problem is None else _ui.md_escape(f"Retrain is disabled: {start.problem}"),
     on_click=_retrain,
     args=(mode,),
 )
+if start.problem is not None:
+    st.caption("Retrain is disabled until the pretrained weights above can be used.")
 if live_job is not None:
     st.caption(f"Training job #{live_job.id} is {live_job.status}: Retrain is available again once it ends.")
 
@@ -181,7 +202,7 @@ rows = [
         "test accuracy": v.test_accuracy,
         "macro F1": v.macro_f1,
         "ECE": v.ece,
-        "pretrained": v.pretrained_source,
+        "backbone source": v.pretrained_source,
         "created (UTC)": v.created_at.strftime("%Y-%m-%d %H:%M"),
     }
     for v in versions

@@ -211,3 +211,56 @@ def test_real_subprocess_import_and_stats(data_dir: Path, tmp_path: Path) -> Non
     assert json.loads(stats.stdout)["labelled"] == 3
     refused = run("categories", "merge", "Shoes", "Shoes")
     assert refused.returncode == 1 and "onto itself" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_models_list_has_a_backbone_source_column(db: Database) -> None:
+    from tests.core.training_helpers import add_version_row
+
+    add_version_row(db, status="retired", pretrained_source="none")
+    add_version_row(db, status="active", arch="efficientnet_lite0", pretrained_source="bundled:efficientnet_lite0")
+    result = cli("models", "list")
+    assert result.exit_code == 0, result.output
+    header, newest, oldest = result.stdout.splitlines()
+    assert header.rstrip().endswith("created           backbone source")
+    assert newest.startswith("*    2  active") and newest.endswith("  bundled:efficientnet_lite0")
+    assert oldest.endswith("  none")
+
+
+def test_train_says_which_backbone_it_starts_from_before_queueing(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core import jobs
+    from tests.core.training_helpers import dataset, store_images
+
+    store_images(db, dataset(("Shoes", "Bags"), train=2, val=1, test=1))
+    monkeypatch.setattr(jobs, "ensure_worker", lambda db: False)  # queue only: no worker process in this test
+    result = cli("train", "--mode", "quick")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "backbone: resnet18 with random initial weights: accuracy will be much lower than with pretrained weights "
+        "(pretrained weights switched off). A new lineage (first model).",
+        "queued training job 1 (quick)",
+    ]
+
+
+def test_train_refuses_a_bad_weights_file_before_queueing(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.db import open_database
+    from core.jobs import list_jobs
+    from core.settings import get_settings
+    from tests.core.training_helpers import dataset, store_images
+    from tests.core.weightsfiles import write_corrupt_weights
+
+    broken = write_corrupt_weights(tmp_path / "broken.safetensors")
+    monkeypatch.setenv("PRODCAT_PRETRAINED", "file")
+    monkeypatch.setenv("PRODCAT_PRETRAINED_FILE", str(broken))
+    get_settings.cache_clear()
+    db = open_database(get_settings())
+    store_images(db, dataset(("Shoes", "Bags"), train=2, val=1, test=1))
+    result = cli("train", "--mode", "quick")
+    assert result.exit_code == 1
+    assert f"training refused: pretrained weights refused: pretrained weights file {broken} is not a readable" in (
+        result.stderr
+    )
+    assert list_jobs(db) == []

