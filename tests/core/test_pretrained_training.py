@@ -1,0 +1,115 @@
+"""Retraining from pretrained weights: better than random init on real product photos, recorded, refused safely."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core import db as core_db
+from core.db import Database
+from core.jobs import enqueue_training, get_job
+from core.schema import JobStatus
+from core.settings import get_settings
+from core.versions import active_version, checkpoint_path
+from core.worker import run_job_in_foreground
+from models.checkpoint import read_meta
+from tests.core.training_helpers import save_random_version
+
+PER_CLASS = 24  # 240 labelled Fashion-MNIST photos, the app's own 80/10/10 split
+TEST_PER_CLASS = 30  # 300 official test photos, never imported
+
+
+def _fashion_mnist() -> tuple[object, object]:
+    from core.demo import load_fashion_mnist, local_dir, local_files_present
+
+    if not local_files_present():
+        if os.environ.get("CI"):
+            pytest.fail(f"Fashion-MNIST missing from {local_dir()}: .ci/run must install dataset-fashion-mnist")
+        pytest.skip(f"Fashion-MNIST not installed in {local_dir()} (apt-get install dataset-fashion-mnist)")
+    return load_fashion_mnist("train"), load_fashion_mnist("test")
+
+
+def _open(data_dir: Path, monkeypatch: pytest.MonkeyPatch, pretrained: str) -> Database:
+    core_db.close_all()
+    monkeypatch.setenv("PRODCAT_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("PRODCAT_PRETRAINED", pretrained)
+    monkeypatch.setenv("PRODCAT_IMAGE_SIZE", "64")
+    monkeypatch.setenv("PRODCAT_DEVICE", "cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # auto must not find hub weights: the bundled backbone is the point
+    monkeypatch.setattr("models.pretrained.hub_cached", lambda arch: False)
+    get_settings.cache_clear()
+    return core_db.open_database(get_settings())
+
+
+def _retrain_and_score(db: Database, train: object, official_test: Path, test_labels: np.ndarray) -> tuple[float, str]:
+    """Import the labelled photos, run a quick retrain the way the worker does, classify the official test files."""
+    from core.demo import FASHION_MNIST_CLASSES, balanced_indices, make_uploads
+    from core.ingest import import_uploads
+    from core.predict import predict_files
+
+    uploads, labels = make_uploads(train, balanced_indices(train.labels, PER_CLASS * 10))  # type: ignore[attr-defined]
+    assert not import_uploads(db, uploads, labels=labels, actor="tester").refused
+    job_id = enqueue_training(db, "quick", {}, "tester")
+    version_id = run_job_in_foreground(db, job_id)
+    assert version_id is not None, get_job(db, job_id).error
+    results = predict_files(db, sorted(official_test.iterdir()))
+    guessed = [FASHION_MNIST_CLASSES.index(r.top_k[0].category) for r in results]
+    return float(np.mean(np.array(guessed) == test_labels)), active_version(db).pretrained_source  # type: ignore[union-attr]
+
+
+def test_a_first_retrain_from_the_bundled_backbone_beats_random_init_and_says_where_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.demo import balanced_indices, encode_png, file_name
+
+    train, test = _fashion_mnist()
+    official = tmp_path / "official-test"
+    official.mkdir()
+    chosen = balanced_indices(test.labels, TEST_PER_CLASS * 10)  # type: ignore[attr-defined]
+    for index in chosen:
+        (official / file_name("test", int(index))).write_bytes(encode_png(test.images[index]))  # type: ignore[attr-defined]
+    truth = np.array([test.labels[i] for i in sorted(chosen, key=lambda i: file_name("test", int(i)))])  # type: ignore[attr-defined]
+
+    random_acc, random_source = _retrain_and_score(
+        _open(tmp_path / "random", monkeypatch, "none"), train, official, truth
+    )
+    db = _open(tmp_path / "pretrained", monkeypatch, "auto")
+    pretrained_acc, source = _retrain_and_score(db, train, official, truth)
+
+    assert random_source == "none" and source == "bundled:efficientnet_lite0"
+    assert pretrained_acc >= random_acc + 0.08, (pretrained_acc, random_acc)
+    assert pretrained_acc >= 0.6  # 24 labels per category: a useful first model, not a coin toss
+    version = active_version(db)
+    assert version is not None and version.arch == "efficientnet_lite0"  # the architecture followed the weights
+    meta = read_meta(checkpoint_path(db, version))  # the sidecar says where the weights came from
+    assert meta.pretrained_source == "bundled:efficientnet_lite0" and meta.arch == "efficientnet_lite0"
+    core_db.close_all()
+
+
+def test_a_refused_weights_file_fails_the_job_clearly_and_the_active_model_keeps_serving(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.schema import VersionStatus
+    from tests.core.training_helpers import dataset, store_images
+
+    active_id = save_random_version(db, ["Shoes", "Hats"], seed=1, status=VersionStatus.ACTIVE)
+    store_images(db, dataset(("Shoes", "Hats")))
+    broken = tmp_path / "shop-backbone.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{truncated")
+    monkeypatch.setenv("PRODCAT_PRETRAINED_FILE", str(broken))
+    monkeypatch.setenv("PRODCAT_PRETRAINED", "auto")
+    core_db.close_all()
+    get_settings.cache_clear()
+    db = core_db.open_database(get_settings())
+
+    job_id = enqueue_training(db, "quick", {"image_size": 32}, "tester")
+    assert run_job_in_foreground(db, job_id) is None
+    job = get_job(db, job_id)
+    assert job.status == JobStatus.FAILED
+    assert "shop-backbone.safetensors" in job.error and "not a readable safetensors" in job.error
+    assert "Traceback" not in job.error.splitlines()[0]
+    serving = active_version(db)
+    assert serving is not None and serving.id == active_id
