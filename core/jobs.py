@@ -28,6 +28,7 @@ from core.db import Database
 from core.errors import NotFound, TrainingRefused
 from core.schema import JobStatus, TrainingJob, Worker, utcnow
 from core.settings import Settings
+from core.threads import worker_thread_env
 from models.modes import TrainMode
 
 log = logging.getLogger(__name__)
@@ -527,8 +528,11 @@ def live_workers(db: Database) -> list[dict[str, Any]]:
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:
-    """This process's environment plus the settings it runs with, so a spawned worker uses the same ones."""
+    """The environment of a worker spawned here: this process's, plus the settings it runs with (so the worker uses
+    the same ones), plus the thread count and OpenMP wait policy of a worker sharing its machine with the app server
+    (`core.threads`; values already in the environment are kept)."""
     env = dict(os.environ)
+    env.update(worker_thread_env(shares_machine=True, environ=env))
     for name in settings.model_fields_set:
         value = getattr(settings, name)
         if value is None:

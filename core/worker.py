@@ -7,6 +7,11 @@ machine that shares the database and image store. A job always ends succeeded, c
 text; a worker killed outright leaves a stale heartbeat that the next worker or UI start turns into "failed".
 The training function is `core.training:run_training`, or the `module:function` named by PRODCAT_WORKER_RUNNER
 (tests use small runners; the real one is tested end to end with the training module).
+
+CPU threads (`core.threads`): the worker sets OMP_WAIT_POLICY=PASSIVE, and OMP_NUM_THREADS to every core (one less
+when the app started it on a machine with more than 2, to leave a core to the app server), unless its environment
+already sets them. OpenMP reads them when torch loads, so a worker run inside a process that already imported torch
+keeps OpenMP's spinning default: set OMP_WAIT_POLICY=PASSIVE in that process's environment.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from sqlalchemy.exc import OperationalError
 from core import jobs
 from core.db import Database
 from core.errors import JobCancelled, ProdcatError, TrainingRefused
+from core.threads import apply_worker_threads
 from models.errors import NotEnoughData, TrainingStopped
 
 log = logging.getLogger("core.worker")
@@ -430,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     from core.db import close_all, open_database
     from core.settings import get_settings
 
+    # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it.
+    threads = apply_worker_threads()
+    log.info("worker threads: %s", threads.describe())
     db = open_database(get_settings())
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
