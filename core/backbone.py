@@ -111,13 +111,13 @@ def plan_lineage(
     )
 
 
-def expected_accuracy(source_label: str | None, labelled: int) -> tuple[int, float] | None:
-    """The measured first-model accuracy at the largest benchmarked label count not above `labelled`, if any."""
+def expected_accuracy(source_label: str | None) -> ExpectedAccuracy | None:
+    """The measured learning curve of a first model from this kind of weights, when one was benchmarked."""
     if source_label is None:
         return None
-    points = EXPECTED_ACCURACY.get(source_label.split(":")[0], ())
-    below = [p for p in points if p[0] <= max(labelled, points[0][0] if points else 0)]
-    return below[-1] if below else None
+    kind = source_label.split(":", 1)[0]
+    points = EXPECTED_ACCURACY.get(kind, ())
+    return ExpectedAccuracy(kind, tuple(points)) if points else None
 
 
 def started_from_random(source: str | None) -> bool:
@@ -331,18 +331,24 @@ def backbone_choice(settings: Settings) -> BackboneChoice:
 
 @dataclass(frozen=True)
 class ExpectedAccuracy:
-    """A measured first-model accuracy: `accuracy` with `labels` labelled images, from `source` weights."""
+    """A measured learning curve: first-model test accuracy at several label counts, from `source` weights."""
 
     source: str  # the kind of weights it was measured with: bundled, hub, file, none
-    labels: int
-    accuracy: float
+    points: tuple[tuple[int, float], ...]  # (labelled images, accuracy), ascending
+
+    def at(self, labelled: int) -> tuple[int, float]:
+        """The measured point at the largest label count not above `labelled` (the smallest one below that)."""
+        reached = [p for p in self.points if p[0] <= labelled]
+        return reached[-1] if reached else self.points[0]
 
     def describe(self, labelled: int) -> str:
         """One sentence for people who have `labelled` images labelled now."""
+        curve = ", ".join(f"{n:,} labels {acc:.0%}" for n, acc in self.points)
+        n, acc = self.at(labelled)
         return (
-            f"Expected first model: about {self.accuracy:.0%} test accuracy with {self.labels} labelled images "
-            f"({labelled} now), as measured from {self.source} weights on Fashion-MNIST (docs/benchmarks.md); "
-            "your photos will differ."
+            f"Expected first model: about {acc:.0%} test accuracy with {n:,} labelled images ({labelled:,} now); "
+            f"measured from {self.source} weights on Fashion-MNIST: {curve} (docs/benchmarks.md). "
+            "Your photos will differ."
         )
 
 
@@ -383,12 +389,7 @@ def next_start(
     except TrainingRefused as exc:
         return NextStart(str(exc), None, False, labelled, problem=str(exc))
     new = lineage.continue_from is None
-    expected = None
-    if new:
-        point = expected_accuracy(lineage.source_label, labelled)
-        if point is not None:
-            kind = (lineage.source_label or RANDOM_SOURCE).split(":", 1)[0]
-            expected = ExpectedAccuracy(kind, point[0], point[1])
+    expected = expected_accuracy(lineage.source_label) if new else None
     return NextStart(lineage.describe(), lineage.source_label, new, labelled, expected, notes=notes)
 
 
