@@ -182,7 +182,9 @@ def test_the_next_start_names_the_automatic_backbone_and_the_measured_accuracy_o
     start = next_start(auto_db)
     assert start.new_lineage and start.source_label == "bundled:efficientnet_lite0"
     assert start.description.startswith("efficientnet_lite0 with ImageNet weights installed with the app")
-    assert start.expected is None  # nothing benchmarked yet: nothing said
+    assert start.expected is not None and start.expected.source == "bundled"  # the shipped, measured curve
+    monkeypatch.setattr(core.backbone, "EXPECTED_ACCURACY", {"hub": ((100, 0.9),)})
+    assert next_start(auto_db).expected is None  # never measured for these weights: nothing said
     monkeypatch.setattr(core.backbone, "EXPECTED_ACCURACY", {"bundled": ((50, 0.61), (500, 0.82))})
     expected = next_start(auto_db, labelled=900).expected
     assert expected == ExpectedAccuracy("bundled", ((50, 0.61), (500, 0.82)))
