@@ -307,8 +307,8 @@ def test_evaluation_reads_a_non_contiguous_test_split_through_a_lazy_view(
 def test_a_class_merged_since_the_parent_keeps_its_learned_row_under_the_category_it_went_into(db: Database) -> None:
     import torch
 
-    from core.labels import add_category, merge_categories
     from core.backbone import plan_lineage
+    from core.labels import add_category, merge_categories
     from core.training import _head_row_names, _starting_network, build_train_config
     from core.versions import checkpoint_path, get_version
     from models.checkpoint import load_checkpoint

@@ -51,7 +51,7 @@ def test_none_gives_random_init_and_says_so() -> None:
 def test_an_unreadable_file_is_refused_never_replaced_by_random_weights(tmp_path: Path) -> None:
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not safetensors at all")
-    with pytest.raises(WeightsInvalid, match="broken.safetensors.*not a readable safetensors"):
+    with pytest.raises(WeightsInvalid, match=r"broken\.safetensors.*not a readable safetensors"):
         create_network("resnet18", 2, pretrained="file", pretrained_file=bad)
     with pytest.raises(WeightsInvalid, match="does not exist"):
         create_network("resnet18", 2, pretrained="file", pretrained_file=tmp_path / "missing.safetensors")
@@ -61,7 +61,7 @@ def test_file_for_another_architecture_is_not_silently_accepted(tmp_path: Path) 
     other = timm.create_model("resnet10t", pretrained=False, num_classes=3)
     path = tmp_path / "other.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
-    with pytest.raises(WeightsInvalid, match="other.safetensors does not match the architecture"):
+    with pytest.raises(WeightsInvalid, match=r"other\.safetensors does not match the architecture"):
         create_network("resnet18", 3, pretrained="file", pretrained_file=path)
 
 
