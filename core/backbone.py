@@ -333,6 +333,14 @@ def backbone_choice(settings: Settings) -> BackboneChoice:
 # --- what the next retrain starts from ------------------------------------------------------------------------------
 
 
+_WEIGHTS_WORDS = {
+    "bundled": "the bundled ImageNet weights",
+    "hub": "timm hub weights",
+    "file": "a chosen weights file",
+    RANDOM_SOURCE: "random initial weights",
+}
+
+
 @dataclass(frozen=True)
 class ExpectedAccuracy:
     """A measured learning curve: first-model test accuracy at several label counts, from `source` weights."""
@@ -351,7 +359,8 @@ class ExpectedAccuracy:
         n, acc = self.at(labelled)
         return (
             f"Expected first model: about {acc:.0%} test accuracy with {n:,} labelled images ({labelled:,} now); "
-            f"measured from {self.source} weights on Fashion-MNIST: {curve} (docs/benchmarks.md). "
+            f"measured with {_WEIGHTS_WORDS.get(self.source, self.source)} on Fashion-MNIST: {curve} "
+            "(docs/benchmarks.md). "
             "Your photos will differ."
         )
 

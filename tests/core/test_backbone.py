@@ -190,7 +190,7 @@ def test_the_next_start_names_the_automatic_backbone_and_the_measured_accuracy_o
     assert expected == ExpectedAccuracy("bundled", ((50, 0.61), (500, 0.82)))
     assert "about 82% test accuracy with 500 labelled images (900 now)" in expected.describe(900)
     assert "about 61% test accuracy with 50 labelled images (20 now)" in expected.describe(20)
-    assert "bundled weights on Fashion-MNIST: 50 labels 61%, 500 labels 82%" in expected.describe(20)
+    assert "the bundled ImageNet weights on Fashion-MNIST: 50 labels 61%, 500 labels 82%" in expected.describe(20)
 
 
 @pytest.mark.parametrize(

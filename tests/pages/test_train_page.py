@@ -69,7 +69,7 @@ def test_before_the_first_retrain_the_page_names_the_backbone_auto_picks_and_its
         )
     )
     expected = [c for c in _unescaped(at.caption) if "Expected first model" in c]
-    curve = "bundled weights on Fashion-MNIST: 100 labels 67%, 300 labels 74%, 1,000 labels 81%"
+    curve = "the bundled ImageNet weights on Fashion-MNIST: 100 labels 67%, 300 labels 74%, 1,000 labels 81%"
     assert expected and curve in expected[0]
     monkeypatch.setattr(core.backbone, "EXPECTED_ACCURACY", {})
     at = run_page("pages/train.py")
@@ -93,8 +93,8 @@ def test_a_chosen_weights_file_is_named_with_the_accuracy_measured_for_file_weig
         f"{auto.data_dir / 'weights' / '[shop](x).safetensors'}. A new lineage (first model)."
     )
     assert (
-        "Expected first model: about 70% test accuracy with 4 labelled images (8 now); measured from file weights "
-        "on Fashion-MNIST: 4 labels 70%, 100 labels 90% (docs/benchmarks.md). Your photos will differ."
+        "Expected first model: about 70% test accuracy with 4 labelled images (8 now); measured with a chosen weights "
+        "file on Fashion-MNIST: 4 labels 70%, 100 labels 90% (docs/benchmarks.md). Your photos will differ."
     ) in _unescaped(at.caption)
     assert not next(b for b in at.button if b.label.startswith("Retrain")).disabled
 
