@@ -234,7 +234,8 @@ def test_upload_train_correct_and_dashboard(chromium: str, server: tuple[str, Pa
 
         # --- dashboard: the confusion matrix is drawn by plotly ----------------------------------------------
         _go(page, "Dashboard")
-        expect(page.get_by_text("Confusion matrix", exact=True)).to_be_visible()
+        # The dashboard's first render loads plotly and scores the test split: seconds on 2 busy cores.
+        expect(page.get_by_text("Confusion matrix", exact=True)).to_be_visible(timeout=30_000)
         heatmap = page.locator('[data-testid="stPlotlyChart"]').first
         expect(heatmap.locator(".js-plotly-plot")).to_be_visible(timeout=20_000)
         _shoot(page, "dashboard")
