@@ -117,7 +117,6 @@ def _head_accuracy(train: Any, val: Any, test: Any, labels: dict[str, np.ndarray
 
 def _tail_finetune(model: Any, acts: dict[str, Any], labels: dict[str, np.ndarray], head: Any, epochs: int) -> Any:
     import torch
-    import torch.nn.functional as F
 
     cut = len(model.blocks) - 1
     net = copy.deepcopy(model).float()
@@ -139,28 +138,34 @@ def _tail_finetune(model: Any, acts: dict[str, Any], labels: dict[str, np.ndarra
         return net.classifier(net.global_pool(net.bn2(net.conv_head(h))))
 
     net.eval()  # batch norm frozen: its statistics come from ImageNet, the batches are small
-    started = time.perf_counter()
-    for _ in range(epochs):
-        order = torch.randperm(n)
-        for s in range(0, n - batch + 1, batch):
-            idx = order[s : s + batch]
-            h = acts["tr"][idx].clone()
-            flip = torch.rand(len(idx)) < 0.5
-            h[flip] = h[flip].flip(3)
-            loss = F.cross_entropy(forward(h), y[idx], label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    seconds = time.perf_counter() - started
+    seconds = _fit(forward, acts["tr"], y, opt, sched, epochs=epochs, batch=batch)
     with torch.no_grad():
         logits = torch.cat([forward(acts["te"][s : s + 256]) for s in range(0, len(acts["te"]), 256)])
     return float((logits.argmax(1).numpy() == labels["te"]).mean()), seconds
 
 
-def _full_finetune(model: Any, data: dict[str, Any], size: int, epochs: int) -> tuple[float, float]:
+def _fit(forward: Any, inputs: Any, y: Any, opt: Any, sched: Any, *, epochs: int, batch: int) -> float:
+    """Shuffled mini-batches with random horizontal flips (of images or of cached feature maps); seconds taken."""
     import torch
     import torch.nn.functional as F
+
+    started = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(y))
+        for s in range(0, len(y) - batch + 1, batch):
+            idx = order[s : s + batch]
+            xb = inputs[idx]
+            xb = torch.where((torch.rand(len(idx)) < 0.5)[:, None, None, None], xb.flip(3), xb)
+            loss = F.cross_entropy(forward(xb), y[idx], label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return time.perf_counter() - started
+
+
+def _full_finetune(model: Any, data: dict[str, Any], size: int, epochs: int) -> tuple[float, float]:
+    import torch
 
     x, xt = _tensors(data["tr"][0], model, size), _tensors(data["te"][0], model, size)
     y = torch.from_numpy(data["tr"][1]).long()
@@ -174,19 +179,7 @@ def _full_finetune(model: Any, data: dict[str, Any], size: int, epochs: int) -> 
     steps = epochs * (n // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr * scale, lr], total_steps=steps, pct_start=0.15)
     net.train()
-    started = time.perf_counter()
-    for _ in range(epochs):
-        order = torch.randperm(n)
-        for s in range(0, n - batch + 1, batch):
-            idx = order[s : s + batch]
-            xb = x[idx]
-            xb = torch.where((torch.rand(len(idx)) < 0.5)[:, None, None, None], xb.flip(3), xb)
-            loss = F.cross_entropy(net(xb), y[idx], label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    seconds = time.perf_counter() - started
+    seconds = _fit(net, x, y, opt, sched, epochs=epochs, batch=batch)
     net.eval()
     with torch.inference_mode():
         logits = torch.cat([net(xt[s : s + 128]) for s in range(0, len(xt), 128)])

@@ -74,7 +74,8 @@ def create_network(
             model = timm.create_model(arch, pretrained=True, num_classes=num_classes)
         except Exception as exc:  # offline, proxy, missing weights: say so, never hand back random weights
             raise WeightsUnavailable(f"timm hub weights for {arch} could not be loaded: {exc}") from exc
-        _zero_head(model)
+        if num_classes != model.pretrained_cfg.get("num_classes"):  # timm kept the hub's head when the sizes match
+            _zero_head(model)
         return model, PretrainedInfo(source.value, f"{arch}: pretrained weights from the timm hub")
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     if source is WeightsSource.NONE:

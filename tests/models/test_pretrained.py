@@ -183,13 +183,17 @@ def test_timm_hub_weights_in_the_local_cache_are_used_with_the_network_off(tmp_p
         "from models.factory import build_network\n"
         "w = resolve_starting_weights('auto', arch=None, pretrained_file=None, cache_dir=Path('.'))\n"
         "m = build_network(w, 4)\n"
-        "print(w.label, float(m.state_dict()['conv1.weight'].flatten()[0]))\n"
+        "same = build_network(w, 1000)\n"
+        "print(w.label, float(m.state_dict()['conv1.weight'].flatten()[0]), float(m.fc.weight.abs().sum()),"
+        " float(same.fc.weight.flatten()[0]))\n"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    label, first = done.stdout.split()
+    label, first, new_head, kept_head = done.stdout.split()
     assert label == "hub:resnet18"
     assert float(first) == pytest.approx(float(state["conv1.weight"].flatten()[0]))  # the cached weights, not random
+    assert float(new_head) == 0.0  # a new head on pretrained features starts at zero
+    assert float(kept_head) == pytest.approx(float(state["fc.weight"].flatten()[0]))  # a same-size head is kept
