@@ -177,6 +177,35 @@ class Prediction(Base):
     )
 
 
+class ImageCheck(Base):
+    """What one model version's label check found for one image, from out-of-sample (K-fold) probabilities.
+
+    Written after every retrain for every image: labelled ones get the label's quality (cleanlab, low = likely
+    wrong), whether confident learning counts it as a label issue, and the category it probably should have;
+    every image gets an outlier score (distance to its nearest labelled images in feature space).
+    """
+
+    __tablename__ = "image_checks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    # The label the check scored (NULL: unlabelled then). A label changed since is a person's newer word.
+    label_category_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id"), default=None)
+    label_quality: Mapped[float | None] = mapped_column(Float, default=None)
+    label_issue: Mapped[bool] = mapped_column(Boolean, default=False)
+    suggested_category_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id"), default=None)
+    suggested_probability: Mapped[float | None] = mapped_column(Float, default=None)
+    outlier_score: Mapped[float | None] = mapped_column(Float, default=None)  # higher = less like anything labelled
+    probs: Mapped[list[Any] | None] = mapped_column(JSON, default=None)  # out-of-sample, in the version's class order
+
+    __table_args__ = (
+        UniqueConstraint("image_id", "model_version_id", name="uq_image_checks_image_version"),
+        Index("ix_image_checks_version_quality", "model_version_id", "label_quality"),
+        Index("ix_image_checks_version_outlier", "model_version_id", "outlier_score"),
+    )
+
+
 class ModelVersion(Base):
     __tablename__ = "model_versions"
 
