@@ -37,3 +37,7 @@ class CheckpointError(ProdcatError):
 
 class JobCancelled(ProdcatError):
     """Raised inside a training run when the user asked to cancel it."""
+
+
+class DuplicateRefused(ProdcatError):
+    """"Keep this one" cannot run: the kept image is not in the group, or the group has one image."""

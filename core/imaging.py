@@ -334,3 +334,63 @@ def difference_hash(img: Image.Image) -> int | None:
     if value in (0, 2**64 - 1):
         return None
     return value - 2**64 if value >= 2**63 else value
+
+
+# Content box: pixels at least this far (grey levels) from the border's median count as the product, and this share
+# of their weight is trimmed from each side, so a small watermark or a 5% crop moves the box little.
+_BOX_MIN_CONTRAST = 24
+_BOX_TRIM_SHARE = 0.04
+
+
+@dataclass(frozen=True)
+class ContentHashes:
+    """Three 64-bit hashes of a picture's content box, signed as SQLite stores them: dHash across rows (`dhash_h`),
+    dHash down columns (`dhash_v`) and the DCT pHash (`phash`). Compared by Hamming distance (core.duplicates)."""
+
+    dhash_h: int
+    dhash_v: int
+    phash: int
+
+
+def _signed(bits: np.ndarray) -> int:
+    value = int.from_bytes(np.packbits(bits.astype(bool).ravel()).tobytes(), "big")
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _content_box(grey: np.ndarray) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the product: the mass-weighted quantile box of pixels unlike the border."""
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    weight = np.abs(grey - np.median(border))
+    weight[weight < _BOX_MIN_CONTRAST] = 0
+    total = float(weight.sum())
+    if total == 0:
+        return 0, 0, grey.shape[1], grey.shape[0]
+
+    def span(profile: np.ndarray) -> tuple[int, int]:
+        cumulative = np.cumsum(profile) / total
+        low = int(np.searchsorted(cumulative, _BOX_TRIM_SHARE))
+        return low, max(low + 1, int(np.searchsorted(cumulative, 1 - _BOX_TRIM_SHARE)) + 1)
+
+    (left, right), (top, bottom) = span(weight.sum(axis=0)), span(weight.sum(axis=1))
+    return left, top, right, bottom
+
+
+def content_hashes(img: Image.Image) -> ContentHashes | None:
+    """Perceptual hashes of the product in `img`, robust to resizing, re-encoding, a 5% crop and a small watermark
+    (measured in benchmarks/near_duplicates.py). None for a picture without structure (flat or a plain gradient),
+    whose hashes would match every other such picture."""
+    from scipy.fft import dctn  # scipy ships with scikit-learn; imported here so `import core.imaging` stays light
+
+    grey_img = img.convert("L")
+    box = grey_img.crop(_content_box(np.asarray(grey_img, dtype=np.float32)))
+    across = np.asarray(box.resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
+    down = np.asarray(box.resize((8, 9), Image.Resampling.BOX), dtype=np.int16)
+    dct = dctn(np.asarray(box.resize((32, 32), Image.Resampling.BOX), dtype=np.float64), norm="ortho")[:8, :8]
+    hashes = ContentHashes(
+        dhash_h=_signed(across[:, 1:] > across[:, :-1]),
+        dhash_v=_signed(down[1:, :] > down[:-1, :]),
+        phash=_signed(dct > np.median(dct)),
+    )
+    if hashes.dhash_h in (0, -1) and hashes.dhash_v in (0, -1):
+        return None
+    return hashes

@@ -28,8 +28,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from core.db import Database
+from core.duplicates import HashIndex, load_hash_index
 from core.errors import ArchiveRefused, CategoryError, ImageRefused, ProdcatError
-from core.imaging import DecodedImage, difference_hash, inspect_and_decode
+from core.imaging import ContentHashes, DecodedImage, content_hashes, difference_hash, inspect_and_decode
 from core.labels import apply_label, clean_actor, clean_category_name, get_or_create_category
 from core.schema import Category, Image, Label
 from core.splits import split_for_hash
@@ -317,6 +318,7 @@ class _Prepared:
     stored: StoredFiles | None = None
     refusal: str | None = None
     phash: int | None = None
+    hashes: ContentHashes | None = None
 
 
 @dataclass
@@ -369,6 +371,13 @@ class _Importer:
         self.in_flight: set[str] = set()
         self.category_checks: dict[str, str | CategoryError] = {}
         self.workers = min(DECODE_THREADS, os.cpu_count() or 1)
+        self._hash_index: HashIndex | None = None  # loaded at the first new image, appended to as rows go in
+
+    @property
+    def hash_index(self) -> HashIndex:
+        if self._hash_index is None:
+            self._hash_index = load_hash_index(self.db)
+        return self._hash_index
 
     @property
     def caps(self) -> tuple[int, int, int]:
@@ -487,9 +496,9 @@ class _Importer:
             stored = store_image(self.settings, data, decoded)
         except OSError as exc:
             return _Prepared(refusal=f"could not be stored ({exc.strerror or exc}); check free disk space")
-        phash = difference_hash(decoded.image)
+        phash, hashes = difference_hash(decoded.image), content_hashes(decoded.image)
         decoded.image = None  # type: ignore[assignment]  # the thumbnail is written: free the pixels now
-        return _Prepared(decoded=decoded, stored=stored, phash=phash)
+        return _Prepared(decoded=decoded, stored=stored, phash=phash, hashes=hashes)
 
     def start(self, cand: _Candidate, pool: ThreadPoolExecutor) -> _Pending:
         p = _Pending(cand)
@@ -545,11 +554,16 @@ class _Importer:
             self.refuse(name, prepared.refusal)
             return
         assert prepared.decoded is not None and prepared.stored is not None
-        self.insert(p, prepared.decoded, prepared.stored, prepared.phash)
+        self.insert(p, prepared)
 
-    def insert(self, p: _Pending, decoded: DecodedImage, stored: StoredFiles, phash: int | None) -> None:
+    def insert(self, p: _Pending, prepared: _Prepared) -> None:
         """The image row and its label in one short write transaction (files are already in place)."""
         name, category = p.cand.name, p.category
+        decoded, stored, phash, hashes = prepared.decoded, prepared.stored, prepared.phash, prepared.hashes
+        assert decoded is not None and stored is not None
+        # A near-duplicate (content hashes within the match rule's distance) joins the split of the earliest image
+        # like it, so a resized, re-encoded, cropped or watermarked copy of a test image is never trained on.
+        match = self.hash_index.earliest_match(hashes) if hashes is not None else None
         row = Image(
             sha256=p.sha,
             stored_path=stored.original_rel,
@@ -560,15 +574,17 @@ class _Importer:
             file_size=decoded.file_size,
             original_name=name[:_MAX_NAME],
             source=p.cand.source[:_MAX_NAME],
-            split=str(split_for_hash(p.sha, self.settings.split_fractions)),
+            split=match[1] if match else str(split_for_hash(p.sha, self.settings.split_fractions)),
             uploaded_by=self.actor,
             phash=phash,
+            box_dhash_h=hashes.dhash_h if hashes else None,
+            box_dhash_v=hashes.dhash_v if hashes else None,
+            box_phash=hashes.phash if hashes else None,
         )
         try:
             with self.db.write() as session:
-                if phash is not None:
-                    # A near-duplicate joins the split of the first picture like it, so a resized or re-encoded
-                    # copy of a test image is never trained on (and vice versa).
+                if match is None and phash is not None:
+                    # Images imported before the content hashes existed (not yet scanned) match by equal dHash.
                     first = select(Image.split).where(Image.phash == phash).order_by(Image.id).limit(1)
                     row.split = session.scalar(first) or row.split
                 session.add(row)
@@ -587,6 +603,8 @@ class _Importer:
             self.duplicate(name, existing, category)
             return
         self.seen[p.sha] = (row.id, row.original_name)
+        if hashes is not None:
+            self.hash_index.add(row.id, hashes, row.split)
         self.result.imported.append(ImportedItem(name, row.id, category))
         self.tick(name)
 

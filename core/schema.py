@@ -101,6 +101,11 @@ class Image(Base):
     uploaded_by: Mapped[str] = mapped_column(String(200))
     # core.imaging.difference_hash of the normalised picture: near-duplicates share it, and then share a split.
     phash: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # core.imaging.content_hashes of the picture's content box (signed 64-bit each; NULL: not computed yet, or a
+    # picture without structure). Near-duplicates are within a small Hamming distance (core.duplicates.MatchRule).
+    box_dhash_h: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=None)
+    box_dhash_v: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=None)
+    box_phash: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=None)
 
     label: Mapped[Label | None] = relationship(back_populates="image", uselist=False)
 
@@ -151,6 +156,24 @@ class LabelEvent(Base):
         # Undo walks one actor's events newest first while it holds the write lock.
         Index("ix_label_events_actor_id", "actor", "id"),
     )
+
+
+class ImageEvent(Base):
+    """Append-only record of what happened to an image row itself (today: its deletion). No foreign key on purpose:
+    the row outlives the image it describes, so a deleted duplicate can still be traced (name, bytes hash, label)."""
+
+    __tablename__ = "image_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    original_name: Mapped[str] = mapped_column(String(500))
+    action: Mapped[str] = mapped_column(String(32))  # delete
+    actor: Mapped[str] = mapped_column(String(200))
+    note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_image_events_image_id", "image_id", "id"),)
 
 
 class Prediction(Base):
