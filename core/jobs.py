@@ -99,6 +99,11 @@ class ProgressReport:
         return json.loads(json.dumps(dataclasses.asdict(self), default=_json_number))
 
     @classmethod
+    def from_library(cls, progress: Any, phase: str) -> ProgressReport:
+        """A models.training report as the job's: `phase` for people, the library's own phase as `stage`."""
+        return cls(**{**dataclasses.asdict(progress), "phase": phase, "stage": progress.phase})
+
+    @classmethod
     def from_json(cls, values: dict[str, Any]) -> ProgressReport:
         """A stored report (rows written before a field existed lack it); other keys, such as `history`, are skipped."""
         known = {f.name for f in dataclasses.fields(cls)}

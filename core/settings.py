@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     )
     pretrained_file: Path | None = Field(None, description="Local .safetensors weights for the backbone.")
     promote_policy: Literal["if_not_worse", "always", "manual"] = "if_not_worse"
+    label_check_folds: int = Field(
+        5,
+        ge=0,
+        description="K of the K-fold heads that check every label after each retrain (0: no label checks).",
+    )
     heartbeat_timeout_s: float = Field(60.0, gt=0, description="A running job silent this long is failed.")
     heartbeat_interval_s: float = Field(2.0, gt=0)
     worker_poll_s: float = Field(1.0, gt=0)

@@ -8,7 +8,6 @@ the model version and promotes it according to `settings.promote_policy`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -25,10 +24,12 @@ from sqlalchemy import func, select
 
 from core.backbone import Lineage, plan_lineage
 from core.corrections import correction_clause
-from core.db import Database, in_chunks
+from core.db import Database
 from core.errors import CheckpointError, JobCancelled, NotFound, TrainingRefused
+from core.features import FeatureCache, backbone_id, split_features
 from core.jobs import JobParams, ProgressReport
-from core.pixel_cache import CachedRows, PixelCache, RowStore
+from core.label_checks import LabelCheck, LabelledSet, check_labels, store_label_checks
+from core.pixel_cache import CachedRows, PixelCache
 from core.schema import Category, Image, Label, LabelEvent, ModelVersion, Split, TrainingJob, VersionStatus
 from core.settings import Settings
 from core.versions import (
@@ -46,7 +47,7 @@ from core.versions import (
 from models.modes import TrainMode
 
 if TYPE_CHECKING:
-    from models.training import Progress, TrainConfig, TrainData
+    from models.training import TrainConfig, TrainData
 
 ProgressFn = Callable[[ProgressReport], None]
 StopFn = Callable[[], bool]
@@ -227,54 +228,11 @@ def build_train_config(settings: Settings, job: JobParams, *, arch: str | None =
         raise TrainingRefused(f"bad training parameters: {exc}") from exc
 
 
-def backbone_id(model: Any, cfg: Any) -> str:
-    """Id of the backbone's exact weights and pixel config: cached features are only reused for identical ones."""
-    from models.factory import backbone_fingerprint
-
-    pixel = hashlib.sha256(f"{cfg.image_size}|{cfg.crop_pct}|{cfg.interpolation}|{cfg.mean}|{cfg.std}".encode())
-    return f"{backbone_fingerprint(model)}-{pixel.hexdigest()[:8]}"
-
-
-class FeatureCache:
-    """Backbone features (float32 rows) keyed by image sha256 under cache_dir/features/<backbone_id>/."""
-
-    def __init__(self, settings: Settings, backbone_id: str, dim: int) -> None:
-        self.store = RowStore(
-            settings.cache_dir / "features" / backbone_id,
-            dtype="float32",
-            row_shape=(int(dim),),
-            meta={"backbone_id": backbone_id},
-        )
-        self.computed = 0
-
-    def ensure(self, shas: Sequence[str], compute: Callable[[Sequence[str]], np.ndarray]) -> np.ndarray:
-        def counted(keys: Sequence[str]) -> np.ndarray:
-            self.computed += len(keys)
-            return compute(keys)
-
-        return np.asarray(self.store.get_or_compute(shas, counted, chunk=4096), dtype=np.float32)
-
-
-def _shas(db: Database, image_ids: Sequence[int]) -> list[str]:
-    ids = list(image_ids)
-    found: dict[int, str] = {}
-    with db.read() as session:
-        for part in in_chunks(ids):
-            for image_id, sha in session.execute(select(Image.id, Image.sha256).where(Image.id.in_(part))):
-                found[image_id] = sha
-    return [found[i] for i in ids]
-
-
 def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64) / max(float(temperature), 1e-6)
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def _library_report(progress: Progress, phase: str) -> ProgressReport:
-    """A models.training report as the job's: `phase` for people, the library's own phase as `stage`."""
-    return ProgressReport(**{**dataclasses.asdict(progress), "phase": phase, "stage": progress.phase})
 
 
 # --- the training job ---------------------------------------------------------------------------------------
@@ -351,7 +309,7 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
 
     train = _train_quick if job.mode == TrainMode.QUICK else _train_full
     try:
-        logits, train_metrics = train(
+        trained = train(
             db, start.model, cfg, pixels, labelled, config, device, on_progress=on_progress, should_stop=should_stop
         )
     except TrainingStopped as exc:
@@ -359,14 +317,21 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     _check_stop(should_stop)
 
     on_progress(ProgressReport(phase="evaluating", device=device_text))
-    measured = _calibrate_and_measure(db, logits, labelled, train_metrics)
+    measured = _calibrate_and_measure(db, trained.logits, labelled, trained.metrics)
     measured.metrics["notes"] = start.notes + labelled.notes
     measured.metrics["seconds"] = round(time.monotonic() - started, 2)
     measured.metrics["device"] = device_text
     _check_stop(should_stop)
 
+    on_progress(ProgressReport(phase="checking labels", device=device_text))
+    check = _check_labels(db.settings, trained, labelled, seed=config.seed)
+    measured.metrics["label_check"] = check.summary() if isinstance(check, LabelCheck) else {"note": check}
+    _check_stop(should_stop)
+
     on_progress(ProgressReport(phase="saving", device=device_text))
     version_id = _save_and_register(db, int(job_id), config, cfg, start, labelled, measured)
+    if isinstance(check, LabelCheck):
+        store_label_checks(db, version_id, check)
     if _promote(
         db,
         version_id,
@@ -376,6 +341,25 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     ):
         _refresh_predictions(db, version_id, on_progress=on_progress, device_text=device_text)
     return version_id
+
+
+def _check_labels(settings: Settings, trained: _Trained, labelled: _Labelled, *, seed: int) -> LabelCheck | str:
+    """The label check over every labelled split's features, or why there is none (disabled, too few labels)."""
+    from models.errors import NotEnoughData
+
+    if settings.label_check_folds < 2:
+        return "label checks are off (PRODCAT_LABEL_CHECK_FOLDS below 2)"
+    splits = [labelled.splits[s.value] for s in Split]
+    checked = LabelledSet(
+        image_ids=[i for d in splits for i in d.ids],
+        labels=np.concatenate([d.labels for d in splits]),
+        features=np.concatenate([trained.features[s.value] for s in Split]),
+        class_category_ids=labelled.class_ids,
+    )
+    try:
+        return check_labels(checked, folds=settings.label_check_folds, seed=seed)
+    except NotEnoughData as exc:
+        return f"labels not checked: {exc}"
 
 
 def _job_params(db: Database, job_id: int) -> JobParams:
@@ -583,7 +567,16 @@ def _train_data(pixels: dict[str, CachedRows], labelled: _Labelled) -> TrainData
     )
 
 
-def _train_quick(
+@dataclass
+class _Trained:
+    """A trained network's logits on val and test, its backbone features of every labelled split, train metrics."""
+
+    logits: dict[str, np.ndarray]
+    features: dict[str, np.ndarray]
+    metrics: dict[str, Any]
+
+
+def _labelled_features(
     db: Database,
     model: Any,
     cfg: Any,
@@ -594,16 +587,12 @@ def _train_quick(
     *,
     on_progress: ProgressFn,
     should_stop: StopFn,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """models.training.train_quick on cached backbone features; returns logits per split (val, test) and train
-    metrics."""
-    from models.training import head_logits, train_quick
-
-    bid = backbone_id(model, cfg)
-    features_cache = FeatureCache(db.settings, bid, int(model.num_features))
+) -> tuple[dict[str, np.ndarray], FeatureCache]:
+    """The model's backbone features of every labelled split, from the feature cache (computing only what is new)."""
+    features_cache = FeatureCache(db.settings, backbone_id(model, cfg), int(model.num_features))
     features: dict[str, np.ndarray] = {}
     for split, data in labelled.splits.items():
-        features[split] = _split_features(
+        features[split] = split_features(
             db,
             model,
             cfg,
@@ -617,60 +606,48 @@ def _train_quick(
             phase=f"features ({split})",
         )
     _check_stop(should_stop)
-    result = train_quick(
-        config,
-        _train_data(pixels, labelled),
-        model=model,
-        cfg=cfg,
-        on_progress=lambda p: on_progress(_library_report(p, "fitting head")),
-        should_stop=should_stop,
-        train_features=features["train"],
-        val_features=features["val"],
-    )
-    logits = {split: head_logits(result.model, features[split]) for split in ("val", "test")}
-    return logits, {
-        "accuracy": result.history[0]["train_acc"],
-        "n_images": len(labelled.splits["train"].ids),
-        "features_computed": features_cache.computed,
-        "backbone_id": bid,
-    }
+    return features, features_cache
 
 
-def _split_features(
+def _train_quick(
     db: Database,
     model: Any,
     cfg: Any,
-    split_pixels: CachedRows,
-    image_ids: list[int],
-    features_cache: FeatureCache,
+    pixels: dict[str, CachedRows],
+    labelled: _Labelled,
     config: TrainConfig,
     device: Any,
     *,
     on_progress: ProgressFn,
     should_stop: StopFn,
-    phase: str,
-) -> np.ndarray:
-    """Backbone features of one split's images: from the cache, computing (and caching) only the missing ones."""
-    from models.training import extract_features
+) -> _Trained:
+    """models.training.train_quick on cached backbone features."""
+    from models.training import head_logits, train_quick
 
-    if not image_ids:
-        return np.zeros((0, int(model.num_features)), dtype=np.float32)
-    shas = _shas(db, image_ids)
-    position = {sha: pos for pos, sha in enumerate(shas)}
-
-    def compute(keys: Sequence[str]) -> np.ndarray:
-        return extract_features(
-            model,
-            split_pixels.subset([position[k] for k in keys]),
-            cfg,
-            device=device,
-            batch_size=config.eval_batch_size,
-            on_progress=lambda p: on_progress(_library_report(p, phase)),
-            should_stop=should_stop,
-            amp=config.amp,
-        )
-
-    return features_cache.ensure(shas, compute)
+    features, features_cache = _labelled_features(
+        db, model, cfg, pixels, labelled, config, device, on_progress=on_progress, should_stop=should_stop
+    )
+    result = train_quick(
+        config,
+        _train_data(pixels, labelled),
+        model=model,
+        cfg=cfg,
+        on_progress=lambda p: on_progress(ProgressReport.from_library(p, "fitting head")),
+        should_stop=should_stop,
+        train_features=features["train"],
+        val_features=features["val"],
+    )
+    logits = {split: head_logits(result.model, features[split]) for split in ("val", "test")}
+    return _Trained(
+        logits,
+        features,
+        {
+            "accuracy": result.history[0]["train_acc"],
+            "n_images": len(labelled.splits["train"].ids),
+            "features_computed": features_cache.computed,
+            "backbone_id": features_cache.backbone_id,
+        },
+    )
 
 
 def _train_full(
@@ -684,35 +661,36 @@ def _train_full(
     *,
     on_progress: ProgressFn,
     should_stop: StopFn,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Fine-tune every layer; returns logits per split (val, test) and train metrics."""
-    from models.training import predict_logits, train_full
+) -> _Trained:
+    """Fine-tune every layer, then the tuned backbone's features of every labelled split (val and test logits come
+    from them through the head: one forward pass, and the label checks reuse the features)."""
+    from models.training import head_logits, train_full
 
     result = train_full(
         config,
         _train_data(pixels, labelled),
         model=model,
         cfg=cfg,
-        on_progress=lambda p: on_progress(_library_report(p, f"training ({p.phase})")),
+        on_progress=lambda p: on_progress(ProgressReport.from_library(p, f"training ({p.phase})")),
         should_stop=should_stop,
     )
-    trained = result.model
-    logits = {
-        split: np.asarray(
-            predict_logits(trained, pixels[split], cfg, device=device, batch_size=config.eval_batch_size),
-            dtype=np.float64,
-        )
-        for split in ("val", "test")
-    }
+    features, _ = _labelled_features(
+        db, result.model, cfg, pixels, labelled, config, device, on_progress=on_progress, should_stop=should_stop
+    )
+    logits = {split: head_logits(result.model, features[split]) for split in ("val", "test")}
     last = result.history[-1] if result.history else {}
-    return logits, {
-        "accuracy": last.get("train_acc"),
-        "loss": last.get("train_loss"),
-        "n_images": len(labelled.splits["train"].ids),
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "stopped_early": result.stopped_early,
-    }
+    return _Trained(
+        logits,
+        features,
+        {
+            "accuracy": last.get("train_acc"),
+            "loss": last.get("train_loss"),
+            "n_images": len(labelled.splits["train"].ids),
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "stopped_early": result.stopped_early,
+        },
+    )
 
 
 def _register(

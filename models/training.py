@@ -30,8 +30,10 @@ ProgressCallback = Callable[["Progress"], None]
 StopCheck = Callable[[], bool]
 
 _BALANCES = ("sampler", "loss", "none")
-# Candidate L2 strengths for the quick head when none is configured: picked by validation log loss.
-_HEAD_L2_GRID = (1e-2, 1e-3, 1e-4)
+# Candidate L2 strengths for the quick head when none is configured: picked by validation log loss, strongest first
+# (warm starts). The strong end matters when labels are noisy: on 2,000 Fashion-MNIST images with 10% of labels
+# flipped, out-of-sample accuracy rose from 77% (1e-3) to 82% (0.3); with clean labels the choice moved it <1 point.
+HEAD_L2_GRID = (1.0, 0.3, 0.1, 1e-2, 1e-3, 1e-4)
 # With fewer images per batch, BatchNorm's batch statistics are too noisy to train on (freeze_bn=None decides by it).
 _FREEZE_BN_BELOW = 16
 _HEAD, _BACKBONE = "head", "backbone"
@@ -725,6 +727,15 @@ def extract_features(
     return out
 
 
+@dataclass(frozen=True)
+class HeadFit:
+    """A fitted linear head for raw features, and the L2 strength it was fitted with."""
+
+    weight: torch.Tensor  # (C, D)
+    bias: torch.Tensor  # (C,)
+    l2: float
+
+
 def fit_head(
     features: np.ndarray,
     labels: np.ndarray,
@@ -734,6 +745,20 @@ def fit_head(
     num_classes: int,
     config: TrainConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fit_linear_head`'s (weight, bias)."""
+    fit = fit_linear_head(features, labels, val_features, val_labels, num_classes=num_classes, config=config)
+    return fit.weight, fit.bias
+
+
+def fit_linear_head(
+    features: np.ndarray,
+    labels: np.ndarray,
+    val_features: np.ndarray | None,
+    val_labels: np.ndarray | None,
+    *,
+    num_classes: int,
+    config: TrainConfig | None = None,
+) -> HeadFit:
     """A class-balanced, L2-regularised multinomial logistic regression on features -> (weight (C, D), bias (C,)).
 
     Full-batch LBFGS on standardised features (folded back into the returned weights, so they apply to raw
@@ -765,7 +790,7 @@ def fit_head(
     if config.head_l2 is not None:
         grid: tuple[float, ...] = (config.head_l2,)
     elif have_val:
-        grid = _HEAD_L2_GRID
+        grid = HEAD_L2_GRID
     else:
         grid = (1e-3,)
     if have_val:
@@ -774,26 +799,26 @@ def fit_head(
 
     weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)
-    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    best: tuple[float, torch.Tensor, torch.Tensor, float] | None = None
     with _cpu_threads(config.head_threads):
         for l2 in grid:
             _lbfgs_fit(z, y, sample_w, weight, bias, l2, config.head_max_iter)
             if len(grid) == 1:
-                best = (0.0, weight.detach().clone(), bias.detach().clone())
+                best = (0.0, weight.detach().clone(), bias.detach().clone(), l2)
                 break
             with torch.no_grad():
                 score = float(F.cross_entropy(F.linear(zv, weight, bias), yv))
             if best is None or score < best[0]:
-                best = (score, weight.detach().clone(), bias.detach().clone())
+                best = (score, weight.detach().clone(), bias.detach().clone(), l2)
     assert best is not None
-    _, w, b = best
+    _, w, b, chosen = best
     absent = counts == 0
     w[absent] = 0.0
     b[absent] = b[~absent].min() - 10.0  # never predicted until the class has examples
     # Fold the standardisation in: W z + b = (W / std) x + (b - (W / std) . mean).
     w_raw = w / std
     b_raw = b - w_raw @ mean
-    return w_raw.contiguous(), b_raw.contiguous()
+    return HeadFit(w_raw.contiguous(), b_raw.contiguous(), float(chosen))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,127 @@
+"""Label checks after every retrain: out-of-sample probabilities for every labelled image, stored per image and version.
+
+The training job hands over the backbone features of every labelled image (the cached ones in quick mode, the tuned
+backbone's in full mode). K-fold heads on them give each image probabilities from a head that never saw its label
+(`models.label_checks`), cleanlab turns those into a label quality, a label-issue flag and the likeliest category,
+and the rows go to `image_checks`. Review queues, the dashboard and the data-health summary read them from there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from core.db import Database
+from core.schema import ImageCheck
+
+_INSERT_CHUNK = 2_000
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Labelled images as a training job saw them: ids, class indices into `class_category_ids`, features."""
+
+    image_ids: list[int]
+    labels: np.ndarray
+    features: np.ndarray
+    class_category_ids: list[int]
+
+
+@dataclass(frozen=True)
+class LabelCheck:
+    """What the check found for each image of a LabelledSet (rows in the same order)."""
+
+    labelled: LabelledSet
+    probs: np.ndarray
+    quality: np.ndarray
+    issue: np.ndarray
+    suggested: np.ndarray
+    suggested_probability: np.ndarray
+    outlier: np.ndarray
+    estimated_issues: int
+    folds: int
+    l2: float
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """What the version's metrics keep about its label check (JSON)."""
+        return {
+            "checked": len(self.labelled.image_ids),
+            "estimated_issues": int(self.estimated_issues),
+            "flagged": int(self.issue.sum()),
+            "folds": int(self.folds),
+            "head_l2": float(self.l2),
+            "seconds": round(float(self.seconds), 2),
+        }
+
+
+def check_labels(labelled: LabelledSet, *, folds: int, seed: int = 0) -> LabelCheck:
+    """K-fold out-of-sample probabilities, cleanlab's findings and a leave-one-out outlier score for every row.
+
+    Raises models.errors.NotEnoughData when there are too few labels to cross-validate.
+    """
+    from models.label_checks import cross_validated_probs, find_label_problems, outlier_scores
+
+    started = time.monotonic()
+    cv = cross_validated_probs(
+        labelled.features, labelled.labels, num_classes=len(labelled.class_category_ids), folds=folds, seed=seed
+    )
+    problems = find_label_problems(labelled.labels, cv.probs)
+    outlier = outlier_scores(labelled.features, labelled.features, same_rows=True)
+    return LabelCheck(
+        labelled=labelled,
+        probs=cv.probs,
+        quality=problems.quality,
+        issue=problems.issue,
+        suggested=problems.suggested,
+        suggested_probability=problems.suggested_probability,
+        outlier=outlier,
+        estimated_issues=problems.estimated_issues,
+        folds=cv.folds,
+        l2=cv.l2,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _number(value: float) -> float | None:
+    return None if not np.isfinite(value) else float(value)
+
+
+def _rows(version_id: int, check: LabelCheck) -> list[dict[str, Any]]:
+    labelled, classes = check.labelled, check.labelled.class_category_ids
+    return [
+        {
+            "image_id": int(image_id),
+            "model_version_id": int(version_id),
+            "label_category_id": int(classes[int(labelled.labels[n])]),
+            "label_quality": float(check.quality[n]),
+            "label_issue": bool(check.issue[n]),
+            "suggested_category_id": int(classes[int(check.suggested[n])]),
+            "suggested_probability": float(check.suggested_probability[n]),
+            "outlier_score": _number(check.outlier[n]),
+            "probs": [round(float(p), 5) for p in check.probs[n]],
+        }
+        for n, image_id in enumerate(labelled.image_ids)
+    ]
+
+
+def store_label_checks(db: Database, version_id: int, check: LabelCheck) -> int:
+    """Write the check's rows for this version (a row already there for an image is kept); returns rows offered."""
+    rows = _rows(version_id, check)
+    insert_checks(db, rows)
+    return len(rows)
+
+
+def insert_checks(db: Database, rows: Sequence[dict[str, Any]]) -> None:
+    """Batch insert into image_checks; a row another writer stored meanwhile (same image and version) stays."""
+    if db.is_sqlite:
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert
+    for start in range(0, len(rows), _INSERT_CHUNK):
+        with db.write() as session:
+            session.execute(insert(ImageCheck).on_conflict_do_nothing(), list(rows[start : start + _INSERT_CHUNK]))

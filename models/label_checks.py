@@ -1,0 +1,184 @@
+"""Label checks over backbone features, as pure functions: out-of-sample probabilities, label issues, outliers.
+
+- `cross_validated_probs`: K-fold heads on features, so every labelled image gets probabilities from a head that
+  never saw its label (cleanlab's documented practice; a model's fit to its own training labels agrees with the
+  wrong ones and would hide them).
+- `find_label_problems`: cleanlab's label quality (self-confidence), the confident-learning estimate of how many
+  labels are wrong (`num_label_issues`), which images those are, and the label each probably should have.
+- `outlier_scores` / `nearest_neighbours`: cosine distances in feature space, brute force in chunks (numpy is fast
+  enough up to ~100k images on a CPU; no index to keep in step).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.errors import NotEnoughData
+from models.training import TrainConfig, fit_linear_head
+
+DEFAULT_FOLDS = 5
+DEFAULT_NEIGHBOURS = 10
+_CHUNK = 2048  # query rows per similarity block: 2048 x 10k float32 = 80 MB
+
+
+@dataclass(frozen=True)
+class CrossValidated:
+    """Out-of-sample probabilities (N, C) for every row, the folds used and the head's L2 strength."""
+
+    probs: np.ndarray
+    folds: int
+    l2: float
+
+
+@dataclass(frozen=True)
+class LabelProblems:
+    """Per labelled row: label quality (0..1, low = likely wrong), label issue or not, the likeliest class and its
+    probability. `estimated_issues` is confident learning's estimate of how many labels are wrong."""
+
+    quality: np.ndarray
+    issue: np.ndarray  # bool
+    suggested: np.ndarray  # class index
+    suggested_probability: np.ndarray
+    estimated_issues: int
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _fold_ids(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import StratifiedKFold
+
+    with warnings.catch_warnings():  # a class smaller than K is spread as well as it can be; that is fine here
+        warnings.simplefilter("ignore", UserWarning)
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        return list(splitter.split(np.zeros(len(labels)), labels))
+
+
+def cross_validated_probs(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    num_classes: int,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    config: TrainConfig | None = None,
+) -> CrossValidated:
+    """K-fold out-of-sample probabilities of a class-balanced linear head (`fit_linear_head`) on features.
+
+    The L2 strength is chosen once, on the first fold, by the held-out rows' log loss over the head's grid, then
+    used for every fold (K + grid fits instead of K x grid). With fewer rows than 2 per fold, K shrinks; raises
+    NotEnoughData below 2 classes or 4 rows. A class absent from a fold's training rows gets ~0 probability there.
+    """
+    x = np.asarray(features, dtype=np.float32)
+    y = np.asarray(labels, dtype=np.int64)
+    if len(y) != len(x):
+        raise ValueError(f"{len(x)} feature rows but {len(y)} labels")
+    if len(y) < 4 or len(np.unique(y)) < 2:
+        raise NotEnoughData("checking labels needs at least 4 labelled images in at least 2 categories")
+    k = max(2, min(int(folds), len(y) // 2))
+    config = config or TrainConfig()
+    probs = np.zeros((len(y), num_classes))
+    chosen = config.head_l2
+    for train_rows, held_rows in _fold_ids(y, k, seed):
+        if len(np.unique(y[train_rows])) < 2:
+            probs[held_rows] = np.bincount(y[train_rows], minlength=num_classes) / len(train_rows)
+            continue
+        fold_config = config if chosen is None else _with_l2(config, chosen)
+        held_x, held_y = (x[held_rows], y[held_rows]) if chosen is None else (None, None)
+        fit = fit_linear_head(x[train_rows], y[train_rows], held_x, held_y, num_classes=num_classes, config=fold_config)
+        chosen = fit.l2
+        logits = x[held_rows].astype(np.float64) @ fit.weight.double().numpy().T + fit.bias.double().numpy()
+        probs[held_rows] = _softmax(logits)
+    return CrossValidated(probs=probs, folds=k, l2=float(chosen if chosen is not None else 0.0))
+
+
+def _with_l2(config: TrainConfig, l2: float) -> TrainConfig:
+    return TrainConfig.from_dict({**config.to_dict(), "head_l2": l2})
+
+
+def find_label_problems(labels: np.ndarray, probs: np.ndarray) -> LabelProblems:
+    """cleanlab over out-of-sample probabilities: quality = self-confidence (the probability of the given label,
+    which ranked flipped labels best in benchmarks/label_checks.py); issues = the `num_label_issues` estimate many
+    lowest-quality rows (cleanlab's `low_self_confidence` filter)."""
+    from cleanlab.count import num_label_issues
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    y = np.asarray(labels, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    if len(y) == 0:
+        empty = np.zeros(0)
+        return LabelProblems(empty, np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64), empty, 0)
+    quality = np.asarray(get_label_quality_scores(y, p, method="self_confidence"), dtype=np.float64)
+    present = np.unique(y)
+    if len(present) >= 2:
+        # cleanlab needs every class column to have labels: score on the classes present, as a sub-problem.
+        column = {c: i for i, c in enumerate(present)}
+        sub_y = np.array([column[c] for c in y])
+        sub_p = p[:, present] / np.clip(p[:, present].sum(axis=1, keepdims=True), 1e-12, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            estimated = int(num_label_issues(sub_y, sub_p))
+            issue = np.asarray(find_label_issues(sub_y, sub_p, filter_by="low_self_confidence"), dtype=bool)
+    else:
+        estimated, issue = 0, np.zeros(len(y), dtype=bool)
+    suggested = p.argmax(axis=1)
+    return LabelProblems(
+        quality=quality,
+        issue=issue,
+        suggested=suggested,
+        suggested_probability=p[np.arange(len(y)), suggested],
+        estimated_issues=estimated,
+    )
+
+
+def _unit_rows(features: np.ndarray) -> np.ndarray:
+    x = np.asarray(features, dtype=np.float32)
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+def outlier_scores(
+    queries: np.ndarray,
+    references: np.ndarray,
+    *,
+    k: int = DEFAULT_NEIGHBOURS,
+    same_rows: bool = False,
+) -> np.ndarray:
+    """Mean cosine distance (0..2) of each query row to its k nearest reference rows: high = unlike anything labelled.
+
+    With `same_rows` the queries ARE the references (row i is not its own neighbour). NaN when there are no
+    references to compare with.
+    """
+    q, r = _unit_rows(queries), _unit_rows(references)
+    available = len(r) - (1 if same_rows else 0)
+    if available < 1:
+        return np.full(len(q), np.nan)
+    k = min(int(k), available)
+    scores = np.empty(len(q))
+    for start in range(0, len(q), _CHUNK):
+        sims = q[start : start + _CHUNK] @ r.T
+        if same_rows:
+            rows = np.arange(len(sims))
+            sims[rows, start + rows] = -np.inf
+        top = np.partition(sims, -k, axis=1)[:, -k:]
+        scores[start : start + _CHUNK] = 1.0 - top.mean(axis=1)
+    return scores
+
+
+def nearest_neighbours(query: np.ndarray, references: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(reference rows, cosine similarities) of the k rows most like `query` (one feature vector), most similar
+    first."""
+    r = _unit_rows(references)
+    if len(r) == 0 or k < 1:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    sims = r @ _unit_rows(np.asarray(query).reshape(1, -1))[0]
+    k = min(int(k), len(sims))
+    top = np.argpartition(-sims, k - 1)[:k]
+    order = top[np.argsort(-sims[top], kind="stable")]
+    return order.astype(np.int64), sims[order].astype(np.float64)
