@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from core.db import Database, in_chunks
 from core.deletion import DeletedImage, delete_images
 from core.errors import DuplicateRefused, NotFound
-from core.imaging import ContentHashes
+from core.imaging import ContentHashes, content_hashes, open_normalised
 from core.schema import Category, Image, Label
+from core.store import original_path, thumbnail_path
 
 _MASK = (1 << 64) - 1
 _BLOCK = 1024  # rows compared at once when grouping: a 1024 x N distance block stays a few MB
@@ -140,6 +142,47 @@ def load_hash_index(db: Database, *, rule: MatchRule = DEFAULT_RULE) -> HashInde
     return HashIndex(stored, [r[4] for r in rows], rule=rule)
 
 
+@dataclass(frozen=True)
+class BackfillResult:
+    """What `backfill_hashes` did: images hashed, and (image id, reason) for originals it could not read."""
+
+    hashed: int
+    unreadable: list[tuple[int, str]]
+
+
+def backfill_hashes(db: Database, *, batch: int = 500) -> BackfillResult:
+    """Content hashes for images imported before they existed, from their stored originals (decoded as ingest
+    decodes them). Only the hash columns are written: an image's split never changes here."""
+    with db.read() as session:
+        todo = session.execute(
+            select(Image.id, Image.stored_path, Image.thumb_path).where(Image.box_phash.is_(None)).order_by(Image.id)
+        ).all()
+    hashed, unreadable = 0, []
+    for chunk in in_chunks(todo, batch):
+        values: list[tuple[int, ContentHashes]] = []
+        for row in chunk:
+            try:
+                img = open_normalised(original_path(db.settings, row), target_size=db.settings.thumbnail_size)
+            except (OSError, ValueError) as exc:
+                unreadable.append((row.id, str(exc)))
+                continue
+            if (hashes := content_hashes(img)) is not None:
+                values.append((row.id, hashes))
+        _write_hashes(db, values)
+        hashed += len(values)
+    return BackfillResult(hashed, unreadable)
+
+
+def _write_hashes(db: Database, values: Sequence[tuple[int, ContentHashes]]) -> None:
+    with db.write() as session:
+        for image_id, h in values:
+            session.execute(
+                update(Image)
+                .where(Image.id == image_id)
+                .values(box_dhash_h=h.dhash_h, box_dhash_v=h.dhash_v, box_phash=h.phash)
+            )
+
+
 # --- groups for people --------------------------------------------------------------------------------------------
 
 
@@ -151,7 +194,7 @@ class GroupMember:
     name: str
     split: str
     label: str | None
-    thumb_path: str  # relative to data_dir
+    thumb_path: Path  # absolute, for display
     width: int
     height: int
     file_size: int
@@ -218,7 +261,7 @@ def _members(db: Database, image_ids: Sequence[int]) -> dict[int, GroupMember]:
             )
             for image, label in session.execute(query):
                 found[image.id] = GroupMember(
-                    image.id, image.original_name, image.split, label, image.thumb_path,
+                    image.id, image.original_name, image.split, label, thumbnail_path(db.settings, image),
                     image.width, image.height, image.file_size,
                 )  # fmt: skip
     return found

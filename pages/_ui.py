@@ -33,6 +33,7 @@ PAGES: dict[str, tuple[str, str, str]] = {
     "dashboard": ("pages/dashboard.py", "Dashboard", "model-dashboard"),
     "train": ("pages/train.py", "Train & models", "train-and-models"),
     "categories": ("pages/categories.py", "Categories & data", "categories-and-data"),
+    "duplicates": ("pages/duplicates.py", "Duplicates", "near-duplicates"),
 }
 
 _MARKDOWN_SPECIALS = set(string.punctuation)

@@ -51,3 +51,50 @@ def write_image_folder(root: Path, per_category: int = 10, fmt: str = "PNG", siz
             ext = "png" if fmt == "PNG" else "jpg"
             (folder / f"{category.lower()}_{i}.{ext}").write_bytes(image_bytes(category, i, fmt, size))
     return root
+
+
+# --- near-duplicate copies (issue 10): what a catalogue gets when the same product photo arrives twice ------------
+
+
+def encode(img: Image.Image, fmt: str = "PNG", quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def half_size(img: Image.Image) -> Image.Image:
+    return img.resize((img.width // 2, img.height // 2), Image.Resampling.LANCZOS)
+
+
+def jpeg_q60(img: Image.Image) -> Image.Image:
+    return Image.open(io.BytesIO(encode(img, "JPEG", 60))).convert("RGB")
+
+
+def crop_5pct(img: Image.Image, *, centred: bool = False) -> Image.Image:
+    """5% of the width and height cut off: from the top-left corner (all of it on two sides), or split evenly."""
+    w, h = img.size
+    dx, dy = round(w * 0.05), round(h * 0.05)
+    if centred:
+        return img.crop((dx // 2, dy // 2, w - (dx - dx // 2), h - (dy - dy // 2)))
+    return img.crop((dx, dy, w, h))
+
+
+def watermark(img: Image.Image, text: str = "shop.example") -> Image.Image:
+    """Half-transparent dark text in the bottom-right corner, 1/18 of the height tall."""
+    from PIL import ImageDraw, ImageFont
+
+    base = img.convert("RGBA")
+    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    font = ImageFont.load_default(size=max(8, base.height // 18))
+    ImageDraw.Draw(layer).text((base.width - 6, base.height - 6), text, fill=(60, 60, 60, 128), font=font, anchor="rd")
+    return Image.alpha_composite(base, layer).convert("RGB")
+
+
+# name -> copy maker, in the order the benchmark reports them
+COPY_KINDS = {
+    "half size": half_size,
+    "JPEG q=60": jpeg_q60,
+    "5% crop (corner)": crop_5pct,
+    "5% crop (centred)": lambda img: crop_5pct(img, centred=True),
+    "watermark": watermark,
+}

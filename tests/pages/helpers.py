@@ -15,6 +15,7 @@ PAGE_FILES = [
     "pages/dashboard.py",
     "pages/train.py",
     "pages/categories.py",
+    "pages/duplicates.py",
 ]
 TIMEOUT_S = 60  # the first run of a page imports torch and friends
 

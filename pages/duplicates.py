@@ -1,0 +1,56 @@
+"""Duplicates: groups of near-duplicate images (resized, re-encoded, cropped, watermarked), keep one per group."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core.duplicates import DuplicateGroup, duplicate_groups, keep_one
+from pages import _ui
+
+GROUPS_PER_PAGE = 10
+
+db = _ui.get_db()
+_ui.show_flash()
+st.title("Duplicates")
+st.caption(
+    "Copies of one picture (resized, re-encoded, slightly cropped or watermarked) share a split. "
+    "Keep one image per group: the others are deleted, each with an audit record of its name and label."
+)
+
+
+@st.fragment
+def show_group(group: DuplicateGroup) -> None:
+    with st.container(border=True, key=f"dup_group_{group.group_id}"):
+        st.subheader(f"Group {group.group_id}: {len(group.members)} images")
+        if group.straddles_splits:
+            st.warning(
+                f"This group spans the {' and '.join(group.splits)} splits (imported before duplicates were "
+                "detected). Splits never change, so model versions stay comparable: keep one image to resolve it."
+            )
+        for column, member in zip(st.columns(min(len(group.members), 4)), group.members, strict=False):
+            with column:
+                st.image(str(member.thumb_path), width="stretch")
+                st.text(f"#{member.image_id} {member.name}")
+                st.text(f"{member.label or '(unlabelled)'}   [{member.split}]   {member.width}x{member.height}")
+                if st.button("Keep this one", key=f"dup_keep_{group.group_id}_{member.image_id}"):
+                    ids = [m.image_id for m in group.members]
+                    ok, deleted = _ui.attempt(keep_one, db, ids, member.image_id, actor=_ui.actor())
+                    if ok:
+                        _ui.flash("success", f"Kept #{member.image_id}; deleted {len(deleted)} duplicate(s).")
+                        st.rerun()
+
+
+report = duplicate_groups(db)
+if report.images_without_hashes:
+    st.info(
+        f"{report.images_without_hashes:,} image(s) have no duplicate hashes yet (imported before they existed, "
+        "or plain pictures): run `python -m core.cli duplicates scan` to hash them."
+    )
+if not report.groups:
+    st.success(f"No near-duplicates among {report.images_compared:,} images.")
+else:
+    st.write(f"{len(report.groups):,} group(s); {len(report.straddling):,} span more than one split.")
+    pages = (len(report.groups) + GROUPS_PER_PAGE - 1) // GROUPS_PER_PAGE
+    page = st.number_input("Page", min_value=1, max_value=pages, value=1, step=1) if pages > 1 else 1
+    for group in report.groups[(int(page) - 1) * GROUPS_PER_PAGE : int(page) * GROUPS_PER_PAGE]:
+        show_group(group)
