@@ -23,7 +23,7 @@ skimage_data = pytest.importorskip("skimage.data")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
 
 
-def _photo(name: str) -> PILImage.Image:
+def product_photo(name: str) -> PILImage.Image:
     """A product shot: the sample photo, 240 px wide, on a plain white 320 px canvas (a crop of a full-frame photo
     moves everything in it, and is not reliably caught: see docs/benchmarks.md)."""
     img = PILImage.fromarray(getattr(skimage_data, name)()).convert("RGB")
@@ -34,7 +34,7 @@ def _photo(name: str) -> PILImage.Image:
 
 
 def _copies(name: str) -> list[Upload]:
-    photo = _photo(name)
+    photo = product_photo(name)
     return [Upload(f"{name}-{kind}.jpg", encode(make(photo), "JPEG", 90)) for kind, make in COPY_KINDS.items()]
 
 
@@ -46,7 +46,7 @@ def _rows(db: Database) -> dict[str, Image]:
 
 
 def test_resized_reencoded_cropped_and_watermarked_copies_join_their_originals_split(db: Database) -> None:
-    originals = [Upload(f"{name}.png", encode(_photo(name))) for name in PHOTOS]
+    originals = [Upload(f"{name}.png", encode(product_photo(name))) for name in PHOTOS]
     assert not import_uploads(db, originals, actor="alice").refused
     copies = [u for name in PHOTOS for u in _copies(name)]
     assert not import_uploads(db, copies, actor="bob").refused  # a later batch
@@ -64,7 +64,7 @@ def test_resized_reencoded_cropped_and_watermarked_copies_join_their_originals_s
 
 
 def test_copies_within_one_batch_group_with_the_first_of_them(db: Database) -> None:
-    uploads = [Upload("coffee.png", encode(_photo("coffee"))), *_copies("coffee")]
+    uploads = [Upload("coffee.png", encode(product_photo("coffee"))), *_copies("coffee")]
     assert not import_uploads(db, uploads, actor="alice").refused
     rows = _rows(db)
     assert {r.split for r in rows.values()} == {rows["coffee.png"].split}
@@ -75,7 +75,7 @@ def test_distinct_pictures_keep_their_own_split_and_form_no_group(db: Database) 
     uploads = [
         Upload(f"{c}_{i}.png", encode(make_image(c, i, size=96))) for c in ("Shoes", "Bags", "Hats") for i in range(8)
     ]
-    uploads += [Upload(f"{name}.png", encode(_photo(name))) for name in PHOTOS]
+    uploads += [Upload(f"{name}.png", encode(product_photo(name))) for name in PHOTOS]
     assert not import_uploads(db, uploads, actor="alice").refused
     rows = _rows(db)
     assert all(r.box_phash is not None for r in rows.values())
@@ -85,7 +85,7 @@ def test_distinct_pictures_keep_their_own_split_and_form_no_group(db: Database) 
 
 def test_scan_fills_missing_hashes_and_reports_straddling_groups_without_moving_images(db: Database) -> None:
     assert not import_uploads(
-        db, [Upload("rocket.png", encode(_photo("rocket"))), *_copies("rocket")], actor="a"
+        db, [Upload("rocket.png", encode(product_photo("rocket"))), *_copies("rocket")], actor="a"
     ).refused
     with db.write() as session:  # as if imported before the hashes existed, the copy by its own bytes' split
         session.execute(update(Image).values(box_dhash_h=None, box_dhash_v=None, box_phash=None))
@@ -102,7 +102,7 @@ def test_scan_fills_missing_hashes_and_reports_straddling_groups_without_moving_
 
 
 def test_keep_one_deletes_the_others_with_audit_rows_and_their_files(db: Database) -> None:
-    uploads = [Upload("chelsea.png", encode(_photo("chelsea"))), *_copies("chelsea")[:2]]
+    uploads = [Upload("chelsea.png", encode(product_photo("chelsea"))), *_copies("chelsea")[:2]]
     assert not import_uploads(db, uploads, category="Cats", actor="alice").refused
     group = duplicate_groups(db).groups[0]
     keep, others = group.members[1], [m for m in group.members if m.image_id != group.members[1].image_id]
@@ -123,7 +123,7 @@ def test_keep_one_deletes_the_others_with_audit_rows_and_their_files(db: Databas
 
 def test_keep_one_refuses_a_keep_id_outside_the_group_and_unknown_ids(db: Database) -> None:
     assert not import_uploads(
-        db, [Upload("coffee.png", encode(_photo("coffee"))), *_copies("coffee")[:1]], actor="a"
+        db, [Upload("coffee.png", encode(product_photo("coffee"))), *_copies("coffee")[:1]], actor="a"
     ).refused
     ids = [m.image_id for m in duplicate_groups(db).groups[0].members]
     with pytest.raises(DuplicateRefused, match="not in this group"):

@@ -79,3 +79,19 @@ def test_upgrading_from_0002_adds_the_undo_index_without_touching_the_audit_trai
     assert columns == ["actor", "id"]
     assert "ix_label_events_actor_id" in plan[0][-1]  # undo's lookup walks the index, newest first
     assert "ix_label_events_actor_id" not in after_downgrade and "ix_label_events_image_id" in after_downgrade
+
+
+def test_upgrading_from_0004_adds_empty_content_hashes_and_the_image_events_table(settings: Settings) -> None:
+    url, engine = _database_at(settings, "0004")
+    command.upgrade(_config(url), "head")
+    with engine.connect() as connection:
+        row = connection.execute(text("SELECT split, phash, box_dhash_h, box_dhash_v, box_phash FROM images")).one()
+        tables = {r[0] for r in connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))}
+    command.downgrade(_config(url), "0004")
+    with engine.connect() as connection:
+        columns = {r[1] for r in connection.execute(text("PRAGMA table_info('images')"))}
+        after = {r[0] for r in connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))}
+    engine.dispose()
+    assert tuple(row) == ("test", None, None, None, None)  # split kept; hashes left for `duplicates scan`
+    assert "image_events" in tables and "image_events" not in after
+    assert "box_phash" not in columns and "split" in columns
