@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 import typer
 
 from core.cli_app import JsonOpt, app, open_db, print_json
-from core.review import MAX_PAGE_SIZE, LabelState, ReviewOrder, review_queue
+from core.label_checks import label_health
+from core.review import MAX_PAGE_SIZE, LabelState, ReviewItem, ReviewOrder, review_queue
 from core.schema import Split
 
 
@@ -37,9 +39,11 @@ def review_command(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the images to review next: id, file name, label, prediction, confidence and the ranking score."""
+    """List the images to review next: id, file name, label, prediction, confidence, the ranking score and, where the
+    label check doubts a label, the category the image probably should have."""
+    db = open_db()
     result = review_queue(
-        open_db(),
+        db,
         order=order,
         category=category,
         label_state=label_state,
@@ -48,10 +52,12 @@ def review_command(
         page_size=limit,
         version_id=version,
     )
+    health = label_health(db, version_id=result.version_id) if result.version_id is not None else None
     if as_json:
         print_json(
             {
                 "total": result.total,
+                "label_health": dataclasses.asdict(health) if health is not None else None,
                 "page": result.page,
                 "pages": result.pages,
                 "order": result.order,
@@ -66,6 +72,9 @@ def review_command(
                         "score": item.score,
                         "split": item.split,
                         "top3": item.top3,
+                        "label_issue": item.suggestion.issue if item.suggestion else None,
+                        "suggested": item.suggestion.category if item.suggests_change and item.suggestion else None,
+                        "outlier_score": item.outlier_score,
                     }
                     for item in result.items
                 ],
@@ -74,15 +83,27 @@ def review_command(
         return
     model = f"model v{result.version_id}" if result.version_id is not None else "no model yet"
     typer.echo(f"{result.total} images match ({order.value}, {model}); page {result.page} of {result.pages}")
+    if health is not None and (order is ReviewOrder.SUSPECTED_MISLABEL or label_state is LabelState.LABEL_ISSUES):
+        typer.echo(health.describe())
     if not result.items:
         return
     name_width = min(40, max(len("file"), *(len(item.original_name) for item in result.items)))
-    typer.echo(f"{'id':>8}  {'file':<{name_width}}  {'label':<16}  {'predicted':<16}  {'conf':>6}  {'score':>8}")
+    typer.echo(
+        f"{'id':>8}  {'file':<{name_width}}  {'label':<16}  {'predicted':<16}  {'conf':>6}  {'score':>8}  probably"
+    )
     for item in result.items:
         name = (
             item.original_name if len(item.original_name) <= name_width else item.original_name[: name_width - 1] + "…"
         )
         typer.echo(
             f"{item.image_id:>8}  {name:<{name_width}}  {(item.label or '-'):<16.16}  "
-            f"{(item.predicted or '-'):<16.16}  {_fmt(item.confidence, 3):>6}  {_fmt(item.score, 4):>8}"
+            f"{(item.predicted or '-'):<16.16}  {_fmt(item.confidence, 3):>6}  {_fmt(item.score, 4):>8}  "
+            f"{_probably(item)}"
         )
+
+
+def _probably(item: ReviewItem) -> str:
+    """The category the label check would give a doubted label ("-" where it agrees or did not check)."""
+    if not item.suggests_change or item.suggestion is None:
+        return "-"
+    return f"{item.suggestion.category} ({item.suggestion.probability:.0%})"

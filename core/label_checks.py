@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sqlalchemy import Integer, func, select
 
 from core.db import Database
-from core.schema import ImageCheck
+from core.review import load_context
+from core.schema import ImageCheck, Label
 
 _INSERT_CHUNK = 2_000
 
@@ -125,3 +127,75 @@ def insert_checks(db: Database, rows: Sequence[dict[str, Any]]) -> None:
     for start in range(0, len(rows), _INSERT_CHUNK):
         with db.write() as session:
             session.execute(insert(ImageCheck).on_conflict_do_nothing(), list(rows[start : start + _INSERT_CHUNK]))
+
+
+@dataclass(frozen=True)
+class CategoryIssues:
+    """One category's labels as the check saw them: checked, and likely wrong (label unchanged since the check)."""
+
+    category_id: int
+    category: str
+    checked: int
+    open_issues: int
+
+
+@dataclass(frozen=True)
+class LabelHealth:
+    """The active (or given) version's label check: how many labels it checked, how many it counted as likely wrong,
+    and how many of those still carry the label it doubted, per category (most open issues first)."""
+
+    version_id: int | None
+    checked: int
+    flagged: int
+    open_issues: int
+    categories: list[CategoryIssues]
+
+    @property
+    def available(self) -> bool:
+        return self.checked > 0
+
+    def describe(self) -> str:
+        """One line for people."""
+        if self.version_id is None:
+            return "No model yet: labels are checked after the first retrain."
+        if not self.available:
+            return f"Model v{self.version_id} has no label check (trained before checks existed): retrain to check."
+        worst = ", ".join(f"{c.category} {c.open_issues}" for c in self.categories if c.open_issues)[:300]
+        return (
+            f"Label check of v{self.version_id}: {self.open_issues} likely label errors still open among "
+            f"{self.checked} checked labels ({self.flagged} found)" + (f": {worst}" if worst else "")
+        )
+
+
+def label_health(db: Database, *, version_id: int | None = None) -> LabelHealth:
+    """Counts of the version's label check (default: the active version), per category of the current label."""
+    with db.read() as session:
+        ctx = load_context(session, version_id)
+        if ctx.version_id is None:
+            return LabelHealth(None, 0, 0, 0, [])
+        unchanged = ImageCheck.label_category_id == Label.category_id
+        flagged = session.scalar(
+            select(func.count()).where(ImageCheck.model_version_id == ctx.version_id, ImageCheck.label_issue.is_(True))
+        )
+        rows = session.execute(
+            select(Label.category_id, func.count(), func.sum(func.cast(ImageCheck.label_issue, Integer)))
+            .join(Label, Label.image_id == ImageCheck.image_id)
+            .where(ImageCheck.model_version_id == ctx.version_id, unchanged)
+            .group_by(Label.category_id)
+        ).all()
+        checked_total = session.scalar(
+            select(func.count()).where(
+                ImageCheck.model_version_id == ctx.version_id, ImageCheck.label_category_id.is_not(None)
+            )
+        )
+    categories = sorted(
+        (CategoryIssues(int(c), ctx.names.get(int(c), "?"), int(n), int(k or 0)) for c, n, k in rows),
+        key=lambda c: (-c.open_issues, c.category),
+    )
+    return LabelHealth(
+        version_id=ctx.version_id,
+        checked=int(checked_total or 0),
+        flagged=int(flagged or 0),
+        open_issues=sum(c.open_issues for c in categories),
+        categories=categories,
+    )

@@ -16,17 +16,16 @@ Filters, all combinable:
 Category arguments are names or ids. Merges are followed: a class trained as "Sneakers" and later merged into
 "Shoes" counts as a "Shoes" prediction, and filtering on "Sneakers" filters on "Shoes".
 
-Suspected mislabel ranks only images whose prediction is out-of-sample: labelled images of the val and test
-splits (test images are never trained on; val images only fit the one-parameter temperature). Train images
-are left out on purpose: the model has fitted their labels, wrong ones included, so its probabilities
-there agree with mislabels and would hide exactly the errors we look for. Labels in a category the model
-has no class for cannot be scored either. Unscored images follow the scored ones, by id.
+Suspected mislabel and most unusual read the version's label check (`image_checks`, written after every retrain
+from K-fold out-of-sample probabilities: see core/label_checks.py), so every labelled image is ranked, train split
+included, lowest label quality first. A label changed since the check is a person's newer word: it is no longer
+ranked as suspect. The `label-issues` state keeps only the images the check counted as likely label errors (and
+whose label is unchanged). Images without a check follow the checked ones, by id.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -35,17 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, Select, String, and_, case, false, func, not_, select, type_coerce
+from sqlalchemy import ColumnElement, Select, and_, case, false, func, select
 from sqlalchemy.orm import Session
 
 from core.db import Database
 from core.errors import NotFound, ProdcatError
 from core.labels import resolve_category
-from core.schema import Category, Image, Label, ModelVersion, Prediction, Split, VersionStatus
+from core.schema import Category, Image, ImageCheck, Label, ModelVersion, Prediction, Split, VersionStatus
 
 MAX_PAGE_SIZE = 500
 OUT_OF_SAMPLE_SPLITS: tuple[str, ...] = (Split.VAL.value, Split.TEST.value)
-_SCORE_CHUNK = 5_000  # rows of probabilities parsed and scored at a time
 
 
 class ReviewOrder(enum.StrEnum):
@@ -55,16 +53,31 @@ class ReviewOrder(enum.StrEnum):
     SMALLEST_MARGIN = "smallest-margin"
     HIGHEST_ENTROPY = "highest-entropy"
     SUSPECTED_MISLABEL = "suspected-mislabel"
+    MOST_UNUSUAL = "most-unusual"
     NEWEST = "newest"
 
 
 class LabelState(enum.StrEnum):
-    """Which images by their label: all, without a label, with one, or with one the prediction disagrees with."""
+    """Which images by their label: all, without a label, with one, with one the prediction disagrees with, or with one
+    the label check counts as a likely label error."""
 
     ALL = "all"
     UNLABELLED = "unlabelled"
     LABELLED = "labelled"
     DISAGREES = "disagrees"
+    LABEL_ISSUES = "label-issues"
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """The label check's view of a labelled image: its label's quality (0..1, low = likely wrong), whether it counts
+    as a likely label error, and the category the image probably should have (with its out-of-sample probability)."""
+
+    quality: float
+    issue: bool
+    category_id: int
+    category: str
+    probability: float
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,13 @@ class ReviewItem:
     predicted_category_id: int | None = None
     model_version_id: int | None = None
     created_at: datetime | None = None
+    suggestion: Suggestion | None = None
+    outlier_score: float | None = None
+
+    @property
+    def suggests_change(self) -> bool:
+        """The label check would file this image under another category than its label (one click accepts that)."""
+        return self.suggestion is not None and self.suggestion.category_id != self.label_category_id
 
     @property
     def disagrees(self) -> bool:
@@ -202,6 +222,17 @@ def _prediction_on(ctx: _Context) -> ColumnElement[bool]:
     return and_(Prediction.image_id == Image.id, Prediction.model_version_id + 0 == ctx.version_id)
 
 
+def _check_on(ctx: _Context) -> ColumnElement[bool]:
+    if ctx.version_id is None:
+        return false()
+    return and_(ImageCheck.image_id == Image.id, ImageCheck.model_version_id + 0 == ctx.version_id)  # see above
+
+
+def _current_quality() -> ColumnElement[Any]:
+    """The checked label's quality while the label is unchanged since the check, else NULL (not a suspect)."""
+    return case((ImageCheck.label_category_id == Label.category_id, ImageCheck.label_quality), else_=None)
+
+
 @dataclass(frozen=True)
 class _Filter:
     """WHERE terms plus the joins they need: None (not joined), "outer", or "inner" (the terms imply a row)."""
@@ -209,6 +240,7 @@ class _Filter:
     conds: list[ColumnElement[bool]]
     label: str | None = None
     prediction: str | None = None
+    check: str | None = None
 
 
 def _join(kind: str | None, wanted: str | None) -> str | None:
@@ -218,7 +250,11 @@ def _join(kind: str | None, wanted: str | None) -> str | None:
 
 
 def _joined(
-    query: Select[Any], ctx: _Context, label: str | None = "outer", prediction: str | None = "outer"
+    query: Select[Any],
+    ctx: _Context,
+    label: str | None = "outer",
+    prediction: str | None = "outer",
+    check: str | None = None,
 ) -> Select[Any]:
     # Only the joins a query needs, inner where the filters imply the row exists: SQLite can then skip
     # tables and choose the cheaper table to drive the loop from.
@@ -226,6 +262,8 @@ def _joined(
         query = query.join(Label, Label.image_id == Image.id, isouter=label == "outer")
     if prediction is not None:
         query = query.join(Prediction, _prediction_on(ctx), isouter=prediction == "outer")
+    if check is not None:
+        query = query.join(ImageCheck, _check_on(ctx), isouter=check == "outer")
     return query
 
 
@@ -241,6 +279,10 @@ def _conditions(
     conds: list[ColumnElement[bool]] = []
     label: str | None = None
     prediction: str | None = None
+    check: str | None = None
+    if label_state is LabelState.LABEL_ISSUES:
+        conds += [ImageCheck.label_issue.is_(True), ImageCheck.label_category_id == Label.category_id]
+        label = check = "inner"
     if label_state is LabelState.UNLABELLED:
         conds.append(Label.image_id.is_(None))
         label = "outer"
@@ -263,21 +305,18 @@ def _conditions(
         sources = ctx.sources_of(predicted_id)
         conds.append(Prediction.category_id.in_(sources) if sources else false())
         prediction = "inner"
-    return _Filter(conds, label, prediction)
+    return _Filter(conds, label, prediction, check)
 
 
-def _scorable(ctx: _Context) -> ColumnElement[bool]:
-    """Images the suspected-mislabel score is defined for (see the module docstring)."""
-    known = set(ctx.groups)
-    label_ids = [cid for cid in ctx.names if ctx.resolve(cid) in known]
-    if ctx.version_id is None or not label_ids:
-        return false()
-    return and_(
-        Label.image_id.is_not(None),
-        Prediction.id.is_not(None),
-        Image.split.in_(OUT_OF_SAMPLE_SPLITS),
-        Label.category_id.in_(label_ids),
-    )
+def _order_joins(order: ReviewOrder, flt: _Filter) -> tuple[str | None, str | None, str | None]:
+    """(label, prediction, check) joins a sorted page query needs: the filters' plus the sort key's."""
+    if order is ReviewOrder.NEWEST:
+        return flt.label, flt.prediction, flt.check
+    if order is ReviewOrder.SUSPECTED_MISLABEL:
+        return _join(flt.label, "outer"), flt.prediction, _join(flt.check, "outer")
+    if order is ReviewOrder.MOST_UNUSUAL:
+        return flt.label, flt.prediction, _join(flt.check, "outer")
+    return flt.label, _join(flt.prediction, "outer"), flt.check
 
 
 def _sql_order(order: ReviewOrder) -> list[Any]:
@@ -287,117 +326,99 @@ def _sql_order(order: ReviewOrder) -> list[Any]:
         return [Prediction.margin.asc().nulls_last(), Image.id.asc()]
     if order is ReviewOrder.HIGHEST_ENTROPY:
         return [Prediction.entropy.desc().nulls_last(), Image.id.asc()]
+    if order is ReviewOrder.SUSPECTED_MISLABEL:
+        return [_current_quality().asc().nulls_last(), Image.id.asc()]
+    if order is ReviewOrder.MOST_UNUSUAL:
+        return [ImageCheck.outlier_score.desc().nulls_last(), Image.id.asc()]
     if order is ReviewOrder.NEWEST:
         return [Image.created_at.desc(), Image.id.desc()]
     return [Image.id.asc()]
 
 
-def label_quality(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """cleanlab's label-quality score per row (0..1, low = the given label is likely wrong).
+_ITEM_COLUMNS = (
+    Image.id.label("image_id"),
+    Image.original_name,
+    Image.thumb_path,
+    Image.split,
+    Image.created_at,
+    Label.category_id.label("label_id"),
+    Prediction.category_id.label("predicted_id"),
+    Prediction.confidence,
+    Prediction.margin,
+    Prediction.entropy,
+    Prediction.probs,
+    ImageCheck.label_category_id.label("checked_label_id"),
+    ImageCheck.label_quality,
+    ImageCheck.label_issue,
+    ImageCheck.suggested_category_id,
+    ImageCheck.suggested_probability,
+    ImageCheck.outlier_score,
+)
 
-    Uses models.metrics.label_quality_scores when the models library provides it, cleanlab directly otherwise.
-    """
-    if len(labels) == 0:
-        return np.zeros(0)
-    try:
-        from models.metrics import label_quality_scores
-    except ImportError:  # the models library may not offer it (yet): same cleanlab call
-        from cleanlab.rank import get_label_quality_scores as label_quality_scores
-    return np.asarray(label_quality_scores(np.asarray(labels, dtype=np.int64), np.asarray(probs)), dtype=np.float64)
 
-
-def _mislabel_scores(session: Session, ctx: _Context, flt: _Filter) -> tuple[np.ndarray, np.ndarray]:
-    """(image ids, quality scores) of every scorable image matching the filters, lowest score first."""
+def _top3(ctx: _Context, probs: list[float] | None) -> list[tuple[str, float]]:
+    """The three likeliest categories today (merged classes add their probabilities up)."""
     groups = ctx.groups
-    group_of_class = ctx.class_to_group()
-    # The raw JSON text of the probabilities: parsed below in one go per chunk.
-    columns = select(Image.id, Label.category_id, type_coerce(Prediction.probs, String)).select_from(Image)
-    query = _joined(columns, ctx, "inner", "inner").where(*flt.conds, _scorable(ctx))
-    ids_parts: list[np.ndarray] = []
-    score_parts: list[np.ndarray] = []
-    for chunk in session.execute(query.execution_options(yield_per=_SCORE_CHUNK)).partitions():
-        ids = np.fromiter((r[0] for r in chunk), dtype=np.int64, count=len(chunk))
-        labels = np.fromiter((groups.index(ctx.resolve(int(r[1]))) for r in chunk), dtype=np.int64, count=len(chunk))
-        # One json.loads for the whole chunk instead of one per row.
-        raw = np.asarray(json.loads("[" + ",".join(r[2] for r in chunk) + "]"), dtype=np.float64)
-        probs = np.zeros((len(chunk), len(groups)))
-        np.add.at(probs.T, group_of_class, raw.T)  # merged classes add their probabilities up
-        probs /= np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)
-        ids_parts.append(ids)
-        score_parts.append(label_quality(labels, probs))
-    if not ids_parts:
-        return np.zeros(0, dtype=np.int64), np.zeros(0)
-    ids, scores = np.concatenate(ids_parts), np.concatenate(score_parts)
-    ranked = np.lexsort((ids, scores))
-    return ids[ranked], scores[ranked]
+    if probs is None or not groups or len(probs) != len(ctx.class_category_ids):
+        return []
+    summed = np.zeros(len(groups))
+    np.add.at(summed, ctx.class_to_group(), np.asarray(probs, dtype=np.float64))
+    return [(ctx.names.get(groups[j], "?"), float(summed[j])) for j in np.argsort(-summed, kind="stable")[:3]]
 
 
-def _items(
-    session: Session, ctx: _Context, data_dir: Path, ids: Sequence[int], scores: dict[int, float], order: ReviewOrder
-) -> list[ReviewItem]:
+def _suggestion(ctx: _Context, r: Any) -> Suggestion | None:
+    """The check's finding while the label it checked is still the image's label."""
+    if r.label_quality is None or r.checked_label_id is None or r.checked_label_id != r.label_id:
+        return None
+    target = ctx.resolve(int(r.suggested_category_id))
+    return Suggestion(
+        quality=float(r.label_quality),
+        issue=bool(r.label_issue),
+        category_id=target,
+        category=ctx.names.get(target, "?"),
+        probability=float(r.suggested_probability or 0.0),
+    )
+
+
+def _item(ctx: _Context, data_dir: Path, r: Any, order: ReviewOrder) -> ReviewItem:
+    label_id = int(r.label_id) if r.label_id is not None else None
+    pred_id = ctx.resolve(int(r.predicted_id)) if r.predicted_id is not None else None
+    suggestion = _suggestion(ctx, r)
+    score = {
+        ReviewOrder.LOWEST_CONFIDENCE: r.confidence,
+        ReviewOrder.SMALLEST_MARGIN: r.margin,
+        ReviewOrder.HIGHEST_ENTROPY: r.entropy,
+        ReviewOrder.SUSPECTED_MISLABEL: suggestion.quality if suggestion else None,
+        ReviewOrder.MOST_UNUSUAL: r.outlier_score,
+    }.get(order)
+    return ReviewItem(
+        image_id=int(r.image_id),
+        original_name=r.original_name,
+        thumb_path=data_dir / r.thumb_path,
+        label=ctx.names.get(label_id) if label_id is not None else None,
+        predicted=ctx.names.get(pred_id) if pred_id is not None else None,
+        confidence=r.confidence,
+        margin=r.margin,
+        entropy=r.entropy,
+        score=float(score) if score is not None else None,
+        split=r.split,
+        top3=_top3(ctx, r.probs),
+        label_category_id=label_id,
+        predicted_category_id=pred_id,
+        model_version_id=ctx.version_id if pred_id is not None else None,
+        created_at=r.created_at,
+        suggestion=suggestion,
+        outlier_score=r.outlier_score,
+    )
+
+
+def _items(session: Session, ctx: _Context, data_dir: Path, ids: Sequence[int], order: ReviewOrder) -> list[ReviewItem]:
+    """The cards of these images, in this order (an image deleted meanwhile is left out)."""
     if not ids:
         return []
-    rows = session.execute(
-        _joined(
-            select(
-                Image.id,
-                Image.original_name,
-                Image.thumb_path,
-                Image.split,
-                Image.created_at,
-                Label.category_id,
-                Prediction.category_id,
-                Prediction.confidence,
-                Prediction.margin,
-                Prediction.entropy,
-                Prediction.probs,
-            ).select_from(Image),
-            ctx,
-        ).where(Image.id.in_(list(ids)))
-    ).all()
-    by_id = {int(r[0]): r for r in rows}
-    groups = ctx.groups
-    group_of_class = ctx.class_to_group() if groups else np.zeros(0, dtype=np.int64)
-    items = []
-    for image_id in ids:
-        r = by_id.get(int(image_id))
-        if r is None:  # deleted between the two queries
-            continue
-        label_id = int(r[5]) if r[5] is not None else None
-        pred_id = ctx.resolve(int(r[6])) if r[6] is not None else None
-        top3: list[tuple[str, float]] = []
-        if r[10] is not None and len(r[10]) == len(group_of_class):
-            summed = np.zeros(len(groups))
-            np.add.at(summed, group_of_class, np.asarray(r[10], dtype=np.float64))
-            top3 = [(ctx.names.get(groups[j], "?"), float(summed[j])) for j in np.argsort(-summed, kind="stable")[:3]]
-        if order is ReviewOrder.SUSPECTED_MISLABEL:
-            score = scores.get(int(image_id))
-        else:
-            score = {
-                ReviewOrder.LOWEST_CONFIDENCE: r[7],
-                ReviewOrder.SMALLEST_MARGIN: r[8],
-                ReviewOrder.HIGHEST_ENTROPY: r[9],
-            }.get(order)
-        items.append(
-            ReviewItem(
-                image_id=int(image_id),
-                original_name=r[1],
-                thumb_path=data_dir / r[2],
-                label=ctx.names.get(label_id) if label_id is not None else None,
-                predicted=ctx.names.get(pred_id) if pred_id is not None else None,
-                confidence=r[7],
-                margin=r[8],
-                entropy=r[9],
-                score=float(score) if score is not None else None,
-                split=r[3],
-                top3=top3,
-                label_category_id=label_id,
-                predicted_category_id=pred_id,
-                model_version_id=ctx.version_id if pred_id is not None else None,
-                created_at=r[4],
-            )
-        )
-    return items
+    query = _joined(select(*_ITEM_COLUMNS).select_from(Image), ctx, check="outer")
+    by_id = {int(r.image_id): r for r in session.execute(query.where(Image.id.in_(list(ids))))}
+    return [_item(ctx, data_dir, by_id[int(i)], order) for i in ids if int(i) in by_id]
 
 
 def review_items(db: Database, image_ids: Sequence[int], *, version_id: int | None = None) -> list[ReviewItem]:
@@ -409,7 +430,7 @@ def review_items(db: Database, image_ids: Sequence[int], *, version_id: int | No
     ids = list(dict.fromkeys(int(i) for i in image_ids))  # an image twice in a batch shows once
     with db.read() as session:
         ctx = load_context(session, version_id)
-        return _items(session, ctx, db.settings.data_dir, ids, {}, ReviewOrder.NEWEST)
+        return _items(session, ctx, db.settings.data_dir, ids, ReviewOrder.NEWEST)
 
 
 @dataclass(frozen=True)
@@ -450,8 +471,8 @@ def review_queue(
 ) -> ReviewPage:
     """One page of the images to review, filtered and ordered (see the module docstring for every rule).
 
-    Sorting and paging run in SQL on the prediction indexes (the suspected-mislabel order scores the
-    out-of-sample candidates with numpy, in chunks). A page past the end shows the last page. Raises
+    Sorting and paging run in SQL, on the stored predictions and label checks. A page past the end shows the last
+    page. Raises
     ProdcatError for an unknown order/state/split or a bad page, NotFound for an unknown category or version.
     """
     order = _enum(ReviewOrder, order, "review order")
@@ -474,44 +495,22 @@ def review_queue(
         )
         # No model yet: every image is unscored, so the newest uploads come first whatever the order asked.
         sort = order if ctx.version_id is not None else ReviewOrder.NEWEST
-        counted = _joined(select(func.count()).select_from(Image), ctx, flt.label, flt.prediction)
+        counted = _joined(select(func.count()).select_from(Image), ctx, flt.label, flt.prediction, flt.check)
         total = int(session.scalar(counted.where(*flt.conds)) or 0)
         pages = max(1, math.ceil(total / page_size))
         page = min(int(page), pages)
-        offset = (page - 1) * page_size
-        scores: dict[int, float] = {}
-        if sort is ReviewOrder.SUSPECTED_MISLABEL:
-            ranked_ids, ranked_scores = _mislabel_scores(session, ctx, flt)
-            window = slice(offset, offset + page_size)
-            ids = [int(i) for i in ranked_ids[window]]
-            scores = {int(i): float(v) for i, v in zip(ranked_ids[window], ranked_scores[window], strict=True)}
-            if len(ids) < page_size:
-                rest = session.scalars(
-                    _joined(
-                        select(Image.id).select_from(Image),
-                        ctx,
-                        _join(flt.label, "outer"),
-                        _join(flt.prediction, "outer"),
-                    )
-                    .where(*flt.conds, not_(_scorable(ctx)))
-                    .order_by(Image.id)
-                    .offset(max(0, offset - len(ranked_ids)))
-                    .limit(page_size - len(ids))
-                )
-                ids += [int(i) for i in rest]
-        else:
-            needs_prediction = _join(flt.prediction, None if sort is ReviewOrder.NEWEST else "outer")
-            ids = [
-                int(i)
-                for i in session.scalars(
-                    _joined(select(Image.id).select_from(Image), ctx, flt.label, needs_prediction)
-                    .where(*flt.conds)
-                    .order_by(*_sql_order(sort))
-                    .offset(offset)
-                    .limit(page_size)
-                )
-            ]
-        items = _items(session, ctx, db.settings.data_dir, ids, scores, order)
+        label, prediction, check = _order_joins(sort, flt)
+        ids = [
+            int(i)
+            for i in session.scalars(
+                _joined(select(Image.id).select_from(Image), ctx, label, prediction, check)
+                .where(*flt.conds)
+                .order_by(*_sql_order(sort))
+                .offset((page - 1) * page_size)
+                .limit(page_size)
+            )
+        ]
+        items = _items(session, ctx, db.settings.data_dir, ids, order)
     return ReviewPage(
         items=items, total=total, page=page, pages=pages, page_size=page_size, order=order, version_id=ctx.version_id
     )

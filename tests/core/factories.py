@@ -17,7 +17,7 @@ import numpy as np
 from sqlalchemy import insert, select
 
 from core.db import Database
-from core.schema import Category, Image, Label, LabelEvent, ModelVersion, Prediction, Split, VersionStatus
+from core.schema import Category, Image, ImageCheck, Label, LabelEvent, ModelVersion, Prediction, Split, VersionStatus
 from core.settings import Settings
 
 DEFAULT_CATEGORIES: tuple[str, ...] = ("Shoes", "Bags", "Hats", "Shirts", "Watches")
@@ -215,7 +215,49 @@ def _insert_all(
                 ]
                 if rows:
                     session.execute(insert(Prediction), rows)
+                checks = _check_rows(version_id, ids[lo:hi], labels[lo:hi], probs[lo:hi], class_ids)
+                if checks:
+                    session.execute(insert(ImageCheck), checks)
     return ids, version_id, predicted, conf, margin, entropy
+
+
+def _check_rows(
+    version_id: int, ids: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_ids: list[int]
+) -> list[dict]:
+    """Label-check rows as a retrain writes them, taking the stored probabilities as the out-of-sample ones: labelled
+    images get cleanlab's quality and issue flag (over this chunk) and the likeliest class; every predicted image
+    gets an outlier score of 1 - confidence (a stand-in with a known order)."""
+    from models.label_checks import find_label_problems
+
+    has = ~np.isnan(probs).any(axis=1)
+    index_of = {c: i for i, c in enumerate(class_ids)}
+    scored = has & np.array([int(c) in index_of for c in labels])
+    given = np.array([index_of[int(c)] for c in labels[scored]], dtype=np.int64)
+    found = find_label_problems(given, probs[scored])
+    position = {int(k): n for n, k in enumerate(np.flatnonzero(scored))}
+    rows = []
+    for k in np.flatnonzero(has):
+        row = {
+            "image_id": int(ids[k]),
+            "model_version_id": version_id,
+            "outlier_score": 1.0 - float(probs[k].max()),
+            "label_category_id": None,
+            "label_quality": None,
+            "label_issue": False,
+            "suggested_category_id": None,
+            "suggested_probability": None,
+        }
+        if int(k) in position:
+            n = position[int(k)]
+            row |= {
+                "label_category_id": int(labels[k]),
+                "label_quality": float(found.quality[n]),
+                "label_issue": bool(found.issue[n]),
+                "suggested_category_id": int(class_ids[int(found.suggested[n])]),
+                "suggested_probability": float(found.suggested_probability[n]),
+            }
+        rows.append(row)
+    return rows
 
 
 def _test_metrics(labels: np.ndarray, predicted: np.ndarray, splits: np.ndarray, class_ids: list[int]) -> dict:

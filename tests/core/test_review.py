@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from core.db import Database
 from core.errors import NotFound, ProdcatError
-from core.labels import merge_categories
+from core.labels import merge_categories, set_label
 from core.review import LabelState, ReviewOrder, review_items, review_queue
 from tests.core.factories import BASE_TIME, FakeImage, Populated, build, populate
 
@@ -70,21 +70,47 @@ def test_label_state_split_and_category_filters(queue: Queue) -> None:
     assert sorted(queue(order=order, predicted_category="Bags")) == [1, 5]
 
 
-def test_suspected_mislabel_ranks_confident_out_of_sample_contradiction_first(queue: Queue) -> None:
-    # Scored: labelled val/test images with a prediction (0, 1, 2, 6), by cleanlab self-confidence
-    # (0.9, 0.05, 0.35, 0.6). Image 5 contradicts its label too, but it is a train image: not scored, after.
-    assert queue(order=ReviewOrder.SUSPECTED_MISLABEL) == [1, 2, 6, 0, 3, 4, 5]
+def test_suspected_mislabel_ranks_every_checked_label_train_split_included(queue: Queue) -> None:
+    # The label check's out-of-sample quality of each label (here the factory's probabilities): 0 0.9, 1 0.05,
+    # 2 0.35, 5 0.05 (a train image: ranked too, its check came from a head that never saw its label), 6 0.6.
+    assert queue(order=ReviewOrder.SUSPECTED_MISLABEL) == [1, 5, 2, 6, 0, 3, 4]
 
 
 def test_mislabel_scores_are_shown_and_pages_continue_into_unscored(db: Database, cat: Populated) -> None:
     first = int(cat.image_ids[0])
     page1 = review_queue(db, order=ReviewOrder.SUSPECTED_MISLABEL, page_size=3, page=1)
     page2 = review_queue(db, order=ReviewOrder.SUSPECTED_MISLABEL, page_size=3, page=2)
-    assert [i.image_id - first for i in page1.items] == [1, 2, 6]
-    assert [round(i.score, 6) for i in page1.items] == [0.05, 0.35, 0.6]  # type: ignore[arg-type]
-    assert [i.image_id - first for i in page2.items] == [0, 3, 4]
-    assert page2.items[1].score is None  # image 3 cannot be scored (unlabelled)
+    assert [i.image_id - first for i in page1.items] == [1, 5, 2]
+    assert [round(i.score, 6) for i in page1.items] == [0.05, 0.05, 0.35]  # type: ignore[arg-type]
+    assert [i.image_id - first for i in page2.items] == [6, 0, 3]
+    assert page2.items[2].score is None  # image 3 cannot be scored (unlabelled)
     assert (page1.total, page1.pages) == (7, 3)
+
+
+def test_each_suspect_says_which_label_it_probably_should_have(db: Database, cat: Populated) -> None:
+    first = int(cat.image_ids[0])
+    shoes_as_bags, hats_as_bags, right = review_items(db, [first + 1, first + 5, first])
+    assert shoes_as_bags.suggestion is not None and shoes_as_bags.suggestion.category == "Bags"
+    assert shoes_as_bags.suggestion.probability == pytest.approx(0.9) and shoes_as_bags.suggests_change
+    assert hats_as_bags.suggests_change and hats_as_bags.suggestion.category == "Bags"  # type: ignore[union-attr]
+    assert right.suggestion is not None and not right.suggests_change
+    issues = review_queue(db, label_state=LabelState.LABEL_ISSUES, order=ReviewOrder.SUSPECTED_MISLABEL).items
+    assert [i.image_id - first for i in issues] == [1, 5]  # the two confident contradictions, not the unsure ones
+
+
+def test_a_label_changed_since_the_check_is_no_longer_a_suspect(db: Database, cat: Populated) -> None:
+    first = int(cat.image_ids[0])
+    set_label(db, first + 1, "Bags", actor="alice")  # a person took the suggestion
+    ranked = review_queue(db, order=ReviewOrder.SUSPECTED_MISLABEL, page_size=50).items
+    assert [i.image_id - first for i in ranked][:4] == [5, 2, 6, 0]
+    relabelled = next(i for i in ranked if i.image_id == first + 1)
+    assert relabelled.score is None and relabelled.suggestion is None
+    assert first + 1 not in [i.image_id for i in review_queue(db, label_state="label-issues").items]
+
+
+def test_most_unusual_puts_the_highest_outlier_score_first(queue: Queue) -> None:
+    # The factory's outlier stand-in is 1 - confidence: image 3 (0.34) is the least like anything, 4 has none.
+    assert queue(order=ReviewOrder.MOST_UNUSUAL) == [3, 2, 6, 5, 0, 1, 4]
 
 
 def test_pagination_totals_and_a_page_past_the_end(db: Database, cat: Populated) -> None:
@@ -189,8 +215,13 @@ def test_random_catalogue_agrees_with_numpy(db: Database) -> None:
     assert last.items[-1].predicted is None  # unpredicted images come last
     mislabel = review_queue(db, order=ReviewOrder.SUSPECTED_MISLABEL, page_size=10).items
     scores = [i.score for i in mislabel]
-    assert all(i.split in ("val", "test") and i.label is not None for i in mislabel)
+    assert all(i.label is not None and i.score is not None for i in mislabel)
     assert scores == sorted(scores)  # type: ignore[type-var]
+    assert {i.split for i in review_queue(db, order=ReviewOrder.SUSPECTED_MISLABEL, page_size=100).items} == {
+        "train",
+        "val",
+        "test",
+    }
 
 
 def test_review_command_prints_the_queue(db: Database, cat: Populated) -> None:
@@ -200,8 +231,13 @@ def test_review_command_prints_the_queue(db: Database, cat: Populated) -> None:
     result = runner.invoke(app, ["review", "--order", "suspected-mislabel", "--limit", "2", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["total"] == 7 and [i["file"] for i in data["items"]] == ["img_001.jpg", "img_002.jpg"]
+    assert data["total"] == 7 and [i["file"] for i in data["items"]] == ["img_001.jpg", "img_005.jpg"]
     assert data["items"][0]["label"] == "Shoes" and data["items"][0]["predicted"] == "Bags"
+    assert data["items"][0]["suggested"] == "Bags" and data["items"][0]["label_issue"] is True
+    assert data["label_health"]["open_issues"] == 2 and data["label_health"]["checked"] == 5
+    table = runner.invoke(app, ["review", "--order", "suspected-mislabel", "--limit", "2"])
+    assert "2 likely label errors still open among 5 checked labels" in table.stdout
+    assert "Bags (90%)" in table.stdout
     text = runner.invoke(app, ["review", "--category", "Shoes", "--label-state", "unlabelled"])
     assert text.exit_code == 0 and "img_003.jpg" in text.stdout and "1 images match" in text.stdout
     bad = runner.invoke(app, ["review", "--category", "Socks"])
