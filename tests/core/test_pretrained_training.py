@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,32 +15,12 @@ from core.settings import get_settings
 from core.versions import active_version, checkpoint_path
 from core.worker import run_job_in_foreground
 from models.checkpoint import read_meta
+from tests.core.fmnist import fashion_mnist as _fashion_mnist
+from tests.core.fmnist import open_catalogue as _open
 from tests.core.training_helpers import save_random_version
 
 PER_CLASS = 24  # 240 labelled Fashion-MNIST photos, the app's own 80/10/10 split
 TEST_PER_CLASS = 30  # 300 official test photos, never imported
-
-
-def _fashion_mnist() -> tuple[object, object]:
-    from core.demo import load_fashion_mnist, local_dir, local_files_present
-
-    if not local_files_present():
-        if os.environ.get("CI"):
-            pytest.fail(f"Fashion-MNIST missing from {local_dir()}: .ci/run must install dataset-fashion-mnist")
-        pytest.skip(f"Fashion-MNIST not installed in {local_dir()} (apt-get install dataset-fashion-mnist)")
-    return load_fashion_mnist("train"), load_fashion_mnist("test")
-
-
-def _open(data_dir: Path, monkeypatch: pytest.MonkeyPatch, pretrained: str) -> Database:
-    core_db.close_all()
-    monkeypatch.setenv("PRODCAT_DATA_DIR", str(data_dir))
-    monkeypatch.setenv("PRODCAT_PRETRAINED", pretrained)
-    monkeypatch.setenv("PRODCAT_IMAGE_SIZE", "64")
-    monkeypatch.setenv("PRODCAT_DEVICE", "cpu")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # auto must not find hub weights: the bundled backbone is the point
-    monkeypatch.setattr("models.pretrained.hub_cached", lambda arch: False)
-    get_settings.cache_clear()
-    return core_db.open_database(get_settings())
 
 
 def _retrain_and_score(db: Database, train: object, official_test: Path, test_labels: np.ndarray) -> tuple[float, str]:

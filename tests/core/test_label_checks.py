@@ -1,0 +1,99 @@
+"""Label checks after a retrain: every labelled image checked out of sample, wrong labels found on real photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from core import db as core_db
+from core.db import Database
+from core.jobs import enqueue_training, get_job
+from core.label_checks import label_health
+from core.labels import set_label
+from core.review import LabelState, ReviewOrder, review_queue
+from core.schema import ImageCheck, Label
+from core.training import run_training
+from core.versions import get_version
+from core.worker import run_job_in_foreground
+from tests.core.fmnist import fashion_mnist, open_catalogue
+from tests.core.training_helpers import add_job, dataset, store_images
+
+CLASSES = ("Shoes", "Bags", "Hats")
+
+
+def _noop(_: object) -> None:
+    pass
+
+
+def _checks(db: Database, version_id: int) -> dict[int, ImageCheck]:
+    with db.read() as session:
+        rows = session.scalars(select(ImageCheck).where(ImageCheck.model_version_id == version_id)).all()
+        session.expunge_all()
+    return {r.image_id: r for r in rows}
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_every_labelled_image_of_every_split_is_checked_after_a_retrain(db: Database, mode: str) -> None:
+    ids = store_images(db, dataset(CLASSES, train=4, val=2, test=2))
+    params = {"arch": "resnet18", "image_size": 32, "head_l2": 1e-3, "epochs": 1, "batch_size": 8, "patience": 0}
+    version_id = run_training(db, add_job(db, mode, params), on_progress=_noop, should_stop=lambda: False)
+    checks = _checks(db, version_id)
+    assert set(checks) == set(ids)  # train split included
+    with db.read() as session:
+        labels = {i: c for i, c in session.execute(select(Label.image_id, Label.category_id))}
+    for image_id, check in checks.items():
+        assert check.label_category_id == labels[image_id]
+        assert 0.0 <= check.label_quality <= 1.0 and len(check.probs) == 3
+        assert check.suggested_category_id in set(labels.values()) and check.outlier_score is not None
+    summary = get_version(db, version_id).metrics["label_check"]
+    assert summary["checked"] == len(ids) and summary["folds"] == 5
+
+
+def test_label_checks_can_be_turned_off_and_say_so(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    store_images(db, dataset(CLASSES, train=3, val=1, test=1))
+    monkeypatch.setattr(db.settings, "label_check_folds", 0)
+    version_id = run_training(db, add_job(db), on_progress=_noop, should_stop=lambda: False)
+    assert _checks(db, version_id) == {}
+    assert "off" in get_version(db, version_id).metrics["label_check"]["note"]
+    assert "no label check" in label_health(db).describe()
+
+
+def test_flipped_labels_among_real_product_photos_are_found_and_the_right_category_suggested(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.demo import FASHION_MNIST_CLASSES, balanced_indices, make_uploads
+    from core.ingest import import_uploads
+
+    train, _ = fashion_mnist()
+    db = open_catalogue(tmp_path, monkeypatch, "auto")
+    chosen = balanced_indices(train.labels, 400)  # type: ignore[attr-defined]
+    uploads, labels = make_uploads(train, chosen)  # type: ignore[arg-type]
+    rng = np.random.default_rng(7)
+    flipped = set(rng.choice(sorted(labels), size=20, replace=False).tolist())  # 5% of the labels, uniformly
+    truth = dict(labels)
+    for name in flipped:
+        labels[name] = FASHION_MNIST_CLASSES[(FASHION_MNIST_CLASSES.index(labels[name]) + 3) % 10]
+    assert not import_uploads(db, uploads, labels=labels, actor="tester").refused
+    job_id = enqueue_training(db, "quick", {}, "tester")
+    assert run_job_in_foreground(db, job_id) is not None, get_job(db, job_id).error
+
+    suspects = review_queue(db, order=ReviewOrder.SUSPECTED_MISLABEL, page_size=20).items
+    caught = [item for item in suspects if item.original_name in flipped]
+    assert len(caught) >= 12, [(i.original_name, i.label, i.score) for i in suspects]  # precision@20 >= 0.6
+    assert sum(item.suggestion.category == truth[item.original_name] for item in caught) >= 0.75 * len(caught)
+    assert {item.split for item in caught} & {"train"}  # the train split's wrong labels are found too
+    health = label_health(db)
+    # Confident learning also counts photos that are genuinely hard to tell apart at 64 px (shirt or T-shirt?).
+    assert len(caught) <= health.open_issues <= 120 and health.checked == 400
+
+    fixed = caught[0]
+    set_label(db, fixed.image_id, fixed.suggestion.category, actor="tester")  # type: ignore[union-attr]
+    assert label_health(db).open_issues == health.open_issues - 1
+    issues = review_queue(db, label_state=LabelState.LABEL_ISSUES, page_size=100)
+    assert fixed.image_id not in [i.image_id for i in issues.items] and issues.total == health.open_issues - 1
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(ImageCheck)) == 400
+    core_db.close_all()
