@@ -38,6 +38,28 @@ PAGES: dict[str, tuple[str, str, str]] = {
 
 _MARKDOWN_SPECIALS = set(string.punctuation)
 
+# The Review page's filter widgets (keys) and its "everything" choice: other pages open it with chosen filters.
+REVIEW_FILTERS = {
+    "category": "review_category",
+    "label_state": "review_state",
+    "split": "review_split",
+    "order": "review_order",
+}
+REVIEW_ALL = "(all)"
+REVIEW_CELL_KEY = "review_cell"  # a confusion-matrix cell's review_queue keyword arguments, set by the dashboard
+
+
+def open_review(**filters: str) -> None:
+    """Switch to the Review page showing these filters (review_queue keyword names); the others show everything."""
+    st.session_state.pop(REVIEW_CELL_KEY, None)
+    for name, key in REVIEW_FILTERS.items():
+        st.session_state[key] = str(filters.get(name, REVIEW_ALL if name in ("category", "split") else ""))
+    if not filters.get("label_state"):
+        st.session_state[REVIEW_FILTERS["label_state"]] = "all"
+    if not filters.get("order"):
+        st.session_state[REVIEW_FILTERS["order"]] = "lowest-confidence"
+    st.switch_page(PAGES["review"][0])
+
 
 def md_escape(text: object) -> str:
     """User text (file and category names, error messages) made safe for Markdown-rendering elements.
@@ -226,6 +248,20 @@ def _on_accept(db: Database, item: ReviewItem) -> None:
         _label_one(db, item, item.predicted, verb="accepted")
 
 
+def _on_accept_suggestion(db: Database, item: ReviewItem) -> None:
+    if item.suggestion is not None:
+        _label_one(db, item, item.suggestion.category, verb="relabelled (label check)")
+
+
+def suggestion_text(item: ReviewItem) -> str | None:
+    """`Label check: probably Shirt (81%); this label's quality 4%`, where the check doubts the label."""
+    if not item.suggests_change or item.suggestion is None:
+        return None
+    s = item.suggestion
+    flag = "likely wrong label" if s.issue else "doubtful label"
+    return f"Label check: {flag}, probably {s.category} ({percent(s.probability)}); quality {percent(s.quality)}"
+
+
 @st.dialog("Label history", width="large")
 def show_audit(db: Database, image_id: int, name: str) -> None:
     """The audit trail of one image, newest first."""
@@ -275,6 +311,18 @@ def image_card(db: Database, item: ReviewItem, categories: list[str], *, prefix:
         st.text(f"#{item.image_id} {item.original_name}")
         st.text(f"Label: {item.label or '(unlabelled)'}   [{item.split}]")
         st.text(prediction_text(item))
+        check = suggestion_text(item)
+        if check is not None:
+            st.warning(md_escape(check), icon=":material/report:")
+            if item.suggestion is not None and item.suggestion.category in categories:
+                st.button(
+                    md_escape(f"Relabel as {item.suggestion.category}"),
+                    key=f"{prefix}_suggest_{item.image_id}",
+                    on_click=_on_accept_suggestion,
+                    args=(db, item),
+                    help="The category the label check (K-fold, out of sample) finds likeliest",
+                    width="stretch",
+                )
         if item.top3:
             with st.popover("Top 3", width="stretch"):
                 for name, probability in item.top3:
@@ -404,8 +452,9 @@ def ticked(items: Sequence[ReviewItem], *, prefix: str) -> list[int]:
     return [item.image_id for item in items if st.session_state.get(_selection_key(prefix, item.image_id))]
 
 
-def card_grid(db: Database, items: Sequence[ReviewItem], categories: list[str], *, prefix: str, per_row: int = 4
-              ) -> list[int]:
+def card_grid(
+    db: Database, items: Sequence[ReviewItem], categories: list[str], *, prefix: str, per_row: int = 4
+) -> list[int]:
     """Cards in rows of `per_row`; returns the ids of the selected images."""
     ticked(items, prefix=prefix)  # a pending clear_selection unticks the boxes before they are drawn
     selected: list[int] = []

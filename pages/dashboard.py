@@ -5,6 +5,8 @@ from __future__ import annotations
 import streamlit as st
 
 from core.dashboard import cell_filters_for_point, confusion_figure, dashboard
+from core.label_checks import label_health
+from core.review import LabelState, ReviewOrder
 from pages import _ui
 
 db = _ui.get_db()
@@ -34,7 +36,7 @@ if board.confusion is not None:
     )
     points = event.selection.points if event else []
     if points:
-        st.session_state["review_cell"] = cell_filters_for_point(board.confusion, points[0]).as_kwargs()
+        st.session_state[_ui.REVIEW_CELL_KEY] = cell_filters_for_point(board.confusion, points[0]).as_kwargs()
         st.switch_page(_ui.PAGES["review"][0])
 
 if not board.per_class.empty:
@@ -42,6 +44,25 @@ if not board.per_class.empty:
     table, formats = _ui.percent_columns(board.per_class, ["precision", "recall", "f1"])
     # height "content": every category and the "macro avg" row, without scrolling.
     st.dataframe(table, hide_index=True, height="content", column_config=formats)
+
+health = label_health(db)
+if health.version_id is not None:
+    st.subheader("Label check")
+    st.caption(
+        "After every retrain, K-fold heads that never saw an image's label predict it (out of sample); cleanlab "
+        "counts the labels they contradict."
+    )
+    st.text(health.describe())
+    if health.available:
+        st.dataframe(
+            [
+                {"category": c.category, "labels checked": c.checked, "likely wrong": c.open_issues}
+                for c in health.categories
+            ],
+            hide_index=True,
+        )
+        if health.open_issues and st.button("Review the likely label errors", icon=":material/rule:"):
+            _ui.open_review(label_state=LabelState.LABEL_ISSUES, order=ReviewOrder.SUSPECTED_MISLABEL)
 
 charts = [
     ("history", "Accuracy and macro F1 per version"),

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core.label_checks import label_health
 from core.labels import bulk_relabel
 from core.review import LabelState, ReviewOrder, review_queue
 from core.schema import Split
 from pages import _ui
 
-CELL_KEY = "review_cell"  # set by the dashboard's confusion-matrix click: review_queue keyword arguments
-ALL = "(all)"
+CELL_KEY = _ui.REVIEW_CELL_KEY
+ALL = _ui.REVIEW_ALL
+KEYS = _ui.REVIEW_FILTERS
 PAGE_SIZE = 24
 KEYBOARD_DONE_KEY = "review_keyboard_done"  # photos labelled or skipped in keyboard review, this session
 PAGE_KEY = "review_page"
@@ -39,10 +41,10 @@ else:
     # A form, so several filters change in one go and Enter applies them.
     with st.form("review_filters", border=False):
         c1, c2, c3, c4 = st.columns(4)
-        category = c1.selectbox("Category", [ALL, *categories], key="review_category", persist_state=KEEP)
-        state = c2.selectbox("Labels", [s.value for s in LabelState], key="review_state", persist_state=KEEP)
-        split = c3.selectbox("Split", [ALL, *(s.value for s in Split)], key="review_split", persist_state=KEEP)
-        order = c4.selectbox("Order", [o.value for o in ReviewOrder], key="review_order", persist_state=KEEP)
+        category = c1.selectbox("Category", [ALL, *categories], key=KEYS["category"], persist_state=KEEP)
+        state = c2.selectbox("Labels", [s.value for s in LabelState], key=KEYS["label_state"], persist_state=KEEP)
+        split = c3.selectbox("Split", [ALL, *(s.value for s in Split)], key=KEYS["split"], persist_state=KEEP)
+        order = c4.selectbox("Order", [o.value for o in ReviewOrder], key=KEYS["order"], persist_state=KEEP)
         st.form_submit_button("Apply filters")
     query = {
         "category": None if category == ALL else category,
@@ -62,6 +64,8 @@ if page.page != page_number:  # past the end (fewer images now): the pagination 
     st.session_state[PAGE_KEY] = page.page
 if page.version_id is None:
     st.caption("No model yet: no predictions to order by, so the newest uploads are shown first.")
+elif query.get("order") == ReviewOrder.SUSPECTED_MISLABEL or query.get("label_state") == LabelState.LABEL_ISSUES:
+    st.caption(_ui.md_escape(label_health(db, version_id=page.version_id).describe()))
 
 left, middle, right = st.columns([2, 1, 1], vertical_alignment="bottom")
 target = left.selectbox("Category for the selected images", categories, key="review_bulk_target")

@@ -183,3 +183,34 @@ def test_accept_prediction_is_prominent_only_on_unlabelled_images(db: Database) 
     at = run_page("pages/review.py")
     assert at.button(key=f"rv_accept_{unlabelled}").proto.type == "primary"
     assert at.button(key=f"rv_accept_{labelled}").proto.type == "secondary"
+
+
+def test_the_label_check_leads_from_the_dashboard_to_the_suspects_and_one_click_takes_its_suggestion(
+    db: Database,
+) -> None:
+    agreeing = [(0.9, 0.05, 0.05), (0.05, 0.9, 0.05), (0.05, 0.05, 0.9)]
+    made = build(
+        db,
+        # Confidently "Bags" out of sample but labelled Shoes: likely wrong. Nine labels the check agrees with.
+        [FakeImage(split="train", label="Shoes", probs=(0.02, 0.96, 0.02))]
+        + [
+            FakeImage(split="test", label=name, probs=agreeing[k % 3])
+            for k, name in enumerate(["Shoes", "Bags", "Hats"] * 3)
+        ],
+    )
+    suspect = int(made.image_ids[0])
+    at = run_page("pages/dashboard.py")
+    assert not at.exception
+    assert any("1 likely label errors still open among 10 checked labels" in t.value for t in at.text)
+    next(b for b in at.button if b.label == "Review the likely label errors").click().run()
+
+    assert not at.exception and at.selectbox(key="review_state").value == "label-issues"
+    assert at.selectbox(key="review_order").value == "suspected-mislabel"
+    assert card_ids(at) == [suspect]
+    shown = [w.value.replace("\\", "") for w in at.warning]  # markdown-escaped on the page
+    assert any("likely wrong label, probably Bags (96.0%)" in text for text in shown), shown
+    next(b for b in at.button if b.label == "Relabel as Bags").click().run()
+
+    assert not at.exception and errors_of(at) == []
+    assert audit_trail(db, suspect)[0].new_category == "Bags"
+    assert card_ids(at) == []  # taken: no longer a suspect, the label-issues queue is empty
