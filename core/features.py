@@ -96,3 +96,35 @@ def split_features(
     return features_cache.ensure(shas, compute)
 
 
+PixelsOf = Callable[[list[int]], tuple[list[int], np.ndarray]]  # ids -> (readable ids, their pixels)
+
+
+def classifier_features(
+    db: Database, classifier: Any, image_ids: Sequence[int], pixels_of: PixelsOf
+) -> tuple[list[int], np.ndarray]:
+    """(ids, backbone features) of a loaded model for these images, cached under its checkpoint's backbone id: the
+    quick retrains of one lineage share it, so their predictions cost a matmul, not a backbone pass, and pixels are
+    read only for images not cached yet. Images `pixels_of` cannot read are left out. A checkpoint without a
+    backbone id (older files) computes features without caching."""
+    bid = getattr(classifier.meta, "backbone_id", "")
+    if not bid:
+        ids, pixels = pixels_of(list(image_ids))
+        return ids, classifier.features_pixels(pixels)
+    cache = FeatureCache(db.settings, bid, int(classifier.model.num_features))
+    shas = image_shas(db, image_ids)
+    sha_of = dict(zip(image_ids, shas, strict=True))
+    cached = cache.store.read_index()
+    todo = [i for i in image_ids if sha_of[i] not in cached]
+    readable, pixels = pixels_of(todo) if todo else ([], np.empty((0,)))
+    if readable:
+        row_of = {sha_of[i]: n for n, i in enumerate(readable)}
+        cache.store.fill(
+            list(row_of), lambda keys: classifier.features_pixels(pixels[[row_of[k] for k in keys]]), chunk=len(row_of)
+        )
+    unreadable = set(todo) - set(readable)
+    kept = [i for i in image_ids if i not in unreadable]
+    return kept, cache.ensure([sha_of[i] for i in kept], _never_computed)
+
+
+def _never_computed(keys: Sequence[str]) -> np.ndarray:
+    raise RuntimeError(f"feature rows for {len(keys)} images vanished from the cache while it was being read")

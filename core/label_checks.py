@@ -17,10 +17,12 @@ import numpy as np
 from sqlalchemy import Integer, func, select
 
 from core.db import Database
+from core.features import FeatureCache, image_shas
 from core.review import load_context
 from core.schema import ImageCheck, Label
 
 _INSERT_CHUNK = 2_000
+OUTLIER_PERCENTILE = 99
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,13 @@ class LabelCheck:
     l2: float
     seconds: float
 
+    @property
+    def outlier_threshold(self) -> float | None:
+        """Outlier score above which an image counts as unlike anything labelled: the labelled images' own 99th
+        percentile (one labelled image in a hundred is that far from its nearest labelled neighbours)."""
+        finite = self.outlier[np.isfinite(self.outlier)]
+        return float(np.percentile(finite, OUTLIER_PERCENTILE)) if len(finite) >= 20 else None
+
     def summary(self) -> dict[str, Any]:
         """What the version's metrics keep about its label check (JSON)."""
         return {
@@ -57,6 +66,7 @@ class LabelCheck:
             "flagged": int(self.issue.sum()),
             "folds": int(self.folds),
             "head_l2": float(self.l2),
+            "outlier_threshold": self.outlier_threshold,
             "seconds": round(float(self.seconds), 2),
         }
 
@@ -116,6 +126,67 @@ def store_label_checks(db: Database, version_id: int, check: LabelCheck) -> int:
     rows = _rows(version_id, check)
     insert_checks(db, rows)
     return len(rows)
+
+
+_REFERENCES: dict[tuple[str, int], np.ndarray] = {}  # (data dir, version id) -> its checked images' features
+_MAX_REFERENCES = 2
+
+
+def reference_features(db: Database, version_id: int, backbone_id: str, dim: int) -> np.ndarray:
+    """Features of the images a version's label check covered (its labelled images at training time): what outlier
+    scores measure distance to. Fixed per version, so kept in memory for the last two versions asked."""
+    key = (str(db.settings.data_dir), int(version_id))
+    if key in _REFERENCES:
+        return _REFERENCES[key]
+    with db.read() as session:
+        ids = list(
+            session.scalars(
+                select(ImageCheck.image_id).where(
+                    ImageCheck.model_version_id == version_id, ImageCheck.label_category_id.is_not(None)
+                )
+            )
+        )
+    store = FeatureCache(db.settings, backbone_id, dim).store
+    index = store.read_index()
+    shas = [sha for sha in image_shas(db, ids) if sha in index]
+    refs = np.asarray(store.gather(index, shas), dtype=np.float32) if shas else np.zeros((0, dim), np.float32)
+    if len(refs):  # an empty set may still be written by the job: look again next time
+        while len(_REFERENCES) >= _MAX_REFERENCES:
+            _REFERENCES.pop(next(iter(_REFERENCES)))
+        _REFERENCES[key] = refs
+    return refs
+
+
+def store_outlier_scores(
+    db: Database, version_id: int, image_ids: Sequence[int], features: np.ndarray, *, backbone_id: str
+) -> None:
+    """Outlier scores of newly predicted images against the version's checked (labelled) images; an image that has
+    a check row already (say, a labelled one, scored leave-one-out by the job) keeps it."""
+    from models.label_checks import outlier_scores
+
+    if not backbone_id or not len(image_ids):
+        return
+    refs = reference_features(db, version_id, backbone_id, int(features.shape[1]))
+    if not len(refs):
+        return
+    scores = outlier_scores(features, refs)
+    insert_checks(
+        db,
+        [
+            {**_EMPTY_CHECK, "image_id": int(i), "model_version_id": int(version_id), "outlier_score": _number(s)}
+            for i, s in zip(image_ids, scores, strict=True)
+        ],
+    )
+
+
+_EMPTY_CHECK: dict[str, Any] = {
+    "label_category_id": None,
+    "label_quality": None,
+    "label_issue": False,
+    "suggested_category_id": None,
+    "suggested_probability": None,
+    "probs": None,
+}
 
 
 def insert_checks(db: Database, rows: Sequence[dict[str, Any]]) -> None:

@@ -12,6 +12,8 @@ from sqlalchemy import exists, select
 
 from core.db import Database, in_chunks
 from core.errors import ImageRefused, NotFound
+from core.features import classifier_features
+from core.label_checks import store_outlier_scores
 from core.pixel_cache import PixelCache
 from core.schema import Image, Prediction
 from core.versions import (
@@ -145,10 +147,15 @@ def predict_images(
         meta = classifier.meta
         cache = PixelCache(db.settings, meta.image_size, meta.crop_pct, meta.interpolation)
         for start in range(0, len(missing), BATCH):
-            part, pixels = _readable_pixels(db, cache, missing[start : start + BATCH], unreadable)
+            part, features = classifier_features(
+                db,
+                classifier,
+                missing[start : start + BATCH],
+                lambda todo: _readable_pixels(db, cache, todo, unreadable),
+            )
             if not part:
                 continue
-            probs = np.asarray(classifier.predict_pixels(pixels, batch_size=64), dtype=np.float64)
+            probs = np.asarray(classifier.probs_from_features(features), dtype=np.float64)
             top, margin, entropy = _scores(probs)
             _insert_ignoring_duplicates(
                 db,
@@ -165,6 +172,7 @@ def predict_images(
                     for n, image_id in enumerate(part)
                 ],
             )
+            store_outlier_scores(db, version.id, part, features, backbone_id=classifier.meta.backbone_id)
         have = _stored(db, version.id, ids)
     names, merged = category_names(db), merged_targets(db)
     return {i: _view(have[i], version, names, top_k, merged) for i in ids if i in have}

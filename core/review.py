@@ -105,6 +105,7 @@ class ReviewItem:
     created_at: datetime | None = None
     suggestion: Suggestion | None = None
     outlier_score: float | None = None
+    unusual: bool = False  # unlike anything labelled so far (outlier score above the version's threshold)
 
     @property
     def suggests_change(self) -> bool:
@@ -138,6 +139,7 @@ class _Context:
     class_category_ids: list[int]
     merged: dict[int, int]  # archived-by-merge category id -> final live target
     names: dict[int, str]
+    outlier_threshold: float | None = None  # the version's label check: above it, unlike anything labelled
 
     def resolve(self, category_id: int) -> int:
         """Follow merges to the category an id stands for today."""
@@ -186,14 +188,16 @@ def load_context(session: Session, version_id: int | None) -> _Context:
     """Version classes (the given one, else the active one, else none), category names and merge targets."""
     if version_id is None:
         row = session.execute(
-            select(ModelVersion.id, ModelVersion.class_category_ids)
+            select(ModelVersion.id, ModelVersion.class_category_ids, ModelVersion.metrics)
             .where(ModelVersion.status == VersionStatus.ACTIVE)
             .order_by(ModelVersion.id.desc())
             .limit(1)
         ).first()
     else:
         row = session.execute(
-            select(ModelVersion.id, ModelVersion.class_category_ids).where(ModelVersion.id == int(version_id))
+            select(ModelVersion.id, ModelVersion.class_category_ids, ModelVersion.metrics).where(
+                ModelVersion.id == int(version_id)
+            )
         ).first()
         if row is None:
             raise NotFound(f"no model version {version_id}: see `models list` for the versions")
@@ -203,6 +207,7 @@ def load_context(session: Session, version_id: int | None) -> _Context:
         class_category_ids=[int(c) for c in row[1]] if row is not None else [],
         merged={int(i): int(t) for i, _, t in categories if t is not None},
         names={int(i): n for i, n, _ in categories},
+        outlier_threshold=((row[2] or {}).get("label_check") or {}).get("outlier_threshold") if row else None,
     )
 
 
@@ -409,6 +414,9 @@ def _item(ctx: _Context, data_dir: Path, r: Any, order: ReviewOrder) -> ReviewIt
         created_at=r.created_at,
         suggestion=suggestion,
         outlier_score=r.outlier_score,
+        unusual=ctx.outlier_threshold is not None
+        and r.outlier_score is not None
+        and r.outlier_score > ctx.outlier_threshold,
     )
 
 

@@ -121,6 +121,15 @@ class Classifier:
         logits = torch.from_numpy(self.logits_pixels(pixels, batch_size=batch_size))
         return torch.softmax(logits / self.temperature, dim=1).numpy()
 
+    def probs_from_features(self, features: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, C) from pooled backbone features (`features_pixels`): the classifier head
+        alone, so cached features give predictions without another pass through the backbone."""
+        head = self.model.get_classifier()
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
+            logits = head(x).float()
+            return torch.softmax(logits / self.temperature, dim=1).cpu().numpy()
+
     def features_pixels(self, pixels: PixelRows | torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         """Pooled backbone features (N, D) float32, the input of the classifier head (quick retraining reuses them)."""
         chunks: list[np.ndarray] = []

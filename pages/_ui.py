@@ -311,6 +311,8 @@ def image_card(db: Database, item: ReviewItem, categories: list[str], *, prefix:
         st.text(f"#{item.image_id} {item.original_name}")
         st.text(f"Label: {item.label or '(unlabelled)'}   [{item.split}]")
         st.text(prediction_text(item))
+        if item.unusual:
+            st.info("Unlike anything labelled so far: maybe a new category?", icon=":material/new_releases:")
         check = suggestion_text(item)
         if check is not None:
             st.warning(md_escape(check), icon=":material/report:")
