@@ -173,12 +173,18 @@ def outlier_scores(
 
 def nearest_neighbours(query: np.ndarray, references: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(reference rows, cosine similarities) of the k rows most like `query` (one feature vector), most similar
-    first."""
-    r = _unit_rows(references)
-    if len(r) == 0 or k < 1:
+    first. `references` may be a memory map: it is read `_CHUNK` rows at a time, never copied whole."""
+    q = _unit_rows(np.asarray(query).reshape(1, -1))[0]
+    k = min(int(k), len(references))
+    if k < 1:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
-    sims = r @ _unit_rows(np.asarray(query).reshape(1, -1))[0]
-    k = min(int(k), len(sims))
-    top = np.argpartition(-sims, k - 1)[:k]
-    order = top[np.argsort(-sims[top], kind="stable")]
-    return order.astype(np.int64), sims[order].astype(np.float64)
+    best_rows, best_sims = np.zeros(0, dtype=np.int64), np.zeros(0)
+    for start in range(0, len(references), _CHUNK * 4):
+        block = np.asarray(references[start : start + _CHUNK * 4], dtype=np.float32)
+        sims = (block @ q) / np.clip(np.linalg.norm(block, axis=1), 1e-12, None)
+        rows = np.concatenate([best_rows, np.arange(start, start + len(block))])
+        sims = np.concatenate([best_sims, sims.astype(np.float64)])
+        keep = np.argpartition(-sims, min(k, len(sims)) - 1)[:k]
+        best_rows, best_sims = rows[keep], sims[keep]
+    order = np.lexsort((best_rows, -best_sims))
+    return best_rows[order].astype(np.int64), best_sims[order]

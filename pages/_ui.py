@@ -12,11 +12,20 @@ import streamlit as st
 from core.db import Database, open_database
 from core.errors import NotFound, ProdcatError
 from core.jobs import fail_stale_jobs
-from core.labels import LabelChange, SeenPrediction, audit_trail, list_categories, set_label, undo_last_change
+from core.labels import (
+    LabelChange,
+    SeenPrediction,
+    audit_trail,
+    bulk_relabel,
+    list_categories,
+    set_label,
+    undo_last_change,
+)
 from core.overview import Overview, error_headline, home_overview, job_progress
 from core.review import ReviewItem
 from core.schema import JobStatus
 from core.settings import get_settings
+from core.similar import similar_images
 
 ACTOR_KEY = "actor"
 FLASH_KEY = "_flash"
@@ -293,6 +302,35 @@ def show_audit(db: Database, image_id: int, name: str) -> None:
     )
 
 
+@st.dialog("Similar images", width="large")
+def show_similar(db: Database, item: ReviewItem, categories: list[str]) -> None:
+    """The photos most like this one to the active model, to relabel a whole cluster of one mistake at once."""
+    ok, found = attempt(similar_images, db, item.image_id)
+    if not ok:
+        return
+    if not found:
+        st.text("Nothing to compare with yet: similar images need a trained model (retrain once).")
+        return
+    st.text(f"The {len(found)} photos most like #{item.image_id} {item.original_name}, to the active model")
+    chosen = [item.image_id] if st.checkbox(f"Include #{item.image_id} itself", value=True, key="sim_self") else []
+    columns = st.columns(4)
+    for n, near in enumerate(found):
+        with columns[n % 4]:
+            st.image(str(near.item.thumb_path), width="stretch")
+            st.text(f"#{near.item.image_id} {near.item.original_name}")
+            st.text(f"Label: {near.item.label or '(unlabelled)'}  ({near.similarity:.0%} alike)")
+            if st.checkbox("Select", value=True, key=f"sim_{item.image_id}_{near.item.image_id}"):
+                chosen.append(near.item.image_id)
+    target = st.selectbox("Relabel the selected photos as", categories, index=None, format_func=md_escape)
+    if st.button(f"Relabel {len(chosen)} selected", disabled=not chosen or target is None, type="primary"):
+        shown = seen_predictions([item, *(near.item for near in found)])
+        ok, changes = attempt(bulk_relabel, db, chosen, target, actor=actor(), seen_predictions=shown)
+        if ok:
+            remember_changes(changes)
+            flash("success", f"{len(changes)} similar photos relabelled {target}")
+            st.rerun()
+
+
 def prediction_text(item: ReviewItem) -> str:
     """`Predicted: Shoes (93%)` or that there is none."""
     if item.predicted is None:
@@ -355,8 +393,10 @@ def image_card(db: Database, item: ReviewItem, categories: list[str], *, prefix:
             args=(db, item, key),
             label_visibility="collapsed",
         )
-        left, right = st.columns(2)
+        left, middle, right = st.columns(3)
         selected = left.checkbox("Select", key=_selection_key(prefix, item.image_id))
+        if middle.button("Similar", key=f"{prefix}_similar_{item.image_id}", disabled=item.model_version_id is None):
+            show_similar(db, item, categories)
         if right.button("History", key=f"{prefix}_hist_{item.image_id}"):
             show_audit(db, item.image_id, item.original_name)
     return bool(selected)

@@ -1,0 +1,69 @@
+"""Similar images: the nearest neighbours of one image in the active model's feature space (brute force over the
+feature cache, read in chunks from its memory map; fine on a CPU up to ~100k images)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from core.db import Database, in_chunks
+from core.errors import NotFound
+from core.features import FeatureCache, classifier_features, image_shas
+from core.pixel_cache import PixelCache
+from core.review import ReviewItem, review_items
+from core.schema import Image
+from core.versions import load_classifier
+
+DEFAULT_NEIGHBOURS = 12
+
+
+@dataclass(frozen=True)
+class Similar:
+    """One neighbour: its review card and its cosine similarity to the image asked about (1 = the same features)."""
+
+    item: ReviewItem
+    similarity: float
+
+
+def _image_ids_of(db: Database, shas: list[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    with db.read() as session:
+        for part in in_chunks(shas):
+            found.update(
+                {
+                    sha: int(i)
+                    for i, sha in session.execute(select(Image.id, Image.sha256).where(Image.sha256.in_(part)))
+                }
+            )
+    return found
+
+
+def similar_images(db: Database, image_id: int, *, k: int = DEFAULT_NEIGHBOURS) -> list[Similar]:
+    """The k catalogue images most like this one to the active model (itself left out), most similar first.
+
+    Only images the active model has features for take part: after a retrain that is every image (predictions are
+    made from them). Raises NotFound for an unknown image or when there is no active model.
+    """
+    from models.label_checks import nearest_neighbours
+
+    try:
+        own = image_shas(db, [int(image_id)])[0]
+    except KeyError:
+        raise NotFound(f"no image with id {image_id}") from None
+    classifier, version = load_classifier(db)
+    meta = classifier.meta
+    pixels = PixelCache(db.settings, meta.image_size, meta.crop_pct, meta.interpolation)
+    _, query = classifier_features(db, classifier, [int(image_id)], lambda ids: (ids, pixels.ensure(db, ids)))
+    cache = FeatureCache(db.settings, meta.backbone_id, int(classifier.model.num_features)).store
+    index = cache.read_index()
+    if not meta.backbone_id or not index:
+        return []
+    keys = sorted(index, key=index.__getitem__)  # row order
+    rows, sims = nearest_neighbours(query[0], cache.view(len(index)), k=k + 1)
+    ids_of = _image_ids_of(db, [keys[r] for r in rows])
+    chosen = [
+        (ids_of[keys[r]], float(s)) for r, s in zip(rows, sims, strict=True) if keys[r] in ids_of and keys[r] != own
+    ]
+    cards = {item.image_id: item for item in review_items(db, [i for i, _ in chosen[:k]], version_id=version.id)}
+    return [Similar(cards[i], s) for i, s in chosen[:k] if i in cards]
