@@ -38,8 +38,8 @@ from core.review import LabelState, ReviewOrder, load_context
 from core.schema import Category, Image, Label, LabelEvent, ModelVersion, Prediction, Split, VersionStatus
 from core.stats import catalogue_stats
 from core.versions import VersionView
+from models.metrics import ECE_BINS, calibration_bins, calibration_error
 
-DEFAULT_BINS = 10
 DEFAULT_DAYS = 90
 
 
@@ -425,39 +425,30 @@ class CalibrationData:
     n_images: int = field(default=0)
 
 
-def reliability_bins(confidence: np.ndarray, correct: np.ndarray, *, n_bins: int = DEFAULT_BINS) -> pd.DataFrame:
-    """Equal-width confidence bins over [0, 1]: count, mean confidence, accuracy (NaN in empty bins)."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # Right-closed bins as in the usual ECE definition; confidence 0 falls in the first bin.
-    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
-    count = np.bincount(which, minlength=n_bins)
-    conf_sum = np.bincount(which, weights=confidence, minlength=n_bins)
-    right_sum = np.bincount(which, weights=correct.astype(np.float64), minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = np.where(count > 0, conf_sum / count, np.nan)
-        accuracy = np.where(count > 0, right_sum / count, np.nan)
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, *, n_bins: int = ECE_BINS) -> pd.DataFrame:
+    """models.metrics.calibration_bins as a frame: count, mean confidence, accuracy (NaN in empty bins)."""
+    bins = pd.DataFrame(calibration_bins(confidence, correct, n_bins=n_bins))
+    empty = bins["count"] == 0
     return pd.DataFrame(
-        {"bin_lower": edges[:-1], "bin_upper": edges[1:], "count": count, "mean_confidence": mean_conf,
-         "accuracy": accuracy}
-    )  # fmt: skip
+        {
+            "bin_lower": bins["lo"],
+            "bin_upper": bins["hi"],
+            "count": bins["count"],
+            "mean_confidence": bins["confidence"].mask(empty),
+            "accuracy": bins["accuracy"].mask(empty),
+        }
+    )
 
 
-def ece_from_bins(bins: pd.DataFrame) -> float | None:
-    """Expected calibration error: the count-weighted mean |accuracy - confidence| over the bins."""
-    total = int(bins["count"].sum())
-    if total == 0:
-        return None
-    used = bins[bins["count"] > 0]
-    return float((used["count"] * (used["accuracy"] - used["mean_confidence"]).abs()).sum() / total)
-
-
-def calibration_data(ev: Evaluation | None, *, n_bins: int = DEFAULT_BINS) -> CalibrationData | None:
-    """Reliability bins and ECE of an evaluation; None when there is no version or no labelled test image."""
+def calibration_data(ev: Evaluation | None, *, n_bins: int = ECE_BINS) -> CalibrationData | None:
+    """Reliability bins and ECE of an evaluation (the same bins and definition as the ECE stored with a version:
+    models.metrics); None when there is no version or no labelled test image."""
     if ev is None or ev.n_images == 0:
         return None
     correct = ev.y_true == ev.y_pred
     bins = reliability_bins(ev.confidence, correct, n_bins=n_bins)
-    return CalibrationData(ev.version_id, ev.confidence, correct, bins, ece_from_bins(bins), ev.n_images)
+    ece = calibration_error(ev.confidence, correct, n_bins=n_bins)
+    return CalibrationData(ev.version_id, ev.confidence, correct, bins, ece, ev.n_images)
 
 
 def confidence_histogram_figure(data: CalibrationData) -> go.Figure:

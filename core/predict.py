@@ -17,12 +17,11 @@ from core.label_checks import store_outlier_scores
 from core.pixel_cache import PixelCache
 from core.schema import Image, Prediction
 from core.versions import (
-    VersionView,
+    ClassGroups,
+    Merges,
     active_version,
     category_names,
     load_classifier,
-    merged_targets,
-    resolve_category,
 )
 
 # progress(done, total)
@@ -66,32 +65,23 @@ class FilePrediction:
     model_version_id: int | None = None
 
 
-def _ranked(
-    probs: Sequence[float], category_ids: Sequence[int], names: dict[int, str], k: int, merged: dict[int, int]
-) -> list[TopK]:
+def _ranked(probs: Sequence[float], classes: ClassGroups, names: dict[int, str], k: int) -> list[TopK]:
     """The k most likely categories. A class whose category was merged since training counts as the category it
     was merged into (probabilities added), so 'Sneakers' merged into 'Shoes' is never shown on its own."""
-    totals: dict[int, float] = {}
-    for category_id, p in zip(category_ids, probs, strict=True):
-        target = resolve_category(int(category_id), merged)
-        totals[target] = totals.get(target, 0.0) + float(p)
-    ordered = sorted(totals.items(), key=lambda item: -item[1])[: max(int(k), 1)]  # stable: class order on ties
-    return [TopK(category_id, names.get(category_id, "?"), p) for category_id, p in ordered]
+    totals = classes.group_probs(np.asarray(probs))[0]
+    order = np.argsort(-totals, kind="stable")[: max(int(k), 1)]  # stable: class order on ties
+    return [TopK(classes.groups[j], names.get(classes.groups[j], "?"), float(totals[j])) for j in order]
 
 
 def _scores(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(top index, margin top1-top2, entropy in nats) per row."""
-    top = probs.argmax(axis=1)
-    ordered = np.sort(probs, axis=1)
-    margin = ordered[:, -1] - (ordered[:, -2] if probs.shape[1] > 1 else 0.0)
-    entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1)
-    return top, margin, entropy
+    """(top index, margin top1-top2, entropy in nats) per row: models.metrics' definitions."""
+    from models.metrics import entropy_scores, margin_scores
+
+    return probs.argmax(axis=1), margin_scores(probs), entropy_scores(probs)
 
 
-def _view(
-    row: dict[str, Any], version: VersionView, names: dict[int, str], k: int, merged: dict[int, int]
-) -> PredictionView:
-    top_k = _ranked(row["probs"], version.class_category_ids, names, k, merged)
+def _view(row: dict[str, Any], classes: ClassGroups, names: dict[int, str], k: int) -> PredictionView:
+    top_k = _ranked(row["probs"], classes, names, k)
     return PredictionView(
         image_id=row["image_id"],
         model_version_id=row["model_version_id"],
@@ -174,8 +164,8 @@ def predict_images(
             )
             store_outlier_scores(db, version.id, part, features, backbone_id=classifier.meta.backbone_id)
         have = _stored(db, version.id, ids)
-    names, merged = category_names(db), merged_targets(db)
-    return {i: _view(have[i], version, names, top_k, merged) for i in ids if i in have}
+    names, classes = category_names(db), Merges.load(db).classes(version.class_category_ids)
+    return {i: _view(have[i], classes, names, top_k) for i in ids if i in have}
 
 
 def _readable_pixels(
@@ -280,7 +270,7 @@ def predict_uploads(db: Database, uploads: Iterable[Any], *, top_k: int = 3) -> 
     A file that is not an acceptable image gets its `error`; the others are still predicted.
     """
     classifier, version = load_classifier(db)
-    names, merged = category_names(db), merged_targets(db)
+    names, classes = category_names(db), Merges.load(db).classes(version.class_category_ids)
     results: list[FilePrediction | None] = []
     good: list[tuple[int, str, np.ndarray]] = []
 
@@ -290,7 +280,7 @@ def predict_uploads(db: Database, uploads: Iterable[Any], *, top_k: int = 3) -> 
             return
         probs = np.asarray(classifier.predict_pixels(np.stack([p for _, _, p in good]), batch_size=64), np.float64)
         for (slot, name, _), row in zip(good, probs, strict=True):
-            ranked = _ranked(row, version.class_category_ids, names, top_k, merged)
+            ranked = _ranked(row, classes, names, top_k)
             results[slot] = FilePrediction(
                 name=name,
                 category=ranked[0].category,

@@ -41,6 +41,7 @@ from core.db import Database
 from core.errors import NotFound, ProdcatError
 from core.labels import resolve_category
 from core.schema import Category, Image, ImageCheck, Label, ModelVersion, Prediction, Split, VersionStatus
+from core.versions import ClassGroups, Merges
 
 MAX_PAGE_SIZE = 500
 OUT_OF_SAMPLE_SPLITS: tuple[str, ...] = (Split.VAL.value, Split.TEST.value)
@@ -133,41 +134,33 @@ class ReviewPage:
 
 @dataclass(frozen=True)
 class _Context:
-    """The version the queue is about and the category bookkeeping needed to read its predictions."""
+    """The version the queue is about, its classes as today's categories, and category names."""
 
     version_id: int | None
-    class_category_ids: list[int]
-    merged: dict[int, int]  # archived-by-merge category id -> final live target
+    classes: ClassGroups
     names: dict[int, str]
     outlier_threshold: float | None = None  # the version's label check: above it, unlike anything labelled
 
     def resolve(self, category_id: int) -> int:
         """Follow merges to the category an id stands for today."""
-        seen: set[int] = set()
-        while category_id in self.merged and category_id not in seen:
-            seen.add(category_id)
-            category_id = self.merged[category_id]
-        return category_id
+        return self.classes.merges.resolve(category_id)
 
     @property
     def groups(self) -> list[int]:
         """Distinct current categories of the version's classes, in class order (merged classes share one)."""
-        return list(dict.fromkeys(self.resolve(c) for c in self.class_category_ids))
-
-    def class_to_group(self) -> np.ndarray:
-        groups = self.groups
-        return np.array([groups.index(self.resolve(c)) for c in self.class_category_ids], dtype=np.int64)
+        return self.classes.groups
 
     def predicted_expr(self) -> ColumnElement[Any]:
         """Prediction.category_id with merged classes mapped onto their target (in SQL)."""
-        remap = {c: self.resolve(c) for c in self.class_category_ids if self.resolve(c) != c}
+        ids = self.classes.class_category_ids
+        remap = {c: self.resolve(c) for c in ids if self.resolve(c) != c}
         if not remap:
             return Prediction.category_id
         return case(remap, value=Prediction.category_id, else_=Prediction.category_id)
 
     def sources_of(self, category_id: int) -> list[int]:
         """The class category ids a prediction can carry that mean `category_id` today."""
-        return [c for c in self.class_category_ids if self.resolve(c) == category_id]
+        return self.classes.sources_of(category_id)
 
 
 def _enum(kind: type[enum.StrEnum], value: Any, what: str) -> Any:
@@ -202,10 +195,10 @@ def load_context(session: Session, version_id: int | None) -> _Context:
         if row is None:
             raise NotFound(f"no model version {version_id}: see `models list` for the versions")
     categories = session.execute(select(Category.id, Category.name, Category.merged_into_id)).all()
+    merges = Merges({int(i): int(t) for i, _, t in categories if t is not None})
     return _Context(
         version_id=int(row[0]) if row is not None else None,
-        class_category_ids=[int(c) for c in row[1]] if row is not None else [],
-        merged={int(i): int(t) for i, _, t in categories if t is not None},
+        classes=merges.classes(row[1] if row is not None else []),
         names={int(i): n for i, n, _ in categories},
         outlier_threshold=((row[2] or {}).get("label_check") or {}).get("outlier_threshold") if row else None,
     )
@@ -364,10 +357,9 @@ _ITEM_COLUMNS = (
 def _top3(ctx: _Context, probs: list[float] | None) -> list[tuple[str, float]]:
     """The three likeliest categories today (merged classes add their probabilities up)."""
     groups = ctx.groups
-    if probs is None or not groups or len(probs) != len(ctx.class_category_ids):
+    if probs is None or not groups or len(probs) != len(ctx.classes.class_category_ids):
         return []
-    summed = np.zeros(len(groups))
-    np.add.at(summed, ctx.class_to_group(), np.asarray(probs, dtype=np.float64))
+    summed = ctx.classes.group_probs(np.asarray(probs))[0]
     return [(ctx.names.get(groups[j], "?"), float(summed[j])) for j in np.argsort(-summed, kind="stable")[:3]]
 
 

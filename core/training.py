@@ -33,6 +33,7 @@ from core.pixel_cache import CachedRows, PixelCache
 from core.schema import Category, Image, Label, LabelEvent, ModelVersion, Split, TrainingJob, VersionStatus
 from core.settings import Settings
 from core.versions import (
+    Merges,
     activate_version,
     active_version,
     checkpoint_path,
@@ -40,9 +41,7 @@ from core.versions import (
     get_version,
     hash_test_set,
     labelled_images,
-    merged_targets,
     metrics_for,
-    resolve_category,
 )
 from models.modes import TrainMode
 
@@ -507,13 +506,13 @@ def _refresh_predictions(db: Database, version_id: int, *, on_progress: Progress
         log.warning("no prediction of v%s for %s", version_id, refusal)
 
 
-def _head_row_names(class_category_ids: Sequence[int], merged: dict[int, int]) -> list[str]:
+def _head_row_names(class_category_ids: Sequence[int], merges: Merges) -> list[str]:
     """Names matching the parent's head rows to today's categories (by id): a class merged since then answers to
     the category it went into, unless that category has its own row already (which keeps it)."""
     own = {int(c) for c in class_category_ids}
     names: list[str] = []
     for c in class_category_ids:
-        target = resolve_category(int(c), merged)
+        target = merges.resolve(int(c))
         taken = target != int(c) and (target in own or str(target) in names)
         names.append(f"merged:{c}" if taken else str(target))
     return names
@@ -538,7 +537,7 @@ def _starting_network(
             model, _ = load_checkpoint(checkpoint_path(db, parent), device="cpu")
             if list(parent.class_category_ids) != class_ids:
                 # Rows follow categories by id, so a renamed category keeps its learned row; new ones start fresh.
-                old_rows = _head_row_names(parent.class_category_ids, merged_targets(db))
+                old_rows = _head_row_names(parent.class_category_ids, Merges.load(db))
                 resize_head(model, old_rows, [str(c) for c in class_ids], seed=config.seed)
                 notes.append(f"head resized from {len(parent.class_category_ids)} to {len(class_ids)} classes")
             notes.append(f"started from v{parent.id}")

@@ -22,42 +22,63 @@ def _check(probs: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, 
     return probs, y
 
 
-def reliability_bins(probs: np.ndarray, y: np.ndarray, *, n_bins: int = 15) -> list[dict[str, float]]:
-    """Equal-width confidence bins: per bin {lo, hi, count, accuracy, confidence} (empty bins have 0s)."""
+ECE_BINS = 15  # equal-width confidence bins of every calibration figure: the stored ECE and the dashboard's chart
+
+
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray, *, n_bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """Equal-width bins of top-label confidence: per bin {lo, hi, count, accuracy, confidence} (empty bins have 0s).
+
+    Bin i holds (lo, hi]; confidence 0 goes to the first bin.
+    """
+    confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    correct = np.asarray(correct, dtype=np.float64).reshape(-1)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    right = np.bincount(index, weights=correct, minlength=n_bins)
+    conf = np.bincount(index, weights=confidence, minlength=n_bins)
+    safe = np.maximum(count, 1)
+    return [
+        {
+            "lo": float(edges[i]),
+            "hi": float(edges[i + 1]),
+            "count": int(count[i]),
+            "accuracy": float(right[i] / safe[i]) if count[i] else 0.0,
+            "confidence": float(conf[i] / safe[i]) if count[i] else 0.0,
+        }
+        for i in range(n_bins)
+    ]
+
+
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, *, n_bins: int = ECE_BINS) -> float | None:
+    """ECE: the count-weighted mean |accuracy - confidence| over equal-width confidence bins (None for no data)."""
+    bins = calibration_bins(confidence, correct, n_bins=n_bins)
+    total = sum(b["count"] for b in bins)
+    if total == 0:
+        return None
+    return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / total)
+
+
+def reliability_bins(probs: np.ndarray, y: np.ndarray, *, n_bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """`calibration_bins` of probability rows (N, C) against true class indices."""
     probs, y = _check(probs, y)
     assert y is not None
     confidence = probs.max(axis=1) if probs.size else np.zeros(0)
     correct = (probs.argmax(axis=1) == y) if probs.size else np.zeros(0, dtype=bool)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # Bin i holds (lo, hi]; confidence 0 goes to the first bin.
-    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
-    bins = []
-    for i in range(n_bins):
-        mask = index == i
-        count = int(mask.sum())
-        bins.append(
-            {
-                "lo": float(edges[i]),
-                "hi": float(edges[i + 1]),
-                "count": count,
-                "accuracy": float(correct[mask].mean()) if count else 0.0,
-                "confidence": float(confidence[mask].mean()) if count else 0.0,
-            }
-        )
-    return bins
+    return calibration_bins(confidence, correct, n_bins=n_bins)
 
 
-def expected_calibration_error(probs: np.ndarray, y: np.ndarray, *, n_bins: int = 15) -> float:
-    """ECE: the count-weighted mean |accuracy - confidence| over equal-width confidence bins (0 for no data)."""
-    bins = reliability_bins(probs, y, n_bins=n_bins)
-    total = sum(b["count"] for b in bins)
-    if total == 0:
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, *, n_bins: int = ECE_BINS) -> float:
+    """`calibration_error` of probability rows against true class indices (0 for no data)."""
+    probs, y = _check(probs, y)
+    assert y is not None
+    if y.size == 0:
         return 0.0
-    return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / total)
+    return float(calibration_error(probs.max(axis=1), probs.argmax(axis=1) == y, n_bins=n_bins) or 0.0)
 
 
 def classification_metrics(
-    y_true: np.ndarray, probs: np.ndarray, class_names: list[str], *, n_bins: int = 15
+    y_true: np.ndarray, probs: np.ndarray, class_names: list[str], *, n_bins: int = ECE_BINS
 ) -> dict[str, Any]:
     """JSON-serialisable evaluation of `probs` (N, C) against true class indices.
 

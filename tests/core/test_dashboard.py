@@ -25,6 +25,7 @@ from core.db import Database
 from core.labels import SeenPrediction, set_label
 from core.review import ReviewOrder, review_queue
 from core.versions import list_versions
+from models.metrics import ECE_BINS
 from tests.core.factories import FakeImage, Populated, build, populate
 
 # Test split: Shoes->Shoes (0.9), Shoes->Bags (0.9), Hats->Hats (0.6), Bags->Bags (0.7); plus images that must
@@ -102,7 +103,9 @@ def test_calibration_bins_and_ece(db: Database, cat: Populated) -> None:
     board = dashboard(db)
     cal = board.calibration
     assert cal is not None and cal.n_images == 4
-    # Confidences 0.9 (right), 0.9 (wrong), 0.6 (right), 0.7 (right) in bins (0.8,0.9], (0.5,0.6], (0.6,0.7].
+    # The same 15 bins as the ECE stored with every version (models.metrics): one page, one calibration error.
+    assert len(cal.bins) == ECE_BINS == 15
+    # Confidences 0.9 (right), 0.9 (wrong), 0.6 (right), 0.7 (right) in bins (13/15,14/15], (8/15,9/15], (10/15,11/15].
     used = cal.bins[cal.bins["count"] > 0]
     assert used["count"].tolist() == [1, 1, 2]
     assert used["accuracy"].tolist() == [1.0, 1.0, 0.5]

@@ -12,7 +12,7 @@ from core.jobs import JobParams, ProgressReport, TrainMode, get_job
 from core.pixel_cache import CachedRows, PixelCache
 from core.schema import ModelVersion, Prediction
 from core.training import _promote, run_training, training_plan
-from core.versions import active_version, get_version, labelled_images
+from core.versions import Merges, active_version, get_version, labelled_images
 from tests.core.training_helpers import add_job, dataset, save_random_version, store_images
 
 CLASSES = ["Shoes", "Bags", "Hats"]
@@ -318,9 +318,9 @@ def test_a_class_merged_since_the_parent_keeps_its_learned_row_under_the_categor
     shoes, sneakers, hats = parent.class_category_ids
     boots = add_category(db, "Boots", actor="ann").id
     merge_categories(db, "Sneakers", "Boots", actor="ann")  # Boots is new to the model: it inherits Sneakers' row
-    assert _head_row_names([shoes, sneakers, hats], {sneakers: boots}) == [str(shoes), str(boots), str(hats)]
+    assert _head_row_names([shoes, sneakers, hats], Merges({sneakers: boots})) == [str(shoes), str(boots), str(hats)]
     # Merged into a category the model already has a row for: that row stays the category's own.
-    assert _head_row_names([shoes, sneakers], {sneakers: shoes}) == [str(shoes), f"merged:{sneakers}"]
+    assert _head_row_names([shoes, sneakers], Merges({sneakers: shoes})) == [str(shoes), f"merged:{sneakers}"]
 
     config = build_train_config(db.settings, JobParams(TrainMode.QUICK, {"image_size": 32}))
     lineage = plan_lineage(db.settings, parent=parent, image_size=32)
