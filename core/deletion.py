@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
 
 from core.db import Database
 from core.errors import NotFound, ProdcatError
@@ -30,6 +31,7 @@ def delete_images(db: Database, image_ids: Sequence[int], *, actor: str, reason:
     """Delete these images in one transaction with an `image_events` row each ("delete", actor, reason and the
     label it had), then remove their stored original and thumbnail. Unknown ids are refused before anything
     changes. Files still named by another row are kept (one row per sha256 today, but test factories share files).
+    Near-duplicate groups they leave are kept right (`_regroup`).
     """
     actor = clean_actor(actor)
     ids = list(dict.fromkeys(int(i) for i in image_ids))
@@ -47,7 +49,9 @@ def delete_images(db: Database, image_ids: Sequence[int], *, actor: str, reason:
         events = [_event(image, label, actor, reason) for image, label in rows]
         session.add_all(events)
         paths = [(image.stored_path, image.thumb_path) for image, _ in rows]
+        groups = [image.duplicate_group_id for image, _ in rows if image.duplicate_group_id is not None]
         session.execute(delete(Image).where(Image.id.in_(ids)))  # labels, events, predictions cascade
+        _regroup(session, groups)
         session.flush()
         deleted = [
             (image.id, image.original_name, image.sha256, label, event.id)
@@ -55,6 +59,19 @@ def delete_images(db: Database, image_ids: Sequence[int], *, actor: str, reason:
         ]
     removed = [_remove_files(db, stored, thumb) for stored, thumb in paths]
     return [DeletedImage(*d, files_removed=n) for d, n in zip(deleted, removed, strict=True)]
+
+
+def _regroup(session: Session, group_ids: Sequence[int]) -> None:
+    """Keep the stored near-duplicate groups right after deleting some of their images: a group left with one
+    image is no group (its id cleared); one that lost its earliest image takes the next earliest's id."""
+    for group_id in sorted(set(group_ids)):
+        left = sorted(session.scalars(select(Image.id).where(Image.duplicate_group_id == group_id)))
+        if len(left) == 1:
+            session.execute(update(Image).where(Image.id == left[0]).values(duplicate_group_id=None))
+        elif left and left[0] != group_id:
+            session.execute(
+                update(Image).where(Image.duplicate_group_id == group_id).values(duplicate_group_id=left[0])
+            )
 
 
 def _event(image: Image, label: str | None, actor: str, reason: str) -> ImageEvent:

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import Subquery, case, func, select, update
+from sqlalchemy.orm import Session
 
 from core.db import Database, in_chunks
 from core.deletion import DeletedImage, delete_images
@@ -91,6 +92,18 @@ def group_labels(hashes: HashArrays, *, rule: MatchRule = DEFAULT_RULE) -> np.nd
     return np.array([root(i) for i in range(len(hashes))], dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class IndexMatch:
+    """The stored near-duplicates of a new image (ids ascending) and the split of the earliest, which it joins."""
+
+    image_ids: tuple[int, ...]
+    split: str
+
+    @property
+    def earliest(self) -> int:
+        return self.image_ids[0]
+
+
 class HashIndex:
     """The stored hashes an import batch matches against: loaded once, appended to as rows are inserted."""
 
@@ -108,15 +121,15 @@ class HashIndex:
     def __len__(self) -> int:
         return self._size
 
-    def earliest_match(self, query: ContentHashes) -> tuple[int, str] | None:
-        """(image id, split) of the earliest stored near-duplicate of `query`, or None."""
+    def matches(self, query: ContentHashes) -> IndexMatch | None:
+        """Every stored near-duplicate of `query` and the earliest one's split, or None."""
         n = self._size
         view = HashArrays(self._ids[:n], *(c[:n] for c in self._columns))
         found = np.flatnonzero(match_mask(view, query, rule=self.rule))
         if found.size == 0:
             return None
         first = int(found[np.argmin(view.ids[found])])
-        return int(view.ids[first]), self._splits[first]
+        return IndexMatch(tuple(sorted(int(i) for i in view.ids[found])), self._splits[first])
 
     def add(self, image_id: int, query: ContentHashes, split: str) -> None:
         """Remember a newly inserted image, so later files of the same batch match it too."""
@@ -152,10 +165,13 @@ class BackfillResult:
 
 def backfill_hashes(db: Database, *, batch: int = 500) -> BackfillResult:
     """Content hashes for images imported before they existed, from their stored originals (decoded as ingest
-    decodes them). Only the hash columns are written: an image's split never changes here."""
+    decodes them). Only the hash columns are written: an image's split never changes here. Images already checked
+    without hashes (plain pictures, whose content has no structure to hash) are not decoded again."""
     with db.read() as session:
         todo = session.execute(
-            select(Image.id, Image.stored_path, Image.thumb_path).where(Image.box_phash.is_(None)).order_by(Image.id)
+            select(Image.id, Image.stored_path, Image.thumb_path)
+            .where(Image.box_phash.is_(None), Image.duplicates_checked.is_(False))  # a checked one is a plain picture
+            .order_by(Image.id)
         ).all()
     hashed, unreadable = 0, []
     for chunk in in_chunks(todo, batch):
@@ -183,7 +199,85 @@ def _write_hashes(db: Database, values: Sequence[tuple[int, ContentHashes]]) -> 
             )
 
 
+# --- stored groups -------------------------------------------------------------------------------------------------
+
+
+def join_group(session: Session, matched_ids: Sequence[int]) -> int | None:
+    """The group id for a new image that matches these stored images, inside the write transaction that inserts it.
+
+    The group is the union of the matched images and every group they belong to; its id is the earliest image's id
+    (so a new image bridging two groups merges them into the older id). Matched images in no group yet join it, and
+    the members of any other group are re-pointed. None when every matched image has been deleted meanwhile.
+    """
+    found: list[tuple[int, int | None]] = []
+    for chunk in in_chunks(list(matched_ids)):
+        found += [
+            (r[0], r[1]) for r in session.execute(select(Image.id, Image.duplicate_group_id).where(Image.id.in_(chunk)))
+        ]
+    if not found:
+        return None
+    group_id = min(g if g is not None else i for i, g in found)
+    loners = [i for i, g in found if g is None]
+    others = sorted({g for _, g in found if g is not None and g != group_id})
+    for chunk in in_chunks(loners):
+        session.execute(update(Image).where(Image.id.in_(chunk)).values(duplicate_group_id=group_id))
+    for chunk in in_chunks(others):
+        session.execute(update(Image).where(Image.duplicate_group_id.in_(chunk)).values(duplicate_group_id=group_id))
+    return group_id
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What `scan_duplicates` did: hashes filled, originals it could not read, and the groups it stored."""
+
+    hashed: int
+    unreadable: list[tuple[int, str]]
+    images_compared: int
+    counts: DuplicateCounts
+
+
+def scan_duplicates(db: Database, *, rule: MatchRule = DEFAULT_RULE) -> ScanResult:
+    """Fill missing content hashes (`backfill_hashes`), then group the whole catalogue by comparing every pair and
+    store each image's group id: the one all-pairs computation (about a second at 10k images, minutes at 100k),
+    for databases from before the stored groups and after changing the match rule. Splits are never changed.
+
+    Images imported while it runs (ids above the last one read) keep the group ingest gave them.
+    """
+    filled = backfill_hashes(db)
+    with db.read() as session:
+        last_id = session.scalar(select(func.max(Image.id))) or 0
+        rows = session.execute(
+            select(Image.id, Image.box_dhash_h, Image.box_dhash_v, Image.box_phash)
+            .where(Image.box_phash.is_not(None), Image.id <= last_id)
+            .order_by(Image.id)
+        ).all()
+    hashes = HashArrays.from_rows([(r[0], r[1], r[2], r[3]) for r in rows])
+    labels = group_labels(hashes, rule=rule)
+    sizes = np.bincount(labels, minlength=len(labels))
+    grouped = np.flatnonzero(sizes[labels] > 1)
+    assignments = [{"id": int(hashes.ids[i]), "duplicate_group_id": int(hashes.ids[labels[i]])} for i in grouped]
+    unreadable_ids = [image_id for image_id, _ in filled.unreadable]
+    with db.write() as session:
+        session.execute(
+            update(Image).where(Image.id <= last_id).values(duplicate_group_id=None, duplicates_checked=True)
+        )
+        for chunk in in_chunks(unreadable_ids):
+            session.execute(update(Image).where(Image.id.in_(chunk)).values(duplicates_checked=False))
+        if assignments:
+            session.execute(update(Image), assignments)  # ORM bulk UPDATE by primary key (executemany)
+    return ScanResult(filled.hashed, filled.unreadable, len(hashes), duplicate_counts(db))
+
+
 # --- groups for people --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DuplicateCounts:
+    """How many near-duplicate groups the catalogue holds, how many images are in them, how many span splits."""
+
+    groups: int
+    images: int
+    straddling: int
 
 
 @dataclass(frozen=True)
@@ -219,56 +313,90 @@ class DuplicateGroup:
 
 @dataclass(frozen=True)
 class DuplicateReport:
-    """All groups of two or more images, and how many images were compared."""
+    """One page of the stored groups (groups spanning splits first, then the biggest, then the newest), the
+    catalogue's counts, and how many images have not been checked yet (`duplicates scan` checks them)."""
 
     groups: list[DuplicateGroup]
-    images_compared: int
-    images_without_hashes: int
+    counts: DuplicateCounts
+    unchecked: int
+    page: int
+    page_size: int
 
     @property
-    def straddling(self) -> list[DuplicateGroup]:
-        return [g for g in self.groups if g.straddles_splits]
+    def pages(self) -> int:
+        return max(1, -(-self.counts.groups // self.page_size))
 
 
-def duplicate_groups(db: Database, *, rule: MatchRule = DEFAULT_RULE) -> DuplicateReport:
-    """Every group of near-duplicates in the catalogue, oldest group first, members oldest first."""
+def _group_stats() -> Subquery:
+    """One row per stored group: its id, size, whether it spans splits and its newest image (an index-only scan)."""
+    return (
+        select(
+            Image.duplicate_group_id.label("group_id"),
+            func.count().label("size"),
+            case((func.count(Image.split.distinct()) > 1, 1), else_=0).label("straddles"),
+            func.max(Image.id).label("newest"),
+        )
+        .where(Image.duplicate_group_id.is_not(None))
+        .group_by(Image.duplicate_group_id)
+        .subquery()
+    )
+
+
+def duplicate_counts(db: Database) -> DuplicateCounts:
+    """Groups, grouped images and groups spanning splits, from the stored group ids (one SQL query)."""
+    stats = _group_stats()
+    query = select(
+        func.count(), func.coalesce(func.sum(stats.c.size), 0), func.coalesce(func.sum(stats.c.straddles), 0)
+    )
     with db.read() as session:
+        groups, images, straddling = session.execute(query.select_from(stats)).one()
+    return DuplicateCounts(groups=int(groups), images=int(images), straddling=int(straddling))
+
+
+def unchecked_images(db: Database) -> int:
+    """Images whose group has not been worked out (from before the stored groups, or unreadable at the last scan)."""
+    with db.read() as session:
+        return session.scalar(select(func.count()).select_from(Image).where(Image.duplicates_checked.is_(False))) or 0
+
+
+def duplicate_groups(db: Database, *, page: int = 1, page_size: int = 10) -> DuplicateReport:
+    """One page of the stored near-duplicate groups, members oldest first: groups that span splits first, then
+    the biggest, then the newest. Paginated in SQL, so a page costs the same at 100k images as at 1k. A page past
+    the end (groups resolved since it was chosen) gives the last page; `report.page` says which was given."""
+    if page < 1 or page_size < 1:
+        raise ValueError(f"page and page_size start at 1 (got page {page}, page_size {page_size})")
+    counts = duplicate_counts(db)
+    page = min(page, max(1, -(-counts.groups // page_size)))
+    stats = _group_stats()
+    query = (
+        select(stats.c.group_id)
+        .order_by(stats.c.straddles.desc(), stats.c.size.desc(), stats.c.newest.desc())
+        .limit(page_size)
+        .offset((page - 1) * page_size)
+    )
+    with db.read() as session:
+        group_ids = [int(g) for g in session.scalars(query)]
         rows = session.execute(
-            select(Image.id, Image.box_dhash_h, Image.box_dhash_v, Image.box_phash).where(Image.box_phash.is_not(None))
+            select(Image, Category.name)
+            .outerjoin(Label, Label.image_id == Image.id)
+            .outerjoin(Category, Category.id == Label.category_id)
+            .where(Image.duplicate_group_id.in_(group_ids))
+            .order_by(Image.id)
         ).all()
-        missing_count = session.scalar(select(func.count()).select_from(Image).where(Image.box_phash.is_(None))) or 0
-    hashes = HashArrays.from_rows([tuple(r) for r in sorted(rows)])
-    labels = group_labels(hashes, rule=rule)
-    sizes = np.bincount(labels, minlength=len(labels)) if len(labels) else np.array([], dtype=np.int64)
-    grouped = [i for i in range(len(labels)) if sizes[labels[i]] > 1]
-    members = _members(db, [int(hashes.ids[i]) for i in grouped])
-    by_group: dict[int, list[GroupMember]] = {}
-    for i in grouped:
-        by_group.setdefault(int(hashes.ids[labels[i]]), []).append(members[int(hashes.ids[i])])
-    groups = [DuplicateGroup(gid, sorted(ms, key=lambda m: m.image_id)) for gid, ms in sorted(by_group.items())]
-    return DuplicateReport(groups=groups, images_compared=len(hashes), images_without_hashes=missing_count)
-
-
-def _members(db: Database, image_ids: Sequence[int]) -> dict[int, GroupMember]:
-    found: dict[int, GroupMember] = {}
-    with db.read() as session:
-        for chunk in in_chunks(list(image_ids)):
-            query = (
-                select(Image, Category.name)
-                .outerjoin(Label, Label.image_id == Image.id)
-                .outerjoin(Category, Category.id == Label.category_id)
-                .where(Image.id.in_(chunk))
-            )
-            for image, label in session.execute(query):
-                found[image.id] = GroupMember(
-                    image.id, image.original_name, image.split, label, thumbnail_path(db.settings, image),
-                    image.width, image.height, image.file_size,
-                )  # fmt: skip
-    return found
+        by_group: dict[int, list[GroupMember]] = {g: [] for g in group_ids}
+        for image, label in rows:
+            member = GroupMember(
+                image.id, image.original_name, image.split, label, thumbnail_path(db.settings, image),
+                image.width, image.height, image.file_size,
+            )  # fmt: skip
+            by_group[image.duplicate_group_id].append(member)
+    groups = [DuplicateGroup(g, by_group[g]) for g in group_ids]
+    return DuplicateReport(groups, counts, unchecked_images(db), page, page_size)
 
 
 def keep_one(db: Database, group_image_ids: Sequence[int], keep_id: int, *, actor: str) -> list[DeletedImage]:
-    """Keep `keep_id` and delete the other images of its group, each with an audit row naming the kept image.
+    """Keep `keep_id` and delete the other images of its group, each with an audit row naming the kept image; the
+    kept image leaves the stored group when it is the only one left (`delete_images` regroups).
 
     Refuses a keep id outside the group, a group of fewer than two images, and ids that no longer exist (someone
     else resolved the group first): nothing is deleted then.

@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from core.db import Database
-from core.duplicates import HashIndex, load_hash_index
+from core.duplicates import HashIndex, join_group, load_hash_index
 from core.errors import ArchiveRefused, CategoryError, ImageRefused, ProdcatError
 from core.imaging import ContentHashes, DecodedImage, content_hashes, difference_hash, inspect_and_decode
 from core.labels import apply_label, clean_actor, clean_category_name, get_or_create_category
@@ -562,8 +562,9 @@ class _Importer:
         decoded, stored, phash, hashes = prepared.decoded, prepared.stored, prepared.phash, prepared.hashes
         assert decoded is not None and stored is not None
         # A near-duplicate (content hashes within the match rule's distance) joins the split of the earliest image
-        # like it, so a resized, re-encoded, cropped or watermarked copy of a test image is never trained on.
-        match = self.hash_index.earliest_match(hashes) if hashes is not None else None
+        # like it, so a resized, re-encoded, cropped or watermarked copy of a test image is never trained on; it
+        # joins (or starts, or merges) their stored duplicate group.
+        match = self.hash_index.matches(hashes) if hashes is not None else None
         row = Image(
             sha256=p.sha,
             stored_path=stored.original_rel,
@@ -574,15 +575,18 @@ class _Importer:
             file_size=decoded.file_size,
             original_name=name[:_MAX_NAME],
             source=p.cand.source[:_MAX_NAME],
-            split=match[1] if match else str(split_for_hash(p.sha, self.settings.split_fractions)),
+            split=match.split if match else str(split_for_hash(p.sha, self.settings.split_fractions)),
             uploaded_by=self.actor,
             phash=phash,
             box_dhash_h=hashes.dhash_h if hashes else None,
             box_dhash_v=hashes.dhash_v if hashes else None,
             box_phash=hashes.phash if hashes else None,
+            duplicates_checked=True,
         )
         try:
             with self.db.write() as session:
+                if match is not None:
+                    row.duplicate_group_id = join_group(session, match.image_ids)
                 if match is None and phash is not None:
                     # Only images imported before the content hashes existed (not yet scanned) match by equal dHash:
                     # among hashed ones, equal dHashes of distinct products are common (78 pairs in 2,000 FMNIST).

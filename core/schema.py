@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -106,6 +107,12 @@ class Image(Base):
     box_dhash_h: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=None)
     box_dhash_v: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=None)
     box_phash: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=None)
+    # The near-duplicate group (core.duplicates): the id of the group's earliest image; NULL: in no group. Set at
+    # ingest when a new image matches stored ones, and for the whole catalogue by `duplicates scan`.
+    duplicate_group_id: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    # Whether duplicate_group_id is known: True from ingest and from a scan; False for images from before migration
+    # 0006 (and originals the scan could not read) until `duplicates scan` has grouped them.
+    duplicates_checked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     label: Mapped[Label | None] = relationship(back_populates="image", uselist=False)
 
@@ -113,6 +120,9 @@ class Image(Base):
         Index("ix_images_split_id", "split", "id"),
         Index("ix_images_created_at", "created_at"),
         Index("ix_images_phash", "phash"),
+        # Covers the grouped images' per-group sizes and splits (core.duplicates counts and pages) without the table.
+        Index("ix_images_duplicate_group", "duplicate_group_id", "split"),
+        Index("ix_images_duplicates_checked", "duplicates_checked"),
     )
 
 

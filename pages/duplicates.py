@@ -40,17 +40,23 @@ def show_group(group: DuplicateGroup) -> None:
                         st.rerun()
 
 
-report = duplicate_groups(db)
-if report.images_without_hashes:
+page = int(st.session_state.get("dup_page", 1))
+report = duplicate_groups(db, page=page, page_size=GROUPS_PER_PAGE)
+st.session_state["dup_page"] = report.page  # the last page, when groups were resolved since this one was chosen
+if report.unchecked:
     st.info(
-        f"{report.images_without_hashes:,} image(s) have no duplicate hashes yet (imported before they existed, "
-        "or plain pictures): run `python -m core.cli duplicates scan` to hash them."
+        f"{report.unchecked:,} image(s) have not been checked for near-duplicates (imported before duplicate groups "
+        "were stored, or their original could not be read): run `python -m core.cli duplicates scan` once."
     )
-if not report.groups:
-    st.success(f"No near-duplicates among {report.images_compared:,} images.")
+counts = report.counts
+if not counts.groups:
+    st.success("No near-duplicates among the checked images.")
 else:
-    st.write(f"{len(report.groups):,} group(s); {len(report.straddling):,} span more than one split.")
-    pages = (len(report.groups) + GROUPS_PER_PAGE - 1) // GROUPS_PER_PAGE
-    page = st.number_input("Page", min_value=1, max_value=pages, value=1, step=1) if pages > 1 else 1
-    for group in report.groups[(int(page) - 1) * GROUPS_PER_PAGE : int(page) * GROUPS_PER_PAGE]:
+    st.write(
+        f"{counts.groups:,} group(s) holding {counts.images:,} images; {counts.straddling:,} span more than one split "
+        "(listed first, then the biggest groups)."
+    )
+    if report.pages > 1:
+        st.number_input("Page", min_value=1, max_value=report.pages, step=1, key="dup_page")
+    for group in report.groups:
         show_group(group)

@@ -95,3 +95,24 @@ def test_upgrading_from_0004_adds_empty_content_hashes_and_the_image_events_tabl
     assert tuple(row) == ("test", None, None, None, None)  # split kept; hashes left for `duplicates scan`
     assert "image_events" in tables and "image_events" not in after
     assert "box_phash" not in columns and "split" in columns
+
+
+def test_upgrading_from_0005_adds_unchecked_empty_duplicate_groups_and_keeps_the_hashes(settings: Settings) -> None:
+    url, engine = _database_at(settings, "0005")
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE images SET box_dhash_h = 1, box_dhash_v = -2, box_phash = 3"))
+    command.upgrade(_config(url), "head")
+    with engine.connect() as connection:
+        row = connection.execute(
+            text("SELECT original_name, split, box_phash, duplicate_group_id, duplicates_checked FROM images")
+        ).one()
+        indexes = {r[1] for r in connection.execute(text("PRAGMA index_list('images')"))}
+    command.downgrade(_config(url), "0005")
+    with engine.connect() as connection:
+        columns = {r[1] for r in connection.execute(text("PRAGMA table_info('images')"))}
+        kept = connection.execute(text("SELECT original_name, box_phash FROM images")).one()
+    engine.dispose()
+    # Kept with its hashes; no group and not checked: `duplicates scan` groups the catalogue once.
+    assert tuple(row) == ("old.png", "test", 3, None, 0)
+    assert {"ix_images_duplicate_group", "ix_images_duplicates_checked"} <= indexes
+    assert not {"duplicate_group_id", "duplicates_checked"} & columns and tuple(kept) == ("old.png", 3)

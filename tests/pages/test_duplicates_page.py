@@ -1,14 +1,18 @@
-"""The Duplicates page lists near-duplicate groups and "Keep this one" deletes the rest (AppTest)."""
+"""The Duplicates page lists the stored near-duplicate groups a page at a time, says when a scan is due, and "Keep this
+one" deletes the rest (AppTest)."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from typer.testing import CliRunner
 
+import core.cli  # noqa: F401  (registers every command module on the app)
+from core.cli_app import app
 from core.db import Database
 from core.ingest import Upload, import_uploads
 from core.schema import Image, ImageEvent
-from tests.core.test_duplicates import product_photo
-from tests.imagegen import COPY_KINDS, encode, make_image
+from tests.core.test_duplicates import product_photo, shapes_photo
+from tests.imagegen import COPY_KINDS, crop_5pct, encode, make_image
 from tests.pages.helpers import errors_of, run_page
 
 
@@ -30,3 +34,26 @@ def test_keep_this_one_deletes_the_other_copies_and_says_so(db: Database) -> Non
         actors = set(session.scalars(select(ImageEvent.actor)))
     assert len(names) == 2 and "hat.png" in names and actors == {"dana"}
     assert any("No near-duplicates" in s.value for s in at.success)
+
+
+def test_groups_come_a_page_at_a_time_and_older_images_ask_for_a_scan(db: Database) -> None:
+    photos = [shapes_photo(i) for i in range(12)]
+    uploads = [Upload(f"item{i}.png", encode(im)) for i, im in enumerate(photos)]
+    uploads += [Upload(f"item{i} cropped.jpg", encode(crop_5pct(im), "JPEG")) for i, im in enumerate(photos)]
+    assert not import_uploads(db, uploads, actor="alice").refused
+    at = run_page("pages/duplicates.py", {"actor": "dana"})
+    assert not at.exception and errors_of(at) == [] and not at.info
+    assert any("12 group(s) holding 24 images" in m.value for m in at.markdown)
+    assert len([b for b in at.button if b.label == "Keep this one"]) == 20  # ten groups of two on page 1
+    at.number_input(key="dup_page").set_value(2).run()
+    assert not at.exception
+    assert len([b for b in at.button if b.label == "Keep this one"]) == 4
+
+    with db.write() as session:  # as if these had been imported before the groups were stored
+        session.execute(update(Image).values(duplicate_group_id=None, duplicates_checked=False))
+    at = run_page("pages/duplicates.py", {"actor": "dana"})
+    assert any("24 image(s) have not been checked" in i.value and "duplicates scan" in i.value for i in at.info)
+    assert any("No near-duplicates" in s.value for s in at.success)
+    assert CliRunner().invoke(app, ["duplicates", "scan"]).exit_code == 0
+    at = run_page("pages/duplicates.py", {"actor": "dana"})
+    assert not at.info and any("12 group(s)" in m.value for m in at.markdown)
