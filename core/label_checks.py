@@ -71,16 +71,23 @@ class LabelCheck:
         }
 
 
-def check_labels(labelled: LabelledSet, *, folds: int, seed: int = 0) -> LabelCheck:
+def check_labels(labelled: LabelledSet, *, folds: int, seed: int = 0, config: Any = None) -> LabelCheck:
     """K-fold out-of-sample probabilities, cleanlab's findings and a leave-one-out outlier score for every row.
 
-    Raises models.errors.NotEnoughData when there are too few labels to cross-validate.
+    `config` (the job's models.training.TrainConfig) gives the K-fold heads the same head settings as the model's
+    own (L2 strength when fixed, iterations, threads). Raises models.errors.NotEnoughData when there are too few
+    labels to cross-validate.
     """
     from models.label_checks import cross_validated_probs, find_label_problems, outlier_scores
 
     started = time.monotonic()
     cv = cross_validated_probs(
-        labelled.features, labelled.labels, num_classes=len(labelled.class_category_ids), folds=folds, seed=seed
+        labelled.features,
+        labelled.labels,
+        num_classes=len(labelled.class_category_ids),
+        folds=folds,
+        seed=seed,
+        config=config,
     )
     problems = find_label_problems(labelled.labels, cv.probs)
     outlier = outlier_scores(labelled.features, labelled.features, same_rows=True)

@@ -323,7 +323,7 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     _check_stop(should_stop)
 
     on_progress(ProgressReport(phase="checking labels", device=device_text))
-    check = _check_labels(db.settings, trained, labelled, seed=config.seed)
+    check = _check_labels(db.settings, trained, labelled, config)
     measured.metrics["label_check"] = check.summary() if isinstance(check, LabelCheck) else {"note": check}
     _check_stop(should_stop)
 
@@ -342,7 +342,7 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     return version_id
 
 
-def _check_labels(settings: Settings, trained: _Trained, labelled: _Labelled, *, seed: int) -> LabelCheck | str:
+def _check_labels(settings: Settings, trained: _Trained, labelled: _Labelled, config: TrainConfig) -> LabelCheck | str:
     """The label check over every labelled split's features, or why there is none (disabled, too few labels)."""
     from models.errors import NotEnoughData
 
@@ -356,7 +356,7 @@ def _check_labels(settings: Settings, trained: _Trained, labelled: _Labelled, *,
         class_category_ids=labelled.class_ids,
     )
     try:
-        return check_labels(checked, folds=settings.label_check_folds, seed=seed)
+        return check_labels(checked, folds=settings.label_check_folds, seed=config.seed, config=config)
     except NotEnoughData as exc:
         return f"labels not checked: {exc}"
 

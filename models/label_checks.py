@@ -103,9 +103,13 @@ def _with_l2(config: TrainConfig, l2: float) -> TrainConfig:
 
 
 def find_label_problems(labels: np.ndarray, probs: np.ndarray) -> LabelProblems:
-    """cleanlab over out-of-sample probabilities: quality = self-confidence (the probability of the given label,
-    which ranked flipped labels best in benchmarks/label_checks.py); issues = the `num_label_issues` estimate many
-    lowest-quality rows (cleanlab's `low_self_confidence` filter)."""
+    """cleanlab over out-of-sample probabilities: quality = self-confidence (the probability of the given label);
+    issues = the `num_label_issues` estimate many lowest-quality rows (cleanlab's `low_self_confidence` filter).
+
+    Self-confidence was chosen by measurement: on 2,000 Fashion-MNIST images (bundled backbone, 224 px) with 10% of
+    labels flipped uniformly, its top-K held 72% flips against 59% for normalized margin and 67% for
+    confidence-weighted entropy (the same K-fold probabilities, heads at L2 1e-3); 82% / 66% / 79% at L2 0.1.
+    """
     from cleanlab.count import num_label_issues
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
