@@ -40,6 +40,7 @@ PAGES: dict[str, tuple[str, str, str]] = {
     "upload": ("pages/upload.py", "Upload & classify", "upload-and-classify"),
     "review": ("pages/review.py", "Review & correct", "review-and-correct"),
     "dashboard": ("pages/dashboard.py", "Dashboard", "model-dashboard"),
+    "health": ("pages/health.py", "Data health", "data-health"),
     "train": ("pages/train.py", "Train & models", "train-and-models"),
     "categories": ("pages/categories.py", "Categories & data", "categories-and-data"),
     "duplicates": ("pages/duplicates.py", "Duplicates", "near-duplicates"),

@@ -415,3 +415,17 @@ def _insert_populated(
         version_id=version_id,
         class_names=names,
     )
+
+
+_SURE = [(0.9, 0.05, 0.05), (0.05, 0.9, 0.05), (0.05, 0.05, 0.9)]
+
+
+def catalogue_with_findings(db: Database) -> list[int]:
+    """16 images for data-health tests: one likely wrong label (Shoes that the check calls Bags), 12 labels the check
+    agrees with (3 per category in train, 1 in val and test), 3 unlabelled. Returns the ids in that order."""
+    images = [FakeImage(split="train", label="Shoes", probs=(0.02, 0.96, 0.02))]  # a likely wrong label
+    images += [FakeImage(split=s, label=n, probs=_SURE[k % 3]) for k, (n, s) in enumerate(
+        [(n, s) for s in ("train", "train", "val", "test") for n in ("Shoes", "Bags", "Hats")]
+    )]  # fmt: skip
+    images += [FakeImage(split="train", label=None, probs=(0.4, 0.3, 0.3)) for _ in range(3)]
+    return [int(i) for i in build(db, images).image_ids]

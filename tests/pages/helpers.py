@@ -13,6 +13,7 @@ PAGE_FILES = [
     "pages/upload.py",
     "pages/review.py",
     "pages/dashboard.py",
+    "pages/health.py",
     "pages/train.py",
     "pages/categories.py",
     "pages/duplicates.py",
