@@ -88,6 +88,8 @@ def train(
     plan = training_plan(db, mode=mode)
     if plan.problems:
         raise fail("training refused:\n  - " + "\n  - ".join(plan.problems))
+    for note in plan.notes:  # categories left out of this retrain, and what they need
+        typer.echo(f"note: {note}")
     # Said before queueing: which backbone and weights the job starts from, and refused weights stop it here.
     start = next_start(db, job_arch=arch or None, image_size=image_size, labelled=plan.labelled)
     if start.problem is not None:

@@ -73,9 +73,43 @@ class CategoryPlan:
         return self.train + self.val + self.test
 
 
+@dataclass(frozen=True)
+class LeftOut:
+    """A category with labels that a retrain leaves out for now, and what it still needs to become a class."""
+
+    category: CategoryPlan
+    train_needed: int
+    val_needed: int
+
+    @property
+    def need(self) -> str:
+        """What to label, e.g. "label 1 more train image and 1 more validation image"."""
+        parts = [
+            f"{n} more {split} image{'' if n == 1 else 's'}"
+            for n, split in ((self.train_needed, "train"), (self.val_needed, "validation"))
+            if n > 0
+        ]
+        return "label " + " and ".join(parts)
+
+    @property
+    def note(self) -> str:
+        """The plan's note, e.g. "'Scarves' left out: label 1 more train image"."""
+        return f"{self.category.name!r} left out: {self.need}"
+
+
+def _left_out(category: CategoryPlan) -> LeftOut | None:
+    """None when the category has enough labelled train and validation images to be a class."""
+    train_needed = max(0, MIN_TRAIN_PER_CATEGORY - category.train)
+    val_needed = max(0, MIN_VAL_PER_CATEGORY - category.val)
+    if category.total == 0 or (train_needed == 0 and val_needed == 0):
+        return None
+    return LeftOut(category, train_needed, val_needed)
+
+
 @dataclass
 class TrainingPlan:
-    """What a retrain would use now, and why it would be refused (`problems`, empty when it can run)."""
+    """What a retrain would use now (`trainable`), which labelled categories it leaves out and why (`left_out`,
+    also worded in `notes`), and why it would be refused (`problems`, empty when it can run)."""
 
     categories: list[CategoryPlan]
     corrections_since_active: int  # as defined in core.corrections (bookkeeping and undone changes excluded)
@@ -91,12 +125,18 @@ class TrainingPlan:
 
     @property
     def labelled(self) -> int:
+        """Labelled images in live categories (left-out ones included)."""
         return sum(c.total for c in self.categories)
 
     @property
+    def left_out(self) -> list[LeftOut]:
+        """Categories with labels but below MIN_TRAIN_PER_CATEGORY train or MIN_VAL_PER_CATEGORY validation images."""
+        return [gap for c in self.categories if (gap := _left_out(c)) is not None]
+
+    @property
     def trainable(self) -> list[CategoryPlan]:
-        """Categories that become classes: live ones with at least one labelled image."""
-        return [c for c in self.categories if c.total > 0]
+        """Categories that become classes: live ones with enough labelled train and validation images."""
+        return [c for c in self.categories if c.total > 0 and _left_out(c) is None]
 
 
 def suggested_mode(settings: Settings) -> TrainMode:
@@ -162,33 +202,32 @@ def training_plan(db: Database, *, mode: TrainMode | str | None = None) -> Train
     except ValueError:
         choices = " or ".join(f"'{m}'" for m in TrainMode)
         plan.problems.append(f"unknown training mode {plan.mode!r}: choose {choices}")
-    trainable = plan.trainable
-    if len(trainable) < MIN_CATEGORIES:
-        if not categories:
-            need = f"add at least {MIN_CATEGORIES} categories and label images in each"
-        elif not trainable:
-            need = f"label images in at least {MIN_CATEGORIES} categories: none has labelled images yet"
-        else:
-            have = ", ".join(repr(c.name) for c in trainable)
-            need = f"label images in at least {MIN_CATEGORIES} categories: only {have} has labelled images so far"
-        plan.problems.append(need)
-    for cat in trainable:
-        if cat.train < MIN_TRAIN_PER_CATEGORY:
-            plan.problems.append(
-                f"label at least {MIN_TRAIN_PER_CATEGORY} images of {cat.name!r} in the train split ({cat.train} now)"
-            )
-        if cat.val < MIN_VAL_PER_CATEGORY:
-            plan.problems.append(
-                f"the validation split has no labelled image of {cat.name!r}: label at least "
-                f"{MIN_VAL_PER_CATEGORY - cat.val} more image (splits are fixed per image; about 1 in 10 lands "
-                "in validation)"
-            )
+    plan.notes.extend(gap.note for gap in plan.left_out)
+    if len(plan.trainable) < MIN_CATEGORIES:
+        plan.problems.append(_too_few_classes(plan))
+    for cat in plan.trainable:
         if cat.test == 0:
             plan.notes.append(f"the test split has no labelled image of {cat.name!r}: its accuracy cannot be measured")
     for cat in categories:
         if cat.total == 0:
             plan.notes.append(f"{cat.name!r} has no labelled images and will not be a class of the new model")
     return plan
+
+
+def _too_few_classes(plan: TrainingPlan) -> str:
+    """Why fewer than MIN_CATEGORIES classes are trainable, and what to label."""
+    trainable = plan.trainable
+    if not plan.categories:
+        return f"add at least {MIN_CATEGORIES} categories and label images in each"
+    if not trainable and not plan.left_out:
+        return f"label images in at least {MIN_CATEGORIES} categories: none has labelled images yet"
+    have = ", ".join(repr(c.name) for c in trainable) or "none"
+    need = (
+        f"label images in at least {MIN_CATEGORIES} categories with {MIN_TRAIN_PER_CATEGORY} train and "
+        f"{MIN_VAL_PER_CATEGORY} validation images each: trainable so far: {have}"
+    )
+    gaps = "; ".join(f"{g.category.name!r}: {g.need}" for g in plan.left_out)
+    return f"{need}" + (f" ({gaps})" if gaps else "")
 
 
 # --- helpers ------------------------------------------------------------------------------------------------

@@ -42,20 +42,39 @@ def test_plan_with_one_category_is_refused_naming_the_need(db: Database) -> None
         run_training(db, job, on_progress=_noop, should_stop=_never)
 
 
-def test_plan_names_what_to_label_per_category_and_split(db: Database) -> None:
+def test_plan_leaves_sparse_categories_out_naming_what_each_needs(db: Database) -> None:
     store_images(db, dataset(["Shoes"], train=3, val=1, test=1))
     store_images(db, dataset(["Bags"], train=3, val=0, test=1))
     store_images(db, dataset(["Hats"], train=1, val=1, test=0))
     plan = training_plan(db)
-    assert "label at least 2 images of 'Hats' in the train split (1 now)" in plan.problems
-    assert any(p.startswith("the validation split has no labelled image of 'Bags'") for p in plan.problems)
-    assert not any("'Shoes'" in p for p in plan.problems)
+    assert [c.name for c in plan.trainable] == ["Shoes"]
+    assert {g.category.name: (g.train_needed, g.val_needed) for g in plan.left_out} == {"Bags": (0, 1), "Hats": (1, 0)}
+    assert "'Hats' left out: label 1 more train image" in plan.notes
+    assert "'Bags' left out: label 1 more validation image" in plan.notes
+    # One trainable category is not a classifier: refused, naming what the left-out ones need.
+    [problem] = plan.problems
+    assert "at least 2 categories" in problem and "'Shoes'" in problem and "'Hats': label 1 more train image" in problem
     counts = {c.name: (c.train, c.val, c.test) for c in plan.categories}
     assert counts == {"Shoes": (3, 1, 1), "Bags": (3, 0, 1), "Hats": (1, 1, 0)}
-    with pytest.raises(TrainingRefused, match="'Bags'"):
+    with pytest.raises(TrainingRefused, match="at least 2 categories"):
         run_training(db, add_job(db), on_progress=_noop, should_stop=_never)
     with db.read() as session:
         assert session.scalar(select(func.count()).select_from(ModelVersion)) == 0
+
+
+def test_one_sparse_category_no_longer_blocks_a_retrain_it_is_left_out(db: Database) -> None:
+    store_images(db, dataset(["Shoes", "Bags"], train=3, val=1, test=1))
+    scarf = store_images(db, [("Scarves", 0, "train")])
+    plan = training_plan(db)
+    assert plan.ok, plan.problems
+    assert [c.name for c in plan.trainable] == ["Shoes", "Bags"]
+    assert "'Scarves' left out: label 1 more train image and 1 more validation image" in plan.notes
+    assert plan.labelled == 11
+    version_id = run_training(db, add_job(db), on_progress=_noop, should_stop=_never)
+    version = get_version(db, version_id)
+    assert version.class_names == ["Shoes", "Bags"]
+    with db.read() as session:  # the left-out image is still predicted, as one of the model's classes
+        assert session.scalar(select(Prediction.category_id).where(Prediction.image_id == scarf[0])) is not None
 
 
 def test_quick_training_registers_activates_and_predicts_everything(db: Database) -> None:
@@ -223,8 +242,10 @@ def test_cli_train_wait_runs_the_job_here_and_reports_refusals(db: Database) -> 
     refused = runner.invoke(app, ["train", "--wait"])
     assert refused.exit_code == 1 and "at least 2 categories" in refused.output
     store_images(db, dataset(CLASSES[:2], train=3, val=1, test=1))
+    store_images(db, [("Scarves", 0, "val")])
     result = runner.invoke(app, ["train", "--wait", "--mode", "quick", "--image-size", "32", "--device", "cpu"])
     assert result.exit_code == 0, result.output
+    assert "note: 'Scarves' left out: label 2 more train images" in result.output
     [job] = list_jobs(db, 5)
     assert job.status == "succeeded" and job.model_version_id == active_version(db).id
     assert f"model v{job.model_version_id}" in result.output
