@@ -6,6 +6,7 @@ current label and the audit trail can never disagree.
 
 from __future__ import annotations
 
+import enum
 import re
 import unicodedata
 import uuid
@@ -17,8 +18,9 @@ from sqlalchemy import ColumnElement, String, bindparam, cast, delete, exists, f
 from sqlalchemy.orm import Session, aliased
 
 from core.db import Database, in_chunks
-from core.errors import CategoryError, NotFound, ProdcatError
+from core.errors import CategoryError, ConflictingLabel, LabelConflict, NotFound, ProdcatError
 from core.schema import Category, Image, Label, LabelEvent, utcnow
+from core.versions import Merges
 
 MAX_CATEGORY_NAME = 200
 
@@ -245,6 +247,80 @@ def _change(session: Session, image_id: int, event: LabelEvent | None, current: 
     return LabelChange(image_id, _name(session, event.old_category_id), _name(session, event.new_category_id), event.id)
 
 
+# --- What the person saw: refuse to overwrite a label that changed since (two tabs, two people) ------------------
+
+
+class NotGiven(enum.Enum):
+    """The default of `expected_label`: the caller did not say what the person saw, so nothing is checked."""
+
+    NOT_GIVEN = "not given"
+
+
+NOT_GIVEN = NotGiven.NOT_GIVEN
+SeenLabel = str | int | None  # the label a person saw: a category name or id; None = the image was unlabelled
+_NO_SUCH_CATEGORY = -1  # a seen name no category has today: never equal to a current label
+
+
+def _seen_category_id(session: Session, seen: SeenLabel, merges: Merges) -> int | None:
+    """The category id a seen label stands for today (a category merged since counts as the one it went into)."""
+    if seen is None:
+        return None
+    try:
+        return merges.resolve(resolve_category(session, seen).id)
+    except NotFound:
+        return _NO_SUCH_CATEGORY
+
+
+def _seen_name(seen: SeenLabel, names: Mapping[int, str]) -> str | None:
+    if seen is None or isinstance(seen, str):
+        return seen
+    return names.get(int(seen), f"category #{seen}")
+
+
+def _conflict(
+    session: Session, image_id: int, seen: SeenLabel, now: int | None, names: Mapping[int, str]
+) -> ConflictingLabel:
+    """Describe one image whose label is not what the person saw, from its latest label event."""
+    last = session.scalars(
+        select(LabelEvent).where(LabelEvent.image_id == image_id).order_by(LabelEvent.id.desc()).limit(1)
+    ).first()
+    return ConflictingLabel(
+        image_id=image_id,
+        expected=_seen_name(seen, names),
+        current=names.get(now) if now is not None else None,
+        changed_by=last.actor if last is not None else None,
+        changed_at=last.created_at if last is not None else None,
+        action=last.action if last is not None else None,
+    )
+
+
+def _check_seen(session: Session, seen: Mapping[int, SeenLabel], target_id: int | None) -> None:
+    """Raise LabelConflict (before anything is written) for images whose label is neither what the person saw nor
+    the label they are giving it: someone else changed it meanwhile. An image already carrying the requested label
+    is no conflict: both people agree and nothing is overwritten."""
+    if not seen:
+        return
+    current = _current_labels(session, list(seen))
+    merges = Merges.of(session)
+    names = _names(session)
+    conflicts = [
+        _conflict(session, image_id, label, current.get(image_id), names)
+        for image_id, label in seen.items()
+        if current.get(image_id) not in (_seen_category_id(session, label, merges), target_id)
+    ]
+    if not conflicts:
+        return
+    shown = "; ".join(c.describe() for c in conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
+    if len(seen) == 1:
+        message = f"{shown}. Nothing changed: look at it again and choose the label to keep."
+    else:
+        message = (
+            f"{len(conflicts)} of the {len(seen)} images changed since you saw them: {shown}. Nothing was "
+            "relabelled: look at those again (or leave them out) and apply the change once more."
+        )
+    raise LabelConflict(message, conflicts)
+
+
 def set_label(
     db: Database,
     image_id: int,
@@ -253,25 +329,35 @@ def set_label(
     actor: str,
     seen_prediction: SeenPrediction | None = None,
     note: str = "",
+    expected_label: SeenLabel | NotGiven = NOT_GIVEN,
 ) -> LabelChange:
     """Label one image (or change its label), writing the label and its audit event in one transaction.
 
     `category` is an existing, live category's name or id. Setting the label it already has changes nothing
-    and returns a LabelChange whose `event_id` is None.
+    and returns a LabelChange whose `event_id` is None. `expected_label` is the label the person saw (a category
+    name or id, None for unlabelled): if the image's label has changed since (another tab, another person), nothing
+    is written and LabelConflict says who changed it to what, and when.
     """
     actor = clean_actor(actor)
     with db.write() as session:
         target = _live_category(session, category)
+        if expected_label is not NOT_GIVEN:
+            _check_seen(session, {int(image_id): expected_label}, target.id)
         event = apply_label(
             session, int(image_id), target.id, actor=actor, action="set", note=note, seen=seen_prediction
         )
         return _change(session, int(image_id), event, target.id)
 
 
-def clear_label(db: Database, image_id: int, *, actor: str, note: str = "") -> LabelChange:
-    """Make one image unlabelled again (audited; the earlier label stays in the trail)."""
+def clear_label(
+    db: Database, image_id: int, *, actor: str, note: str = "", expected_label: SeenLabel | NotGiven = NOT_GIVEN
+) -> LabelChange:
+    """Make one image unlabelled again (audited; the earlier label stays in the trail). `expected_label` as in
+    `set_label`."""
     actor = clean_actor(actor)
     with db.write() as session:
+        if expected_label is not NOT_GIVEN:
+            _check_seen(session, {int(image_id): expected_label}, None)
         event = apply_label(session, int(image_id), None, actor=actor, action="clear", note=note)
         return _change(session, int(image_id), event, None)
 
@@ -365,6 +451,7 @@ def bulk_relabel(
     *,
     actor: str,
     seen_predictions: Mapping[int, SeenPrediction | None] | None = None,
+    expected_labels: Mapping[int, SeenLabel] | None = None,
 ) -> list[LabelChange]:
     """Give many images the same label in ONE transaction: one `bulk` event per image that actually changed.
 
@@ -372,6 +459,13 @@ def bulk_relabel(
     changes made; images that already had that label are left alone. `seen_predictions` (image id -> what the
     grid showed) goes into each audit row, as with `set_label`, so overriding a prediction in bulk counts as a
     correction and accepting it in bulk does not.
+
+    `expected_labels` (image id -> the label the grid showed, None for unlabelled) guards against overwriting work
+    done meanwhile: if any of those images changed since, the WHOLE batch is refused with a LabelConflict naming
+    every such image, and nothing is written. A person who selected 40 photos meant those 40 as they saw them; a
+    batch applied to 39 would leave them unsure which one was skipped and why. The page shows the conflicts, and
+    the person re-applies with them left out (or after looking again). Images missing from the mapping are not
+    checked.
     """
     actor = clean_actor(actor)
     ids = list(dict.fromkeys(int(i) for i in image_ids))  # de-duplicated, order kept
@@ -386,6 +480,8 @@ def bulk_relabel(
         if missing:
             shown = ", ".join(str(i) for i in missing[:20]) + (" ..." if len(missing) > 20 else "")
             raise NotFound(f"no image with id {shown}: nothing was relabelled")
+        if expected_labels:
+            _check_seen(session, {i: expected_labels[i] for i in ids if i in expected_labels}, target.id)
         current = _current_labels(session, ids)
         # A batch tag in the note lets undo take the whole bulk change back at once.
         note = f"bulk relabel of {len(ids)} images (batch {uuid.uuid4().hex[:12]})"

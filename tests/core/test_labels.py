@@ -376,3 +376,68 @@ def test_undo_finds_the_last_change_through_the_actor_index(db: Database, ids: l
             plans.append(" | ".join(row[-1] for row in rows))
     assert statements and not [p for p in plans if re.search(r"\bSCAN label_events", p)], plans
     assert any("ix_label_events_actor_id (actor=?)" in p for p in plans), plans
+
+
+# --- B6: a change carries the label the person saw --------------------------------------------------------------
+
+
+def test_a_label_changed_in_another_tab_is_not_overwritten_and_the_person_is_told_who(
+    db: Database, ids: list[int]
+) -> None:
+    labels.set_label(db, ids[0], "Shoes", actor="alice")
+    # Both tabs showed the photo as Shoes; bob's click lands first.
+    labels.set_label(db, ids[0], "Bags", actor="bob", expected_label="Shoes")
+    with pytest.raises(labels.LabelConflict) as refused:
+        labels.set_label(db, ids[0], "Hats", actor="carol", expected_label="Shoes")
+    conflict = refused.value
+    assert (conflict.image_id, conflict.expected, conflict.current, conflict.changed_by) == (
+        ids[0],
+        "Shoes",
+        "Bags",
+        "bob",
+    )
+    assert conflict.changed_at is not None and conflict.changed_at <= utcnow()
+    assert "'Bags'" in str(conflict) and "bob" in str(conflict) and "you saw 'Shoes'" in str(conflict)
+    assert current(db, ids[0]) == "Bags"
+    assert [r.actor for r in labels.audit_trail(db, ids[0])] == ["bob", "alice"]
+    # Once she has seen Bags, her choice goes through; the same label as now is no conflict either.
+    assert labels.set_label(db, ids[0], "Hats", actor="carol", expected_label="Bags").changed
+    assert not labels.set_label(db, ids[0], "Hats", actor="dan", expected_label=None).changed
+
+
+def test_seen_unlabelled_category_ids_and_merges_compare_by_what_they_mean_today(
+    db: Database, ids: list[int]
+) -> None:
+    bags = next(c.id for c in labels.list_categories(db) if c.name == "Bags")
+    with pytest.raises(labels.LabelConflict, match="is now unlabelled"):
+        labels.set_label(db, ids[0], "Hats", actor="a", expected_label="Bags")
+    labels.set_label(db, ids[0], bags, actor="a", expected_label=None)
+    with pytest.raises(labels.LabelConflict):
+        labels.set_label(db, ids[0], "Hats", actor="b", expected_label=None)
+    assert labels.set_label(db, ids[0], "Shoes", actor="b", expected_label=bags).changed
+    labels.add_category(db, "Sneakers", actor="a")
+    labels.set_label(db, ids[1], "Sneakers", actor="a")
+    labels.merge_categories(db, "Sneakers", "Shoes", actor="admin")
+    # The grid still said Sneakers; that is Shoes today, so the change is no conflict.
+    assert labels.set_label(db, ids[1], "Hats", actor="b", expected_label="Sneakers").changed
+    assert labels.clear_label(db, ids[1], actor="b", expected_label="Hats").changed
+
+
+def test_a_bulk_change_with_a_conflict_writes_nothing_and_names_every_conflicting_image(
+    db: Database, ids: list[int]
+) -> None:
+    seen: dict[int, str | int | None] = {i: None for i in ids[:4]}
+    labels.set_label(db, ids[1], "Shoes", actor="bob")
+    labels.set_label(db, ids[3], "Hats", actor="bob")  # the same label the batch gives: no conflict
+    labels.set_label(db, ids[2], "Bags", actor="eve")
+    with pytest.raises(labels.LabelConflict) as refused:
+        labels.bulk_relabel(db, ids[:4], "Hats", actor="alice", expected_labels=seen)
+    assert [(c.image_id, c.current, c.changed_by) for c in refused.value.conflicts] == [
+        (ids[1], "Shoes", "bob"),
+        (ids[2], "Bags", "eve"),
+    ]
+    assert "2 of the 4 images changed since you saw them" in str(refused.value)
+    assert [current(db, i) for i in ids[:4]] == [None, "Shoes", "Bags", "Hats"]
+    # Re-applied without the two in the way: one undoable batch.
+    changes = labels.bulk_relabel(db, [ids[0], ids[3]], "Hats", actor="alice", expected_labels=seen)
+    assert [c.image_id for c in changes] == [ids[0]]
