@@ -71,7 +71,7 @@ app = _typer(
     "prodcat: product-photo catalogue with labels, audit trail and retraining.\n\n"
     "Settings come from PRODCAT_* environment variables (PRODCAT_DATA_DIR picks the data folder)."
 )
-categories_app = _typer("List, add, rename, merge, archive and un-archive categories.")
+categories_app = _typer("List, add, rename, merge, archive, un-archive and delete categories.")
 export_app = _typer("Export labels as a CSV or the labelled originals as an ImageFolder tree.")
 models_app = _typer("Model versions: list and activate (rollback = activate an older one).")
 app.add_typer(categories_app, name="categories")

@@ -197,6 +197,23 @@ def categories_unarchive(name: CategoryArg, actor: ActorOpt = None) -> None:
     typer.echo(f"{row.name!r} is live again.")
 
 
+@categories_app.command("delete")
+def categories_delete(
+    name: CategoryArg,
+    move_to: Annotated[
+        str | None,
+        typer.Option("--move-to", metavar="OTHER", help="Move its labelled images to OTHER first (audited per image)."),
+    ] = None,
+    actor: ActorOpt = None,
+) -> None:
+    """Delete a category. One with labelled images needs --move-to; rows that audit rows or models still name are
+    kept as "NAME (deleted #ID)" so history reads right."""
+    done = labels_mod.delete_category(open_db(), name, actor=actor_or_default(actor), move_to=move_to)
+    moved = f"; {done.moved} labels moved to {done.moved_to!r}" if done.moved_to is not None else ""
+    kept = " (kept in the history as deleted)" if done.kept_for_history else ""
+    typer.echo(f"Deleted category {done.name!r}{kept}{moved}.")
+
+
 # --- labels --------------------------------------------------------------------------------------------------
 
 ImageIdArg = Annotated[int, typer.Argument(help="The image's id (see `stats`, the app, or `export labels`).")]

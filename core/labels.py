@@ -1,4 +1,4 @@
-"""Labels and categories: set, change, clear, bulk relabel, undo; add, rename, merge, archive; the audit trail.
+"""Labels and categories: set, change, clear, bulk relabel, undo; add, rename, merge, archive, delete; the audit trail.
 
 Every label change writes the `labels` row and its `label_events` row in the same transaction, so the
 current label and the audit trail can never disagree.
@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, aliased
 
 from core.db import Database, in_chunks
 from core.errors import CategoryError, ConflictingLabel, LabelConflict, NotFound, ProdcatError
-from core.schema import Category, Image, Label, LabelEvent, utcnow
+from core.schema import Category, Image, ImageCheck, Label, LabelEvent, ModelVersion, Prediction, utcnow
 from core.versions import Merges
 
 MAX_CATEGORY_NAME = 200
@@ -746,14 +746,22 @@ def merge_categories(db: Database, source: str | int, target: str | int, *, acto
             raise CategoryError(f"{src.name!r} was already merged into {_name(session, src.merged_into_id)!r}")
         now = utcnow()
         note = f"category {src.name!r} merged into {dst.name!r}"
-        image_ids = session.scalars(select(Label.image_id).where(Label.category_id == src.id)).all()
-        _bulk_events(session, image_ids, src.id, dst.id, actor=actor, action="merge", note=note, when=now)
-        # labelled_by/labelled_at keep the person who judged the image; the merge itself is in the events.
-        session.execute(update(Label).where(Label.category_id == src.id).values(category_id=dst.id))
+        moved = _move_labels(session, src.id, dst.id, actor=actor, action="merge", note=note, when=now)
         src.archived_at = now
         src.merged_into_id = dst.id
         session.flush()
-        return len(image_ids)
+        return moved
+
+
+def _move_labels(
+    session: Session, source_id: int, target_id: int, *, actor: str, action: str, note: str, when: datetime
+) -> int:
+    """Move every label of one category to another with one audit row each; returns how many moved."""
+    image_ids = session.scalars(select(Label.image_id).where(Label.category_id == source_id)).all()
+    _bulk_events(session, image_ids, source_id, target_id, actor=actor, action=action, note=note, when=when)
+    # labelled_by/labelled_at keep the person who judged the image; the move itself is in the events.
+    session.execute(update(Label).where(Label.category_id == source_id).values(category_id=target_id))
+    return len(image_ids)
 
 
 def archive_category(db: Database, name: str | int, *, actor: str) -> CategoryRow:
@@ -775,6 +783,8 @@ def unarchive_category(db: Database, name: str | int, *, actor: str) -> Category
         category = resolve_category(session, name)
         if category.archived_at is None:
             raise CategoryError(f"category {category.name!r} is not archived")
+        if category.deleted_at is not None:
+            raise CategoryError(f"category {category.name!r} was deleted; add a new category instead")
         if category.merged_into_id is not None:
             raise CategoryError(
                 f"category {category.name!r} was merged into {_name(session, category.merged_into_id)!r}; "
@@ -785,8 +795,85 @@ def unarchive_category(db: Database, name: str | int, *, actor: str) -> Category
         return _category_row(session, category)
 
 
+@dataclass(frozen=True)
+class DeletedCategory:
+    """What `delete_category` did: labels moved (and where), and whether the row was kept for the audit trail."""
+
+    name: str
+    moved: int
+    moved_to: str | None
+    kept_for_history: bool  # True: renamed "<name> (deleted #<id>)" and archived, since audit rows or models name it
+
+
+def _deleted_name(name: str, category_id: int) -> str:
+    suffix = f" (deleted #{category_id})"
+    return name[: MAX_CATEGORY_NAME - len(suffix)] + suffix
+
+
+def _still_named(session: Session, category_id: int) -> bool:
+    """Whether any row still refers to the category: audit events, predictions, label checks, merges, model classes."""
+    refs = (
+        select(LabelEvent.id).where(
+            (LabelEvent.old_category_id == category_id)
+            | (LabelEvent.new_category_id == category_id)
+            | (LabelEvent.predicted_category_id == category_id)
+        ),
+        select(Label.image_id).where(Label.category_id == category_id),
+        select(Prediction.id).where(Prediction.category_id == category_id),
+        select(ImageCheck.id).where(
+            (ImageCheck.label_category_id == category_id) | (ImageCheck.suggested_category_id == category_id)
+        ),
+        select(Category.id).where(Category.merged_into_id == category_id),
+    )
+    if any(session.scalar(select(exists(ref))) for ref in refs):
+        return True
+    classes = session.scalars(select(ModelVersion.class_category_ids))
+    return any(category_id in {int(c) for c in ids or ()} for ids in classes)
+
+
+def delete_category(db: Database, name: str | int, *, actor: str, move_to: str | int | None = None) -> DeletedCategory:
+    """Delete a category. One with labelled images is refused unless `move_to` names a live category: its labels then
+    move there first, one `delete-category` audit row each.
+
+    A category nothing refers to goes for good. One that audit rows, predictions or model versions still name keeps
+    its row, so every old audit row still reads with a name: it is archived, marked deleted and renamed
+    "<name> (deleted #<id>)" (the name is free for a new category); with `move_to` it also counts as merged into it,
+    so an older model's predictions of it resolve to `move_to` (core.versions.Merges).
+    """
+    actor = clean_actor(actor)
+    with db.write() as session:
+        category = resolve_category(session, name)
+        if category.deleted_at is not None:
+            raise CategoryError(f"category {category.name!r} is already deleted")
+        target = _live_category(session, move_to) if move_to is not None else None
+        if target is not None and target.id == category.id:
+            raise CategoryError(f"cannot move the labels of {category.name!r} onto itself: choose another category")
+        labelled = session.scalar(select(func.count()).select_from(Label).where(Label.category_id == category.id))
+        if labelled and target is None:
+            raise CategoryError(
+                f"category {category.name!r} has {labelled} labelled images: move them to another category first "
+                f"(`categories delete {category.name!r} --move-to OTHER`); nothing was deleted"
+            )
+        now, original = utcnow(), category.name
+        moved = 0
+        if target is not None:
+            note = f"category {original!r} deleted; its labels moved to {target.name!r}"
+            moved = _move_labels(session, category.id, target.id, actor=actor, action="delete-category", note=note,
+                                 when=now)  # fmt: skip
+        kept = _still_named(session, category.id)
+        if kept:
+            category.name = _deleted_name(original, category.id)
+            category.archived_at = category.archived_at or now
+            category.deleted_at = now
+            category.merged_into_id = target.id if target is not None else category.merged_into_id
+        else:
+            session.delete(category)
+        session.flush()
+        return DeletedCategory(original, moved, target.name if target is not None else None, kept)
+
+
 def list_categories(db: Database, *, include_archived: bool = False) -> list[CategoryRow]:
-    """Categories by name with their labelled-image counts (one GROUP BY query)."""
+    """Categories by name with their labelled-image counts (one GROUP BY query); deleted ones are never listed."""
     counts = select(Label.category_id, func.count().label("n")).group_by(Label.category_id).subquery()
     merged = aliased(Category)
     query = (
@@ -795,6 +882,7 @@ def list_categories(db: Database, *, include_archived: bool = False) -> list[Cat
         .outerjoin(merged, merged.id == Category.merged_into_id)
         .order_by(Category.name)
     )
+    query = query.where(Category.deleted_at.is_(None))
     if not include_archived:
         query = query.where(Category.archived_at.is_(None))
     with db.read() as session:

@@ -82,6 +82,9 @@ class Category(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     archived_at: Mapped[datetime | None] = mapped_column(default=None)
     merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id"), default=None)
+    # Set (with archived_at) when a category that audit rows or model versions still name is deleted; its name then
+    # reads "<name> (deleted #<id>)". core.labels.delete_category.
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Image(Base):

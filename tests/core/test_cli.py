@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import typer
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 import core.cli  # noqa: F401  (registers every command module on the app)
@@ -181,6 +182,9 @@ def test_every_data_command_has_help(db: Database) -> None:
         ("categories", "merge"),
         ("categories", "archive"),
         ("categories", "unarchive"),
+        ("categories", "delete"),
+        ("images",),
+        ("images", "delete"),
         ("export",),
         ("export", "labels"),
         ("export", "imagefolder"),
@@ -267,3 +271,35 @@ def test_train_refuses_a_bad_weights_file_before_queueing(
         result.stderr
     )
     assert list_jobs(db) == []
+
+
+def test_categories_delete_moves_labels_or_refuses(imported: Database) -> None:
+    refused = cli("categories", "delete", "Hats")
+    assert refused.exit_code == 1 and "'Hats' has 2 labelled images" in refused.stderr and "--move-to" in refused.stderr
+    moved = cli("categories", "delete", "Hats", "--move-to", "Bags", "--actor", "admin")
+    assert moved.exit_code == 0, moved.output
+    assert "Deleted category 'Hats' (kept in the history as deleted); 2 labels moved to 'Bags'." in moved.stdout
+    assert cli("categories", "add", "Typo").exit_code == 0
+    gone = cli("categories", "delete", "Typo")
+    assert gone.exit_code == 0 and "Deleted category 'Typo'." in gone.stdout
+    assert {c["name"]: c["labelled"] for c in run_json("categories", "list", "--all")} == {"Bags": 4, "Shoes": 2}
+
+
+def test_images_delete_removes_rows_and_files_with_an_audit_row(imported: Database) -> None:
+    from core.schema import Image, ImageEvent
+
+    with imported.read() as session:
+        stored = imported.settings.data_dir / session.get(Image, 2).stored_path
+    assert stored.is_file()
+    missing = cli("images", "delete", "2", "999")
+    assert missing.exit_code == 1 and "no image with id 999" in missing.stderr
+    result = cli("images", "delete", "2", "3", "--reason", "blurry", "--actor", "ops")
+    assert result.exit_code == 0, result.output
+    assert "Deleted image 2 (" in result.stdout and "Deleted image 3 (" in result.stdout
+    assert not stored.exists()
+    with imported.read() as session:
+        assert session.get(Image, 2) is None and session.get(Image, 3) is None
+        events = session.scalars(select(ImageEvent).order_by(ImageEvent.image_id)).all()
+        assert [(e.image_id, e.actor, e.action) for e in events] == [(2, "ops", "delete"), (3, "ops", "delete")]
+        assert all(e.note.startswith("blurry") for e in events)
+    assert cli("stats").stdout.startswith("4 images")

@@ -441,3 +441,43 @@ def test_a_bulk_change_with_a_conflict_writes_nothing_and_names_every_conflictin
     # Re-applied without the two in the way: one undoable batch.
     changes = labels.bulk_relabel(db, [ids[0], ids[3]], "Hats", actor="alice", expected_labels=seen)
     assert [c.image_id for c in changes] == [ids[0]]
+
+
+# --- Category lifecycle: delete -------------------------------------------------------------------------------
+
+
+def test_a_category_nothing_names_is_deleted_outright_and_its_name_is_free(db: Database, ids: list[int]) -> None:
+    labels.add_category(db, "Scraves", actor="admin")  # a typo
+    done = labels.delete_category(db, "Scraves", actor="admin")
+    assert (done.name, done.moved, done.moved_to, done.kept_for_history) == ("Scraves", 0, None, False)
+    with db.read() as session:
+        assert session.scalar(select(Category).where(Category.name.like("Scraves%"))) is None
+    assert labels.add_category(db, "Scraves", actor="admin").name == "Scraves"
+
+
+def test_a_category_with_labels_is_deleted_only_by_moving_them_and_history_keeps_its_name(
+    db: Database, ids: list[int]
+) -> None:
+    labels.bulk_relabel(db, ids[:3], "Hats", actor="alice")
+    with pytest.raises(CategoryError, match="'Hats' has 3 labelled images: move them"):
+        labels.delete_category(db, "Hats", actor="admin")
+    labels.archive_category(db, "Shoes", actor="admin")
+    with pytest.raises(CategoryError, match="'Shoes' is archived"):
+        labels.delete_category(db, "Hats", actor="admin", move_to="Shoes")
+    assert [current(db, i) for i in ids[:3]] == ["Hats"] * 3
+
+    done = labels.delete_category(db, "Hats", actor="admin", move_to="Bags")
+    assert (done.moved, done.moved_to, done.kept_for_history) == (3, "Bags", True)
+    assert [current(db, i) for i in ids[:3]] == ["Bags"] * 3
+    [moved, labelled] = labels.audit_trail(db, ids[0])
+    assert (moved.actor, moved.action, moved.new_category) == ("admin", "delete-category", "Bags")
+    assert re.fullmatch(r"Hats \(deleted #\d+\)", moved.old_category) and labelled.new_category == moved.old_category
+    assert "'Hats' deleted" in moved.note
+    assert [replay(db, i) for i in ids[:3]] == ["Bags"] * 3  # the audit trail still explains every label
+    assert "Hats" not in [c.name for c in labels.list_categories(db, include_archived=True)]
+    deleted = moved.old_category
+    with pytest.raises(CategoryError, match="was deleted"):
+        labels.unarchive_category(db, deleted, actor="admin")
+    with pytest.raises(CategoryError, match="already deleted"):
+        labels.delete_category(db, deleted, actor="admin")
+    assert labels.add_category(db, "Hats", actor="admin").labelled == 0  # the name is free again

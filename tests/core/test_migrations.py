@@ -116,3 +116,18 @@ def test_upgrading_from_0005_adds_unchecked_empty_duplicate_groups_and_keeps_the
     assert tuple(row) == ("old.png", "test", 3, None, 0)
     assert {"ix_images_duplicate_group", "ix_images_duplicates_checked"} <= indexes
     assert not {"duplicate_group_id", "duplicates_checked"} & columns and tuple(kept) == ("old.png", 3)
+
+
+def test_upgrading_from_0006_adds_no_deleted_categories(settings: Settings) -> None:
+    url, engine = _database_at(settings, "0006")
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO categories (name, created_at) VALUES ('Shoes', '2026-01-01 00:00:00')"))
+    command.upgrade(_config(url), "head")
+    with engine.connect() as connection:
+        row = connection.execute(text("SELECT name, archived_at, deleted_at FROM categories")).one()
+    command.downgrade(_config(url), "0006")
+    with engine.connect() as connection:
+        columns = {r[1] for r in connection.execute(text("PRAGMA table_info('categories')"))}
+    engine.dispose()
+    assert tuple(row) == ("Shoes", None, None)
+    assert "deleted_at" not in columns and "name" in columns
