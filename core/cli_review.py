@@ -37,6 +37,12 @@ def review_command(
     version: Annotated[
         int | None, typer.Option("--version", metavar="ID", help="Model version (default: the active one).")
     ] = None,
+    search: Annotated[
+        str | None,
+        typer.Option(
+            "--search", metavar="TEXT", help='Image id ("#123" or "123") or part of the file name (any case).'
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List the images to review next: id, file name, label, prediction, confidence, the ranking score and, where the
@@ -51,6 +57,7 @@ def review_command(
         page=page,
         page_size=limit,
         version_id=version,
+        search=search,
     )
     health = label_health(db, version_id=result.version_id) if result.version_id is not None else None
     if as_json:

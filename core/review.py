@@ -12,6 +12,8 @@ Filters, all combinable:
 - `split`: train, val or test.
 - `true_category` / `predicted_category`: the label, resp. the prediction, must be exactly this category (what
   clicking a confusion-matrix cell sets). Either one also implies "has a label" resp. "has a prediction".
+- `search`: "#123" is image 123; "123" is image 123 or a file name containing "123"; any other text is a
+  case-insensitive part of the original file name.
 
 Category arguments are names or ids. Merges are followed: a class trained as "Sneakers" and later merged into
 "Shoes" counts as a "Shoes" prediction, and filtering on "Sneakers" filters on "Shoes".
@@ -265,6 +267,19 @@ def _joined(
     return query
 
 
+def search_condition(search: str | None) -> ColumnElement[bool] | None:
+    """WHERE term on `Image` for a search box: "#123" is image 123; "123" is image 123 or a file name containing
+    "123"; other text is a case-insensitive part of the original file name (LIKE wildcards in it are literal).
+    None for an empty search."""
+    text = (search or "").strip()
+    if not text:
+        return None
+    if text.startswith("#") and text[1:].strip().isdigit():
+        return Image.id == int(text[1:].strip())
+    by_name = Image.original_name.icontains(text, autoescape=True)
+    return (Image.id == int(text)) | by_name if text.isdigit() else by_name
+
+
 def _conditions(
     ctx: _Context,
     *,
@@ -273,8 +288,11 @@ def _conditions(
     split: str | None,
     true_id: int | None,
     predicted_id: int | None,
+    search: str | None = None,
 ) -> _Filter:
     conds: list[ColumnElement[bool]] = []
+    if (found := search_condition(search)) is not None:
+        conds.append(found)
     label: str | None = None
     prediction: str | None = None
     check: str | None = None
@@ -468,6 +486,7 @@ def review_queue(
     page: int = 1,
     page_size: int = 24,
     version_id: int | None = None,
+    search: str | None = None,
 ) -> ReviewPage:
     """One page of the images to review, filtered and ordered (see the module docstring for every rule).
 
@@ -492,6 +511,7 @@ def review_queue(
             split=split_value,
             true_id=_category_id(session, ctx, true_category),
             predicted_id=_category_id(session, ctx, predicted_category),
+            search=search,
         )
         # No model yet: every image is unscored, so the newest uploads come first whatever the order asked.
         sort = order if ctx.version_id is not None else ReviewOrder.NEWEST

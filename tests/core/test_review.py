@@ -242,3 +242,32 @@ def test_review_command_prints_the_queue(db: Database, cat: Populated) -> None:
     assert text.exit_code == 0 and "img_003.jpg" in text.stdout and "1 images match" in text.stdout
     bad = runner.invoke(app, ["review", "--category", "Socks"])
     assert bad.exit_code == 1 and "Socks" in bad.output
+
+
+def test_search_finds_an_image_by_id_or_by_part_of_its_file_name(db: Database, cat: Populated, queue: Queue) -> None:
+    from sqlalchemy import update
+
+    from core.schema import Image
+
+    first = int(cat.image_ids[0])
+    renamed = {2: "Red_Sneaker_2024.JPG", 5: "sneaker-blue.png", 6: "hat 50%_off.jpg"}
+    with db.write() as session:
+        for index, name in renamed.items():
+            session.execute(update(Image).where(Image.id == first + index).values(original_name=name))
+    assert queue(search="sneaker") == [2, 5]  # any case, still in the queue's order
+    assert queue(search="  SNEAKER ", label_state=LabelState.LABELLED, split="train") == [5]
+    assert queue(search="%") == [6] and queue(search="0%_") == [6]  # wildcards are literal
+    assert queue(search=f"#{first + 4}") == [4]
+    # A bare number is an id or a name containing it: id first+3, and whichever file names hold those digits.
+    number = str(first + 3)
+    expected = {3} | {k for k in range(7) if number in renamed.get(k, f"img_{k:03d}.jpg")}
+    assert sorted(queue(search=number)) == sorted(expected) and 3 in expected
+    assert queue(search="no such photo") == [] and len(queue(search="  ")) == 7
+    page = review_queue(db, search="sneaker", page_size=1)
+    assert (page.total, page.pages) == (2, 2)
+
+    from core.cli import app
+
+    result = CliRunner().invoke(app, ["review", "--search", "Sneaker", "--json"])
+    assert result.exit_code == 0, result.output
+    assert sorted(i["file"] for i in json.loads(result.stdout)["items"]) == ["Red_Sneaker_2024.JPG", "sneaker-blue.png"]
