@@ -432,6 +432,28 @@ def _apply_many(session: Session, moves: Sequence[_Move], *, actor: str, action:
     return [new_ids[m.image_id] for m in moves]
 
 
+@dataclass(frozen=True)
+class BatchChange:
+    """One image's change in a batch written by `apply_batch`: from `old` to `new` (category ids; None = unlabelled)."""
+
+    image_id: int
+    old: int | None
+    new: int | None
+    seen: SeenPrediction | None = None
+
+
+def apply_batch(session: Session, changes: Sequence[BatchChange], *, actor: str, note: str) -> list[int]:
+    """Write many label changes inside the caller's write transaction as ONE bulk batch: action "bulk", one event per
+    image, and `note` plus a batch tag on each, so `undo_last_change` takes the whole batch back in one step.
+
+    Each change must start from the image's current label (the caller read it in this transaction). Returns the new
+    event ids in the order of `changes`.
+    """
+    tagged = f"{note} (batch {uuid.uuid4().hex[:12]})"
+    moves = [_Move(c.image_id, c.old, c.new, tagged, c.seen) for c in changes]
+    return _apply_many(session, moves, actor=clean_actor(actor), action="bulk")
+
+
 def _current_labels(session: Session, image_ids: Sequence[int]) -> dict[int, int]:
     found: dict[int, int] = {}
     for chunk in in_chunks(image_ids):
