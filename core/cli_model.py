@@ -154,8 +154,7 @@ def _print_version_summary(db: Any, version_id: int) -> None:
     from core.versions import get_version
 
     v = get_version(db, version_id)
-    acc = "n/a" if v.test_accuracy is None else f"{v.test_accuracy:.1%}"
-    typer.echo(f"v{v.id}: {v.status}, test accuracy {acc}, classes: {', '.join(v.class_names)}")
+    typer.echo(f"v{v.id}: {v.status}, {v.accuracy.describe()}, classes: {', '.join(v.class_names)}")
 
 
 @app.command("evaluate")
@@ -163,8 +162,8 @@ def evaluate(
     version: Annotated[int | None, typer.Option("--version", help="Model version id (default: active).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure a model version on the current labelled test split."""
-    from core.versions import active_version, evaluate_version
+    """Measure a model version on the test split as labelled today (its stored accuracy is the one at training)."""
+    from core.versions import AccuracyBasis, AccuracyFigure, active_version, evaluate_version
 
     db = open_db()
     if version is None:
@@ -179,10 +178,8 @@ def evaluate(
     if not metrics.get("n_images"):
         typer.echo(f"v{version}: {metrics.get('note', 'no labelled test images')}")
         return
-    typer.echo(
-        f"v{version} on {metrics['n_images']} test images: accuracy {metrics['accuracy']:.1%}, "
-        f"macro F1 {metrics['macro_f1']:.3f}, ECE {metrics['ece']:.3f}"
-    )
+    today = AccuracyFigure(metrics["accuracy"], int(metrics["n_images"]), AccuracyBasis.TODAYS_LABELS)
+    typer.echo(f"v{version}: {today.describe()}, macro F1 {metrics['macro_f1']:.3f}, ECE {metrics['ece']:.3f}")
     per_class = metrics.get("per_class") or {}
     if isinstance(per_class, dict):
         for name, stats in per_class.items():
@@ -213,6 +210,7 @@ def models_list(as_json: JsonOpt = False) -> None:
                     "mode": v.mode,
                     "classes": v.class_names,
                     "test_accuracy": v.test_accuracy,
+                    "test_images": v.test_images,
                     "macro_f1": v.macro_f1,
                     "ece": v.ece,
                     "created_at": v.created_at,

@@ -130,7 +130,8 @@ def _json_number(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class JobView:
-    """A training job as pages, the CLI and the worker see it (a detached copy of the row)."""
+    """A training job as pages, the CLI, the worker and the sidebar overview see it (a detached copy of the row); the
+    one job summary type (`core.overview.JobSummary` is a deprecated alias)."""
 
     id: int
     mode: str
@@ -168,7 +169,8 @@ class JobView:
         return f"#{self.id}, {self.status}, requested by {self.requested_by}"
 
 
-def _view(row: TrainingJob, now: datetime | None = None) -> JobView:
+def job_view(row: TrainingJob, now: datetime | None = None) -> JobView:
+    """A detached JobView of a job row (read inside the caller's session)."""
     now = now or utcnow()
     age = None if row.heartbeat_at is None else max(0.0, (now - row.heartbeat_at).total_seconds())
     return JobView(
@@ -205,7 +207,7 @@ def _refusal(live: JobView | None) -> TrainingRefused:
 def _refuse_if_live(session: Session) -> None:
     live = _live_job_in(session)
     if live is not None:
-        raise _refusal(_view(live))
+        raise _refusal(job_view(live))
 
 
 def validate_params(settings: Settings, mode: str, params: Any) -> JobParams:
@@ -279,7 +281,7 @@ def claim_next_job(db: Database, worker_id: str, *, job_id: int | None = None) -
             return None
         row = session.get(TrainingJob, candidate, populate_existing=True)
         assert row is not None
-        view = _view(row, now)
+        view = job_view(row, now)
     log.info("worker %s claimed training job %s", worker_id, view.id)
     return view
 
@@ -346,7 +348,7 @@ def cancel_job(db: Database, job_id: int, *, actor: str) -> JobView:
             row.error = f"cancelled by {actor} while running"  # kept when the worker marks it cancelled
         else:
             raise TrainingRefused(f"training job #{row.id} already {row.status}: there is nothing to cancel")
-        view = _view(row, now)
+        view = job_view(row, now)
     log.info("training job %s: cancel by %s (%s)", job_id, actor, view.status)
     return view
 
@@ -440,7 +442,7 @@ def current_job(db: Database) -> JobView | None:
             if row is None:
                 return None
             if attempt == 1 or not is_stale(row, db.settings):
-                return _view(row)
+                return job_view(row)
         fail_stale_jobs(db)
     return None
 
@@ -451,7 +453,7 @@ def get_job(db: Database, job_id: int) -> JobView:
         row = session.get(TrainingJob, int(job_id))
         if row is None:
             raise NotFound(f"no training job {job_id}")
-        return _view(row)
+        return job_view(row)
 
 
 def list_jobs(db: Database, limit: int = 20) -> list[JobView]:
@@ -459,7 +461,7 @@ def list_jobs(db: Database, limit: int = 20) -> list[JobView]:
     with db.read() as session:
         rows = session.scalars(select(TrainingJob).order_by(TrainingJob.id.desc()).limit(int(limit))).all()
         now = utcnow()
-        return [_view(r, now) for r in rows]
+        return [job_view(r, now) for r in rows]
 
 
 # --- worker liveness ----------------------------------------------------------------------------------------

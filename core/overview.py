@@ -4,8 +4,7 @@ how a job's progress, curves and error read on a page."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -13,32 +12,17 @@ from sqlalchemy import func, select
 
 from core.backbone import started_from_random
 from core.db import Database
-from core.jobs import LIVE_STATES, fail_stale_jobs, is_stale
-from core.schema import Category, Image, JobStatus, Label, ModelVersion, TrainingJob, VersionStatus
+from core.jobs import LIVE_STATES, JobView, fail_stale_jobs, is_stale, job_view
+from core.schema import Category, Image, Label, ModelVersion, TrainingJob, VersionStatus
+from core.versions import AccuracyFigure
 
 # How often the sidebar re-reads the job while one is queued or running (it does not poll otherwise).
 SIDEBAR_REFRESH_S = 3.0
 
 
-@dataclass(frozen=True)
-class JobSummary:
-    """The live training job, or else the most recent one."""
-
-    id: int
-    status: JobStatus
-    mode: str
-    requested_by: str
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    error: str
-    progress: dict[str, Any] = field(default_factory=dict)
-    model_version_id: int | None = None
-
-    @property
-    def live(self) -> bool:
-        """Queued or running."""
-        return self.status in LIVE_STATES
+# One job summary type: the overview carries the same `core.jobs.JobView` as the Train page and the CLI.
+# Deprecated alias, kept while callers move to JobView; nothing in the repository uses it any more.
+JobSummary = JobView
 
 
 @dataclass(frozen=True)
@@ -50,9 +34,20 @@ class Overview:
     categories: int  # live (not archived)
     active_version_id: int | None = None
     active_version_label: str | None = None
-    test_accuracy: float | None = None
+    test_accuracy: float | None = None  # the active version's, at training (`accuracy` says on how many images)
     pretrained_source: str | None = None
-    job: JobSummary | None = None
+    job: JobView | None = None
+    test_images: int = 0
+
+    @property
+    def accuracy(self) -> AccuracyFigure | None:
+        """The active version's one accuracy figure (as `VersionView.accuracy`); None without a model."""
+        return None if self.active_version_id is None else AccuracyFigure(self.test_accuracy, self.test_images)
+
+    @property
+    def accuracy_label(self) -> str | None:
+        """`test accuracy 81.2% on 200 test images (at training)`, for the sidebar and the home page."""
+        return None if self.accuracy is None else self.accuracy.describe()
 
     @property
     def unlabelled(self) -> int:
@@ -84,21 +79,6 @@ class Overview:
         )
 
 
-def _job(row: TrainingJob) -> JobSummary:
-    return JobSummary(
-        id=row.id,
-        status=JobStatus(row.status),
-        mode=row.mode,
-        requested_by=row.requested_by,
-        created_at=row.created_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        error=row.error,
-        progress=dict(row.progress or {}),
-        model_version_id=row.model_version_id,
-    )
-
-
 def home_overview(db: Database, *, _stale_checked: bool = False) -> Overview:
     """Counts, the active version and the current (else last) training job: five indexed queries, no rows scanned
     beyond counting."""
@@ -116,6 +96,7 @@ def home_overview(db: Database, *, _stale_checked: bool = False) -> Overview:
                 ModelVersion.mode,
                 ModelVersion.test_accuracy,
                 ModelVersion.pretrained_source,
+                ModelVersion.metrics[("test", "n_images")].as_integer(),
             )
             .where(ModelVersion.status == VersionStatus.ACTIVE)
             .order_by(ModelVersion.id.desc())
@@ -124,14 +105,14 @@ def home_overview(db: Database, *, _stale_checked: bool = False) -> Overview:
         job = session.scalar(
             select(TrainingJob).where(TrainingJob.status.in_(LIVE_STATES)).order_by(TrainingJob.id.desc()).limit(1)
         ) or session.scalar(select(TrainingJob).order_by(TrainingJob.id.desc()).limit(1))
-        job_summary = _job(job) if job is not None else None
+        job_summary = job_view(job) if job is not None else None
         stale = job is not None and not _stale_checked and is_stale(job, db.settings)
     if stale:  # its worker died while this app was up: fail it now, so no page shows it running
         fail_stale_jobs(db)
         return home_overview(db, _stale_checked=True)
     if version is None:
         return Overview(images=images, labelled=labelled, categories=categories, job=job_summary)
-    vid, arch, size, mode, accuracy, pretrained = version
+    vid, arch, size, mode, accuracy, pretrained, test_images = version
     return Overview(
         images=images,
         labelled=labelled,
@@ -141,6 +122,7 @@ def home_overview(db: Database, *, _stale_checked: bool = False) -> Overview:
         test_accuracy=accuracy,
         pretrained_source=pretrained,
         job=job_summary,
+        test_images=int(test_images or 0),
     )
 
 

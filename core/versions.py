@@ -1,7 +1,13 @@
-"""Model versions: list them, load one as a classifier, activate one (rollback), evaluate one on the test split."""
+"""Model versions: list them, load one as a classifier, activate one (rollback), evaluate one on the test split.
+
+One accuracy per version everywhere (`VersionView.accuracy`, an `AccuracyFigure`): the test accuracy stored when it was
+trained, with its test-image count. A page that shows another measurement (today's labels, the promotion check's
+images) builds an AccuracyFigure with that basis, so it reads as what it is.
+"""
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
 import io
@@ -19,6 +25,38 @@ from sqlalchemy.orm import Session
 from core.db import Database
 from core.errors import CheckpointError, NotFound
 from core.schema import Category, Image, Label, ModelVersion, Split, VersionStatus, utcnow
+
+
+class AccuracyBasis(enum.StrEnum):
+    """Which measurement an accuracy is. Versions are compared and named by AT_TRAINING; the others are labelled."""
+
+    AT_TRAINING = "at training"  # stored when the version was trained, on the labelled test split of that day
+    TODAYS_LABELS = "today's labels"  # recomputed on the test split as labelled now (labels corrected since count)
+    SAME_IMAGES = "same images"  # re-measured on another version's test images and labels (the promotion check)
+
+
+@dataclass(frozen=True)
+class AccuracyFigure:
+    """One accuracy with the test set it was measured on, worded the same way on every page and in the CLI."""
+
+    value: float | None
+    test_images: int
+    basis: AccuracyBasis = AccuracyBasis.AT_TRAINING
+    of_version: int | None = None  # SAME_IMAGES: whose test images
+
+    @property
+    def percent(self) -> str:
+        """`81.2%`, or `n/a` when nothing was measured."""
+        return "n/a" if self.value is None else f"{self.value:.1%}"
+
+    def describe(self) -> str:
+        """`test accuracy 81.2% on 200 test images (at training)`; `(today's labels)`; `on v4's 200 test images`."""
+        if self.value is None or not self.test_images:
+            return f"no test accuracy: no labelled test images ({self.basis})"
+        images = f"{self.test_images} test image{'' if self.test_images == 1 else 's'}"
+        if self.basis is AccuracyBasis.SAME_IMAGES and self.of_version is not None:
+            return f"test accuracy {self.percent} on v{self.of_version}'s {images}"
+        return f"test accuracy {self.percent} on {images} ({self.basis})"
 
 
 @dataclass(frozen=True)
@@ -44,10 +82,16 @@ class VersionView:
     pretrained_source: str
     job_id: int | None
     parent_id: int | None
+    test_images: int = 0  # labelled test images `test_accuracy` was measured on, at training
 
     @property
     def classes(self) -> list[str]:
         return self.class_names
+
+    @property
+    def accuracy(self) -> AccuracyFigure:
+        """THE accuracy of this version, everywhere: measured on its test split when it was trained."""
+        return AccuracyFigure(self.test_accuracy, self.test_images)
 
     @property
     def label(self) -> str:
@@ -77,7 +121,12 @@ def _view(row: ModelVersion) -> VersionView:
         pretrained_source=row.pretrained_source,
         job_id=row.job_id,
         parent_id=row.parent_id,
+        test_images=_count(test.get("n_images")),
     )
+
+
+def _count(value: Any) -> int:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
 def list_versions(db: Database) -> list[VersionView]:

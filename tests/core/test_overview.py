@@ -111,3 +111,42 @@ def test_error_headline_is_the_message_without_the_traceback() -> None:
     assert error_headline(error) == "ValueError: matmul: size 4 is different from 3"
     assert error_headline("\n  out of memory  \n") == "out of memory"
     assert error_headline("") == ""
+
+
+def test_b8_the_sidebar_and_every_version_list_read_one_accuracy_with_its_test_set_named(db: Database) -> None:
+    from core.versions import AccuracyBasis, AccuracyFigure, active_version, get_version, list_versions
+
+    info = populate(db, n_images=300, labelled_fraction=0.6, seed=4)
+    with db.write() as session:  # stored at training: 52.5% on 40 test images
+        version = session.get(ModelVersion, info.version_id)
+        assert version is not None
+        version.test_accuracy = 0.525
+        version.metrics = {**version.metrics, "test": {**version.metrics["test"], "accuracy": 0.525, "n_images": 40}}
+    overview = home_overview(db)
+    expected = "test accuracy 52.5% on 40 test images (at training)"
+    assert overview.accuracy_label == expected
+    assert get_version(db, info.version_id).accuracy.describe() == expected
+    assert active_version(db).accuracy == overview.accuracy  # one figure, whoever reads it
+    assert [v.accuracy.describe() for v in list_versions(db)] == [expected]
+    # Other measurements say what they are.
+    today = AccuracyFigure(0.541, 38, AccuracyBasis.TODAYS_LABELS)
+    assert today.describe() == "test accuracy 54.1% on 38 test images (today's labels)"
+    again = AccuracyFigure(0.532, 41, AccuracyBasis.SAME_IMAGES, of_version=2)
+    assert again.describe() == "test accuracy 53.2% on v2's 41 test images"
+    assert AccuracyFigure(None, 0).describe() == "no test accuracy: no labelled test images (at training)"
+
+
+def test_the_overview_job_is_the_one_job_summary_type(db: Database) -> None:
+    from core.jobs import JobView, get_job
+
+    with db.write() as session:
+        session.add(TrainingJob(**_job(JobStatus.RUNNING, 1, live=True), params={"epochs": 2}, worker_id="w1"))
+    job = home_overview(db).job
+    assert isinstance(job, JobView) and job.describe() == "#1, running, requested by alice"
+    stored = get_job(db, job.id)
+    assert (job.params, job.worker_id, job.heartbeat_at, job.report) == (
+        stored.params,
+        stored.worker_id,
+        stored.heartbeat_at,
+        stored.report,
+    )

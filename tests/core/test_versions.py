@@ -122,6 +122,8 @@ def test_cli_lists_activates_evaluates_and_exports(db: Database, tmp_path) -> No
     assert [(v["id"], v["status"]) for v in listed] == [(v2, "retired"), (v1, "active")]
     evaluated = json.loads(runner.invoke(app, ["evaluate", "--json"]).output)
     assert evaluated["version"] == v1 and evaluated["n_images"] == 3
+    text = runner.invoke(app, ["evaluate"]).output  # a re-measure says it is on today's labels, not the stored figure
+    assert f"v{v1}: test accuracy {evaluated['accuracy']:.1%} on 3 test images (today's labels)" in text
     checkpoint_path(db, get_version(db, v2)).write_bytes(b"garbage")
     refused = runner.invoke(app, ["models", "activate", str(v2)])
     assert refused.exit_code == 1 and f"v{v2}" in refused.output
