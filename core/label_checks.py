@@ -23,6 +23,9 @@ from core.schema import ImageCheck, Label
 
 _INSERT_CHUNK = 2_000
 OUTLIER_PERCENTILE = 99
+# Outlier scores compare with at most this many labelled images (a seeded sample beyond it): the cost grows with
+# images x references, so 100k labels stay minutes-free while the sample still covers every category densely.
+MAX_REFERENCES = 20_000
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def check_labels(labelled: LabelledSet, *, folds: int, seed: int = 0, config: An
     own (L2 strength when fixed, iterations, threads). Raises models.errors.NotEnoughData when there are too few
     labels to cross-validate.
     """
-    from models.label_checks import cross_validated_probs, find_label_problems, outlier_scores
+    from models.label_checks import cross_validated_probs, find_label_problems
 
     started = time.monotonic()
     cv = cross_validated_probs(
@@ -90,7 +93,7 @@ def check_labels(labelled: LabelledSet, *, folds: int, seed: int = 0, config: An
         config=config,
     )
     problems = find_label_problems(labelled.labels, cv.probs)
-    outlier = outlier_scores(labelled.features, labelled.features, same_rows=True)
+    outlier = _labelled_outlier_scores(labelled.features, seed=seed)
     return LabelCheck(
         labelled=labelled,
         probs=cv.probs,
@@ -104,6 +107,25 @@ def check_labels(labelled: LabelledSet, *, folds: int, seed: int = 0, config: An
         l2=cv.l2,
         seconds=time.monotonic() - started,
     )
+
+
+def _reference_rows(n: int, seed: int) -> np.ndarray | None:
+    """Rows of a seeded MAX_REFERENCES sample of n labelled images, or None when all of them are used."""
+    if n <= MAX_REFERENCES:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=MAX_REFERENCES, replace=False))
+
+
+def _labelled_outlier_scores(features: np.ndarray, *, seed: int) -> np.ndarray:
+    """Each labelled image's outlier score against the (sampled) labelled images, never against itself."""
+    from models.label_checks import outlier_scores
+
+    refs = _reference_rows(len(features), seed)
+    if refs is None:
+        return outlier_scores(features, features, same_rows=True)
+    scores = outlier_scores(features, features[refs])
+    scores[refs] = outlier_scores(features[refs], features[refs], same_rows=True)
+    return scores
 
 
 def _number(value: float) -> float | None:
@@ -148,11 +170,13 @@ def reference_features(db: Database, version_id: int, backbone_id: str, dim: int
     with db.read() as session:
         ids = list(
             session.scalars(
-                select(ImageCheck.image_id).where(
-                    ImageCheck.model_version_id == version_id, ImageCheck.label_category_id.is_not(None)
-                )
+                select(ImageCheck.image_id)
+                .where(ImageCheck.model_version_id == version_id, ImageCheck.label_category_id.is_not(None))
+                .order_by(ImageCheck.image_id)
             )
         )
+    rows = _reference_rows(len(ids), int(version_id))
+    ids = ids if rows is None else [ids[r] for r in rows]
     store = FeatureCache(db.settings, backbone_id, dim).store
     index = store.read_index()
     shas = [sha for sha in image_shas(db, ids) if sha in index]

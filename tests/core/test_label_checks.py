@@ -143,3 +143,21 @@ def _new_uploads_unlike_anything_labelled_are_flagged(db: Database, train: objec
     predict_images(db, ids)
     astronaut, shirt = review_items(db, ids)
     assert astronaut.unusual and not shirt.unusual, (astronaut.outlier_score, shirt.outlier_score)
+
+
+def test_outlier_scores_of_many_labels_use_a_sample_and_never_score_an_image_against_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from core import label_checks
+
+    rng = np.random.default_rng(0)
+    features = np.abs(rng.normal(size=(300, 64))).astype(np.float32)  # pooled features are non-negative
+    features[7] = 0.0
+    features[7, 3] = 5.0  # one image whose features point where no other image's do
+    full = label_checks._labelled_outlier_scores(features, seed=0)
+    monkeypatch.setattr(label_checks, "MAX_REFERENCES", 100)
+    sampled = label_checks._labelled_outlier_scores(features, seed=0)
+    assert int(np.argmax(full)) == int(np.argmax(sampled)) == 7
+    assert np.corrcoef(full, sampled)[0, 1] > 0.8  # a sample of a third ranks like all of them
+    twins = np.repeat(features[:1], 300, axis=0)  # identical images: a self-match would hide nothing here
+    assert np.allclose(label_checks._labelled_outlier_scores(twins, seed=0), 0.0, atol=1e-6)
