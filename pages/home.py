@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core.overview import home_overview
-from pages import _ui
+from pages import _sidebar, _ui
 
 db = _ui.get_db()
 overview = home_overview(db)
@@ -32,7 +32,7 @@ else:
         "No model yet. Upload and label photos of at least two categories, then press Retrain on the "
         "Train & models page. Meanwhile the upload page works as a labelling tool."
     )
-st.text(_ui.job_line(overview))
+st.text(_sidebar.job_line(overview))
 
 st.subheader("Pages")
 for key, (path, title, _url) in _ui.PAGES.items():

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import streamlit as st
 
 from core.label_checks import label_health
 from core.labels import bulk_relabel
-from core.review import LabelState, ReviewOrder, review_queue
+from core.review import LabelState, ReviewItem, ReviewOrder, ReviewPage, review_queue
 from core.schema import Split
-from pages import _ui
+from pages import _cards, _keyboard, _ui
 
 CELL_KEY = _ui.REVIEW_CELL_KEY
 ALL = _ui.REVIEW_ALL
 KEYS = _ui.REVIEW_FILTERS
+DEFAULTS = {"category": ALL, "label_state": LabelState.ALL.value, "split": ALL, "order": "lowest-confidence"}
 PAGE_SIZE = 24
-KEYBOARD_DONE_KEY = "review_keyboard_done"  # photos labelled or skipped in keyboard review, this session
+KEYBOARD_DONE_KEY = "review_keyboard_done"  # photos labelled, kept or skipped in keyboard review, this session
 PAGE_KEY = "review_page"
 SHOWN_QUERY_KEY = "review_shown_query"  # the filters the grid was last shown with: a change goes back to page 1
+URL_KEY = "review_url_filters"  # the filters last read from (or written to) the url's query string
+COUNT_FRAGMENT = "review_count"
+BULK_TARGET_KEY = "review_bulk_target"
 # Filters, page and keyboard mode outlive a visit to another page (Streamlit drops undrawn widgets' state otherwise).
 KEEP = "session"
 
@@ -24,8 +30,76 @@ db = _ui.get_db()
 _ui.show_flash()
 st.title("Review & correct")
 categories = _ui.category_names(db)
+OPTIONS = {
+    "category": [ALL, *categories],
+    "label_state": [s.value for s in LabelState],
+    "split": [ALL, *(s.value for s in Split)],
+    "order": [o.value for o in ReviewOrder],
+}
+
+
+def _filters_from_url() -> None:
+    """A link such as /review?label_state=unlabelled&category=Shoes opens the page with those filters (once per
+    distinct link: afterwards the widgets rule, and the url follows them)."""
+    given = {name: st.query_params[name] for name in KEYS if name in st.query_params}
+    stamp = sorted(given.items())
+    if not given or st.session_state.get(URL_KEY) == stamp:
+        return
+    st.session_state[URL_KEY] = stamp
+    st.session_state.pop(CELL_KEY, None)
+    for name, key in KEYS.items():
+        value = given.get(name, DEFAULTS[name])
+        if value not in OPTIONS[name]:
+            what = name.replace("_", " ")
+            st.warning(_ui.md_escape(f"The link's {what} {value!r} does not exist here: showing all."))
+            value = DEFAULTS[name]
+        st.session_state[key] = value
+
+
+def _filters_to_url(query: dict[str, str | None]) -> None:
+    shown = {name: value for name, value in query.items() if value is not None and value != DEFAULTS[name]}
+    stamp = sorted(shown.items())
+    if st.session_state.get(URL_KEY) != stamp:
+        st.session_state[URL_KEY] = stamp
+        st.query_params.from_dict(shown)
+
+
+def _count_line(query: dict[str, str | None], first: list[ReviewPage]) -> None:
+    """`N images match; page p of P`. A keyed fragment: a card's label change redraws it (the count of a filtered
+    queue changes) without redrawing the page."""
+    if first:
+        page = first.pop()
+        total, number, pages = page.total, page.page, page.pages
+    else:
+        total = review_queue(db, page=1, page_size=1, **query).total
+        pages = max(1, math.ceil(total / PAGE_SIZE))
+        number = min(int(st.session_state.get(PAGE_KEY, 1)), pages)
+    st.text(f"{total} images match; page {number} of {pages}")
+
+
+def _apply_bulk(items: list[ReviewItem]) -> None:
+    # A callback: the ticks are read now (a tick redraws only its card); the picked category is reset afterwards, so
+    # the next click cannot relabel with it by accident.
+    selected = _cards.ticked(items, prefix="rv")
+    target = st.session_state.get(BULK_TARGET_KEY)
+    if not selected:
+        _ui.flash("warning", "Select some images first (the box under each image).")
+        return
+    if target is None:
+        _ui.flash("warning", "Choose the category for the selected images first.")
+        return
+    changes = _ui.flash_errors(
+        bulk_relabel, db, selected, target, actor=_ui.actor(), seen_predictions=_cards.seen_predictions(items)
+    )
+    if changes is not None:
+        _ui.remember_changes(changes)
+        _cards.clear_selection("rv")
+        st.session_state[BULK_TARGET_KEY] = None
+        _ui.flash("success", f"{_ui.plural(len(changes), 'image')} relabelled {target}")
+
 
 cell = st.session_state.get(CELL_KEY)
+_filters_from_url()
 if cell:
     st.info(
         _ui.md_escape(
@@ -41,10 +115,10 @@ else:
     # A form, so several filters change in one go and Enter applies them.
     with st.form("review_filters", border=False):
         c1, c2, c3, c4 = st.columns(4)
-        category = c1.selectbox("Category", [ALL, *categories], key=KEYS["category"], persist_state=KEEP)
-        state = c2.selectbox("Labels", [s.value for s in LabelState], key=KEYS["label_state"], persist_state=KEEP)
-        split = c3.selectbox("Split", [ALL, *(s.value for s in Split)], key=KEYS["split"], persist_state=KEEP)
-        order = c4.selectbox("Order", [o.value for o in ReviewOrder], key=KEYS["order"], persist_state=KEEP)
+        category = c1.selectbox("Category", OPTIONS["category"], key=KEYS["category"], persist_state=KEEP)
+        state = c2.selectbox("Labels", OPTIONS["label_state"], key=KEYS["label_state"], persist_state=KEEP)
+        split = c3.selectbox("Split", OPTIONS["split"], key=KEYS["split"], persist_state=KEEP)
+        order = c4.selectbox("Order", OPTIONS["order"], key=KEYS["order"], persist_state=KEEP)
         st.form_submit_button("Apply filters")
     query = {
         "category": None if category == ALL else category,
@@ -52,6 +126,7 @@ else:
         "split": None if split == ALL else split,
         "order": order,
     }
+    _filters_to_url(query)
 
 if st.session_state.get(SHOWN_QUERY_KEY) != query:  # other filters: their first page, not the old page number
     st.session_state[SHOWN_QUERY_KEY] = query
@@ -68,8 +143,15 @@ elif query.get("order") == ReviewOrder.SUSPECTED_MISLABEL or query.get("label_st
     st.caption(_ui.md_escape(label_health(db, version_id=page.version_id).describe()))
 
 left, middle, right = st.columns([2, 1, 1], vertical_alignment="bottom")
-target = left.selectbox("Category for the selected images", categories, key="review_bulk_target")
-apply = middle.button("Relabel selected", width="stretch")
+left.selectbox(
+    "Category for the selected images",
+    categories,
+    index=None,  # nothing until chosen: a click must not relabel with whichever category happens to be first
+    placeholder="choose a category",
+    key=BULK_TARGET_KEY,
+    format_func=_ui.md_escape,
+)
+middle.button("Relabel selected", width="stretch", on_click=_apply_bulk, args=(page.items,))
 if right.button("Undo my last change", width="stretch", shortcut="U", help="Takes back changes made in this session"):
     changes = _ui.undo_session_change(db)
     if changes is not None:
@@ -77,38 +159,26 @@ if right.button("Undo my last change", width="stretch", shortcut="U", help="Take
         for change in changes:  # an undone keyboard label brings its photo back
             if change.image_id in done:
                 done.remove(change.image_id)
-        _ui.flash("success", f"Undone: {len(changes)} label change(s)")
+        _ui.flash("success", f"Undone: {_ui.plural(len(changes), 'label change')}")
         st.rerun()
 
-st.text(f"{page.total} images match; page {page.page} of {page.pages}")
+# A label change can move a photo out of a queue filtered by label or category: then the count follows each click.
+follows_labels = bool(cell) or query.get("category") is not None or query.get("label_state") != LabelState.ALL
+st.fragment(_count_line, key=COUNT_FRAGMENT)(query, [page])
 if not page.items:
     st.info("Nothing to review with these filters.")
 keyboard = st.toggle(
-    "Keyboard review: one photo at a time, keys 1-9 pick its category, Right skips",
+    "Keyboard review: one photo at a time, a fixed key per category (legend below the photo), Enter keeps the "
+    "label, Right skips",
     key="review_keyboard",
     persist_state=KEEP,
     disabled=not page.items,
 )
 if keyboard and page.items:
     done: list[int] = st.session_state.setdefault(KEYBOARD_DONE_KEY, [])
-    item = next((i for i in page.items if i.image_id not in done), None)
-    if item is None:
-        st.info("Every photo on this page is done: go to the next page (below), or change the filters.")
-    else:
-        _ui.keyboard_card(db, item, categories, done)
-selected = _ui.card_grid(db, page.items, categories, prefix="rv")
+    also = [COUNT_FRAGMENT] if follows_labels else []
+    _keyboard.keyboard_review(db, [i.image_id for i in page.items], categories, done, also_rerun=also)
+else:
+    _cards.card_grid(db, page.items, categories, prefix="rv", also_rerun=[COUNT_FRAGMENT] if follows_labels else [])
 if page.pages > 1:
     st.pagination(page.pages, key=PAGE_KEY, persist_state=KEEP)
-
-if apply:
-    if not selected:
-        st.warning("Select some images first (the box under each image).")
-    elif target:
-        ok, changes = _ui.attempt(
-            bulk_relabel, db, selected, target, actor=_ui.actor(), seen_predictions=_ui.seen_predictions(page.items)
-        )
-        if ok:
-            _ui.remember_changes(changes)
-            _ui.clear_selection("rv")
-            _ui.flash("success", f"{len(changes)} images relabelled {target}")
-            st.rerun()

@@ -49,7 +49,7 @@ def test_filters_page_and_keyboard_mode_survive_a_visit_to_another_page(db: Data
     assert at.toggle(key="review_keyboard").value is True
     assert at.pagination(key="review_page").value == 2
     assert _page_line(at) == "30 images match; page 2 of 2"
-    assert card_ids(at)[-6:] == unlabelled[24:]  # the keyboard card shows the first of them above the grid
+    assert card_ids(at) == [unlabelled[24]]  # keyboard review shows the first photo of the page (and no grid)
 
 
 def test_a_filter_change_starts_at_page_one_and_the_highlighted_page_is_the_one_shown(db: Database) -> None:
@@ -105,33 +105,87 @@ def test_undo_takes_back_only_this_sessions_changes_when_everyone_is_called_staf
     assert not a.exception and not b.exception
 
 
-def test_keyboard_review_reaches_categories_beyond_the_number_keys(db: Database) -> None:
+def test_b10_keyboard_keys_are_fixed_per_category_and_every_category_is_reachable(db: Database) -> None:
     names = ["Bags", "Belts", "Caps", "Coats", "Dresses", "Gloves", "Hats", "Jeans", "Scarves", "Shoes", "Socks"]
+    names.append("#sale")  # led by a symbol: it must not take the first key
     probs = [0.0] * len(names)
     probs[names.index("Hats")], probs[names.index("Bags")], probs[names.index("Caps")] = 0.6, 0.3, 0.1
+    other = [0.0] * len(names)
+    other[names.index("Socks")], other[names.index("Belts")] = 0.7, 0.3
     made = build(
         db,
-        [FakeImage(split="train", label=None, probs=probs, name=f"p{k}.jpg") for k in range(2)],
+        [
+            FakeImage(split="train", label=None, probs=probs, name="p0.jpg"),
+            FakeImage(split="train", label="Socks", probs=other, name="p1.jpg"),
+        ],
         categories=names,
     )
     first, second = (int(i) for i in made.image_ids)
     at = run_page("pages/review.py", session={"actor": "lee"})
     at.toggle(key="review_keyboard").set_value(True).run()
-    on_keys = [b for b in at.button if b.key and b.key.startswith(f"kb_pick_{first}_")]
-    assert len(on_keys) == 9
-    other = at.selectbox(key=f"kb_other_{first}")
-    assert other.label == "Other category" and other.value is None
-    assert other.options == ["Shoes", "Socks"]  # the two that have no number key, by name
 
-    other.set_value("Socks").run()
+    def keys_of(image_id: int) -> dict[str, str]:
+        """key -> category name on the keyboard card of this photo."""
+        prefix = f"kb_pick_{image_id}_"
+        return {
+            b.key[len(prefix) :]: b.label.replace("\\", "").split(" (")[0]
+            for b in at.button
+            if b.key and b.key.startswith(prefix)
+        }
+
+    on_first = keys_of(first)
+    assert on_first["1"] == "Bags" and on_first["2"] == "Belts" and on_first["0"] == "Shoes"  # by name, not by model
+    assert on_first["a"] == "Socks" and on_first["b"] == "#sale"  # symbol-led names come last
+    assert set(on_first.values()) == set(names)  # every category has a key here (12 < 33 keys)
+    assert any("Keys: 1 Bags · 2 Belts" in c.value.replace("\\", "") for c in at.caption)  # the legend
+
+    at.button(key=f"kb_pick_{first}_a").click().run()  # "A": Socks
     assert not at.exception and errors_of(at) == []
     [event] = audit_trail(db, first)
     assert (event.actor, event.new_category) == ("lee", "Socks")
-    assert any(b.key == f"kb_pick_{second}_1" for b in at.button)  # moved on to the next photo
-    # Undo brings the photo back: the change counts as this session's.
+    assert keys_of(second) == on_first  # the same keys on the next photo, whatever the model thinks of it
+    # Its current label is reachable (key A, highlighted), and Enter keeps it.
+    assert at.button(key=f"kb_pick_{second}_a").proto.type == "primary"
+    keep = at.button(key=f"kb_confirm_{second}")
+    assert keep.label.replace("\\", "") == "Keep Socks"
+    keep.click().run()
+    assert [e.new_category for e in audit_trail(db, second)] == ["Socks"]  # the import's label; nothing overwritten
+    assert any("Every photo on this page is done" in i.value for i in at.info)
+    assert any("1 photo labelled, 1 kept as labelled, 0 skipped" in c.value.replace("\\", "") for c in at.caption)
+
+    # Undo brings the labelled photo back: the change counts as this session's.
     next(b for b in at.button if b.label == "Undo my last change").click().run()
     assert audit_trail(db, first)[0].action == "undo"
-    assert any(b.key == f"kb_pick_{first}_1" for b in at.button)
+    assert at.session_state["review_keyboard_done"] == [second]  # the first photo is to do again
+
+
+def test_keyboard_review_offers_categories_beyond_the_keys_in_a_picker(db: Database) -> None:
+    names = [f"Category {n:02d}" for n in range(40)]  # more than the 33 keys
+    made = build(db, [FakeImage(split="train", label="Category 39", name="p.jpg")], categories=names)
+    image = int(made.image_ids[0])
+    at = run_page("pages/review.py", session={"actor": "lee"})
+    at.toggle(key="review_keyboard").set_value(True).run()
+    keyed = [b for b in at.button if b.key and b.key.startswith(f"kb_pick_{image}_")]
+    assert len(keyed) == 34  # 33 keys, plus the photo's own label without a key
+    assert at.button(key=f"kb_pick_{image}_label").label.startswith("Category 39")
+    other = at.selectbox(key=f"kb_other_{image}")
+    assert other.options == [f"Category {n}" for n in range(33, 39)]
+    other.set_value("Category 35").run()
+    assert audit_trail(db, image)[0].new_category == "Category 35"
+
+
+def test_keyboard_skip_is_recorded_in_the_session_and_the_next_photos_are_prefetched(db: Database) -> None:
+    made = build(db, [FakeImage(split="train", label=None, name=f"p{k}.jpg") for k in range(5)])
+    ids = [int(i) for i in made.image_ids]
+    at = run_page("pages/review.py", session={"actor": "lee"})
+    at.toggle(key="review_keyboard").set_value(True).run()
+    current = card_ids(at)[0]
+    assert len(at.get("image")) == 4  # the photo, and the next ones drawn small so the browser has them already
+    at.button(key=f"kb_skip_{current}").click().run()
+    assert audit_trail(db, current) == []  # skipping changes no label...
+    noted = [c.value.replace("\\", "") for c in at.caption]
+    assert any("0 photos labelled, 0 kept as labelled, 1 skipped" in c for c in noted)  # ...but is noted
+    assert card_ids(at)[0] != current and card_ids(at)[0] in ids
 
 
 def test_ticks_are_cleared_after_a_bulk_relabel_and_stay_cleared_after_undo(db: Database) -> None:
@@ -213,4 +267,6 @@ def test_the_label_check_leads_from_the_dashboard_to_the_suspects_and_one_click_
 
     assert not at.exception and errors_of(at) == []
     assert audit_trail(db, suspect)[0].new_category == "Bags"
-    assert card_ids(at) == []  # taken: no longer a suspect, the label-issues queue is empty
+    # Only the card and the count line are redrawn: the card shows its new label, the count says the queue is empty.
+    assert any(t.value.startswith("Label: Bags") for t in at.text)
+    assert _page_line(at) == "0 images match; page 1 of 1"

@@ -83,10 +83,77 @@ def test_apply_to_the_whole_upload_needs_a_category_and_leaves_labelled_duplicat
     shown = [s.value.replace("\\", "") for s in at.success]  # the page escapes Markdown punctuation
     assert "2 photos labelled Hats; 1 duplicate already labelled was left alone" in shown
 
-    # Ticking the duplicate relabels it on purpose; the tick is gone afterwards.
+    # Ticking the duplicate relabels it on purpose; the tick and the category are gone afterwards.
     at.checkbox(key=f"up_sel_{bag}").check().run()
     assert at.button(key="upload_apply").label == "Apply to 1 selected"
+    at.selectbox(key="upload_target").set_value("Hats").run()
     at.button(key="upload_apply").click().run()
     assert audit_trail(db, bag)[0].new_category == "Hats"
     assert at.checkbox(key=f"up_sel_{bag}").value is False
     assert at.button(key="upload_apply").label == "Apply to all 2 photos"  # the labelled duplicate stays out
+
+
+def test_b11_after_apply_to_the_selection_the_category_is_reset_so_the_next_click_cannot_label_the_whole_batch(
+    db: Database,
+) -> None:
+    for name in ("Bags", "Hats"):
+        add_category(db, name, actor="setup")
+    at = run_page("pages/upload.py", session={"actor": "ivy"})
+    _import(at, [(f"p{k}.png", image_bytes("Hats", k), "image/png") for k in range(8)])
+    first = card_ids(at)[0]
+    at.checkbox(key=f"up_sel_{first}").check().run()
+    at.selectbox(key="upload_target").set_value("Hats").run()
+    assert at.button(key="upload_apply").label == "Apply to 1 selected"
+    at.button(key="upload_apply").click().run()
+
+    assert not at.exception and audit_trail(db, first)[0].new_category == "Hats"
+    assert at.selectbox(key="upload_target").value is None  # today: still "Hats"
+    apply = at.button(key="upload_apply")
+    assert apply.label == "Apply to all 8 photos" and apply.proto.disabled  # nothing can be labelled by one more click
+    assert "1 photo labelled Hats" in [s.value.replace("\\", "") for s in at.success]  # not "1 photos"
+
+
+def test_b1_an_empty_catalogue_offers_a_new_category_and_a_way_to_categories_and_data(db: Database) -> None:
+    at = run_page("pages/upload.py", session={"actor": "jo"})
+    _import(at, [(f"p{k}.png", image_bytes("Shoes", k), "image/png") for k in range(2)])
+    assert len(card_ids(at)) == 2
+    assert [link.proto.label for link in at.get("page_link")] == [
+        "Categories & data: add, rename and archive categories, import already-labelled photos"
+    ]
+    next(t for t in at.text_input if t.label == "New category").input("Sneakers")
+    next(b for b in at.button if b.label == "Add category").click().run()
+
+    assert not at.exception and errors_of(at) == []
+    first = card_ids(at)[0]
+    assert at.pills(key=f"up_pick_{first}_None").options == ["Sneakers"]  # the cards can label with it at once
+    at.pills(key=f"up_pick_{first}_None").set_value("Sneakers").run()
+    assert audit_trail(db, first)[0].new_category == "Sneakers"
+
+
+def test_b1_the_batch_picker_takes_a_new_name(db: Database) -> None:
+    # Typing the name and applying it is driven in Chromium (AppTest's selectbox cannot type a new option).
+    at = run_page("pages/upload.py", session={"actor": "jo"})
+    _import(at, [(f"p{k}.png", image_bytes("Shoes", k), "image/png") for k in range(2)])
+    assert at.selectbox(key="upload_target").proto.accept_new_options
+
+
+def test_b12_singular_wording_and_a_photo_repeated_within_one_upload_is_not_already_in_the_catalogue(
+    db: Database,
+) -> None:
+    at = run_page("pages/upload.py", session={"actor": "lu"})
+    same = image_bytes("Bags", 1)
+    _import(at, [("bag.png", same, "image/png"), ("bag-again.png", same, "image/png")])
+    assert any(t.value == "1 imported, 1 duplicate, 0 refused" for t in at.text)
+    labels = [e.label for e in at.expander]
+    assert "Repeated in this upload (1)" in labels and not any(x.startswith("Already in the catalogue") for x in labels)
+
+
+def test_upload_cards_are_paginated_24_per_page(db: Database) -> None:
+    at = run_page("pages/upload.py", session={"actor": "mo"})
+    _import(at, [(f"p{k}.png", image_bytes("Hats", k), "image/png") for k in range(30)])
+    assert any(t.value == "30 imported, 0 duplicates, 0 refused" for t in at.text)
+    first_page = card_ids(at)
+    assert len(first_page) == 24
+    at.pagination(key="upload_page").set_value(2).run()
+    assert len(card_ids(at)) == 6 and not set(card_ids(at)) & set(first_page)
+    assert at.button(key="upload_apply").label == "Apply to all 30 photos"  # the whole upload, not the page

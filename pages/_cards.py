@@ -1,0 +1,304 @@
+"""Image cards: a photo with its label and prediction, one-click labelling, and the history and similar-images dialogs.
+
+A card's body is a keyed fragment, so a click on it reruns that card alone (re-read from the database), not the page:
+
+- pick a category, Accept prediction, Relabel as X: the card, plus the fragments the page names in `also_rerun`
+  (the Review page's count line: a label change can take a photo out of a filtered queue; the card stays, showing
+  its new label, until the page is drawn again, so the person sees what they did and can undo it);
+- Select (outside the body, under it): the fragments named in `on_select` (the upload page's bulk bar, whose button
+  says how many photos it labels), else nothing;
+- a relabel from the Similar dialog changes many cards: the whole page reruns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import streamlit as st
+
+from core.db import Database
+from core.errors import ProdcatError
+from core.labels import SeenPrediction, audit_trail, bulk_relabel, set_label
+from core.review import ReviewItem, review_items
+from core.similar import similar_images
+from pages._ui import actor, attempt, flash, md_escape, percent, remember_changes
+
+
+def _seen(item: ReviewItem) -> SeenPrediction | None:
+    if item.predicted_category_id is None or item.model_version_id is None or item.confidence is None:
+        return None
+    return SeenPrediction(item.model_version_id, item.predicted_category_id, float(item.confidence))
+
+
+def seen_predictions(items: Sequence[ReviewItem]) -> dict[int, SeenPrediction | None]:
+    """What the grid showed for each image: the audit row of a bulk change records it, like a one-click one."""
+    return {item.image_id: _seen(item) for item in items}
+
+
+def fragment_key(prefix: str, image_id: int) -> str:
+    """The name of a card's fragment (st.rerun(<name>) from a callback redraws just that card)."""
+    return f"{prefix}_frag_{image_id}"
+
+
+def _message_key(prefix: str, image_id: int) -> str:
+    return f"_card_msg_{prefix}_{image_id}"
+
+
+def label_one(db: Database, item: ReviewItem, category: str, *, prefix: str, verb: str = "labelled") -> bool:
+    """Label one photo as the person chose, with what the model showed them; remembered for this session's undo.
+
+    The outcome is shown in the card `prefix` draws for the photo. False when refused."""
+    try:
+        change = set_label(db, item.image_id, category, actor=actor(), seen_prediction=_seen(item))
+    except ProdcatError as exc:
+        st.session_state[_message_key(prefix, item.image_id)] = ("error", str(exc))
+        return False
+    remember_changes([change])
+    if change.changed:
+        st.session_state[_message_key(prefix, item.image_id)] = (
+            "success",
+            f"#{item.image_id} {item.original_name}: {verb} {category}",
+        )
+    return True
+
+
+def _rerun(keys: Sequence[str]) -> None:
+    """From a callback: redraw just these fragments (instead of the one the widget sits in, or the page)."""
+    if keys:
+        st.rerun(list(keys))
+
+
+def _on_label(
+    db: Database, item: ReviewItem, category: str | None, prefix: str, verb: str, also: tuple[str, ...]
+) -> None:
+    if category is not None and label_one(db, item, category, prefix=prefix, verb=verb) and also:
+        _rerun([fragment_key(prefix, item.image_id), *also])
+
+
+def _on_pick(db: Database, item: ReviewItem, key: str, prefix: str, also: tuple[str, ...]) -> None:
+    choice = st.session_state.get(key)
+    if choice is None:  # clicking the selected pill again deselects it: keep showing the stored label
+        st.session_state[key] = item.label
+        return
+    _on_label(db, item, choice, prefix, "labelled", also)
+
+
+def suggestion_text(item: ReviewItem) -> str | None:
+    """`Label check: probably Shirt (81%); this label's quality 4%`, where the check doubts the label."""
+    if not item.suggests_change or item.suggestion is None:
+        return None
+    s = item.suggestion
+    flag = "likely wrong label" if s.issue else "doubtful label"
+    return f"Label check: {flag}, probably {s.category} ({percent(s.probability)}); quality {percent(s.quality)}"
+
+
+@st.dialog("Label history", width="large")
+def show_audit(db: Database, image_id: int, name: str) -> None:
+    """The audit trail of one image, newest first."""
+    st.text(f"#{image_id} {name}")
+    ok, rows = attempt(audit_trail, db, image_id)
+    if not ok:
+        return
+    if not rows:
+        st.text("No label changes yet.")
+        return
+    st.dataframe(
+        [
+            {
+                "time (UTC)": r.time.strftime("%Y-%m-%d %H:%M:%S"),
+                "who": r.actor,
+                "action": r.action,
+                "from": r.old_category or "",
+                "to": r.new_category or "",
+                "model saw": (
+                    f"{r.predicted_category} ({r.predicted_confidence:.0%})"
+                    if r.predicted_category and r.predicted_confidence is not None
+                    else ""
+                ),
+                "note": r.note,
+            }
+            for r in rows
+        ],
+        hide_index=True,
+    )
+
+
+@st.dialog("Similar images", width="large")
+def show_similar(db: Database, item: ReviewItem, categories: list[str]) -> None:
+    """The photos most like this one to the active model, to relabel a whole cluster of one mistake at once."""
+    ok, found = attempt(similar_images, db, item.image_id)
+    if not ok:
+        return
+    if not found:
+        st.text("Nothing to compare with yet: similar images need a trained model (retrain once).")
+        return
+    st.text(f"The {len(found)} photos most like #{item.image_id} {item.original_name}, to the active model")
+    chosen = [item.image_id] if st.checkbox(f"Include #{item.image_id} itself", value=True, key="sim_self") else []
+    columns = st.columns(4)
+    for n, near in enumerate(found):
+        with columns[n % 4]:
+            st.image(str(near.item.thumb_path), width="stretch")
+            st.text(f"#{near.item.image_id} {near.item.original_name}")
+            st.text(f"Label: {near.item.label or '(unlabelled)'}  ({near.similarity:.0%} alike)")
+            if st.checkbox("Select", value=True, key=f"sim_{item.image_id}_{near.item.image_id}"):
+                chosen.append(near.item.image_id)
+    target = st.selectbox("Relabel the selected photos as", categories, index=None, format_func=md_escape)
+    if st.button(f"Relabel {len(chosen)} selected", disabled=not chosen or target is None, type="primary"):
+        shown = seen_predictions([item, *(near.item for near in found)])
+        ok, changes = attempt(bulk_relabel, db, chosen, target, actor=actor(), seen_predictions=shown)
+        if ok:
+            remember_changes(changes)
+            flash("success", f"{len(changes)} similar photos relabelled {target}")
+            st.rerun()  # many cards changed: the whole page
+
+
+def prediction_text(item: ReviewItem) -> str:
+    """`Predicted: Shoes (93%)` or that there is none."""
+    if item.predicted is None:
+        return "Predicted: (no model prediction)"
+    return f"Predicted: {item.predicted} ({percent(item.confidence)})"
+
+
+def _card_body(
+    db: Database, first: list[ReviewItem], image_id: int, categories: list[str], prefix: str, also: tuple[str, ...]
+) -> None:
+    """The card's fragment. `first` holds the item the page run read: used once; a rerun of this fragment alone
+    (after a click on it) reads the photo afresh, so the card shows its new label."""
+    if first:
+        item = first.pop()
+    else:
+        found = review_items(db, [image_id])
+        if not found:
+            st.text(f"#{image_id}: no longer in the catalogue")
+            return
+        item = found[0]
+    st.image(str(item.thumb_path), width="stretch")
+    st.text(f"#{item.image_id} {item.original_name}")
+    st.text(f"Label: {item.label or '(unlabelled)'}   [{item.split}]")
+    st.text(prediction_text(item))
+    message = st.session_state.pop(_message_key(prefix, image_id), None)
+    if message is not None:
+        kind, text = message
+        if kind == "error":
+            st.error(md_escape(text))
+        else:
+            st.caption(md_escape(text))
+    if item.unusual:
+        st.info("Unlike anything labelled so far: maybe a new category?", icon=":material/new_releases:")
+    check = suggestion_text(item)
+    if check is not None:
+        st.warning(md_escape(check), icon=":material/report:")
+        if item.suggestion is not None and item.suggestion.category in categories:
+            st.button(
+                md_escape(f"Relabel as {item.suggestion.category}"),
+                key=f"{prefix}_suggest_{item.image_id}",
+                on_click=_on_label,
+                args=(db, item, item.suggestion.category, prefix, "relabelled (label check)", also),
+                help="The category the label check (K-fold, out of sample) finds likeliest",
+                width="stretch",
+            )
+    if item.top3:
+        with st.popover("Top 3", width="stretch"):
+            for name, probability in item.top3:
+                st.text(f"{name}: {probability:.1%}")
+    if item.predicted is not None and item.predicted != item.label and item.predicted in categories:
+        st.button(
+            "Accept prediction",
+            key=f"{prefix}_accept_{item.image_id}",
+            on_click=_on_label,
+            args=(db, item, item.predicted, prefix, "accepted", also),
+            # Prominent only where nothing is lost: on a labelled image one misclick would overwrite a person.
+            type="primary" if item.label is None else "secondary",
+            width="stretch",
+        )
+    options = list(categories)
+    if item.label is not None and item.label not in options:  # e.g. an archived category
+        options.append(item.label)
+    # The key carries the stored label, so a change made elsewhere (bulk, undo) shows up fresh here.
+    key = f"{prefix}_pick_{item.image_id}_{item.label}"
+    if key not in st.session_state:
+        st.session_state[key] = item.label
+    st.pills(
+        "Category",
+        options,
+        key=key,
+        format_func=md_escape,
+        on_change=_on_pick,
+        args=(db, item, key, prefix, also),
+        label_visibility="collapsed",
+    )
+    left, right = st.columns(2)
+    if left.button("Similar", key=f"{prefix}_similar_{item.image_id}", disabled=item.model_version_id is None):
+        show_similar(db, item, categories)
+    if right.button("History", key=f"{prefix}_hist_{item.image_id}"):
+        show_audit(db, item.image_id, item.original_name)
+
+
+def image_card(
+    db: Database,
+    item: ReviewItem,
+    categories: list[str],
+    *,
+    prefix: str,
+    also_rerun: Sequence[str] = (),
+    on_select: Sequence[str] = (),
+) -> bool:
+    """One image: thumbnail, name, label, prediction (top 3 on demand), one-click labelling, a selection box.
+
+    Returns whether the image is selected. See the module docstring for what each click reruns.
+    """
+    # The key names the card in the page (CSS class st-key-<key>), which the browser test relies on.
+    with st.container(border=True, key=f"{prefix}_card_{item.image_id}"):
+        body = st.fragment(_card_body, key=fragment_key(prefix, item.image_id))
+        body(db, [item], item.image_id, categories, prefix, tuple(also_rerun))
+        selected = st.checkbox(
+            "Select",
+            key=_selection_key(prefix, item.image_id),
+            on_change=_rerun,
+            # Nothing else shows the selection: redraw only what counts it (the box itself is drawn by the browser).
+            args=(list(on_select) or [fragment_key(prefix, item.image_id)],),
+        )
+    return bool(selected)
+
+
+def _selection_key(prefix: str, image_id: int) -> str:
+    return f"{prefix}_sel_{image_id}"
+
+
+def clear_selection(prefix: str) -> None:
+    """Untick every box of the grid `prefix` on the next run (after a bulk change: the ticks were for that change).
+
+    A widget drawn in this run cannot be changed any more, so the boxes are reset before the grid is drawn again.
+    """
+    st.session_state[f"_clear_{prefix}_sel"] = True
+
+
+def ticked(items: Sequence[ReviewItem] | Sequence[int], *, prefix: str) -> list[int]:
+    """Ids of the images (items or ids) ticked in the grid `prefix`, readable before the grid is drawn."""
+    if st.session_state.pop(f"_clear_{prefix}_sel", False):
+        for key in [k for k in st.session_state if str(k).startswith(f"{prefix}_sel_")]:
+            st.session_state[key] = False  # a write (not a delete) so the browser unticks the box too
+    ids = [i if isinstance(i, int) else i.image_id for i in items]
+    return [i for i in ids if st.session_state.get(_selection_key(prefix, i))]
+
+
+def card_grid(
+    db: Database,
+    items: Sequence[ReviewItem],
+    categories: list[str],
+    *,
+    prefix: str,
+    per_row: int = 4,
+    also_rerun: Sequence[str] = (),
+    on_select: Sequence[str] = (),
+) -> list[int]:
+    """Cards in rows of `per_row`; returns the ids of the selected images."""
+    ticked(items, prefix=prefix)  # a pending clear_selection unticks the boxes before they are drawn
+    selected: list[int] = []
+    for start in range(0, len(items), per_row):
+        columns = st.columns(per_row)
+        for column, item in zip(columns, items[start : start + per_row], strict=False):
+            with column:
+                if image_card(db, item, categories, prefix=prefix, also_rerun=also_rerun, on_select=on_select):
+                    selected.append(item.image_id)
+    return selected

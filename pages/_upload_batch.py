@@ -1,0 +1,90 @@
+"""The upload page's record of one upload: what each import call stored, repeated, refused, and what is still to go.
+
+Kept in session state and filled a chunk at a time, so an import cut short (the person opened another page, which
+stops the page's script) still says what was stored and keeps the rest to resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from core.db import Database
+from core.errors import CategoryError
+from core.ingest import ImportResult, Upload
+from core.labels import clean_category_name, list_categories
+from pages._ui import PAGES, plural
+
+
+def category_problem(db: Database, name: str) -> str | None:
+    """Why the upload's category cannot take photos (too long, archived), in full, or None. Checked before any file
+    is read, so one bad name refuses nothing silently and leaves the chosen files where they are."""
+    where = PAGES["categories"][1]
+    try:
+        cleaned = clean_category_name(name)
+    except CategoryError as exc:
+        return f"Nothing was imported: the category {name!r} cannot be used ({exc}). Choose or type another one."
+    for row in list_categories(db, include_archived=True):
+        if row.archived and row.name.casefold() == cleaned.casefold():
+            if row.merged_into:
+                how = f"it was merged into {row.merged_into!r}: choose that one"
+            else:
+                how = f"un-archive it on {where}, or choose another category"
+            return f"Nothing was imported: the category {row.name!r} is archived; {how}."
+    return None
+
+
+@dataclass
+class Batch:
+    total: int
+    category: str | None
+    pending: list[Upload]
+    processed: int = 0
+    imported: list[tuple[str, int]] = field(default_factory=list)
+    duplicates: list[tuple[str, int, str]] = field(default_factory=list)  # (file, image id, that image's name)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, uploads: list[Upload], *, category: str | None) -> Batch:
+        return cls(total=len(uploads), category=category, pending=list(uploads))
+
+    def add(self, result: ImportResult, *, done: int) -> None:
+        """Record one import call's result over the next `done` pending uploads."""
+        self.imported += [(i.name, i.image_id) for i in result.imported]
+        self.duplicates += [(d.name, d.image_id, d.existing_name) for d in result.duplicates]
+        self.refused += [(r.name, r.reason) for r in result.refused]
+        self.notes += [n for n in result.notes if n not in self.notes]
+        self.pending = self.pending[done:]
+        self.processed += done
+
+    @property
+    def imported_ids(self) -> list[int]:
+        return [i for _, i in self.imported]
+
+    @property
+    def ids(self) -> list[int]:
+        """The photos to show: new ones, then the catalogue's copies of duplicates (each once)."""
+        return list(dict.fromkeys([*self.imported_ids, *(i for _, i, _ in self.duplicates)]))
+
+    def repeated(self) -> list[tuple[str, int, str]]:
+        """Duplicates of a photo this same upload brought in (not earlier catalogue photos)."""
+        new = set(self.imported_ids)
+        return [d for d in self.duplicates if d[1] in new]
+
+    def existing(self) -> list[tuple[str, int, str]]:
+        """Duplicates of photos that were in the catalogue before this upload."""
+        new = set(self.imported_ids)
+        return [d for d in self.duplicates if d[1] not in new]
+
+    def summary(self) -> str:
+        duplicates = plural(len(self.duplicates), "duplicate")
+        return f"{len(self.imported)} imported, {duplicates}, {len(self.refused)} refused"
+
+    def interrupted_text(self) -> str:
+        stored = len(self.imported) + len(self.duplicates)
+        refused = f", {len(self.refused)} refused" if self.refused else ""
+        return (
+            f"Import interrupted: {stored} of {plural(self.total, 'file')} stored{refused}; "
+            f"{len(self.pending)} not imported: import them with the button below, or upload them again. "
+            "(Any stored just before the interruption show up as duplicates.)"
+        )
