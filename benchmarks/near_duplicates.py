@@ -4,15 +4,21 @@ split, with no false group among distinct products? Old rule (equal dHash) vs ne
 2,000 distinct Fashion-MNIST test-set products (the thresholds were chosen on train-set images), inverted to the white
 background of the Zalando shots and upscaled to 224 px, imported through core.ingest as JPEG q=90; then one copy of
 each per kind (tests/imagegen.COPY_KINDS) as a second batch. Also the hashing cost per image and the matching cost
-against 100,000 stored hashes. Run: .venv/bin/python benchmarks/near_duplicates.py [--n 2000]
+against 100,000 stored hashes, and the stored groups at 100,000 rows: the Duplicates page's SQL (counts, first and
+last page), the whole page through AppTest, and what joining a group costs a matching new image at ingest, against
+the old all-pairs grouping at 10,000. Run: .venv/bin/python benchmarks/near_duplicates.py [--n 2000]
+[--parts groups,costs,false-groups,splits]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `core` and `tests` importable
@@ -20,19 +26,34 @@ if __package__ in (None, ""):  # run as a script: make `core` and `tests` import
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, text
 
+from core import db as core_db
 from core.db import open_database
 from core.demo import balanced_indices, load_fashion_mnist
-from core.duplicates import HashArrays, HashIndex, group_labels
+from core.duplicates import (
+    HashArrays,
+    HashIndex,
+    duplicate_counts,
+    duplicate_groups,
+    group_labels,
+    join_group,
+    unchecked_images,
+)
 from core.imaging import content_hashes
 from core.ingest import Upload, import_uploads
 from core.schema import Image
-from core.settings import Settings
+from core.settings import Settings, get_settings
 from core.splits import split_for_hash
+from tests.core.factories import populate
 from tests.imagegen import COPY_KINDS, encode
 
 SIZE = 224
+update_by_id = (
+    Image.__table__.update()
+    .where(Image.__table__.c.id == bindparam("b_id"))
+    .values(duplicate_group_id=bindparam("b_group"), split=bindparam("b_split"))
+)
 
 
 def products(n: int) -> list[PILImage.Image]:
@@ -109,7 +130,7 @@ def costs(originals: list[PILImage.Image], stored: int = 100_000) -> None:
     t0 = time.perf_counter()
     for i, h in enumerate(hashes):
         assert h is not None
-        index.earliest_match(h)
+        index.matches(h)
         index.add(stored + i + 1, h, "train")
     per_match = (time.perf_counter() - t0) / len(hashes)
     t0 = time.perf_counter()
@@ -120,15 +141,129 @@ def costs(originals: list[PILImage.Image], stored: int = 100_000) -> None:
           f"(once per import batch); grouping 10,000 images (duplicates page / scan): {grouping:.1f} s")  # fmt: skip
 
 
+def _median_ms(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _store_groups(db: core_db.Database, fraction: float, rng: np.random.Generator) -> None:
+    """Put `fraction` of the images in stored groups of 2 to 6 sharing the earliest member's split (2% of groups
+    keep their own splits: imported before the hashes), every image checked."""
+    with db.read() as session:
+        rows = session.execute(select(Image.id, Image.split).order_by(Image.id)).all()
+    chosen = rng.permutation(len(rows))[: int(fraction * len(rows))]
+    updates, start = [], 0
+    while start < len(chosen) - 1:
+        members = sorted(int(i) for i in chosen[start : start + int(rng.integers(2, 7))])
+        start += len(members)
+        if len(members) < 2:
+            break
+        first_id, first_split = rows[members[0]]
+        straddles = rng.random() < 0.02
+        updates += [{"b_id": rows[m][0], "b_group": first_id,
+                     "b_split": rows[m][1] if straddles else first_split} for m in members]  # fmt: skip
+    with db.write() as session:
+        session.execute(Image.__table__.update().values(duplicate_group_id=None, duplicates_checked=True))
+        session.execute(update_by_id, updates)
+
+
+def stored_groups(workdir: Path, images: int = 100_000, repeat: int = 5) -> None:
+    """The Duplicates page and Data health counts read the stored group ids: time them at `images` rows."""
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["PRODCAT_DATA_DIR"] = str(workdir / "groups")
+    os.environ["PRODCAT_PRETRAINED"] = "none"
+    get_settings.cache_clear()
+    core_db.close_all()
+    db = core_db.open_database(get_settings())
+    t0 = time.perf_counter()
+    populate(db, n_images=images, with_version=False)
+    print(f"populated {images:,} images in {time.perf_counter() - t0:.1f} s")
+    rng = np.random.default_rng(0)
+    print("| grouped images | counts ms | first page ms | last page ms | unchecked count ms | whole page ms "
+          "| joining a group ms (later copy / first copy) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for fraction in (0.1, 0.5):
+        _store_groups(db, fraction, rng)
+        counts = duplicate_counts(db)
+        last = duplicate_groups(db, page_size=10).pages
+        counts_ms = _median_ms(lambda: duplicate_counts(db), repeat)
+        first_ms = _median_ms(lambda: duplicate_groups(db, page=1, page_size=10), repeat)
+        last_ms = _median_ms(lambda last=last: duplicate_groups(db, page=last, page_size=10), repeat)
+        unchecked_ms = _median_ms(lambda: unchecked_images(db), repeat)
+        at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "streamlit_app.py"), default_timeout=120)
+        at.run().switch_page("pages/duplicates.py").run()
+        assert not at.exception, at.exception
+        page_ms = _median_ms(at.run, 3)
+        later_ms, first_copy_ms = _join_cost(db, rng)
+        print(f"| {counts.images:,} ({fraction:.0%}) in {counts.groups:,} groups, {counts.straddling:,} spanning "
+              f"splits | {counts_ms:.1f} | {first_ms:.1f} | {last_ms:.1f} (page {last:,}) | {unchecked_ms:.1f} "
+              f"| {page_ms:.0f} | {later_ms:.2f} / {first_copy_ms:.2f} |")  # fmt: skip
+    db.dispose()
+    core_db.close_all()
+    random = rng.integers(-(2**63), 2**63 - 1, size=(10_000, 3), dtype=np.int64)
+    t0 = time.perf_counter()
+    group_labels(HashArrays.from_rows([(i + 1, int(a), int(b), int(c)) for i, (a, b, c) in enumerate(random)]))
+    print(f"before: every Duplicates page load compared every pair; 10,000 images: {time.perf_counter() - t0:.2f} s")
+
+
+def _join_cost(db: core_db.Database, rng: np.random.Generator, calls: int = 200) -> tuple[float, float]:
+    """Median ms that joining a group adds to a matching new image's write transaction at ingest, for a later copy
+    (matches two images of one group: a SELECT only) and a first copy (matches one image in no group: a SELECT and
+    an UPDATE), against the same begun transaction without it. Rolled back, so the groups stay as they are."""
+    with db.read() as session:
+        grouped = session.execute(
+            select(Image.duplicate_group_id, Image.id).where(Image.duplicate_group_id.is_not(None))
+        ).all()
+        loners = list(session.scalars(select(Image.id).where(Image.duplicate_group_id.is_(None))))
+    by_group: dict[int, list[int]] = {}
+    for group_id, image_id in grouped:
+        by_group.setdefault(group_id, []).append(image_id)
+    groups = list(by_group.values())
+
+    def one(matched: list[int] | None) -> float:
+        t0 = time.perf_counter()
+        with db.write() as session:
+            session.execute(text("SELECT 1"))  # the insert's transaction has begun already
+            if matched is not None:
+                join_group(session, matched)
+            session.rollback()
+        return time.perf_counter() - t0
+
+    base = statistics.median(one(None) for _ in range(calls))
+    later = statistics.median(one(groups[int(rng.integers(len(groups)))][:2]) for _ in range(calls))
+    first = statistics.median(one([loners[int(rng.integers(len(loners)))]]) for _ in range(calls))
+    return (later - base) * 1e3, (first - base) * 1e3
+
+
+PARTS = ("groups", "costs", "false-groups", "splits")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--images", type=int, default=100_000, help="catalogue size for the stored-groups part")
     args = parser.parse_args()
-    originals = products(args.n)
-    false_groups(originals)
-    costs(originals)
+    parts = set(args.parts.split(","))
+    if unknown := parts - set(PARTS):
+        parser.error(f"unknown part(s): {', '.join(sorted(unknown))}")
     with tempfile.TemporaryDirectory() as workdir:
-        split_agreement(originals, Path(workdir))
+        if "groups" in parts:
+            stored_groups(Path(workdir), args.images)
+        if parts - {"groups"}:
+            originals = products(args.n)
+            if "false-groups" in parts:
+                false_groups(originals)
+            if "costs" in parts:
+                costs(originals)
+            if "splits" in parts:
+                split_agreement(originals, Path(workdir))
 
 
 if __name__ == "__main__":

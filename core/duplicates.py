@@ -219,10 +219,12 @@ def join_group(session: Session, matched_ids: Sequence[int]) -> int | None:
     group_id = min(g if g is not None else i for i, g in found)
     loners = [i for i, g in found if g is None]
     others = sorted({g for _, g in found if g is not None and g != group_id})
+    # Usually nothing to write: a later copy matches images already in one group. No loaded objects to keep in step.
+    regroup = update(Image).values(duplicate_group_id=group_id).execution_options(synchronize_session=False)
     for chunk in in_chunks(loners):
-        session.execute(update(Image).where(Image.id.in_(chunk)).values(duplicate_group_id=group_id))
+        session.execute(regroup.where(Image.id.in_(chunk)))
     for chunk in in_chunks(others):
-        session.execute(update(Image).where(Image.duplicate_group_id.in_(chunk)).values(duplicate_group_id=group_id))
+        session.execute(regroup.where(Image.duplicate_group_id.in_(chunk)))
     return group_id
 
 
