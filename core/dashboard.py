@@ -183,7 +183,11 @@ def confusion_figure(data: ConfusionData, *, normalised: bool = True, clickable:
     hovertemplate = (
         "true %{y}<br>predicted %{x}<br>%{customdata[0]} images (%{customdata[1]:.0%} of row)<extra></extra>"
     )
-    names = shown_names(data.class_names)
+    # Axis values are the full names (each cell's identity and its hover text); ticks show them cut to TICK_CHARS, so a
+    # long name cannot squeeze the heatmap, and the left margin is fixed. Quotes are not escaped: plotly shows
+    # `&quot;` literally, and its labels have no attributes for a quote to break out of.
+    names = [html.escape(str(name), quote=False) for name in data.class_names]
+    ticks = [html.escape(_cut(str(name)), quote=False) for name in data.class_names]
     fig = go.Figure(
         go.Heatmap(
             z=shares if normalised else data.counts,
@@ -221,9 +225,19 @@ def confusion_figure(data: ConfusionData, *, normalised: bool = True, clickable:
         xaxis_type="category",
         yaxis_type="category",
         yaxis_autorange="reversed",
-        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        xaxis={"tickmode": "array", "tickvals": names, "ticktext": ticks, "tickangle": -45, "automargin": False},
+        yaxis={"tickmode": "array", "tickvals": names, "ticktext": ticks, "automargin": False},
+        margin={"l": TICK_MARGIN_PX, "r": 10, "t": 40, "b": TICK_MARGIN_PX},
     )
     return fig
+
+
+TICK_CHARS = 22  # characters of a category name shown on the confusion matrix's axes (the hover shows it all)
+TICK_MARGIN_PX = 170  # room for TICK_CHARS characters of 12 px text, whatever the names
+
+
+def _cut(name: str) -> str:
+    return name if len(name) <= TICK_CHARS else name[: TICK_CHARS - 1].rstrip() + "…"
 
 
 @dataclass(frozen=True)

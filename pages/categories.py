@@ -7,7 +7,14 @@ import streamlit as st
 from core.backbone import backbone_choice, clear_weights_selection, use_weights_file
 from core.export import export_imagefolder, labels_csv_bytes
 from core.ingest import ImportResult, LabelSource, Upload, import_labelled_folder, import_labelled_upload
-from core.labels import add_category, archive_category, list_categories, merge_categories, rename_category
+from core.labels import (
+    add_category,
+    archive_category,
+    list_categories,
+    merge_categories,
+    rename_category,
+    unarchive_category,
+)
 from core.serverfiles import exchange_path
 from core.versions import active_version, checkpoint_files, model_archive_bytes
 from pages import _ui
@@ -42,7 +49,9 @@ if rows:
 else:
     st.info("No categories yet: add one here, or give one when uploading.")
 
-add_tab, rename_tab, merge_tab, archive_tab = st.tabs(["Add", "Rename", "Merge", "Archive"])
+archived = [c.name for c in rows if c.archived and not c.merged_into]
+tabs = st.tabs(["Add", "Rename", "Merge", "Archive", "Un-archive"])
+add_tab, rename_tab, merge_tab, archive_tab, unarchive_tab = tabs
 with add_tab, st.form("add_category", clear_on_submit=True):
     name = st.text_input("New category name")
     if st.form_submit_button("Add category"):
@@ -67,6 +76,12 @@ with archive_tab, st.form("archive_category"):
     if st.form_submit_button("Archive") and doomed:
         ok, _ = _ui.attempt(archive_category, db, doomed, actor=_ui.actor())
         _done(ok, f"Archived {doomed}")
+with unarchive_tab, st.form("unarchive_category"):
+    revived = st.selectbox("Archived category", archived, key="unarchive_name", format_func=_ui.md_escape)
+    st.caption("It takes labels again (uploads, review). A merged category stays merged: its labels moved.")
+    if st.form_submit_button("Un-archive") and revived:
+        ok, _ = _ui.attempt(unarchive_category, db, revived, actor=_ui.actor())
+        _done(ok, f"Un-archived {revived}")
 
 # --- import ---------------------------------------------------------------------------------------------------------
 LABEL_SOURCES = {
@@ -191,7 +206,15 @@ csv_col, folder_col, model_col = st.columns(3)
 with csv_col:
     st.subheader("Labels CSV")
     # Deferred: the CSV is written only when someone clicks, not on every rerun of this page.
-    st.download_button("Download labels.csv", lambda: labels_csv_bytes(db), file_name="labels.csv", mime="text/csv")
+    # on_click="ignore": a click does not rerun the page. A rerun would replace both buttons' deferred files, and a
+    # second download clicked before the browser got the new ids would be lost ("Deferred file ... not found").
+    st.download_button(
+        "Download labels.csv",
+        lambda: labels_csv_bytes(db),
+        file_name="labels.csv",
+        mime="text/csv",
+        on_click="ignore",
+    )
 with folder_col, st.form("export_folder"):
     st.subheader("ImageFolder")
     target_dir = st.text_input("New or empty folder on the server (inside the exchange folder)")
@@ -219,4 +242,5 @@ with model_col:
                 file_name=f"model-v{version.id}.zip",
                 mime="application/zip",
                 key="download_model",
+                on_click="ignore",
             )

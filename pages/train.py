@@ -8,7 +8,16 @@ import streamlit as st
 
 from core.backbone import next_start
 from core.dashboard import version_comparison
-from core.jobs import TrainMode, cancel_job, current_job, enqueue_training, ensure_worker, list_jobs, worker_alive
+from core.jobs import (
+    JobView,
+    TrainMode,
+    cancel_job,
+    current_job,
+    enqueue_training,
+    ensure_worker,
+    list_jobs,
+    worker_alive,
+)
 from core.overview import error_headline, job_progress, training_curves
 from core.schema import JobStatus
 from core.training import suggested_mode, training_plan
@@ -30,6 +39,81 @@ def _retrain(mode: TrainMode) -> None:
 
 _ui.show_flash()
 st.title("Train & models")
+live_job = current_job(db)
+
+
+# --- live progress --------------------------------------------------------------------------------------------------
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{int(seconds) // 60} min {int(seconds) % 60} s" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _drawn_state(job: JobView | None) -> tuple[int | None, str | None, int | None]:
+    """What the rest of the page was drawn from: the live job, its status, the active version."""
+    version = active_version(db)
+    return (job.id if job else None, job.status if job else None, version.id if version else None)
+
+
+@st.fragment(run_every="2s")
+def live_progress(drawn: tuple[int | None, str | None, int | None]) -> None:
+    """Reads the job from the database every 2 s, so it survives reloads and shows jobs started elsewhere."""
+    job = current_job(db)
+    if _drawn_state(job) != drawn:
+        # A job started, was claimed, ended, or made a new active version since the page was drawn: redraw the
+        # whole page, so its captions, Retrain button, comparison and versions agree with this block and the sidebar.
+        st.rerun(scope="app")
+    if job is None:
+        recent = list_jobs(db, limit=1)
+        if recent:
+            last = recent[0]
+            text = f"Last training job #{last.id} ({last.mode}) {last.status}"
+            headline = error_headline(last.error)
+            if last.status == JobStatus.FAILED:
+                st.error(_ui.md_escape(f"{text}: {headline}"))
+                if last.error.strip() != headline:
+                    with st.expander("Full error", key=f"job_error_{last.id}"):
+                        st.code(last.error, language=None)
+            else:
+                st.text(f"{text}: {headline}" if headline else text)
+        return
+    if job.status == JobStatus.QUEUED:
+        # Its worker may have died before claiming it (or none was ever started): start one here. A read first, so
+        # a waiting page does not take the write lock every 2 s; ensure_worker starts at most one per timeout.
+        if not worker_alive(db):
+            _ui.attempt(ensure_worker, db)
+    report = job.report
+    st.subheader(f"Training job #{job.id}: {job.status}")
+    bar = job_progress(job.progress)
+    if bar.fraction is not None:
+        st.progress(bar.fraction, text=_ui.md_escape(bar.text))
+    else:
+        waiting = "waiting for a worker" if job.status == JobStatus.QUEUED else "starting"
+        st.text(f"phase: {bar.text or waiting}")
+    # Only the figures this run reports (quick mode has no loss, nor a rate before its first step).
+    figures = {
+        "Loss": None if report.loss is None else f"{report.loss:.3f}",
+        "Images/s": None if report.images_per_s is None else f"{report.images_per_s:.0f}",
+        "ETA": None if report.eta_s is None else _eta(report.eta_s),
+        "Val accuracy": None if report.val_acc is None else _ui.percent(report.val_acc),
+    }
+    known = {name: value for name, value in figures.items() if value is not None}
+    for column, (name, value) in zip(st.columns(4), known.items(), strict=False):
+        column.metric(name, value)
+    if report.device:
+        st.caption(_ui.md_escape(f"Device: {report.device}"))
+    # A curve needs two epochs: quick mode's single point would be an invisible chart at "epoch 1.000000".
+    curves = {name: frame for name, frame in training_curves(job.history).items() if len(frame) >= 2}
+    for column, (name, frame) in zip(st.columns(2), curves.items(), strict=False):
+        column.line_chart(frame, x_label="epoch", y_label=name)
+    if job.cancel_requested:
+        st.text("Cancel requested: the worker stops after the current step.")
+    elif st.button("Cancel training", key=f"cancel_{job.id}"):
+        _ui.attempt(cancel_job, db, job.id, actor=_ui.actor())
+
+
+live_progress(_drawn_state(live_job))
+
 
 # --- what would be trained ------------------------------------------------------------------------------------------
 with st.spinner("Checking the hardware..."):  # the first visit imports torch to look for a GPU
@@ -83,7 +167,6 @@ else:
 for note in start.notes:
     st.warning(_ui.md_escape(note))
 
-live_job = current_job(db)
 st.button(
     f"Retrain ({mode})",
     type="primary",
@@ -97,63 +180,6 @@ if start.problem is not None:
 if live_job is not None:
     st.caption(f"Training job #{live_job.id} is {live_job.status}: Retrain is available again once it ends.")
 
-
-# --- live progress --------------------------------------------------------------------------------------------------
-def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "n/a"
-    return f"{int(seconds) // 60} min {int(seconds) % 60} s" if seconds >= 60 else f"{seconds:.0f} s"
-
-
-@st.fragment(run_every="2s")
-def live_progress(drawn_job_id: int | None) -> None:
-    """Reads the job from the database every 2 s, so it survives reloads and shows jobs started elsewhere."""
-    job = current_job(db)
-    if (job.id if job is not None else None) != drawn_job_id:
-        # A job started (here or elsewhere) or ended since the page was drawn: redraw the whole page (the Retrain
-        # button, the comparison, the versions).
-        st.rerun(scope="app")
-    if job is None:
-        recent = list_jobs(db, limit=1)
-        if recent:
-            last = recent[0]
-            text = f"Last training job #{last.id} ({last.mode}) {last.status}"
-            headline = error_headline(last.error)
-            if last.status == JobStatus.FAILED:
-                st.error(_ui.md_escape(f"{text}: {headline}"))
-                if last.error.strip() != headline:
-                    with st.expander("Full error", key=f"job_error_{last.id}"):
-                        st.code(last.error, language=None)
-            else:
-                st.text(f"{text}: {headline}" if headline else text)
-        return
-    if job.status == JobStatus.QUEUED:
-        # Its worker may have died before claiming it (or none was ever started): start one here. A read first, so
-        # a waiting page does not take the write lock every 2 s; ensure_worker starts at most one per timeout.
-        if not worker_alive(db):
-            _ui.attempt(ensure_worker, db)
-    report = job.report
-    st.subheader(f"Training job #{job.id}: {job.status}")
-    bar = job_progress(job.progress)
-    if bar.fraction is not None:
-        st.progress(bar.fraction, text=_ui.md_escape(bar.text))
-    else:
-        st.text(f"phase: {bar.text or 'waiting for a worker'}")
-    a, b, c = st.columns(3)
-    a.metric("Loss", "n/a" if report.loss is None else f"{report.loss:.3f}")
-    b.metric("Images/s", "n/a" if report.images_per_s is None else f"{report.images_per_s:.0f}")
-    c.metric("ETA", _eta(report.eta_s))
-    st.caption(_ui.md_escape(f"Device: {report.device or 'n/a'}"))
-    curves = training_curves(job.history)
-    for column, (name, frame) in zip(st.columns(2), curves.items(), strict=False):
-        column.line_chart(frame, x_label="epoch", y_label=name)
-    if job.cancel_requested:
-        st.text("Cancel requested: the worker stops after the current step.")
-    elif st.button("Cancel training", key=f"cancel_{job.id}"):
-        _ui.attempt(cancel_job, db, job.id, actor=_ui.actor())
-
-
-live_progress(live_job.id if live_job is not None else None)
 
 # --- the newest version against the one before it, promote / roll back ----------------------------------------------
 versions = list_versions(db)

@@ -134,7 +134,9 @@ def test_quick_mode_progress_moves_with_steps_and_draws_no_empty_chart(db: Datab
         ProgressReport(phase="fitting head", epoch=1, epochs=1, step=1, steps=1, train_acc=0.9, val_acc=0.8),
     )
     at = run_page("pages/train.py")
-    assert len(at.get("vega_lite_chart")) == 1  # accuracy only: quick mode has no loss curve
+    # One epoch is one point: no chart (it would be invisible, at "epoch 1.000000"); its accuracy is a figure.
+    assert len(at.get("vega_lite_chart")) == 0
+    assert {m.label: m.value for m in at.metric} == {"Val accuracy": "80.0%"}
 
 
 def test_a_failed_job_shows_its_message_and_keeps_the_traceback_in_an_expander(db: Database) -> None:

@@ -22,7 +22,7 @@ def test_live_progress_of_a_running_job_and_cancel(db: Database) -> None:
     assert not at.exception
     assert any(s.value == f"Training job #{job_id}: running" for s in at.subheader)
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics == {"Loss": "0.500", "Images/s": "250", "ETA": "1 min 35 s"}
+    assert metrics == {"Loss": "0.500", "Images/s": "250", "ETA": "1 min 35 s", "Val accuracy": "60.0%"}
     # The device is a caption, so a long one ("cpu (2 threads)") is not cut off like a metric value.
     assert any(c.value.replace("\\", "") == "Device: cpu" for c in at.caption)
     # The sidebar tells every page about the job too.
@@ -37,3 +37,22 @@ def test_user_text_is_escaped_for_markdown() -> None:
     assert md_escape("*sale* [x](http://e.vil) :red[hi] $x$") == (
         r"\*sale\* \[x\]\(http\:\/\/e\.vil\) \:red\[hi\] \$x\$"
     )
+
+
+def test_b4_a_quick_run_shows_its_progress_first_without_empty_figures_or_a_one_point_chart(db: Database) -> None:
+    job_id = enqueue_training(db, "quick", {}, "gus")
+    claim_next_job(db, "worker-under-test")
+    record_progress(db, job_id, ProgressReport(phase="caching", step=256, steps=605, device="cpu"))
+    record_progress(
+        db, job_id, ProgressReport(phase="fit head", epoch=1, epochs=1, train_acc=0.8, val_acc=0.7, device="cpu")
+    )
+    at = run_page("pages/train.py", session={"actor": "hana"})
+    assert not at.exception
+    # The progress block comes right under the title, before the slow parts (hardware check, plan, backbone): after
+    # a reload mid-run it is the first thing drawn.
+    order = [type(e).__name__ for e in at.main]
+    assert order.index("Subheader") < order.index("Radio"), order
+    assert at.subheader[0].value == f"Training job #{job_id}: running"
+    assert all(m.value != "n/a" for m in at.metric)  # quick mode: no loss, rate or ETA to show, so none shown
+    assert at.get("arrow_vega_lite_chart") == [] and at.get("vega_lite_chart") == []  # one epoch: no chart
+    assert any(f"#{job_id} is running" in c.value for c in at.caption)
