@@ -66,6 +66,10 @@ def _describe(result: Any) -> str:
         return f"{result.images} images, {result.labelled} labelled"
     if hasattr(result, "total_images"):
         return f"{result.total_images} images, {len(result.rows)} rows"
+    if hasattr(result, "open_issues") and hasattr(result, "checked"):
+        return f"{result.open_issues} open label issues of {result.checked} checked"
+    if hasattr(result, "findings"):
+        return f"{len(result.findings())} findings"
     if hasattr(result, "scores") and hasattr(result, "confusion"):
         return f"accuracy {result.scores['accuracy']:.3f} on {result.scores['n_images']} test images"
     if isinstance(result, dict):
@@ -120,6 +124,8 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     db = open_database(get_settings())
 
     from core import dashboard as dash
+    from core.health import data_health
+    from core.label_checks import label_health
     from core.overview import home_overview
     from core.review import LabelState, ReviewOrder, review_queue
     from core.schema import Image
@@ -159,6 +165,12 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
             lambda: review_queue(db, label_state=LabelState.DISAGREES, page=last),
         ),
         ("review_queue category Shoes, test split", lambda: review_queue(db, category="Shoes", split="test")),
+        (
+            "review_queue label-issues, suspected-mislabel",
+            lambda: review_queue(db, label_state=LabelState.LABEL_ISSUES, order=ReviewOrder.SUSPECTED_MISLABEL),
+        ),
+        ("label_health (dashboard, review)", lambda: label_health(db)),
+        ("data_health (Data health page)", lambda: data_health(db)),
         (
             "review_queue confusion cell Shoes->Bags",
             lambda: review_queue(db, **dash.cell_review_filters("Shoes", "Bags").as_kwargs()),

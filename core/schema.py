@@ -239,6 +239,7 @@ class ImageCheck(Base):
         UniqueConstraint("image_id", "model_version_id", name="uq_image_checks_image_version"),
         Index("ix_image_checks_version_quality", "model_version_id", "label_quality"),
         Index("ix_image_checks_version_outlier", "model_version_id", "outlier_score"),
+        Index("ix_image_checks_version_issue", "model_version_id", "label_issue"),
     )
 
 

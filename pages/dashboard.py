@@ -55,10 +55,7 @@ if health.version_id is not None:
     st.text(health.describe())
     if health.available:
         st.dataframe(
-            [
-                {"category": c.category, "labels checked": c.checked, "likely wrong": c.open_issues}
-                for c in health.categories
-            ],
+            [{"category": c.category, "likely wrong labels": c.open_issues} for c in health.categories],
             hide_index=True,
         )
         if health.open_issues and st.button("Review the likely label errors", icon=":material/rule:"):

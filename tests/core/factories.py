@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 
 from core.db import Database
 from core.schema import Category, Image, ImageCheck, Label, LabelEvent, ModelVersion, Prediction, Split, VersionStatus
@@ -282,7 +282,16 @@ def _store_metrics(db: Database, version_id: int | None, info_metrics: dict, cla
     with db.write() as session:
         version = session.get(ModelVersion, version_id)
         assert version is not None
-        version.metrics = {"test": {**info_metrics, "class_names": class_names}}
+        checked = session.scalar(
+            select(func.count()).where(ImageCheck.model_version_id == version_id, ImageCheck.label_quality.is_not(None))
+        )
+        flagged = session.scalar(
+            select(func.count()).where(ImageCheck.model_version_id == version_id, ImageCheck.label_issue.is_(True))
+        )
+        version.metrics = {
+            "test": {**info_metrics, "class_names": class_names},
+            "label_check": {"checked": int(checked or 0), "flagged": int(flagged or 0)},  # as a retrain records it
+        }
         version.test_accuracy = info_metrics.get("accuracy")
 
 
