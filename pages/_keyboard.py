@@ -172,7 +172,6 @@ def _keyboard_body(
                 index=None,
                 placeholder=f"{plural(len(others), 'more category', 'more categories')} (no key)",
                 key=other_key,
-                format_func=md_escape,
                 on_change=_on_other,
                 args=(db, item, other_key, done, also),
             )

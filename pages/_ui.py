@@ -25,7 +25,7 @@ SESSION_CHANGES_KEY = "session_label_events"  # audit event ids of the label cha
 # first script run of a fresh server in its legacy folder mode (PagesManager.uses_pages_directory, a process-wide flag
 # that only st.navigation clears). In that mode a deep link to a path no file is named after shows "Page not found";
 # one named after its file runs that file alone, and `leave_legacy_pages_mode` (called by get_db, the first thing
-# every page does) then draws the app's navigation and sidebar around it, as streamlit_app.py would have.
+# every page does) then reruns it once under streamlit_app.py's st.navigation.
 PAGES: dict[str, tuple[str, str, str]] = {
     "home": ("pages/home.py", "Home", ""),
     "upload": ("pages/upload.py", "Upload & classify", "upload"),
@@ -98,16 +98,23 @@ def _database(url: str, data_dir: str) -> Database:
 
 
 def leave_legacy_pages_mode() -> None:
-    """Give a page the app's navigation and sidebar when Streamlit ran it directly in its legacy `pages/` folder
-    mode (the first run of a fresh server opened on a page's url; every AppTest run): st.navigation, called here as
-    streamlit_app.py calls it, ends that mode and resolves this same page, so no "Page not found" is shown and the
-    url and its query string (e.g. the Review page's filters) stay as they are."""
+    """Leave Streamlit's legacy `pages/` folder mode when it ran this page directly (the first run of a fresh server
+    opened on a page's url): one rerun under streamlit_app.py's st.navigation, on the same url and query string (e.g.
+    the Review page's filters), so no "Page not found" is shown and the page gets the app's navigation and sidebar.
+
+    AppTest starts every run in that mode (it resets the flag per run), so there the page draws the navigation and
+    sidebar itself instead, as streamlit_app.py would."""
     from streamlit.runtime.pages_manager import PagesManager
 
-    if PagesManager.uses_pages_directory:
+    if not PagesManager.uses_pages_directory:
+        return
+    if st.get_option("global.appTest"):
         from pages._sidebar import app_shell  # the sidebar module imports this one
 
         app_shell()
+        return
+    PagesManager.uses_pages_directory = False  # as st.navigation does; process-wide, so this happens once
+    st.rerun()
 
 
 def get_db() -> Database:

@@ -77,7 +77,7 @@ with archive_tab, st.form("archive_category"):
         ok, _ = _ui.attempt(archive_category, db, doomed, actor=_ui.actor())
         _done(ok, f"Archived {doomed}")
 with unarchive_tab, st.form("unarchive_category"):
-    revived = st.selectbox("Archived category", archived, key="unarchive_name", format_func=_ui.md_escape)
+    revived = st.selectbox("Archived category", archived, key="unarchive_name")
     st.caption("It takes labels again (uploads, review). A merged category stays merged: its labels moved.")
     if st.form_submit_button("Un-archive") and revived:
         ok, _ = _ui.attempt(unarchive_category, db, revived, actor=_ui.actor())

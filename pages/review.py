@@ -149,7 +149,6 @@ left.selectbox(
     index=None,  # nothing until chosen: a click must not relabel with whichever category happens to be first
     placeholder="choose a category",
     key=BULK_TARGET_KEY,
-    format_func=_ui.md_escape,
 )
 middle.button("Relabel selected", width="stretch", on_click=_apply_bulk, args=(page.items,))
 if right.button("Undo my last change", width="stretch", shortcut="U", help="Takes back changes made in this session"):

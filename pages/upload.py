@@ -50,7 +50,6 @@ category = st.selectbox(
     "Category for the whole upload (optional; type a new name to create one)",
     [NO_CATEGORY, *categories],
     accept_new_options=True,
-    format_func=_ui.md_escape,
     key=CATEGORY_KEY,
 )
 wanted = None if category in (None, NO_CATEGORY) else category
@@ -127,7 +126,7 @@ if batch.pending:
         st.dataframe([{"file": u.name} for u in batch.pending], hide_index=True)
     if st.button(f"Import the remaining {_ui.plural(len(batch.pending), 'file')}", type="primary"):
         if _run_import(batch, list(batch.pending)):
-            categories = _ui.category_names(db)
+            st.rerun()  # the notice above is drawn already: redraw without it
 st.text(batch.summary())
 if batch.refused:
     with st.expander(f"Refused files ({len(batch.refused)})", expanded=True):
@@ -205,7 +204,6 @@ def _bulk_bar() -> None:
         index=None,  # no category until one is chosen: a click must not label a whole batch with the first one
         placeholder="choose a category",
         accept_new_options=True,
-        format_func=_ui.md_escape,
         key=TARGET_KEY,
     )
     if selected:
