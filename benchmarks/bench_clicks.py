@@ -119,7 +119,9 @@ def measure(base: str, clicks: int) -> dict[str, dict[str, float]]:
         _idle(page)
 
         # click -> updated card: cards of page 1, each relabelled once (another category than its label).
-        texts = page.locator('[data-testid="stText"]').filter(has_text=re.compile(r"^#\d+ ")).all_inner_texts()
+        headings = page.locator('[data-testid="stText"]').filter(has_text=re.compile(r"^#\d+ "))
+        headings.nth(clicks + 1).wait_for()  # the whole first page is drawn
+        texts = headings.all_inner_texts()
         ids = [int(t[1:].split(" ", 1)[0]) for t in texts]
         click_ms: list[float] = []
         for n, image_id in enumerate(ids[: clicks + 2]):
