@@ -104,11 +104,12 @@ def leave_legacy_pages_mode() -> None:
 
     AppTest starts every run in that mode (it resets the flag per run), so there the page draws the navigation and
     sidebar itself instead, as streamlit_app.py would."""
+    from streamlit import config
     from streamlit.runtime.pages_manager import PagesManager
 
     if not PagesManager.uses_pages_directory:
         return
-    if st.get_option("global.appTest"):
+    if config.get_option("global.appTest"):  # looked up per call: AppTest patches config.get_option
         from pages._sidebar import app_shell  # the sidebar module imports this one
 
         app_shell()
