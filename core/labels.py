@@ -155,6 +155,7 @@ def apply_label(
 # Actions a person can take back with `undo_last_change`. Imports, merges and renames are batch
 # bookkeeping, not someone's judgement about one image, so undo steps over them.
 UNDOABLE_ACTIONS = ("set", "clear", "bulk")
+CONFIRM_ACTION = "confirm"  # a person kept the label they were shown (core.labels.confirm_label)
 _UNDO_PREFIX = "undo of event #"  # + "<id> (<action>)"; core.corrections reads the same notes
 
 
@@ -347,6 +348,44 @@ def set_label(
             session, int(image_id), target.id, actor=actor, action="set", note=note, seen=seen_prediction
         )
         return _change(session, int(image_id), event, target.id)
+
+
+def confirm_label(
+    db: Database,
+    image_id: int,
+    *,
+    actor: str,
+    seen_prediction: SeenPrediction | None = None,
+    expected_label: SeenLabel | NotGiven = NOT_GIVEN,
+) -> LabelChange:
+    """Record that a person looked at an image and kept its label: a `confirm` audit event (old = new = the label),
+    so "confirmed by a person" is a state the trail can show. The label is unchanged; the event is not a label
+    change, a correction or an undo step. Refuses an unlabelled image; `expected_label` as in `set_label`.
+    """
+    actor = clean_actor(actor)
+    with db.write() as session:
+        if session.get(Image, int(image_id)) is None:
+            raise NotFound(f"no image with id {image_id}")
+        if expected_label is not NOT_GIVEN:
+            _check_seen(session, {int(image_id): expected_label}, None)
+        current = session.get(Label, int(image_id))
+        if current is None:
+            raise ProdcatError(f"image {image_id} has no label to confirm: choose its category instead")
+        event = LabelEvent(
+            image_id=int(image_id),
+            old_category_id=current.category_id,
+            new_category_id=current.category_id,
+            actor=actor,
+            action=CONFIRM_ACTION,
+            created_at=utcnow(),
+            model_version_id=seen_prediction.model_version_id if seen_prediction else None,
+            predicted_category_id=seen_prediction.category_id if seen_prediction else None,
+            predicted_confidence=seen_prediction.confidence if seen_prediction else None,
+        )
+        session.add(event)
+        session.flush()
+        name = _name(session, current.category_id)
+        return LabelChange(int(image_id), name, name, event.id)
 
 
 def clear_label(
@@ -609,8 +648,10 @@ def _check_undoable(session: Session, events: Sequence[LabelEvent], actor: str) 
             event = by_image[other.image_id]
             if other.id > event.id:
                 when = other.created_at.strftime("%Y-%m-%d %H:%M")
+                # A confirmation blocks too: the undo would overturn a label another person has since agreed with.
+                done = "confirmed" if other.action == CONFIRM_ACTION else "changed"
                 raise CategoryError(
-                    f"cannot undo event #{event.id}: image {event.image_id} was changed since by "
+                    f"cannot undo event #{event.id}: image {event.image_id} was {done} since by "
                     f"{other.actor!r} ({other.action}, {when} UTC)"
                 )
     current = _current_labels(session, image_ids)

@@ -17,11 +17,16 @@ from collections.abc import Sequence
 import streamlit as st
 
 from core.db import Database
-from core.errors import ProdcatError
+from core.errors import LabelConflict, ProdcatError
 from core.labels import SeenPrediction, audit_trail, bulk_relabel, set_label
 from core.review import ReviewItem, review_items
 from core.similar import similar_images
 from pages._ui import actor, attempt, flash, md_escape, percent, remember_changes
+
+
+def seen_prediction(item: ReviewItem) -> SeenPrediction | None:
+    """What the card showed of the model's prediction (recorded with the person's decision)."""
+    return _seen(item)
 
 
 def _seen(item: ReviewItem) -> SeenPrediction | None:
@@ -49,7 +54,12 @@ def label_one(db: Database, item: ReviewItem, category: str, *, prefix: str, ver
 
     The outcome is shown in the card `prefix` draws for the photo. False when refused."""
     try:
-        change = set_label(db, item.image_id, category, actor=actor(), seen_prediction=_seen(item))
+        change = set_label(
+            db, item.image_id, category, actor=actor(), seen_prediction=_seen(item), expected_label=item.label
+        )
+    except LabelConflict as exc:  # changed by someone else since this card was drawn: show theirs, let them choose
+        st.session_state[_message_key(prefix, item.image_id)] = ("error", f"{exc} The card now shows their label.")
+        return False
     except ProdcatError as exc:
         st.session_state[_message_key(prefix, item.image_id)] = ("error", str(exc))
         return False
@@ -142,7 +152,7 @@ def show_similar(db: Database, item: ReviewItem, categories: list[str]) -> None:
             st.text(f"Label: {near.item.label or '(unlabelled)'}  ({near.similarity:.0%} alike)")
             if st.checkbox("Select", value=True, key=f"sim_{item.image_id}_{near.item.image_id}"):
                 chosen.append(near.item.image_id)
-    target = st.selectbox("Relabel the selected photos as", categories, index=None, format_func=md_escape)
+    target = st.selectbox("Relabel the selected photos as", categories, index=None)  # selectboxes show plain text
     if st.button(f"Relabel {len(chosen)} selected", disabled=not chosen or target is None, type="primary"):
         shown = seen_predictions([item, *(near.item for near in found)])
         ok, changes = attempt(bulk_relabel, db, chosen, target, actor=actor(), seen_predictions=shown)

@@ -2,9 +2,10 @@
 
 Keys 1-9, 0, then letters (C and R are Streamlit's own, U is Undo on the Review page) go to the categories once, in
 category order with names that start with a letter or digit first, so a key means the same category on every photo
-and the legend can be learnt. Enter keeps the current label (accepts the prediction of an unlabelled photo), Right
-skips; both are recorded in the session. Categories beyond the keys, and the photo's current label, stay one click
-away. The next photos are drawn small under the current one, so the browser has them before the key press.
+and the legend can be learnt. Enter keeps the current label (a `confirm` event in the audit trail: confirmed by a
+person) or accepts the prediction of an unlabelled photo; Right skips (recorded in the session). Categories beyond
+the keys, and the photo's current label, stay one click away. The next photos are drawn small under the current
+one, so the browser has them before the key press.
 
 The whole block is one keyed fragment: a key press reruns it alone, not the page.
 """
@@ -18,9 +19,10 @@ from dataclasses import dataclass, field
 import streamlit as st
 
 from core.db import Database
+from core.labels import confirm_label
 from core.review import ReviewItem, review_items
-from pages._cards import label_one, prediction_text
-from pages._ui import md_escape, plural
+from pages._cards import label_one, prediction_text, seen_prediction
+from pages._ui import actor, flash_errors, md_escape, plural
 
 HOTKEYS = [*"1234567890", *(c for c in string.ascii_lowercase if c not in "cru")]
 CONFIRM_KEY = "Enter"
@@ -90,8 +92,12 @@ def _on_confirm(db: Database, item: ReviewItem, done: list[int], also: tuple[str
         if item.predicted is not None:
             _on_label(db, item, item.predicted, done, also, verb="accepted")
         return
-    # TODO(core): core.labels has no "confirm" action, and set_label with the same label writes no audit row, so a
-    # kept label is recorded in this session only, not yet as "confirmed by a person" in the audit trail.
+    seen = seen_prediction(item)
+    change = flash_errors(
+        confirm_label, db, item.image_id, actor=actor(), seen_prediction=seen, expected_label=item.label
+    )
+    if change is None:  # refused (say, relabelled by someone else meanwhile): the photo stays, the error shows
+        return
     log = keyboard_log()
     log.confirmed.append(item.image_id)
     log.last = f"#{item.image_id} {item.original_name}: kept {item.label}"

@@ -9,7 +9,7 @@ from core.db import Database
 from core.overview import Overview, error_headline, home_overview, job_progress
 from core.schema import JobStatus
 from core.settings import get_settings
-from pages._ui import ACTOR_KEY, PAGES, get_db, percent
+from pages._ui import ACTOR_KEY, PAGES, get_db
 
 
 def app_shell() -> StreamlitPage:
@@ -68,7 +68,7 @@ def _sidebar_status(db: Database, first: list[Overview]) -> None:
     st.subheader("Model")
     if overview.has_model:
         st.text(f"Active: {overview.active_version_label}")
-        st.text(f"Test accuracy: {percent(overview.test_accuracy)}")
+        st.text(overview.accuracy_label or "")
     else:
         st.text("No model yet: label images, then retrain.")
     st.subheader("Training")

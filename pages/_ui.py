@@ -140,6 +140,11 @@ def remember_changes(changes: Iterable[LabelChange | None]) -> None:
     ids.extend(c.event_id for c in changes if c is not None and c.event_id is not None)
 
 
+def remember_events(event_ids: Iterable[int]) -> None:
+    """Note audit event ids of this session's batch (say, accepted predictions) for its undo."""
+    st.session_state.setdefault(SESSION_CHANGES_KEY, []).extend(int(i) for i in event_ids)
+
+
 def undo_session_change(db: Database) -> list[LabelChange] | None:
     """Undo this session's most recent label change (a whole bulk change at once); None, with the reason shown,
     when there is none left or it is refused."""

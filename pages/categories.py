@@ -10,6 +10,7 @@ from core.ingest import ImportResult, LabelSource, Upload, import_labelled_folde
 from core.labels import (
     add_category,
     archive_category,
+    delete_category,
     list_categories,
     merge_categories,
     rename_category,
@@ -50,8 +51,8 @@ else:
     st.info("No categories yet: add one here, or give one when uploading.")
 
 archived = [c.name for c in rows if c.archived and not c.merged_into]
-tabs = st.tabs(["Add", "Rename", "Merge", "Archive", "Un-archive"])
-add_tab, rename_tab, merge_tab, archive_tab, unarchive_tab = tabs
+tabs = st.tabs(["Add", "Rename", "Merge", "Archive", "Un-archive", "Delete"])
+add_tab, rename_tab, merge_tab, archive_tab, unarchive_tab, delete_tab = tabs
 with add_tab, st.form("add_category", clear_on_submit=True):
     name = st.text_input("New category name")
     if st.form_submit_button("Add category"):
@@ -82,6 +83,20 @@ with unarchive_tab, st.form("unarchive_category"):
     if st.form_submit_button("Un-archive") and revived:
         ok, _ = _ui.attempt(unarchive_category, db, revived, actor=_ui.actor())
         _done(ok, f"Un-archived {revived}")
+with delete_tab, st.form("delete_category"):
+    gone = st.selectbox("Category", [*live, *archived], key="delete_name")
+    heir = st.selectbox("Move its labels to", live, index=None, placeholder="(it has no labels)", key="delete_move")
+    st.caption(
+        "A category with labels is deleted only after its labels move to another one (an audit row each). Its name "
+        "stays readable in the audit trail."
+    )
+    if st.form_submit_button("Delete") and gone:
+        ok, deleted = _ui.attempt(delete_category, db, gone, actor=_ui.actor(), move_to=heir)
+        _done(
+            ok,
+            f"Deleted {gone}"
+            + (f": {deleted.moved} labels moved to {deleted.moved_to}" if ok and deleted.moved else ""),
+        )
 
 # --- import ---------------------------------------------------------------------------------------------------------
 LABEL_SOURCES = {

@@ -23,8 +23,7 @@ categories.metric("Categories", overview.categories)
 
 st.subheader("Model")
 if overview.has_model:
-    accuracy = "n/a" if overview.test_accuracy is None else f"{overview.test_accuracy:.1%}"
-    st.text(f"Active model: {overview.active_version_label}, test accuracy {accuracy}")
+    st.text(f"Active model: {overview.active_version_label}, {overview.accuracy_label}")
     if overview.pretrained_notice:
         st.warning(_ui.md_escape(overview.pretrained_notice))
 else:

@@ -6,6 +6,7 @@ import math
 
 import streamlit as st
 
+from core.accept import accept_predictions
 from core.label_checks import label_health
 from core.labels import bulk_relabel
 from core.review import LabelState, ReviewItem, ReviewOrder, ReviewPage, review_queue
@@ -23,6 +24,7 @@ SHOWN_QUERY_KEY = "review_shown_query"  # the filters the grid was last shown wi
 URL_KEY = "review_url_filters"  # the filters last read from (or written to) the url's query string
 COUNT_FRAGMENT = "review_count"
 BULK_TARGET_KEY = "review_bulk_target"
+SEARCH_KEY = "review_search"
 # Filters, page and keyboard mode outlive a visit to another page (Streamlit drops undrawn widgets' state otherwise).
 KEEP = "session"
 
@@ -57,7 +59,11 @@ def _filters_from_url() -> None:
 
 
 def _filters_to_url(query: dict[str, str | None]) -> None:
-    shown = {name: value for name, value in query.items() if value is not None and value != DEFAULTS[name]}
+    shown = {
+        name: value
+        for name, value in query.items()
+        if name in DEFAULTS and value is not None and value != DEFAULTS[name]
+    }
     stamp = sorted(shown.items())
     if st.session_state.get(URL_KEY) != stamp:
         st.session_state[URL_KEY] = stamp
@@ -119,12 +125,16 @@ else:
         state = c2.selectbox("Labels", OPTIONS["label_state"], key=KEYS["label_state"], persist_state=KEEP)
         split = c3.selectbox("Split", OPTIONS["split"], key=KEYS["split"], persist_state=KEEP)
         order = c4.selectbox("Order", OPTIONS["order"], key=KEYS["order"], persist_state=KEEP)
+        search = st.text_input(
+            "Search", key=SEARCH_KEY, persist_state=KEEP, placeholder="file name, or #id", label_visibility="collapsed"
+        )
         st.form_submit_button("Apply filters")
     query = {
         "category": None if category == ALL else category,
         "label_state": state,
         "split": None if split == ALL else split,
         "order": order,
+        "search": search.strip() or None,
     }
     _filters_to_url(query)
 
@@ -141,6 +151,31 @@ if page.version_id is None:
     st.caption("No model yet: no predictions to order by, so the newest uploads are shown first.")
 elif query.get("order") == ReviewOrder.SUSPECTED_MISLABEL or query.get("label_state") == LabelState.LABEL_ISSUES:
     st.caption(_ui.md_escape(label_health(db, version_id=page.version_id).describe()))
+
+
+def _accept_confident(query: dict[str, str | None]) -> None:
+    """Accept every prediction at or above a confidence for the unlabelled photos of these filters: a preview count
+    first, then one click, one undo step."""
+    threshold = st.slider("Accept predictions at or above", 0.5, 0.99, 0.9, 0.01, format="%.2f", key="review_accept_at")
+    filters = {name: query.get(name) for name in ("category", "split", "search")}
+    ok, preview = _ui.attempt(
+        accept_predictions, db, min_confidence=threshold, actor=_ui.actor(), dry_run=True, **filters
+    )
+    if not ok:
+        return
+    st.text(preview.describe())
+    if st.button(f"Accept {_ui.plural(preview.count, 'prediction')}", disabled=not preview.count, type="primary"):
+        ok, done = _ui.attempt(accept_predictions, db, min_confidence=threshold, actor=_ui.actor(), **filters)
+        if ok:
+            _ui.remember_events(done.event_ids)
+            _ui.flash("success", f"{done.describe()} Undo takes them all back.")
+            st.rerun()
+
+
+# A toggle, not an expander: an expander's body runs (and its preview query with it) even while closed.
+if page.version_id is not None and not cell and st.toggle("Accept confident predictions in bulk", key="review_accept"):
+    with st.container(border=True):
+        _accept_confident(query)
 
 left, middle, right = st.columns([2, 1, 1], vertical_alignment="bottom")
 left.selectbox(

@@ -481,3 +481,27 @@ def test_a_category_with_labels_is_deleted_only_by_moving_them_and_history_keeps
     with pytest.raises(CategoryError, match="already deleted"):
         labels.delete_category(db, deleted, actor="admin")
     assert labels.add_category(db, "Hats", actor="admin").labelled == 0  # the name is free again
+
+
+def test_confirming_a_label_is_audited_but_is_neither_a_change_nor_undoable(db: Database) -> None:
+    from sqlalchemy import func
+
+    from core.corrections import label_change_clause
+    from core.labels import audit_trail, confirm_label, set_label, undo_last_change
+
+    made = build(db, [FakeImage(split="train", label=None), FakeImage(split="train", label=None)])
+    image_id, unlabelled = (int(i) for i in made.image_ids)
+    set_label(db, image_id, "Shoes", actor="ann")
+    kept = confirm_label(db, image_id, actor="bob", expected_label="Shoes")
+    assert (kept.old_category, kept.new_category) == ("Shoes", "Shoes") and kept.event_id is not None
+    trail = audit_trail(db, image_id)
+    assert [(e.action, e.actor) for e in trail] == [("confirm", "bob"), ("set", "ann")]
+    with db.read() as session:  # not a label change (the dashboard and the training plan do not count it)
+        assert session.scalar(select(func.count()).select_from(LabelEvent).where(label_change_clause())) == 1
+    # Bob has agreed with ann's label since: her undo would overturn his judgement, so it is refused, naming him.
+    with pytest.raises(CategoryError, match="was confirmed since by 'bob'"):
+        undo_last_change(db, actor="ann")
+    with pytest.raises(NotFound, match="nothing to undo"):  # and a confirmation itself is nothing to undo
+        undo_last_change(db, actor="bob")
+    with pytest.raises(ProdcatError, match="no label to confirm"):
+        confirm_label(db, unlabelled, actor="bob")

@@ -124,3 +124,24 @@ def test_a_weights_file_picked_here_is_the_backbone_the_train_page_names_until_c
     at.switch_page("pages/train.py").run()
     [backbone] = [i.value.replace("\\", "") for i in at.info if i.value.startswith("Backbone")]
     assert "efficientnet_lite0 with ImageNet weights installed with the app" in backbone
+
+
+def test_deleting_a_category_with_labels_moves_them_first_and_says_so(db: Database) -> None:
+    from core.labels import audit_trail
+    from tests.core.factories import FakeImage, build
+
+    made = build(
+        db, [FakeImage(split="train", label="Hats"), FakeImage(split="train", label="Shoes")], with_version=False
+    )
+    at = run_page("pages/categories.py")
+    at.selectbox(key="delete_name").set_value("Hats")
+    next(b for b in at.button if b.label == "Delete").click().run()
+    assert any("Hats" in e.value and "move" in e.value.lower() for e in at.error)  # refused: it holds a label
+    assert "Hats" in [c.name for c in list_categories(db)]
+
+    at.selectbox(key="delete_name").set_value("Hats")
+    at.selectbox(key="delete_move").set_value("Shoes")
+    next(b for b in at.button if b.label == "Delete").click().run()
+    assert not at.exception and errors_of(at) == []
+    assert "Hats" not in [c.name for c in list_categories(db)]
+    assert audit_trail(db, int(made.image_ids[0]))[0].new_category == "Shoes"

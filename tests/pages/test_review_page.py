@@ -149,7 +149,10 @@ def test_b10_keyboard_keys_are_fixed_per_category_and_every_category_is_reachabl
     keep = at.button(key=f"kb_confirm_{second}")
     assert keep.label.replace("\\", "") == "Keep Socks"
     keep.click().run()
-    assert [e.new_category for e in audit_trail(db, second)] == ["Socks"]  # the import's label; nothing overwritten
+    # "Confirmed by a person" is in the audit trail (newest first), and the label is unchanged.
+    newest = audit_trail(db, second)[0]
+    assert (newest.action, newest.actor, newest.new_category) == ("confirm", "lee", "Socks")
+    assert [e.action for e in audit_trail(db, second)] == ["confirm", "import"]  # nothing overwritten
     assert any("Every photo on this page is done" in i.value for i in at.info)
     assert any("1 photo labelled, 1 kept as labelled, 0 skipped" in c.value.replace("\\", "") for c in at.caption)
 
@@ -270,3 +273,42 @@ def test_the_label_check_leads_from_the_dashboard_to_the_suspects_and_one_click_
     # Only the card and the count line are redrawn: the card shows its new label, the count says the queue is empty.
     assert any(t.value.startswith("Label: Bags") for t in at.text)
     assert _page_line(at) == "0 images match; page 1 of 1"
+
+
+def test_a_label_changed_in_another_tab_is_not_overwritten_and_the_card_says_who_changed_it(db: Database) -> None:
+    from core.labels import set_label
+
+    made = build(db, [FakeImage(split="train", label="Shoes", probs=BAGS)])
+    image_id = int(made.image_ids[0])
+    at = run_page("pages/review.py", session={"actor": "lee"})
+    set_label(db, image_id, "Hats", actor="kim")  # another person, after lee's page was drawn
+    at.pills(key=f"rv_pick_{image_id}_Shoes").set_value("Bags").run()
+
+    assert not at.exception
+    assert audit_trail(db, image_id)[0].actor == "kim"  # kim's label stands: lee's click wrote nothing
+    shown = " ".join(e.value.replace("\\", "") for e in at.error)
+    assert "kim" in shown and "Hats" in shown
+
+
+def test_search_and_accepting_confident_predictions_in_bulk_with_one_undo(db: Database) -> None:
+    made = build(
+        db,
+        [FakeImage(split="train", label=None, probs=BAGS, name=f"bag_{k}.jpg") for k in range(3)]
+        + [FakeImage(split="train", label=None, probs=(0.4, 0.35, 0.25), name="unsure.jpg")],
+    )
+    ids = [int(i) for i in made.image_ids]
+    at = run_page("pages/review.py", session={"actor": "lee"})
+    at.text_input(key="review_search").set_value("bag_")
+    next(b for b in at.button if b.label == "Apply filters").click().run()
+    assert sorted(card_ids(at)) == ids[:3]
+
+    at.toggle(key="review_accept").set_value(True).run()
+    at.slider(key="review_accept_at").set_value(0.75).run()
+    assert any("3" in t.value and "Bags" in t.value for t in at.text)  # the preview: 3 would become Bags
+    next(b for b in at.button if b.label == "Accept 3 predictions").click().run()
+    assert not at.exception and [audit_trail(db, i)[0].new_category for i in ids[:3]] == ["Bags"] * 3
+    assert audit_trail(db, ids[3]) == []  # below the threshold and outside the search: untouched
+
+    at.run()  # AppTest: the accept button's st.rerun leaves the next click unread without one more plain run
+    next(b for b in at.button if b.label == "Undo my last change").click().run()
+    assert all(audit_trail(db, i)[0].action == "undo" for i in ids[:3])  # one undo step took back all three
