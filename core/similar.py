@@ -53,14 +53,15 @@ def similar_images(db: Database, image_id: int, *, k: int = DEFAULT_NEIGHBOURS) 
         raise NotFound(f"no image with id {image_id}") from None
     classifier, version = load_classifier(db)
     meta = classifier.meta
+    if not meta.backbone_id:  # a checkpoint from before cached features: nothing to compare with
+        return []
     pixels = PixelCache(db.settings, meta.image_size, meta.crop_pct, meta.interpolation)
     _, query = classifier_features(db, classifier, [int(image_id)], lambda ids: (ids, pixels.ensure(db, ids)))
     cache = FeatureCache(db.settings, meta.backbone_id, int(classifier.model.num_features)).store
     index = cache.read_index()
-    if not meta.backbone_id or not index:
-        return []
     keys = sorted(index, key=index.__getitem__)  # row order
-    rows, sims = nearest_neighbours(query[0], cache.view(len(index)), k=k + 1)
+    # Extra candidates: rows of images deleted since (features outlive them) and the image itself are skipped.
+    rows, sims = nearest_neighbours(query[0], cache.view(len(index)), k=2 * k + 1)
     ids_of = _image_ids_of(db, [keys[r] for r in rows])
     chosen = [
         (ids_of[keys[r]], float(s)) for r, s in zip(rows, sims, strict=True) if keys[r] in ids_of and keys[r] != own
