@@ -24,6 +24,11 @@ from core.similar import similar_images
 from pages._ui import actor, attempt, flash, md_escape, percent, remember_changes
 
 
+def shown_labels(items: Sequence[ReviewItem]) -> dict[int, str | None]:
+    """The label each card showed: a bulk change refuses (naming them) images relabelled elsewhere since."""
+    return {item.image_id: item.label for item in items}
+
+
 def seen_prediction(item: ReviewItem) -> SeenPrediction | None:
     """What the card showed of the model's prediction (recorded with the person's decision)."""
     return _seen(item)
@@ -155,7 +160,10 @@ def show_similar(db: Database, item: ReviewItem, categories: list[str]) -> None:
     target = st.selectbox("Relabel the selected photos as", categories, index=None)  # selectboxes show plain text
     if st.button(f"Relabel {len(chosen)} selected", disabled=not chosen or target is None, type="primary"):
         shown = seen_predictions([item, *(near.item for near in found)])
-        ok, changes = attempt(bulk_relabel, db, chosen, target, actor=actor(), seen_predictions=shown)
+        labels = shown_labels([item, *(near.item for near in found)])
+        ok, changes = attempt(
+            bulk_relabel, db, chosen, target, actor=actor(), seen_predictions=shown, expected_labels=labels
+        )
         if ok:
             remember_changes(changes)
             flash("success", f"{len(changes)} similar photos relabelled {target}")

@@ -95,7 +95,13 @@ def _apply_bulk(items: list[ReviewItem]) -> None:
         _ui.flash("warning", "Choose the category for the selected images first.")
         return
     changes = _ui.flash_errors(
-        bulk_relabel, db, selected, target, actor=_ui.actor(), seen_predictions=_cards.seen_predictions(items)
+        bulk_relabel,
+        db,
+        selected,
+        target,
+        actor=_ui.actor(),
+        seen_predictions=_cards.seen_predictions(items),
+        expected_labels=_cards.shown_labels(items),  # a label changed in another tab since is not overwritten
     )
     if changes is not None:
         _ui.remember_changes(changes)

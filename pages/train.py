@@ -21,7 +21,7 @@ from core.jobs import (
 from core.overview import error_headline, job_progress, training_curves
 from core.schema import JobStatus
 from core.training import suggested_mode, training_plan
-from core.versions import activate_version, active_version, list_versions
+from core.versions import AccuracyBasis, AccuracyFigure, activate_version, active_version, list_versions
 from pages import _ui
 
 AUTO = "auto"
@@ -213,6 +213,14 @@ if comparison is not None:
         delta=_delta(comparison.newest_macro_f1, comparison.baseline_macro_f1),
     )
     scores[3].metric(f"{old} macro F1", _ui.percent(comparison.baseline_macro_f1))
+    newest = next(v for v in versions if v.id == comparison.newest_id)
+    if comparison.same_images:  # the promotion check re-measured the old version on the new one's test images
+        baseline = AccuracyFigure(
+            comparison.baseline_accuracy, newest.test_images, AccuracyBasis.SAME_IMAGES, of_version=newest.id
+        )
+        st.caption(_ui.md_escape(f"{new}: {newest.accuracy.describe()}; {old}: {baseline.describe()}."))
+    else:
+        st.caption(_ui.md_escape(f"Each measured when it was trained. {new}: {newest.accuracy.describe()}."))
     if not comparison.per_class.empty:
         table, formats = _ui.percent_columns(comparison.per_class, comparison.per_class.columns[1:])
         st.dataframe(table, hide_index=True, height="content", column_config=formats)

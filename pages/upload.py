@@ -177,7 +177,13 @@ def _apply() -> None:
         return
     items = review_items(db, target_ids)
     changes = _ui.flash_errors(
-        bulk_relabel, db, target_ids, target, actor=_ui.actor(), seen_predictions=_cards.seen_predictions(items)
+        bulk_relabel,
+        db,
+        target_ids,
+        target,
+        actor=_ui.actor(),
+        seen_predictions=_cards.seen_predictions(items),
+        expected_labels=_cards.shown_labels(items),
     )
     if changes is None:
         return

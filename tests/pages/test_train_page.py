@@ -156,7 +156,7 @@ def test_a_failed_job_shows_its_message_and_keeps_the_traceback_in_an_expander(d
 
 def _version(db: Database, *, status: str, accuracy: float, promotion: dict | None = None) -> int:
     per_class = {"Shoes": {"recall": accuracy, "f1": accuracy}, "Bags": {"recall": accuracy, "f1": accuracy}}
-    metrics = {"test": {"macro_f1": accuracy, "per_class": per_class}, "promotion": promotion or {}}
+    metrics = {"test": {"macro_f1": accuracy, "per_class": per_class, "n_images": 40}, "promotion": promotion or {}}
     return add_version_row(db, status=status, accuracy=accuracy, metrics=metrics, test_hash="same")
 
 
@@ -182,6 +182,10 @@ def test_after_a_rollback_the_comparison_says_what_happened(db: Database) -> Non
     metrics = {m.label: m.value for m in at.metric}
     assert metrics[f"v{second} test accuracy"] == "75.0%" and metrics[f"v{first} test accuracy"] == "50.0%"
     assert metrics[f"v{second} macro F1"] == "75.0%"
+    # Each figure names its test set: the old version was re-measured on the new one's test images (B8).
+    captions = " ".join(c.value.replace("\\", "") for c in at.caption)
+    assert f"v{first}: test accuracy 50.0% on v{second}'s 40 test images" in captions
+    assert f"v{second}: test accuracy 75.0% on 40 test images (at training)" in captions
     [table] = [d.value for d in at.dataframe if f"v{second} recall" in d.value.columns]
     assert table["category"].tolist() == ["Shoes", "Bags"]
     assert table.columns.tolist() == ["category", f"v{first} recall", f"v{second} recall", f"v{first} F1",
