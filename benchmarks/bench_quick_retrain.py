@@ -60,7 +60,7 @@ def main() -> None:
         return model.fit(x, y).predict
 
     variants = {
-        "fit_head (default: L2 picked on val from 3, 1 thread)": ours(),
+        "fit_head (default: L2 picked on val from the grid, 1 thread)": ours(),
         "fit_head (fixed L2=1e-3, 1 thread)": ours(head_l2=1e-3),
         f"fit_head (L2 picked on val, {args.threads} threads)": ours(head_threads=args.threads),
         "baseline: sklearn StandardScaler + LogisticRegression (lbfgs, balanced, C=1)": sklearn_baseline,

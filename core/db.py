@@ -86,6 +86,17 @@ class Database:
             with session.begin():
                 yield session
 
+    def insert_ignoring_duplicates(self, table: Any, rows: Sequence[dict[str, Any]], *, chunk: int = 2_000) -> None:
+        """Batch INSERT of `rows` into an ORM table, `chunk` rows per write transaction; a row that collides with one
+        another writer stored meanwhile (a unique constraint) is left as it is (ON CONFLICT DO NOTHING)."""
+        if self.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        for start in range(0, len(rows), chunk):
+            with self.write() as session:
+                session.execute(insert(table).on_conflict_do_nothing(), list(rows[start : start + chunk]))
+
     def integrity_ok(self) -> bool:
         """`PRAGMA integrity_check` (SQLite) or a trivial query elsewhere."""
         with self.engine.connect() as conn:

@@ -21,7 +21,6 @@ from core.features import FeatureCache, image_shas
 from core.review import load_context
 from core.schema import ImageCheck, Label, ModelVersion
 
-_INSERT_CHUNK = 2_000
 OUTLIER_PERCENTILE = 99
 # Outlier scores compare with at most this many labelled images (a seeded sample beyond it): the cost grows with
 # images x references, so 100k labels stay minutes-free while the sample still covers every category densely.
@@ -222,13 +221,7 @@ _EMPTY_CHECK: dict[str, Any] = {
 
 def insert_checks(db: Database, rows: Sequence[dict[str, Any]]) -> None:
     """Batch insert into image_checks; a row another writer stored meanwhile (same image and version) stays."""
-    if db.is_sqlite:
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        from sqlalchemy.dialects.postgresql import insert
-    for start in range(0, len(rows), _INSERT_CHUNK):
-        with db.write() as session:
-            session.execute(insert(ImageCheck).on_conflict_do_nothing(), list(rows[start : start + _INSERT_CHUNK]))
+    db.insert_ignoring_duplicates(ImageCheck, rows)
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,16 @@ class CachedRows:
         return rows if dtype is None else rows.astype(dtype, copy=False)
 
 
+_PARSED_INDEXES: dict[tuple[str, str], tuple[tuple[int, int, int], dict[str, int]]] = {}
+_MAX_PARSED_INDEXES = 8
+
+
+def _remember_index(key: tuple[str, str], stamp: tuple[int, int, int], rows: dict[str, int]) -> None:
+    while len(_PARSED_INDEXES) >= _MAX_PARSED_INDEXES:
+        _PARSED_INDEXES.pop(next(iter(_PARSED_INDEXES)))
+    _PARSED_INDEXES[key] = (stamp, rows)
+
+
 class RowStore:
     """An append-only table of fixed-shape rows (one per key) on disk: raw data file + JSON index + lock file."""
 
@@ -109,7 +119,28 @@ class RowStore:
 
     def read_index(self) -> dict[str, int]:
         """key -> row. A missing, unreadable or inconsistent index (or data file) gives an empty index, so the
-        cache is rebuilt rather than serving wrong rows."""
+        cache is rebuilt rather than serving wrong rows.
+
+        The parsed index is kept per process until the file is replaced (its inode, time and size change with every
+        write): a 100k-row index is megabytes of JSON, and prediction reads it once per batch."""
+        try:
+            stat = self.index_path.stat()
+            key = (str(self.index_path), json.dumps(self.meta, sort_keys=True))
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            known = _PARSED_INDEXES.get(key)
+            if known is not None and known[0] == stamp:
+                rows = known[1]
+            else:
+                rows = self._parse_index()
+                _remember_index(key, stamp, rows)
+            if rows and self.data_path.stat().st_size < len(rows) * self.row_bytes:
+                return {}
+            return dict(rows)
+        except OSError:
+            return {}
+
+    def _parse_index(self) -> dict[str, int]:
+        """The index file's rows, checked; {} when it is unreadable, another cache's, or not rows 0..n-1."""
         try:
             raw = json.loads(self.index_path.read_text(encoding="utf-8"))
             if not isinstance(raw, dict) or raw.get("meta") != self.meta:
@@ -117,11 +148,8 @@ class RowStore:
             rows = raw["rows"]
             if not isinstance(rows, dict) or not all(isinstance(v, int) for v in rows.values()):
                 return {}
-            count = len(rows)
-            # Rows must be exactly 0..count-1 and all present in the data file.
-            if sorted(rows.values()) != list(range(count)):
-                return {}
-            if self.data_path.stat().st_size < count * self.row_bytes:
+            # Rows must be exactly 0..count-1 (and, checked on every read, all present in the data file).
+            if sorted(rows.values()) != list(range(len(rows))):
                 return {}
             return {str(k): int(v) for k, v in rows.items()}
         except (OSError, ValueError, KeyError, TypeError):

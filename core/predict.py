@@ -95,18 +95,6 @@ def _view(row: dict[str, Any], classes: ClassGroups, names: dict[int, str], k: i
     )
 
 
-def _insert_ignoring_duplicates(db: Database, rows: list[dict[str, Any]]) -> None:
-    """Batch insert; a row another process stored meanwhile (same image and version) is left as it is."""
-    if not rows:
-        return
-    if db.is_sqlite:
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        from sqlalchemy.dialects.postgresql import insert
-    with db.write() as session:
-        session.execute(insert(Prediction).on_conflict_do_nothing(), rows)
-
-
 def predict_images(
     db: Database,
     image_ids: Sequence[int],
@@ -147,8 +135,8 @@ def predict_images(
                 continue
             probs = np.asarray(classifier.probs_from_features(features), dtype=np.float64)
             top, margin, entropy = _scores(probs)
-            _insert_ignoring_duplicates(
-                db,
+            db.insert_ignoring_duplicates(
+                Prediction,
                 [
                     {
                         "image_id": image_id,

@@ -136,8 +136,7 @@ def actor() -> str:
 def remember_changes(changes: Iterable[LabelChange | None]) -> None:
     """Note the audit events of label changes made in this session: undo on the page takes back only these,
     so people who all keep the default name never undo each other's work."""
-    ids: list[int] = st.session_state.setdefault(SESSION_CHANGES_KEY, [])
-    ids.extend(c.event_id for c in changes if c is not None and c.event_id is not None)
+    remember_events(c.event_id for c in changes if c is not None and c.event_id is not None)
 
 
 def remember_events(event_ids: Iterable[int]) -> None:
