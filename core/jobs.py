@@ -131,7 +131,7 @@ def _json_number(value: Any) -> Any:
 @dataclass(frozen=True)
 class JobView:
     """A training job as pages, the CLI, the worker and the sidebar overview see it (a detached copy of the row); the
-    one job summary type (`core.overview.JobSummary` is a deprecated alias)."""
+    one job summary type."""
 
     id: int
     mode: str

@@ -20,11 +20,6 @@ from core.versions import AccuracyFigure
 SIDEBAR_REFRESH_S = 3.0
 
 
-# One job summary type: the overview carries the same `core.jobs.JobView` as the Train page and the CLI.
-# Deprecated alias, kept while callers move to JobView; nothing in the repository uses it any more.
-JobSummary = JobView
-
-
 @dataclass(frozen=True)
 class Overview:
     """Counts and state for the home page and the sidebar of every page."""
