@@ -59,6 +59,17 @@ class Settings(BaseSettings):
     )
 
     default_actor: str = "staff"
+    auth: Literal["builtin", "none"] = Field(
+        "builtin",
+        description="builtin: every person signs in (built-in accounts, or OIDC when .streamlit/secrets.toml has an "
+        "[auth] section) and roles are enforced in core. none: no sign-in and every caller is an admin; for a "
+        "single-person laptop only, and every page says so.",
+    )
+    session_hours: float = Field(12.0, gt=0, description="A browser sign-in expires after this many hours.")
+    login_max_failures: int = Field(
+        5, ge=1, description="Failed sign-ins for one name (or 4x this from one address) before a lockout."
+    )
+    login_lockout_minutes: float = Field(15.0, gt=0, description="How long failed sign-ins are counted and locked out.")
     server_files_dir: Path | None = Field(
         None,
         description="The only server folder the web pages may import from or export to (default: data_dir/exchange). "

@@ -19,6 +19,8 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.delenv("PRODCAT_DATABASE_URL", raising=False)
     # Tests never reach the network: no hub weights unless a test provides a local file.
     monkeypatch.setenv("PRODCAT_PRETRAINED", "none")
+    # Sign-in is on by default; tests of roles and sign-in set PRODCAT_AUTH=builtin themselves.
+    monkeypatch.setenv("PRODCAT_AUTH", "none")
     monkeypatch.setenv("PRODCAT_WORKER_IDLE_EXIT_S", "5")
     get_settings.cache_clear()
     yield path
