@@ -35,6 +35,7 @@ def predict(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV (file, category, confidence, top_k).")] = False,
 ) -> None:
     """Predict the category of image files with the active model, without importing them."""
+    from core.export import spreadsheet_safe
     from core.predict import predict_files
 
     db = open_db()
@@ -57,7 +58,8 @@ def predict(
         writer.writerow(["file", "category", "confidence", "top_k", "error"])
         for row in rows:
             top = "; ".join(f"{t['category']}:{t['probability']:.4f}" for t in row["top_k"])
-            writer.writerow([row["file"], row["category"] or "", row["confidence"] or "", top, row["error"] or ""])
+            cells = [row["file"], row["category"] or "", row["confidence"] or "", top, row["error"] or ""]
+            writer.writerow([spreadsheet_safe(cell) for cell in cells])
     else:
         for row in rows:
             if row["error"]:

@@ -29,6 +29,10 @@ CSV_ENCODING = "utf-8-sig"
 # Names Windows refuses as files or folders whatever the extension; exported trees get copied around.
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {f"COM{i}" for i in range(1, 10)} | {f"LPT{i}" for i in range(1, 10)}
 _YIELD_PER = 1000
+# A spreadsheet runs a cell that starts with one of these as a formula (`=HYPERLINK(...)` in a category name, a file
+# named `=2+3.png`): OWASP's "CSV injection". Such cells are written with a leading single quote.
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+_QUOTE = "'"
 
 
 class ExportError(ProdcatError):
@@ -98,6 +102,25 @@ class _UniqueNames:
         return candidate
 
 
+def spreadsheet_safe(value: object) -> object:
+    """A CSV cell a spreadsheet shows as text: text starting like a formula gets a leading single quote (OWASP).
+
+    Text already starting with a quote gets one more, so `spreadsheet_text` gives every name back exactly;
+    numbers pass unchanged.
+    """
+    if isinstance(value, str) and value.startswith((*FORMULA_TRIGGERS, _QUOTE)):
+        return _QUOTE + value
+    return value
+
+
+def spreadsheet_text(cell: str) -> str:
+    """A cell as `spreadsheet_safe` wrote it, read back: one leading quote before a formula character (or before
+    another quote) is dropped; any other text is left as it is."""
+    if len(cell) >= 2 and cell[0] == _QUOTE and cell[1] in (*FORMULA_TRIGGERS, _QUOTE):
+        return cell[1:]
+    return cell
+
+
 def _labelled_rows(db: Database) -> Iterator[tuple[Image, str]]:
     with db.read() as session:
         query = (
@@ -119,7 +142,7 @@ def _write_labels_csv(db: Database, handle: TextIO, *, with_ids: bool) -> int:
     count = 0
     for image, category in _labelled_rows(db):
         row = (image.original_name, category, image.id, image.sha256, image.split)
-        writer.writerow(row[: len(columns)])
+        writer.writerow([spreadsheet_safe(cell) for cell in row[: len(columns)]])
         count += 1
     return count
 

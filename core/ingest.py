@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from core.db import Database
 from core.duplicates import HashIndex, join_group, load_hash_index
 from core.errors import ArchiveRefused, CategoryError, ImageRefused, ProdcatError
+from core.export import spreadsheet_text
 from core.imaging import ContentHashes, DecodedImage, content_hashes, difference_hash, inspect_and_decode
 from core.labels import apply_label, clean_actor, clean_category_name, get_or_create_category
 from core.schema import Category, Image, Label
@@ -895,7 +896,8 @@ def read_labels_csv(path_or_file: Path | BinaryIO, *, name: str | None = None) -
     try:
         for row in reader:
             line = reader.line_num  # the physical line the row ends on (a quoted field can span lines)
-            cells = [c.strip() for c in row]
+            # Cells `export labels` quoted against spreadsheet formulas (`'=2+3.png`) read back as the names they were.
+            cells = [spreadsheet_text(c.strip()) for c in row]
             while cells and not cells[-1]:
                 cells.pop()
             if not cells:

@@ -221,3 +221,36 @@ def test_labels_csv_has_a_byte_order_mark_and_reimports(imported: Database, tmp_
     assert raw.decode("utf-8-sig").splitlines()[0] == "filename,category"
     # The importer skips the mark: the header is recognised and the names come back intact.
     assert sorted(set(read_labels_csv(path).values())) == ["Hats", "Sacs à main", "Shoes"]
+
+
+FORMULAS = ['=HYPERLINK("http://evil.example","open")', "+1", "-2+3", "@SUM(A1)", "'=quoted already"]
+
+
+def test_labels_csv_cells_never_start_a_spreadsheet_formula_and_still_reimport(db: Database, tmp_path: Path) -> None:
+    from core.ingest import Upload, import_uploads
+    from tests.imagegen import image_bytes
+
+    uploads = [Upload("=2+3.png", image_bytes("Shoes", 1)), Upload("-cmd.png", image_bytes("Bags", 2))]
+    uploads += [Upload(f"{i}.png", image_bytes("Hats", i + 3)) for i in range(len(FORMULAS))]
+    result = import_uploads(db, uploads[:2], category="Shoes", actor="alice")
+    for upload, category in zip(uploads[2:], FORMULAS, strict=True):
+        result.imported += import_uploads(db, [upload], category=category, actor="alice").imported
+    assert len(result.imported) == 2 + len(FORMULAS)
+    path = tmp_path / "labels.csv"
+    export_labels_csv(db, path, with_ids=True)
+    rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"))))[1:]
+    cells = [cell for row in rows for cell in row[:2]]
+    assert not [c for c in cells if c.startswith(export.FORMULA_TRIGGERS)]
+    assert {"'=2+3.png", "'-cmd.png", "'" + FORMULAS[0], "''=quoted already"} <= set(cells)
+    assert path.read_bytes() == labels_csv_bytes(db, with_ids=True)  # the download is the same file
+    # Read back, the quotes are gone: every name and category is what it was.
+    read = read_labels_csv(path)
+    assert read["=2+3.png"] == "Shoes" and read["-cmd.png"] == "Shoes"
+    assert sorted(read.by_sha256.values()) == sorted(["Shoes", "Shoes", *FORMULAS])
+
+
+def test_spreadsheet_safe_round_trips_any_text() -> None:
+    for text in ["=1", "+", "-", "@", "\tx", "\rx", "'", "''=", "'plain", "plain", "", "a=b"]:
+        assert export.spreadsheet_text(export.spreadsheet_safe(text)) == text  # type: ignore[arg-type]
+    assert export.spreadsheet_safe(-5) == -5  # numbers are not text
+    assert export.spreadsheet_text("'hello") == "'hello"  # a quote someone typed before a word is theirs
