@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 
+from core.auth import Action, authorize, authorized_write, record
+from core.db import Database
 from core.errors import TrainingRefused
 from core.schema import Category, Label
 from core.serverfiles import exchange_file, exchange_files
@@ -204,7 +206,7 @@ def weights_notes(settings: Settings) -> tuple[str, ...]:
     return ()
 
 
-def use_weights_file(settings: Settings, name: str, *, actor: str = "") -> StartingWeights:
+def use_weights_file(db: Database, name: str, *, actor: str) -> StartingWeights:
     """Make the `.safetensors` file `name` in the exchange folder the pretrained backbone of new lineages.
 
     The name is resolved only inside the exchange folder (PathRefused for `..`, full paths, links out). The file is
@@ -217,6 +219,8 @@ def use_weights_file(settings: Settings, name: str, *, actor: str = "") -> Start
     from models.factory import create_network
     from models.pretrained import StartingWeights, WeightsSource, check_weights_file, resolve_starting_weights
 
+    settings = db.settings
+    authorize(db, actor, Action.WEIGHTS)
     source = exchange_file(settings, name, suffix=WEIGHTS_SUFFIX)
     try:
         file_arch = check_weights_file(source)
@@ -242,7 +246,7 @@ def use_weights_file(settings: Settings, name: str, *, actor: str = "") -> Start
     except TrainingRefused:  # a damaged record is replaced by this choice
         previous = None
     digest = _copy_checked(source, target)
-    record = {
+    selection = {
         "arch": weights.arch,
         "file": target.name,
         "sha256": digest,
@@ -250,17 +254,22 @@ def use_weights_file(settings: Settings, name: str, *, actor: str = "") -> Start
         "source": Path(name).as_posix(),
         "chosen_by": actor,
     }
-    _write_atomically(folder / SELECTION_FILE, json.dumps(record, indent=2).encode("utf-8"))
+    with authorized_write(db, actor, Action.WEIGHTS) as session:
+        record(session, actor, Action.WEIGHTS, f"weights file {target.name}", arch=weights.arch, sha256=digest)
+    _write_atomically(folder / SELECTION_FILE, json.dumps(selection, indent=2).encode("utf-8"))
     if previous is not None and previous.path != target:
         previous.path.unlink(missing_ok=True)  # only the chosen file is kept: weights files are tens of megabytes
     return StartingWeights(weights.arch, WeightsSource.FILE, target)
 
 
-def clear_weights_selection(settings: Settings) -> WeightsSelection | None:
+def clear_weights_selection(db: Database, *, actor: str) -> WeightsSelection | None:
     """Forget the weights file chosen in the app (new lineages follow PRODCAT_PRETRAINED again); returns what it was.
 
     A damaged record is removed too (then None is returned).
     """
+    settings = db.settings
+    with authorized_write(db, actor, Action.WEIGHTS) as session:
+        record(session, actor, Action.WEIGHTS, "weights selection", change="clear")
     try:
         chosen = selected_weights(settings)
     except TrainingRefused:

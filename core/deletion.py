@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from core.auth import Action, check
 from core.db import Database
 from core.errors import NotFound, ProdcatError
 from core.labels import clean_actor
@@ -38,6 +39,7 @@ def delete_images(db: Database, image_ids: Sequence[int], *, actor: str, reason:
     if not ids:
         raise ProdcatError("no images given to delete")
     with db.write() as session:
+        check(session, db.settings.auth, actor, Action.DELETE_IMAGES)
         rows = session.execute(
             select(Image, Category.name)
             .outerjoin(Label, Label.image_id == Image.id)

@@ -24,6 +24,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core.auth import Action, check
 from core.db import Database
 from core.errors import NotFound, TrainingRefused
 from core.schema import JobStatus, TrainingJob, Worker, utcnow
@@ -235,6 +236,7 @@ def enqueue_training(db: Database, mode: TrainMode | str, params: dict[str, Any]
     fail_stale_jobs(db)  # a job whose worker died must not refuse this one as "already running"
     try:
         with db.write() as session:
+            check(session, db.settings.auth, actor, Action.TRAIN)
             _refuse_if_live(session)
             job = TrainingJob(
                 mode=job_params.mode.value,
@@ -335,6 +337,7 @@ def cancel_job(db: Database, job_id: int, *, actor: str) -> JobView:
     fail_stale_jobs(db)  # a job whose worker died is failed now: nobody would ever read a cancel request
     now = utcnow()
     with db.write() as session:
+        check(session, db.settings.auth, actor, Action.TRAIN)
         row = session.get(TrainingJob, int(job_id))
         if row is None:
             raise NotFound(f"no training job {job_id}")

@@ -34,7 +34,6 @@ from core.schema import Category, Image, Label, LabelEvent, ModelVersion, Split,
 from core.settings import Settings
 from core.versions import (
     Merges,
-    activate_version,
     active_version,
     checkpoint_path,
     evaluate_version,
@@ -42,6 +41,7 @@ from core.versions import (
     hash_test_set,
     labelled_images,
     metrics_for,
+    promote_version,
 )
 from models.modes import TrainMode
 
@@ -373,6 +373,7 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     if _promote(
         db,
         version_id,
+        job_id=int(job_id),
         test_accuracy=measured.test_accuracy,
         test_hash=measured.test_hash,
         test_pairs=measured.test_pairs,
@@ -849,6 +850,7 @@ def _promote(
     db: Database,
     version_id: int,
     *,
+    job_id: int,
     test_accuracy: float | None,
     test_hash: str,
     test_pairs: Sequence[tuple[int, int]],
@@ -861,7 +863,7 @@ def _promote(
     decision = _decide_promotion(db, test_accuracy=test_accuracy, test_hash=test_hash, test_pairs=test_pairs)
     if decision.promoted:
         try:
-            activate_version(db, version_id, actor="training")
+            promote_version(db, version_id, job_id=job_id)
         except CheckpointError as exc:
             decision.promoted = False
             decision.reason = f"could not activate: {exc}"

@@ -22,6 +22,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.auth import Action, check, record
 from core.db import Database
 from core.errors import CheckpointError, NotFound
 from core.schema import Category, Image, Label, ModelVersion, Split, VersionStatus, utcnow
@@ -237,13 +238,27 @@ def load_classifier(db: Database, version_id: int | None = None) -> tuple[Any, V
 
 
 def activate_version(db: Database, version_id: int, *, actor: str) -> VersionView:
-    """Make a version the one that serves predictions (the previous active one is retired).
+    """Make a version the one that serves predictions (the previous active one is retired), for a person: the
+    actor must be a trainer or admin, and an audit row records who.
 
     Activating an older version is the rollback. The checkpoint is loaded first: if it is missing or corrupt,
     CheckpointError is raised and the current active version stays.
     """
+    return _activate(db, version_id, actor=actor, checked=True)
+
+
+def promote_version(db: Database, version_id: int, *, job_id: int) -> VersionView:
+    """Activate a version a training job made, by the promotion rule (the job's requester was authorized to train
+    when it was queued); the audit row names the job."""
+    return _activate(db, version_id, actor=f"job #{job_id}", checked=False)
+
+
+def _activate(db: Database, version_id: int, *, actor: str, checked: bool) -> VersionView:
     load_classifier(db, version_id)  # proves the file is usable before anything changes
     with db.write() as session:
+        if checked:
+            check(session, db.settings.auth, actor, Action.ACTIVATE)
+        record(session, actor, Action.ACTIVATE, f"model version {int(version_id)}")
         target = session.get(ModelVersion, int(version_id))
         if target is None:
             raise NotFound(f"no model version {version_id}")

@@ -175,13 +175,13 @@ with zip_tab, st.form("import_zip", clear_on_submit=True):
 # --- pretrained backbone --------------------------------------------------------------------------------------------
 def _use_weights() -> None:
     name = st.session_state.get("weights_pick")
-    chosen = _ui.flash_errors(use_weights_file, db.settings, name or "", actor=_ui.actor())
+    chosen = _ui.flash_errors(use_weights_file, db, name or "", actor=_ui.actor())
     if chosen is not None:
         _ui.flash("success", f"New model lineages start from {chosen.describe()}.")
 
 
 def _clear_weights() -> None:
-    cleared = _ui.flash_errors(clear_weights_selection, db.settings)
+    cleared = _ui.flash_errors(clear_weights_selection, db, actor=_ui.actor())
     what = f"the weights file {cleared.file}" if cleared is not None else "the damaged choice"
     _ui.flash("success", f"Forgot {what}: new model lineages follow PRODCAT_PRETRAINED ({db.settings.pretrained}).")
 

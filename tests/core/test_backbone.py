@@ -63,7 +63,7 @@ def test_a_good_file_becomes_the_choice_and_the_next_retrain_starts_a_new_lineag
     assert plan_lineage(settings, parent=parent).continue_from == parent_id  # nothing chosen: the lineage goes on
 
     source = _good(settings)
-    chosen = use_weights_file(settings, GOOD, actor="ann")
+    chosen = use_weights_file(open_database(settings), GOOD, actor="ann")
     assert chosen.arch == "resnet18" and chosen.label == f"file:{GOOD}"
     copy = weights_dir(settings) / GOOD
     assert chosen.path == copy and copy.read_bytes() == source.read_bytes()
@@ -84,17 +84,17 @@ def test_a_good_file_becomes_the_choice_and_the_next_retrain_starts_a_new_lineag
     resnet = add_version_row(auto_db, status="active", arch="resnet18", pretrained_source=f"file:{GOOD}")
     assert plan_lineage(settings, parent=active_version(auto_db)).continue_from == resnet
 
-    assert clear_weights_selection(settings) is not None
+    assert clear_weights_selection(auto_db, actor="ann") is not None
     assert selected_weights(settings) is None and not copy.exists()
     assert effective_pretrained_file(settings) is None
 
 
 def test_a_corrupt_file_is_refused_with_its_name_and_the_previous_choice_stays(auto: Settings) -> None:
     _good(auto)
-    use_weights_file(auto, GOOD)
+    use_weights_file(open_database(auto), GOOD, actor="ann")
     write_corrupt_weights(auto.exchange_dir / "half-uploaded.safetensors")
     with pytest.raises(TrainingRefused) as refused:
-        use_weights_file(auto, "half-uploaded.safetensors")
+        use_weights_file(open_database(auto), "half-uploaded.safetensors", actor="ann")
     assert "half-uploaded.safetensors" in str(refused.value)
     assert "is not a readable safetensors file" in str(refused.value)
     chosen = selected_weights(auto)
@@ -110,7 +110,7 @@ def test_a_file_for_another_architecture_is_refused_as_the_setting_would_refuse_
     unnamed = write_resnet18_weights(named.with_name("plain.safetensors"), arch=None)
     settings = Settings()
     with pytest.raises(TrainingRefused) as picked:
-        use_weights_file(settings, GOOD)
+        use_weights_file(open_database(settings), GOOD, actor="ann")
     monkeypatch.setenv("PRODCAT_PRETRAINED_FILE", str(named))
     with pytest.raises(TrainingRefused) as configured:
         starting_weights(Settings(), "resnet50")
@@ -118,14 +118,14 @@ def test_a_file_for_another_architecture_is_refused_as_the_setting_would_refuse_
     assert "holds resnet18 weights, but the architecture is resnet50" in str(picked.value)
     # No metadata: the network is built for the configured architecture, and the shapes give it away.
     with pytest.raises(TrainingRefused, match=r"plain\.safetensors does not match the architecture"):
-        use_weights_file(settings, "plain.safetensors")
+        use_weights_file(open_database(settings), "plain.safetensors", actor="ann")
     assert unnamed.exists() and selected_weights(settings) is None
 
 
 def test_a_file_naming_no_architecture_needs_the_default_architecture(auto: Settings) -> None:
     write_resnet18_weights(auto.exchange_dir / "plain.safetensors", arch=None)
     with pytest.raises(TrainingRefused, match=r"plain\.safetensors does not say which architecture.*DEFAULT_ARCH"):
-        use_weights_file(auto, "plain.safetensors")
+        use_weights_file(open_database(auto), "plain.safetensors", actor="ann")
     assert selected_weights(auto) is None
 
 
@@ -137,7 +137,7 @@ def test_names_escaping_the_exchange_folder_are_refused(auto: Settings, name: st
     os.symlink(outside, auto.exchange_dir / "link.safetensors")
     name = {"OUTSIDE": str(outside), "link": "link.safetensors"}.get(name, name)
     with pytest.raises(PathRefused) as refused:
-        use_weights_file(auto, name)
+        use_weights_file(open_database(auto), name, actor="ann")
     assert name in str(refused.value)
     assert selected_weights(auto) is None and not weights_dir(auto).exists()
     assert backbone_choice(auto).candidates == []  # the link out is not offered either
@@ -155,7 +155,7 @@ def test_the_choice_lists_weights_files_in_the_exchange_folder_only(auto: Settin
 
 
 def test_the_environment_wins_over_the_choice_and_says_so(auto: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    use_weights_file(auto, _good(auto).name)
+    use_weights_file(open_database(auto), _good(auto).name, actor="ann")
     env_file = write_resnet18_weights(auto.data_dir / "ops" / "ops.safetensors")
     monkeypatch.setenv("PRODCAT_PRETRAINED_FILE", str(env_file))
     settings = Settings()
@@ -172,7 +172,7 @@ def test_a_damaged_choice_record_refuses_training_until_cleared(auto_db: Databas
     start = next_start(auto_db)
     assert start.problem is not None and "selected.json is damaged" in start.problem
     assert backbone_choice(settings).problem == start.problem
-    clear_weights_selection(settings)
+    clear_weights_selection(auto_db, actor="ann")
     assert next_start(auto_db).problem is None
 
 

@@ -185,12 +185,12 @@ def test_worse_candidate_stays_candidate_and_better_or_equal_is_promoted(db: Dat
     # The active version's stored hash differs from the current test set: it is re-measured on the same images.
     worse = measured["accuracy"] - 0.01
     pairs = labelled_images(db, "test")
-    assert _promote(db, candidate, test_accuracy=worse, test_hash=measured["test_set_hash"], test_pairs=pairs) is False
+    assert _promote(db, candidate, job_id=0, test_accuracy=worse, test_hash=measured["test_set_hash"], test_pairs=pairs) is False
     assert get_version(db, candidate).status == "candidate" and active_version(db).id == active
     promotion = get_version(db, candidate).metrics["promotion"]
     assert promotion["active_accuracy_same_images"] == pytest.approx(measured["accuracy"])
     equal = measured["accuracy"]
-    assert _promote(db, candidate, test_accuracy=equal, test_hash=measured["test_set_hash"], test_pairs=pairs) is True
+    assert _promote(db, candidate, job_id=0, test_accuracy=equal, test_hash=measured["test_set_hash"], test_pairs=pairs) is True
     assert active_version(db).id == candidate
 
 
@@ -215,6 +215,7 @@ def test_labels_corrected_while_a_job_runs_do_not_tilt_the_promotion(db: Databas
     promoted = _promote(
         db,
         candidate,
+        job_id=0,
         test_accuracy=on_same_labels,  # as good as the active version on the images and labels it was measured on
         test_hash=hash_test_set(seen_by_candidate),
         test_pairs=seen_by_candidate,
@@ -227,7 +228,7 @@ def test_labels_corrected_while_a_job_runs_do_not_tilt_the_promotion(db: Databas
 def test_manual_policy_never_activates(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(db.settings, "promote_policy", "manual")
     candidate = save_random_version(db, CLASSES, seed=1)
-    assert _promote(db, candidate, test_accuracy=1.0, test_hash="", test_pairs=[]) is False
+    assert _promote(db, candidate, job_id=0, test_accuracy=1.0, test_hash="", test_pairs=[]) is False
     assert active_version(db) is None
     assert "manual" in get_version(db, candidate).metrics["promotion"]["reason"]
 

@@ -92,7 +92,7 @@ def _chosen_line(at: AppTest) -> str:
 
 def test_a_corrupt_weights_file_is_refused_by_name_and_the_previous_choice_stays(db: Database) -> None:
     write_resnet18_weights(db.settings.exchange_dir / GOOD)
-    use_weights_file(db.settings, GOOD)
+    use_weights_file(db, GOOD, actor="ann")
     write_corrupt_weights(db.settings.exchange_dir / "half-uploaded.safetensors")
     at = _pick_weights("half-uploaded.safetensors")
     assert not at.exception

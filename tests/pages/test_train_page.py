@@ -82,7 +82,7 @@ def test_a_chosen_weights_file_is_named_with_the_accuracy_measured_for_file_weig
     db = open_database(auto)
     store_images(db, dataset(("Shoes", "Bags"), train=2, val=1, test=1))
     write_resnet18_weights(auto.exchange_dir / "[shop](x).safetensors")  # a name that would be a Markdown link
-    use_weights_file(auto, "[shop](x).safetensors")
+    use_weights_file(open_database(auto), "[shop](x).safetensors", actor="ann")
     monkeypatch.setattr(core.backbone, "EXPECTED_ACCURACY", {"file": ((4, 0.7), (100, 0.9))})
     at = run_page("pages/train.py")
     assert not at.exception
