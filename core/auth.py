@@ -221,9 +221,7 @@ def _get_account(session: Session, name: str) -> Account:
 def has_admin(db: Database) -> bool:
     with db.read() as session:
         return bool(
-            session.scalar(
-                select(func.count()).where(Account.role == Role.ADMIN.value, Account.disabled_at.is_(None))
-            )
+            session.scalar(select(func.count()).where(Account.role == Role.ADMIN.value, Account.disabled_at.is_(None)))
         )
 
 
@@ -276,9 +274,7 @@ def enable_account(db: Database, name: str, *, actor: str) -> AccountView:
 
 
 def reset_password(db: Database, name: str, password: str, *, actor: str) -> AccountView:
-    return _change_account(
-        db, name, actor=actor, change="reset_password", password_hash=_hash_password(password)
-    )
+    return _change_account(db, name, actor=actor, change="reset_password", password_hash=_hash_password(password))
 
 
 # --- sign-in and browser sessions ----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.auth import Action, check, record
+from core.auth import Action, authorize, check, record
 from core.db import Database
 from core.errors import CheckpointError, NotFound
 from core.schema import Category, Image, Label, ModelVersion, Split, VersionStatus, utcnow
@@ -254,6 +254,8 @@ def promote_version(db: Database, version_id: int, *, job_id: int) -> VersionVie
 
 
 def _activate(db: Database, version_id: int, *, actor: str, checked: bool) -> VersionView:
+    if checked:
+        authorize(db, actor, Action.ACTIVATE)  # before the checkpoint is loaded: a refusal costs nothing
     load_classifier(db, version_id)  # proves the file is usable before anything changes
     with db.write() as session:
         if checked:
