@@ -117,8 +117,9 @@ def _sniff_accepted(data: bytes) -> str | None:
     return None
 
 
-def _check_png_chunks(data: bytes) -> tuple[int, int]:
-    """Walk every PNG chunk verifying its CRC (Pillow skips image-data CRCs); returns the IHDR size.
+def _check_png_chunks(data: bytes) -> tuple[tuple[int, int], int]:
+    """Walk every PNG chunk verifying its CRC (Pillow skips image-data CRCs); returns the IHDR size and the offset
+    just after the IEND chunk (where the image ends).
 
     Raises ValueError with the reason. The size comes from IHDR so a bomb is refused before any decoding.
     """
@@ -148,8 +149,124 @@ def _check_png_chunks(data: bytes) -> tuple[int, int]:
         if ctype == b"IEND":
             if not seen_idat:
                 raise ValueError("corrupt PNG: no image data (IDAT) chunk")
-            return size
+            return size, end
         pos = end
+
+
+def _jpeg_end(data: bytes, start: int = 0) -> int | None:
+    """The offset just after the EOI marker of the JPEG stream starting at `start`, or None when it has none.
+
+    Walks the marker segments by their lengths (an EXIF thumbnail's own EOI sits inside APP1 and is skipped) and the
+    entropy-coded data after each SOS to the next marker that is neither stuffing (FF00) nor a restart (FFD0-D7).
+    """
+    if data[start : start + 2] != b"\xff\xd8":
+        return None
+    pos, size = start + 2, len(data)
+    while pos < size:
+        if data[pos] != 0xFF:
+            return None
+        while pos < size and data[pos] == 0xFF:  # fill bytes before a marker
+            pos += 1
+        if pos >= size:
+            return None
+        marker = data[pos]
+        pos += 1
+        if marker == 0xD9:
+            return pos
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            continue
+        if pos + 2 > size:
+            return None
+        pos += struct.unpack(">H", data[pos : pos + 2])[0]
+        if marker != 0xDA:
+            continue
+        while True:  # entropy-coded data: find the next real marker
+            pos = data.find(b"\xff", pos)
+            if pos < 0 or pos + 1 >= size:
+                return None
+            following = data[pos + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
+                pos += 1 if following == 0xFF else 2
+                continue
+            break
+    return None
+
+
+def _mp_header_offset(data: bytes) -> int | None:
+    """Where a multi-picture JPEG's MP header (APP2 `MPF`) starts: its picture offsets count from there."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] not in (0xDA, 0xD9):
+        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        if data[pos + 1] == 0xE2 and data[pos + 4 : pos + 8] == b"MPF\x00":
+            return pos + 8
+        pos += 2 + length
+    return None
+
+
+def _gif_end(data: bytes) -> int | None:
+    """The offset just after a GIF's trailer (or after its last block when the trailer is missing); None when a
+    block is cut short (the decoder reports that)."""
+
+    def colour_table(packed: int) -> int:
+        return 3 * 2 ** ((packed & 7) + 1) if packed & 0x80 else 0
+
+    def skip_sub_blocks(pos: int) -> int | None:
+        while pos < len(data):
+            length = data[pos]
+            pos += 1 + length
+            if length == 0:
+                return pos
+        return None
+
+    pos: int | None = 13 + colour_table(data[10]) if len(data) >= 13 else None
+    while pos is not None and pos < len(data):
+        block = data[pos]
+        if block == 0x3B:
+            return pos + 1
+        if block == 0x21 and pos + 2 <= len(data):
+            pos = skip_sub_blocks(pos + 2)
+        elif block == 0x2C and pos + 10 <= len(data):
+            pos = skip_sub_blocks(pos + 10 + colour_table(data[pos + 9]) + 1)
+        else:
+            return pos  # not a GIF block: what follows is not part of the image
+    return pos
+
+
+def _image_end(data: bytes, img: Image.Image) -> int | None:
+    """Where the image that `img` decoded from `data` ends, for the formats whose end is known without guessing
+    (PNG is measured while its chunks are checked); None for the others (TIFF and BMP point at their parts)."""
+    if img.format == "JPEG":
+        return _jpeg_end(data)
+    if img.format == "MPO":
+        # A multi-picture JPEG holds its further pictures after the first one's EOI, at offsets its MP header lists.
+        base = _mp_header_offset(data)
+        if base is None:
+            return None
+        try:
+            offsets = [0, *(int(e["DataOffset"]) + base for e in img.mpinfo[0xB002][1:])]  # type: ignore[attr-defined]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return None
+        ends = [_jpeg_end(data, offset) for offset in offsets]
+        return None if None in ends else max(e for e in ends if e is not None)
+    if img.format == "GIF":
+        return _gif_end(data)
+    if img.format == "WEBP" and len(data) >= 8:
+        riff_size = struct.unpack("<I", data[4:8])[0]
+        return 8 + riff_size + (riff_size & 1)  # RIFF chunks are padded to an even length
+    return None
+
+
+def _trailing_reason(fmt: str, size: int, end: int | None, settings: Settings) -> str | None:
+    """The reason to refuse a file with more than `settings.max_trailing_bytes` after the image's end, or None.
+
+    Data appended to a picture is no part of it but would be stored and served byte for byte: a 199 MiB tail, or an
+    HTML page or zip archive riding along (a polyglot)."""
+    if end is None or size - end <= settings.max_trailing_bytes:
+        return None
+    return (
+        f"{size - end:,} bytes of other data follow the end of the {fmt} image (at byte {end:,}): a file with "
+        f"something appended is refused; save the picture again as a plain {fmt}"
+    )
 
 
 class _TruncatedPng(ValueError):
@@ -185,7 +302,8 @@ def inspect_and_decode(
     """Validate `data` by content and decode it fully; raises ImageRefused(name, reason) for anything refused.
 
     Checks, in order: empty or oversized file, recognised accepted format, dimensions from the header
-    against settings (before decoding), then a full decode (truncated or corrupt data is refused).
+    against settings (before decoding), then a full decode (truncated or corrupt data is refused), and no more
+    than `settings.max_trailing_bytes` after the image's end (PNG, JPEG, GIF, WebP: see `_image_end`).
     `draft_size` lets JPEGs decode at a reduced scale (still reading every byte) when only a thumbnail
     is needed; the reported width and height stay the full size. `sha256` skips re-hashing.
     """
@@ -201,13 +319,13 @@ def inspect_and_decode(
         raise ImageRefused(name, _describe_unsupported(data))
     if claimed == "PNG":
         try:
-            png_size = _check_png_chunks(data)
+            png_size, png_end = _check_png_chunks(data)
         except _TruncatedPng as exc:
             reason = _check_dimensions(*exc.size, settings)
             raise ImageRefused(name, reason or str(exc)) from exc
         except ValueError as exc:
             raise ImageRefused(name, str(exc)) from exc
-        reason = _check_dimensions(*png_size, settings)
+        reason = _check_dimensions(*png_size, settings) or _trailing_reason("PNG", size, png_end, settings)
         if reason:
             raise ImageRefused(name, reason)
     if claimed == "WEBP" and "WEBP" not in _PILLOW_FORMATS:
@@ -245,6 +363,10 @@ def inspect_and_decode(
             raise ImageRefused(name, f"{exc}") from exc
         except (OSError, ValueError, SyntaxError, struct.error, EOFError, MemoryError) as exc:
             raise ImageRefused(name, f"truncated or corrupt {fmt}: {exc}") from exc
+        # After the decode, so a cut or corrupt file is reported as that; PNG was measured with its chunks.
+        reason = None if fmt == "PNG" else _trailing_reason(fmt, size, _image_end(data, img), settings)
+        if reason:
+            raise ImageRefused(name, reason)
     if orientation in (5, 6, 7, 8):
         full_w, full_h = full_h, full_w
     return DecodedImage(

@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     max_image_side: int = Field(20_000, gt=0, description="Refuse images with a longer side than this.")
     max_image_pixels: int = Field(80_000_000, gt=0, description="Refuse images with more pixels than this.")
     max_file_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Refuse files larger than this.")
+    max_trailing_bytes: int = Field(
+        1024,
+        ge=0,
+        description="Refuse PNG, JPEG, GIF and WebP files with more than this many bytes after the image's end "
+        "(junk, or another file appended: a polyglot). A little padding is common and allowed.",
+    )
     thumbnail_size: int = Field(256, gt=0, description="Longest side of the stored grid thumbnail.")
     split_fractions: tuple[float, float, float] = Field(
         (0.8, 0.1, 0.1), description="train/val/test shares, fixed per image at ingest from its hash."

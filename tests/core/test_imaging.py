@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,72 @@ def test_sha256_is_of_the_exact_bytes(cfg: Settings) -> None:
 
     data = badfiles.png()
     assert inspect_and_decode("a.png", data, cfg).sha256 == hashlib.sha256(data).hexdigest()
+
+
+def _appended(fmt: str, tail: bytes, **params: object) -> bytes:
+    return badfiles.encode(badfiles.noisy_rgb(28, 28), fmt, **params) + tail
+
+
+JUNK = bytes(range(256)) * 8192  # 2 MiB that is no part of any image
+
+
+@pytest.mark.parametrize(
+    ("fmt", "params"),
+    [("PNG", {}), ("JPEG", {}), ("JPEG", {"progressive": True}), ("GIF", {}), ("WEBP", {"lossless": True})],
+)
+def test_data_appended_after_the_image_end_is_refused_naming_the_byte_count(
+    cfg: Settings, fmt: str, params: dict[str, object]
+) -> None:
+    with pytest.raises(ImageRefused) as caught:
+        inspect_and_decode(f"photo.{fmt.lower()}", _appended(fmt, JUNK, **params), cfg)
+    assert f"{len(JUNK):,} bytes of other data follow the end of the {fmt} image" in caught.value.reason
+    # A little padding, as some encoders and transfers leave, is no reason to refuse a photo.
+    padded = _appended(fmt, b"\x00" * cfg.max_trailing_bytes, **params)
+    assert inspect_and_decode("padded", padded, cfg).format == fmt
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"<html><body><script>" + b"alert(1);" * 200 + b"</script></body></html>",  # PNG+HTML polyglot
+        badfiles.make_zip([("payload.bin", np.random.default_rng(0).bytes(4096))]),  # PNG+zip polyglot
+    ],
+)
+def test_polyglots_are_refused(cfg: Settings, tail: bytes) -> None:
+    data = _appended("PNG", tail)
+    with pytest.raises(ImageRefused, match=f"{len(tail):,} bytes of other data follow the end of the PNG image"):
+        inspect_and_decode("polyglot.png", data, cfg)
+
+
+def test_jpeg_end_is_found_past_restart_markers_and_exif_thumbnails(cfg: Settings) -> None:
+    photo = badfiles.noisy_rgb(64, 48)
+    thumb_jpeg = badfiles.encode(badfiles.noisy_rgb(16, 12, seed=1), "JPEG")
+    exif = Image.Exif()
+    exif[0x010F] = "Camera"
+    # An EXIF block holding a whole JPEG (its own SOI..EOI) inside APP1, and restart markers in the scan.
+    app1 = b"Exif\x00\x00" + exif.tobytes() + thumb_jpeg
+    data = badfiles.encode(photo, "JPEG", exif=app1, restart_marker_blocks=1)
+    assert data.count(b"\xff\xd9") >= 2 and b"\xff\xd0" in data
+    assert inspect_and_decode("camera.jpg", data, cfg).width == 64
+    with pytest.raises(ImageRefused, match=f"{len(JUNK):,} bytes of other data"):
+        inspect_and_decode("camera.jpg", data + JUNK, cfg)
+
+
+def test_multi_picture_jpegs_keep_their_further_pictures_but_not_junk(cfg: Settings) -> None:
+    frames = [badfiles.noisy_rgb(40, 30, seed=s) for s in (1, 2)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="MPO", save_all=True, append_images=frames[1:])
+    mpo = buffer.getvalue()
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    assert inspect_and_decode("stereo.jpg", mpo, cfg).format == "JPEG"
+    with pytest.raises(ImageRefused, match=f"{len(JUNK):,} bytes of other data"):
+        inspect_and_decode("stereo.jpg", mpo + JUNK, cfg)
+
+
+def test_animated_gifs_end_after_their_last_frame(cfg: Settings) -> None:
+    frames = [badfiles.noisy_rgb(20, 20, seed=s).convert("P") for s in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], comment=b"made by hand")
+    assert inspect_and_decode("spin.gif", buffer.getvalue(), cfg).format == "GIF"
+    with pytest.raises(ImageRefused, match=f"{len(JUNK):,} bytes of other data"):
+        inspect_and_decode("spin.gif", buffer.getvalue() + JUNK, cfg)
