@@ -11,25 +11,18 @@ label with no prediction shown, is labelling, not correcting.
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, String, and_, cast, exists, literal, select
+from sqlalchemy import ColumnElement, and_, exists, select
 from sqlalchemy.orm import aliased
 
-from core.schema import LabelEvent
+from core.schema import LabelAction, LabelEvent
 
-PERSON_ACTIONS: tuple[str, ...] = ("set", "bulk", "clear")
+PERSON_ACTIONS: tuple[LabelAction, ...] = (LabelAction.SET, LabelAction.BULK, LabelAction.CLEAR)
 
 
 def _undone() -> ColumnElement[bool]:
-    """The event was taken back by a later undo (core.labels notes undo events `undo of event #<id> (<action>)`)."""
+    """The event was taken back by a later undo (an undo event names it in `undoes_event_id`, which is indexed)."""
     undo = aliased(LabelEvent)
-    return exists(
-        select(undo.id).where(
-            undo.image_id == LabelEvent.image_id,  # the (image_id, id) index finds the image's later events
-            undo.id > LabelEvent.id,
-            undo.action == "undo",
-            undo.note.like(literal("undo of event #").concat(cast(LabelEvent.id, String)).concat(" (%")),
-        )
-    )
+    return exists(select(undo.id).where(undo.undoes_event_id == LabelEvent.id))
 
 
 def label_change_clause() -> ColumnElement[bool]:

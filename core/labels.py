@@ -14,12 +14,22 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, String, bindparam, cast, delete, exists, func, insert, literal, select, update
+from sqlalchemy import ColumnElement, bindparam, delete, exists, func, insert, select, update
 from sqlalchemy.orm import Session, aliased
 
 from core.db import Database, in_chunks
 from core.errors import CategoryError, ConflictingLabel, LabelConflict, NotFound, ProdcatError
-from core.schema import Category, Image, ImageCheck, Label, LabelEvent, ModelVersion, Prediction, utcnow
+from core.schema import (
+    Category,
+    Image,
+    ImageCheck,
+    Label,
+    LabelAction,
+    LabelEvent,
+    ModelVersion,
+    Prediction,
+    utcnow,
+)
 from core.versions import Merges
 
 MAX_CATEGORY_NAME = 200
@@ -110,7 +120,7 @@ def apply_label(
     category_id: int | None,
     *,
     actor: str,
-    action: str,
+    action: LabelAction | str,
     note: str = "",
     seen: SeenPrediction | None = None,
 ) -> LabelEvent | None:
@@ -118,6 +128,7 @@ def apply_label(
 
     Returns the appended audit event, or None when the label already had that value.
     """
+    action = LabelAction(action)  # a misspelt action fails here, before anything is written
     if session.get(Image, image_id) is None:
         raise NotFound(f"no image with id {image_id}")
     current = session.get(Label, image_id)
@@ -154,9 +165,12 @@ def apply_label(
 
 # Actions a person can take back with `undo_last_change`. Imports, merges and renames are batch
 # bookkeeping, not someone's judgement about one image, so undo steps over them.
-UNDOABLE_ACTIONS = ("set", "clear", "bulk")
-CONFIRM_ACTION = "confirm"  # a person kept the label they were shown (core.labels.confirm_label)
-_UNDO_PREFIX = "undo of event #"  # + "<id> (<action>)"; core.corrections reads the same notes
+UNDOABLE_ACTIONS = (LabelAction.SET, LabelAction.CLEAR, LabelAction.BULK)
+
+
+def _new_batch_id() -> str:
+    """The `batch_id` shared by the events one change writes together."""
+    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
@@ -180,13 +194,15 @@ class AuditRow:
     event_id: int
     time: datetime
     actor: str
-    action: str
+    action: LabelAction
     old_category: str | None
     new_category: str | None
     predicted_category: str | None
     predicted_confidence: float | None
     model_version_id: int | None
     note: str
+    undoes_event_id: int | None = None  # an undo: the event it took back
+    batch_id: str | None = None  # shared by the events one bulk change, rename, merge or delete wrote
 
 
 @dataclass(frozen=True)
@@ -345,7 +361,7 @@ def set_label(
         if expected_label is not NOT_GIVEN:
             _check_seen(session, {int(image_id): expected_label}, target.id)
         event = apply_label(
-            session, int(image_id), target.id, actor=actor, action="set", note=note, seen=seen_prediction
+            session, int(image_id), target.id, actor=actor, action=LabelAction.SET, note=note, seen=seen_prediction
         )
         return _change(session, int(image_id), event, target.id)
 
@@ -376,7 +392,7 @@ def confirm_label(
             old_category_id=current.category_id,
             new_category_id=current.category_id,
             actor=actor,
-            action=CONFIRM_ACTION,
+            action=LabelAction.CONFIRM,
             created_at=utcnow(),
             model_version_id=seen_prediction.model_version_id if seen_prediction else None,
             predicted_category_id=seen_prediction.category_id if seen_prediction else None,
@@ -397,7 +413,7 @@ def clear_label(
     with db.write() as session:
         if expected_label is not NOT_GIVEN:
             _check_seen(session, {int(image_id): expected_label}, None)
-        event = apply_label(session, int(image_id), None, actor=actor, action="clear", note=note)
+        event = apply_label(session, int(image_id), None, actor=actor, action=LabelAction.CLEAR, note=note)
         return _change(session, int(image_id), event, None)
 
 
@@ -408,9 +424,12 @@ class _Move:
     new: int | None
     note: str
     seen: SeenPrediction | None = None
+    undoes: int | None = None  # an undo move: the event it takes back
 
 
-def _apply_many(session: Session, moves: Sequence[_Move], *, actor: str, action: str) -> list[int]:
+def _apply_many(
+    session: Session, moves: Sequence[_Move], *, actor: str, action: LabelAction, batch_id: str | None
+) -> list[int]:
     """Batch form of `apply_label` for thousands of images: a few executemany statements instead of a
     flush per image. The caller has checked that each move starts from the image's current label.
     Returns the new event ids in the order of `moves`."""
@@ -436,9 +455,9 @@ def _apply_many(session: Session, moves: Sequence[_Move], *, actor: str, action:
             .values(category_id=bindparam("b_category_id"), labelled_by=actor, labelled_at=now),
             [{"b_image_id": m.image_id, "b_category_id": m.new} for m in changed],
         )
-    before = session.scalar(select(func.max(LabelEvent.id))) or 0
-    session.execute(
-        insert(events_table),
+    # INSERT ... RETURNING: each image appears once per batch, so its image id names its new event.
+    returned = session.execute(
+        insert(events_table).returning(events_table.c.image_id, events_table.c.id),
         [
             {
                 "image_id": m.image_id,
@@ -451,21 +470,13 @@ def _apply_many(session: Session, moves: Sequence[_Move], *, actor: str, action:
                 "model_version_id": m.seen.model_version_id if m.seen else None,
                 "predicted_category_id": m.seen.category_id if m.seen else None,
                 "predicted_confidence": m.seen.confidence if m.seen else None,
+                "undoes_event_id": m.undoes,
+                "batch_id": batch_id,
             }
             for m in moves
         ],
     )
-    # Each image appears once per batch, so (image, this batch's actor/action/time) finds its new event.
-    new_ids = dict(
-        session.execute(
-            select(LabelEvent.image_id, LabelEvent.id).where(
-                LabelEvent.id > before,
-                LabelEvent.actor == actor,
-                LabelEvent.action == action,
-                LabelEvent.created_at == now,
-            )
-        ).all()
-    )
+    new_ids = {int(image_id): int(event_id) for image_id, event_id in returned.all()}
     # Objects loaded earlier in this session may describe the old labels.
     session.expire_all()
     return [new_ids[m.image_id] for m in moves]
@@ -483,14 +494,13 @@ class BatchChange:
 
 def apply_batch(session: Session, changes: Sequence[BatchChange], *, actor: str, note: str) -> list[int]:
     """Write many label changes inside the caller's write transaction as ONE bulk batch: action "bulk", one event per
-    image, and `note` plus a batch tag on each, so `undo_last_change` takes the whole batch back in one step.
+    image with `note` and one shared `batch_id`, so `undo_last_change` takes the whole batch back in one step.
 
     Each change must start from the image's current label (the caller read it in this transaction). Returns the new
     event ids in the order of `changes`.
     """
-    tagged = f"{note} (batch {uuid.uuid4().hex[:12]})"
-    moves = [_Move(c.image_id, c.old, c.new, tagged, c.seen) for c in changes]
-    return _apply_many(session, moves, actor=clean_actor(actor), action="bulk")
+    moves = [_Move(c.image_id, c.old, c.new, note, c.seen) for c in changes]
+    return _apply_many(session, moves, actor=clean_actor(actor), action=LabelAction.BULK, batch_id=_new_batch_id())
 
 
 def _current_labels(session: Session, image_ids: Sequence[int]) -> dict[int, int]:
@@ -544,11 +554,11 @@ def bulk_relabel(
         if expected_labels:
             _check_seen(session, {i: expected_labels[i] for i in ids if i in expected_labels}, target.id)
         current = _current_labels(session, ids)
-        # A batch tag in the note lets undo take the whole bulk change back at once.
-        note = f"bulk relabel of {len(ids)} images (batch {uuid.uuid4().hex[:12]})"
+        # One batch id on every event lets undo take the whole bulk change back at once.
+        note = f"bulk relabel of {len(ids)} images"
         seen = seen_predictions or {}
         moves = [_Move(i, current.get(i), target.id, note, seen.get(i)) for i in ids if current.get(i) != target.id]
-        event_ids = _apply_many(session, moves, actor=actor, action="bulk")
+        event_ids = _apply_many(session, moves, actor=actor, action=LabelAction.BULK, batch_id=_new_batch_id())
         names = _names(session)
         return [
             LabelChange(m.image_id, names.get(m.old) if m.old else None, target.name, event_id)
@@ -557,20 +567,10 @@ def bulk_relabel(
 
 
 def _undone_by(actor: str) -> ColumnElement[bool]:
-    """WHERE term on `LabelEvent`: one of `actor`'s later undo events took it back (their note names its id).
-
-    Undo events are written for the undone event's image, so the (image_id, id) index finds them.
-    """
+    """WHERE term on `LabelEvent`: one of `actor`'s undo events took it back (found through the undoes_event_id
+    index)."""
     undo = aliased(LabelEvent)
-    return exists(
-        select(undo.id).where(
-            undo.image_id == LabelEvent.image_id,
-            undo.id > LabelEvent.id,
-            undo.actor == actor,
-            undo.action == "undo",
-            undo.note.like(literal(_UNDO_PREFIX).concat(cast(LabelEvent.id, String)).concat(" (%")),
-        )
-    )
+    return exists(select(undo.id).where(undo.undoes_event_id == LabelEvent.id, undo.actor == actor))
 
 
 def undo_last_change(
@@ -580,9 +580,10 @@ def undo_last_change(
 
     `only_event_ids` limits the search to those events (e.g. the changes made in one browser session, so
     people who share a name never undo each other's work); a bulk change found through one of its events is
-    still undone as a whole. Writes new `undo` events; the original events stay. Repeating it steps further
-    back. Refuses (changing nothing) when there is nothing to undo, when someone else has changed the image
-    since, or when the old category has been archived since.
+    still undone as a whole. Writes new `undo` events, each naming the event it takes back in `undoes_event_id`;
+    the original events stay. Repeating it steps further back. Only the actor's own changes are ever undone.
+    Refuses (changing nothing) when there is nothing to undo, when someone else has changed the image since, or
+    when the old category has been archived since.
     """
     actor = clean_actor(actor)
     restricted = only_event_ids is not None
@@ -602,17 +603,16 @@ def undo_last_change(
         if last is None:
             among = " among the given changes" if restricted else ""
             raise NotFound(f"nothing to undo: {actor!r} has no label change{among} left that is not undone")
-        if last.action == "bulk":
-            # A batch is written by one `_apply_many` call, so its events share their time (indexed) and the
-            # batch tag in the note. The whole batch, even where `only_event_ids` named only some of it.
+        bulk = last.action == LabelAction.BULK
+        if bulk and last.batch_id is not None:
+            # The whole batch (indexed by its id), even where `only_event_ids` named only some of it.
             events = list(
                 session.scalars(
                     select(LabelEvent)
                     .where(
-                        LabelEvent.created_at == last.created_at,
+                        LabelEvent.batch_id == last.batch_id,
                         LabelEvent.actor == actor,
-                        LabelEvent.action == "bulk",
-                        LabelEvent.note == last.note,
+                        LabelEvent.action == LabelAction.BULK,
                         ~_undone_by(actor),
                     )
                     .order_by(LabelEvent.id)
@@ -622,10 +622,11 @@ def undo_last_change(
             events = [last]
         _check_undoable(session, events, actor)
         moves = [
-            _Move(e.image_id, e.new_category_id, e.old_category_id, f"{_UNDO_PREFIX}{e.id} ({e.action})")
+            _Move(e.image_id, e.new_category_id, e.old_category_id, f"undo of event #{e.id} ({e.action})", undoes=e.id)
             for e in events
         ]
-        event_ids = _apply_many(session, moves, actor=actor, action="undo")
+        batch_id = _new_batch_id() if bulk else None  # the undo of a batch is one batch too
+        event_ids = _apply_many(session, moves, actor=actor, action=LabelAction.UNDO, batch_id=batch_id)
         names = _names(session)
         return [
             LabelChange(m.image_id, names.get(m.old) if m.old else None, names.get(m.new) if m.new else None, eid)
@@ -649,7 +650,7 @@ def _check_undoable(session: Session, events: Sequence[LabelEvent], actor: str) 
             if other.id > event.id:
                 when = other.created_at.strftime("%Y-%m-%d %H:%M")
                 # A confirmation blocks too: the undo would overturn a label another person has since agreed with.
-                done = "confirmed" if other.action == CONFIRM_ACTION else "changed"
+                done = "confirmed" if other.action == LabelAction.CONFIRM else "changed"
                 raise CategoryError(
                     f"cannot undo event #{event.id}: image {event.image_id} was {done} since by "
                     f"{other.actor!r} ({other.action}, {when} UTC)"
@@ -693,6 +694,8 @@ def audit_trail(db: Database, image_id: int) -> list[AuditRow]:
                 predicted_confidence=event.predicted_confidence,
                 model_version_id=event.model_version_id,
                 note=event.note,
+                undoes_event_id=event.undoes_event_id,
+                batch_id=event.batch_id,
             )
             for event, old_name, new_name, predicted_name in rows
         ]
@@ -715,7 +718,7 @@ def _category_row(session: Session, category: Category) -> CategoryRow:
 
 def add_category(db: Database, name: str, *, actor: str) -> CategoryRow:
     """Create a new, empty category; refuses a name that is taken (archived ones included), case and spacing aside."""
-    clean_actor(actor)
+    actor = clean_actor(actor)
     cleaned = clean_category_name(name)
     with db.write() as session:
         existing = _same_name_category(session, cleaned)
@@ -737,11 +740,13 @@ def _bulk_events(
     new_id: int,
     *,
     actor: str,
-    action: str,
+    action: LabelAction,
     note: str,
     when: datetime,
 ) -> None:
-    """One audit row per image in a single executemany (a merge of 50,000 labels stays one quick statement)."""
+    """One audit row per image in a single executemany (a merge of 50,000 labels stays one quick statement), all
+    sharing one batch id."""
+    batch_id = _new_batch_id()
     rows = [
         {
             "image_id": image_id,
@@ -751,6 +756,7 @@ def _bulk_events(
             "action": action,
             "created_at": when,
             "note": note,
+            "batch_id": batch_id,
         }
         for image_id in image_ids
     ]
@@ -786,7 +792,9 @@ def rename_category(db: Database, old: str | int, new: str, *, actor: str) -> Ca
         now = utcnow()
         note = f"category {old_name!r} renamed to {cleaned!r}"
         image_ids = session.scalars(select(Label.image_id).where(Label.category_id == category.id)).all()
-        _bulk_events(session, image_ids, category.id, category.id, actor=actor, action="rename", note=note, when=now)
+        _bulk_events(
+            session, image_ids, category.id, category.id, actor=actor, action=LabelAction.RENAME, note=note, when=now
+        )
         session.flush()
         return _category_row(session, category)
 
@@ -809,7 +817,7 @@ def merge_categories(db: Database, source: str | int, target: str | int, *, acto
             raise CategoryError(f"{src.name!r} was already merged into {_name(session, src.merged_into_id)!r}")
         now = utcnow()
         note = f"category {src.name!r} merged into {dst.name!r}"
-        moved = _move_labels(session, src.id, dst.id, actor=actor, action="merge", note=note, when=now)
+        moved = _move_labels(session, src.id, dst.id, actor=actor, action=LabelAction.MERGE, note=note, when=now)
         src.archived_at = now
         src.merged_into_id = dst.id
         session.flush()
@@ -817,7 +825,7 @@ def merge_categories(db: Database, source: str | int, target: str | int, *, acto
 
 
 def _move_labels(
-    session: Session, source_id: int, target_id: int, *, actor: str, action: str, note: str, when: datetime
+    session: Session, source_id: int, target_id: int, *, actor: str, action: LabelAction, note: str, when: datetime
 ) -> int:
     """Move every label of one category to another with one audit row each; returns how many moved."""
     image_ids = session.scalars(select(Label.image_id).where(Label.category_id == source_id)).all()
@@ -829,7 +837,7 @@ def _move_labels(
 
 def archive_category(db: Database, name: str | int, *, actor: str) -> CategoryRow:
     """Stop a category from receiving new labels; the images already labelled with it keep their label."""
-    clean_actor(actor)
+    actor = clean_actor(actor)
     with db.write() as session:
         category = resolve_category(session, name)
         if category.archived_at is not None:
@@ -841,7 +849,7 @@ def archive_category(db: Database, name: str | int, *, actor: str) -> CategoryRo
 
 def unarchive_category(db: Database, name: str | int, *, actor: str) -> CategoryRow:
     """Let an archived category receive labels again (not one that was merged: its labels live elsewhere)."""
-    clean_actor(actor)
+    actor = clean_actor(actor)
     with db.write() as session:
         category = resolve_category(session, name)
         if category.archived_at is None:
@@ -921,8 +929,8 @@ def delete_category(db: Database, name: str | int, *, actor: str, move_to: str |
         moved = 0
         if target is not None:
             note = f"category {original!r} deleted; its labels moved to {target.name!r}"
-            moved = _move_labels(session, category.id, target.id, actor=actor, action="delete-category", note=note,
-                                 when=now)  # fmt: skip
+            moved = _move_labels(session, category.id, target.id, actor=actor, action=LabelAction.DELETE_CATEGORY,
+                                 note=note, when=now)  # fmt: skip
         kept = _still_named(session, category.id)
         if kept:
             category.name = _deleted_name(original, category.id)

@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Index,
@@ -72,6 +73,20 @@ class VersionStatus(enum.StrEnum):
     CANDIDATE = "candidate"
     ACTIVE = "active"
     RETIRED = "retired"
+
+
+class LabelAction(enum.StrEnum):
+    """What one label event records (`label_events.action`). Stored as its value, e.g. "delete-category"."""
+
+    SET = "set"  # a person chose an image's category
+    CLEAR = "clear"  # a person made an image unlabelled
+    BULK = "bulk"  # one image of a bulk change (bulk relabel, accepted predictions); batch_id names the batch
+    CONFIRM = "confirm"  # a person kept the label shown (old = new): not a change
+    UNDO = "undo"  # took back the event undoes_event_id names
+    IMPORT = "import"  # labelled at import (folder name, chosen category or labels CSV)
+    RENAME = "rename"  # the category was renamed (old = new id, the note names both names)
+    MERGE = "merge"  # the label moved with its category's merge into another
+    DELETE_CATEGORY = "delete-category"  # the label moved when its category was deleted
 
 
 class Category(Base):
@@ -155,19 +170,39 @@ class LabelEvent(Base):
     old_category_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id"))
     new_category_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id"))
     actor: Mapped[str] = mapped_column(String(200))
-    action: Mapped[str] = mapped_column(String(32))  # set, clear, bulk, merge, import, undo
+    # A VARCHAR holding the value (no database enum type or CHECK, so a new action needs no table rebuild); a string
+    # that is no LabelAction is refused before it is written.
+    action: Mapped[LabelAction] = mapped_column(
+        Enum(
+            LabelAction,
+            native_enum=False,
+            length=32,
+            validate_strings=True,
+            values_callable=lambda actions: [a.value for a in actions],
+        )
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    note: Mapped[str] = mapped_column(Text, default="")
+    note: Mapped[str] = mapped_column(Text, default="")  # for people: what the columns say, in words
     # The prediction the person saw when they made the change (all optional).
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), default=None)
     predicted_category_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id"), default=None)
     predicted_confidence: Mapped[float | None] = mapped_column(Float, default=None)
+    # An undo event: the event it took back (an earlier event of the same image). NULL on every other action.
+    undoes_event_id: Mapped[int | None] = mapped_column(
+        ForeignKey("label_events.id", name="fk_label_events_undoes_event_id"), default=None
+    )
+    # The events one change wrote together share it: a bulk relabel or accepted predictions (undone as one step), the
+    # undo of such a batch, a rename, merge or category delete. NULL for a change of one image.
+    batch_id: Mapped[str | None] = mapped_column(String(32), default=None)
 
     __table_args__ = (
         Index("ix_label_events_image_id", "image_id", "id"),
         Index("ix_label_events_created_at", "created_at"),
         # Undo walks one actor's events newest first while it holds the write lock.
         Index("ix_label_events_actor_id", "actor", "id"),
+        # Whether an event was undone (undo, corrections), and a batch's events (undo of a bulk change).
+        Index("ix_label_events_undoes_event_id", "undoes_event_id"),
+        Index("ix_label_events_batch_id", "batch_id"),
     )
 
 

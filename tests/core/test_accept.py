@@ -66,7 +66,9 @@ def test_accepting_labels_them_in_one_batch_that_one_undo_takes_back(db: Databas
     trail = labels.audit_trail(db, int(cat.image_ids[6]))
     [row] = trail
     assert (row.actor, row.action, row.new_category, row.predicted_category) == ("ana", "bulk", "Shoes", "Shoes")
-    assert row.note.startswith("accepted predictions >= 90%") and row.predicted_confidence == pytest.approx(0.9)
+    assert row.note == "accepted predictions >= 90%" and row.predicted_confidence == pytest.approx(0.9)
+    [other] = labels.audit_trail(db, int(cat.image_ids[0]))
+    assert row.batch_id is not None and other.batch_id == row.batch_id  # one batch
     assert _labels(db) == 4
 
     undone = labels.undo_last_change(db, actor="ana", only_event_ids=done.event_ids[:1])

@@ -74,3 +74,22 @@ def test_a_bulk_change_records_what_the_grid_showed_so_bulk_accepts_are_not_corr
     last = audit_trail(db, ids[5])[-1]
     assert (last.action, last.new_category, last.predicted_category) == ("bulk", "Hats", "Bags")
     assert abs(last.predicted_confidence - 0.7) < 1e-9
+
+
+def test_a_change_counts_until_an_undo_event_names_it_in_its_column(db: Database) -> None:
+    from sqlalchemy import insert
+
+    from core.schema import LabelAction, LabelEvent, utcnow
+
+    made = build(db, CATALOGUE)
+    ids = [int(i) for i in made.image_ids]
+    change = set_label(db, ids[0], "Bags", actor="alice")  # changed a label: a correction
+    assert training_plan(db).corrections_since_active == 1
+    # Notes are for people: an undo event that names the change only in its note takes nothing back.
+    bags, note = made.id_of("Bags"), f"undo of event #{change.event_id} (set)"
+    in_words_only = dict(image_id=ids[0], old_category_id=bags, new_category_id=bags, actor="alice", note=note)
+    with db.write() as session:
+        session.execute(insert(LabelEvent), [{**in_words_only, "action": LabelAction.UNDO, "created_at": utcnow()}])
+    assert training_plan(db).corrections_since_active == 1
+    [undo] = undo_last_change(db, actor="alice")
+    assert undo.image_id == ids[0] and training_plan(db).corrections_since_active == 0

@@ -13,7 +13,7 @@ from core import labels
 from core.db import Database
 from core.errors import CategoryError, NotFound, ProdcatError
 from core.ingest import import_paths
-from core.schema import Category, Label, LabelEvent, utcnow
+from core.schema import Category, Label, LabelAction, LabelEvent, utcnow
 from tests.core.factories import FakeImage, Populated, build
 from tests.imagegen import image_bytes
 
@@ -308,8 +308,9 @@ def test_undo_is_right_among_many_events_of_other_actors(db: Database) -> None:
     shoes, bags = made.id_of("Shoes"), made.id_of("Bags")
     first = labels.set_label(db, ids[0], "Shoes", actor="alice")
     labels.bulk_relabel(db, ids[1:4], "Hats", actor="alice")
-    # Thousands of other actors' events on other images, including undo notes naming alice's events (only
-    # her own undo takes her change back), and alice's own imports, which undo steps over.
+    # Thousands of other actors' events on other images, including undo events naming alice's events (only
+    # her own undo takes her change back), an undo whose note alone names her change (notes are for people: undo
+    # reads undoes_event_id), and alice's own imports, which undo steps over.
     others = ids[10:]
     noise: list[dict[str, Any]] = []
     for k in range(3000):
@@ -325,8 +326,11 @@ def test_undo_is_right_among_many_events_of_other_actors(db: Database) -> None:
                 actor="bob",
                 action="undo",
                 note=f"undo of event #{event_id} (set)",
+                undoes_event_id=event_id,
             )
         )
+    in_words_only = dict(image_id=ids[0], old_category_id=shoes, new_category_id=shoes, actor="alice", action="undo")
+    noise.append({**in_words_only, "note": f"undo of event #{first.event_id} (set)"})
     noise += [dict(image_id=others[1], new_category_id=shoes, actor="alice", action="import") for _ in range(500)]
     _add_events(db, noise)
     labels.set_label(db, ids[4], "Bags", actor="alice")
@@ -505,3 +509,49 @@ def test_confirming_a_label_is_audited_but_is_neither_a_change_nor_undoable(db: 
         undo_last_change(db, actor="bob")
     with pytest.raises(ProdcatError, match="no label to confirm"):
         confirm_label(db, unlabelled, actor="bob")
+
+
+# --- The audit trail's meaning in columns: undoes_event_id, batch_id, a typed action -------------------------------
+
+
+def _events(db: Database, image_ids: list[int]) -> list[Any]:
+    """The label events of those images as rows (id, action, note, undoes_event_id, batch_id), oldest first."""
+    e = LabelEvent
+    with db.read() as session:
+        query = select(e.id, e.action, e.note, e.undoes_event_id, e.batch_id).where(e.image_id.in_(image_ids))
+        return list(session.execute(query.order_by(e.id)).all())
+
+
+def test_undo_and_batches_are_columns_and_the_notes_stay_readable(db: Database, ids: list[int]) -> None:
+    single = labels.set_label(db, ids[0], "Shoes", actor="alice")
+    first = labels.bulk_relabel(db, ids[1:4], "Hats", actor="alice")
+    second = labels.bulk_relabel(db, ids[4:6], "Bags", actor="alice")
+    undone = labels.undo_last_change(db, actor="alice")  # the second batch, in one step
+    assert sorted(c.image_id for c in undone) == ids[4:6]
+
+    by_id = {e.id: e for e in _events(db, ids)}
+    assert by_id[single.event_id or 0].batch_id is None and by_id[single.event_id or 0].action is LabelAction.SET
+    first_batches = {by_id[c.event_id or 0].batch_id for c in first}
+    second_batches = {by_id[c.event_id or 0].batch_id for c in second}
+    assert len(first_batches) == 1 and len(second_batches) == 1 and first_batches != second_batches
+    assert None not in first_batches | second_batches
+    assert by_id[first[0].event_id or 0].note == "bulk relabel of 3 images"  # for people; no machine tag in it
+    undos = [by_id[c.event_id or 0] for c in undone]
+    assert {u.undoes_event_id for u in undos} == {c.event_id for c in second}
+    assert len({u.batch_id for u in undos}) == 1 and undos[0].batch_id not in second_batches | {None}
+    assert all(u.note == f"undo of event #{u.undoes_event_id} (bulk)" for u in undos)
+    trail = labels.audit_trail(db, ids[4])
+    assert (trail[0].action, trail[0].undoes_event_id) == (LabelAction.UNDO, trail[1].event_id)
+
+    # Rename and merge write one batch each.
+    labels.rename_category(db, "Hats", "Caps", actor="admin")
+    labels.merge_categories(db, "Caps", "Bags", actor="admin")
+    moves = [e for e in _events(db, ids[1:4]) if e.action in (LabelAction.RENAME, LabelAction.MERGE)]
+    assert len(moves) == 6 and len({(e.action, e.batch_id) for e in moves}) == 2
+    assert None not in {e.batch_id for e in moves}
+
+
+def test_a_misspelt_action_is_refused_before_anything_is_written(db: Database, ids: list[int]) -> None:
+    with pytest.raises(ValueError, match="relabel"), db.write() as session:
+        labels.apply_label(session, ids[0], 1, actor="alice", action="relabel")
+    assert current(db, ids[0]) is None and _events(db, [ids[0]]) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
@@ -9,6 +10,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, text
 
 from core.db import MIGRATIONS_DIR, Database
+from core.errors import NotFound
 from core.schema import Base
 from core.settings import Settings
 
@@ -131,3 +133,88 @@ def test_upgrading_from_0006_adds_no_deleted_categories(settings: Settings) -> N
     engine.dispose()
     assert tuple(row) == ("Shoes", None, None)
     assert "deleted_at" not in columns and "name" in columns
+
+
+def test_upgrading_from_0009_reads_undo_and_batch_notes_into_columns(settings: Settings) -> None:
+    url, engine = _database_at(settings, "0009")
+    # Written as the code before 0010 wrote them: meaning only in the notes (and equal times for one batch).
+    t = [f"2026-01-01 00:00:0{k}" for k in range(10)]
+    events = [
+        # id, image, old, new, actor, action, time, note
+        (1, 1, None, 1, "alice", "set", t[1], ""),
+        (2, 1, 1, None, "alice", "undo", t[2], "undo of event #1 (set)"),
+        (3, 2, None, 2, "alice", "bulk", t[3], "bulk relabel of 2 images (batch 0123456789ab)"),
+        (4, 3, None, 2, "alice", "bulk", t[3], "bulk relabel of 2 images (batch 0123456789ab)"),
+        (5, 2, 2, None, "alice", "undo", t[4], "undo of event #3 (bulk)"),
+        (6, 3, 2, None, "alice", "undo", t[4], "undo of event #4 (bulk)"),
+        (7, 2, None, 1, "bob", "undo", t[5], "undo of event #1 (set)"),  # names another image's event: not linked
+        (8, 2, 1, 2, "carol", "merge", t[6], "category 'Shoes' merged into 'Bags'"),
+        (9, 3, None, 2, "carol", "import", t[7], "photos/bags"),
+        (10, 3, 2, 2, "carol", "rename", t[8], "category 'Bags' renamed to 'Totes'"),
+        (11, 1, None, 2, "dan", "bulk", t[9], "bulk relabel of 1 images"),  # no tag: a batch of its own
+    ]
+    keys = ("id", "image", "old", "new", "actor", "action", "time", "note")
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO categories (name, created_at) VALUES ('Shoes', :t), ('Bags', :t)"), {"t": t[0]}
+        )
+        for sha in ("cd", "ef"):
+            connection.execute(
+                text(
+                    "INSERT INTO images (sha256, stored_path, thumb_path, width, height, format, file_size, "
+                    "original_name, source, split, created_at, uploaded_by) "
+                    "VALUES (:sha, 'a', 't', 1, 1, 'PNG', 1, 'x.png', '', 'train', :t, 'x')"
+                ),
+                {"sha": sha, "t": t[0]},
+            )
+        connection.execute(
+            text(
+                "INSERT INTO label_events (id, image_id, old_category_id, new_category_id, actor, action, created_at, "
+                "note) VALUES (:id, :image, :old, :new, :actor, :action, :time, :note)"
+            ),
+            [dict(zip(keys, e, strict=True)) for e in events],
+        )
+    command.upgrade(_config(url), "head")
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT id, action, note, undoes_event_id, batch_id FROM label_events ORDER BY id")
+        ).all()
+        indexes = {r[1] for r in connection.execute(text("PRAGMA index_list('label_events')"))}
+        fks = connection.execute(text("PRAGMA foreign_key_list('label_events')")).all()
+    command.downgrade(_config(url), "0009")
+    with engine.connect() as connection:
+        columns = {r[1] for r in connection.execute(text("PRAGMA table_info('label_events')"))}
+        notes = connection.execute(text("SELECT note FROM label_events ORDER BY id")).scalars().all()
+    engine.dispose()
+
+    assert [r.note for r in rows] == [e[-1] for e in events]  # the notes stay, for people
+    assert {r.id: r.undoes_event_id for r in rows if r.undoes_event_id is not None} == {2: 1, 5: 3, 6: 4}
+    batch = {r.id: r.batch_id for r in rows}
+    assert batch[3] == batch[4] == "0123456789ab"  # the tag the note carried
+    assert batch[5] == batch[6] and batch[5] not in (None, batch[3])  # the undo of that batch is one batch too
+    assert batch[8] and batch[10] and batch[11] and len({batch[8], batch[10], batch[11], batch[3], batch[5]}) == 5
+    assert batch[1] is batch[2] is batch[7] is batch[9] is None  # one image's changes: no batch
+    assert {"ix_label_events_undoes_event_id", "ix_label_events_batch_id"} <= indexes
+    assert any(fk[2] == "label_events" and fk[3] == "undoes_event_id" and fk[4] == "id" for fk in fks)
+    assert not {"undoes_event_id", "batch_id"} & columns and notes == [e[-1] for e in events]
+
+
+def test_after_0010_undo_reads_the_converted_columns(settings: Settings) -> None:
+    """An undo written before 0010 still counts as taken back afterwards: undo does not step over it again."""
+    from core import labels
+    from core.db import open_database
+
+    url, engine = _database_at(settings, "0009")
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO categories (name, created_at) VALUES ('Shoes', '2026-01-01 00:00:00')"))
+        connection.execute(
+            text(
+                "INSERT INTO label_events (image_id, old_category_id, new_category_id, actor, action, created_at, note)"
+                " VALUES (1, NULL, 1, 'alice', 'set', '2026-01-01 00:00:01', ''),"
+                " (1, 1, NULL, 'alice', 'undo', '2026-01-01 00:00:02', 'undo of event #1 (set)')"
+            )
+        )
+    engine.dispose()
+    db = open_database(settings.model_copy(update={"database_url": url}))
+    with pytest.raises(NotFound, match="nothing to undo"):
+        labels.undo_last_change(db, actor="alice")
