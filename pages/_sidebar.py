@@ -1,4 +1,5 @@
-"""The sidebar every page shares: who you are, the active model and the training job (a polling fragment)."""
+"""The shell every page shares: sign-in, navigation, and the sidebar (who you are, the active model and the training
+job, a polling fragment)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from streamlit.navigation.page import StreamlitPage
 from core.db import Database
 from core.overview import Overview, error_headline, home_overview, job_progress
 from core.schema import JobStatus
-from core.settings import get_settings
-from pages._ui import ACTOR_KEY, PAGES, get_db
+from pages import _auth
+from pages._ui import PAGES, database
 
 
 def app_shell() -> StreamlitPage:
@@ -17,13 +18,16 @@ def app_shell() -> StreamlitPage:
     Returns the page st.navigation picked from the url."""
     # An emoji, not a Material icon: Streamlit fetches a Material favicon from Google's font CDN, failing offline.
     st.set_page_config(page_title="prodcat", page_icon="🏷️", layout="wide")
+    db = database()
+    if _auth.resolve(db) is None:
+        _auth.sign_in_screen(db)
     page = st.navigation(
         [
             st.Page(path, title=title, url_path=url or None, default=key == "home")
             for key, (path, title, url) in PAGES.items()
         ]
     )
-    render_sidebar(get_db())
+    render_sidebar(db)
     return page
 
 
@@ -52,9 +56,7 @@ def render_sidebar(db: Database) -> Overview:
     """
     overview = home_overview(db)
     with st.sidebar:
-        if ACTOR_KEY not in st.session_state:
-            st.session_state[ACTOR_KEY] = get_settings().default_actor
-        st.text_input("Your name", key=ACTOR_KEY, help="Recorded as the author of every label change.")
+        _auth.sidebar_identity(db)
         st.fragment(_sidebar_status, run_every=overview.refresh_every_s)(db, [overview])
     return overview
 

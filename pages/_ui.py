@@ -16,8 +16,8 @@ from core.errors import NotFound, ProdcatError
 from core.jobs import fail_stale_jobs
 from core.labels import LabelChange, list_categories, undo_last_change
 from core.settings import get_settings
+from pages import _auth
 
-ACTOR_KEY = "actor"
 FLASH_KEY = "_flash"
 SESSION_CHANGES_KEY = "session_label_events"  # audit event ids of the label changes made in this browser session
 # key -> (file, title, url path); streamlit_app.py builds the navigation from this, pages link with it.
@@ -123,14 +123,18 @@ def get_db() -> Database:
 
     Every page calls this first, so it also takes a page out of Streamlit's legacy folder mode (see PAGES)."""
     leave_legacy_pages_mode()
+    return database()
+
+
+def database() -> Database:
+    """The app's database (what get_db returns), for the shell that draws the navigation itself."""
     settings = get_settings()
     return _database(settings.resolved_database_url, str(settings.data_dir))
 
 
 def actor() -> str:
-    """Who makes changes: the sidebar's "Your name", or the configured default."""
-    name = str(st.session_state.get(ACTOR_KEY) or "").strip()
-    return name or get_settings().default_actor
+    """Who makes changes, as the audit trail records it: the signed-in account (or API token)."""
+    return _auth.current().actor
 
 
 def remember_changes(changes: Iterable[LabelChange | None]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core.auth import Action
 from core.backbone import backbone_choice, clear_weights_selection, use_weights_file
 from core.export import export_imagefolder, labels_csv_bytes
 from core.ingest import ImportResult, LabelSource, Upload, import_labelled_folder, import_labelled_upload
@@ -18,9 +19,10 @@ from core.labels import (
 )
 from core.serverfiles import exchange_path
 from core.versions import active_version, checkpoint_files, model_archive_bytes
-from pages import _ui
+from pages import _auth, _ui
 
 db = _ui.get_db()
+_auth.require(Action.EDIT_CATEGORIES)
 _ui.show_flash()
 st.title("Categories & data")
 

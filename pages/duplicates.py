@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core.auth import Action
 from core.duplicates import DuplicateGroup, duplicate_groups, keep_one
-from pages import _ui
+from pages import _auth, _ui
 
 GROUPS_PER_PAGE = 10
 
 db = _ui.get_db()
+_auth.require(Action.DELETE_IMAGES)
 _ui.show_flash()
 st.title("Duplicates")
 st.caption(

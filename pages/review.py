@@ -7,11 +7,12 @@ import math
 import streamlit as st
 
 from core.accept import accept_predictions
+from core.auth import Action
 from core.label_checks import label_health
 from core.labels import bulk_relabel
 from core.review import LabelState, ReviewItem, ReviewOrder, ReviewPage, review_queue
 from core.schema import Split
-from pages import _cards, _keyboard, _ui
+from pages import _auth, _cards, _keyboard, _ui
 
 CELL_KEY = _ui.REVIEW_CELL_KEY
 ALL = _ui.REVIEW_ALL
@@ -29,6 +30,7 @@ SEARCH_KEY = "review_search"
 KEEP = "session"
 
 db = _ui.get_db()
+_auth.require(Action.LABEL)
 _ui.show_flash()
 st.title("Review & correct")
 categories = _ui.category_names(db)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from core.auth import Action
 from core.backbone import next_start
 from core.dashboard import version_comparison
 from core.jobs import (
@@ -22,7 +23,7 @@ from core.overview import error_headline, job_progress, training_curves
 from core.schema import JobStatus
 from core.training import suggested_mode, training_plan
 from core.versions import AccuracyBasis, AccuracyFigure, activate_version, active_version, list_versions
-from pages import _ui
+from pages import _auth, _ui
 
 AUTO = "auto"
 
@@ -108,7 +109,7 @@ def live_progress(drawn: tuple[int | None, str | None, int | None]) -> None:
         column.line_chart(frame, x_label="epoch", y_label=name)
     if job.cancel_requested:
         st.text("Cancel requested: the worker stops after the current step.")
-    elif st.button("Cancel training", key=f"cancel_{job.id}"):
+    elif _auth.may(Action.TRAIN) and st.button("Cancel training", key=f"cancel_{job.id}"):
         _ui.attempt(cancel_job, db, job.id, actor=_ui.actor())
 
 
@@ -167,14 +168,17 @@ else:
 for note in start.notes:
     st.warning(_ui.md_escape(note))
 
-st.button(
-    f"Retrain ({mode})",
-    type="primary",
-    disabled=not plan.ok or live_job is not None or start.problem is not None,
-    help=None if start.problem is None else _ui.md_escape(f"Retrain is disabled: {start.problem}"),
-    on_click=_retrain,
-    args=(mode,),
-)
+if not _auth.may(Action.TRAIN):
+    st.caption(f"Retraining needs a trainer account; you are signed in as a {_auth.current().role.value}.")
+else:
+    st.button(
+        f"Retrain ({mode})",
+        type="primary",
+        disabled=not plan.ok or live_job is not None or start.problem is not None,
+        help=None if start.problem is None else _ui.md_escape(f"Retrain is disabled: {start.problem}"),
+        on_click=_retrain,
+        args=(mode,),
+    )
 if start.problem is not None:
     st.caption("Retrain is disabled until the pretrained weights above can be used.")
 if live_job is not None:
@@ -249,7 +253,7 @@ st.dataframe(
     column_config={**formats, "ECE": st.column_config.NumberColumn(format="%.3f")},
 )
 labels = {v.id: v.label for v in versions if active is None or v.id != active.id}
-if labels:
+if labels and _auth.may(Action.ACTIVATE):
     left, right = st.columns([3, 1], vertical_alignment="bottom")
     pick = left.selectbox(
         "Serve another version (promote a candidate or roll back)", labels, format_func=labels.get, key="activate_pick"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core.auth import Action
 from core.ingest import ImportResult, Upload, import_uploads
 from core.labels import add_category, bulk_relabel
 from core.predict import predict_images
 from core.review import BatchTargets, batch_targets, review_items
 from core.versions import active_version
-from pages import _cards, _ui
+from pages import _auth, _cards, _ui
 from pages._upload_batch import Batch, category_problem
 
 BATCH_KEY = "upload_batch"
@@ -23,6 +24,7 @@ PAGE_SIZE = 24  # cards per page, like the Review page
 CHUNK = 16  # files per import call: what an interrupted import had stored is known to the last chunk
 
 db = _ui.get_db()
+_auth.require(Action.UPLOAD)
 _ui.show_flash()
 st.title("Upload & classify")
 categories = _ui.category_names(db)

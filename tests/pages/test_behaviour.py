@@ -29,7 +29,7 @@ def test_picking_a_category_on_the_review_page_relabels_and_audits(db: Database)
         ],
     )
     boot = int(made.image_ids[0])
-    at = run_page("pages/review.py", session={"actor": "alice"})
+    at = run_page("pages/review.py", session={"signed_in_account": "alice"})
     assert boot in card_ids(at)
 
     key = f"rv_pick_{boot}_Shoes"
@@ -48,7 +48,7 @@ def test_picking_a_category_on_the_review_page_relabels_and_audits(db: Database)
 def test_accepting_the_prediction_then_undo_restores_the_label(db: Database) -> None:
     made = build(db, [FakeImage(split="val", label=None, probs=_mixed(HATS), name="beanie.png")])
     image = int(made.image_ids[0])
-    at = run_page("pages/review.py", session={"actor": "bob"})
+    at = run_page("pages/review.py", session={"signed_in_account": "bob"})
     at.button(key=f"rv_accept_{image}").click().run()
     assert audit_trail(db, image)[0].new_category == "Hats"
 
@@ -67,7 +67,7 @@ def test_keyboard_review_labels_with_a_key_and_moves_on(db: Database) -> None:
         ],
     )
     ids = [int(i) for i in made.image_ids]
-    at = run_page("pages/review.py", session={"actor": "kim"})
+    at = run_page("pages/review.py", session={"signed_in_account": "kim"})
     at.toggle(key="review_keyboard").set_value(True).run()
     first = next(i for i in ids if any(b.key == f"kb_pick_{i}_1" for b in at.button))
     other = next(i for i in ids if i != first)
@@ -89,7 +89,7 @@ def test_keyboard_review_labels_with_a_key_and_moves_on(db: Database) -> None:
 def test_bulk_relabel_of_selected_images(db: Database) -> None:
     made = build(db, [FakeImage(split="train", label="Shoes", probs=_mixed(SHOES), name=f"s{k}.jpg") for k in range(3)])
     first, second, third = (int(i) for i in made.image_ids)
-    at = run_page("pages/review.py", session={"actor": "cara"})
+    at = run_page("pages/review.py", session={"signed_in_account": "cara"})
     at.checkbox(key=f"rv_sel_{first}").check()
     at.checkbox(key=f"rv_sel_{third}").check()
     at.selectbox(key="review_bulk_target").set_value("Hats")
@@ -104,7 +104,7 @@ def test_retrain_button_queues_exactly_one_job_and_is_disabled_while_it_is_live(
     assert training_plan(db, mode="quick").ok
     # A live worker (as if on another machine): the page must not start one, and the job stays queued.
     register_worker(db, "test-worker-elsewhere")
-    at = run_page("pages/train.py", session={"actor": "dana"})
+    at = run_page("pages/train.py", session={"signed_in_account": "dana"})
     at.radio[0].set_value("quick").run()
     retrain = next(b for b in at.button if b.label.startswith("Retrain"))
     retrain.click().run()

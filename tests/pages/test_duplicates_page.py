@@ -22,7 +22,7 @@ def test_keep_this_one_deletes_the_other_copies_and_says_so(db: Database) -> Non
     uploads += [Upload(f"bag {kind}.jpg", encode(make(original), "JPEG")) for kind, make in COPY_KINDS.items()][:2]
     uploads.append(Upload("hat.png", encode(make_image("Hats", 1, size=160))))
     assert not import_uploads(db, uploads, actor="alice").refused
-    at = run_page("pages/duplicates.py", {"actor": "dana"})
+    at = run_page("pages/duplicates.py", {"signed_in_account": "dana"})
     assert not at.exception and errors_of(at) == []
     keep = [b for b in at.button if b.label == "Keep this one"]
     assert len(keep) == 3  # one group: the bag and its two copies, not the hat
@@ -41,7 +41,7 @@ def test_groups_come_a_page_at_a_time_and_older_images_ask_for_a_scan(db: Databa
     uploads = [Upload(f"item{i}.png", encode(im)) for i, im in enumerate(photos)]
     uploads += [Upload(f"item{i} cropped.jpg", encode(crop_5pct(im), "JPEG")) for i, im in enumerate(photos)]
     assert not import_uploads(db, uploads, actor="alice").refused
-    at = run_page("pages/duplicates.py", {"actor": "dana"})
+    at = run_page("pages/duplicates.py", {"signed_in_account": "dana"})
     assert not at.exception and errors_of(at) == [] and not at.info
     assert any("12 group(s) holding 24 images" in m.value for m in at.markdown)
     assert len([b for b in at.button if b.label == "Keep this one"]) == 20  # ten groups of two on page 1
@@ -51,9 +51,9 @@ def test_groups_come_a_page_at_a_time_and_older_images_ask_for_a_scan(db: Databa
 
     with db.write() as session:  # as if these had been imported before the groups were stored
         session.execute(update(Image).values(duplicate_group_id=None, duplicates_checked=False))
-    at = run_page("pages/duplicates.py", {"actor": "dana"})
+    at = run_page("pages/duplicates.py", {"signed_in_account": "dana"})
     assert any("24 image(s) have not been checked" in i.value and "duplicates scan" in i.value for i in at.info)
     assert any("No near-duplicates" in s.value for s in at.success)
     assert CliRunner().invoke(app, ["duplicates", "scan"]).exit_code == 0
-    at = run_page("pages/duplicates.py", {"actor": "dana"})
+    at = run_page("pages/duplicates.py", {"signed_in_account": "dana"})
     assert not at.info and any("12 group(s)" in m.value for m in at.markdown)

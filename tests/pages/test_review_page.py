@@ -121,7 +121,7 @@ def test_b10_keyboard_keys_are_fixed_per_category_and_every_category_is_reachabl
         categories=names,
     )
     first, second = (int(i) for i in made.image_ids)
-    at = run_page("pages/review.py", session={"actor": "lee"})
+    at = run_page("pages/review.py", session={"signed_in_account": "lee"})
     at.toggle(key="review_keyboard").set_value(True).run()
 
     def keys_of(image_id: int) -> dict[str, str]:
@@ -166,7 +166,7 @@ def test_keyboard_review_offers_categories_beyond_the_keys_in_a_picker(db: Datab
     names = [f"Category {n:02d}" for n in range(40)]  # more than the 33 keys
     made = build(db, [FakeImage(split="train", label="Category 39", name="p.jpg")], categories=names)
     image = int(made.image_ids[0])
-    at = run_page("pages/review.py", session={"actor": "lee"})
+    at = run_page("pages/review.py", session={"signed_in_account": "lee"})
     at.toggle(key="review_keyboard").set_value(True).run()
     keyed = [b for b in at.button if b.key and b.key.startswith(f"kb_pick_{image}_")]
     assert len(keyed) == 34  # 33 keys, plus the photo's own label without a key
@@ -180,7 +180,7 @@ def test_keyboard_review_offers_categories_beyond_the_keys_in_a_picker(db: Datab
 def test_keyboard_skip_is_recorded_in_the_session_and_the_next_photos_are_prefetched(db: Database) -> None:
     made = build(db, [FakeImage(split="train", label=None, name=f"p{k}.jpg") for k in range(5)])
     ids = [int(i) for i in made.image_ids]
-    at = run_page("pages/review.py", session={"actor": "lee"})
+    at = run_page("pages/review.py", session={"signed_in_account": "lee"})
     at.toggle(key="review_keyboard").set_value(True).run()
     current = card_ids(at)[0]
     assert len(at.get("image")) == 4  # the photo, and the next ones drawn small so the browser has them already
@@ -193,7 +193,7 @@ def test_keyboard_skip_is_recorded_in_the_session_and_the_next_photos_are_prefet
 
 def test_ticks_are_cleared_after_a_bulk_relabel_and_stay_cleared_after_undo(db: Database) -> None:
     ids = _alternating(db, 4)
-    at = run_page("pages/review.py", session={"actor": "max"})
+    at = run_page("pages/review.py", session={"signed_in_account": "max"})
     for image_id in ids[:2]:
         at.checkbox(key=f"rv_sel_{image_id}").check()
     at.selectbox(key="review_bulk_target").set_value("Bags")
@@ -280,7 +280,7 @@ def test_a_label_changed_in_another_tab_is_not_overwritten_and_the_card_says_who
 
     made = build(db, [FakeImage(split="train", label="Shoes", probs=BAGS)])
     image_id = int(made.image_ids[0])
-    at = run_page("pages/review.py", session={"actor": "lee"})
+    at = run_page("pages/review.py", session={"signed_in_account": "lee"})
     set_label(db, image_id, "Hats", actor="kim")  # another person, after lee's page was drawn
     at.pills(key=f"rv_pick_{image_id}_Shoes").set_value("Bags").run()
 
@@ -297,7 +297,7 @@ def test_search_and_accepting_confident_predictions_in_bulk_with_one_undo(db: Da
         + [FakeImage(split="train", label=None, probs=(0.4, 0.35, 0.25), name="unsure.jpg")],
     )
     ids = [int(i) for i in made.image_ids]
-    at = run_page("pages/review.py", session={"actor": "lee"})
+    at = run_page("pages/review.py", session={"signed_in_account": "lee"})
     at.text_input(key="review_search").set_value("bag_")
     next(b for b in at.button if b.label == "Apply filters").click().run()
     assert sorted(card_ids(at)) == ids[:3]

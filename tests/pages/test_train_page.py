@@ -31,7 +31,7 @@ def test_an_empty_catalogue_reads_as_sentences(data_dir: object) -> None:
     at = run_page("pages/train.py")
     assert not at.exception
     assert "0 labelled images in 0 categories; no model yet." in [t.value for t in at.text]
-    assert [w.value.replace("\\", "") for w in at.warning] == [
+    assert [w.value.replace("\\", "") for w in at.main.warning] == [
         "add at least 2 categories and label images in each",
         # PRODCAT_PRETRAINED=none in the tests: the page says what that costs before anyone trains.
         "Backbone of the next model: resnet18 with random initial weights: accuracy will be much lower than with "

@@ -18,7 +18,7 @@ def test_live_progress_of_a_running_job_and_cancel(db: Database) -> None:
             ProgressReport(phase="train", epoch=epoch, epochs=4, loss=loss, train_acc=0.5 + epoch / 10,
                            val_acc=0.4 + epoch / 10, images_per_s=250.0, eta_s=95.0, device="cpu"),
         )  # fmt: skip
-    at = run_page("pages/train.py", session={"actor": "hana"})
+    at = run_page("pages/train.py", session={"signed_in_account": "hana"})
     assert not at.exception
     assert any(s.value == f"Training job #{job_id}: running" for s in at.subheader)
     metrics = {m.label: m.value for m in at.metric}
@@ -46,7 +46,7 @@ def test_b4_a_quick_run_shows_its_progress_first_without_empty_figures_or_a_one_
     record_progress(
         db, job_id, ProgressReport(phase="fit head", epoch=1, epochs=1, train_acc=0.8, val_acc=0.7, device="cpu")
     )
-    at = run_page("pages/train.py", session={"actor": "hana"})
+    at = run_page("pages/train.py", session={"signed_in_account": "hana"})
     assert not at.exception
     # The progress block comes right under the title, before the slow parts (hardware check, plan, backbone): after
     # a reload mid-run it is the first thing drawn.

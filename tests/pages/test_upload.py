@@ -23,7 +23,7 @@ def test_upload_with_a_category_labels_every_image_and_reports_refusals(db: Data
     files = [(f"shoe_{k}.png", image_bytes("Shoes", k), "image/png") for k in range(3)]
     files.append(("notes.txt", b"not an image at all", "text/plain"))
     add_category(db, "Shoes", actor="setup")  # AppTest's selectbox cannot type a new name (the browser test does)
-    at = run_page("pages/upload.py", session={"actor": "erin"})
+    at = run_page("pages/upload.py", session={"signed_in_account": "erin"})
     _import(at, files, category="Shoes")
 
     assert not at.exception and errors_of(at) == []
@@ -40,7 +40,7 @@ def test_upload_with_a_category_labels_every_image_and_reports_refusals(db: Data
 def test_duplicates_name_the_image_they_match_and_one_click_labels(db: Database) -> None:
     for name in ("Bags", "Hats"):
         add_category(db, name, actor="setup")
-    at = run_page("pages/upload.py", session={"actor": "finn"})
+    at = run_page("pages/upload.py", session={"signed_in_account": "finn"})
     _import(at, [("bag.png", image_bytes("Bags", 1), "image/png")], category="Bags")
     _import(at, [("hat.png", image_bytes("Hats", 1), "image/png")], category="Hats")
     first = catalogue_stats(db).total_images
@@ -60,7 +60,7 @@ def test_duplicates_name_the_image_they_match_and_one_click_labels(db: Database)
 def test_apply_to_the_whole_upload_needs_a_category_and_leaves_labelled_duplicates_alone(db: Database) -> None:
     for name in ("Bags", "Hats"):
         add_category(db, name, actor="setup")
-    at = run_page("pages/upload.py", session={"actor": "gus"})
+    at = run_page("pages/upload.py", session={"signed_in_account": "gus"})
     _import(at, [("bag.png", image_bytes("Bags", 1), "image/png")], category="Bags")
     bag = card_ids(at)[0]
     # The labelled bag again (a duplicate) with two new photos, nothing ticked.
@@ -98,7 +98,7 @@ def test_b11_after_apply_to_the_selection_the_category_is_reset_so_the_next_clic
 ) -> None:
     for name in ("Bags", "Hats"):
         add_category(db, name, actor="setup")
-    at = run_page("pages/upload.py", session={"actor": "ivy"})
+    at = run_page("pages/upload.py", session={"signed_in_account": "ivy"})
     _import(at, [(f"p{k}.png", image_bytes("Hats", k), "image/png") for k in range(8)])
     first = card_ids(at)[0]
     at.checkbox(key=f"up_sel_{first}").check().run()
@@ -114,7 +114,7 @@ def test_b11_after_apply_to_the_selection_the_category_is_reset_so_the_next_clic
 
 
 def test_b1_an_empty_catalogue_offers_a_new_category_and_a_way_to_categories_and_data(db: Database) -> None:
-    at = run_page("pages/upload.py", session={"actor": "jo"})
+    at = run_page("pages/upload.py", session={"signed_in_account": "jo"})
     _import(at, [(f"p{k}.png", image_bytes("Shoes", k), "image/png") for k in range(2)])
     assert len(card_ids(at)) == 2
     assert [link.proto.label for link in at.get("page_link")] == [
@@ -132,7 +132,7 @@ def test_b1_an_empty_catalogue_offers_a_new_category_and_a_way_to_categories_and
 
 def test_b1_the_batch_picker_takes_a_new_name(db: Database) -> None:
     # Typing the name and applying it is driven in Chromium (AppTest's selectbox cannot type a new option).
-    at = run_page("pages/upload.py", session={"actor": "jo"})
+    at = run_page("pages/upload.py", session={"signed_in_account": "jo"})
     _import(at, [(f"p{k}.png", image_bytes("Shoes", k), "image/png") for k in range(2)])
     assert at.selectbox(key="upload_target").proto.accept_new_options
 
@@ -140,7 +140,7 @@ def test_b1_the_batch_picker_takes_a_new_name(db: Database) -> None:
 def test_b12_singular_wording_and_a_photo_repeated_within_one_upload_is_not_already_in_the_catalogue(
     db: Database,
 ) -> None:
-    at = run_page("pages/upload.py", session={"actor": "lu"})
+    at = run_page("pages/upload.py", session={"signed_in_account": "lu"})
     same = image_bytes("Bags", 1)
     _import(at, [("bag.png", same, "image/png"), ("bag-again.png", same, "image/png")])
     assert any(t.value == "1 imported, 1 duplicate, 0 refused" for t in at.text)
@@ -149,7 +149,7 @@ def test_b12_singular_wording_and_a_photo_repeated_within_one_upload_is_not_alre
 
 
 def test_upload_cards_are_paginated_24_per_page(db: Database) -> None:
-    at = run_page("pages/upload.py", session={"actor": "mo"})
+    at = run_page("pages/upload.py", session={"signed_in_account": "mo"})
     _import(at, [(f"p{k}.png", image_bytes("Hats", k), "image/png") for k in range(30)])
     assert any(t.value == "30 imported, 0 duplicates, 0 refused" for t in at.text)
     first_page = card_ids(at)

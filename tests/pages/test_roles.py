@@ -1,0 +1,75 @@
+"""What each role sees: the sign-in screen until someone signs in, pages a role cannot use say so, and a labeller
+sees no Retrain button (core refuses it anyway: tests/core/test_auth.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import auth
+from core.db import Database, open_database
+from core.settings import get_settings
+from tests.pages.helpers import APP, TIMEOUT_S, run_page
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def accounts(data_dir: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Database]:
+    monkeypatch.setenv("PRODCAT_AUTH", "builtin")
+    get_settings.cache_clear()
+    db = open_database(get_settings())
+    auth.add_account(db, "ada", "admin", PASSWORD, actor="")
+    for name, role in (("tim", "trainer"), ("lea", "labeller"), ("vic", "viewer")):
+        auth.add_account(db, name, role, PASSWORD, actor="ada")
+    yield db
+
+
+def test_nobody_signed_in_sees_only_the_sign_in_screen(accounts: Database) -> None:
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S).run()
+    assert not at.exception
+    buttons = at.get("link_button")
+    assert [b.proto.label for b in buttons] == ["Sign in"]
+    assert buttons[0].proto.url.startswith("/auth/login?next=")
+    assert not at.sidebar.text  # no model, no job, no navigation for strangers
+
+
+def test_a_labeller_sees_who_is_signed_in_and_no_retrain_button(accounts: Database) -> None:
+    at = run_page("pages/train.py", session={"signed_in_account": "lea"})
+    assert not at.exception
+    assert "Signed in as lea (labeller)" in [t.value for t in at.sidebar.text]
+    assert not [b for b in at.button if b.label.startswith("Retrain")]
+    assert any("Retraining needs a trainer account" in c.value for c in at.caption)
+
+
+def test_a_trainer_gets_the_retrain_button(accounts: Database) -> None:
+    at = run_page("pages/train.py", session={"signed_in_account": "tim"})
+    assert [b.label for b in at.button if b.label.startswith("Retrain")] == ["Retrain (quick)"]
+
+
+@pytest.mark.parametrize(
+    ("page", "name", "refused"),
+    [
+        ("pages/upload.py", "vic", True),
+        ("pages/review.py", "vic", True),
+        ("pages/upload.py", "lea", False),
+        ("pages/categories.py", "tim", True),
+        ("pages/duplicates.py", "lea", True),
+        ("pages/categories.py", "ada", False),
+    ],
+)
+def test_pages_a_role_cannot_use_say_so(accounts: Database, page: str, name: str, refused: bool) -> None:
+    at = run_page(page, session={"signed_in_account": name})
+    assert not at.exception
+    said = any("This page is for accounts that may" in i.value for i in at.info)
+    assert said is refused
+
+
+def test_a_disabled_account_is_signed_out_at_its_next_click(accounts: Database) -> None:
+    at = run_page("pages/home.py", session={"signed_in_account": "lea"}).run()
+    assert "Signed in as lea (labeller)" in [t.value for t in at.sidebar.text]
+    auth.disable_account(accounts, "lea", actor="ada")
+    at.run()
+    assert [b.proto.label for b in at.get("link_button")] == ["Sign in"]
