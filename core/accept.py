@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, select
 from sqlalchemy.orm import Session
 
+from core.auth import Action, authorized_write
 from core.db import Database
 from core.errors import NotFound, ProdcatError
 from core.labels import BatchChange, SeenPrediction, apply_batch, clean_actor, resolve_category
@@ -73,10 +74,13 @@ def accept_predictions(
     Filters as in `core.review.review_queue`: `category` (the predicted category, merges followed), `split`, `search`
     (image id or part of the file name). Confidence is the stored calibrated top-1 confidence. Images predicted as a
     category archived since are left unlabelled and counted in `skipped_archived`.
+
+    Labelling needs a role that may label (core.auth, checked inside the write transaction); a dry run only reads,
+    so anyone may preview.
     """
     actor = clean_actor(actor)
     threshold = _threshold(min_confidence)
-    with db.read() if dry_run else db.write() as session:
+    with db.read() if dry_run else authorized_write(db, actor, Action.LABEL) as session:
         version_id, classes = _active_classes(session)
         rows = session.execute(_query(session, version_id, classes, threshold, category, split, search)).all()
         candidates, skipped = _candidates(session, classes, rows)

@@ -1,7 +1,9 @@
 """Labels and categories: set, change, clear, bulk relabel, undo; add, rename, merge, archive, delete; the audit trail.
 
 Every label change writes the `labels` row and its `label_events` row in the same transaction, so the
-current label and the audit trail can never disagree.
+current label and the audit trail can never disagree. Every state-changing function checks inside that transaction
+that the actor's role may do it (core.auth: labelling and undo need a labeller, adding a category a labeller, other
+category edits an admin); category edits also append an `audit_events` row naming the actor.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, bindparam, delete, exists, func, insert, select, update
 from sqlalchemy.orm import Session, aliased
 
+from core.auth import Action, authorized_write, record
 from core.db import Database, in_chunks
 from core.errors import CategoryError, ConflictingLabel, LabelConflict, NotFound, ProdcatError
 from core.schema import (
@@ -126,7 +129,8 @@ def apply_label(
 ) -> LabelEvent | None:
     """Set (or clear, with None) the label of one image inside the caller's write transaction.
 
-    Returns the appended audit event, or None when the label already had that value.
+    A primitive: the caller has checked that `actor` may do this (core.auth). Returns the appended audit event, or
+    None when the label already had that value.
     """
     action = LabelAction(action)  # a misspelt action fails here, before anything is written
     if session.get(Image, image_id) is None:
@@ -356,7 +360,7 @@ def set_label(
     is written and LabelConflict says who changed it to what, and when.
     """
     actor = clean_actor(actor)
-    with db.write() as session:
+    with authorized_write(db, actor, Action.LABEL) as session:
         target = _live_category(session, category)
         if expected_label is not NOT_GIVEN:
             _check_seen(session, {int(image_id): expected_label}, target.id)
@@ -379,7 +383,7 @@ def confirm_label(
     change, a correction or an undo step. Refuses an unlabelled image; `expected_label` as in `set_label`.
     """
     actor = clean_actor(actor)
-    with db.write() as session:
+    with authorized_write(db, actor, Action.LABEL) as session:
         if session.get(Image, int(image_id)) is None:
             raise NotFound(f"no image with id {image_id}")
         if expected_label is not NOT_GIVEN:
@@ -410,7 +414,7 @@ def clear_label(
     """Make one image unlabelled again (audited; the earlier label stays in the trail). `expected_label` as in
     `set_label`."""
     actor = clean_actor(actor)
-    with db.write() as session:
+    with authorized_write(db, actor, Action.LABEL) as session:
         if expected_label is not NOT_GIVEN:
             _check_seen(session, {int(image_id): expected_label}, None)
         event = apply_label(session, int(image_id), None, actor=actor, action=LabelAction.CLEAR, note=note)
@@ -431,8 +435,8 @@ def _apply_many(
     session: Session, moves: Sequence[_Move], *, actor: str, action: LabelAction, batch_id: str | None
 ) -> list[int]:
     """Batch form of `apply_label` for thousands of images: a few executemany statements instead of a
-    flush per image. The caller has checked that each move starts from the image's current label.
-    Returns the new event ids in the order of `moves`."""
+    flush per image. The caller has checked that each move starts from the image's current label (and
+    that the actor may make it). Returns the new event ids in the order of `moves`."""
     if not moves:
         return []
     now = utcnow()
@@ -496,8 +500,8 @@ def apply_batch(session: Session, changes: Sequence[BatchChange], *, actor: str,
     """Write many label changes inside the caller's write transaction as ONE bulk batch: action "bulk", one event per
     image with `note` and one shared `batch_id`, so `undo_last_change` takes the whole batch back in one step.
 
-    Each change must start from the image's current label (the caller read it in this transaction). Returns the new
-    event ids in the order of `changes`.
+    Each change must start from the image's current label (the caller read it in this transaction), and the caller
+    has checked that `actor` may label (core.auth). Returns the new event ids in the order of `changes`.
     """
     moves = [_Move(c.image_id, c.old, c.new, note, c.seen) for c in changes]
     return _apply_many(session, moves, actor=clean_actor(actor), action=LabelAction.BULK, batch_id=_new_batch_id())
@@ -542,7 +546,7 @@ def bulk_relabel(
     ids = list(dict.fromkeys(int(i) for i in image_ids))  # de-duplicated, order kept
     if not ids:
         return []
-    with db.write() as session:
+    with authorized_write(db, actor, Action.LABEL) as session:
         target = _live_category(session, category)
         found: set[int] = set()
         for chunk in in_chunks(ids):
@@ -589,7 +593,7 @@ def undo_last_change(
     restricted = only_event_ids is not None
     allowed = sorted({int(i) for i in only_event_ids or ()})
     undoable = (LabelEvent.actor == actor, LabelEvent.action.in_(UNDOABLE_ACTIONS), ~_undone_by(actor))
-    with db.write() as session:
+    with authorized_write(db, actor, Action.LABEL) as session:
         # Newest first, stopping at the first event not undone: the write lock is held here, so this must not
         # read the actor's whole history (the (actor, id) index, or the allowed ids by primary key, newest
         # chunk first).
@@ -720,7 +724,7 @@ def add_category(db: Database, name: str, *, actor: str) -> CategoryRow:
     """Create a new, empty category; refuses a name that is taken (archived ones included), case and spacing aside."""
     actor = clean_actor(actor)
     cleaned = clean_category_name(name)
-    with db.write() as session:
+    with authorized_write(db, actor, Action.ADD_CATEGORY) as session:
         existing = _same_name_category(session, cleaned)
         if existing is not None:
             state = " (archived: `categories unarchive` brings it back)" if existing.archived_at else ""
@@ -730,6 +734,7 @@ def add_category(db: Database, name: str, *, actor: str) -> CategoryRow:
         category = Category(name=cleaned)
         session.add(category)
         session.flush()
+        record(session, actor, Action.ADD_CATEGORY, f"category {category.id}", change="add", name=cleaned)
         return _category_row(session, category)
 
 
@@ -773,7 +778,7 @@ def rename_category(db: Database, old: str | int, new: str, *, actor: str) -> Ca
     """
     actor = clean_actor(actor)
     cleaned = clean_category_name(new)
-    with db.write() as session:
+    with authorized_write(db, actor, Action.EDIT_CATEGORIES) as session:
         category = resolve_category(session, old)
         if category.name == cleaned:
             return _category_row(session, category)
@@ -795,6 +800,8 @@ def rename_category(db: Database, old: str | int, new: str, *, actor: str) -> Ca
         _bulk_events(
             session, image_ids, category.id, category.id, actor=actor, action=LabelAction.RENAME, note=note, when=now
         )
+        subject = f"category {category.id}"
+        record(session, actor, Action.EDIT_CATEGORIES, subject, change="rename", old=old_name, new=cleaned)
         session.flush()
         return _category_row(session, category)
 
@@ -806,7 +813,7 @@ def merge_categories(db: Database, source: str | int, target: str | int, *, acto
     from. Returns the number of labels moved.
     """
     actor = clean_actor(actor)
-    with db.write() as session:
+    with authorized_write(db, actor, Action.EDIT_CATEGORIES) as session:
         src = resolve_category(session, source)
         dst = resolve_category(session, target)
         if src.id == dst.id:
@@ -820,6 +827,8 @@ def merge_categories(db: Database, source: str | int, target: str | int, *, acto
         moved = _move_labels(session, src.id, dst.id, actor=actor, action=LabelAction.MERGE, note=note, when=now)
         src.archived_at = now
         src.merged_into_id = dst.id
+        detail = {"name": src.name, "into": dst.id, "into_name": dst.name, "moved": moved}
+        record(session, actor, Action.EDIT_CATEGORIES, f"category {src.id}", change="merge", **detail)
         session.flush()
         return moved
 
@@ -838,11 +847,12 @@ def _move_labels(
 def archive_category(db: Database, name: str | int, *, actor: str) -> CategoryRow:
     """Stop a category from receiving new labels; the images already labelled with it keep their label."""
     actor = clean_actor(actor)
-    with db.write() as session:
+    with authorized_write(db, actor, Action.EDIT_CATEGORIES) as session:
         category = resolve_category(session, name)
         if category.archived_at is not None:
             raise CategoryError(f"category {category.name!r} is already archived")
         category.archived_at = utcnow()
+        record(session, actor, Action.EDIT_CATEGORIES, f"category {category.id}", change="archive", name=category.name)
         session.flush()
         return _category_row(session, category)
 
@@ -850,7 +860,7 @@ def archive_category(db: Database, name: str | int, *, actor: str) -> CategoryRo
 def unarchive_category(db: Database, name: str | int, *, actor: str) -> CategoryRow:
     """Let an archived category receive labels again (not one that was merged: its labels live elsewhere)."""
     actor = clean_actor(actor)
-    with db.write() as session:
+    with authorized_write(db, actor, Action.EDIT_CATEGORIES) as session:
         category = resolve_category(session, name)
         if category.archived_at is None:
             raise CategoryError(f"category {category.name!r} is not archived")
@@ -862,6 +872,8 @@ def unarchive_category(db: Database, name: str | int, *, actor: str) -> Category
                 "add a new category instead"
             )
         category.archived_at = None
+        subject = f"category {category.id}"
+        record(session, actor, Action.EDIT_CATEGORIES, subject, change="unarchive", name=category.name)
         session.flush()
         return _category_row(session, category)
 
@@ -912,7 +924,7 @@ def delete_category(db: Database, name: str | int, *, actor: str, move_to: str |
     so an older model's predictions of it resolve to `move_to` (core.versions.Merges).
     """
     actor = clean_actor(actor)
-    with db.write() as session:
+    with authorized_write(db, actor, Action.EDIT_CATEGORIES) as session:
         category = resolve_category(session, name)
         if category.deleted_at is not None:
             raise CategoryError(f"category {category.name!r} is already deleted")
@@ -932,6 +944,8 @@ def delete_category(db: Database, name: str | int, *, actor: str, move_to: str |
             moved = _move_labels(session, category.id, target.id, actor=actor, action=LabelAction.DELETE_CATEGORY,
                                  note=note, when=now)  # fmt: skip
         kept = _still_named(session, category.id)
+        detail = {"name": original, "moved": moved, "moved_to": target.id if target else None, "kept_for_history": kept}
+        record(session, actor, Action.EDIT_CATEGORIES, f"category {category.id}", change="delete", **detail)
         if kept:
             category.name = _deleted_name(original, category.id)
             category.archived_at = category.archived_at or now

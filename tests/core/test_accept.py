@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from core import labels
+from core import auth, labels
+from core import db as core_db
 from core.accept import accept_predictions
 from core.db import Database
 from core.errors import NotFound, ProdcatError
 from core.schema import Label, LabelEvent
+from core.settings import get_settings
 from tests.core.factories import FakeImage, Populated, build
 
 # Classes in order Shoes, Bags, Hats.
@@ -107,3 +110,20 @@ def test_cli_previews_then_accepts(db: Database, cat: Populated) -> None:
     assert json.loads(result.stdout)["per_category"] == {"Bags": 1}
     with db.read() as session:
         assert session.scalar(select(func.count()).select_from(LabelEvent).where(LabelEvent.actor == "ana")) == 1
+
+
+def test_a_viewer_may_preview_but_not_accept(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRODCAT_AUTH", "builtin")
+    get_settings.cache_clear()
+    core_db.close_all()
+    db = core_db.open_database(get_settings())
+    auth.add_account(db, "root", "admin", None, actor="")
+    auth.add_account(db, "vic", "viewer", None, actor="root")
+    auth.add_account(db, "lou", "labeller", None, actor="root")
+    build(db, CATALOGUE)
+    assert accept_predictions(db, min_confidence=0.9, actor="vic", dry_run=True).count == 4  # looking is allowed
+    with pytest.raises(auth.PermissionDenied, match="vic is a viewer and may not label photos"):
+        accept_predictions(db, min_confidence=0.9, actor="vic")
+    assert _labels(db) == 1
+    assert accept_predictions(db, min_confidence=0.9, actor="lou").count == 4
+    assert _labels(db) == 5

@@ -9,11 +9,13 @@ from typing import Any
 import pytest
 from sqlalchemy import event, insert, select
 
-from core import labels
+from core import auth, labels
+from core import db as core_db
 from core.db import Database
 from core.errors import CategoryError, NotFound, ProdcatError
 from core.ingest import import_paths
-from core.schema import Category, Label, LabelAction, LabelEvent, utcnow
+from core.schema import AuditEvent, Category, Image, Label, LabelAction, LabelEvent, utcnow
+from core.settings import get_settings
 from tests.core.factories import FakeImage, Populated, build
 from tests.imagegen import image_bytes
 
@@ -555,3 +557,113 @@ def test_a_misspelt_action_is_refused_before_anything_is_written(db: Database, i
     with pytest.raises(ValueError, match="relabel"), db.write() as session:
         labels.apply_label(session, ids[0], 1, actor="alice", action="relabel")
     assert current(db, ids[0]) is None and _events(db, [ids[0]]) == []
+
+
+# --- Roles, enforced in core --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def signed_in(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Database:
+    """Sign-in on (PRODCAT_AUTH=builtin) with accounts root (admin), lou and lea (labellers), vic (viewer); six
+    unlabelled images and the categories Shoes, Bags, Hats."""
+    monkeypatch.setenv("PRODCAT_AUTH", "builtin")
+    get_settings.cache_clear()
+    core_db.close_all()
+    db = core_db.open_database(get_settings())
+    assert db.settings.auth == "builtin"
+    auth.add_account(db, "root", "admin", None, actor="")  # the first admin needs no actor
+    for name, role in (("lou", "labeller"), ("lea", "labeller"), ("vic", "viewer")):
+        auth.add_account(db, name, role, None, actor="root")
+    build(db, [FakeImage(split="train") for _ in range(6)])
+    return db
+
+
+def _image_ids(db: Database) -> list[int]:
+    with db.read() as session:
+        return sorted(session.scalars(select(Image.id)))
+
+
+def _audit_rows(db: Database) -> list[tuple[str, str, str, dict[str, Any]]]:
+    with db.read() as session:
+        rows = session.scalars(select(AuditEvent).where(AuditEvent.action != "accounts").order_by(AuditEvent.id))
+        return [(e.actor, e.action, e.subject, e.detail) for e in rows]
+
+
+def test_a_viewer_may_not_change_labels_and_nothing_changes(signed_in: Database) -> None:
+    db, ids = signed_in, _image_ids(signed_in)
+    labels.set_label(db, ids[0], "Shoes", actor="lou")
+    before = _events(db, ids)
+    for attempt in (
+        lambda: labels.set_label(db, ids[0], "Bags", actor="vic"),
+        lambda: labels.clear_label(db, ids[0], actor="vic"),
+        lambda: labels.confirm_label(db, ids[0], actor="vic"),
+        lambda: labels.bulk_relabel(db, ids[:3], "Bags", actor="vic"),
+        lambda: labels.undo_last_change(db, actor="vic"),
+        lambda: labels.add_category(db, "Socks", actor="vic"),
+    ):
+        with pytest.raises(auth.PermissionDenied, match="vic is a viewer"):
+            attempt()
+    assert current(db, ids[0]) == "Shoes" and [current(db, i) for i in ids[1:3]] == [None, None]
+    assert [e.id for e in _events(db, ids)] == [e.id for e in before]
+    assert "Socks" not in [c.name for c in labels.list_categories(db)]
+
+
+def test_a_labeller_labels_and_undoes_own_changes_but_may_not_edit_categories(signed_in: Database) -> None:
+    db, ids = signed_in, _image_ids(signed_in)
+    assert labels.set_label(db, ids[0], "Shoes", actor="lou").changed
+    assert len(labels.bulk_relabel(db, ids[1:3], "Hats", actor="lou")) == 2
+    assert labels.add_category(db, "Socks", actor="lou").name == "Socks"  # while labelling
+    with pytest.raises(NotFound, match="nothing to undo"):  # another labeller's changes are not hers to undo
+        labels.undo_last_change(db, actor="lea")
+    assert sorted(c.image_id for c in labels.undo_last_change(db, actor="lou")) == ids[1:3]
+
+    for attempt in (
+        lambda: labels.archive_category(db, "Shoes", actor="lou"),
+        lambda: labels.rename_category(db, "Shoes", "Footwear", actor="lou"),
+        lambda: labels.merge_categories(db, "Shoes", "Bags", actor="lou"),
+        lambda: labels.delete_category(db, "Socks", actor="lou"),
+    ):
+        with pytest.raises(auth.PermissionDenied, match="rename, merge, archive or delete categories"):
+            attempt()
+    names = {c.name: c for c in labels.list_categories(db, include_archived=True)}
+    assert set(names) == {"Shoes", "Bags", "Hats", "Socks"} and not any(c.archived for c in names.values())
+    assert current(db, ids[0]) == "Shoes"
+
+
+def test_an_unknown_or_disabled_actor_is_refused(signed_in: Database) -> None:
+    db, ids = signed_in, _image_ids(signed_in)
+    with pytest.raises(auth.PermissionDenied, match="'mallory' is not an enabled account"):
+        labels.set_label(db, ids[0], "Shoes", actor="mallory")
+    auth.disable_account(db, "lou", actor="root")
+    with pytest.raises(auth.PermissionDenied, match="'lou' is not an enabled account"):
+        labels.set_label(db, ids[0], "Shoes", actor="lou")
+    assert current(db, ids[0]) is None and _events(db, [ids[0]]) == []
+
+
+def test_an_admins_category_edits_leave_audit_rows_naming_the_admin(signed_in: Database) -> None:
+    db, ids = signed_in, _image_ids(signed_in)
+    labels.set_label(db, ids[0], "Hats", actor="lou")
+    socks = labels.add_category(db, "Socks", actor="lou")
+    hats = labels.archive_category(db, "Hats", actor="root")
+    assert hats.archived
+    labels.unarchive_category(db, "Hats", actor="root")
+    labels.rename_category(db, "Hats", "Caps", actor="root")
+    labels.merge_categories(db, "Caps", "Bags", actor="root")
+    labels.delete_category(db, "Socks", actor="root")
+    edits, hats_id, socks_id = "edit_categories", f"category {hats.id}", f"category {socks.id}"
+    merged = {"change": "merge", "name": "Caps", "into": _id(db, "Bags"), "into_name": "Bags", "moved": 1}
+    deleted = {"change": "delete", "name": "Socks", "moved": 0, "moved_to": None, "kept_for_history": False}
+    assert _audit_rows(db) == [
+        ("lou", "add_category", socks_id, {"change": "add", "name": "Socks"}),
+        ("root", edits, hats_id, {"change": "archive", "name": "Hats"}),
+        ("root", edits, hats_id, {"change": "unarchive", "name": "Hats"}),
+        ("root", edits, hats_id, {"change": "rename", "old": "Hats", "new": "Caps"}),
+        ("root", edits, hats_id, merged),
+        ("root", edits, socks_id, deleted),
+    ]
+    assert current(db, ids[0]) == "Bags"
+
+
+def _id(db: Database, name: str) -> int:
+    with db.read() as session:
+        return int(session.scalar(select(Category.id).where(Category.name == name)) or 0)
