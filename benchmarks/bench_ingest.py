@@ -108,6 +108,7 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_ingest_"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ["PRODCAT_DATA_DIR"] = str(work / "data")
+    os.environ["PRODCAT_AUTH"] = "none"  # a benchmark acts alone: no sign-in
     os.environ.pop("PRODCAT_DATABASE_URL", None)
     import core.ingest
     from core.db import open_database

@@ -34,6 +34,7 @@ PAGES = PAGE_FILES
 
 def _use(data_dir: Path) -> None:
     os.environ["PRODCAT_DATA_DIR"] = str(data_dir)
+    os.environ["PRODCAT_AUTH"] = "none"  # a benchmark acts alone: no sign-in
     os.environ["PRODCAT_PRETRAINED"] = "none"
     get_settings.cache_clear()
     core_db.close_all()

@@ -117,6 +117,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     import os
 
     os.environ["PRODCAT_DATA_DIR"] = str(data_dir)
+    os.environ["PRODCAT_AUTH"] = "none"  # a benchmark acts alone: no sign-in
     from core.db import open_database
     from core.settings import get_settings
 

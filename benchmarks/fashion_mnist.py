@@ -188,6 +188,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _configure_environment(data_dir: Path, config: dict[str, Any]) -> None:
     """Settings for this run (and the worker subprocess): its own data dir, device, weights source."""
     os.environ["PRODCAT_DATA_DIR"] = str(data_dir)
+    os.environ["PRODCAT_AUTH"] = "none"  # a benchmark acts alone: no sign-in
     os.environ.pop("PRODCAT_DATABASE_URL", None)
     os.environ["PRODCAT_DEVICE"] = config["device"]
     os.environ["PRODCAT_PRETRAINED"] = config["pretrained"]

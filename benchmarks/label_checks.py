@@ -126,6 +126,7 @@ def open_catalogue(data_dir: Path) -> Any:
 
     close_all()
     os.environ["PRODCAT_DATA_DIR"] = str(data_dir)
+    os.environ["PRODCAT_AUTH"] = "none"  # a benchmark acts alone: no sign-in
     os.environ["PRODCAT_PRETRAINED"] = "auto"
     os.environ["HF_HUB_OFFLINE"] = "1"
     get_settings.cache_clear()

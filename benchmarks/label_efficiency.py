@@ -214,6 +214,7 @@ def open_catalogue(data_dir: Path, series: Series) -> Any:
 
     close_all()
     os.environ["PRODCAT_DATA_DIR"] = str(data_dir)
+    os.environ["PRODCAT_AUTH"] = "none"  # a benchmark acts alone: no sign-in
     os.environ["PRODCAT_PRETRAINED"] = series.pretrained
     os.environ["PRODCAT_PROMOTE_POLICY"] = "always"
     get_settings.cache_clear()

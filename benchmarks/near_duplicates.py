@@ -78,7 +78,7 @@ def old_rule_splits(rows: list[tuple[int, str, str, int | None]], fractions: tup
 
 
 def split_agreement(originals: list[PILImage.Image], workdir: Path) -> None:
-    settings = Settings(data_dir=workdir)
+    settings = Settings(data_dir=workdir, auth="none")
     db = open_database(settings)
     t0 = time.perf_counter()
     uploads = [Upload(f"p{i}.jpg", encode(im, "JPEG", 90)) for i, im in enumerate(originals)]
@@ -177,6 +177,7 @@ def stored_groups(workdir: Path, images: int = 100_000, repeat: int = 5) -> None
     from streamlit.testing.v1 import AppTest
 
     os.environ["PRODCAT_DATA_DIR"] = str(workdir / "groups")
+    os.environ["PRODCAT_AUTH"] = "none"  # a benchmark acts alone: no sign-in
     os.environ["PRODCAT_PRETRAINED"] = "none"
     get_settings.cache_clear()
     core_db.close_all()

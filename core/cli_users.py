@@ -12,7 +12,17 @@ from typing import Annotated
 import typer
 
 from core import auth
-from core.cli_app import ActorOpt, JsonOpt, ProdcatTyper, actor_or_default, app, fail, open_db, print_json
+from core.cli_app import (
+    ActorOpt,
+    JsonOpt,
+    ProdcatTyper,
+    actor_or_default,
+    app,
+    default_actor,
+    fail,
+    open_db,
+    print_json,
+)
 
 users_app = ProdcatTyper(
     help="Accounts that sign in to the pages, with a role each: viewer, labeller, trainer, admin.",
@@ -68,6 +78,22 @@ def users_add(
     password = None if no_password else _read_password(password_stdin)
     view = auth.add_account(open_db(), name, role, password, actor=actor_or_default(actor))
     typer.echo(f"added {view.name} ({view.role.value})")
+
+
+@users_app.command("setup")
+def users_setup() -> None:
+    """First run: with sign-in on and no admin yet, create one (asks for a name, default $USER, and a password).
+    Does nothing when an admin exists or sign-in is off; without a terminal it only says what to run."""
+    db = open_db()
+    if not auth.auth_enabled(db) or auth.has_admin(db):
+        return
+    if not sys.stdin.isatty():
+        typer.echo("No admin account yet: create one with `python -m core.cli users add NAME --role admin`.", err=True)
+        return
+    typer.echo("No admin account yet: create the first one (it signs in to the pages and adds the others).")
+    name = typer.prompt("Name", default=default_actor())
+    view = auth.add_account(db, name, auth.Role.ADMIN, _read_password(False), actor=name)
+    typer.echo(f"added {view.name} (admin)")
 
 
 @users_app.command("list")

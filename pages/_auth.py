@@ -97,6 +97,11 @@ def sign_in_screen(db: Database) -> None:
             st.button("Sign out of the provider", on_click=st.logout)
         else:
             st.button("Sign in with your organisation", on_click=st.login)
+    if not auth.has_admin(db):
+        st.warning(
+            "No admin account exists yet. On the server, create the first one: "
+            "python -m core.cli users add NAME --role admin (make run offers to do it)."
+        )
     st.caption("No account yet? An admin adds one: python -m core.cli users add NAME --role labeller")
     st.stop()
 

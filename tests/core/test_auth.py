@@ -161,3 +161,13 @@ def test_the_cli_creates_the_first_admin_and_a_token_printed_once_as_the_last_li
     assert runner.invoke(app, ["tokens", "revoke", "shop", "--actor", "ada"]).exit_code == 0
     assert auth.token_principal(db, secret) is None
     assert "ada\tadmin\tenabled\tpassword" in runner.invoke(app, ["users", "list"]).output
+
+
+def test_users_setup_without_a_terminal_says_how_to_create_the_first_admin(
+    data_dir: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PRODCAT_AUTH", "builtin")
+    get_settings.cache_clear()
+    result = runner.invoke(app, ["users", "setup"])
+    assert result.exit_code == 0 and "users add NAME --role admin" in result.output
+    assert auth.list_accounts(open_database(get_settings())) == []
