@@ -185,12 +185,18 @@ def test_worse_candidate_stays_candidate_and_better_or_equal_is_promoted(db: Dat
     # The active version's stored hash differs from the current test set: it is re-measured on the same images.
     worse = measured["accuracy"] - 0.01
     pairs = labelled_images(db, "test")
-    assert _promote(db, candidate, job_id=0, test_accuracy=worse, test_hash=measured["test_set_hash"], test_pairs=pairs) is False
+    assert (
+        _promote(db, candidate, job_id=0, test_accuracy=worse, test_hash=measured["test_set_hash"], test_pairs=pairs)
+        is False
+    )
     assert get_version(db, candidate).status == "candidate" and active_version(db).id == active
     promotion = get_version(db, candidate).metrics["promotion"]
     assert promotion["active_accuracy_same_images"] == pytest.approx(measured["accuracy"])
     equal = measured["accuracy"]
-    assert _promote(db, candidate, job_id=0, test_accuracy=equal, test_hash=measured["test_set_hash"], test_pairs=pairs) is True
+    assert (
+        _promote(db, candidate, job_id=0, test_accuracy=equal, test_hash=measured["test_set_hash"], test_pairs=pairs)
+        is True
+    )
     assert active_version(db).id == candidate
 
 
