@@ -24,7 +24,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.auth import Action, check
+from core.auth import Action, check, record
 from core.db import Database
 from core.errors import NotFound, TrainingRefused
 from core.schema import JobStatus, TrainingJob, Worker, utcnow
@@ -248,6 +248,7 @@ def enqueue_training(db: Database, mode: TrainMode | str, params: dict[str, Any]
             session.add(job)
             session.flush()
             job_id = job.id
+            record(session, actor, Action.TRAIN, f"training job {job_id}", change="queue", mode=job_params.mode.value)
     except IntegrityError:
         # Another session inserted its live job between our check and our INSERT (PostgreSQL read committed;
         # SQLite's BEGIN IMMEDIATE serialises writers so the check above normally catches it first).
@@ -351,6 +352,7 @@ def cancel_job(db: Database, job_id: int, *, actor: str) -> JobView:
             row.error = f"cancelled by {actor} while running"  # kept when the worker marks it cancelled
         else:
             raise TrainingRefused(f"training job #{row.id} already {row.status}: there is nothing to cancel")
+        record(session, actor, Action.TRAIN, f"training job {row.id}", change="cancel")
         view = job_view(row, now)
     log.info("training job %s: cancel by %s (%s)", job_id, actor, view.status)
     return view

@@ -12,7 +12,7 @@ import core.cli  # noqa: F401  (registers every command module on the app)
 from core import auth
 from core.cli_app import app
 from core.db import Database, open_database
-from core.jobs import enqueue_training
+from core.jobs import cancel_job, enqueue_training
 from core.schema import Account, ApiToken, AuditEvent
 from core.settings import get_settings
 from core.versions import activate_version
@@ -70,7 +70,14 @@ def test_a_labeller_cannot_start_training_or_activate_a_model_through_core(signe
         enqueue_training(signed, "quick", {}, "lea")
     with pytest.raises(auth.PermissionDenied, match="activate or roll back"):
         activate_version(signed, 1, actor="lea")
-    assert enqueue_training(signed, "quick", {}, "tim") >= 1
+    job_id = enqueue_training(signed, "quick", {}, "tim")
+    with pytest.raises(auth.PermissionDenied):
+        cancel_job(signed, job_id, actor="lea")
+    cancel_job(signed, job_id, actor="tim")
+    with signed.read() as session:
+        rows = session.execute(select(AuditEvent.actor, AuditEvent.subject, AuditEvent.detail)).all()
+    assert ("tim", f"training job {job_id}", {"change": "queue", "mode": "quick"}) in rows
+    assert ("tim", f"training job {job_id}", {"change": "cancel"}) in rows
 
 
 def test_sign_in_checks_the_password_and_the_session_ends_when_the_account_is_disabled(signed: Database) -> None:
