@@ -419,3 +419,22 @@ def token_principal(db: Database, secret: str | None) -> Principal | None:
         if token.last_used_at is None or now - token.last_used_at > timedelta(seconds=60):
             token.last_used_at = now  # at most one write a minute per token under load
         return Principal(token.name, Role(token.role), is_token=True)
+
+
+# --- the audit of actions that are not label changes ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditView:
+    at: datetime
+    actor: str
+    action: str
+    subject: str
+    detail: dict[str, Any]
+
+
+def recent_actions(db: Database, *, limit: int = 100) -> list[AuditView]:
+    """The newest rows of `audit_events` (categories, model versions, jobs, weights, accounts, tokens), newest first."""
+    with db.read() as session:
+        rows = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit))
+        return [AuditView(r.created_at, r.actor, r.action, r.subject, dict(r.detail or {})) for r in rows]

@@ -35,6 +35,7 @@ PAGES: dict[str, tuple[str, str, str]] = {
     "train": ("pages/train.py", "Train & models", "train"),
     "categories": ("pages/categories.py", "Categories & data", "categories"),
     "duplicates": ("pages/duplicates.py", "Duplicates", "duplicates"),
+    "accounts": ("pages/accounts.py", "Accounts & tokens", "accounts"),
 }
 
 _MARKDOWN_SPECIALS = set(string.punctuation)

@@ -17,6 +17,7 @@ PAGE_FILES = [
     "pages/train.py",
     "pages/categories.py",
     "pages/duplicates.py",
+    "pages/accounts.py",
 ]
 TIMEOUT_S = 60  # the first run of a page imports torch and friends
 

@@ -73,3 +73,30 @@ def test_a_disabled_account_is_signed_out_at_its_next_click(accounts: Database) 
     auth.disable_account(accounts, "lea", actor="ada")
     at.run()
     assert [b.proto.label for b in at.get("link_button")] == ["Sign in"]
+
+
+def test_an_admin_adds_an_account_and_creates_a_token_shown_once(accounts: Database) -> None:
+    at = run_page("pages/accounts.py", session={"signed_in_account": "ada"})
+    assert not at.exception
+    at.text_input[0].input("[bo](evil.example)")
+    at.selectbox[0].select("trainer")
+    at.text_input[1].input("a long password")
+    at.button[0].click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert ("[bo](evil.example)", auth.Role.TRAINER) in [(a.name, a.role) for a in auth.list_accounts(accounts)]
+    at.run()  # AppTest: a click whose handler called st.rerun needs one plain run before the next click
+    form = next(t for t in at.text_input if "What the token is for" in t.label)
+    form.input("shop")
+    next(b for b in at.button if b.label == "Create token").click().run()
+    secret = at.code[0].value
+    assert auth.token_principal(accounts, secret) == auth.Principal("shop", auth.Role.VIEWER, is_token=True)
+    at.run()
+    assert not at.code  # shown once
+    with accounts.read() as session:
+        assert auth.principal_of(session, "token:shop") is not None
+    assert {(a.actor, a.subject) for a in auth.recent_actions(accounts)} >= {("ada", "token shop")}
+
+
+def test_a_trainer_cannot_manage_accounts(accounts: Database) -> None:
+    at = run_page("pages/accounts.py", session={"signed_in_account": "tim"})
+    assert any("manage accounts and API tokens (admin or higher)" in i.value for i in at.info)
