@@ -7,6 +7,8 @@ import io
 import re
 import struct
 import zlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,14 +300,18 @@ def inspect_and_decode(
     *,
     sha256: str | None = None,
     draft_size: int | None = None,
+    decode_slot: Callable[[int], AbstractContextManager[object]] | None = None,
 ) -> DecodedImage:
     """Validate `data` by content and decode it fully; raises ImageRefused(name, reason) for anything refused.
 
     Checks, in order: empty or oversized file, recognised accepted format, dimensions from the header
     against settings (before decoding), then a full decode (truncated or corrupt data is refused), and no more
     than `settings.max_trailing_bytes` after the image's end (PNG, JPEG, GIF, WebP: see `_image_end`).
-    `draft_size` lets JPEGs decode at a reduced scale (still reading every byte) when only a thumbnail
-    is needed; the reported width and height stay the full size. `sha256` skips re-hashing.
+    `draft_size` is for when only a thumbnail and hashes are needed: JPEGs decode at a reduced scale (still reading
+    every byte) and other formats are reduced the same way right after decoding (`reduce_like_draft`), so no
+    full-size picture outlives this call; the reported width and height stay the full size. `decode_slot(pixels)`,
+    if given, is held around the decode (the memory-heavy part), so a caller decoding in threads can keep large
+    pictures from decoding side by side. `sha256` skips re-hashing.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone flipped the global: half images would pass as whole
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False")
@@ -353,12 +359,17 @@ def inspect_and_decode(
         mode = img.mode
         if mode in _UNCONVERTIBLE_MODES:
             raise ImageRefused(name, f"colour space {mode} is not supported: save it as RGB")
-        orientation = _orientation(img)
         if draft_size and fmt == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         try:
-            img.load()  # the full decode: truncated or corrupt data fails here
-            rgb = normalise(img)
+            with (decode_slot or nullcontext)(img.width * img.height):
+                img.load()  # the full decode: truncated or corrupt data fails here
+                orientation = _orientation(img)  # after load: a PNG's EXIF may follow its pixels, so this decodes
+                rgb = normalise(img)
+                if draft_size and fmt != "JPEG":  # a JPEG was drafted before decoding
+                    rgb = reduce_like_draft(rgb, draft_size)
+                if rgb is not img:
+                    img.close()  # the full-size pixels go before the slot lets another decode start
         except Image.DecompressionBombError as exc:
             raise ImageRefused(name, f"{exc}") from exc
         except (OSError, ValueError, SyntaxError, struct.error, EOFError, MemoryError) as exc:
@@ -380,6 +391,15 @@ def inspect_and_decode(
         file_size=size,
         image=rgb,
     )
+
+
+def reduce_like_draft(img: Image.Image, size: int) -> Image.Image:
+    """`img` shrunk by the factor `Image.draft` picks for a JPEG (8, 4 or 2: the largest that keeps both sides at least
+    `size`), averaging boxes: thumbnails and content hashes of an 80-megapixel PNG are then made from a picture of the
+    scale a JPEG's would be, at a fraction of the memory."""
+    fits = min(img.width // size, img.height // size)
+    factor = next((f for f in (8, 4, 2) if fits >= f), 1)
+    return img.reduce(factor) if factor > 1 else img
 
 
 def _orientation(img: Image.Image) -> int:

@@ -8,17 +8,21 @@ One bad file never stops the batch; one file's bytes are in memory at a time.
 from __future__ import annotations
 
 import csv
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import os
 import re
 import struct
+import threading
 import unicodedata
 import zipfile
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
@@ -51,6 +55,9 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _MAX_NAME = 500  # images.original_name / images.source column width
 # Decode/store threads: Pillow and hashlib release the GIL, so two threads use two cores.
 DECODE_THREADS = 4
+# Bytes of files read ahead of the one whose row is written next (besides the window of 2 per thread): ten 200 MB
+# files are not all held at once.
+READ_AHEAD_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -167,7 +174,45 @@ class _ZipBudget:
         self.exhausted = False
 
 
-def _read_zip_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _ZipBudget, max_file_bytes: int) -> bytes:
+@dataclass(frozen=True)
+class _ZipCaps:
+    """The settings an archive is held to (see core.settings: zip_max_entries, zip_max_total_bytes, max_file_bytes,
+    zip_max_ratio)."""
+
+    max_entries: int
+    max_total: int
+    max_file: int
+    max_ratio: float
+
+
+# Entries (and archives) that expand to less than this are not held to the compression ratio: a small flat image or
+# an empty file compresses far better than 100:1 and costs nothing to read.
+RATIO_FLOOR_BYTES = 1024 * 1024
+
+
+def _expands_too_far(expanded: int, compressed: int, max_ratio: float) -> float | None:
+    """The ratio `expanded`/`compressed` when it is over `max_ratio` for more than RATIO_FLOOR_BYTES, else None."""
+    ratio = expanded / max(compressed, 1)
+    return ratio if expanded > RATIO_FLOOR_BYTES and ratio > max_ratio else None
+
+
+def _declared_refusal(info: zipfile.ZipInfo, caps: _ZipCaps) -> str | None:
+    """Why an entry is refused from the sizes the archive declares, before a byte of it is inflated; None if not."""
+    if info.file_size > caps.max_file:
+        return (
+            f"file is {info.file_size:,} bytes (as the archive lists it), larger than the limit of {caps.max_file:,} "
+            "bytes: not read"
+        )
+    ratio = _expands_too_far(info.file_size, info.compress_size, caps.max_ratio)
+    if ratio is not None:
+        return (
+            f"expands {ratio:,.0f}:1 ({info.compress_size:,} compressed bytes to {info.file_size:,}), more than the "
+            f"limit of {caps.max_ratio:,.0f}:1 for a file in a zip (a zip bomb?): not read"
+        )
+    return None
+
+
+def _read_zip_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _ZipBudget, caps: _ZipCaps) -> bytes:
     if info.flag_bits & 0x1:
         raise _Refuse("encrypted zip entry: password-protected files cannot be read; unzip it first")
     chunks: list[bytes] = []
@@ -184,8 +229,14 @@ def _read_zip_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _ZipBudg
                     raise _Refuse(
                         f"the archive expands to more than the limit of {budget.cap:,} bytes; stopped reading here"
                     )
-                if size > max_file_bytes:
-                    raise _Refuse(f"file is larger than the limit of {max_file_bytes:,} bytes")
+                # The declared sizes were checked before reading; the bytes actually inflated are held to them too.
+                if size > min(caps.max_file, info.file_size):
+                    raise _Refuse(
+                        f"inflates past {min(caps.max_file, info.file_size):,} bytes (its listed size, or the limit "
+                        "per file): not read further"
+                    )
+                if (ratio := _expands_too_far(size, info.compress_size, caps.max_ratio)) is not None:
+                    raise _Refuse(f"expands more than {ratio:,.0f}:1 while read (a zip bomb?): not read further")
                 chunks.append(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
         raise _Refuse(f"corrupt zip entry: {exc}") from exc
@@ -230,17 +281,17 @@ def listed_zip_entries(fh: BinaryIO) -> int | None:
 class _ZipSource:
     """A zip archive (on disk or in memory) expanded entry by entry; entry names are labels, never paths."""
 
-    def __init__(
-        self, name: str, opener: Callable[[], BinaryIO], *, settings_caps: tuple[int, int, int], strip_top: bool
-    ) -> None:
+    def __init__(self, name: str, opener: Callable[[], BinaryIO], *, caps: _ZipCaps, strip_top: bool) -> None:
         self.name = name
         self.opener = opener
-        self.max_entries, self.max_total, self.max_file = settings_caps
+        self.caps = caps
+        self.max_entries, self.max_total = caps.max_entries, caps.max_total
         self.strip_top = strip_top
         self.entries: list[zipfile.ZipInfo] = []
         self.common_top = False
         with self.opener() as fh:
             listed = listed_zip_entries(fh)
+            archive_bytes = fh.seek(0, io.SEEK_END)
         if listed is not None and listed > ZIP_LISTED_FACTOR * self.max_entries:
             raise ArchiveRefused(
                 f"the archive lists {listed:,} entries, far more than the limit of {self.max_entries:,} "
@@ -262,6 +313,15 @@ class _ZipSource:
                 if litter
                 else "the archive holds no files"
             )
+        # Many entries each too small for the ratio rule can still add up to a bomb: the archive as a whole is held
+        # to it too (entries refused on their own do not count: they are never read).
+        declared = sum(i.file_size for i in self.entries if _declared_refusal(i, caps) is None)
+        ratio = _expands_too_far(declared, archive_bytes, caps.max_ratio)
+        if ratio is not None:
+            raise ArchiveRefused(
+                f"the archive's files expand {ratio:,.0f}:1 ({archive_bytes:,} bytes to {declared:,}), more than the "
+                f"limit of {caps.max_ratio:,.0f}:1 (a zip bomb?): nothing was read"
+            )
         # A zip of a folder ("dataset/Shoes/a.jpg") gets its single wrapping folder stripped for labels.
         tops = {tuple(_clean_parts(i.filename)[:1]) for i in self.entries}
         self.common_top = strip_top and len(tops) == 1 and any(len(_clean_parts(i.filename)) >= 3 for i in self.entries)
@@ -271,13 +331,20 @@ class _ZipSource:
         over = len(self.entries) > self.max_entries
         return min(len(self.entries), self.max_entries) + (1 if over else 0)
 
-    def candidates(self) -> Iterator[_Candidate | _Skip]:
+    def candidates(self) -> Iterator[_Candidate | _Skip | RefusedItem]:
         budget = _ZipBudget(self.max_total)
+        declared_total = 0  # what the entries read so far claim to expand to
         source = f"zip:{self.name}"
         with self.opener() as fh, zipfile.ZipFile(fh) as zf:
             allowed = self.entries[: self.max_entries]
             for position, info in enumerate(allowed):
-                if budget.exhausted:
+                name = f"{self.name}/{info.filename}"
+                refusal = _declared_refusal(info, self.caps)
+                if refusal is not None:
+                    yield RefusedItem(name, refusal)
+                    continue
+                declared_total += info.file_size
+                if budget.exhausted or declared_total > budget.cap:
                     left = len(allowed) - position
                     yield _Skip(
                         self.name,
@@ -288,10 +355,9 @@ class _ZipSource:
                     break
                 parts = _clean_parts(info.filename)
                 label_parts = parts[1:] if self.common_top else parts
-                name = f"{self.name}/{info.filename}"
                 yield _Candidate(
                     name=name,
-                    read=lambda info=info: _read_zip_entry(zf, info, budget, self.max_file),
+                    read=lambda info=info: _read_zip_entry(zf, info, budget, self.caps),
                     source=source,
                     # An absolute or ../ entry name says nothing trustworthy about its category.
                     folder_category=label_parts[0] if len(label_parts) >= 2 and _plain(info.filename) else None,
@@ -334,6 +400,47 @@ class _Pending:
     same_as_in_flight: bool = False  # same bytes as an earlier file of this batch not yet committed
     data: bytes | None = None  # kept only for same_as_in_flight (re-done if the earlier copy was refused)
     future: Future[_Prepared] | None = None
+    size: int = 0  # bytes read, held until the worker thread is done with them
+
+
+def _glibc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): their allocators give memory back anyway
+        return None
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+# A decode this large (4 megapixels, 16 MB of pixels) hands its freed memory back to the system when it is done.
+_TRIM_AFTER_PIXELS = 4_000_000
+
+
+class _DecodeGate:
+    """Decodes run side by side only while their pixels together stay within `capacity` (the largest image allowed):
+    small photos decode in parallel, an 80-megapixel one alone, so twenty of them never sit in memory at once.
+
+    After a large decode the C heap is trimmed: glibc keeps what a thread freed in that thread's own arena, so without
+    it each decode thread would keep its own largest picture's worth of memory (measured: 2 threads, 740 MB peak for
+    twenty 80-megapixel PNGs instead of 430 MB)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def slot(self, pixels: int) -> Iterator[None]:
+        with self.changed:
+            self.changed.wait_for(lambda: self.in_use == 0 or self.in_use + pixels <= self.capacity)
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.in_use -= pixels
+                self.changed.notify_all()
+            if pixels >= _TRIM_AFTER_PIXELS and _MALLOC_TRIM is not None:
+                _MALLOC_TRIM(0)
 
 
 class _Importer:
@@ -372,6 +479,7 @@ class _Importer:
         self.in_flight: set[str] = set()
         self.category_checks: dict[str, str | CategoryError] = {}
         self.workers = min(DECODE_THREADS, os.cpu_count() or 1)
+        self.decode_gate = _DecodeGate(self.settings.max_image_pixels)
         self._hash_index: HashIndex | None = None  # loaded at the first new image, appended to as rows go in
 
     @property
@@ -381,9 +489,9 @@ class _Importer:
         return self._hash_index
 
     @property
-    def caps(self) -> tuple[int, int, int]:
+    def caps(self) -> _ZipCaps:
         s = self.settings
-        return s.zip_max_entries, s.zip_max_total_bytes, s.max_file_bytes
+        return _ZipCaps(s.zip_max_entries, s.zip_max_total_bytes, s.max_file_bytes, s.zip_max_ratio)
 
     def tick(self, name: str, count: int = 1) -> None:
         self.done += count
@@ -404,12 +512,16 @@ class _Importer:
     def run(self, items: Iterable[_Candidate | _Skip | RefusedItem | _ZipSource]) -> ImportResult:
         pending: deque[_Pending | _Skip | RefusedItem] = deque()
         window = 2 * self.workers
+
+        def held(items: deque[_Pending | _Skip | RefusedItem]) -> int:
+            return sum(p.size for p in items if isinstance(p, _Pending))
+
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="ingest") as pool:
             try:
                 for item in self._flatten(items):
                     # Read in the main thread, in order: zip budgets and progress stay sequential.
                     pending.append(self.start(item, pool) if isinstance(item, _Candidate) else item)  # type: ignore[arg-type]
-                    while len(pending) > window:
+                    while len(pending) > window or (len(pending) > 1 and held(pending) > READ_AHEAD_BYTES):
                         self.finish(pending.popleft())
                 while pending:
                     self.finish(pending.popleft())
@@ -490,7 +602,14 @@ class _Importer:
     def prepare(self, name: str, data: bytes, sha: str) -> _Prepared:
         """Validate, decode and store one file (runs in a worker thread; touches no database)."""
         try:
-            decoded = inspect_and_decode(name, data, self.settings, sha256=sha, draft_size=self.settings.thumbnail_size)
+            decoded = inspect_and_decode(
+                name,
+                data,
+                self.settings,
+                sha256=sha,
+                draft_size=self.settings.thumbnail_size,
+                decode_slot=self.decode_gate.slot,
+            )
         except ImageRefused as exc:
             return _Prepared(refusal=exc.reason)
         try:
@@ -516,12 +635,12 @@ class _Importer:
             p.refusal = f"invalid category {wanted!r}: {exc}"
             return p
         if p.sha in self.in_flight:
-            p.same_as_in_flight, p.data = True, data
+            p.same_as_in_flight, p.data, p.size = True, data, len(data)
             return p
         p.existing = self.find_existing(p.sha)
         if p.existing is None:
             self.in_flight.add(p.sha)
-            p.future = pool.submit(self.prepare, cand.name, data, p.sha)
+            p.future, p.size = pool.submit(self.prepare, cand.name, data, p.sha), len(data)
         return p
 
     def finish(self, p: _Pending | _Skip | RefusedItem) -> None:
@@ -667,11 +786,7 @@ def import_uploads(
         data = _upload_bytes(upload)
         if _looks_like_zip(data):
             try:
-                items.append(
-                    _ZipSource(
-                        name, lambda data=data: io.BytesIO(data), settings_caps=importer.caps, strip_top=True
-                    )
-                )
+                items.append(_ZipSource(name, lambda data=data: io.BytesIO(data), caps=importer.caps, strip_top=True))
             except ArchiveRefused as exc:
                 items.append(RefusedItem(name, str(exc)))
             except (zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -768,11 +883,7 @@ def import_paths(
             return  # the labels file kept beside the images is not an image to refuse
         if _looks_like_zip(_peek(path)):
             try:
-                items.append(
-                    _ZipSource(
-                        display, lambda path=path: path.open("rb"), settings_caps=importer.caps, strip_top=True
-                    )
-                )
+                items.append(_ZipSource(display, lambda path=path: path.open("rb"), caps=importer.caps, strip_top=True))
             except ArchiveRefused as exc:
                 items.append(RefusedItem(display, str(exc)))
             except (zipfile.BadZipFile, OSError, ValueError) as exc:

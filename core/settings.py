@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     # Zip archives.
     zip_max_entries: int = Field(20_000, gt=0)
     zip_max_total_bytes: int = Field(4 * 1024**3, gt=0, description="Cap on bytes actually decompressed.")
+    zip_max_ratio: float = Field(
+        100.0,
+        gt=1,
+        description="Refuse, before inflating it, a zip entry (or a whole archive) that expands more than this many "
+        "times its compressed size (a zip bomb); photos hardly compress. Entries under 1 MiB are not held to it.",
+    )
 
     # Model engine.
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
