@@ -16,9 +16,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.errors import CheckpointInvalid
-from models.factory import PreprocessConfig, create_network
+from models.factory import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PreprocessConfig, create_network
 
 SIDECAR_FORMAT = 1
+# Bounds on what a sidecar may claim, checked before anything is built from it: a sidecar is a file anyone with
+# access to the data directory (or an uploaded model) can write, and a million class names or a 20,000 px input would
+# allocate gigabytes before failing. Category names are at most 200 characters in core.
+MAX_SIDECAR_BYTES = 4 * 1024 * 1024
+MAX_CLASSES = 10_000
+MAX_CLASS_NAME = 256
+MAX_ARCH_NAME = 128
+MAX_TEXT_FIELD = 1_000  # interpolation, pretrained_source, backbone_id
+PROBE_BATCH = 2  # images of the probe a loaded model must answer with finite numbers
 
 
 def library_versions() -> dict[str, str]:
@@ -142,11 +151,18 @@ _REQUIRED = ("arch", "class_names", "image_size", "mean", "std", "crop_pct", "in
 def read_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
     """Read and validate the sidecar of checkpoint `path`; raises CheckpointInvalid naming the file and the fault."""
     side = sidecar_path(path)
-    if not side.is_file():
-        raise CheckpointInvalid(f"{side}: checkpoint sidecar is missing")
     try:
-        document = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        size = side.stat().st_size
+    except OSError:
+        raise CheckpointInvalid(f"{side}: checkpoint sidecar is missing") from None
+    if size > MAX_SIDECAR_BYTES:
+        raise CheckpointInvalid(
+            f"{side}: sidecar is {size:,} bytes, more than the {MAX_SIDECAR_BYTES:,} a sidecar may be"
+        )
+    try:
+        # NaN and Infinity are no JSON (json.dumps(allow_nan=False) never writes them): refused, not read as floats.
+        document = json.loads(side.read_text(encoding="utf-8"), parse_constant=_no_constants)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, a 5,000-digit number...
         raise CheckpointInvalid(f"{side}: sidecar is not valid JSON ({exc})") from exc
     if not isinstance(document, dict):
         raise CheckpointInvalid(f"{side}: sidecar must hold a JSON object, got {type(document).__name__}")
@@ -162,22 +178,44 @@ def read_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
     return CheckpointMeta(**values)
 
 
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _check_types(side: Path, values: dict[str, Any]) -> None:
     for key, value in values.items():
         expected = _FIELD_TYPES[key]
         if isinstance(value, bool) or not isinstance(value, expected):
             raise CheckpointInvalid(f"{side}: sidecar field {key!r} has type {type(value).__name__}")
+    arch = values["arch"]
+    if len(arch) > MAX_ARCH_NAME:
+        raise CheckpointInvalid(f"{side}: arch is {len(arch):,} characters long, more than {MAX_ARCH_NAME}")
+    if not timm.is_model(arch):  # before any network is built from it
+        raise CheckpointInvalid(f"{side}: unknown architecture {arch!r}: not a timm model name")
     names = values["class_names"]
+    if len(names) > MAX_CLASSES:
+        raise CheckpointInvalid(f"{side}: {len(names):,} class names, more than the {MAX_CLASSES:,} a model may have")
     if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
         raise CheckpointInvalid(f"{side}: class_names must be a non-empty list of distinct names")
+    if (longest := max(len(n) for n in names)) > MAX_CLASS_NAME:
+        raise CheckpointInvalid(f"{side}: a class name is {longest:,} characters long, more than {MAX_CLASS_NAME}")
+    for key in ("interpolation", "pretrained_source", "backbone_id"):
+        if len(values.get(key, "")) > MAX_TEXT_FIELD:
+            raise CheckpointInvalid(f"{side}: {key} is longer than {MAX_TEXT_FIELD:,} characters")
     for key in ("mean", "std"):
         vec = values[key]
         if len(vec) != 3 or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in vec):
             raise CheckpointInvalid(f"{side}: {key} must be three numbers")
-    if any(x <= 0 for x in values["std"]):
-        raise CheckpointInvalid(f"{side}: std values must be positive")
-    if values["image_size"] < 16 or not 0 < values["crop_pct"] <= 1.0:
-        raise CheckpointInvalid(f"{side}: image_size must be >= 16 and crop_pct in (0, 1]")
+    if not all(0 <= x <= 1 for x in values["mean"]) or not all(0 < x <= 1 for x in values["std"]):
+        raise CheckpointInvalid(f"{side}: mean values must be in [0, 1] and std values positive, at most 1")
+    if not MIN_IMAGE_SIZE <= values["image_size"] <= MAX_IMAGE_SIZE or not 0 < values["crop_pct"] <= 1.0:
+        raise CheckpointInvalid(
+            f"{side}: image_size must be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (got {values['image_size']:,}) and "
+            f"crop_pct in (0, 1]"
+        )
+    # A crop_pct near 0 would resize every photo to an enormous square before the centre crop.
+    if round(values["image_size"] / values["crop_pct"]) > 2 * MAX_IMAGE_SIZE:
+        raise CheckpointInvalid(f"{side}: crop_pct {values['crop_pct']} resizes photos past {2 * MAX_IMAGE_SIZE} px")
     if "temperature" in values and not 0 < values["temperature"] < 1000:
         raise CheckpointInvalid(f"{side}: temperature must be positive")
 
@@ -210,4 +248,22 @@ def load_checkpoint(
             f"{path}: weights do not fit {meta.arch} with {len(meta.class_names)} classes: {' '.join(first)}"
         ) from exc
     model.eval()
+    check_finite(model, meta, where=path)
     return model.to(device), meta
+
+
+def check_finite(model: nn.Module, meta: CheckpointMeta, *, where: str | os.PathLike[str]) -> None:
+    """Refuse (CheckpointInvalid) a model with NaN or infinite weights, or whose logits on a fixed probe batch are not
+    all finite (weights so large they overflow): served, it would show every photo with confidence "nan"."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointInvalid(f"{where}: weights {name} hold NaN or infinite values: the model is unusable")
+    probe = torch.randn(PROBE_BATCH, 3, meta.image_size, meta.image_size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            logits = model(probe.to(next(model.parameters()).device))
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointInvalid(f"{where}: {meta.arch} does not run on {meta.image_size} px input: {first}") from exc
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointInvalid(f"{where}: the model's outputs are not finite numbers (NaN or infinity): unusable")

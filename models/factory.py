@@ -19,6 +19,11 @@ from models.pretrained import StartingWeights, WeightsSource
 
 log = logging.getLogger(__name__)
 
+# The square input sizes a model may be trained at or loaded with: at 1024 px one batch of 64 photos is already 800 MB
+# of input; a checkpoint claiming 20,000 would allocate tens of gigabytes per photo.
+MIN_IMAGE_SIZE = 16
+MAX_IMAGE_SIZE = 1024
+
 
 @dataclass(frozen=True)
 class PretrainedInfo:
@@ -148,8 +153,8 @@ def _load_backbone_file(model: nn.Module, path: Path) -> list[str]:
 
 def preprocessing_config(model: nn.Module, image_size: int) -> PreprocessConfig:
     """The model's eval preprocessing from `timm.data.resolve_data_config`, at a square `image_size`."""
-    if image_size < 16:
-        raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
+    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels, got {image_size}")
     data = timm.data.resolve_data_config({"input_size": (3, image_size, image_size)}, model=model)
     return PreprocessConfig(
         image_size=int(image_size),

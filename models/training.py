@@ -22,7 +22,7 @@ from torch.utils.data import WeightedRandomSampler
 from models.calibration import fit_temperature
 from models.devices import describe_device, pick_device
 from models.errors import NotEnoughData, TrainingStopped
-from models.factory import PreprocessConfig
+from models.factory import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PreprocessConfig
 from models.modes import TrainMode
 from models.preprocess import PixelRows, augment_batch, normalize_nchw, numpy_to_tensor
 
@@ -80,8 +80,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "head_max_iter", "head_threads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.image_size < 16:
-            problems.append(f"image_size must be at least 16, got {self.image_size}")
+        if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            problems.append(f"image_size must be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {self.image_size}")
         if not self.lr > 0:
             problems.append(f"lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.warmup_epochs < 0 or self.patience < 0:

@@ -25,6 +25,8 @@ from core.versions import (
 )
 from tests.core.training_helpers import dataset, save_random_version, store_images
 
+pytestmark = pytest.mark.both_databases
+
 CLASSES = ["Shoes", "Bags", "Hats"]
 
 
@@ -152,3 +154,30 @@ def test_model_download_holds_weights_and_sidecar_that_load_again(db: Database, 
     sidecar.unlink()
     with pytest.raises(CheckpointError, match=rf"v{version}: checkpoint file .*\.json is missing"):
         model_archive_bytes(db, version)
+
+
+@pytest.mark.parametrize("damage", ["nan weights", "image_size 20000"])
+def test_a_checkpoint_with_unusable_values_is_refused_and_the_active_version_keeps_serving(
+    db: Database, damage: str
+) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    good = save_random_version(db, CLASSES, seed=1)
+    activate_version(db, good, actor="ann")
+    bad = save_random_version(db, CLASSES, seed=2)
+    path = checkpoint_path(db, get_version(db, bad))
+    if damage == "nan weights":
+        state = load_file(str(path))
+        state["fc.weight"][0, 0] = float("nan")
+        save_file(state, str(path), metadata={"format": "pt"})
+    else:
+        sidecar = path.with_suffix(".json")
+        sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "image_size": 20000}))
+    with pytest.raises(CheckpointError, match=f"model v{bad}: checkpoint .* is not usable"):
+        activate_version(db, bad, actor="ann")
+    assert active_version(db).id == good and get_version(db, bad).status == "candidate"
+    classifier, view = load_classifier(db)
+    probs = classifier.predict_pixels(torch.zeros((2, 32, 32, 3), dtype=torch.uint8).numpy())
+    assert view.id == good and torch.isfinite(torch.from_numpy(probs)).all()

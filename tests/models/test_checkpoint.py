@@ -87,6 +87,16 @@ def test_weights_of_another_shape_are_refused(saved: Path) -> None:
         (lambda d: json.dumps({**d, "mean": [0.5, 0.5]}), "mean must be three numbers"),
         (lambda d: json.dumps({**d, "temperature": -1}), "temperature must be positive"),
         (lambda d: json.dumps({**d, "arch": "no_such_net"}), "unknown architecture"),
+        # Bounds: each of these once reached the network or the preprocessing (a traceback, or gigabytes).
+        (lambda d: json.dumps({**d, "image_size": 20000}), "image_size must be 16 to 1024 \\(got 20,000\\)"),
+        (lambda d: json.dumps({**d, "crop_pct": 0.001}), "resizes photos past 2048 px"),
+        (lambda d: json.dumps({**d, "class_names": [f"c{i}" for i in range(10_001)]}), "10,001 class names"),
+        (lambda d: json.dumps({**d, "class_names": ["a", "b" * 300, "c"]}), "a class name is 300 characters long"),
+        (lambda d: json.dumps({**d, "arch": "resnet" + "x" * 200}), "arch is 206 characters long"),
+        (lambda d: json.dumps({**d, "interpolation": "x" * 2000}), "interpolation is longer than 1,000"),
+        (lambda d: json.dumps({**d, "std": [0.2, 0.2, 1e300]}), "std values positive, at most 1"),
+        (lambda d: json.dumps(d).replace('"temperature": 1.7', '"temperature": NaN'), "NaN is not a JSON number"),
+        (lambda d: json.dumps(d).replace('"seed": 3', '"seed": ' + "9" * 5000), "not valid JSON.*digits"),
     ],
 )
 def test_bad_sidecars_are_refused(saved: Path, mutate: object, message: str) -> None:
@@ -123,3 +133,38 @@ def test_read_meta_alone_validates_without_weights(saved: Path, tiny_cfg: Prepro
     saved.unlink()
     assert read_meta(saved).class_names == CLASSES
     assert np.isclose(read_meta(saved).temperature, 1.7)
+
+
+def test_a_huge_sidecar_is_refused_before_it_is_parsed(saved: Path) -> None:
+    import time
+
+    side = sidecar_path(saved)
+    document = json.loads(side.read_text())
+    # A million class names (the tester's 3-6 GB before refusal) and a 10-million-character architecture name.
+    many_classes = {**document, "class_names": [f"class {i}" for i in range(1_000_000)]}
+    for huge in (many_classes, {**document, "arch": "r" * 10**7}):
+        side.write_text(json.dumps(huge))
+        started = time.perf_counter()
+        with pytest.raises(CheckpointInvalid, match=r"v1\.json: sidecar is [\d,]+ bytes, more than the 4,194,304"):
+            load_checkpoint(saved)
+        assert time.perf_counter() - started < 0.5
+
+
+def _with_weights(saved: Path, change: object) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(saved))
+    change(state)  # type: ignore[operator]
+    save_file(state, str(saved), metadata={"format": "pt"})
+
+
+def test_nan_weights_are_refused(saved: Path) -> None:
+    _with_weights(saved, lambda state: state["layer1.0.conv1.weight"].view(-1).__setitem__(0, float("nan")))
+    with pytest.raises(CheckpointInvalid, match=r"v1\.safetensors: weights layer1\.0\.conv1\.weight hold NaN"):
+        load_checkpoint(saved)
+
+
+def test_weights_whose_outputs_overflow_are_refused(saved: Path) -> None:
+    _with_weights(saved, lambda state: state["fc.weight"].fill_(3e38))  # finite, but the logits are not
+    with pytest.raises(CheckpointInvalid, match="outputs are not finite numbers"):
+        load_checkpoint(saved)
