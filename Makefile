@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PORT ?= 8501
 
 .PHONY: run test worker lint bench demo screenshots clean-venv
 
@@ -12,8 +13,9 @@ $(STAMP): requirements.txt requirements-test.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
 	touch $(STAMP)
 
+# The pages, the HTTP API (/api/v1) and the sign-in routes on one port: `make run PORT=8600`.
 run: $(STAMP)
-	$(BIN)/streamlit run streamlit_app.py
+	$(BIN)/streamlit run server.py --server.port $(PORT)
 
 worker: $(STAMP)
 	$(BIN)/python -m core.worker

@@ -5,8 +5,9 @@ and key -> next photo in keyboard review, driven through Chromium against a real
     python benchmarks/bench_clicks.py --images 10000 --repo /tmp/before   # a checkout of an earlier commit
 
 Fills a fresh data directory with `tests.core.factories.populate` (run with the served checkout's code, so its
-schema matches), starts `streamlit run streamlit_app.py` from `--repo` on a free port (the e2e test's server
-recipe), opens the Review page from the sidebar (default filters: all images, lowest confidence first), then:
+schema matches), starts `streamlit run server.py` from `--repo` on a free port (the e2e test's server recipe;
+`streamlit_app.py` in a checkout from before server.py), opens the Review page from the sidebar (default filters:
+all images, lowest confidence first), then:
 
 - click: picks another category on a card of page 1 (a pill) and waits until that card says `Label: <new>`;
 - key: turns keyboard review on, presses a category's key and waits until another photo's card is shown.
@@ -54,6 +55,11 @@ def _populate(repo: Path, data_dir: Path, n: int) -> float:
     return time.monotonic() - started
 
 
+def _entry(repo: Path) -> str:
+    """What `make run` serves in that checkout: server.py (pages + API), or streamlit_app.py before it existed."""
+    return "server.py" if (repo / "server.py").exists() else "streamlit_app.py"
+
+
 @contextlib.contextmanager
 def _server(repo: Path, data_dir: Path):
     port = _free_port()
@@ -61,7 +67,7 @@ def _server(repo: Path, data_dir: Path):
     env.pop("PRODCAT_DATABASE_URL", None)
     log = (data_dir / "streamlit.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
+        [sys.executable, "-m", "streamlit", "run", _entry(repo), "--server.port", str(port),
          "--server.headless", "true", "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
         cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""End to end: a real `streamlit run` server driven by Playwright in a real Chromium.
+"""End to end: a real `streamlit run server.py` (pages and API on one port) driven by Playwright in a real Chromium.
 
 Upload photos of three categories (a category per upload), retrain (quick) with the worker the app starts itself,
 see predictions, correct one label, and see the dashboard's confusion matrix. With PRODCAT_SCREENSHOTS=<folder>
@@ -101,7 +101,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     env.pop("PRODCAT_DATABASE_URL", None)
     log = (tmp_path / "streamlit.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
+        [sys.executable, "-m", "streamlit", "run", "server.py", "--server.port", str(port),
          "--server.headless", "true", "--server.address", "127.0.0.1"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
