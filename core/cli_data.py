@@ -307,18 +307,20 @@ def export_labels(
             help="Add image_id, sha256 and split columns; such a file re-imports too, matched by content (sha256).",
         ),
     ] = False,
+    actor: ActorOpt = None,
 ) -> None:
     """Write `filename,category` for every labelled image; the file re-imports with `import --labels-csv`."""
-    count = export_mod.export_labels_csv(open_db(), path, with_ids=with_ids)
+    count = export_mod.export_labels_csv(open_db(), path, with_ids=with_ids, actor=actor_or_default(actor))
     typer.echo(f"Wrote {count} labels to {path}.")
 
 
 @export_app.command("imagefolder")
 def export_imagefolder(
     directory: Annotated[Path, typer.Argument(help="New or empty folder to fill.", show_default=False)],
+    actor: ActorOpt = None,
 ) -> None:
     """Copy the original of every labelled image into DIR/<category>/<file name> (torchvision ImageFolder)."""
-    result = export_mod.export_imagefolder(open_db(), directory)
+    result = export_mod.export_imagefolder(open_db(), directory, actor=actor_or_default(actor))
     typer.echo(f"Wrote {result.written} images in {len(result.per_category)} category folders under {directory}.")
     if result.unlabelled_skipped:
         typer.echo(f"{result.unlabelled_skipped} unlabelled images were not exported.")

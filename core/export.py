@@ -15,6 +15,7 @@ from typing import TextIO
 
 from sqlalchemy import func, select
 
+from core.auth import Action, authorize, record
 from core.db import Database
 from core.errors import ProdcatError
 from core.schema import Category, Image, Label
@@ -147,22 +148,31 @@ def _write_labels_csv(db: Database, handle: TextIO, *, with_ids: bool) -> int:
     return count
 
 
-def labels_csv_bytes(db: Database, *, with_ids: bool = False) -> bytes:
+def _audit(db: Database, actor: str, subject: str, **detail: object) -> None:
+    with db.write() as session:
+        record(session, actor, Action.EXPORT, subject, **detail)
+
+
+def labels_csv_bytes(db: Database, *, with_ids: bool = False, actor: str) -> bytes:
     """The same CSV as `export_labels_csv`, as UTF-8 bytes with a byte order mark (for a download button)."""
+    authorize(db, actor, Action.EXPORT)
     buffer = io.StringIO(newline="")
-    _write_labels_csv(db, buffer, with_ids=with_ids)
+    count = _write_labels_csv(db, buffer, with_ids=with_ids)
+    _audit(db, actor, "labels CSV download", rows=count)
     return buffer.getvalue().encode(CSV_ENCODING)
 
 
-def export_labels_csv(db: Database, path: Path | str, *, with_ids: bool = False) -> int:
+def export_labels_csv(db: Database, path: Path | str, *, with_ids: bool = False, actor: str) -> int:
     """Write every labelled image as a `filename,category` CSV (header row first) that `import --labels-csv`
     reads back; `filename` is the image's original name as imported.
 
     with_ids adds `image_id,sha256,split` columns for spreadsheets and scripts (the importer goes by the header
     and ignores them, so such a file re-imports too). The file is written to a temporary name and moved into
     place, so a failed export never leaves half a CSV. UTF-8 with a byte order mark, so Excel shows non-ASCII
-    names right. Returns the number of rows.
+    names right. Returns the number of rows. Only an actor allowed to export may (PermissionDenied otherwise); the
+    export is recorded in the audit trail.
     """
+    authorize(db, actor, Action.EXPORT)
     path = Path(path).expanduser()
     if path.is_dir():
         raise ExportError(f"{path} is a directory: give a file name such as labels.csv")
@@ -176,6 +186,7 @@ def export_labels_csv(db: Database, path: Path | str, *, with_ids: bool = False)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    _audit(db, actor, f"labels CSV {path}", rows=count)
     return count
 
 
@@ -192,14 +203,16 @@ def _copy_new(source: Path, target: Path) -> None:
             raise
 
 
-def export_imagefolder(db: Database, directory: Path | str) -> ImageFolderExport:
+def export_imagefolder(db: Database, directory: Path | str, *, actor: str) -> ImageFolderExport:
     """Copy the original of every labelled image to `directory/<category>/<file name>` (ImageFolder layout).
 
     Category and file names come from users, so each becomes one safe path component; clashes get a
     `_2`, `_3`... suffix. `directory` must be new or empty, and nothing is ever written outside it.
     Images whose stored original is missing, or whose copy the file system refuses, are listed in `missing`
-    and the rest are still exported.
+    and the rest are still exported. Only an actor allowed to export may (PermissionDenied otherwise); the export is
+    recorded in the audit trail.
     """
+    authorize(db, actor, Action.EXPORT)
     root = Path(directory).expanduser()
     if root.exists() and not root.is_dir():
         raise ExportError(f"{root} exists and is not a folder")
@@ -247,4 +260,5 @@ def export_imagefolder(db: Database, directory: Path | str) -> ImageFolderExport
         total = session.scalar(select(func.count()).select_from(Image)) or 0
         labelled = session.scalar(select(func.count()).select_from(Label)) or 0
     result.unlabelled_skipped = int(total) - int(labelled)
+    _audit(db, actor, f"image folder {root}", written=result.written, missing=len(result.missing))
     return result

@@ -31,6 +31,7 @@ from typing import BinaryIO
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from core.auth import Action, authorize
 from core.db import Database
 from core.duplicates import HashIndex, join_group, load_hash_index
 from core.errors import ArchiveRefused, CategoryError, ImageRefused, ProdcatError
@@ -771,7 +772,9 @@ def import_uploads(
     `labels_from_folders` (an addition to the contract): a zipped ImageFolder tree labels its images by their
     first folder (a single wrapping folder, as "zip the dataset folder" makes, is skipped).
     Precedence when several apply: `labels`, then the folder, then `category`.
+    Only an actor allowed to upload may (PermissionDenied, before anything is read).
     """
+    authorize(db, actor, Action.UPLOAD)
     importer = _Importer(
         db,
         actor=actor,
@@ -869,7 +872,9 @@ def import_paths(
     (`export labels --with-ids`), else on the full name, the relative path or the bare file name.
     A symlinked file inside a folder is refused when it points outside that folder.
     Precedence when several apply: the CSV row, then the folder, then `category`.
+    Only an actor allowed to upload may (PermissionDenied, before anything is read).
     """
+    authorize(db, actor, Action.UPLOAD)
     labels = read_labels_csv(labels_csv) if labels_csv is not None else None
     csv_resolved = Path(labels_csv).resolve() if labels_csv is not None else None
     importer = _Importer(
@@ -1104,6 +1109,7 @@ def import_labelled_folder(
     progress: ProgressCallback | None = None,
 ) -> ImportResult:
     """Import a folder tree (`import_paths`) labelled from one source: folder names, a CSV, one category, or none."""
+    authorize(db, actor, Action.UPLOAD)
     choice = _label_choice(label_source, csv_given=labels_csv is not None, category=category)
     return import_paths(
         db,
@@ -1128,6 +1134,7 @@ def import_labelled_upload(
 ) -> ImportResult:
     """Import an uploaded zip (or image) labelled from one source: folder names, an uploaded CSV (named by its file
     name in any error), one category, or none."""
+    authorize(db, actor, Action.UPLOAD)
     choice = _label_choice(label_source, csv_given=labels_csv is not None, category=category)
     labels = None
     if choice.use_csv and labels_csv is not None:

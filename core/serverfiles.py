@@ -1,10 +1,13 @@
-"""Server-side paths typed into the web pages: confined to one exchange folder, never trusted as given."""
+"""Server-side paths typed into the web pages: confined to one exchange folder, never trusted as given, and only
+for accounts allowed to use server folders (admins: `Action.SERVER_FILES`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from core.auth import Action, authorize
+from core.db import Database
 from core.errors import ProdcatError
 from core.settings import Settings
 
@@ -13,13 +16,15 @@ class PathRefused(ProdcatError):
     """A path typed in the browser points outside the folder the web pages may use."""
 
 
-def exchange_path(settings: Settings, text: str) -> Path:
+def exchange_path(db: Database, text: str, *, actor: str) -> Path:
     """Resolve `text` (relative to the exchange folder, or absolute) and refuse anything outside that folder.
 
-    Anyone who can open the web app can type a path, so the pages may only read and write below
-    `settings.exchange_dir` (PRODCAT_SERVER_FILES_DIR); `..` and symbolic links are resolved before the check.
+    Only an actor allowed to use server folders may (PermissionDenied otherwise), and the pages may only read and
+    write below `settings.exchange_dir` (PRODCAT_SERVER_FILES_DIR); `..` and symbolic links are resolved before the
+    check.
     """
-    root = settings.exchange_dir
+    authorize(db, actor, Action.SERVER_FILES)
+    root = db.settings.exchange_dir
     raw = (text or "").strip()
     if not raw:
         raise PathRefused("no path given: type a folder inside " + str(root))

@@ -137,10 +137,10 @@ with folder_tab, st.form("import_folder"):
     folder_source, folder_category = _label_source("folder")
     csv_path = st.text_input("Labels CSV on the server (with 'A labels CSV')", placeholder="labels.csv")
     if st.form_submit_button("Import folder") and folder.strip():
-        ok, source = _ui.attempt(exchange_path, db.settings, folder)
+        ok, source = _ui.attempt(exchange_path, db, folder, actor=_ui.actor())
         labels_csv = None
         if ok and csv_path.strip():
-            ok, labels_csv = _ui.attempt(exchange_path, db.settings, csv_path)
+            ok, labels_csv = _ui.attempt(exchange_path, db, csv_path, actor=_ui.actor())
         if ok:
             bar = st.progress(0.0, text="Importing...")
             ok, result = _ui.attempt(
@@ -225,9 +225,10 @@ with csv_col:
     # Deferred: the CSV is written only when someone clicks, not on every rerun of this page.
     # on_click="ignore": a click does not rerun the page. A rerun would replace both buttons' deferred files, and a
     # second download clicked before the browser got the new ids would be lost ("Deferred file ... not found").
+    exporter = _ui.actor()  # read now: the deferred download runs without this page's session
     st.download_button(
         "Download labels.csv",
-        lambda: labels_csv_bytes(db),
+        lambda: labels_csv_bytes(db, actor=exporter),
         file_name="labels.csv",
         mime="text/csv",
         on_click="ignore",
@@ -236,9 +237,9 @@ with folder_col, st.form("export_folder"):
     st.subheader("ImageFolder")
     target_dir = st.text_input("New or empty folder on the server (inside the exchange folder)")
     if st.form_submit_button("Export images") and target_dir.strip():
-        ok, target = _ui.attempt(exchange_path, db.settings, target_dir)
+        ok, target = _ui.attempt(exchange_path, db, target_dir, actor=_ui.actor())
         if ok:
-            ok, exported = _ui.attempt(export_imagefolder, db, target)
+            ok, exported = _ui.attempt(export_imagefolder, db, target, actor=_ui.actor())
         if ok:
             st.success(_ui.md_escape(f"{exported.written} images written to {exported.directory}"))
             for problem in exported.missing:

@@ -50,7 +50,7 @@ def imported(db: Database, source_tree: Path) -> Database:
 
 def test_imagefolder_round_trips_what_was_imported_from_folders(imported: Database, source_tree: Path, tmp_path: Path):
     out = tmp_path / "export"
-    result = export_imagefolder(imported, out)
+    result = export_imagefolder(imported, out, actor="admin")
     assert result.written == 9 and result.per_category == {"Bags": 3, "Hats": 3, "Shoes": 3}
     assert tree_contents(out) == tree_contents(source_tree)
     assert all(p.suffix == ".png" for p in out.rglob("*.png")) and len(list(out.rglob("*.png"))) == 9
@@ -59,7 +59,7 @@ def test_imagefolder_round_trips_what_was_imported_from_folders(imported: Databa
 def test_labels_csv_reimports_into_a_fresh_catalogue(imported: Database, source_tree: Path, tmp_path: Path) -> None:
     labels.set_label(imported, 1, "Hats", actor="bob")  # a correction must survive the trip
     csv_path = tmp_path / "labels.csv"
-    assert export_labels_csv(imported, csv_path) == 9
+    assert export_labels_csv(imported, csv_path, actor="admin") == 9
     rows = list(csv.reader(csv_path.open(encoding="utf-8-sig")))
     assert rows[0] == ["filename", "category"] and all(len(r) == 2 for r in rows)
 
@@ -73,7 +73,7 @@ def test_labels_csv_reimports_into_a_fresh_catalogue(imported: Database, source_
 
 def test_labels_csv_with_ids(imported: Database, tmp_path: Path) -> None:
     path = tmp_path / "ids.csv"
-    export_labels_csv(imported, path, with_ids=True)
+    export_labels_csv(imported, path, with_ids=True, actor="admin")
     rows = list(csv.DictReader(path.open(encoding="utf-8-sig")))
     with imported.read() as session:
         shas = {i: s for i, s in session.execute(select(Image.id, Image.sha256))}
@@ -86,7 +86,7 @@ def test_labels_csv_with_ids_reimports_into_a_fresh_catalogue(
 ) -> None:
     labels.set_label(imported, 2, "Shoes", actor="bob")
     path = tmp_path / "ids.csv"
-    assert export_labels_csv(imported, path, with_ids=True) == 9
+    assert export_labels_csv(imported, path, with_ids=True, actor="admin") == 9
     other = open_database(Settings(data_dir=tmp_path / "other-data"))
     result = import_paths(other, [source_tree], labels_csv=path, actor="carol")
     assert len(result.imported) == 9 and not result.refused
@@ -97,13 +97,13 @@ def test_labels_csv_bytes_is_the_exported_file(imported: Database, tmp_path: Pat
     labels.rename_category(imported, "Hats", 'Hüte, "warm"', actor="admin")  # non-ASCII, comma and quotes
     for with_ids in (False, True):
         path = tmp_path / f"labels-{with_ids}.csv"
-        export_labels_csv(imported, path, with_ids=with_ids)
-        data = labels_csv_bytes(imported, with_ids=with_ids)
+        export_labels_csv(imported, path, with_ids=with_ids, actor="admin")
+        data = labels_csv_bytes(imported, with_ids=with_ids, actor="admin")
         assert data == path.read_bytes()
         # A byte order mark, so Excel reads the file as UTF-8 instead of mangling 'Hüte'.
         assert data.startswith(codecs.BOM_UTF8) and "Hüte" in data.decode("utf-8-sig")
         assert read_labels_csv(io.BytesIO(data)) == read_labels_csv(path)
-    assert sorted(set(read_labels_csv(io.BytesIO(labels_csv_bytes(imported))).values())) == [
+    assert sorted(set(read_labels_csv(io.BytesIO(labels_csv_bytes(imported, actor="admin"))).values())) == [
         "Bags",
         'Hüte, "warm"',
         "Shoes",
@@ -122,7 +122,7 @@ def test_unsafe_names_stay_inside_the_export_folder(imported: Database, tmp_path
     labels.rename_category(imported, "Hats", "a_b", actor="admin")
 
     out = tmp_path / "deep" / "export"
-    result = export_imagefolder(imported, out)
+    result = export_imagefolder(imported, out, actor="admin")
     files = [p for p in out.rglob("*") if p.is_file()]
     assert result.written == 9 and len(files) == 9
     assert all(p.resolve().is_relative_to(out.resolve()) for p in files)
@@ -140,7 +140,7 @@ def test_refuses_a_non_empty_folder_and_reports_missing_originals(imported: Data
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="not empty"):
-        export_imagefolder(imported, busy)
+        export_imagefolder(imported, busy, actor="admin")
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
 
     with imported.read() as session:
@@ -148,7 +148,7 @@ def test_refuses_a_non_empty_folder_and_reports_missing_originals(imported: Data
         assert victim is not None
         victim_id, victim_path = victim.id, imported.settings.data_dir / victim.stored_path
     victim_path.unlink()
-    result = export_imagefolder(imported, tmp_path / "partial")
+    result = export_imagefolder(imported, tmp_path / "partial", actor="admin")
     assert result.written == 8 and len(result.missing) == 1 and f"image {victim_id}" in result.missing[0]
 
 
@@ -188,7 +188,7 @@ def _give_long_cjk_names(db: Database) -> int:
 def test_long_non_ascii_names_export_completely(imported: Database, source_tree: Path, tmp_path: Path) -> None:
     _give_long_cjk_names(imported)
     out = tmp_path / "export"
-    result = export_imagefolder(imported, out)
+    result = export_imagefolder(imported, out, actor="admin")
     assert result.written == 9 and result.missing == []
     assert result.per_category == {"Bags": 3, "Hats": 3, "靴" * 120: 3}
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -206,7 +206,7 @@ def test_a_file_the_file_system_refuses_is_reported_and_the_rest_exported(
     monkeypatch.setattr(export, "MAX_COMPONENT_BYTES", 1000)
     labels.rename_category(imported, "靴" * 120, "Shoes", actor="admin")
     out = tmp_path / "export"
-    result = export_imagefolder(imported, out)
+    result = export_imagefolder(imported, out, actor="admin")
     assert result.written == 8 and len(result.missing) == 1
     assert f"image {image_id} (商品写真" in result.missing[0] and "too long" in result.missing[0]
     assert len([p for p in out.rglob("*") if p.is_file()]) == 8  # no partial file, nothing else lost
@@ -215,7 +215,7 @@ def test_a_file_the_file_system_refuses_is_reported_and_the_rest_exported(
 def test_labels_csv_has_a_byte_order_mark_and_reimports(imported: Database, tmp_path: Path) -> None:
     labels.rename_category(imported, "Bags", "Sacs à main", actor="admin")
     path = tmp_path / "labels.csv"
-    export_labels_csv(imported, path)
+    export_labels_csv(imported, path, actor="admin")
     raw = path.read_bytes()
     assert raw.startswith(codecs.BOM_UTF8) and raw.count(codecs.BOM_UTF8) == 1
     assert raw.decode("utf-8-sig").splitlines()[0] == "filename,category"
@@ -237,12 +237,12 @@ def test_labels_csv_cells_never_start_a_spreadsheet_formula_and_still_reimport(d
         result.imported += import_uploads(db, [upload], category=category, actor="alice").imported
     assert len(result.imported) == 2 + len(FORMULAS)
     path = tmp_path / "labels.csv"
-    export_labels_csv(db, path, with_ids=True)
+    export_labels_csv(db, path, with_ids=True, actor="admin")
     rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"))))[1:]
     cells = [cell for row in rows for cell in row[:2]]
     assert not [c for c in cells if c.startswith(export.FORMULA_TRIGGERS)]
     assert {"'=2+3.png", "'-cmd.png", "'" + FORMULAS[0], "''=quoted already"} <= set(cells)
-    assert path.read_bytes() == labels_csv_bytes(db, with_ids=True)  # the download is the same file
+    assert path.read_bytes() == labels_csv_bytes(db, with_ids=True, actor="admin")  # the download is the same file
     # Read back, the quotes are gone: every name and category is what it was.
     read = read_labels_csv(path)
     assert read["=2+3.png"] == "Shoes" and read["-cmd.png"] == "Shoes"

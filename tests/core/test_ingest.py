@@ -480,13 +480,13 @@ def test_an_exported_csv_relabels_two_images_that_share_a_file_name(db: Database
     batch = [Upload("IMG_0001.jpg", shoe), Upload("IMG_0001.jpg", bag)]
 
     # --with-ids: each row is matched to its file by content, so both labels come back.
-    with_ids = read_labels_csv(io.BytesIO(labels_csv_bytes(db, with_ids=True)))
+    with_ids = read_labels_csv(io.BytesIO(labels_csv_bytes(db, with_ids=True, actor="x")))
     other = _other_db(tmp_path)
     result = import_uploads(other, batch, labels=with_ids, actor="bob")
     assert [i.category for i in result.imported] == ["Shoes", "Bags"] and not result.notes and not result.refused
 
     # The plain export cannot tell the two apart: the file still imports, the name is left unlabelled and said so.
-    plain = read_labels_csv(io.BytesIO(labels_csv_bytes(db)))
+    plain = read_labels_csv(io.BytesIO(labels_csv_bytes(db, actor="x")))
     third = _other_db(tmp_path, "third-data")
     result = import_uploads(third, batch, labels=plain, actor="bob")
     assert len(result.imported) == 2 and not result.refused
@@ -502,7 +502,7 @@ def test_labels_exported_from_a_zip_import_reapply_to_the_same_zip(db: Database,
     entries = [("Shoes/a.png", image_bytes("Shoes", 210)), ("Bags/b.png", image_bytes("Bags", 210))]
     archive = Upload("batch.zip", badfiles.make_zip(entries))
     import_uploads(db, [archive], labels_from_folders=True, actor="alice")
-    exported = labels_csv_bytes(db)
+    exported = labels_csv_bytes(db, actor="x")
     assert b"batch.zip/Shoes/a.png,Shoes" in exported  # the stored name, zip name included
     other = _other_db(tmp_path)
     result = import_uploads(other, [archive], labels=read_labels_csv(io.BytesIO(exported)), actor="bob")
@@ -608,7 +608,7 @@ def test_a_symlinked_file_pointing_outside_the_folder_is_refused(db: Database, t
     (photos / "escape.png").symlink_to(outside / "secret.png")
     (photos / "alias.png").symlink_to(photos / "real.png")  # a link inside the folder is fine
     (photos / "linkdir").symlink_to(outside)  # folders are not followed at all
-    result = import_paths(db, [exchange_path(db.settings, "photos")], actor="web")  # as the Categories page does
+    result = import_paths(db, [exchange_path(db, "photos", actor="web")], actor="web")  # as the Categories page does
     assert _refusals(result) == {"photos/escape.png": ingest.LINK_OUTSIDE_FOLDER}
     assert "a link to a file outside the folder" in ingest.LINK_OUTSIDE_FOLDER
     assert [i.name for i in result.imported] == ["photos/alias.png"]  # sorted: the link inside comes first
