@@ -17,6 +17,7 @@ from core import auth
 from core.auth import Action, Principal, Role
 from core.db import Database
 from core.web_login import LOGIN_PATH, LOGOUT_PATH, SESSION_COOKIE
+from pages._text import md_escape
 
 # The account name of this session when neither a cookie nor OIDC provides one (with sign-in off: instead of the
 # default actor): set only by tests, as AppTest has no cookies. A browser cannot write session state except through
@@ -91,8 +92,10 @@ def sign_in_screen(db: Database) -> None:
     if oidc_configured():
         if st.user.is_logged_in:
             st.error(
-                f"{st.user.get('email') or 'This identity'} has no enabled account here: ask an admin to add it "
-                "(python -m core.cli users add EMAIL --role labeller --no-password)."
+                md_escape(
+                    f"{st.user.get('email') or 'This identity'} has no enabled account here: ask an admin to add it "
+                    "(python -m core.cli users add EMAIL --role labeller --no-password)."
+                )
             )
             st.button("Sign out of the provider", on_click=st.logout)
         else:

@@ -4,7 +4,6 @@ pages/_cards.py and pages/_keyboard.py."""
 
 from __future__ import annotations
 
-import string
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +16,7 @@ from core.jobs import fail_stale_jobs
 from core.labels import LabelChange, list_categories, undo_last_change
 from core.settings import get_settings
 from pages import _auth
+from pages._text import md_escape  # used here and by pages as _ui.md_escape; defined once, in _text
 
 FLASH_KEY = "_flash"
 SESSION_CHANGES_KEY = "session_label_events"  # audit event ids of the label changes made in this browser session
@@ -37,8 +37,6 @@ PAGES: dict[str, tuple[str, str, str]] = {
     "duplicates": ("pages/duplicates.py", "Duplicates", "duplicates"),
     "accounts": ("pages/accounts.py", "Accounts & tokens", "accounts"),
 }
-
-_MARKDOWN_SPECIALS = set(string.punctuation)
 
 # The Review page's filter widgets (keys) and its "everything" choice: other pages open it with chosen filters.
 REVIEW_FILTERS = {
@@ -61,15 +59,6 @@ def open_review(**filters: str) -> None:
     if not filters.get("order"):
         st.session_state[REVIEW_FILTERS["order"]] = "lowest-confidence"
     st.switch_page(PAGES["review"][0])
-
-
-def md_escape(text: object) -> str:
-    """User text (file and category names, error messages) made safe for Markdown-rendering elements.
-
-    CommonMark lets any ASCII punctuation be backslash-escaped, so names like `*sale*`, `[x](y)` or `:red[x]` show
-    literally instead of as formatting, links or Streamlit colour directives.
-    """
-    return "".join("\\" + ch if ch in _MARKDOWN_SPECIALS else ch for ch in str(text)).replace("\n", " ")
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:

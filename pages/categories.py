@@ -151,7 +151,9 @@ with folder_tab, st.form("import_folder"):
                 labels_csv=labels_csv,
                 category=folder_category,
                 actor=_ui.actor(),
-                progress=lambda done, total, name: bar.progress(min(done / total, 1.0) if total else 0.0, text=name),
+                progress=lambda done, total, name: bar.progress(
+                    min(done / total, 1.0) if total else 0.0, text=_ui.md_escape(name)
+                ),
             )
             bar.empty()
             if ok:

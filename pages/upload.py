@@ -89,7 +89,8 @@ def _run_import(batch: Batch, uploads: list[Upload]) -> bool:
         offset = batch.processed
 
         def _progress(done: int, total: int | None, name: str, offset: int = offset) -> None:
-            bar.progress(min((offset + done) / batch.total, 1.0), text=f"{offset + done}/{batch.total}: {name}")
+            shown = _ui.md_escape(f"{offset + done}/{batch.total}: {name}")  # a zip entry's name is no Markdown
+            bar.progress(min((offset + done) / batch.total, 1.0), text=shown)
 
         ok, result = _ui.attempt(
             import_uploads, db, chunk, category=batch.category, actor=_ui.actor(), source="upload", progress=_progress

@@ -35,7 +35,7 @@ def test_live_progress_of_a_running_job_and_cancel(db: Database) -> None:
 
 def test_user_text_is_escaped_for_markdown() -> None:
     assert md_escape("*sale* [x](http://e.vil) :red[hi] $x$") == (
-        r"\*sale\* \[x\]\(http\:\/\/e\.vil\) \:red\[hi\] \$x\$"
+        r"\*sale\* \[x\]\(http" + "\u2060" + r"\:\/\/e\.vil\) \:red\[hi\] \$x\$"  # a word joiner breaks the autolink
     )
 
 
