@@ -63,7 +63,8 @@ def _entry(repo: Path) -> str:
 @contextlib.contextmanager
 def _server(repo: Path, data_dir: Path):
     port = _free_port()
-    env = {**os.environ, "PRODCAT_DATA_DIR": str(data_dir), "PRODCAT_PRETRAINED": "none", "PRODCAT_IMAGE_SIZE": "32"}
+    env = {**os.environ, "PRODCAT_DATA_DIR": str(data_dir), "PRODCAT_PRETRAINED": "none", "PRODCAT_IMAGE_SIZE": "32",
+           "PRODCAT_AUTH": "none"}  # fmt: skip
     env.pop("PRODCAT_DATABASE_URL", None)
     log = (data_dir / "streamlit.log").open("wb")
     process = subprocess.Popen(

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import html
 import secrets
-from urllib.parse import urlsplit
+from collections.abc import Callable
+from urllib.parse import quote, urlsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from core import auth
 from core.db import Database, open_database
@@ -76,9 +78,9 @@ def _secure(request: Request) -> bool:
 def _form_page(request: Request, *, name: str = "", error: str = "", status: int = 200) -> Response:
     csrf = secrets.token_urlsafe(24)
     next_path = safe_next(request.query_params.get("next"))
-    action = html.escape(f"{LOGIN_PATH}?next={next_path}", quote=True) if next_path != "/" else LOGIN_PATH
+    action = LOGIN_PATH if next_path == "/" else f"{LOGIN_PATH}?next={quote(next_path, safe='/')}"
     body = _PAGE.format(
-        action=action,
+        action=html.escape(action, quote=True),
         name=html.escape(name, quote=True),
         csrf=csrf,
         error=f'<p class="error" role="alert">{html.escape(error)}</p>' if error else "",
@@ -131,6 +133,41 @@ async def logout(request: Request) -> Response:
     response = RedirectResponse(LOGIN_PATH, status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
+
+
+# Paths that are not pages: Streamlit's own endpoints and assets, the API (bearer tokens), these sign-in routes.
+_NOT_PAGES = ("/_stcore/", "/static/", "/media/", "/component/", "/api/", "/auth/", "/favicon")
+
+
+class SignInRedirect:
+    """ASGI middleware: a browser asking for a page without a valid session is sent to the sign-in form first (and
+    back to the page it asked for afterwards), so the form opens in the same tab. The pages check the session
+    again on every run; this only saves a stranger the app shell. Off when sign-in is off, or while `skip()` says
+    so (OIDC configured: its st.login button lives on the app's own sign-in screen)."""
+
+    def __init__(self, app: ASGIApp, skip: Callable[[], bool] = lambda: False) -> None:
+        self.app = app
+        self.skip = skip
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and await self._needs_sign_in(Request(scope)):
+            request = Request(scope)
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            redirect = RedirectResponse(f"{LOGIN_PATH}?next={quote(target, safe='/')}", status_code=303)
+            await redirect(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _needs_sign_in(self, request: Request) -> bool:
+        if request.method != "GET" or request.url.path.startswith(_NOT_PAGES):
+            return False
+        if "text/html" not in request.headers.get("accept", ""):
+            return False
+        settings = get_settings()
+        if settings.auth == "none" or self.skip():
+            return False
+        secret = request.cookies.get(SESSION_COOKIE)
+        return await run_in_threadpool(auth.session_principal, _db(), secret) is None
 
 
 def routes() -> list[BaseRoute]:

@@ -8,6 +8,7 @@ cannot do; core refuses it anyway.
 
 from __future__ import annotations
 
+import html
 from urllib.parse import quote, urlencode
 
 import streamlit as st
@@ -81,6 +82,12 @@ def require(action: Action) -> None:
         st.stop()
 
 
+def same_tab_link(label: str, url: str) -> None:
+    """A link that opens in this tab (st.link_button and Markdown links open a new one): the sign-in form and
+    sign-out are server routes that set or clear the session cookie for the tab the person is in."""
+    st.html(f'<a href="{html.escape(url, quote=True)}" class="prodcat-auth-link">{html.escape(label)}</a>')
+
+
 def sign_in_screen(db: Database) -> None:
     """Shown instead of every page until someone signs in; stops the run."""
     st.title("prodcat")
@@ -88,7 +95,7 @@ def sign_in_screen(db: Database) -> None:
     path = "/" + here.split("://", 1)[-1].partition("/")[2].partition("?")[0] if "://" in here else "/"
     query = urlencode(st.query_params.to_dict())
     back = f"{path}?{query}" if query else path
-    st.link_button("Sign in", f"{LOGIN_PATH}?next={quote(back)}", type="primary")
+    same_tab_link("Sign in", f"{LOGIN_PATH}?next={quote(back, safe='/')}")
     if oidc_configured():
         if st.user.is_logged_in:
             st.error(
@@ -119,4 +126,4 @@ def sidebar_identity(db: Database) -> None:
     if oidc_configured() and st.user.is_logged_in:
         st.button("Sign out", on_click=st.logout)
     else:
-        st.link_button("Sign out", LOGOUT_PATH)
+        same_tab_link("Sign out", LOGOUT_PATH)

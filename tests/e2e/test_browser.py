@@ -51,6 +51,7 @@ CHROMIUM_ARGS = [
 # fixed by the content hash, so we pick generated images by the split they will land in).
 WANTED = {"train": 4, "val": 1, "test": 1}
 ACTOR = "e2e-tester"
+PASSWORD = "e2e password 1"
 
 
 def _chromium() -> str | None:
@@ -97,8 +98,13 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         "PRODCAT_IMAGE_SIZE": "32",
         "PRODCAT_PRETRAINED": "none",  # never the network
         "PRODCAT_DEVICE": os.environ.get("PRODCAT_DEVICE", "auto"),
+        "PRODCAT_AUTH": "builtin",  # people sign in, as with every default
     }
     env.pop("PRODCAT_DATABASE_URL", None)
+    subprocess.run(  # the account the browser signs in as, made the way an admin makes one
+        [sys.executable, "-m", "core.cli", "users", "add", ACTOR, "--role", "admin", "--password-stdin"],
+        cwd=ROOT, env=env, input=PASSWORD + "\n", text=True, check=True, capture_output=True,
+    )  # fmt: skip
     log = (tmp_path / "streamlit.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "server.py", "--server.port", str(port),
@@ -147,8 +153,18 @@ def _shoot(page: Page, name: str) -> None:
         page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
 
 
+def sign_in(page: Page, base: str, path: str = "/") -> None:
+    """Open `path` signed out: the server shows its sign-in form; sign in as ACTOR and land back on `path`."""
+    page.goto(base + path)  # the server sends a stranger to its sign-in form first
+    page.get_by_label("Name").fill(ACTOR)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(base + path)
+    page.get_by_text(f"Signed in as {ACTOR} (admin)").wait_for()
+
+
 def _go(page: Page, title: str) -> None:
-    """Open a page from the sidebar navigation (same browser session, so "Your name" is kept)."""
+    """Open a page from the sidebar navigation (same browser session)."""
     page.locator('[data-testid="stSidebarNav"]').get_by_text(title, exact=True).click()
     page.get_by_role("heading", name=title).wait_for()
 
@@ -183,11 +199,8 @@ def test_upload_train_correct_and_dashboard(chromium: str, server: tuple[str, Pa
         browser = pw.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
         page.set_default_timeout(30_000)
-        page.goto(base)
+        sign_in(page, base)
         page.get_by_role("heading", name="prodcat").wait_for()
-        name = page.get_by_label("Your name", exact=True)
-        name.fill(ACTOR)
-        name.press("Enter")
         _wait_idle(page)
         _shoot(page, "home")
 

@@ -17,7 +17,7 @@ from core.stats import catalogue_stats
 from core.versions import activate_version
 from pages._ui import PAGES
 from tests.core.training_helpers import save_random_version
-from tests.e2e.test_browser import CHROMIUM_ARGS, _wait_idle
+from tests.e2e.test_browser import CHROMIUM_ARGS, _wait_idle, sign_in
 from tests.imagegen import image_bytes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -27,7 +27,7 @@ def _setup(
     data_dir: Path, *, archived: str | None = None, categories: tuple[str, ...] = (), model: bool = False
 ) -> None:
     """Write what a test needs straight into the server's (still unopened) database."""
-    db = open_database(Settings(data_dir=data_dir))
+    db = open_database(Settings(data_dir=data_dir, auth="none"))  # setting up, not a person
     for name in categories:
         add_category(db, name, actor="setup")
     if archived:
@@ -57,7 +57,7 @@ def test_deep_link_with_filters_on_a_fresh_server_and_a_local_favicon(chromium: 
     with sync_playwright() as pw:
         browser, page = _browser(pw, chromium)
         # The very first request to this server is a page's url with filters in its query string.
-        page.goto(f"{base}/{PAGES['review'][2]}?label_state=unlabelled&category=Bags")
+        sign_in(page, base, f"/{PAGES['review'][2]}?label_state=unlabelled&category=Bags")
         page.get_by_role("heading", name="Review & correct").wait_for()
         _wait_idle(page)
         expect(page.get_by_text("Page not found")).to_have_count(0)
@@ -86,7 +86,7 @@ def test_b2_bad_category_refused_before_import_and_b1_new_name_in_the_batch_pick
     files = [_png(f"p{k}.png", k) for k in range(9)]
     with sync_playwright() as pw:
         browser, page = _browser(pw, chromium)
-        page.goto(f"{base}/{PAGES['upload'][2]}")
+        sign_in(page, base, f"/{PAGES['upload'][2]}")
         page.get_by_role("heading", name="Upload & classify").wait_for()
         _wait_idle(page)
         page.locator('[data-testid="stFileUploader"] input[type="file"]').first.set_input_files(files)
@@ -127,7 +127,7 @@ def test_b5_two_downloads_in_quick_succession_both_arrive(chromium: str, server:
         browser, page = _browser(pw, chromium)
         got: list[str] = []
         page.on("download", lambda download: got.append(download.suggested_filename))
-        page.goto(base)
+        sign_in(page, base)
         page.get_by_role("heading", name="prodcat").wait_for()
         page.locator('[data-testid="stSidebarNav"]').get_by_text("Categories & data", exact=True).click()
         page.get_by_role("heading", name="Categories & data").wait_for()
@@ -154,7 +154,7 @@ def test_b7_leaving_mid_import_says_what_was_stored_and_resumes_the_rest(
     files = [_png(f"p{k:03d}.png", k) for k in range(n)]
     with sync_playwright() as pw:
         browser, page = _browser(pw, chromium)
-        page.goto(f"{base}/{PAGES['upload'][2]}")
+        sign_in(page, base, f"/{PAGES['upload'][2]}")
         page.get_by_role("heading", name="Upload & classify").wait_for()
         page.locator('[data-testid="stFileUploader"] input[type="file"]').first.set_input_files(files)
         expect(page.get_by_text("p399.png", exact=True)).to_be_visible()
