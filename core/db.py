@@ -1,4 +1,5 @@
-"""Database access: engine set-up (SQLite WAL, busy timeout, foreign keys), sessions, migrations on start."""
+"""Database access: engine set-up (SQLite WAL, busy timeout, foreign keys; PostgreSQL through psycopg 3), sessions,
+migrations on start."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import Settings, get_settings
@@ -25,11 +27,21 @@ def in_chunks(values: Sequence[_T], size: int = IN_CHUNK) -> Iterator[Sequence[_
         yield values[start : start + size]
 
 
+def database_url(url: str) -> str:
+    """`url` with the psycopg 3 driver named when it says only postgresql:// (SQLAlchemy would look for psycopg2)."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return url
+
+
 def _make_engine(url: str, *, immediate: bool) -> Engine:
     is_sqlite = url.startswith("sqlite")
     kwargs: dict[str, Any] = {}
     if is_sqlite:
         kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+    else:
+        kwargs["pool_pre_ping"] = True  # a server restart must not hand out dead connections
     engine = create_engine(url, **kwargs)
     if is_sqlite:
 
@@ -54,11 +66,16 @@ def _make_engine(url: str, *, immediate: bool) -> Engine:
 
 
 class Database:
-    """One database: `read()` for queries, `write()` for short transactions that start immediately."""
+    """One database: `read()` for queries, `write()` for short transactions that start immediately.
+
+    SQLite has one writer at a time: `write()` starts with BEGIN IMMEDIATE. PostgreSQL writers run concurrently:
+    code that reads and then writes the same rows takes row locks (`SELECT ... FOR UPDATE`) or lets a unique
+    constraint decide (`INSERT ... ON CONFLICT`).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.url = settings.resolved_database_url
+        self.url = database_url(settings.resolved_database_url)
         if self.url.startswith("sqlite"):
             settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.engine = _make_engine(self.url, immediate=False)
@@ -89,13 +106,10 @@ class Database:
     def insert_ignoring_duplicates(self, table: Any, rows: Sequence[dict[str, Any]], *, chunk: int = 2_000) -> None:
         """Batch INSERT of `rows` into an ORM table, `chunk` rows per write transaction; a row that collides with one
         another writer stored meanwhile (a unique constraint) is left as it is (ON CONFLICT DO NOTHING)."""
-        if self.is_sqlite:
-            from sqlalchemy.dialects.sqlite import insert
-        else:
-            from sqlalchemy.dialects.postgresql import insert
         for start in range(0, len(rows), chunk):
             with self.write() as session:
-                session.execute(insert(table).on_conflict_do_nothing(), list(rows[start : start + chunk]))
+                statement = dialect_insert(session, table).on_conflict_do_nothing()
+                session.execute(statement, list(rows[start : start + chunk]))
 
     def integrity_ok(self) -> bool:
         """`PRAGMA integrity_check` (SQLite) or a trivial query elsewhere."""
@@ -107,6 +121,15 @@ class Database:
     def dispose(self) -> None:
         self.engine.dispose()
         self.write_engine.dispose()
+
+
+def is_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def dialect_insert(session: Session, table: Any) -> postgresql.Insert | sqlite.Insert:
+    """INSERT for the session's database, with its `on_conflict_do_nothing()` (SQLite and PostgreSQL alike)."""
+    return postgresql.insert(table) if is_postgresql(session) else sqlite.insert(table)
 
 
 def upgrade(db: Database) -> None:

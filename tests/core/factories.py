@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
 
 from core.db import Database
 from core.schema import Category, Image, ImageCheck, Label, LabelEvent, ModelVersion, Prediction, Split, VersionStatus
@@ -218,6 +218,9 @@ def _insert_all(
                 checks = _check_rows(version_id, ids[lo:hi], labels[lo:hi], probs[lo:hi], class_ids)
                 if checks:
                     session.execute(insert(ImageCheck), checks)
+        if not db.is_sqlite:
+            # The ids above were given, not drawn from PostgreSQL's sequence: move it past them for later inserts.
+            session.execute(text("SELECT setval(pg_get_serial_sequence('images', 'id'), (SELECT max(id) FROM images))"))
     return ids, version_id, predicted, conf, margin, entropy
 
 

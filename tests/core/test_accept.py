@@ -18,6 +18,8 @@ from core.schema import Label, LabelEvent
 from core.settings import get_settings
 from tests.core.factories import FakeImage, Populated, build
 
+pytestmark = pytest.mark.both_databases
+
 # Classes in order Shoes, Bags, Hats.
 CATALOGUE = [
     FakeImage(split="train", label=None, probs=(0.95, 0.03, 0.02)),  # 0 Shoes 95%

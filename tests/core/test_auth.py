@@ -17,6 +17,8 @@ from core.schema import Account, ApiToken, AuditEvent
 from core.settings import get_settings
 from core.versions import activate_version
 
+pytestmark = pytest.mark.both_databases
+
 runner = CliRunner()
 PASSWORD = "correct horse battery"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from core.dashboard import corrections_per_day
 from core.db import Database
 from core.labels import (
@@ -17,6 +19,8 @@ from core.labels import (
 )
 from core.training import training_plan
 from tests.core.factories import FakeImage, build
+
+pytestmark = pytest.mark.both_databases
 
 CATALOGUE = [
     FakeImage(label="Shoes"),  # 0

@@ -28,6 +28,8 @@ from core.versions import list_versions
 from models.metrics import ECE_BINS
 from tests.core.factories import FakeImage, Populated, build, populate
 
+pytestmark = pytest.mark.both_databases
+
 # Test split: Shoes->Shoes (0.9), Shoes->Bags (0.9), Hats->Hats (0.6), Bags->Bags (0.7); plus images that must
 # not count: a val image, an unlabelled test image and a test image without a prediction.
 CATALOGUE = [

@@ -22,6 +22,8 @@ from core.splits import split_for_hash
 from tests.core import badfiles
 from tests.imagegen import CATEGORY_COLOURS, image_bytes, write_image_folder
 
+pytestmark = pytest.mark.both_databases
+
 BAD_FILES: dict[str, tuple[bytes, str]] = {
     "notes.jpg": (badfiles.TEXT, "not an image: looks like text"),
     "saved-page.jpg": (badfiles.HTML, "not an image: looks like HTML"),
@@ -468,7 +470,8 @@ def _other_db(tmp_path: Path, name: str = "other-data") -> Database:
     """A second catalogue (its own data folder and SQLite file), as on another machine."""
     from core.settings import Settings
 
-    return core_db.open_database(Settings(data_dir=tmp_path / name))
+    # database_url=None: a SQLite file in that folder even while this test runs on PostgreSQL.
+    return core_db.open_database(Settings(data_dir=tmp_path / name, database_url=None))
 
 
 def test_an_exported_csv_relabels_two_images_that_share_a_file_name(db: Database, tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ from core.errors import NotFound, TrainingRefused
 from core.schema import ModelVersion, TrainingJob, Worker, utcnow
 from core.settings import Settings
 
+pytestmark = pytest.mark.both_databases
+
 
 def _race(n: int, db: Database, action: Callable[[Database], Any]) -> list[Any]:
     """Run `action` in n threads, each with its own engine (like separate UI sessions), released at one moment."""

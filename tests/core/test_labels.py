@@ -19,6 +19,8 @@ from core.settings import get_settings
 from tests.core.factories import FakeImage, Populated, build
 from tests.imagegen import image_bytes
 
+pytestmark = pytest.mark.both_databases
+
 
 @pytest.fixture
 def made(db: Database) -> Populated:
@@ -375,6 +377,8 @@ def test_undo_finds_the_last_change_through_the_actor_index(db: Database, ids: l
     assert sorted(c.image_id for c in changes) == ids[:3]
     assert len(loaded) <= 1 + 3  # the newest undoable event and its batch: no reading of the whole history
 
+    if not db.is_sqlite:
+        return  # the plan below is SQLite's EXPLAIN QUERY PLAN; PostgreSQL picks by table statistics
     plans: list[str] = []
     with db.engine.connect() as connection:
         for statement, parameters in statements:

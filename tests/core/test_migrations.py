@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import datetime
+
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, inspect, text
 
 from core.db import MIGRATIONS_DIR, Database
 from core.errors import NotFound
@@ -39,6 +42,60 @@ def _database_at(settings: Settings, revision: str) -> tuple[str, Engine]:
     return url, engine
 
 
+@pytest.fixture
+def empty_url(settings: Settings, database_backend: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """URL of an empty database of the test's backend (a SQLite file, or a new PostgreSQL database)."""
+    if database_backend == "sqlite":
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        yield f"sqlite:///{settings.data_dir / 'empty.db'}"
+        return
+    cluster = request.getfixturevalue("postgres_cluster")
+    name = cluster.create_database(template=None)
+    yield cluster.url(name)
+    cluster.drop_database(name)
+
+
+@pytest.mark.both_databases
+def test_every_migration_runs_up_and_down_with_data_on_each_database(empty_url: str) -> None:
+    config = _config(empty_url.replace("%", "%%"))
+    command.upgrade(config, "0009")
+    engine = create_engine(empty_url)
+    at = datetime(2026, 1, 1)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO categories (name, created_at) VALUES ('Shoes', :t)"), {"t": at})
+        connection.execute(
+            text(
+                "INSERT INTO images (sha256, stored_path, thumb_path, width, height, format, file_size, "
+                "original_name, source, split, created_at, uploaded_by) VALUES ('ab', 'a', 't', 1, 1, 'PNG', 1, "
+                "'old.png', '', 'test', :t, 'x')"
+            ),
+            {"t": at},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO label_events (image_id, old_category_id, new_category_id, actor, action, created_at, note)"
+                " VALUES (1, NULL, 1, 'alice', 'set', :t, ''), (1, 1, NULL, 'alice', 'undo', :t, :undo),"
+                " (1, NULL, 1, 'bob', 'bulk', :t, 'bulk relabel of 1 images (batch 0123456789ab)')"
+            ),
+            {"t": at, "undo": "undo of event #1 (set)"},
+        )
+    command.upgrade(config, "head")
+    with engine.connect() as connection:
+        events = connection.execute(text("SELECT id, undoes_event_id, batch_id FROM label_events ORDER BY id")).all()
+        foreign_keys = inspect(connection).get_foreign_keys("model_versions")
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert [tuple(e) for e in events] == [(1, None, None), (2, 1, None), (3, None, "0123456789ab")]
+    job_keys = [fk["referred_table"] for fk in foreign_keys if fk["constrained_columns"] == ["job_id"]]
+    assert job_keys == ["training_jobs"]  # 0001 left it to an ALTER TABLE that never ran on PostgreSQL (0011)
+    assert differences == []
+    command.downgrade(config, "base")
+    with engine.connect() as connection:
+        assert set(inspect(connection).get_table_names()) <= {"alembic_version"}
+    command.upgrade(config, "head")  # and up again from nothing
+    engine.dispose()
+
+
+@pytest.mark.both_databases
 def test_a_migrated_database_matches_the_orm_models(db: Database) -> None:
     with db.engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)

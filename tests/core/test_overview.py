@@ -12,6 +12,8 @@ from core.overview import SIDEBAR_REFRESH_S, error_headline, home_overview, job_
 from core.schema import JobStatus, ModelVersion, TrainingJob, utcnow
 from tests.core.factories import BASE_TIME, populate
 
+pytestmark = pytest.mark.both_databases
+
 
 def test_empty_database(db: Database) -> None:
     overview = home_overview(db)

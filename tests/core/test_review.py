@@ -16,6 +16,8 @@ from core.labels import merge_categories, set_label
 from core.review import LabelState, ReviewOrder, review_items, review_queue
 from tests.core.factories import BASE_TIME, FakeImage, Populated, build, populate
 
+pytestmark = pytest.mark.both_databases
+
 # Classes in order Shoes, Bags, Hats. Index = position in this list; ids are assigned in this order.
 CATALOGUE = [
     FakeImage(split="test", label="Shoes", probs=(0.90, 0.05, 0.05)),  # 0 right, confident

@@ -5,13 +5,17 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from core import labels
 from core.db import Database
 from core.stats import UNLABELLED, catalogue_stats
 from tests.core.factories import FakeImage, build, populate
 
+# Each test but the 100k one runs on PostgreSQL too (its 100k-row set-up alone takes 20 s there).
 
+
+@pytest.mark.both_databases
 def test_counts_per_category_and_split(db: Database) -> None:
     build(
         db,
@@ -36,6 +40,7 @@ def test_counts_per_category_and_split(db: Database) -> None:
     assert stats.as_dict()["table"][-1]["category"] == UNLABELLED
 
 
+@pytest.mark.both_databases
 def test_archived_categories_appear_only_while_they_hold_labels(db: Database) -> None:
     made = build(db, [FakeImage(split="train", label="Hats")], with_version=False)
     labels.archive_category(db, "Bags", actor="admin")
@@ -49,6 +54,7 @@ def test_archived_categories_appear_only_while_they_hold_labels(db: Database) ->
     assert "Hats" not in catalogue_stats(db).to_frame().index
 
 
+@pytest.mark.both_databases
 def test_empty_catalogue(db: Database) -> None:
     stats = catalogue_stats(db)
     assert (stats.total_images, stats.labelled, stats.unlabelled, stats.categories) == (0, 0, 0, 0)

@@ -25,11 +25,10 @@ from core.versions import (
 )
 from tests.core.training_helpers import dataset, save_random_version, store_images
 
-pytestmark = pytest.mark.both_databases
-
 CLASSES = ["Shoes", "Bags", "Hats"]
 
 
+@pytest.mark.both_databases
 def test_activate_retires_the_previous_and_rollback_restores_it(db: Database) -> None:
     assert active_version(db) is None
     v1 = save_random_version(db, CLASSES, seed=1)
@@ -84,6 +83,7 @@ def test_load_classifier_is_cached_until_the_file_changes(db: Database) -> None:
     assert load_classifier(db, v1)[0] is not first
 
 
+@pytest.mark.both_databases
 def test_no_active_version_is_a_clear_error(db: Database) -> None:
     with pytest.raises(NotFound, match="train"):
         load_classifier(db)
@@ -91,6 +91,7 @@ def test_no_active_version_is_a_clear_error(db: Database) -> None:
         activate_version(db, 42, actor="ann")
 
 
+@pytest.mark.both_databases
 def test_evaluate_version_measures_the_current_test_split(db: Database) -> None:
     store_images(db, dataset(CLASSES, train=1, val=0, test=2))
     v1 = save_random_version(db, CLASSES, seed=1)

@@ -79,6 +79,7 @@ def queue(db: Database) -> int:
     return jobs.enqueue_training(db, "quick", {}, "ana")
 
 
+@pytest.mark.both_databases
 def test_worker_runs_a_job_to_success(db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_runner(monkeypatch, "succeed")
     job_id = queue(db)
@@ -173,6 +174,7 @@ def test_sigterm_fails_the_running_job_and_exits(db: Database, tmp_path: Path, m
     assert not jobs.worker_alive(db)
 
 
+@pytest.mark.both_databases
 def test_two_workers_racing_run_the_job_once(db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_runner(monkeypatch, "succeed")
     job_id = queue(db)

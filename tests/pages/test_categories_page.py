@@ -126,6 +126,7 @@ def test_a_weights_file_picked_here_is_the_backbone_the_train_page_names_until_c
     assert "efficientnet_lite0 with ImageNet weights installed with the app" in backbone
 
 
+@pytest.mark.both_databases
 def test_deleting_a_category_with_labels_moves_them_first_and_says_so(db: Database) -> None:
     from core.labels import audit_trail
     from tests.core.factories import FakeImage, build

@@ -1,9 +1,10 @@
-"""The review page keeps what a person set up, pages agree, undo stays in its own session (AppTest, real SQLite)."""
+"""The review page keeps what a person set up, pages agree, undo stays in its own session (AppTest, real database)."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.db import Database
@@ -275,6 +276,7 @@ def test_the_label_check_leads_from_the_dashboard_to_the_suspects_and_one_click_
     assert _page_line(at) == "0 images match; page 1 of 1"
 
 
+@pytest.mark.both_databases
 def test_a_label_changed_in_another_tab_is_not_overwritten_and_the_card_says_who_changed_it(db: Database) -> None:
     from core.labels import set_label
 
@@ -290,6 +292,7 @@ def test_a_label_changed_in_another_tab_is_not_overwritten_and_the_card_says_who
     assert "kim" in shown and "Hats" in shown
 
 
+@pytest.mark.both_databases
 def test_search_and_accepting_confident_predictions_in_bulk_with_one_undo(db: Database) -> None:
     made = build(
         db,

@@ -22,6 +22,7 @@ def test_every_page_runs_on_an_empty_catalogue(data_dir: Path, page: str) -> Non
     assert any("No model yet" in t.value for t in at.sidebar.text)
 
 
+@pytest.mark.both_databases
 @pytest.mark.parametrize("page", PAGE_FILES)
 def test_every_page_runs_on_a_populated_catalogue(db: Database, page: str) -> None:
     populate(db, n_images=60, seed=1)
@@ -30,6 +31,7 @@ def test_every_page_runs_on_a_populated_catalogue(db: Database, page: str) -> No
     assert any("Active: v" in t.value for t in at.sidebar.text)
 
 
+@pytest.mark.both_databases
 def test_home_counts_what_is_in_the_catalogue(db: Database) -> None:
     populate(db, n_images=40, labelled_fraction=0.5, seed=2)
     at = AppTest.from_file(str(APP), default_timeout=60).run()
