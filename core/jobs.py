@@ -260,18 +260,18 @@ def enqueue_training(db: Database, mode: TrainMode | str, params: dict[str, Any]
 def claim_next_job(db: Database, worker_id: str, *, job_id: int | None = None) -> JobView | None:
     """Atomically move the oldest queued job (or job `job_id`) to running for `worker_id`; None if there is none.
 
-    The conditional UPDATE (`... WHERE id = :id AND status = 'queued'`) runs in a write transaction, so when two
-    workers race exactly one sees a changed row. On SQLite, BEGIN IMMEDIATE already serialises them; on PostgreSQL
-    the same statement is safe under read committed (the loser re-checks the row after the winner commits and
-    matches nothing). With many workers and a deep queue, `SELECT ... FOR UPDATE SKIP LOCKED` would let losers
-    move on to the next job instead of returning None; with one live job at a time there is nothing to skip to.
+    On PostgreSQL the candidate is picked with `SELECT ... FOR UPDATE SKIP LOCKED`: a job another worker is claiming
+    right now is locked and skipped, so N workers polling at once each take a different queued job (or None) without
+    waiting for each other. On SQLite, BEGIN IMMEDIATE serialises the claims. The conditional UPDATE (`... WHERE id =
+    :id AND status = 'queued'`) makes sure in either case that a job is moved to running once.
     """
     now = utcnow()
     with db.write() as session:
         query = select(TrainingJob.id).where(TrainingJob.status == JobStatus.QUEUED.value)
         if job_id is not None:
             query = query.where(TrainingJob.id == int(job_id))
-        candidate = session.scalars(query.order_by(TrainingJob.id).limit(1)).first()
+        query = query.order_by(TrainingJob.id).limit(1).with_for_update(skip_locked=True)
+        candidate = session.scalars(query).first()
         if candidate is None:
             return None
         result = session.execute(

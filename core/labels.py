@@ -4,6 +4,14 @@ Every label change writes the `labels` row and its `label_events` row in the sam
 current label and the audit trail can never disagree. Every state-changing function checks inside that transaction
 that the actor's role may do it (core.auth: labelling and undo need a labeller, adding a category a labeller, other
 category edits an admin); category edits also append an `audit_events` row naming the actor.
+
+Concurrent writers: SQLite has one writer at a time (core.db), so a transaction's reads stay true until it commits.
+PostgreSQL writers run side by side, so what a change reads it first locks, always in one order (categories by id,
+then images by id, so two writers never wait for each other in a circle): a label change locks its images' rows
+(`FOR NO KEY UPDATE`: two changes of one image run one after the other and the second reads the label the first
+wrote) after a share lock on the category it labels into (it cannot be archived or merged meanwhile); a category edit
+locks the category's row, then the images whose labels it moves. New category names are serialised by a
+transaction-scoped advisory lock, with the unique name as the last word (`INSERT ... ON CONFLICT DO NOTHING`).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from sqlalchemy import ColumnElement, bindparam, delete, exists, func, insert, s
 from sqlalchemy.orm import Session, aliased
 
 from core.auth import Action, authorized_write, record
-from core.db import Database, in_chunks
+from core.db import Database, dialect_insert, in_chunks, is_postgresql
 from core.errors import CategoryError, ConflictingLabel, LabelConflict, NotFound, ProdcatError
 from core.schema import (
     Category,
@@ -36,6 +44,8 @@ from core.schema import (
 from core.versions import Merges
 
 MAX_CATEGORY_NAME = 200
+# pg_advisory_xact_lock key held while a transaction checks a new category name and inserts it (PostgreSQL only).
+_CATEGORY_NAMES_LOCK = 0x70726F64_63617473  # "prodcats"
 
 
 @dataclass(frozen=True)
@@ -105,16 +115,62 @@ def get_or_create_category(session: Session, name: str) -> Category:
 
     A name that differs from an existing category's only in case or spacing is that category: an import
     from a folder `shoes` labels into an existing `Shoes`.
+
+    Two imports creating the same new category at once get the same row: on PostgreSQL the second waits for the
+    first's name check and insert to commit (`_lock_category_names`), and the unique name decides in any case (the
+    INSERT does nothing when the name exists, then the row is read back).
     """
     cleaned = clean_category_name(name)
     category = _same_name_category(session, cleaned)
+    if category is None and _lock_category_names(session):
+        category = _same_name_category(session, cleaned)  # created by a writer that committed while we waited
     if category is None:
-        category = Category(name=cleaned)
-        session.add(category)
-        session.flush()
-    elif category.archived_at is not None:
+        new_row = dialect_insert(session, Category).values(name=cleaned, created_at=utcnow())
+        session.execute(new_row.on_conflict_do_nothing())
+        category = session.scalars(select(Category).where(Category.name == cleaned)).one()
+    _lock_categories(session, use=[category])
+    if category.archived_at is not None:
         raise CategoryError(f"category {category.name!r} is archived: un-archive it or choose another category")
     return category
+
+
+def _lock_category_names(session: Session) -> bool:
+    """Hold the advisory lock on new category names until this transaction ends (PostgreSQL: adding, creating and
+    renaming categories then check a name and write it one at a time, case and spacing aside, which a unique index
+    on the exact name alone cannot do). Returns False on SQLite, whose single writer already holds every lock."""
+    if not is_postgresql(session):
+        return False
+    session.execute(select(func.pg_advisory_xact_lock(_CATEGORY_NAMES_LOCK)))
+    return True
+
+
+def _lock_categories(session: Session, *, use: Iterable[Category] = (), change: Iterable[Category] = ()) -> None:
+    """Row-lock categories on PostgreSQL (no-op on SQLite), in id order, and refresh the objects from the rows.
+
+    `use`: FOR SHARE, taken by those who label into a category or need it to stay as it is (many at once); `change`:
+    FOR NO KEY UPDATE, taken by those who rename, archive, merge or delete it (they wait for the labellers in flight,
+    and later labellers wait for them, then see what they did). Foreign keys to the row are not blocked.
+    """
+    if not is_postgresql(session):
+        return
+    exclusive = {c.id: True for c in change}
+    modes = {c.id: False for c in use} | exclusive
+    for category_id in sorted(modes):
+        query = select(Category).where(Category.id == category_id).execution_options(populate_existing=True)
+        query = query.with_for_update(key_share=True) if modes[category_id] else query.with_for_update(read=True)
+        if session.scalars(query).one_or_none() is None:
+            raise NotFound(f"category #{category_id} was deleted meanwhile: nothing changed")
+
+
+def _lock_images(session: Session, image_ids: Iterable[int]) -> set[int]:
+    """The ids among `image_ids` that are images; on PostgreSQL their rows are locked (FOR NO KEY UPDATE, in id order)
+    until the transaction ends, so concurrent label changes of one image run one after the other, each reading the
+    label the one before wrote. SQLite's single writer needs no row locks."""
+    found: set[int] = set()
+    for chunk in in_chunks(sorted({int(i) for i in image_ids})):
+        query = select(Image.id).where(Image.id.in_(chunk)).order_by(Image.id)
+        found.update(session.scalars(query.with_for_update(key_share=True)))
+    return found
 
 
 def apply_label(
@@ -133,9 +189,9 @@ def apply_label(
     None when the label already had that value.
     """
     action = LabelAction(action)  # a misspelt action fails here, before anything is written
-    if session.get(Image, image_id) is None:
+    if not _lock_images(session, [image_id]):
         raise NotFound(f"no image with id {image_id}")
-    current = session.get(Label, image_id)
+    current = session.get(Label, image_id, populate_existing=True)
     old = current.category_id if current is not None else None
     if old == category_id:
         return None
@@ -244,7 +300,9 @@ def resolve_category(session: Session, value: str | int) -> Category:
 
 
 def _live_category(session: Session, value: str | int) -> Category:
+    """The category to label into, share-locked (PostgreSQL) so it stays live until the change commits."""
     category = resolve_category(session, value)
+    _lock_categories(session, use=[category])
     if category.archived_at is not None:
         where = ""
         if category.merged_into_id is not None:
@@ -329,14 +387,19 @@ def _check_seen(session: Session, seen: Mapping[int, SeenLabel], target_id: int 
         for image_id, label in seen.items()
         if current.get(image_id) not in (_seen_category_id(session, label, merges), target_id)
     ]
+    _refuse_conflicts(conflicts, len(seen))
+
+
+def _refuse_conflicts(conflicts: Sequence[ConflictingLabel], out_of: int) -> None:
+    """Raise LabelConflict naming the images (`out_of`: how many the change was for), unless there are none."""
     if not conflicts:
         return
     shown = "; ".join(c.describe() for c in conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
-    if len(seen) == 1:
+    if out_of == 1:
         message = f"{shown}. Nothing changed: look at it again and choose the label to keep."
     else:
         message = (
-            f"{len(conflicts)} of the {len(seen)} images changed since you saw them: {shown}. Nothing was "
+            f"{len(conflicts)} of the {out_of} images changed since you saw them: {shown}. Nothing was "
             "relabelled: look at those again (or leave them out) and apply the change once more."
         )
     raise LabelConflict(message, conflicts)
@@ -362,6 +425,7 @@ def set_label(
     actor = clean_actor(actor)
     with authorized_write(db, actor, Action.LABEL) as session:
         target = _live_category(session, category)
+        _lock_images(session, [image_id])  # before reading the label: a concurrent change of it commits first
         if expected_label is not NOT_GIVEN:
             _check_seen(session, {int(image_id): expected_label}, target.id)
         event = apply_label(
@@ -384,11 +448,11 @@ def confirm_label(
     """
     actor = clean_actor(actor)
     with authorized_write(db, actor, Action.LABEL) as session:
-        if session.get(Image, int(image_id)) is None:
+        if not _lock_images(session, [image_id]):
             raise NotFound(f"no image with id {image_id}")
         if expected_label is not NOT_GIVEN:
             _check_seen(session, {int(image_id): expected_label}, None)
-        current = session.get(Label, int(image_id))
+        current = session.get(Label, int(image_id), populate_existing=True)
         if current is None:
             raise ProdcatError(f"image {image_id} has no label to confirm: choose its category instead")
         event = LabelEvent(
@@ -415,6 +479,7 @@ def clear_label(
     `set_label`."""
     actor = clean_actor(actor)
     with authorized_write(db, actor, Action.LABEL) as session:
+        _lock_images(session, [image_id])
         if expected_label is not NOT_GIVEN:
             _check_seen(session, {int(image_id): expected_label}, None)
         event = apply_label(session, int(image_id), None, actor=actor, action=LabelAction.CLEAR, note=note)
@@ -436,9 +501,21 @@ def _apply_many(
 ) -> list[int]:
     """Batch form of `apply_label` for thousands of images: a few executemany statements instead of a
     flush per image. The caller has checked that each move starts from the image's current label (and
-    that the actor may make it). Returns the new event ids in the order of `moves`."""
+    that the actor may make it). Returns the new event ids in the order of `moves`.
+
+    On PostgreSQL the images are row-locked here and each move checked against the label now (LabelConflict when
+    another writer changed one after the caller read it); callers that locked before reading pass this check."""
     if not moves:
         return []
+    if is_postgresql(session):
+        ids = [m.image_id for m in moves]
+        _lock_images(session, ids)
+        current = _current_labels(session, ids)
+        stale = [m for m in moves if current.get(m.image_id) != m.old]
+        if stale:
+            names = _names(session)
+            conflicts = [_conflict(session, m.image_id, m.old, current.get(m.image_id), names) for m in stale]
+            _refuse_conflicts(conflicts, len(ids))
     now = utcnow()
     labels_table, events_table = Label.__table__, LabelEvent.__table__
     # Core executemany, not ORM bulk: the ORM's INSERT..RETURNING path is quadratic in the row count.
@@ -548,9 +625,7 @@ def bulk_relabel(
         return []
     with authorized_write(db, actor, Action.LABEL) as session:
         target = _live_category(session, category)
-        found: set[int] = set()
-        for chunk in in_chunks(ids):
-            found.update(session.scalars(select(Image.id).where(Image.id.in_(chunk))))
+        found = _lock_images(session, ids)
         missing = [i for i in ids if i not in found]
         if missing:
             shown = ", ".join(str(i) for i in missing[:20]) + (" ..." if len(missing) > 20 else "")
@@ -624,6 +699,7 @@ def undo_last_change(
             )
         else:
             events = [last]
+        _lock_for_undo(session, events, actor)
         _check_undoable(session, events, actor)
         moves = [
             _Move(e.image_id, e.new_category_id, e.old_category_id, f"undo of event #{e.id} ({e.action})", undoes=e.id)
@@ -636,6 +712,24 @@ def undo_last_change(
             LabelChange(m.image_id, names.get(m.old) if m.old else None, names.get(m.new) if m.new else None, eid)
             for m, eid in zip(moves, event_ids, strict=True)
         ]
+
+
+def _lock_for_undo(session: Session, events: Sequence[LabelEvent], actor: str) -> None:
+    """PostgreSQL: lock the categories the undo labels back into (share) and the images (in the order every label
+    change takes them), then refuse when the actor undid one of the events meanwhile (in another tab): the events
+    were found before the locks. SQLite's single writer found them under its lock already."""
+    if not is_postgresql(session):
+        return
+    old_ids = sorted({e.old_category_id for e in events} - {None})
+    _lock_categories(session, use=session.scalars(select(Category).where(Category.id.in_(old_ids))).all())
+    _lock_images(session, [e.image_id for e in events])
+    for chunk in in_chunks([e.id for e in events]):
+        undone = session.scalars(
+            select(LabelEvent.undoes_event_id).where(LabelEvent.undoes_event_id.in_(chunk), LabelEvent.actor == actor)
+        )
+        first = undone.first()
+        if first is not None:
+            raise CategoryError(f"event #{first} was undone meanwhile (in another tab?): nothing changed")
 
 
 def _check_undoable(session: Session, events: Sequence[LabelEvent], actor: str) -> None:
@@ -725,6 +819,7 @@ def add_category(db: Database, name: str, *, actor: str) -> CategoryRow:
     actor = clean_actor(actor)
     cleaned = clean_category_name(name)
     with authorized_write(db, actor, Action.ADD_CATEGORY) as session:
+        _lock_category_names(session)  # PostgreSQL: two people adding one name at once get one category
         existing = _same_name_category(session, cleaned)
         if existing is not None:
             state = " (archived: `categories unarchive` brings it back)" if existing.archived_at else ""
@@ -779,7 +874,9 @@ def rename_category(db: Database, old: str | int, new: str, *, actor: str) -> Ca
     actor = clean_actor(actor)
     cleaned = clean_category_name(new)
     with authorized_write(db, actor, Action.EDIT_CATEGORIES) as session:
+        _lock_category_names(session)
         category = resolve_category(session, old)
+        _lock_categories(session, change=[category])
         if category.name == cleaned:
             return _category_row(session, category)
         # Another category of that name, case and spacing aside; changing the case of its own name is fine.
@@ -816,6 +913,7 @@ def merge_categories(db: Database, source: str | int, target: str | int, *, acto
     with authorized_write(db, actor, Action.EDIT_CATEGORIES) as session:
         src = resolve_category(session, source)
         dst = resolve_category(session, target)
+        _lock_categories(session, change=[src], use=[dst] if dst.id != src.id else [])
         if src.id == dst.id:
             raise CategoryError(f"cannot merge {src.name!r} onto itself: choose a different target category")
         if dst.archived_at is not None:
@@ -836,11 +934,26 @@ def merge_categories(db: Database, source: str | int, target: str | int, *, acto
 def _move_labels(
     session: Session, source_id: int, target_id: int, *, actor: str, action: LabelAction, note: str, when: datetime
 ) -> int:
-    """Move every label of one category to another with one audit row each; returns how many moved."""
-    image_ids = session.scalars(select(Label.image_id).where(Label.category_id == source_id)).all()
-    _bulk_events(session, image_ids, source_id, target_id, actor=actor, action=action, note=note, when=when)
+    """Move every label of one category to another with one audit row each; returns how many moved.
+
+    The caller holds the source category's row lock, so nobody labels into it meanwhile. On PostgreSQL the images are
+    locked first, as every label change does; the UPDATE's RETURNING names exactly the labels it moved (not one a
+    relabel took away just before), and each of those gets its audit row.
+    """
+    if is_postgresql(session):
+        in_source = select(Image.id).join(Label, Label.image_id == Image.id).where(Label.category_id == source_id)
+        session.scalars(in_source.order_by(Image.id).with_for_update(of=Image, key_share=True)).all()
     # labelled_by/labelled_at keep the person who judged the image; the move itself is in the events.
-    session.execute(update(Label).where(Label.category_id == source_id).values(category_id=target_id))
+    moved = session.scalars(
+        update(Label)
+        .where(Label.category_id == source_id)
+        .values(category_id=target_id)
+        .returning(Label.image_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    image_ids = sorted(moved)
+    _bulk_events(session, image_ids, source_id, target_id, actor=actor, action=action, note=note, when=when)
+    session.expire_all()  # Label objects loaded earlier in this session may still name the source category
     return len(image_ids)
 
 
@@ -849,6 +962,7 @@ def archive_category(db: Database, name: str | int, *, actor: str) -> CategoryRo
     actor = clean_actor(actor)
     with authorized_write(db, actor, Action.EDIT_CATEGORIES) as session:
         category = resolve_category(session, name)
+        _lock_categories(session, change=[category])
         if category.archived_at is not None:
             raise CategoryError(f"category {category.name!r} is already archived")
         category.archived_at = utcnow()
@@ -862,6 +976,7 @@ def unarchive_category(db: Database, name: str | int, *, actor: str) -> Category
     actor = clean_actor(actor)
     with authorized_write(db, actor, Action.EDIT_CATEGORIES) as session:
         category = resolve_category(session, name)
+        _lock_categories(session, change=[category])
         if category.archived_at is None:
             raise CategoryError(f"category {category.name!r} is not archived")
         if category.deleted_at is not None:
@@ -926,7 +1041,10 @@ def delete_category(db: Database, name: str | int, *, actor: str, move_to: str |
     actor = clean_actor(actor)
     with authorized_write(db, actor, Action.EDIT_CATEGORIES) as session:
         category = resolve_category(session, name)
-        if category.deleted_at is not None:
+        if category.deleted_at is None:
+            others = [resolve_category(session, move_to)] if move_to is not None else []
+            _lock_categories(session, change=[category], use=[c for c in others if c.id != category.id])
+        if category.deleted_at is not None:  # before the lock, or by another admin while this one waited for it
             raise CategoryError(f"category {category.name!r} is already deleted")
         target = _live_category(session, move_to) if move_to is not None else None
         if target is not None and target.id == category.id:
