@@ -18,7 +18,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from core.db import Database
@@ -164,9 +164,10 @@ def check(session: Session, settings_auth: str, actor: str, action: Action) -> N
         raise PermissionDenied(f"{actor!r} is not an enabled account or token: sign in, or ask an admin")
     if not principal.may(action):
         needed = action.role.value
+        kind = "token" if principal.is_token else "account"
         raise PermissionDenied(
             f"{principal.actor} is a {principal.role.value} and may not {action.text}: that needs a {needed} "
-            f"(or higher) account"
+            f"(or higher) {kind}"
         )
 
 
@@ -409,16 +410,21 @@ def token_principal(db: Database, secret: str | None) -> Principal | None:
     """Who a bearer token speaks for (None: unknown or revoked); records when it was last used."""
     if not secret:
         return None
-    with db.write() as session:
-        token = session.scalars(
-            select(ApiToken).where(ApiToken.token_hash == _digest(secret), ApiToken.revoked_at.is_(None))
+    digest = _digest(secret)
+    with db.read() as session:
+        token = session.execute(
+            select(ApiToken.id, ApiToken.name, ApiToken.role, ApiToken.last_used_at).where(
+                ApiToken.token_hash == digest, ApiToken.revoked_at.is_(None)
+            )
         ).first()
-        if token is None:
-            return None
-        now = utcnow()
-        if token.last_used_at is None or now - token.last_used_at > timedelta(seconds=60):
-            token.last_used_at = now  # at most one write a minute per token under load
-        return Principal(token.name, Role(token.role), is_token=True)
+    if token is None:
+        return None
+    now = utcnow()
+    if token.last_used_at is None or now - token.last_used_at > timedelta(seconds=60):
+        # At most one write a minute per token: a busy API client does not queue behind every other writer.
+        with db.write() as session:
+            session.execute(update(ApiToken).where(ApiToken.id == token.id).values(last_used_at=now))
+    return Principal(token.name, Role(token.role), is_token=True)
 
 
 # --- the audit of actions that are not label changes ---------------------------------------------------------------

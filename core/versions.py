@@ -175,9 +175,12 @@ def checkpoint_files(db: Database, version_id: int) -> list[Path]:
     return files
 
 
-def model_archive_bytes(db: Database, version_id: int) -> bytes:
+def model_archive_bytes(db: Database, version_id: int, *, actor: str) -> bytes:
     """A zip of a version's weights and sidecar, named `model-v<id>.safetensors` and `model-v<id>.json` (the pair
-    `models.checkpoint.load_checkpoint` reads), for one download. Errors as `checkpoint_files`."""
+    `models.checkpoint.load_checkpoint` reads), for one download by an admin (audited). Errors as `checkpoint_files`."""
+    with db.write() as session:
+        check(session, db.settings.auth, actor, Action.EXPORT)
+        record(session, actor, Action.EXPORT, f"model version {int(version_id)}", kind="model download")
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for path in checkpoint_files(db, version_id):

@@ -144,7 +144,7 @@ def test_model_download_holds_weights_and_sidecar_that_load_again(db: Database, 
     version = save_random_version(db, CLASSES, seed=3)
     weights, sidecar = checkpoint_files(db, version)
     assert weights == checkpoint_path(db, get_version(db, version)) and sidecar.suffix == ".json"
-    with zipfile.ZipFile(io.BytesIO(model_archive_bytes(db, version))) as archive:
+    with zipfile.ZipFile(io.BytesIO(model_archive_bytes(db, version, actor="ann"))) as archive:
         assert sorted(archive.namelist()) == [f"model-v{version}.json", f"model-v{version}.safetensors"]
         assert archive.read(f"model-v{version}.safetensors") == weights.read_bytes()
         archive.extractall(tmp_path)
@@ -154,7 +154,7 @@ def test_model_download_holds_weights_and_sidecar_that_load_again(db: Database, 
         checkpoint_files(db, 999)
     sidecar.unlink()
     with pytest.raises(CheckpointError, match=rf"v{version}: checkpoint file .*\.json is missing"):
-        model_archive_bytes(db, version)
+        model_archive_bytes(db, version, actor="ann")
 
 
 @pytest.mark.parametrize("damage", ["nan weights", "image_size 20000"])
