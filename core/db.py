@@ -1,10 +1,13 @@
 """Database access: engine set-up (SQLite WAL, busy timeout, foreign keys; PostgreSQL through psycopg 3), sessions,
-migrations on start."""
+writers that wait their turn, migrations on start."""
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,10 +15,16 @@ from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import DatabaseBusy
 from core.settings import Settings, get_settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-SQLITE_BUSY_TIMEOUT_MS = 10_000
+SQLITE_BUSY_TIMEOUT_MS = 10_000  # one wait inside SQLite's own busy handler
+# How long a SQLite writer waits in all for a write lock another process holds (an import, a worker) before it gives
+# up with DatabaseBusy: SQLite's busy handler waits SQLITE_BUSY_TIMEOUT_MS, then BEGIN IMMEDIATE is retried with a
+# bounded backoff. Writers in one process queue on a lock instead (Database.write), so they never poll each other.
+WRITE_WAIT_S = 60.0
+_RETRY_FIRST_S, _RETRY_MAX_S = 0.02, 0.5
 IN_CHUNK = 900  # values per IN (...) clause: under the smallest SQLite bound-parameter limit (999)
 
 _T = TypeVar("_T")
@@ -25,6 +34,33 @@ def in_chunks(values: Sequence[_T], size: int = IN_CHUNK) -> Iterator[Sequence[_
     """`values` in slices small enough for one IN (...) clause on any database."""
     for start in range(0, len(values), size):
         yield values[start : start + size]
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    message = str(exc).lower()
+    return "database is locked" in message or "database is busy" in message
+
+
+def _begin_immediate(dbapi_connection: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE, waiting up to WRITE_WAIT_S in all for the write lock, else DatabaseBusy."""
+    wait_s = WRITE_WAIT_S
+    deadline = time.monotonic() + wait_s
+    delay = _RETRY_FIRST_S
+    while True:
+        try:
+            dbapi_connection.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DatabaseBusy(
+                    f"the database stayed locked by another program for {wait_s:g} s (a long import or a stuck "
+                    "process?): nothing was changed, try again in a moment"
+                ) from None
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, _RETRY_MAX_S)
 
 
 def database_url(url: str) -> str:
@@ -58,19 +94,33 @@ def _make_engine(url: str, *, immediate: bool) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            # Writers take the write lock up front, so they wait on busy_timeout instead of failing
-            # half-way with "database is locked"; readers never block anyone under WAL.
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            # Writers take the write lock up front, so they wait for it instead of failing half-way with
+            # "database is locked"; readers never block anyone under WAL.
+            if immediate:
+                _begin_immediate(conn.connection.dbapi_connection)
+            else:
+                conn.exec_driver_sql("BEGIN")
 
     return engine
+
+
+_writer_locks: dict[str, threading.RLock] = {}
+_writer_locks_guard = threading.Lock()
+
+
+def _writer_lock(url: str) -> threading.RLock:
+    """The lock the writers of one SQLite file in this process queue on (one per file, whichever Database)."""
+    with _writer_locks_guard:
+        return _writer_locks.setdefault(url, threading.RLock())
 
 
 class Database:
     """One database: `read()` for queries, `write()` for short transactions that start immediately.
 
-    SQLite has one writer at a time: `write()` starts with BEGIN IMMEDIATE. PostgreSQL writers run concurrently:
-    code that reads and then writes the same rows takes row locks (`SELECT ... FOR UPDATE`) or lets a unique
-    constraint decide (`INSERT ... ON CONFLICT`).
+    SQLite has one writer at a time: `write()` starts with BEGIN IMMEDIATE, and the writers of one process take turns
+    on a lock first, so twenty threads relabelling wait for each other instead of polling SQLite's lock (and timing
+    out with "database is locked"). PostgreSQL writers run concurrently: code that reads and then writes the same
+    rows takes row locks (`SELECT ... FOR UPDATE`) or lets a unique constraint decide (`INSERT ... ON CONFLICT`).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -82,6 +132,7 @@ class Database:
         self.write_engine = _make_engine(self.url, immediate=True)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.write_engine, expire_on_commit=False)
+        self._turn = _writer_lock(self.url) if self.is_sqlite else None
 
     @property
     def is_sqlite(self) -> bool:
@@ -98,10 +149,12 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """One unit of work: commits on success, rolls back on any exception (which propagates)."""
-        with self._write() as session:
-            with session.begin():
-                yield session
+        """One unit of work: commits on success, rolls back on any exception (which propagates).
+
+        On SQLite it first waits its turn (see the class docstring), up to WRITE_WAIT_S for another process's lock.
+        """
+        with self._turn or nullcontext(), self._write() as session, session.begin():
+            yield session
 
     def insert_ignoring_duplicates(self, table: Any, rows: Sequence[dict[str, Any]], *, chunk: int = 2_000) -> None:
         """Batch INSERT of `rows` into an ORM table, `chunk` rows per write transaction; a row that collides with one

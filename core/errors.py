@@ -45,6 +45,10 @@ class JobCancelled(ProdcatError):
     """Raised inside a training run when the user asked to cancel it."""
 
 
+class DatabaseBusy(ProdcatError):
+    """Another program held the database's write lock for longer than a writer waits (core.db.WRITE_WAIT_S)."""
+
+
 class DuplicateRefused(ProdcatError):
     """"Keep this one" cannot run: the kept image is not in the group, or the group has one image."""
 

@@ -33,7 +33,7 @@ from sqlalchemy.exc import OperationalError
 
 from core import jobs
 from core.db import Database
-from core.errors import JobCancelled, ProdcatError, TrainingRefused
+from core.errors import DatabaseBusy, JobCancelled, ProdcatError, TrainingRefused
 from core.threads import apply_worker_threads
 from models.errors import NotEnoughData, TrainingStopped
 
@@ -140,7 +140,7 @@ class JobRun:
         try:
             if jobs.record_progress(self.db, self.job_id, report):
                 self.stop.set()
-        except OperationalError as exc:  # progress is best effort: a busy database must not fail the training
+        except (OperationalError, DatabaseBusy) as exc:  # progress is best effort: a busy database must not fail it
             log.warning("job %s: progress not recorded (%s)", self.job_id, exc)
             return
         self._pending = None
