@@ -29,9 +29,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.auth import Action, PermissionDenied, Principal, Role, authorize, token_principal
 from core.db import Database, open_database
-from core.errors import CheckpointError, ImageRefused, LabelConflict, NotFound, ProdcatError, TrainingRefused
+from core.errors import (
+    CategoryError,
+    CheckpointError,
+    ImageRefused,
+    LabelConflict,
+    NotFound,
+    ProdcatError,
+    TrainingRefused,
+)
 from core.ingest import ImportResult, RefusedItem, Upload, import_uploads
-from core.labels import clean_category_name, list_categories
+from core.labels import list_categories, usable_category_name
 from core.predict import predict_uploads
 from core.schema import VersionStatus
 from core.settings import get_settings
@@ -351,12 +359,10 @@ def _check_count(files: list[UploadFile]) -> None:
 
 def _check_category(db: Database, category: str) -> str:
     """The cleaned category name, or a CategoryError before any file is read (too long, archived)."""
-    cleaned = clean_category_name(category)
-    for row in list_categories(db, include_archived=True):
-        if row.archived and row.name.casefold() == cleaned.casefold():
-            where = f"it was merged into {row.merged_into!r}" if row.merged_into else "un-archive it first"
-            raise ProdcatError(f"nothing was imported: the category {row.name!r} is archived ({where})")
-    return cleaned
+    try:
+        return usable_category_name(db, category)
+    except CategoryError as exc:
+        raise CategoryError(f"nothing was imported: {exc}") from None
 
 
 def _import_batches(uploads: list[UploadFile], max_bytes: int) -> Iterator[list[Upload] | RefusedItem]:

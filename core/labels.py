@@ -1101,3 +1101,18 @@ def list_categories(db: Database, *, include_archived: bool = False) -> list[Cat
             )
             for category, n, merged_name in rows
         ]
+
+
+def usable_category_name(db: Database, name: str) -> str:
+    """The cleaned name of the category an upload or import will label with, checked before any file is read: a
+    CategoryError (too long, empty, archived, merged: saying which to choose instead) refuses the whole batch up
+    front, so one bad name neither refuses every file one by one nor stores any of them unlabelled."""
+    cleaned = clean_category_name(name)
+    for row in list_categories(db, include_archived=True):
+        if row.archived and row.name.casefold() == cleaned.casefold():
+            if row.merged_into:
+                how = f"it was merged into {row.merged_into!r}: choose that one"
+            else:
+                how = "un-archive it (Categories & data), or choose another category"
+            raise CategoryError(f"the category {row.name!r} is archived; {how}")
+    return cleaned

@@ -11,25 +11,17 @@ from dataclasses import dataclass, field
 from core.db import Database
 from core.errors import CategoryError
 from core.ingest import ImportResult, Upload
-from core.labels import clean_category_name, list_categories
-from pages._ui import PAGES, plural
+from core.labels import usable_category_name
+from pages._ui import plural
 
 
 def category_problem(db: Database, name: str) -> str | None:
     """Why the upload's category cannot take photos (too long, archived), in full, or None. Checked before any file
     is read, so one bad name refuses nothing silently and leaves the chosen files where they are."""
-    where = PAGES["categories"][1]
     try:
-        cleaned = clean_category_name(name)
+        usable_category_name(db, name)
     except CategoryError as exc:
-        return f"Nothing was imported: the category {name!r} cannot be used ({exc}). Choose or type another one."
-    for row in list_categories(db, include_archived=True):
-        if row.archived and row.name.casefold() == cleaned.casefold():
-            if row.merged_into:
-                how = f"it was merged into {row.merged_into!r}: choose that one"
-            else:
-                how = f"un-archive it on {where}, or choose another category"
-            return f"Nothing was imported: the category {row.name!r} is archived; {how}."
+        return f"Nothing was imported: {exc}."
     return None
 
 

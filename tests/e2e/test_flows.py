@@ -96,7 +96,7 @@ def test_b2_bad_category_refused_before_import_and_b1_new_name_in_the_batch_pick
         page.keyboard.type("Old")
         page.get_by_role("option").filter(has_text="Old").first.click()
         _wait_idle(page)
-        expect(page.get_by_text("the category 'Old' is archived; un-archive it on Categories & data")).to_be_visible()
+        expect(page.get_by_text("the category 'Old' is archived; un-archive it (Categories & data)")).to_be_visible()
         expect(page.get_by_role("button", name="Import")).to_be_disabled()
         expect(page.get_by_text("p8.png", exact=True)).to_be_visible()  # the files are still chosen
         assert catalogue_stats(open_database(Settings(data_dir=data_dir))).total_images == 0
