@@ -13,8 +13,10 @@ $(STAMP): requirements.txt requirements-test.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
 	touch $(STAMP)
 
-# The pages, the HTTP API (/api/v1) and the sign-in routes on one port: `make run PORT=8600`.
+# The pages, the HTTP API (/api/v1) and the sign-in routes on one port: `make run PORT=8600`. On the first run
+# `users setup` asks for the first admin account (with sign-in on and no admin yet).
 run: $(STAMP)
+	$(BIN)/python -m core.cli users setup
 	$(BIN)/streamlit run server.py --server.port $(PORT)
 
 worker: $(STAMP)
