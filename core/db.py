@@ -25,6 +25,9 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000  # one wait inside SQLite's own busy handler
 # bounded backoff. Writers in one process queue on a lock instead (Database.write), so they never poll each other.
 WRITE_WAIT_S = 60.0
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.02, 0.5
+# Connections per engine (each Database has a read and a write engine): room for a few dozen threads (Streamlit
+# sessions, API requests) at once; past that a thread waits up to WRITE_WAIT_S for one to come back.
+POOL_SIZE, POOL_OVERFLOW = 10, 20
 IN_CHUNK = 900  # values per IN (...) clause: under the smallest SQLite bound-parameter limit (999)
 
 _T = TypeVar("_T")
@@ -73,7 +76,7 @@ def database_url(url: str) -> str:
 
 def _make_engine(url: str, *, immediate: bool) -> Engine:
     is_sqlite = url.startswith("sqlite")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW, "pool_timeout": WRITE_WAIT_S}
     if is_sqlite:
         kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
     else:
