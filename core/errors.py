@@ -49,6 +49,10 @@ class DatabaseBusy(ProdcatError):
     """Another program held the database's write lock for longer than a writer waits (core.db.WRITE_WAIT_S)."""
 
 
+class DeviceUnavailable(ProdcatError):
+    """PRODCAT_DEVICE names hardware this machine does not have (`cuda` without CUDA, `cuda:1` with one GPU)."""
+
+
 class DuplicateRefused(ProdcatError):
     """"Keep this one" cannot run: the kept image is not in the group, or the group has one image."""
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# What PRODCAT_DEVICE may say; whether that hardware is there is models.devices.pick_device's call, when it is used.
+DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
 class Settings(BaseSettings):
@@ -44,7 +48,11 @@ class Settings(BaseSettings):
     )
 
     # Model engine.
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: str = Field(
+        "auto",
+        description="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N (the GPU with index N, e.g. cuda:1 "
+        "for a worker given a machine's second GPU) or mps. A GPU that is not there is refused when used.",
+    )
     default_arch: str | None = Field(
         None,
         description="timm architecture of a new model lineage. Empty: it follows the weights (resnet18 with timm hub "
@@ -94,6 +102,14 @@ class Settings(BaseSettings):
         if any(f < 0 for f in value) or abs(sum(value) - 1.0) > 1e-6:
             raise ValueError(f"split_fractions must be three non-negative shares summing to 1, got {value}")
         return value
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_name(cls, value: object) -> object:
+        text = value.strip().lower() if isinstance(value, str) else value
+        if not isinstance(text, str) or not DEVICE_NAME.fullmatch(text):
+            raise ValueError(f"unknown device {value!r}: use auto, cpu, cuda, cuda:N (a GPU index, e.g. cuda:1) or mps")
+        return text
 
     @field_validator("default_arch", mode="before")
     @classmethod

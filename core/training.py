@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from core.backbone import Lineage, plan_lineage
 from core.corrections import correction_clause
 from core.db import Database
-from core.errors import CheckpointError, JobCancelled, NotFound, TrainingRefused
+from core.errors import CheckpointError, DeviceUnavailable, JobCancelled, NotFound, TrainingRefused
 from core.features import FeatureCache, backbone_id, split_features
 from core.jobs import JobParams, ProgressReport
 from core.label_checks import LabelCheck, LabelledSet, check_labels, store_label_checks
@@ -333,7 +333,10 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
         image_size=job.overrides.get("image_size"),
     )
     config = build_train_config(db.settings, job, arch=lineage.arch)
-    device = pick_device(config.device)
+    try:
+        device = pick_device(config.device)
+    except ValueError as exc:
+        raise DeviceUnavailable(f"{exc}: set PRODCAT_DEVICE for this worker to a device it has") from None
     device_text = describe_device(device)
     started = time.monotonic()
     on_progress(ProgressReport(phase="preparing", device=device_text))

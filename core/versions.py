@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from core.auth import Action, authorize, check, record
 from core.db import Database
-from core.errors import CheckpointError, NotFound
+from core.errors import CheckpointError, DeviceUnavailable, NotFound
 from core.schema import Category, Image, Label, ModelVersion, Split, VersionStatus, utcnow
 
 
@@ -216,7 +216,10 @@ def _load_cached(path: str, version_id: int, mtime_ns: int, size: int, device: s
 def _inference_device(db: Database) -> str:
     from models.devices import pick_device
 
-    return str(pick_device(db.settings.device))
+    try:
+        return str(pick_device(db.settings.device))
+    except ValueError as exc:
+        raise DeviceUnavailable(f"{exc}: set PRODCAT_DEVICE to a device this machine has") from None
 
 
 def load_classifier(db: Database, version_id: int | None = None) -> tuple[Any, VersionView]:

@@ -10,18 +10,16 @@ _CHOICES = ("auto", "cpu", "cuda", "mps")
 def pick_device(preference: str | torch.device = "auto") -> torch.device:
     """The device to run on. "auto" picks CUDA, then MPS, then CPU; an explicit choice that is missing raises.
 
+    "cuda:N" names one GPU by its index (a worker given the second GPU of a machine: `PRODCAT_DEVICE=cuda:1`).
     Raises ValueError naming the preference when it is unknown or the hardware is not there, so a misconfigured
-    `PRODCAT_DEVICE=cuda` on a CPU machine fails loudly instead of silently training for hours on the CPU.
+    `PRODCAT_DEVICE=cuda` on a CPU machine (or `cuda:1` on a one-GPU machine) fails loudly instead of silently
+    training for hours elsewhere.
     """
-    if isinstance(preference, torch.device):
-        preference = preference.type
-    choice = str(preference).lower()
+    choice = str(preference).strip().lower()  # a torch.device keeps its index: "cuda:1"
     if choice.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {preference!r} asked for, but CUDA is not available on this machine")
-        return torch.device(choice)
+        return _cuda_by_index(str(preference), choice.removeprefix("cuda:"))
     if choice not in _CHOICES:
-        raise ValueError(f"unknown device {preference!r}: use one of {', '.join(_CHOICES)}")
+        raise ValueError(f"unknown device {preference!r}: use one of {', '.join(_CHOICES)} or cuda:N (a GPU index)")
     if choice == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -33,6 +31,18 @@ def pick_device(preference: str | torch.device = "auto") -> torch.device:
     if choice == "mps" and not _mps_available():
         raise ValueError("device 'mps' asked for, but Apple MPS is not available on this machine")
     return torch.device(choice)
+
+
+def _cuda_by_index(name: str, index_text: str) -> torch.device:
+    if not index_text.isdigit():
+        raise ValueError(f"unknown device {name!r}: a GPU is named cuda:N with N its index (cuda:0, cuda:1...)")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    index, count = int(index_text), torch.cuda.device_count()
+    if index >= count:
+        have = "1 CUDA GPU (cuda:0)" if count == 1 else f"{count} CUDA GPUs (cuda:0 to cuda:{count - 1})"
+        raise ValueError(f"device {name!r} asked for, but this machine has {have}")
+    return torch.device("cuda", index)
 
 
 def _mps_available() -> bool:
