@@ -29,6 +29,7 @@ def open_catalogue(data_dir: Path, monkeypatch: pytest.MonkeyPatch, pretrained: 
     monkeypatch.setenv("PRODCAT_PRETRAINED", pretrained)
     monkeypatch.setenv("PRODCAT_IMAGE_SIZE", "64")
     monkeypatch.setenv("PRODCAT_DEVICE", "cpu")
+    monkeypatch.setenv("PRODCAT_AUTH", "none")  # one test process acting alone, as the data_dir fixture sets it
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # auto must not find hub weights: the bundled backbone is the point
     monkeypatch.setattr("models.pretrained.hub_cached", lambda arch: False)
     get_settings.cache_clear()
