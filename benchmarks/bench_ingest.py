@@ -110,12 +110,12 @@ def main() -> None:
     os.environ["PRODCAT_DATA_DIR"] = str(work / "data")
     os.environ["PRODCAT_AUTH"] = "none"  # a benchmark acts alone: no sign-in
     os.environ.pop("PRODCAT_DATABASE_URL", None)
-    import core.ingest
+    import core.ingest.importer
     from core.db import open_database
     from core.ingest import import_paths
 
     if args.threads:
-        core.ingest.DECODE_THREADS = args.threads
+        core.ingest.importer.DECODE_THREADS = args.threads
     from core.settings import get_settings
 
     try:
@@ -135,13 +135,15 @@ def main() -> None:
         import_s = time.perf_counter() - start
         peak_growth = _peak_rss_kib() - rss_before
 
-        print(f"import: {result.summary()} in {import_s:.2f}s = {len(files) / import_s:.0f} files/s "
-              f"({len(result.imported) / import_s:.0f} new images/s)")
+        print(
+            f"import: {result.summary()} in {import_s:.2f}s = {len(files) / import_s:.0f} files/s "
+            f"({len(result.imported) / import_s:.0f} new images/s)"
+        )
         print(f"baseline Pillow open+load: {base_s:.2f}s = {len(files) / base_s:.0f} images/s")
         print(f"ratio import/baseline time: {import_s / base_s:.2f}x")
         note = "" if exact_peak else " (process peak, could not reset)"
         print(f"peak RSS growth during import: {peak_growth / 1024:.1f} MiB{note}")
-        threads = min(core.ingest.DECODE_THREADS, os.cpu_count() or 1)
+        threads = min(core.ingest.importer.DECODE_THREADS, os.cpu_count() or 1)
         print(f"cpu count: {os.cpu_count()}, decode threads: {threads}, load average: {os.getloadavg()[0]:.2f}")
         assert db.integrity_ok()
     finally:

@@ -361,7 +361,7 @@ def test_missing_path_is_refused_by_name(db: Database, tmp_path: Path) -> None:
 
 
 def test_a_failing_database_insert_leaves_no_half_image(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    import core.ingest as ingest
+    import core.ingest.importer as ingest
 
     import_uploads(db, [Upload("before.png", image_bytes("Shoes", 80))], category="Shoes", actor="x")
 
