@@ -32,6 +32,7 @@ from core.db import Database, open_database
 from core.errors import (
     CategoryError,
     CheckpointError,
+    DatabaseBusy,
     ImageRefused,
     LabelConflict,
     NotFound,
@@ -170,6 +171,8 @@ def _status_of(exc: ProdcatError) -> int:
         return 404
     if isinstance(exc, CheckpointError | LabelConflict | TrainingRefused):
         return 409
+    if isinstance(exc, DatabaseBusy):
+        return 503  # try again: another program held the database's write lock too long
     return 400
 
 
