@@ -27,8 +27,10 @@ from sqlalchemy.orm import Session
 from core.auth import Action, check, record
 from core.db import Database
 from core.errors import NotFound, TrainingRefused
+from core.processes import process_gone, process_tag
 from core.schema import JobStatus, TrainingJob, Worker, utcnow
 from core.settings import Settings
+from core.staging import remove_dead_staging
 from core.threads import worker_thread_env
 from models.modes import TrainMode
 
@@ -400,13 +402,24 @@ def is_stale(row: TrainingJob, settings: Settings, now: datetime | None = None) 
     return last < (now or utcnow()) - timedelta(seconds=settings.heartbeat_timeout_s)
 
 
-def fail_stale_jobs(db: Database) -> list[int]:
-    """Fail running jobs whose worker has been silent longer than `heartbeat_timeout_s`; returns their ids.
+def _gone_here(session: Session, worker_ids: Any) -> dict[str, Worker]:
+    """The workers among `worker_ids` that ran on this machine and whose process no longer runs (core.processes)."""
+    ids = sorted({w for w in worker_ids if w})
+    if not ids:
+        return {}
+    rows = session.scalars(select(Worker).where(Worker.id.in_(ids), Worker.process != "")).all()
+    return {row.id: row for row in rows if process_gone(row.process)}
 
-    Called by every worker at start (and while idle), by the UI on start, and whenever the UI, `enqueue_training`
-    or `cancel_job` meets a stale running job, so a dead worker's job never blocks the Retrain button. Queued jobs
-    are never touched: they simply wait for a worker. Workers that went silent are marked stopped so they no longer
-    count as alive.
+
+def fail_stale_jobs(db: Database) -> list[int]:
+    """Fail running jobs whose worker is gone; returns their ids.
+
+    A worker is gone when it has been silent longer than `heartbeat_timeout_s` (on any machine), or at once when it
+    ran on this machine and its process no longer runs (`kill -9`, out-of-memory killer: core.processes). Called by
+    every worker at start (and while idle), by the UI on start, and whenever the UI, `enqueue_training` or
+    `cancel_job` meets a stale running job, so a dead worker's job never blocks the Retrain button. Queued jobs are
+    never touched: they simply wait for a worker. Workers that went silent or whose process is gone are marked stopped
+    so they no longer count as alive, and the checkpoint staging folders of jobs that no longer run are removed.
     """
     now = utcnow()
     cutoff = now - timedelta(seconds=db.settings.heartbeat_timeout_s)
@@ -415,38 +428,50 @@ def fail_stale_jobs(db: Database) -> list[int]:
         rows = session.scalars(
             select(TrainingJob).where(TrainingJob.status == JobStatus.RUNNING.value).order_by(TrainingJob.id)
         ).all()
+        live = session.scalars(select(Worker.id).where(Worker.stopped_at.is_(None))).all()
+        gone = _gone_here(session, [*live, *(row.worker_id for row in rows)])
         for row in rows:
             last = row.heartbeat_at or row.started_at or row.created_at
-            if not is_stale(row, db.settings, now):
+            dead = gone.get(row.worker_id or "")
+            if dead is not None:
+                error = (
+                    f"the worker {row.worker_id} stopped: its process ({dead.pid} on {dead.host}) no longer runs "
+                    "(killed? out of memory?). The previous model keeps serving; retrain when ready."
+                )
+            elif is_stale(row, db.settings, now):
+                error = (
+                    f"the worker {row.worker_id or '(unknown)'} stopped responding (killed? out of memory?): last "
+                    f"heartbeat at {last:%Y-%m-%d %H:%M:%S} UTC, more than {db.settings.heartbeat_timeout_s:g} s "
+                    "before this check. The previous model keeps serving; retrain when ready."
+                )
+            else:
                 continue
             row.status = JobStatus.FAILED.value
             row.active_slot = None
             row.finished_at = now
-            row.error = (
-                f"the worker {row.worker_id or '(unknown)'} stopped responding (killed? out of memory?): last "
-                f"heartbeat at {last:%Y-%m-%d %H:%M:%S} UTC, more than {db.settings.heartbeat_timeout_s:g} s "
-                "before this check. The previous model keeps serving; retrain when ready."
-            )
+            row.error = error
             failed.append(row.id)
         session.execute(
             update(Worker)
-            .where(Worker.stopped_at.is_(None), Worker.heartbeat_at < cutoff)
+            .where(Worker.stopped_at.is_(None), (Worker.heartbeat_at < cutoff) | Worker.id.in_(sorted(gone)))
             .values(stopped_at=now)
             .execution_options(synchronize_session=False)
         )
     for job_id in failed:
-        log.warning("training job %s failed: its worker stopped responding", job_id)
+        log.warning("training job %s failed: its worker stopped", job_id)
+    remove_dead_staging(db)
     return failed
 
 
 def current_job(db: Database) -> JobView | None:
-    """The queued or running job, if any; a running job whose worker went silent is failed first (and not returned)."""
+    """The queued or running job, if any; a running job whose worker is gone (silent too long, or its process on this
+    machine no longer runs) is failed first (and not returned)."""
     for attempt in range(2):
         with db.read() as session:
             row = _live_job_in(session)
             if row is None:
                 return None
-            if attempt == 1 or not is_stale(row, db.settings):
+            if attempt == 1 or not (is_stale(row, db.settings) or _gone_here(session, [row.worker_id])):
                 return job_view(row)
         fail_stale_jobs(db)
     return None
@@ -487,6 +512,7 @@ def register_worker(db: Database, worker_id: str, *, device: str = "") -> None:
             session.add(row)
         row.host = socket.gethostname()
         row.pid = os.getpid()
+        row.process = process_tag()
         row.device = device
         row.heartbeat_at = now
         row.stopped_at = None

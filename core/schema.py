@@ -338,6 +338,8 @@ class Worker(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     stopped_at: Mapped[datetime | None] = mapped_column(default=None)
+    # core.processes.process_tag() of the registered process: lets this machine see at once that it was killed.
+    process: Mapped[str] = mapped_column(String(200), default="", server_default="")
 
 
 class Account(Base):

@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from core.label_checks import LabelCheck, LabelledSet, check_labels, store_label
 from core.pixel_cache import CachedRows, PixelCache
 from core.schema import Category, Image, Label, LabelEvent, ModelVersion, Split, TrainingJob, VersionStatus
 from core.settings import Settings
+from core.staging import staged_checkpoint
 from core.versions import (
     Merges,
     active_version,
@@ -489,8 +489,9 @@ def _save_and_register(
 ) -> int:
     """Write the checkpoint and register it as a candidate version; returns its id.
 
-    The checkpoint goes to a job-specific staging folder and gets its final name in the registering transaction, so
-    a job killed at any point leaves either nothing registered or a complete version.
+    The checkpoint goes to a job-specific staging folder (core.staging) and gets its final name in the registering
+    transaction, so a job killed at any point leaves either nothing registered or a complete version; the folder of a
+    job killed mid-write is removed once the job is failed.
     """
     from models.checkpoint import CheckpointMeta, save_checkpoint
 
@@ -507,11 +508,7 @@ def _save_and_register(
         pretrained_source=start.pretrained_source,
         backbone_id=backbone_id(model, cfg),
     )
-    settings.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    staging = settings.checkpoints_dir / f".job{job_id}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged_checkpoint(settings, job_id) as staging:
         save_checkpoint(staging / "model.safetensors", model, meta)
         return _register(
             db,
@@ -527,8 +524,6 @@ def _save_and_register(
             test_hash=measured.test_hash,
             parent_id=start.parent_id,
         )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _refresh_predictions(db: Database, version_id: int, *, on_progress: ProgressFn, device_text: str) -> None:
@@ -751,6 +746,8 @@ def _register(
     parent_id: int | None,
 ) -> int:
     """Insert the candidate row and move its checkpoint files into place in one transaction."""
+    from models.checkpoint import sync_directory
+
     settings = db.settings
     with db.write() as session:
         row = ModelVersion(
@@ -775,6 +772,7 @@ def _register(
         for path in sorted(staging.iterdir()):
             if path.name.startswith("model"):
                 path.replace(settings.checkpoints_dir / (stem + path.name[len("model") :]))
+        sync_directory(settings.checkpoints_dir)  # the renames reach the disk before the row that names them
         row.weights_path = str((settings.checkpoints_dir / f"{stem}.safetensors").relative_to(settings.data_dir))
         return int(row.id)
 

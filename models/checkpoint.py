@@ -120,6 +120,21 @@ def _atomic_write(target: Path, write: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    sync_directory(target.parent)
+
+
+def sync_directory(folder: str | os.PathLike[str]) -> None:
+    """fsync a folder, so the renames in it survive a power cut (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder: the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -112,3 +112,32 @@ def cuda_oom(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop:
 
     torch.empty(1 << 50, dtype=torch.uint8, device="cuda")  # a petabyte
     raise RuntimeError("the GPU allocated a petabyte")
+
+
+SAVING_STALL_BYTES = 4 << 20  # what a stalled checkpoint write has put on disk when the test kills the worker
+
+
+def die_while_saving(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: StopFn) -> int:
+    """Writes a real checkpoint through core.staging and models.checkpoint, but the weights file stalls half-way
+    (SAVING_STALL_BYTES on disk under its temporary name): the test kills the worker then."""
+    import torch
+
+    from core.staging import staged_checkpoint
+    from models import checkpoint
+
+    def stall_half_way(tensors: object, filename: str, metadata: object = None) -> None:
+        with open(filename, "wb") as handle:
+            handle.write(b"\0" * SAVING_STALL_BYTES)
+            handle.flush()
+        _mark(db, job_id)
+        time.sleep(60)
+
+    checkpoint.save_file = stall_half_way  # the safetensors writer as imported by models.checkpoint
+    on_progress(ProgressReport(phase="saving"))
+    meta = checkpoint.CheckpointMeta(
+        arch="resnet18", class_names=["Bags", "Hats"], image_size=32, mean=[0.5] * 3, std=[0.5] * 3, crop_pct=1.0,
+        interpolation="bilinear",
+    )
+    with staged_checkpoint(db.settings, job_id) as staging:
+        checkpoint.save_checkpoint(staging / "model.safetensors", torch.nn.Linear(4, 2), meta)
+    raise RuntimeError("die_while_saving woke up: the test should have killed this worker")
