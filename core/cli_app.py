@@ -1,8 +1,9 @@
 """The typer application behind `python -m core.cli`, its sub-command groups, and helpers every cli_* module shares.
 
 Commands register on `app` (or on `categories_app`, `export_app`, `models_app`) from `core/cli_*.py`.
-Every command registered through these objects turns a `ProdcatError` into a red one-line message and exit
-code 1; any other exception is a bug and keeps its traceback.
+Every command registered through these objects turns a `ProdcatError`, and a database or disk failure
+(`core.errors.as_storage_error`: locked, read-only, full...), into a red one-line message and exit code 1 (the full
+error goes to logs/cli.log); any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 import getpass
 import json
 import os
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from datetime import datetime
@@ -21,10 +23,11 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from core.db import Database, open_database
-from core.errors import ProdcatError
+from core.errors import ProdcatError, as_storage_error
 from core.settings import get_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
+CLI_LOG = "cli.log"  # in the data directory's logs/: the full text of database and disk errors the CLI reported
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -40,8 +43,29 @@ def _friendly_errors(func: F) -> F:
             return func(*args, **kwargs)
         except ProdcatError as exc:
             raise fail(str(exc)) from None
+        except Exception as exc:
+            refusal = as_storage_error(exc)
+            if refusal is None:  # a bug: keep its traceback
+                raise
+            where = _log_details(exc)
+            raise fail(f"{refusal} (details in {where})" if where else str(refusal)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _log_details(exc: BaseException) -> str:
+    """Append the full error (SQL, parameters, traceback) to logs/cli.log in the data directory, for whoever looks
+    into it; returns that place as the person may read it ("" when it could not be written: a full or read-only
+    disk may refuse it too)."""
+    try:
+        settings = get_settings()
+        settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        with open(settings.logs_dir / CLI_LOG, "a", encoding="utf-8") as log_file:
+            log_file.write(f"--- {datetime.now().astimezone():%Y-%m-%d %H:%M:%S %z}\n")
+            log_file.write("".join(traceback.format_exception(exc)))
+    except Exception:
+        return ""
+    return f"the data directory's logs/{CLI_LOG}"
 
 
 class ProdcatTyper(typer.Typer):

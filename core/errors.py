@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+
+from sqlalchemy import exc as sa_exc
 
 
 class ProdcatError(Exception):
@@ -47,6 +51,98 @@ class JobCancelled(ProdcatError):
 
 class DatabaseBusy(ProdcatError):
     """Another program held the database's write lock for longer than a writer waits (core.db.WRITE_WAIT_S)."""
+
+
+class StorageError(ProdcatError):
+    """The database or the disk of the data directory refused: locked, read-only, full, an I/O error, unreachable.
+
+    Made from the driver's error by `as_storage_error`; its message says what to do and never holds SQL, parameters
+    or paths (the data directory is named by its folder name only). The full error belongs in the server log.
+    """
+
+
+# Driver messages (lower case; SQLite, PostgreSQL/psycopg, the OS) -> what a person reads. {place} is the data
+# directory's folder name. The first match wins.
+_STORAGE_MESSAGES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (
+        ("database is locked", "database is busy", "database table is locked", "lock timeout", "deadlock detected",
+         "queuepool limit"),
+        "the database is busy: another program (an import, a worker, a backup?) holds it locked; nothing was "
+        "changed, try again in a moment",
+    ),
+    (
+        ("read-only transaction", "read-only sql transaction"),
+        "the database is read-only: PRODCAT_DATABASE_URL must name a writable server and a role that may write; "
+        "nothing was changed",
+    ),
+    (
+        ("readonly database", "read-only", "read only file system"),
+        "the database is read-only: check the permissions of the data directory '{place}' and of the database file "
+        "in it (prodcat must be able to write both); nothing was changed",
+    ),
+    (
+        ("database or disk is full", "no space left", "disk quota", "could not extend file"),
+        "the disk holding the data directory '{place}' is full: free some space, then try again; the step that "
+        "failed was not saved",
+    ),
+    (
+        ("disk i/o error", "input/output error"),
+        "the disk holding the data directory '{place}' reported an I/O error: check the disk, then try again",
+    ),
+    (
+        ("unable to open database file",),
+        "the database file in the data directory '{place}' cannot be opened: check that the folder exists and that "
+        "prodcat may read and write it",
+    ),
+    (
+        ("malformed", "file is not a database", "database corrupt"),
+        "the database file in the data directory '{place}' is damaged or is not a prodcat database: restore it from "
+        "a backup",
+    ),
+    (
+        ("connection refused", "could not connect", "connection failed", "server closed the connection",
+         "terminating connection", "no route to host", "timeout expired"),
+        "the database server cannot be reached: check that it is running and what PRODCAT_DATABASE_URL names, then "
+        "try again",
+    ),
+)
+_DISK_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota", errno.EROFS: "read only file system",
+                errno.EIO: "input/output error"}
+
+
+def as_storage_error(exc: BaseException, place: str = "") -> StorageError | None:
+    """The StorageError a person should see for a database or disk failure, or None when `exc` is not one (a bug:
+    let it propagate). `place` is the data directory's folder name (default: the configured one's).
+
+    Recognised by the driver's message (SQLite's and PostgreSQL's: locked, read-only, full, I/O, cannot open, damaged,
+    unreachable) in SQLAlchemy's and the drivers' errors and pool timeouts, and OSErrors of a full, read-only or
+    failing disk. Anything else is not a StorageError: SQLite reports a syntax error or a missing table as an
+    OperationalError too, and an IntegrityError or a ProgrammingError is a bug.
+    """
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, OSError):
+        text = _DISK_ERRNOS.get(exc.errno or 0, "")
+    elif isinstance(exc, sa_exc.SQLAlchemyError | sqlite3.Error) and not isinstance(
+        exc, sa_exc.IntegrityError | sa_exc.ProgrammingError | sqlite3.IntegrityError | sqlite3.ProgrammingError
+    ):
+        text = str(getattr(exc, "orig", None) or exc)  # the driver's own message, without SQL and parameters
+    else:
+        return None
+    text = text.lower()
+    for needles, message in _STORAGE_MESSAGES:
+        if any(needle in text for needle in needles):
+            return StorageError(message.format(place=place or _data_dir_name()))
+    return None
+
+
+def _data_dir_name() -> str:
+    try:
+        from core.settings import get_settings
+
+        return get_settings().data_dir.name
+    except Exception:  # settings that do not validate: say "data directory" without a name
+        return "data"
 
 
 class DeviceUnavailable(ProdcatError):

@@ -4,6 +4,7 @@ pages/_cards.py and pages/_keyboard.py."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -11,12 +12,14 @@ from typing import Any
 import streamlit as st
 
 from core.db import Database, open_database
-from core.errors import NotFound, ProdcatError
+from core.errors import NotFound, ProdcatError, as_storage_error
 from core.jobs import fail_stale_jobs
 from core.labels import LabelChange, list_categories, undo_last_change
 from core.settings import get_settings
 from pages import _auth
 from pages._text import md_escape  # used here and by pages as _ui.md_escape; defined once, in _text
+
+log = logging.getLogger(__name__)
 
 FLASH_KEY = "_flash"
 SESSION_CHANGES_KEY = "session_label_events"  # audit event ids of the label changes made in this browser session
@@ -83,7 +86,11 @@ def _database(url: str, data_dir: str) -> Database:
     # Keyed by URL and data dir so two configurations (e.g. two tests in one process) never share a handle.
     db = open_database(get_settings())
     # Once per process: a job whose worker died while the app was down must not look "running" forever.
-    fail_stale_jobs(db)
+    try:
+        fail_stale_jobs(db)
+    except Exception as exc:  # a read-only database can still be browsed; its writes are refused one by one
+        if refusal_of(exc) is None:  # (which logs the failure)
+            raise
     return db
 
 
@@ -117,9 +124,13 @@ def get_db() -> Database:
 
 
 def database() -> Database:
-    """The app's database (what get_db returns), for the shell that draws the navigation itself."""
+    """The app's database (what get_db returns), for the shell that draws the navigation itself.
+
+    When it cannot be opened (a refused data directory, an unreachable server...), the page shows why and stops."""
     settings = get_settings()
-    return _database(settings.resolved_database_url, str(settings.data_dir))
+    with shown_errors():
+        return _database(settings.resolved_database_url, str(settings.data_dir))
+    st.stop()  # shown_errors showed why
 
 
 def actor() -> str:
@@ -148,8 +159,11 @@ def undo_session_change(db: Database) -> list[LabelChange] | None:
             "Nothing of yours to undo in this session: changes made in other browser tabs or sessions, "
             "even under the same name, are left alone."
         )
-    except ProdcatError as exc:
-        st.error(md_escape(exc))
+    except Exception as exc:
+        refusal = refusal_of(exc)
+        if refusal is None:
+            raise
+        st.error(md_escape(refusal))
     return None
 
 
@@ -160,18 +174,34 @@ class _Outcome:
     failed: bool = False
 
 
+def refusal_of(exc: Exception) -> ProdcatError | None:
+    """What a person should read for `exc`: a ProdcatError as it is; a database or disk failure (locked, read-only,
+    full...) as core.errors.StorageError, its full text (SQL, parameters, paths) logged for the operator; None for
+    anything else (a bug: let it propagate)."""
+    if isinstance(exc, ProdcatError):
+        return exc
+    refusal = as_storage_error(exc)
+    if refusal is not None:
+        log.error("shown as %r: %s", str(refusal), exc, exc_info=exc)
+    return refusal
+
+
 @contextmanager
 def shown_errors(where: Any = None) -> Iterator[_Outcome]:
-    """Run a core call; a ProdcatError becomes `st.error` (in `where` if given) and the page goes on.
+    """Run a core call; a ProdcatError or a database/disk failure becomes `st.error` (in `where` if given) and the
+    page goes on (a failure's message never shows SQL, parameters or server paths).
 
     Anything else propagates, so bugs are not hidden (and AppTest sees them).
     """
     outcome = _Outcome()
     try:
         yield outcome
-    except ProdcatError as exc:
+    except Exception as exc:
+        refusal = refusal_of(exc)
+        if refusal is None:
+            raise
         outcome.failed = True
-        (where or st).error(md_escape(exc))
+        (where or st).error(md_escape(refusal))
 
 
 def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, Any]:
@@ -193,11 +223,15 @@ def show_flash() -> None:
 
 
 def flash_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """For widget callbacks: run a core call, queue its ProdcatError as an error message; None on failure."""
+    """For widget callbacks: run a core call, queue its ProdcatError (or database/disk failure, see shown_errors) as
+    an error message; None on failure."""
     try:
         return fn(*args, **kwargs)
-    except ProdcatError as exc:
-        flash("error", str(exc))
+    except Exception as exc:
+        refusal = refusal_of(exc)
+        if refusal is None:
+            raise
+        flash("error", str(refusal))
         return None
 
 

@@ -1,0 +1,35 @@
+"""A page action on a read-only database shows one clear st.error, without SQL, parameters or server paths; the full
+error goes to the server log."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from core.db import Database
+from core.labels import list_categories
+from core.settings import get_settings
+from tests.pages.helpers import errors_of, run_page
+
+
+def test_adding_a_category_to_a_read_only_database_shows_a_clear_error(
+    db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The same database file opened read-only by SQLite itself (chmod does not stop root, which the tests may be).
+    path = db.settings.data_dir / "prodcat.sqlite3"
+    monkeypatch.setenv("PRODCAT_DATABASE_URL", f"sqlite:///file:{path}?mode=ro&uri=true")
+    get_settings.cache_clear()
+    at = run_page("pages/categories.py")
+    next(t for t in at.text_input if t.label == "New category name").set_value("Hats")
+    with caplog.at_level(logging.ERROR, logger="pages._ui"):
+        at = next(b for b in at.button if b.label == "Add category").click().run()
+    assert not at.exception
+    errors = [e.replace("\\", "") for e in errors_of(at)]  # as Markdown escapes it
+    assert len(errors) == 1 and errors[0].startswith(
+        "the database is read-only: check the permissions of the data directory 'data'"
+    ), errors
+    for leak in ("INSERT", "SQL", "parameters", "Hats", "sqlite", str(db.settings.data_dir.parent)):
+        assert leak not in errors[0], leak
+    assert "INSERT INTO categories" in caplog.text  # the operator's log has it all
+    assert list_categories(db) == []
