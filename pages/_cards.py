@@ -7,7 +7,9 @@ A card's body is a keyed fragment, so a click on it reruns that card alone (re-r
   its new label, until the page is drawn again, so the person sees what they did and can undo it);
 - Select (outside the body, under it): the fragments named in `on_select` (the upload page's bulk bar, whose button
   says how many photos it labels), else nothing;
-- a relabel from the Similar dialog changes many cards: the whole page reruns.
+- a relabel from the Similar dialog changes many cards, a new category (New category, to roles that may add one)
+  changes every card's picker, and Delete (admins, on the Review page) changes the grid and its count: the whole page
+  reruns.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from collections.abc import Sequence
 
 import streamlit as st
 
+from core.auth import Action
 from core.db import Database
+from core.deletion import delete_images
 from core.errors import LabelConflict, ProdcatError
 from core.labels import SeenPrediction, audit_trail, bulk_relabel, set_label
 from core.review import ReviewItem, review_items
 from core.similar import similar_images
-from pages._ui import actor, attempt, flash, md_escape, percent, remember_changes
+from pages import _auth
+from pages._ui import actor, attempt, flash, md_escape, percent, remember_changes, typed_category
 
 
 def shown_labels(items: Sequence[ReviewItem]) -> dict[int, str | None]:
@@ -96,6 +101,64 @@ def _on_pick(db: Database, item: ReviewItem, key: str, prefix: str, also: tuple[
         st.session_state[key] = item.label
         return
     _on_label(db, item, choice, prefix, "labelled", also)
+
+
+def _on_new(db: Database, item: ReviewItem, key: str, prefix: str) -> None:
+    """The New category form: create the typed category (or take the existing one of that name) and label with it."""
+    name = str(st.session_state.get(key) or "").strip()
+    if not name:
+        st.session_state[_message_key(prefix, item.image_id)] = ("error", "Type the new category's name first.")
+        return
+    try:
+        category = typed_category(db, name)
+    except ProdcatError as exc:
+        st.session_state[_message_key(prefix, item.image_id)] = ("error", str(exc))
+        return
+    if label_one(db, item, category, prefix=prefix):
+        st.rerun()  # every card's picker (and the page's filters) gains the category: the whole page
+
+
+def _on_delete(db: Database, item: ReviewItem, reason_key: str, prefix: str) -> None:
+    reason = str(st.session_state.get(reason_key) or "").strip() or "deleted on the Review page"
+    try:
+        delete_images(db, [item.image_id], actor=actor(), reason=reason)
+    except ProdcatError as exc:
+        st.session_state[_message_key(prefix, item.image_id)] = ("error", str(exc))
+        return
+    flash("success", f"Deleted #{item.image_id} {item.original_name} ({reason})")
+    st.rerun()  # the grid and its count change: the whole page
+
+
+def new_category_form(db: Database, item: ReviewItem, *, prefix: str) -> None:
+    """`New category`: a popover to type a category that does not exist yet; Enter creates it and labels the photo."""
+    with st.popover("New category", icon=":material/add:", width="stretch"):
+        key = f"{prefix}_new_{item.image_id}"
+        with st.form(f"{prefix}_new_form_{item.image_id}", border=False, clear_on_submit=True):
+            st.text_input("New category for this photo", key=key, placeholder="e.g. Sandals")
+            st.form_submit_button(
+                "Create and label",
+                key=f"{prefix}_new_go_{item.image_id}",
+                on_click=_on_new,
+                args=(db, item, key, prefix),
+            )
+
+
+def _delete_control(db: Database, item: ReviewItem, prefix: str) -> None:
+    """`Delete`: a popover that says what goes, with an optional reason, and the button that does it."""
+    with st.popover("Delete", icon=":material/delete:", width="stretch"):
+        st.text(
+            f"Delete #{item.image_id} {item.original_name} for good: its file, label and predictions. An audit row "
+            "keeps its name, hash and label."
+        )
+        reason_key = f"{prefix}_delete_reason_{item.image_id}"
+        st.text_input("Reason (optional)", key=reason_key, placeholder="e.g. not a product photo")
+        st.button(
+            "Delete permanently",
+            key=f"{prefix}_delete_{item.image_id}",
+            type="primary",
+            on_click=_on_delete,
+            args=(db, item, reason_key, prefix),
+        )
 
 
 def suggestion_text(item: ReviewItem) -> str | None:
@@ -178,7 +241,13 @@ def prediction_text(item: ReviewItem) -> str:
 
 
 def _card_body(
-    db: Database, first: list[ReviewItem], image_id: int, categories: list[str], prefix: str, also: tuple[str, ...]
+    db: Database,
+    first: list[ReviewItem],
+    image_id: int,
+    categories: list[str],
+    prefix: str,
+    also: tuple[str, ...],
+    deletable: bool,
 ) -> None:
     """The card's fragment. `first` holds the item the page run read: used once; a rerun of this fragment alone
     (after a click on it) reads the photo afresh, so the card shows its new label."""
@@ -245,11 +314,16 @@ def _card_body(
         args=(db, item, key, prefix, also),
         label_visibility="collapsed",
     )
-    left, right = st.columns(2)
-    if left.button("Similar", key=f"{prefix}_similar_{item.image_id}", disabled=item.model_version_id is None):
+    if _auth.may(Action.ADD_CATEGORY):
+        new_category_form(db, item, prefix=prefix)
+    columns = st.columns(3 if deletable else 2)
+    if columns[0].button("Similar", key=f"{prefix}_similar_{item.image_id}", disabled=item.model_version_id is None):
         show_similar(db, item, categories)
-    if right.button("History", key=f"{prefix}_hist_{item.image_id}"):
+    if columns[1].button("History", key=f"{prefix}_hist_{item.image_id}"):
         show_audit(db, item.image_id, item.original_name)
+    if deletable:
+        with columns[2]:
+            _delete_control(db, item, prefix)
 
 
 def image_card(
@@ -260,15 +334,17 @@ def image_card(
     prefix: str,
     also_rerun: Sequence[str] = (),
     on_select: Sequence[str] = (),
+    deletable: bool = False,
 ) -> bool:
-    """One image: thumbnail, name, label, prediction (top 3 on demand), one-click labelling, a selection box.
+    """One image: thumbnail, name, label, prediction (top 3 on demand), one-click labelling, a selection box, and
+    with `deletable` (pass whether the account may delete images) a Delete that asks first.
 
     Returns whether the image is selected. See the module docstring for what each click reruns.
     """
     # The key names the card in the page (CSS class st-key-<key>), which the browser test relies on.
     with st.container(border=True, key=f"{prefix}_card_{item.image_id}"):
         body = st.fragment(_card_body, key=fragment_key(prefix, item.image_id))
-        body(db, [item], item.image_id, categories, prefix, tuple(also_rerun))
+        body(db, [item], item.image_id, categories, prefix, tuple(also_rerun), deletable)
         selected = st.checkbox(
             "Select",
             key=_selection_key(prefix, item.image_id),
@@ -309,14 +385,18 @@ def card_grid(
     per_row: int = 4,
     also_rerun: Sequence[str] = (),
     on_select: Sequence[str] = (),
+    deletable: bool = False,
 ) -> list[int]:
-    """Cards in rows of `per_row`; returns the ids of the selected images."""
+    """Cards in rows of `per_row` (`deletable` as in image_card); returns the ids of the selected images."""
     ticked(items, prefix=prefix)  # a pending clear_selection unticks the boxes before they are drawn
     selected: list[int] = []
     for start in range(0, len(items), per_row):
         columns = st.columns(per_row)
         for column, item in zip(columns, items[start : start + per_row], strict=False):
             with column:
-                if image_card(db, item, categories, prefix=prefix, also_rerun=also_rerun, on_select=on_select):
+                is_ticked = image_card(
+                    db, item, categories, prefix=prefix, also_rerun=also_rerun, on_select=on_select, deletable=deletable
+                )
+                if is_ticked:
                     selected.append(item.image_id)
     return selected

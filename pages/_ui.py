@@ -14,7 +14,7 @@ import streamlit as st
 from core.db import Database, open_database
 from core.errors import NotFound, ProdcatError, as_storage_error
 from core.jobs import fail_stale_jobs
-from core.labels import LabelChange, list_categories, undo_last_change
+from core.labels import LabelChange, add_category, list_categories, undo_last_change, usable_category_name
 from core.settings import get_settings
 from pages import _auth
 from pages._text import md_escape  # used here and by pages as _ui.md_escape; defined once, in _text
@@ -76,6 +76,17 @@ def percent(value: float | None) -> str:
 def category_names(db: Database) -> list[str]:
     """Live category names, for pickers."""
     return [c.name for c in list_categories(db)]
+
+
+def typed_category(db: Database, name: str) -> str:
+    """The live category a name typed into a labelling control means: an existing one (case and spacing aside), else
+    a new one created now under the person's account. Raises the ProdcatError that says why not (empty, too long,
+    archived, or a role that may not add categories)."""
+    cleaned = usable_category_name(db, name)
+    for existing in category_names(db):
+        if existing.casefold() == cleaned.casefold():
+            return existing
+    return add_category(db, cleaned, actor=actor()).name
 
 
 # --- database and actor ------------------------------------------------------------------------------------------

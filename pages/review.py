@@ -8,6 +8,7 @@ import streamlit as st
 
 from core.accept import accept_predictions
 from core.auth import Action
+from core.deletion import delete_images
 from core.label_checks import label_health
 from core.labels import bulk_relabel
 from core.review import LabelState, ReviewItem, ReviewOrder, ReviewPage, review_queue
@@ -19,12 +20,13 @@ ALL = _ui.REVIEW_ALL
 KEYS = _ui.REVIEW_FILTERS
 DEFAULTS = {"category": ALL, "label_state": LabelState.ALL.value, "split": ALL, "order": "lowest-confidence"}
 PAGE_SIZE = 24
-KEYBOARD_DONE_KEY = "review_keyboard_done"  # photos labelled, kept or skipped in keyboard review, this session
+KEYBOARD_DONE_KEY = "review_keyboard_done"  # photos labelled or kept in keyboard review, this session
 PAGE_KEY = "review_page"
 SHOWN_QUERY_KEY = "review_shown_query"  # the filters the grid was last shown with: a change goes back to page 1
 URL_KEY = "review_url_filters"  # the filters last read from (or written to) the url's query string
 COUNT_FRAGMENT = "review_count"
 BULK_TARGET_KEY = "review_bulk_target"
+BULK_DELETE_REASON_KEY = "review_bulk_delete_reason"
 SEARCH_KEY = "review_search"
 # Filters, page and keyboard mode outlive a visit to another page (Streamlit drops undrawn widgets' state otherwise).
 KEEP = "session"
@@ -96,6 +98,10 @@ def _apply_bulk(items: list[ReviewItem]) -> None:
     if target is None:
         _ui.flash("warning", "Choose the category for the selected images first.")
         return
+    if target not in categories:  # typed: an existing category in other case or spacing, or a new one
+        target = _ui.flash_errors(_ui.typed_category, db, target)
+        if target is None:
+            return
     changes = _ui.flash_errors(
         bulk_relabel,
         db,
@@ -110,6 +116,20 @@ def _apply_bulk(items: list[ReviewItem]) -> None:
         _cards.clear_selection("rv")
         st.session_state[BULK_TARGET_KEY] = None
         _ui.flash("success", f"{_ui.plural(len(changes), 'image')} relabelled {target}")
+
+
+def _delete_selected(items: list[ReviewItem]) -> None:
+    # A callback, like _apply_bulk: the ticks are read at the click.
+    selected = _cards.ticked(items, prefix="rv")
+    if not selected:
+        _ui.flash("warning", "Select the images to delete first (the box under each image).")
+        return
+    reason = str(st.session_state.get(BULK_DELETE_REASON_KEY) or "").strip() or "deleted on the Review page"
+    deleted = _ui.flash_errors(delete_images, db, selected, actor=_ui.actor(), reason=reason)
+    if deleted is not None:
+        _cards.clear_selection("rv")
+        st.session_state[BULK_DELETE_REASON_KEY] = ""
+        _ui.flash("success", f"Deleted {_ui.plural(len(deleted), 'image')} ({reason})")
 
 
 cell = st.session_state.get(CELL_KEY)
@@ -185,15 +205,32 @@ if page.version_id is not None and not cell and st.toggle("Accept confident pred
     with st.container(border=True):
         _accept_confident(query)
 
-left, middle, right = st.columns([2, 1, 1], vertical_alignment="bottom")
+may_delete = _auth.may(Action.DELETE_IMAGES)
+may_add = _auth.may(Action.ADD_CATEGORY)
+left, middle, right, *delete_column = st.columns([2, 1, 1, 1] if may_delete else [2, 1, 1], vertical_alignment="bottom")
 left.selectbox(
-    "Category for the selected images",
+    "Category for the selected images" + (" (type a new name to create one)" if may_add else ""),
     categories,
     index=None,  # nothing until chosen: a click must not relabel with whichever category happens to be first
     placeholder="choose a category",
+    accept_new_options=may_add,
     key=BULK_TARGET_KEY,
 )
 middle.button("Relabel selected", width="stretch", on_click=_apply_bulk, args=(page.items,))
+if delete_column:
+    with delete_column[0].popover("Delete selected", icon=":material/delete:", width="stretch"):
+        st.text(
+            "The ticked images are deleted for good: their files, labels and predictions. An audit row keeps each "
+            "one's name, hash and label."
+        )
+        st.text_input("Reason (optional)", key=BULK_DELETE_REASON_KEY, placeholder="e.g. not product photos")
+        st.button(
+            "Delete the selected images",
+            key="review_delete_selected",
+            type="primary",
+            on_click=_delete_selected,
+            args=(page.items,),
+        )
 if right.button("Undo my last change", width="stretch", shortcut="U", help="Takes back changes made in this session"):
     changes = _ui.undo_session_change(db)
     if changes is not None:
@@ -216,11 +253,11 @@ keyboard = st.toggle(
     persist_state=KEEP,
     disabled=not page.items,
 )
+also = [COUNT_FRAGMENT] if follows_labels else []
 if keyboard and page.items:
     done: list[int] = st.session_state.setdefault(KEYBOARD_DONE_KEY, [])
-    also = [COUNT_FRAGMENT] if follows_labels else []
     _keyboard.keyboard_review(db, [i.image_id for i in page.items], categories, done, also_rerun=also)
 else:
-    _cards.card_grid(db, page.items, categories, prefix="rv", also_rerun=[COUNT_FRAGMENT] if follows_labels else [])
+    _cards.card_grid(db, page.items, categories, prefix="rv", also_rerun=also, deletable=may_delete)
 if page.pages > 1:
     st.pagination(page.pages, key=PAGE_KEY, persist_state=KEEP)

@@ -176,8 +176,10 @@ def _apply() -> None:
     target_ids, kept = targets.image_ids, targets.kept_duplicates
     if not target or not target_ids:
         return
-    if target not in _ui.category_names(db) and _ui.flash_errors(add_category, db, target, actor=_ui.actor()) is None:
-        return
+    if target not in categories:  # typed: an existing category in other case or spacing, or a new one
+        target = _ui.flash_errors(_ui.typed_category, db, target)
+        if target is None:
+            return
     items = review_items(db, target_ids)
     changes = _ui.flash_errors(
         bulk_relabel,
@@ -206,13 +208,14 @@ def _bulk_bar() -> None:
     targets = _targets()
     n, k = len(targets.image_ids), targets.kept_duplicates
     left, right = st.columns([3, 1], vertical_alignment="bottom")
+    may_add = _auth.may(Action.ADD_CATEGORY)
     target = left.selectbox(
-        "Category for the selected photos (all photos of this upload if none is selected; type a new name to "
-        "create one)",
+        "Category for the selected photos (all photos of this upload if none is selected"
+        + ("; type a new name to create one)" if may_add else ")"),
         categories,
         index=None,  # no category until one is chosen: a click must not label a whole batch with the first one
         placeholder="choose a category",
-        accept_new_options=True,
+        accept_new_options=may_add,
         key=TARGET_KEY,
     )
     if selected:
