@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import re
+import string
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # What PRODCAT_DEVICE may say; whether that hardware is there is models.devices.pick_device's call, when it is used.
 DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+# The keys keyboard review gives categories, in the order it hands them out: digits, then letters but c and r
+# (Streamlit's own shortcuts: clear cache, rerun) and u (Undo on the Review page).
+REVIEW_HOTKEYS = "1234567890" + "".join(c for c in string.ascii_lowercase if c not in "cru")
 
 
 class Settings(BaseSettings):
@@ -90,6 +94,12 @@ class Settings(BaseSettings):
         5, ge=1, description="Failed sign-ins for one name (or 4x this from one address) before a lockout."
     )
     login_lockout_minutes: float = Field(15.0, gt=0, description="How long failed sign-ins are counted and locked out.")
+    review_keys: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="Keyboard review keys pinned to categories, e.g. Shoes=s,Bags=b (a digit, or a letter but c, r "
+        "and u; names as on the Categories page, case aside). The other categories take the free keys; each person "
+        "can change the keys for their own session.",
+    )
     server_files_dir: Path | None = Field(
         None,
         description="The only server folder the web pages may import from or export to (default: data_dir/exchange). "
@@ -110,6 +120,11 @@ class Settings(BaseSettings):
         if not isinstance(text, str) or not DEVICE_NAME.fullmatch(text):
             raise ValueError(f"unknown device {value!r}: use auto, cpu, cuda, cuda:N (a GPU index, e.g. cuda:1) or mps")
         return text
+
+    @field_validator("review_keys", mode="before")
+    @classmethod
+    def _review_keys(cls, value: object) -> object:
+        return parse_review_keys(value) if isinstance(value, str) else value
 
     @field_validator("default_arch", mode="before")
     @classmethod
@@ -153,6 +168,27 @@ class Settings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
+
+
+def parse_review_keys(text: str) -> dict[str, str]:
+    """`Shoes=s, Bags=B` -> {"Shoes": "s", "Bags": "b"}; a key used twice, one keyboard review cannot give, or an
+    entry without a name is refused (ValueError) naming it, so a typo stops the app at start, not mid-review."""
+    pins: dict[str, str] = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, equals, key = (part.strip() for part in entry.rpartition("="))
+        key = key.lower()
+        if not equals or not name:
+            raise ValueError(f"review_keys entry {entry!r}: write CATEGORY=KEY, e.g. Shoes=s")
+        if len(key) != 1 or key not in REVIEW_HOTKEYS:
+            raise ValueError(f"review_keys entry {entry!r}: the key must be a digit or a letter other than c, r and u")
+        if taken := next((other for other, k in pins.items() if k == key), None):
+            raise ValueError(f"review_keys: the key {key!r} is given to both {taken!r} and {name!r}")
+        if any(other.casefold() == name.casefold() for other in pins):
+            raise ValueError(f"review_keys: {name!r} is given two keys")
+        pins[name] = key
+    return pins
 
 
 @lru_cache(maxsize=1)
