@@ -205,13 +205,24 @@ _open: dict[str, Database] = {}
 
 
 def open_database(settings: Settings | None = None) -> Database:
-    """The database for these settings, migrated to the newest schema (one instance per URL per process)."""
+    """The database for these settings, migrated to the newest schema (one instance per URL per process).
+
+    Raises CatalogueRefused when the database went missing from, or belongs to another catalogue than, the data
+    directory (core.catalogue_identity)."""
     settings = settings or get_settings()
     key = f"{settings.resolved_database_url}|{settings.data_dir}"
     db = _open.get(key)
     if db is None:
+        from core import catalogue_identity  # it reads the schema, which imports this module
+
+        catalogue_identity.refuse_missing_database(settings)  # before SQLite would create an empty file
         db = Database(settings)
-        upgrade(db)
+        try:
+            upgrade(db)
+            catalogue_identity.ensure_identity(db)  # the database and the data directory belong to one catalogue
+        except BaseException:
+            db.dispose()
+            raise
         _open[key] = db
     return db
 

@@ -145,6 +145,11 @@ def _data_dir_name() -> str:
         return "data"
 
 
+class CatalogueRefused(ProdcatError):
+    """The database and the data directory belong to different catalogues, or the database went missing from a data
+    directory that holds a catalogue's files (core.catalogue_identity)."""
+
+
 class DeviceUnavailable(ProdcatError):
     """PRODCAT_DEVICE names hardware this machine does not have (`cuda` without CUDA, `cuda:1` with one GPU)."""
 

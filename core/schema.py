@@ -414,3 +414,13 @@ class AuditEvent(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index("ix_audit_events_created_at", "created_at"),)
+
+
+class MetaValue(Base):
+    """Facts about the database itself, one per key: `catalogue_id` (core.catalogue_identity)."""
+
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

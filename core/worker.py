@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: returns the exit status (0, or 128 + signal number when stopped by a signal)."""
+    """Entry point: returns the exit status (0; 2 when the database cannot be used; 128 + signal number when stopped
+    by a signal)."""
     args = build_parser().parse_args(argv)
     if args.exit_when_idle is not None and args.exit_when_idle < 0:
         raise SystemExit("--exit-when-idle must not be negative")
@@ -439,7 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it.
     threads = apply_worker_threads()
     log.info("worker threads: %s", threads.describe())
-    db = open_database(get_settings())
+    try:
+        db = open_database(get_settings())
+    except ProdcatError as exc:  # a refused data directory, say: one line in the log, no traceback
+        log.error("cannot start: %s", exc)
+        return 2
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         _install_signal_handlers()
