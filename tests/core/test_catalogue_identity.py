@@ -4,7 +4,10 @@ explanation (never an empty catalogue over another's originals and checkpoints);
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,3 +185,14 @@ def test_a_new_data_directory_for_an_existing_database_records_its_id(db: core_d
     catalogue = stored_id(db)
     elsewhere = Settings(data_dir=tmp_path / "worker-data", database_url=db.settings.resolved_database_url)
     assert stored_id(core_db.open_database(elsewhere)) == catalogue == recorded_id(elsewhere)
+
+
+def test_a_refused_worker_exits_with_one_line(db: core_db.Database) -> None:
+    keep_files(db.settings)
+    remove_database(db.settings)
+    worker = subprocess.run(
+        [sys.executable, "-m", "core.worker", "--once"], cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "PRODCAT_DATA_DIR": str(db.settings.data_dir)}, capture_output=True, text=True, timeout=60,
+    )
+    assert worker.returncode == 2 and "cannot start: the database file prodcat.sqlite3 is missing" in worker.stderr
+    assert "Traceback" not in worker.stderr and not database_file(db.settings).exists()
