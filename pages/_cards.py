@@ -21,12 +21,12 @@ import streamlit as st
 from core.auth import Action
 from core.db import Database
 from core.deletion import delete_images
-from core.errors import LabelConflict, ProdcatError
+from core.errors import LabelConflict
 from core.labels import SeenPrediction, audit_trail, bulk_relabel, set_label
 from core.review import ReviewItem, review_items
 from core.similar import similar_images
 from pages import _auth
-from pages._ui import actor, attempt, flash, md_escape, percent, remember_changes, typed_category
+from pages._ui import actor, attempt, flash, md_escape, percent, refusal_of, remember_changes, typed_category
 
 
 def shown_labels(items: Sequence[ReviewItem]) -> dict[int, str | None]:
@@ -70,8 +70,11 @@ def label_one(db: Database, item: ReviewItem, category: str, *, prefix: str, ver
     except LabelConflict as exc:  # changed by someone else since this card was drawn: show theirs, let them choose
         st.session_state[_message_key(prefix, item.image_id)] = ("error", f"{exc} The card now shows their label.")
         return False
-    except ProdcatError as exc:
-        st.session_state[_message_key(prefix, item.image_id)] = ("error", str(exc))
+    except Exception as exc:
+        refusal = refusal_of(exc)  # a refusal, or a database/disk failure in plain words
+        if refusal is None:
+            raise
+        st.session_state[_message_key(prefix, item.image_id)] = ("error", str(refusal))
         return False
     remember_changes([change])
     if change.changed:
@@ -111,8 +114,11 @@ def _on_new(db: Database, item: ReviewItem, key: str, prefix: str) -> None:
         return
     try:
         category = typed_category(db, name)
-    except ProdcatError as exc:
-        st.session_state[_message_key(prefix, item.image_id)] = ("error", str(exc))
+    except Exception as exc:
+        refusal = refusal_of(exc)  # a refusal, or a database/disk failure in plain words
+        if refusal is None:
+            raise
+        st.session_state[_message_key(prefix, item.image_id)] = ("error", str(refusal))
         return
     if label_one(db, item, category, prefix=prefix):
         st.rerun()  # every card's picker (and the page's filters) gains the category: the whole page
@@ -122,8 +128,11 @@ def _on_delete(db: Database, item: ReviewItem, reason_key: str, prefix: str) -> 
     reason = str(st.session_state.get(reason_key) or "").strip() or "deleted on the Review page"
     try:
         delete_images(db, [item.image_id], actor=actor(), reason=reason)
-    except ProdcatError as exc:
-        st.session_state[_message_key(prefix, item.image_id)] = ("error", str(exc))
+    except Exception as exc:
+        refusal = refusal_of(exc)  # a refusal, or a database/disk failure in plain words
+        if refusal is None:
+            raise
+        st.session_state[_message_key(prefix, item.image_id)] = ("error", str(refusal))
         return
     flash("success", f"Deleted #{item.image_id} {item.original_name} ({reason})")
     st.rerun()  # the grid and its count change: the whole page

@@ -24,13 +24,12 @@ import streamlit as st
 
 from core.auth import Action
 from core.db import Database
-from core.errors import ProdcatError
 from core.labels import confirm_label
 from core.review import ReviewItem, review_items
 from core.settings import REVIEW_HOTKEYS
 from pages import _auth
 from pages._cards import label_one, prediction_text, seen_prediction
-from pages._ui import actor, flash_errors, md_escape, plural, typed_category
+from pages._ui import actor, flash_errors, md_escape, plural, refusal_of, typed_category
 
 HOTKEYS = list(REVIEW_HOTKEYS)
 CONFIRM_KEY = "Enter"
@@ -143,8 +142,11 @@ def _on_other(
         return
     try:  # typed: an existing category in other case or spacing, or a new one
         category = typed_category(db, choice)
-    except ProdcatError as exc:
-        st.session_state[f"_card_msg_{PREFIX}_{item.image_id}"] = ("error", str(exc))
+    except Exception as exc:
+        refusal = refusal_of(exc)  # a refusal, or a database/disk failure in plain words
+        if refusal is None:
+            raise
+        st.session_state[f"_card_msg_{PREFIX}_{item.image_id}"] = ("error", str(refusal))
         return
     _on_label(db, item, category, done)
     st.rerun()  # a new category: it takes a key, and the page's pickers and filters show it

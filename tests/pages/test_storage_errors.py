@@ -8,8 +8,9 @@ import logging
 import pytest
 
 from core.db import Database
-from core.labels import list_categories
+from core.labels import audit_trail, list_categories
 from core.settings import get_settings
+from tests.core.factories import FakeImage, build
 from tests.pages.helpers import errors_of, run_page
 
 
@@ -33,3 +34,20 @@ def test_adding_a_category_to_a_read_only_database_shows_a_clear_error(
         assert leak not in errors[0], leak
     assert "INSERT INTO categories" in caplog.text  # the operator's log has it all
     assert list_categories(db) == []
+
+
+def test_a_card_click_on_a_read_only_database_shows_a_clear_error_in_the_card(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = build(db, [FakeImage(split="test", label="Shoes", probs=(0.2, 0.7, 0.1), name="boot.jpg")])
+    boot = int(made.image_ids[0])
+    path = db.settings.data_dir / "prodcat.sqlite3"
+    monkeypatch.setenv("PRODCAT_DATABASE_URL", f"sqlite:///file:{path}?mode=ro&uri=true")
+    get_settings.cache_clear()
+    at = run_page("pages/review.py")
+    at.pills(key=f"rv_pick_{boot}_Shoes").set_value("Bags").run()
+    assert not at.exception
+    errors = [e.replace("\\", "") for e in errors_of(at)]
+    assert len(errors) == 1 and errors[0].startswith("the database is read-only"), errors
+    assert "UPDATE" not in errors[0] and "INSERT" not in errors[0]
+    assert audit_trail(db, boot)[0].new_category == "Shoes"  # nothing changed
