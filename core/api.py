@@ -9,6 +9,7 @@ token is missing or wrong (401) or it is larger than the cap (413).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict
@@ -38,6 +39,7 @@ from core.errors import (
     NotFound,
     ProdcatError,
     TrainingRefused,
+    as_storage_error,
 )
 from core.ingest import ImportResult, RefusedItem, Upload, import_uploads
 from core.labels import list_categories, usable_category_name
@@ -58,6 +60,8 @@ NEW_TOKEN_HINT = "create one with `python -m core.cli tokens create NAME --role 
 
 _bearer = HTTPBearer(auto_error=False, description="An API token: `Authorization: Bearer <token>`.")
 _db_lock = threading.Lock()
+
+log = logging.getLogger(__name__)
 
 
 def database() -> Database:
@@ -208,6 +212,10 @@ async def _validation_error(_request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected_error(_request: Request, exc: Exception) -> Response:
+    storage = as_storage_error(exc)  # the database or disk failed (locked, read-only, full): say so, no SQL
+    if storage is not None:
+        log.error("API request failed: %s", exc, exc_info=exc)
+        return error_response(503, str(storage))
     # A bug, not a refusal: logged with its traceback by the server; the client gets no traceback.
     return error_response(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
