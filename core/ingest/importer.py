@@ -1,19 +1,27 @@
 """The importer: reads candidates in order, decodes, validates and stores new files on a small thread pool, and writes
-each image's row and label, reporting every file as imported, duplicate or refused with the reason."""
+the rows and labels of many images in one transaction, reporting every file as imported, duplicate or refused.
+
+Files are stored before their rows, so a row never points to a missing file. When a batch's transaction fails, the
+originals and thumbnails that batch (and the files still in flight) wrote are removed again, unless a row of another
+import now points to the same bytes; then the error propagates. Only a killed process can leave stored files without
+rows, and importing them again reuses them.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
 
-from core.db import Database
+from core.db import Database, in_chunks
 from core.duplicates import HashIndex, join_group, load_hash_index
 from core.errors import CategoryError, ImageRefused
 from core.imaging import ContentHashes, DecodedImage, content_hashes, difference_hash, inspect_and_decode
@@ -22,17 +30,35 @@ from core.ingest.decoding import DecodeGate
 from core.ingest.labels_csv import LabelsCSV
 from core.ingest.results import DuplicateItem, ImportedItem, ImportResult, ProgressCallback, RefusedItem
 from core.ingest.zips import ZipCaps, ZipSource
-from core.labels import apply_label, clean_actor, clean_category_name, get_or_create_category
-from core.schema import Category, Image, Label
+from core.labels import _apply_many, _Move, apply_label, clean_actor, clean_category_name, get_or_create_category
+from core.schema import Category, Image, Label, LabelAction
 from core.splits import split_for_hash
 from core.store import StoredFiles, store_image
 
 _MAX_NAME = 500  # images.original_name / images.source column width
 # Decode/store threads: Pillow and hashlib release the GIL, so two threads use two cores.
 DECODE_THREADS = 4
-# Bytes of files read ahead of the one whose row is written next (besides the window of 2 per thread): ten 200 MB
-# files are not all held at once.
+# Files read ahead of the one that joins a batch next, and at most this many bytes of them (but always one file): the
+# thread pool keeps decoding while the main thread writes a batch, and ten 200 MB files are not all held at once.
+READ_AHEAD_FILES = 128
 READ_AHEAD_BYTES = 256 * 1024 * 1024
+# Files read and then looked up in the catalogue by one query (at most this many bytes of them, or one larger file).
+LOOKUP_FILES = 64
+LOOKUP_BYTES = 32 * 1024 * 1024
+# Images written in one transaction (their rows, labels and import events), and the longest a batch waits for more
+# files before it is written anyway, so progress moves while large pictures decode. A batch holds no pixels or bytes,
+# only each image's metadata, so memory does not grow with it.
+BATCH_ROWS = 256
+BATCH_SECONDS = 1.0
+
+# A batch's transaction ended by PostgreSQL's deadlock detector (40P01) or a serialization failure (40001) is written
+# again, up to this many times.
+WRITE_RETRIES = 5
+_RETRY_SQLSTATES = {"40P01", "40001"}
+
+_IMAGES = Image.__table__
+# Core, not the ORM: one compiled statement executed per row is several times cheaper than an ORM flush per row.
+_INSERT_IMAGE = insert(_IMAGES).returning(_IMAGES.c.id)
 
 
 @dataclass
@@ -48,23 +74,83 @@ class _Prepared:
 
 @dataclass
 class _Pending:
-    """One candidate between reading (main thread) and its database row (main thread, in input order)."""
+    """One candidate between reading (main thread) and joining a batch (main thread, in input order)."""
 
     cand: Candidate
     category: str | None = None
     sha: str = ""
     refusal: str | None = None
     existing: tuple[int, str] | None = None  # a duplicate of an image already in the database
-    same_as_in_flight: bool = False  # same bytes as an earlier file of this batch not yet committed
-    data: bytes | None = None  # kept only for same_as_in_flight (re-done if the earlier copy was refused)
+    same_as_in_flight: bool = False  # same bytes as an earlier file of this import not yet written
+    data: bytes | None = None  # until submitted; kept for same_as_in_flight (re-done if the earlier copy is refused)
     future: Future[_Prepared] | None = None
     size: int = 0  # bytes read, held until the worker thread is done with them
 
 
+@dataclass
+class _New:
+    """A new image in a batch: decoded, validated and stored, waiting for its row."""
+
+    cand: Candidate
+    sha: str
+    category: str | None
+    prepared: _Prepared
+
+
+@dataclass
+class _Dup:
+    """A file with the same bytes as a stored image (`existing`), or as a new image earlier in its batch (None)."""
+
+    cand: Candidate
+    sha: str
+    category: str | None
+    existing: tuple[int, str] | None
+
+
+_Outcome = _New | _Dup | RefusedItem | Skip
+_Verdict = ImportedItem | DuplicateItem | RefusedItem | Skip
+
+
+@dataclass
+class _Batch:
+    """Files in input order whose verdicts are reported together, once their rows are written in one transaction."""
+
+    items: list[_Outcome] = field(default_factory=list)
+    new_by_sha: dict[str, _New] = field(default_factory=dict)
+    started: float = 0.0
+
+    def add(self, item: _Outcome) -> None:
+        if not self.items:
+            self.started = time.monotonic()
+        self.items.append(item)
+        if isinstance(item, _New):
+            self.new_by_sha[item.sha] = item
+
+    def full(self) -> bool:
+        return len(self.items) >= BATCH_ROWS or time.monotonic() - self.started >= BATCH_SECONDS
+
+    def writes(self) -> bool:
+        """Whether the batch has anything for the database (refusals alone have not)."""
+        return any(isinstance(i, _New) or (isinstance(i, _Dup) and i.category is not None) for i in self.items)
+
+
+def _without_writes(item: _Outcome) -> _Verdict:
+    """The verdict of an item of a batch with nothing to write: a refusal, or a duplicate of a stored image."""
+    if isinstance(item, _Dup) and item.existing is not None:
+        return DuplicateItem(item.cand.name, *item.existing)
+    assert isinstance(item, RefusedItem | Skip), item  # new images and their copies always write
+    return item
+
+
+def _size(item: _Pending | Skip | RefusedItem) -> int:
+    return item.size if isinstance(item, _Pending) else 0
+
+
 class Importer:
-    """Runs a batch: the main thread reads, hashes and writes rows in order; a small thread pool decodes,
-    validates and stores files (Pillow and hashlib release the GIL), a bounded number at a time so memory
-    stays flat whatever the batch size.
+    """Runs an import: the main thread reads and hashes files in order and looks them up in the catalogue a group at a
+    time; a small thread pool decodes, validates and stores new files (Pillow and hashlib release the GIL), a bounded
+    number at a time; the main thread writes the rows of up to BATCH_ROWS images in one transaction, in input order.
+    Memory stays flat whatever the number of files and the batch size.
     """
 
     def __init__(
@@ -93,12 +179,15 @@ class Importer:
         self.result = ImportResult()
         self.done = 0
         self.total: int | None = None
-        self.seen: dict[str, tuple[int, str]] = {}  # sha256 -> (image id, original name) committed in this batch
-        self.in_flight: set[str] = set()
+        self.seen: dict[str, tuple[int, str]] = {}  # sha256 -> (image id, original name) written by this import
+        self.in_flight: set[str] = set()  # new images of this import not yet written (or refused)
+        self.stored_before: dict[str, tuple[int, str]] = {}  # the current lookup group's hashes found in the database
         self.category_checks: dict[str, str | CategoryError] = {}
         self.workers = min(DECODE_THREADS, os.cpu_count() or 1)
         self.decode_gate = DecodeGate(self.settings.max_image_pixels)
+        self.batch = _Batch()
         self._hash_index: HashIndex | None = None  # loaded at the first new image, appended to as rows go in
+        self._unscanned: bool | None = None  # whether any stored image has a dHash but no content hashes yet
 
     @property
     def hash_index(self) -> HashIndex:
@@ -126,27 +215,69 @@ class Importer:
             else:
                 yield item
 
+    def _read_groups(self, flat: Iterable[object]) -> Iterator[list[_Pending | Skip | RefusedItem]]:
+        """Candidates read and hashed in order (in the main thread: zip budgets stay sequential), in groups of
+        LOOKUP_FILES files or LOOKUP_BYTES, whichever comes first; other items pass through in their place."""
+        group: list[_Pending | Skip | RefusedItem] = []
+        size = 0
+        for item in flat:
+            if isinstance(item, Candidate):
+                p = _Pending(item)
+                try:
+                    data = item.read()
+                except Refuse as exc:
+                    p.refusal = exc.reason
+                else:
+                    p.sha = hashlib.sha256(data).hexdigest()  # hashed once; duplicates are never decoded
+                    p.data, p.size = data, len(data)
+                    size += len(data)
+                group.append(p)
+            else:
+                group.append(item)  # type: ignore[arg-type]
+            if len(group) >= LOOKUP_FILES or size >= LOOKUP_BYTES:
+                yield group
+                group, size = [], 0
+        if group:
+            yield group
+
     def run(self, items: Iterable[Candidate | Skip | RefusedItem | ZipSource]) -> ImportResult:
         pending: deque[_Pending | Skip | RefusedItem] = deque()
-        window = 2 * self.workers
-
-        def held(items: deque[_Pending | Skip | RefusedItem]) -> int:
-            return sum(p.size for p in items if isinstance(p, _Pending))
-
+        held = 0  # bytes of the pending files, read and not yet decoded (or kept for a copy)
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="ingest") as pool:
             try:
-                for item in self._flatten(items):
-                    # Read in the main thread, in order: zip budgets and progress stay sequential.
-                    pending.append(self.start(item, pool) if isinstance(item, Candidate) else item)  # type: ignore[arg-type]
-                    while len(pending) > window or (len(pending) > 1 and held(pending) > READ_AHEAD_BYTES):
-                        self.finish(pending.popleft())
+                for group in self._read_groups(self._flatten(items)):
+                    self.stored_before = self.find_stored(
+                        p.sha for p in group if isinstance(p, _Pending) and p.sha and p.sha not in self.seen
+                    )
+                    for item in group:
+                        pending.append(self.start(item, pool) if isinstance(item, _Pending) else item)
+                        held += _size(pending[-1])
+                        while len(pending) > READ_AHEAD_FILES or (len(pending) > 1 and held > READ_AHEAD_BYTES):
+                            held -= _size(pending[0])
+                            self.finish(pending.popleft())
                 while pending:
                     self.finish(pending.popleft())
-            finally:
-                for left in pending:  # an unexpected error: do not leave threads decoding for nobody
-                    if isinstance(left, _Pending) and left.future is not None:
-                        left.future.cancel()
+                self.write_batch()
+            except BaseException:
+                self.abandon(pending)
+                raise
         return self.result
+
+    def abandon(self, pending: Iterable[_Pending | Skip | RefusedItem]) -> None:
+        """After an unexpected error: stop the threads decoding for nobody, and remove the files that the unwritten
+        batch and the files in flight stored (they have no rows)."""
+        stored = [n.prepared.stored for n in self.batch.items if isinstance(n, _New) and n.prepared.stored]
+        for p in pending:
+            if isinstance(p, _Pending) and p.future is not None and not p.future.cancel():
+                try:
+                    prepared = p.future.result()
+                except Exception:  # noqa: S112  # already failing: the first error is the one to report
+                    continue
+                if prepared.stored is not None:
+                    stored.append(prepared.stored)
+        self.batch = _Batch()
+        self._hash_index = None
+        self.discard(stored)
 
     def note(self, key: str, text: str) -> None:
         if key not in self.noted:
@@ -191,8 +322,8 @@ class Importer:
     def checked_category(self, name: str) -> str:
         """The cleaned name of a live category (or a new one), else CategoryError.
 
-        Cached per name, so a batch of 10,000 checks each name once; checked before any file is decoded or stored,
-        so a file bound for an archived category leaves nothing behind.
+        Cached per name, so an import of 10,000 files checks each name once; checked before any file is decoded or
+        stored, so a file bound for an archived category leaves nothing behind.
         """
         checked = self.category_checks.get(name)
         if checked is None:
@@ -209,12 +340,17 @@ class Importer:
             raise checked
         return checked
 
-    def find_existing(self, sha: str) -> tuple[int, str] | None:
-        if sha in self.seen:
-            return self.seen[sha]
+    def find_stored(self, shas: Iterable[str]) -> dict[str, tuple[int, str]]:
+        """sha256 -> (image id, original name) of the stored images among `shas` (one query per IN-chunk)."""
+        wanted = sorted(set(shas))
+        found: dict[str, tuple[int, str]] = {}
+        if not wanted:
+            return found
         with self.db.read() as session:
-            row = session.execute(select(Image.id, Image.original_name).where(Image.sha256 == sha)).first()
-        return (row[0], row[1]) if row else None
+            for chunk in in_chunks(wanted):
+                query = select(Image.sha256, Image.id, Image.original_name).where(Image.sha256.in_(chunk))
+                found.update({sha: (image_id, name) for sha, image_id, name in session.execute(query)})
+        return found
 
     def prepare(self, name: str, data: bytes, sha: str) -> _Prepared:
         """Validate, decode and store one file (runs in a worker thread; touches no database)."""
@@ -237,130 +373,269 @@ class Importer:
         decoded.image = None  # type: ignore[assignment]  # the thumbnail is written: free the pixels now
         return _Prepared(decoded=decoded, stored=stored, phash=phash, hashes=hashes)
 
-    def start(self, cand: Candidate, pool: ThreadPoolExecutor) -> _Pending:
-        p = _Pending(cand)
-        try:
-            data = cand.read()
-        except Refuse as exc:
-            p.refusal = exc.reason
+    def start(self, p: _Pending, pool: ThreadPoolExecutor) -> _Pending:
+        """Decide what a read file needs (its group already looked up): nothing, or decoding on the pool."""
+        if p.refusal is not None:
             return p
-        p.sha = hashlib.sha256(data).hexdigest()  # hashed once; duplicates are never decoded
-        wanted = self.wanted_category(cand, p.sha)
+        wanted = self.wanted_category(p.cand, p.sha)
         try:
             p.category = self.checked_category(wanted) if wanted is not None else None
         except CategoryError as exc:
-            p.refusal = f"invalid category {wanted!r}: {exc}"
+            p.refusal, p.data, p.size = f"invalid category {wanted!r}: {exc}", None, 0
             return p
         if p.sha in self.in_flight:
-            p.same_as_in_flight, p.data, p.size = True, data, len(data)
+            p.same_as_in_flight = True
             return p
-        p.existing = self.find_existing(p.sha)
+        p.existing = self.seen.get(p.sha) or self.stored_before.get(p.sha)
         if p.existing is None:
             self.in_flight.add(p.sha)
-            p.future, p.size = pool.submit(self.prepare, cand.name, data, p.sha), len(data)
+            p.future = pool.submit(self.prepare, p.cand.name, p.data, p.sha)  # type: ignore[arg-type]
+        else:
+            p.size = 0
+        p.data = None
         return p
 
     def finish(self, p: _Pending | Skip | RefusedItem) -> None:
-        if isinstance(p, Skip):
-            self.refuse(p.name, p.reason, p.count)
-            return
-        if isinstance(p, RefusedItem):
-            self.refuse(p.name, p.reason)
+        """Put one item's outcome into the batch, in input order (writing the batch when it is full)."""
+        if isinstance(p, Skip | RefusedItem):
+            self.add(p)
             return
         name = p.cand.name
         if p.refusal is not None:
-            self.refuse(name, p.refusal)
+            self.add(RefusedItem(name, p.refusal))
             return
         if p.same_as_in_flight:
             existing = self.seen.get(p.sha)
-            if existing is not None:
-                self.duplicate(name, existing, p.category)
+            if existing is not None or p.sha in self.batch.new_by_sha:
+                self.add(_Dup(p.cand, p.sha, p.category, existing))
                 return
             # The earlier copy was refused: this one gets its own verdict (the same one, named after it).
             assert p.data is not None
             prepared = self.prepare(name, p.data, p.sha)
             p.data = None
         elif p.existing is not None:
-            self.duplicate(name, p.existing, p.category)
+            self.add(_Dup(p.cand, p.sha, p.category, p.existing))
             return
         else:
             assert p.future is not None
             prepared = p.future.result()
-            self.in_flight.discard(p.sha)
         if prepared.refusal is not None:
-            self.refuse(name, prepared.refusal)
+            self.in_flight.discard(p.sha)
+            self.add(RefusedItem(name, prepared.refusal))
             return
         assert prepared.decoded is not None and prepared.stored is not None
-        self.insert(p, prepared)
+        self.in_flight.add(p.sha)
+        self.add(_New(p.cand, p.sha, p.category, prepared))
 
-    def insert(self, p: _Pending, prepared: _Prepared) -> None:
-        """The image row and its label in one short write transaction (files are already in place)."""
-        name, category = p.cand.name, p.category
+    def add(self, item: _Outcome) -> None:
+        self.batch.add(item)
+        if self.batch.full():
+            self.write_batch()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Writing a batch.
+
+    def write_batch(self) -> None:
+        """Write the batch's rows and labels in one transaction, then report its files in input order.
+
+        Another import storing the same bytes meanwhile makes the transaction fail on the unique hash: it is written
+        again with those files as duplicates of the rows now there. Any other failure propagates (run() removes the
+        batch's files); a category archived since it was checked refuses only its files.
+        """
+        batch = self.batch
+        if not batch.items:
+            return
+        written: dict[str, tuple[int, str]] = {}
+        if not batch.writes():
+            verdicts = [_without_writes(i) for i in batch.items]
+        else:
+            _ = self.hash_index  # loaded before the write lock is taken, on the first batch with new images
+            stored_meanwhile: dict[str, tuple[int, str]] = {}
+            retries = 0
+            while True:
+                try:
+                    with self.db.write() as session:
+                        verdicts, written = self.write_rows(session, batch, stored_meanwhile)
+                    break
+                except IntegrityError:
+                    self._hash_index = None  # it holds rows that were rolled back
+                    found = self.find_stored(n.sha for n in batch.new_by_sha.values() if n.sha not in stored_meanwhile)
+                    if not found:
+                        raise
+                    stored_meanwhile.update(found)
+                except OperationalError as exc:
+                    # PostgreSQL ends one of two transactions that wait for each other (two imports inserting the same
+                    # files in different orders): the batch is written again, with whatever the other stored.
+                    if getattr(exc.orig, "sqlstate", None) not in _RETRY_SQLSTATES or retries >= WRITE_RETRIES:
+                        raise
+                    retries += 1
+                    self._hash_index = None
+            for sha, existing in stored_meanwhile.items():
+                written.setdefault(sha, existing)
+        self.batch = _Batch()
+        self.seen.update(written)
+        self.in_flight.difference_update(batch.new_by_sha)
+        # Files of new images refused here (their category was archived meanwhile) have no rows.
+        self.discard(n.prepared.stored for n in batch.new_by_sha.values() if n.sha not in written and n.prepared.stored)
+        for verdict in verdicts:
+            if isinstance(verdict, ImportedItem):
+                self.result.imported.append(verdict)
+                self.tick(verdict.name)
+            elif isinstance(verdict, DuplicateItem):
+                self.result.duplicates.append(verdict)
+                self.tick(verdict.name)
+            elif isinstance(verdict, Skip):
+                self.refuse(verdict.name, verdict.reason, verdict.count)
+            else:
+                self.refuse(verdict.name, verdict.reason)
+
+    def write_rows(
+        self, session: Session, batch: _Batch, stored_meanwhile: dict[str, tuple[int, str]]
+    ) -> tuple[list[_Verdict], dict[str, tuple[int, str]]]:
+        """Inside the batch's transaction, in input order: each new image's row (so near-duplicates within the batch
+        match the rows before them), and the labels and import events of new images and of unlabelled images that
+        duplicates name a category for, written together (a label already there is never overwritten). Returns the
+        verdicts in input order and the rows written (sha256 -> id, original name)."""
+        categories: dict[str, int | CategoryError] = {}
+
+        def category_id(name: str) -> int | CategoryError:
+            if name not in categories:
+                try:
+                    categories[name] = get_or_create_category(session, name).id
+                except CategoryError as exc:  # archived since checked_category
+                    categories[name] = exc
+            return categories[name]
+
+        moves: list[_Move] = []  # labels of rows written here, in input order; written before any other label
+
+        def write_moves() -> None:
+            _apply_many(session, moves, actor=self.actor, action=LabelAction.IMPORT, batch_id=None)
+            moves.clear()
+
+        stored_targets = [
+            (i.existing if isinstance(i, _Dup) else None) or stored_meanwhile.get(i.sha)
+            for i in batch.items
+            if isinstance(i, _New | _Dup) and i.category is not None
+        ]
+        present, labelled = self.label_state(session, {t[0] for t in stored_targets if t is not None})
+        written: dict[str, tuple[int, str]] = {}
+        new_rows: set[int] = set()
+        verdicts: list[_Verdict] = []
+        for item in batch.items:
+            if isinstance(item, RefusedItem | Skip):
+                verdicts.append(item)
+                continue
+            name = item.cand.name
+            target = (item.existing if isinstance(item, _Dup) else None) or stored_meanwhile.get(item.sha)
+            target = target or written.get(item.sha)
+            if target is not None:
+                verdicts.append(DuplicateItem(name, target[0], target[1]))
+                image_id = target[0]
+                gone = image_id not in present and image_id not in new_rows  # deleted since it was looked up
+                if item.category is None or image_id in labelled or gone:
+                    continue
+                if image_id in new_rows:  # a row of this batch: unlabelled so far, so no need to look
+                    cat = category_id(item.category)
+                    if isinstance(cat, int):
+                        moves.append(_Move(image_id, None, cat, note=name))
+                        labelled.add(image_id)
+                    continue
+                write_moves()  # as `apply_label` would have: one image after the other
+                if session.get(Label, image_id) is None:
+                    cat = category_id(item.category)
+                    if isinstance(cat, int):
+                        apply_label(session, image_id, cat, actor=self.actor, action="import", note=name)
+                labelled.add(image_id)
+                continue
+            # A new image, or the copy of one refused earlier in this batch, imported in its place.
+            cat = category_id(item.category) if item.category is not None else None
+            if isinstance(cat, CategoryError):
+                verdicts.append(RefusedItem(name, f"invalid category {item.category!r}: {cat}"))
+                continue
+            prepared = item.prepared if isinstance(item, _New) else batch.new_by_sha[item.sha].prepared
+            image_id = self.insert_image(session, item.cand, item.sha, prepared)
+            written[item.sha] = (image_id, name[:_MAX_NAME])
+            new_rows.add(image_id)
+            if cat is not None:
+                moves.append(_Move(image_id, None, cat, note=item.cand.source))
+                labelled.add(image_id)
+            verdicts.append(ImportedItem(name, image_id, item.category))
+        write_moves()
+        return verdicts, written
+
+    def insert_image(self, session: Session, cand: Candidate, sha: str, prepared: _Prepared) -> int:
+        """The image's row (its files are already in place); returns its id."""
         decoded, stored, phash, hashes = prepared.decoded, prepared.stored, prepared.phash, prepared.hashes
         assert decoded is not None and stored is not None
         # A near-duplicate (content hashes within the match rule's distance) joins the split of the earliest image
         # like it, so a resized, re-encoded, cropped or watermarked copy of a test image is never trained on; it
         # joins (or starts, or merges) their stored duplicate group.
         match = self.hash_index.matches(hashes) if hashes is not None else None
-        row = Image(
-            sha256=p.sha,
-            stored_path=stored.original_rel,
-            thumb_path=stored.thumb_rel,
-            width=decoded.width,
-            height=decoded.height,
-            format=decoded.format,
-            file_size=decoded.file_size,
-            original_name=name[:_MAX_NAME],
-            source=p.cand.source[:_MAX_NAME],
-            split=match.split if match else str(split_for_hash(p.sha, self.settings.split_fractions)),
-            uploaded_by=self.actor,
-            phash=phash,
-            box_dhash_h=hashes.dhash_h if hashes else None,
-            box_dhash_v=hashes.dhash_v if hashes else None,
-            box_phash=hashes.phash if hashes else None,
-            duplicates_checked=True,
-        )
-        try:
-            with self.db.write() as session:
-                if match is not None:
-                    row.duplicate_group_id = join_group(session, match.image_ids)
-                if match is None and phash is not None:
-                    # Only images imported before the content hashes existed (not yet scanned) match by equal dHash:
-                    # among hashed ones, equal dHashes of distinct products are common (78 pairs in 2,000 FMNIST).
-                    unscanned = (Image.phash == phash) & Image.box_phash.is_(None)
-                    first = select(Image.split).where(unscanned).order_by(Image.id).limit(1)
-                    row.split = session.scalar(first) or row.split
-                session.add(row)
-                session.flush()
-                if category is not None:
-                    cat = get_or_create_category(session, category)
-                    apply_label(session, row.id, cat.id, actor=self.actor, action="import", note=p.cand.source)
-        except CategoryError as exc:  # archived since checked_category: the image row was rolled back with it
-            self.refuse(name, f"invalid category {category!r}: {exc}")
-            return
-        except IntegrityError:
-            # Another process stored the same bytes between our lookup and insert: a duplicate after all.
-            existing = self.find_existing(p.sha)
-            if existing is None:
-                raise
-            self.duplicate(name, existing, category)
-            return
-        self.seen[p.sha] = (row.id, row.original_name)
+        split = match.split if match else str(split_for_hash(sha, self.settings.split_fractions))
+        group_id = join_group(session, match.image_ids) if match is not None else None
+        if match is None and phash is not None and self.any_unscanned(session):
+            # Only images imported before the content hashes existed (not yet scanned) match by equal dHash:
+            # among hashed ones, equal dHashes of distinct products are common (78 pairs in 2,000 FMNIST).
+            unscanned = (Image.phash == phash) & Image.box_phash.is_(None)
+            split = session.scalar(select(Image.split).where(unscanned).order_by(Image.id).limit(1)) or split
+        row = {
+            "sha256": sha,
+            "stored_path": stored.original_rel,
+            "thumb_path": stored.thumb_rel,
+            "width": decoded.width,
+            "height": decoded.height,
+            "format": decoded.format,
+            "file_size": decoded.file_size,
+            "original_name": cand.name[:_MAX_NAME],
+            "source": cand.source[:_MAX_NAME],
+            "split": split,
+            "uploaded_by": self.actor,
+            "phash": phash,
+            "box_dhash_h": hashes.dhash_h if hashes else None,
+            "box_dhash_v": hashes.dhash_v if hashes else None,
+            "box_phash": hashes.phash if hashes else None,
+            "duplicate_group_id": group_id,
+            "duplicates_checked": True,
+        }
+        image_id = int(session.execute(_INSERT_IMAGE, row).scalar_one())
         if hashes is not None:
-            self.hash_index.add(row.id, hashes, row.split)
-        self.result.imported.append(ImportedItem(name, row.id, category))
-        self.tick(name)
+            self.hash_index.add(image_id, hashes, split)
+        return image_id
 
-    def duplicate(self, name: str, existing: tuple[int, str], category: str | None) -> None:
-        image_id, existing_name = existing
-        if category is not None:
-            # Label an unlabelled duplicate; a different existing label is left alone (never overwritten).
-            try:
-                with self.db.write() as session:
-                    if session.get(Label, image_id) is None:
-                        cat = get_or_create_category(session, category)
-                        apply_label(session, image_id, cat.id, actor=self.actor, action="import", note=name)
-            except CategoryError:
-                pass  # the name was checked already; only an archived category lands here: leave it unlabelled
-        self.result.duplicates.append(DuplicateItem(name, image_id, existing_name))
-        self.tick(name)
+    def any_unscanned(self, session: Session) -> bool:
+        """Whether the catalogue holds images from before the content hashes (asked once per import)."""
+        if self._unscanned is None:
+            query = select(Image.id).where(Image.phash.is_not(None), Image.box_phash.is_(None)).limit(1)
+            self._unscanned = session.scalar(query) is not None
+        return self._unscanned
+
+    def label_state(self, session: Session, image_ids: Iterable[int]) -> tuple[set[int], set[int]]:
+        """Which of these stored images still exist, and which of them are labelled (one query per IN-chunk)."""
+        present: set[int] = set()
+        labelled: set[int] = set()
+        query = select(Image.id, Label.image_id).outerjoin(Label, Label.image_id == Image.id)
+        for chunk in in_chunks(sorted(set(image_ids))):
+            for image_id, label_of in session.execute(query.where(Image.id.in_(chunk))):
+                present.add(image_id)
+                if label_of is not None:
+                    labelled.add(image_id)
+        return present, labelled
+
+    def discard(self, stored: Iterable[StoredFiles]) -> None:
+        """Remove the originals and thumbnails this import wrote for images that got no row, unless a row of another
+        import now points to the same bytes. Best effort: it runs while an error is already on its way."""
+        wrote = [s for s in stored if s.wrote_original]
+        if not wrote:
+            return
+        try:
+            referenced = self.find_stored(s.sha256 for s in wrote)
+        except Exception:  # the database itself is failing: no row of this import points to these files
+            referenced = {}
+        for files in wrote:
+            if files.sha256 in referenced:
+                continue
+            for path in (files.original, files.thumb):
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    pass

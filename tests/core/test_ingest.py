@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -360,25 +360,203 @@ def test_missing_path_is_refused_by_name(db: Database, tmp_path: Path) -> None:
     assert len(result.imported) == 1
 
 
-def test_a_failing_database_insert_leaves_no_half_image(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    import core.ingest.importer as ingest
+def _stored_files(db: Database) -> set[str]:
+    """Originals and thumbnails on disk, relative to the data directory."""
+    root = db.settings.data_dir
+    files = [p for folder in ("images", "thumbs") for p in (root / folder).rglob("*") if p.is_file()]
+    return {p.relative_to(root).as_posix() for p in files}
 
+
+def _files_of_rows(db: Database) -> set[str]:
+    with db.read() as session:
+        return {path for row in session.execute(select(Image.stored_path, Image.thumb_path)) for path in row}
+
+
+@pytest.fixture
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """Set the number of images the importer writes per transaction (and no time limit on a batch)."""
+    import core.ingest.importer as importer
+
+    def set_rows(rows: int) -> None:
+        monkeypatch.setattr(importer, "BATCH_ROWS", rows)
+        monkeypatch.setattr(importer, "BATCH_SECONDS", 3600.0)
+
+    return set_rows
+
+
+@pytest.fixture
+def failing_label_events(db: Database) -> Iterator[Callable[[int], None]]:
+    """Make the n-th INSERT INTO label_events of the database's writers fail, as a full disk would."""
+    from sqlalchemy import event
+
+    left: list[int] = []
+
+    def fail(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO LABEL_EVENTS") and left:
+            left[0] -= 1
+            if left[0] == 0:
+                raise RuntimeError("disk I/O error (simulated)")
+
+    event.listen(db.write_engine, "before_cursor_execute", fail)
+    yield lambda n: left.append(n)
+    event.remove(db.write_engine, "before_cursor_execute", fail)
+
+
+def test_a_failing_write_leaves_no_rows_and_no_files_of_its_batch(
+    db: Database, small_batches: Callable[[int], None], failing_label_events: Callable[[int], None]
+) -> None:
     import_uploads(db, [Upload("before.png", image_bytes("Shoes", 80))], category="Shoes", actor="x")
-
-    def broken_apply_label(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("disk I/O error (simulated)")
-
-    monkeypatch.setattr(ingest, "apply_label", broken_apply_label)
-    with pytest.raises(RuntimeError, match="simulated"):
-        import_uploads(db, [Upload("during.png", image_bytes("Shoes", 81))], category="Shoes", actor="x")
-    monkeypatch.undo()
-    # The row and its label were one transaction: neither is there, the earlier import is intact.
-    assert _labels(db) == {"before.png": "Shoes"}
-    assert _image_count(db) == 1
+    before = _stored_files(db)
+    assert len(before) == 2
+    small_batches(2)
+    failing_label_events(2)  # the second batch's transaction fails
+    uploads = [Upload(f"during-{i}.png", image_bytes("Shoes", 81 + i)) for i in range(5)]
+    with pytest.raises(Exception, match="simulated"):
+        import_uploads(db, uploads, category="Shoes", actor="x")
+    # Each batch is one transaction: the first is whole, the second left nothing, and the files of the second batch and
+    # of the file still in flight were removed again: no file without a row, no row without its files.
+    assert set(_labels(db)) == {"before.png", "during-0.png", "during-1.png"}
+    assert _image_count(db) == 3
+    assert _stored_files(db) == _files_of_rows(db) and before < _stored_files(db)
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(LabelEvent)) == 3
     assert db.integrity_ok()
-    # The orphaned stored file is harmless: importing again reuses it and completes.
-    again = import_uploads(db, [Upload("during.png", image_bytes("Shoes", 81))], category="Shoes", actor="x")
-    assert [i.name for i in again.imported] == ["during.png"]
+    # Importing again completes.
+    again = import_uploads(db, uploads, category="Shoes", actor="x")
+    assert [i.name for i in again.imported] == [f"during-{i}.png" for i in range(2, 5)]
+    assert [d.name for d in again.duplicates] == ["during-0.png", "during-1.png"]
+    assert _stored_files(db) == _files_of_rows(db) and _image_count(db) == 6
+
+
+def _outcome(db: Database, result: ImportResult) -> dict[str, object]:
+    """What a person sees of an import: each file's verdict, and each stored image's split, label and group."""
+    with db.read() as session:
+        rows = session.execute(
+            select(Image.original_name, Image.split, Image.duplicate_group_id.is_not(None), Category.name)
+            .outerjoin(Label, Label.image_id == Image.id)
+            .outerjoin(Category, Category.id == Label.category_id)
+        ).all()
+        events = session.execute(select(LabelEvent.action, LabelEvent.note).order_by(LabelEvent.id)).all()
+    return {
+        "imported": [(i.name, i.category) for i in result.imported],
+        "duplicates": [(d.name, d.existing_name) for d in result.duplicates],
+        "refused": _refusals(result),
+        "rows": sorted(tuple(r) for r in rows),
+        "events": [tuple(e) for e in events],
+    }
+
+
+def _mixed_uploads() -> tuple[list[Upload], dict[str, str]]:
+    """Twelve files: repeats within and across batches of 3, a near-duplicate, a bad file, labels for most."""
+    shoe, bag, hat = image_bytes("Shoes", 300), image_bytes("Bags", 300), image_bytes("Hats", 300)
+    uploads = [
+        Upload("shoe.png", shoe),
+        Upload("bag.png", bag),
+        Upload("shoe-again.png", shoe),  # same batch as its original
+        Upload("blocks.png", _blocky(7, 10, "PNG")),
+        Upload("bag-again.png", bag),  # next batch
+        Upload("notes.jpg", badfiles.TEXT),
+        Upload("blocks-large.jpg", _blocky(7, 20, "JPEG")),  # a near-duplicate of blocks.png
+        Upload("hat.png", hat),
+        Upload("hat-unlabelled-first.png", image_bytes("Hats", 301)),
+        Upload("hat-again.png", hat),
+        Upload("hat-labelled-later.png", image_bytes("Hats", 301)),
+        Upload("shoe-third.png", shoe),
+    ]
+    labels = {"shoe.png": "Shoes", "bag-again.png": "Bags", "hat.png": "Hats", "hat-labelled-later.png": "Caps"}
+    labels |= {"blocks.png": "Blocks", "blocks-large.jpg": "Blocks", "shoe-third.png": "Boots"}
+    return uploads, labels
+
+
+def test_an_import_in_small_batches_matches_one_in_a_single_batch(
+    db: Database, tmp_path: Path, small_batches: Callable[[int], None]
+) -> None:
+    uploads, labels = _mixed_uploads()
+    whole = _other_db(tmp_path)  # the default batch holds every file
+    expected = _outcome(whole, import_uploads(whole, uploads, labels=labels, actor="alice"))
+    small_batches(3)
+    seen: list[int] = []
+    result = import_uploads(db, uploads, labels=labels, actor="alice", progress=lambda d, _t, _n: seen.append(d))
+    assert _outcome(db, result) == expected
+    assert seen == list(range(1, len(uploads) + 1))
+    assert expected["imported"] == [
+        ("shoe.png", "Shoes"),
+        ("bag.png", None),
+        ("blocks.png", "Blocks"),
+        ("blocks-large.jpg", "Blocks"),
+        ("hat.png", "Hats"),
+        ("hat-unlabelled-first.png", None),
+    ]
+    assert expected["duplicates"] == [
+        ("shoe-again.png", "shoe.png"),
+        ("bag-again.png", "bag.png"),
+        ("hat-again.png", "hat.png"),
+        ("hat-labelled-later.png", "hat-unlabelled-first.png"),
+        ("shoe-third.png", "shoe.png"),
+    ]
+    rows = {name: (split, grouped, label) for name, split, grouped, label in expected["rows"]}  # type: ignore[attr-defined]
+    assert rows["bag.png"][2] == "Bags" and rows["hat-unlabelled-first.png"][2] == "Caps"  # labelled by a later copy
+    assert rows["shoe.png"][2] == "Shoes"  # the third copy's "Boots" does not overwrite it
+    assert rows["blocks-large.jpg"][:2] == (rows["blocks.png"][0], True)  # the near-duplicate joins its split
+    assert _stored_files(db) == _files_of_rows(db)
+
+
+def test_a_category_archived_during_an_import_refuses_only_its_files(
+    db: Database, small_batches: Callable[[int], None]
+) -> None:
+    from core.labels import archive_category
+
+    small_batches(2)
+    item = image_bytes("Bags", 310)
+    uploads = [
+        Upload("a.png", image_bytes("Shoes", 310)),
+        Upload("b.png", image_bytes("Shoes", 311)),
+        Upload("c.png", item),
+        Upload("c-copy.png", item),
+        Upload("d.png", image_bytes("Shoes", 312)),
+    ]
+    labels = {"a.png": "Shoes", "b.png": "Old", "c.png": "Old", "c-copy.png": "Shoes", "d.png": "Shoes"}
+
+    def archive_after_the_first_batch(done: int, _total: int | None, _name: str) -> None:
+        if done == 2:
+            archive_category(db, "Old", actor="admin")
+
+    result = import_uploads(db, uploads, labels=labels, actor="alice", progress=archive_after_the_first_batch)
+    # c.png was checked (and stored) before "Old" was archived; its row is refused when written. Its copy, for
+    # another category, is imported in its place from the same stored files.
+    assert _refusals(result) == {"c.png": "invalid category 'Old': category 'Old' is archived: un-archive it or "
+                                           "choose another category"}  # fmt: skip
+    assert [(i.name, i.category) for i in result.imported] == [
+        ("a.png", "Shoes"),
+        ("b.png", "Old"),
+        ("c-copy.png", "Shoes"),
+        ("d.png", "Shoes"),
+    ]
+    assert _stored_files(db) == _files_of_rows(db) and _image_count(db) == 4
+
+
+def test_bytes_another_import_stores_meanwhile_become_a_duplicate(
+    db: Database, small_batches: Callable[[int], None]
+) -> None:
+    small_batches(2)
+    contested = image_bytes("Hats", 320)
+    uploads = [Upload(f"{n}.png", image_bytes("Bags", 320 + i)) for i, n in enumerate("ab")]
+    uploads += [Upload("c.png", contested), Upload("d.png", image_bytes("Bags", 330))]
+    other: list[ImportResult] = []
+
+    def import_elsewhere(done: int, _total: int | None, _name: str) -> None:
+        if done == 2:  # c.png is looked up, decoded and stored already, its row not yet written
+            other.append(import_uploads(db, [Upload("elsewhere.png", contested)], category="Hats", actor="bob"))
+
+    result = import_uploads(db, uploads, category="Bags", actor="alice", progress=import_elsewhere)
+    elsewhere_id = other[0].imported[0].image_id
+    assert [i.name for i in result.imported] == ["a.png", "b.png", "d.png"]
+    assert [(d.name, d.image_id, d.existing_name) for d in result.duplicates] == [
+        ("c.png", elsewhere_id, "elsewhere.png")
+    ]
+    assert _labels(db)["elsewhere.png"] == "Hats"  # labelled already: the duplicate leaves it alone
+    assert _stored_files(db) == _files_of_rows(db) and _image_count(db) == 4
+    assert db.integrity_ok()
 
 
 def test_zipped_image_folder_upload_labels_by_folder_skipping_the_wrapper(db: Database) -> None:
@@ -634,6 +812,39 @@ def test_an_empty_zip_or_one_of_only_system_files_is_refused_with_the_reason(
     result = import_uploads(db, [Upload("photos.zip", badfiles.make_zip(entries))], actor="alice")
     assert _refusals(result) == {"photos.zip": reason}
     assert result.summary() == "0 imported, 0 duplicates, 1 refused"
+
+
+def test_two_imports_of_the_same_files_at_once_store_each_file_once(
+    db: Database, small_batches: Callable[[int], None]
+) -> None:
+    import threading
+
+    small_batches(4)
+    uploads = [Upload(f"p{i}.png", image_bytes("Shoes", 400 + i)) for i in range(16)]
+    results: list[ImportResult | BaseException | None] = [None, None]
+    start = threading.Barrier(2)
+
+    def run(k: int) -> None:
+        start.wait()
+        try:  # opposite orders: on PostgreSQL each batch can wait for rows the other one is inserting
+            results[k] = import_uploads(db, uploads[:: 1 - 2 * k], category="Shoes", actor=f"importer{k}")
+        except BaseException as exc:  # the test looks at every outcome
+            results[k] = exc
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    done = [r for r in results if isinstance(r, ImportResult)]
+    assert len(done) == 2, results
+    assert sorted(i.name for r in done for i in r.imported) == sorted(u.name for u in uploads)  # each stored once
+    assert all(len(r.imported) + len(r.duplicates) == len(uploads) and not r.refused for r in done)
+    assert set(_labels(db).values()) == {"Shoes"} and len(_labels(db)) == len(uploads)
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(LabelEvent)) == len(uploads)
+    assert _stored_files(db) == _files_of_rows(db)
+    assert db.integrity_ok()
 
 
 def _zeros_entry(size: int) -> bytes:
