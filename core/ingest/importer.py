@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from core.db import Database, in_chunks
-from core.duplicates import HashIndex, join_group, load_hash_index
+from core.duplicates import HashArrays, HashIndex, join_group, load_hash_index
 from core.errors import CategoryError, ImageRefused
 from core.imaging import ContentHashes, DecodedImage, content_hashes, difference_hash, inspect_and_decode
 from core.ingest.candidates import Candidate, Refuse, Skip, norm_key
@@ -57,8 +57,8 @@ WRITE_RETRIES = 5
 _RETRY_SQLSTATES = {"40P01", "40001"}
 
 _IMAGES = Image.__table__
-# Core, not the ORM: one compiled statement executed per row is several times cheaper than an ORM flush per row.
-_INSERT_IMAGE = insert(_IMAGES).returning(_IMAGES.c.id)
+# Core, not the ORM: many rows per statement ("insertmanyvalues"), their ids returned in the order of the rows.
+_INSERT_IMAGES = insert(_IMAGES).returning(_IMAGES.c.id, sort_by_parameter_order=True)
 
 
 @dataclass
@@ -132,6 +132,36 @@ class _Batch:
     def writes(self) -> bool:
         """Whether the batch has anything for the database (refusals alone have not)."""
         return any(isinstance(i, _New) or (isinstance(i, _Dup) and i.category is not None) for i in self.items)
+
+
+class _Rows:
+    """New images' rows not yet inserted, with what is needed once their ids are known, and their content hashes (under
+    their positions) so that a near-duplicate of one of them is noticed."""
+
+    def __init__(self) -> None:
+        self.values: list[dict[str, object]] = []
+        self.meta: list[tuple[int, _New | _Dup, int | None, str, ContentHashes | None]] = []
+        self.shas: set[str] = set()
+        self.index = HashIndex(HashArrays.from_rows([]), [])
+
+    def add(
+        self,
+        slot: int,
+        item: _New | _Dup,
+        category_id: int | None,
+        row: dict[str, object],
+        split: str,
+        hashes: ContentHashes | None,
+    ) -> None:
+        if hashes is not None:
+            self.index.add(len(self.values), hashes, split)
+        self.values.append(row)
+        self.meta.append((slot, item, category_id, split, hashes))
+        self.shas.add(item.sha)
+
+    def clear(self) -> None:
+        self.values, self.meta, self.shas = [], [], set()
+        self.index = HashIndex(HashArrays.from_rows([]), [])
 
 
 def _without_writes(item: _Outcome) -> _Verdict:
@@ -492,10 +522,14 @@ class Importer:
     def write_rows(
         self, session: Session, batch: _Batch, stored_meanwhile: dict[str, tuple[int, str]]
     ) -> tuple[list[_Verdict], dict[str, tuple[int, str]]]:
-        """Inside the batch's transaction, in input order: each new image's row (so near-duplicates within the batch
-        match the rows before them), and the labels and import events of new images and of unlabelled images that
-        duplicates name a category for, written together (a label already there is never overwritten). Returns the
-        verdicts in input order and the rows written (sha256 -> id, original name)."""
+        """Inside the batch's transaction, in input order: the new images' rows (near-duplicates match the rows before
+        them, within the batch too), and the labels and import events of new images and of unlabelled images that
+        duplicates name a category for (a label already there is never overwritten). Returns the verdicts in input
+        order and the rows written (sha256 -> id, original name).
+
+        Rows go in with one multi-row INSERT ... RETURNING, written early only when a later file needs their ids (a
+        copy, a near-duplicate, a duplicate's label): one statement per row would hand the interpreter lock to the
+        decoding threads and wait to get it back after every row."""
         categories: dict[str, int | CategoryError] = {}
 
         def category_id(name: str) -> int | CategoryError:
@@ -506,12 +540,6 @@ class Importer:
                     categories[name] = exc
             return categories[name]
 
-        moves: list[_Move] = []  # labels of rows written here, in input order; written before any other label
-
-        def write_moves() -> None:
-            _apply_many(session, moves, actor=self.actor, action=LabelAction.IMPORT, batch_id=None)
-            moves.clear()
-
         stored_targets = [
             (i.existing if isinstance(i, _Dup) else None) or stored_meanwhile.get(i.sha)
             for i in batch.items
@@ -520,12 +548,37 @@ class Importer:
         present, labelled = self.label_state(session, {t[0] for t in stored_targets if t is not None})
         written: dict[str, tuple[int, str]] = {}
         new_rows: set[int] = set()
-        verdicts: list[_Verdict] = []
+        verdicts: list[_Verdict | None] = []
+        moves: list[_Move] = []  # labels of rows written here and of duplicates of them, in input order
+        rows = _Rows()
+
+        def write_pending_rows() -> None:
+            if not rows.values:
+                return
+            image_ids = session.execute(_INSERT_IMAGES, rows.values).scalars().all()
+            for (slot, item, category, split, hashes), image_id in zip(rows.meta, image_ids, strict=True):
+                written[item.sha] = (image_id, item.cand.name[:_MAX_NAME])
+                new_rows.add(image_id)
+                if hashes is not None:
+                    self.hash_index.add(image_id, hashes, split)
+                if category is not None:
+                    moves.append(_Move(image_id, None, category, note=item.cand.source))
+                    labelled.add(image_id)
+                verdicts[slot] = ImportedItem(item.cand.name, image_id, item.category)
+            rows.clear()
+
+        def write_moves() -> None:
+            write_pending_rows()
+            _apply_many(session, moves, actor=self.actor, action=LabelAction.IMPORT, batch_id=None)
+            moves.clear()
+
         for item in batch.items:
             if isinstance(item, RefusedItem | Skip):
                 verdicts.append(item)
                 continue
             name = item.cand.name
+            if item.sha in rows.shas:  # a copy of a row not yet written: it needs its id
+                write_pending_rows()
             target = (item.existing if isinstance(item, _Dup) else None) or stored_meanwhile.get(item.sha)
             target = target or written.get(item.sha)
             if target is not None:
@@ -537,6 +590,7 @@ class Importer:
                 if image_id in new_rows:  # a row of this batch: unlabelled so far, so no need to look
                     cat = category_id(item.category)
                     if isinstance(cat, int):
+                        write_pending_rows()  # the labels of the rows before it come first
                         moves.append(_Move(image_id, None, cat, note=name))
                         labelled.add(image_id)
                     continue
@@ -553,18 +607,19 @@ class Importer:
                 verdicts.append(RefusedItem(name, f"invalid category {item.category!r}: {cat}"))
                 continue
             prepared = item.prepared if isinstance(item, _New) else batch.new_by_sha[item.sha].prepared
-            image_id = self.insert_image(session, item.cand, item.sha, prepared)
-            written[item.sha] = (image_id, name[:_MAX_NAME])
-            new_rows.add(image_id)
-            if cat is not None:
-                moves.append(_Move(image_id, None, cat, note=item.cand.source))
-                labelled.add(image_id)
-            verdicts.append(ImportedItem(name, image_id, item.category))
+            if prepared.hashes is not None and rows.index.matches(prepared.hashes) is not None:
+                write_pending_rows()  # a near-duplicate of a row not yet written: match it by its id
+            row, split = self.image_row(session, item.cand, item.sha, prepared)
+            rows.add(len(verdicts), item, cat, row, split, prepared.hashes)
+            verdicts.append(None)  # filled in when the row is written
         write_moves()
-        return verdicts, written
+        assert all(v is not None for v in verdicts)
+        return verdicts, written  # type: ignore[return-value]
 
-    def insert_image(self, session: Session, cand: Candidate, sha: str, prepared: _Prepared) -> int:
-        """The image's row (its files are already in place); returns its id."""
+    def image_row(
+        self, session: Session, cand: Candidate, sha: str, prepared: _Prepared
+    ) -> tuple[dict[str, object], str]:
+        """The values of a new image's row (its files are already in place) and its split."""
         decoded, stored, phash, hashes = prepared.decoded, prepared.stored, prepared.phash, prepared.hashes
         assert decoded is not None and stored is not None
         # A near-duplicate (content hashes within the match rule's distance) joins the split of the earliest image
@@ -597,10 +652,7 @@ class Importer:
             "duplicate_group_id": group_id,
             "duplicates_checked": True,
         }
-        image_id = int(session.execute(_INSERT_IMAGE, row).scalar_one())
-        if hashes is not None:
-            self.hash_index.add(image_id, hashes, split)
-        return image_id
+        return row, split
 
     def any_unscanned(self, session: Session) -> bool:
         """Whether the catalogue holds images from before the content hashes (asked once per import)."""
