@@ -258,7 +258,7 @@ with model_col:
             # Deferred like the CSV: the zip (weights + JSON sidecar) is built only when someone clicks.
             st.download_button(
                 "Download model (.zip)",
-                lambda: model_archive_bytes(db, version.id, actor=_ui.actor()),
+                lambda: model_archive_bytes(db, version.id, actor=exporter),
                 file_name=f"model-v{version.id}.zip",
                 mime="application/zip",
                 key="download_model",
