@@ -39,12 +39,12 @@ _MAX_NAME = 500  # images.original_name / images.source column width
 # Decode/store threads: Pillow and hashlib release the GIL, so two threads use two cores.
 DECODE_THREADS = 4
 # Files read ahead of the one that joins a batch next, and at most this many bytes of them (but always one file): the
-# thread pool keeps decoding while the main thread writes a batch, and ten 200 MB files are not all held at once.
+# thread pool keeps decoding small files while the main thread writes a batch, and large files are not all held at once.
 READ_AHEAD_FILES = 128
-READ_AHEAD_BYTES = 256 * 1024 * 1024
+READ_AHEAD_BYTES = 16 * 1024 * 1024
 # Files read and then looked up in the catalogue by one query (at most this many bytes of them, or one larger file).
 LOOKUP_FILES = 64
-LOOKUP_BYTES = 32 * 1024 * 1024
+LOOKUP_BYTES = 8 * 1024 * 1024
 # Images written in one transaction (their rows, labels and import events), and the longest a batch waits for more
 # files before it is written anyway, so progress moves while large pictures decode. A batch holds no pixels or bytes,
 # only each image's metadata, so memory does not grow with it.
