@@ -14,7 +14,8 @@ A card's body is a keyed fragment, so a click on it reruns that card alone (re-r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import streamlit as st
 
@@ -106,33 +107,34 @@ def _on_pick(db: Database, item: ReviewItem, key: str, prefix: str, also: tuple[
     _on_label(db, item, choice, prefix, "labelled", also)
 
 
+def _in_card(prefix: str, image_id: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, Any]:
+    """Run a core call for one card: (True, result), or (False, None) with the refusal (or a database/disk failure
+    in plain words) shown in that card. Anything else is a bug and propagates."""
+    try:
+        return True, fn(*args, **kwargs)
+    except Exception as exc:
+        refusal = refusal_of(exc)
+        if refusal is None:
+            raise
+        st.session_state[_message_key(prefix, image_id)] = ("error", str(refusal))
+        return False, None
+
+
 def _on_new(db: Database, item: ReviewItem, key: str, prefix: str) -> None:
     """The New category form: create the typed category (or take the existing one of that name) and label with it."""
     name = str(st.session_state.get(key) or "").strip()
     if not name:
         st.session_state[_message_key(prefix, item.image_id)] = ("error", "Type the new category's name first.")
         return
-    try:
-        category = typed_category(db, name)
-    except Exception as exc:
-        refusal = refusal_of(exc)  # a refusal, or a database/disk failure in plain words
-        if refusal is None:
-            raise
-        st.session_state[_message_key(prefix, item.image_id)] = ("error", str(refusal))
-        return
-    if label_one(db, item, category, prefix=prefix):
+    ok, category = _in_card(prefix, item.image_id, typed_category, db, name)
+    if ok and label_one(db, item, category, prefix=prefix):
         st.rerun()  # every card's picker (and the page's filters) gains the category: the whole page
 
 
 def _on_delete(db: Database, item: ReviewItem, reason_key: str, prefix: str) -> None:
     reason = str(st.session_state.get(reason_key) or "").strip() or "deleted on the Review page"
-    try:
-        delete_images(db, [item.image_id], actor=actor(), reason=reason)
-    except Exception as exc:
-        refusal = refusal_of(exc)  # a refusal, or a database/disk failure in plain words
-        if refusal is None:
-            raise
-        st.session_state[_message_key(prefix, item.image_id)] = ("error", str(refusal))
+    ok, _ = _in_card(prefix, item.image_id, delete_images, db, [item.image_id], actor=actor(), reason=reason)
+    if not ok:
         return
     flash("success", f"Deleted #{item.image_id} {item.original_name} ({reason})")
     st.rerun()  # the grid and its count change: the whole page
