@@ -48,7 +48,7 @@ def postgres_cluster() -> Iterator[Cluster]:
 
 @pytest.fixture
 def database_backend(request: pytest.FixtureRequest) -> str:
-    """"sqlite" unless the test module is marked `both_databases` (then each of BACKENDS in turn)."""
+    """ "sqlite" unless the test module is marked `both_databases` (then each of BACKENDS in turn)."""
     return getattr(request, "param", "sqlite")
 
 
@@ -88,3 +88,21 @@ def settings(data_dir: Path) -> Settings:
 @pytest.fixture
 def db(settings: Settings) -> core_db.Database:
     return core_db.open_database(settings)
+
+
+ACCOUNT_PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def accounts(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> core_db.Database:
+    """A catalogue with sign-in on and one account per role (password ACCOUNT_PASSWORD): ada (admin), tim (trainer),
+    lea (labeller), vic (viewer)."""
+    from core import auth
+
+    monkeypatch.setenv("PRODCAT_AUTH", "builtin")
+    get_settings.cache_clear()
+    db = core_db.open_database(get_settings())
+    auth.add_account(db, "ada", "admin", ACCOUNT_PASSWORD, actor="")
+    for name, role in (("tim", "trainer"), ("lea", "labeller"), ("vic", "viewer")):
+        auth.add_account(db, name, role, ACCOUNT_PASSWORD, actor="ada")
+    return db

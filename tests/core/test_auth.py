@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
@@ -16,42 +14,31 @@ from core.jobs import cancel_job, enqueue_training
 from core.schema import Account, ApiToken, AuditEvent
 from core.settings import get_settings
 from core.versions import activate_version
+from tests.conftest import ACCOUNT_PASSWORD as PASSWORD
 
 pytestmark = pytest.mark.both_databases
 
 runner = CliRunner()
-PASSWORD = "correct horse battery"
 
 
-@pytest.fixture
-def signed(data_dir: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Database]:
-    """A catalogue with sign-in on and one account per role: ada (admin), tim (trainer), lea (labeller), vic."""
-    monkeypatch.setenv("PRODCAT_AUTH", "builtin")
-    get_settings.cache_clear()
-    db = open_database(get_settings())
-    auth.add_account(db, "ada", "admin", PASSWORD, actor="")
-    for name, role in (("tim", "trainer"), ("lea", "labeller"), ("vic", "viewer")):
-        auth.add_account(db, name, role, PASSWORD, actor="ada")
-    yield db
-
-
-def test_passwords_are_stored_as_argon2id_hashes_never_as_text(signed: Database) -> None:
-    with signed.read() as session:
+def test_passwords_are_stored_as_argon2id_hashes_never_as_text(accounts: Database) -> None:
+    with accounts.read() as session:
         stored = session.scalars(select(Account.password_hash).where(Account.name == "lea")).one()
     assert stored is not None and stored.startswith("$argon2id$") and PASSWORD not in stored
 
 
-def test_only_the_first_admin_is_created_without_an_admin(signed: Database) -> None:
+def test_only_the_first_admin_is_created_without_an_admin(accounts: Database) -> None:
     with pytest.raises(auth.PermissionDenied, match="lea is a labeller and may not manage accounts"):
-        auth.add_account(signed, "eve", "admin", PASSWORD, actor="lea")
+        auth.add_account(accounts, "eve", "admin", PASSWORD, actor="lea")
     with pytest.raises(auth.PermissionDenied, match="not an enabled account"):
-        auth.add_account(signed, "eve", "viewer", PASSWORD, actor="nobody")
-    assert [a.name for a in auth.list_accounts(signed)] == ["ada", "lea", "tim", "vic"]
+        auth.add_account(accounts, "eve", "viewer", PASSWORD, actor="nobody")
+    assert [a.name for a in auth.list_accounts(accounts)] == ["ada", "lea", "tim", "vic"]
 
 
-def test_each_role_may_do_what_its_rank_allows(signed: Database) -> None:
+def test_each_role_may_do_what_its_rank_allows(accounts: Database) -> None:
     allowed = {
-        name: {action for action in auth.Action if _may(signed, name, action)} for name in ("vic", "lea", "tim", "ada")
+        name: {action for action in auth.Action if _may(accounts, name, action)}
+        for name in ("vic", "lea", "tim", "ada")
     }
     assert allowed["vic"] == set()
     assert allowed["lea"] == {auth.Action.UPLOAD, auth.Action.LABEL, auth.Action.ADD_CATEGORY}
@@ -67,78 +54,78 @@ def _may(db: Database, actor: str, action: auth.Action) -> bool:
     return True
 
 
-def test_a_labeller_cannot_start_training_or_activate_a_model_through_core(signed: Database) -> None:
+def test_a_labeller_cannot_start_training_or_activate_a_model_through_core(accounts: Database) -> None:
     with pytest.raises(auth.PermissionDenied, match="lea is a labeller and may not start or cancel training"):
-        enqueue_training(signed, "quick", {}, "lea")
+        enqueue_training(accounts, "quick", {}, "lea")
     with pytest.raises(auth.PermissionDenied, match="activate or roll back"):
-        activate_version(signed, 1, actor="lea")
-    job_id = enqueue_training(signed, "quick", {}, "tim")
+        activate_version(accounts, 1, actor="lea")
+    job_id = enqueue_training(accounts, "quick", {}, "tim")
     with pytest.raises(auth.PermissionDenied):
-        cancel_job(signed, job_id, actor="lea")
-    cancel_job(signed, job_id, actor="tim")
-    with signed.read() as session:
+        cancel_job(accounts, job_id, actor="lea")
+    cancel_job(accounts, job_id, actor="tim")
+    with accounts.read() as session:
         rows = session.execute(select(AuditEvent.actor, AuditEvent.subject, AuditEvent.detail)).all()
     assert ("tim", f"training job {job_id}", {"change": "queue", "mode": "quick"}) in rows
     assert ("tim", f"training job {job_id}", {"change": "cancel"}) in rows
 
 
-def test_sign_in_checks_the_password_and_the_session_ends_when_the_account_is_disabled(signed: Database) -> None:
+def test_sign_in_checks_the_password_and_the_session_ends_when_the_account_is_disabled(accounts: Database) -> None:
     with pytest.raises(auth.SignInRefused, match="wrong name or password"):
-        auth.sign_in(signed, "lea", "not the password")
+        auth.sign_in(accounts, "lea", "not the password")
     with pytest.raises(auth.SignInRefused, match="wrong name or password"):
-        auth.sign_in(signed, "nobody", PASSWORD)
-    secret, who = auth.sign_in(signed, "lea", PASSWORD, client="10.0.0.7")
+        auth.sign_in(accounts, "nobody", PASSWORD)
+    secret, who = auth.sign_in(accounts, "lea", PASSWORD, client="10.0.0.7")
     assert who == auth.Principal("lea", auth.Role.LABELLER)
-    assert auth.session_principal(signed, secret) == who
-    assert auth.session_principal(signed, secret + "x") is None
-    auth.disable_account(signed, "lea", actor="ada")
-    assert auth.session_principal(signed, secret) is None
+    assert auth.session_principal(accounts, secret) == who
+    assert auth.session_principal(accounts, secret + "x") is None
+    auth.disable_account(accounts, "lea", actor="ada")
+    assert auth.session_principal(accounts, secret) is None
     with pytest.raises(auth.SignInRefused):
-        auth.sign_in(signed, "lea", PASSWORD)
+        auth.sign_in(accounts, "lea", PASSWORD)
     with pytest.raises(auth.PermissionDenied, match="not an enabled account"):
-        auth.authorize(signed, "lea", auth.Action.LABEL)
+        auth.authorize(accounts, "lea", auth.Action.LABEL)
 
 
-def test_repeated_failures_lock_the_name_out_even_with_the_right_password(signed: Database) -> None:
-    for _ in range(signed.settings.login_max_failures):
+def test_repeated_failures_lock_the_name_out_even_with_the_right_password(accounts: Database) -> None:
+    for _ in range(accounts.settings.login_max_failures):
         with pytest.raises(auth.SignInRefused, match="wrong name or password"):
-            auth.sign_in(signed, "tim", "guess", client="10.0.0.9")
+            auth.sign_in(accounts, "tim", "guess", client="10.0.0.9")
     with pytest.raises(auth.SignInRefused, match="too many failed sign-ins for 'tim'"):
-        auth.sign_in(signed, "tim", PASSWORD, client="10.0.0.10")
-    assert auth.sign_in(signed, "lea", PASSWORD)[1].name == "lea"  # other names are not locked
+        auth.sign_in(accounts, "tim", PASSWORD, client="10.0.0.10")
+    assert auth.sign_in(accounts, "lea", PASSWORD)[1].name == "lea"  # other names are not locked
 
 
-def test_a_session_expires(signed: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(signed.settings, "session_hours", 1e-9)
-    secret, _ = auth.sign_in(signed, "vic", PASSWORD)
-    assert auth.session_principal(signed, secret) is None
-    auth.end_session(signed, secret)
+def test_a_session_expires(accounts: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accounts.settings, "session_hours", 1e-9)
+    secret, _ = auth.sign_in(accounts, "vic", PASSWORD)
+    assert auth.session_principal(accounts, secret) is None
+    auth.end_session(accounts, secret)
 
 
-def test_tokens_are_hashed_scoped_and_revocable(signed: Database) -> None:
-    _, secret = auth.create_token(signed, "shop", "labeller", actor="ada")
-    with signed.read() as session:
+def test_tokens_are_hashed_scoped_and_revocable(accounts: Database) -> None:
+    _, secret = auth.create_token(accounts, "shop", "labeller", actor="ada")
+    with accounts.read() as session:
         stored = session.scalars(select(ApiToken.token_hash)).one()
     assert secret not in stored and len(stored) == 64
-    who = auth.token_principal(signed, secret)
+    who = auth.token_principal(accounts, secret)
     assert who == auth.Principal("shop", auth.Role.LABELLER, is_token=True) and who.actor == "token:shop"
-    assert auth.list_tokens(signed)[0].last_used_at is not None
-    auth.authorize(signed, who.actor, auth.Action.UPLOAD)
+    assert auth.list_tokens(accounts)[0].last_used_at is not None
+    auth.authorize(accounts, who.actor, auth.Action.UPLOAD)
     with pytest.raises(auth.PermissionDenied, match="token:shop is a labeller"):
-        auth.authorize(signed, who.actor, auth.Action.TRAIN)
-    assert auth.token_principal(signed, "pct_made-up") is None
-    auth.revoke_token(signed, "shop", actor="ada")
-    assert auth.token_principal(signed, secret) is None
+        auth.authorize(accounts, who.actor, auth.Action.TRAIN)
+    assert auth.token_principal(accounts, "pct_made-up") is None
+    auth.revoke_token(accounts, "shop", actor="ada")
+    assert auth.token_principal(accounts, secret) is None
     with pytest.raises(auth.PermissionDenied):
-        auth.authorize(signed, "token:shop", auth.Action.UPLOAD)
+        auth.authorize(accounts, "token:shop", auth.Action.UPLOAD)
     with pytest.raises(auth.PermissionDenied, match="lea is a labeller and may not manage"):
-        auth.create_token(signed, "mine", "admin", actor="lea")
+        auth.create_token(accounts, "mine", "admin", actor="lea")
 
 
-def test_account_and_token_changes_leave_audit_rows_naming_the_admin(signed: Database) -> None:
-    auth.set_role(signed, "vic", "labeller", actor="ada")
-    auth.create_token(signed, "shop", "viewer", actor="ada")
-    with signed.read() as session:
+def test_account_and_token_changes_leave_audit_rows_naming_the_admin(accounts: Database) -> None:
+    auth.set_role(accounts, "vic", "labeller", actor="ada")
+    auth.create_token(accounts, "shop", "viewer", actor="ada")
+    with accounts.read() as session:
         rows = session.execute(select(AuditEvent.actor, AuditEvent.subject, AuditEvent.detail)).all()
     assert ("ada", "account vic", {"change": "set_role", "role": "labeller"}) in rows
     assert ("ada", "token shop", {"change": "create", "role": "viewer"}) in rows

@@ -3,28 +3,12 @@ sees no Retrain button (core refuses it anyway: tests/core/test_auth.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import auth
-from core.db import Database, open_database
-from core.settings import get_settings
+from core.db import Database
 from tests.pages.helpers import APP, TIMEOUT_S, run_page
-
-PASSWORD = "correct horse battery"
-
-
-@pytest.fixture
-def accounts(data_dir: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Database]:
-    monkeypatch.setenv("PRODCAT_AUTH", "builtin")
-    get_settings.cache_clear()
-    db = open_database(get_settings())
-    auth.add_account(db, "ada", "admin", PASSWORD, actor="")
-    for name, role in (("tim", "trainer"), ("lea", "labeller"), ("vic", "viewer")):
-        auth.add_account(db, name, role, PASSWORD, actor="ada")
-    yield db
 
 
 def test_nobody_signed_in_sees_only_the_sign_in_screen(accounts: Database) -> None:
