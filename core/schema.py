@@ -82,6 +82,7 @@ class LabelAction(enum.StrEnum):
     CLEAR = "clear"  # a person made an image unlabelled
     BULK = "bulk"  # one image of a bulk change (bulk relabel, accepted predictions); batch_id names the batch
     CONFIRM = "confirm"  # a person kept the label shown (old = new): not a change
+    SKIP = "skip"  # a person set the image aside in keyboard review (old = new): not a change
     UNDO = "undo"  # took back the event undoes_event_id names
     IMPORT = "import"  # labelled at import (folder name, chosen category or labels CSV)
     RENAME = "rename"  # the category was renamed (old = new id, the note names both names)
@@ -100,6 +101,9 @@ class Category(Base):
     # Set (with archived_at) when a category that audit rows or model versions still name is deleted; its name then
     # reads "<name> (deleted #<id>)". core.labels.delete_category.
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+SKU_MAX_LENGTH = 64  # images.sku column width; core.labels.clean_sku refuses longer ones
 
 
 class Image(Base):
@@ -131,6 +135,9 @@ class Image(Base):
     # Whether duplicate_group_id is known: True from ingest and from a scan; False for images from before migration
     # 0006 (and originals the scan could not read) until `duplicates scan` has grouped them.
     duplicates_checked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The catalogue's stock-keeping unit for the product shown (labels CSV `sku` column, `images set-sku`); NULL: none.
+    # Not unique: several photos show one product. Searched exactly and by prefix (core.review.search_condition).
+    sku: Mapped[str | None] = mapped_column(String(SKU_MAX_LENGTH), nullable=True, default=None)
 
     label: Mapped[Label | None] = relationship(back_populates="image", uselist=False)
 
@@ -141,6 +148,7 @@ class Image(Base):
         # Covers the grouped images' per-group sizes and splits (core.duplicates counts and pages) without the table.
         Index("ix_images_duplicate_group", "duplicate_group_id", "split"),
         Index("ix_images_duplicates_checked", "duplicates_checked"),
+        Index("ix_images_sku", "sku"),
     )
 
 
