@@ -34,14 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from benchmarks.common import ROOT, cpu_name, library_versions, markdown_table, write_json
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.servers import streamlit_server
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -92,29 +85,9 @@ def prepare(data_dir: Path, image_size: int, files: int, photos: Path) -> tuple[
 
 @contextlib.contextmanager
 def serve(env: dict[str, str], log: Path) -> Iterator[str]:
-    import httpx
-
-    port = _free_port()
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "server.py", "--server.port", str(port),
-             "--server.headless", "true", "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/api/v1/health", timeout=5).status_code == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server.py did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with streamlit_server(env, log, wait=False) as running:
+        running.wait_until_healthy(timeout_s=120)
+        yield running.base
 
 
 def api_request(client: Any, base: str, token: str, paths: list[Path]) -> tuple[float, list[dict[str, Any]]]:

@@ -29,13 +29,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.e2e.test_browser import CHROMIUM_ARGS, _chromium, _free_port
+from tests.e2e.test_browser import CHROMIUM_ARGS, _chromium
+from tests.servers import streamlit_server
 
 CATEGORIES = ("Shoes", "Bags", "Hats", "Shirts", "Coats", "Socks")
 POPULATE = """
@@ -62,28 +62,11 @@ def _entry(repo: Path) -> str:
 
 @contextlib.contextmanager
 def _server(repo: Path, data_dir: Path):
-    port = _free_port()
     env = {**os.environ, "PRODCAT_DATA_DIR": str(data_dir), "PRODCAT_PRETRAINED": "none", "PRODCAT_IMAGE_SIZE": "32",
            "PRODCAT_AUTH": "none"}  # fmt: skip
     env.pop("PRODCAT_DATABASE_URL", None)
-    log = (data_dir / "streamlit.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", _entry(repo), "--server.port", str(port),
-         "--server.headless", "true", "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
-        cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
-                if r.read().strip() == b"ok":
-                    break
-            time.sleep(0.3)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
+    with streamlit_server(env, data_dir / "streamlit.log", entry=_entry(repo), cwd=repo) as running:
+        yield running.base
 
 
 def _stats(samples: list[float]) -> dict[str, float]:

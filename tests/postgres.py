@@ -7,7 +7,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+
+from tests.servers import free_port
 
 SUPERUSER = "prodcat"
 TEMPLATE = "prodcat_template"
@@ -32,12 +33,6 @@ def find_bindir() -> Path | None:
         return Path(initdb).resolve().parent
     versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
     return Path(versions[-1]).parent if versions else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -126,7 +121,7 @@ def start_cluster() -> Cluster:
         run_as = "nobody"
         nobody = pwd.getpwnam(run_as)
         os.chown(root, nobody.pw_uid, nobody.pw_gid)
-    cluster = Cluster(bindir=bindir, root=root, port=_free_port(), run_as=run_as)
+    cluster = Cluster(bindir=bindir, root=root, port=free_port(), run_as=run_as)
     try:
         cluster.start()
     except Exception:

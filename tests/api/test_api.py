@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +23,11 @@ from core.settings import Settings
 from core.training import run_training
 from core.versions import active_version
 from tests.core.training_helpers import add_job, dataset, store_images
-from tests.e2e.test_browser import _free_port
 from tests.imagegen import image_bytes
+from tests.servers import ROOT, streamlit_server
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 ROLES = [role.value for role in auth.Role]
 MAX_FILE_BYTES = 300_000  # the server's per-file cap here, small so a too-large file and request are cheap to send
 NOT_AN_IMAGE = b"just some text, not a photo\n" * 4
@@ -61,17 +59,6 @@ class Api:
         return {"Authorization": f"Bearer {self.tokens[role]}"}
 
 
-def _wait_for(base: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base}/_stcore/health", timeout=2).text.strip() == "ok":
-                return
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"server.py did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.3)
-
-
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """`streamlit run server.py` on a free port with its own data directory and PRODCAT_AUTH=builtin; while it
@@ -88,17 +75,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     env.pop("PRODCAT_DATABASE_URL", None)
     settings = Settings(data_dir=data_dir, database_url=None, auth="builtin", pretrained="none", label_check_folds=0)
     db = open_database(settings)  # migrated here first, so the server finds the schema in place
-    port = _free_port()
-    log = root / "server.log"
-    started: list[subprocess.Popen] = []
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "server.py", "--server.port", str(port),
-             "--server.headless", "true", "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    started.append(server)
-    try:
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(streamlit_server(env, root / "server.log", wait=False))
         auth.add_account(db, "root", auth.Role.ADMIN, None, actor="")  # the first admin needs no one's permission
         tokens = {role: auth.create_token(db, f"{role}-system", role, actor="root")[1] for role in ROLES}
         store_images(db, dataset(["Shoes", "Bags", "Hats"], train=4, val=2, test=2))
@@ -113,19 +91,19 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
             [sys.executable, "-m", "core.cli", "predict", "--json", "--top-k", "2", *map(str, compared.values())],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        started.append(cli_predict)
-        base = f"http://127.0.0.1:{port}"
-        _wait_for(base, server, log)
-        with httpx.Client(timeout=120) as http:
-            yield Api(base, data_dir, db, tokens, version.id, cli_predict, compared, http)
-    finally:
-        for process in started:
-            process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.communicate(timeout=10)
-            if process.poll() is None:
-                process.kill()
-        close_all()
+        stack.callback(_stop, cli_predict)
+        stack.callback(close_all)
+        server.wait_until_healthy()
+        http = stack.enter_context(httpx.Client(timeout=120))
+        yield Api(server.base, data_dir, db, tokens, version.id, cli_predict, compared, http)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.communicate(timeout=10)
+    if process.poll() is None:
+        process.kill()
 
 
 def _files(named: dict[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,13 +29,13 @@ from core.labels import audit_trail
 from core.settings import Settings
 from core.splits import split_for_hash
 from tests.imagegen import CATEGORY_COLOURS, image_bytes
+from tests.servers import ROOT, streamlit_server
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -66,12 +65,6 @@ def _no_browser(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _photos(category: str) -> list[dict[str, object]]:
     """Generated PNGs of one category, chosen so each split gets what WANTED asks for."""
     need = dict(WANTED)
@@ -91,7 +84,6 @@ def _photos(category: str) -> list[dict[str, object]]:
 def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A real streamlit server on a free port with its own data directory; stopped (with its worker) afterwards."""
     data_dir = tmp_path / "data"
-    port = _free_port()
     env = {
         **os.environ,
         "PRODCAT_DATA_DIR": str(data_dir),
@@ -105,31 +97,10 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         [sys.executable, "-m", "core.cli", "users", "add", ACTOR, "--role", "admin", "--password-stdin"],
         cwd=ROOT, env=env, input=PASSWORD + "\n", text=True, check=True, capture_output=True,
     )  # fmt: skip
-    log = (tmp_path / "streamlit.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "server.py", "--server.port", str(port),
-         "--server.headless", "true", "--server.address", "127.0.0.1"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as response:
-                    if response.read().strip() == b"ok":
-                        break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"streamlit did not start: {(tmp_path / 'streamlit.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield base, data_dir
+        with streamlit_server(env, tmp_path / "streamlit.log") as running:
+            yield running.base, data_dir
     finally:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=10)
-        if process.poll() is None:
-            process.kill()
-        log.close()
         _stop_workers(data_dir)
 
 
