@@ -16,7 +16,7 @@ from dataclasses import asdict
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from fastapi import Depends, FastAPI, File, Form, Request, Security, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
@@ -411,6 +411,144 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 SIGNED_IN = {401: ERRORS[401], 413: ERRORS[413], 422: ERRORS[422]}
 
 
+router = APIRouter()
+
+
+@router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
+def health() -> Any:
+    """Whether the service and its database answer, and the active model version (no token needed)."""
+    try:
+        db = database()
+        with db.read() as session:
+            session.execute(text("SELECT 1"))
+        version = active_version(db)
+    except (SQLAlchemyError, OSError) as exc:
+        body = HealthOut(ok=False, database=False, model_version=None, error=f"database unreachable: {exc}")
+        return JSONResponse(body.model_dump(), status_code=503)
+    return HealthOut(ok=True, database=True, model_version=version.id if version else None)
+
+
+@router.post(
+    "/predict",
+    response_model=PredictOut,
+    responses={**SIGNED_IN, 409: {"model": ErrorOut, "description": "No active model yet, or it is unusable."}},
+    dependencies=[Depends(only_fields("files", "top_k"))],
+)
+def predict(
+    principal: Caller,
+    files: Annotated[list[UploadFile], File(description=f"Image files (at most {MAX_FILES}).")],
+    top_k: Annotated[int, Form(ge=1, le=MAX_TOP_K, description="How many likely categories per file.")] = 3,
+) -> Any:
+    """Classify image files with the active model without importing them: per file its top-k categories with
+    calibrated probabilities, or why it was refused. Any role. Equal to `python -m core.cli predict`."""
+    _check_count(files)
+    db = database()
+    max_bytes = db.settings.max_file_bytes
+    try:
+        results = predict_uploads(
+            db, [_LazyUpload(f, _name(f, n), max_bytes) for n, f in enumerate(files)], top_k=top_k
+        )
+    except NotFound as exc:  # no active model: a state to fix, not a missing resource of the request
+        raise HTTPException(409, str(exc)) from exc
+    rows = [
+        FilePredictionOut(
+            file=r.name,
+            category=r.category,
+            confidence=r.confidence,
+            top_k=[TopKOut(category=t.category, probability=t.probability) for t in r.top_k],
+            model_version=r.model_version_id,
+            error=r.error,
+        )
+        for r in results
+    ]
+    version = next((r.model_version for r in rows if r.model_version is not None), None)
+    return PredictOut(model_version=version, results=rows)
+
+
+@router.post(
+    "/images",
+    response_model=ImportOut,
+    responses={**SIGNED_IN, 403: ERRORS[403], 400: {"model": ErrorOut, "description": "The category is refused."}},
+    dependencies=[Depends(only_fields("files", "category", "labels_from_folders"))],
+)
+def import_images(
+    principal: Caller,
+    files: Annotated[list[UploadFile], File(description=f"Images and .zip archives (at most {MAX_FILES}).")],
+    category: Annotated[str | None, Form(description="Label every imported image with this category.")] = None,
+    labels_from_folders: Annotated[
+        bool, Form(description="A zipped ImageFolder tree: each image's first folder is its category.")
+    ] = False,
+) -> Any:
+    """Import images and zip archives into the catalogue, optionally labelled; returns the report `python -m
+    core.cli import --json` prints. Duplicates are stored once; refused files are listed with the reason and
+    the others still go in. Labeller and up."""
+    db = database()
+    authorize(db, principal.actor, Action.UPLOAD)  # 403 before any file is read
+    _check_count(files)
+    category = category.strip() if category and category.strip() else None
+    if category is not None and labels_from_folders:
+        raise HTTPException(422, "choose one way to label: category and labels_from_folders were both given")
+    if category is not None:
+        category = _check_category(db, category)
+    result = ImportResult()
+    oversized: list[RefusedItem] = []
+    for batch in _import_batches(files, db.settings.max_file_bytes):
+        if isinstance(batch, RefusedItem):
+            oversized.append(batch)
+            continue
+        part = import_uploads(
+            db,
+            batch,
+            category=category,
+            labels_from_folders=labels_from_folders,
+            actor=principal.actor,
+            source="api",
+        )
+        result.imported += part.imported
+        result.duplicates += part.duplicates
+        result.refused += part.refused
+        result.notes += [n for n in part.notes if n not in result.notes]
+    result.refused[:0] = oversized  # as the CLI lists files it could not read before the others
+    return {"summary": result.summary(), **_plain(result)}
+
+
+@router.get("/categories", response_model=CategoriesOut, responses=SIGNED_IN, dependencies=[Depends(only_fields())])
+def categories(principal: Caller) -> Any:
+    """Every category (archived and merged ones too) with how many images are labelled with it. Any role."""
+    rows = list_categories(database(), include_archived=True)
+    return CategoriesOut(
+        categories=[
+            CategoryOut(id=r.id, name=r.name, labelled=r.labelled, archived=r.archived, merged_into=r.merged_into)
+            for r in rows
+        ]
+    )
+
+
+@router.get("/models", response_model=ModelsOut, responses=SIGNED_IN, dependencies=[Depends(only_fields())])
+def models(principal: Caller) -> Any:
+    """Every model version, newest first, with its test accuracy; `active` is the one serving predictions."""
+    versions = list_versions(database())
+    return ModelsOut(
+        active=next((v.id for v in versions if v.status == VersionStatus.ACTIVE), None),
+        models=[
+            ModelOut(
+                id=v.id,
+                arch=v.arch,
+                status=v.status,
+                image_size=v.image_size,
+                mode=v.mode,
+                classes=v.class_names,
+                test_accuracy=v.test_accuracy,
+                test_images=v.test_images,
+                macro_f1=v.macro_f1,
+                created_at=v.created_at.isoformat(),
+                activated_at=v.activated_at.isoformat() if v.activated_at else None,
+            )
+            for v in versions
+        ],
+    )
+
+
 def create_app() -> FastAPI:
     """The API app; server.py mounts it at /api/v1 (its OpenAPI document is then at /api/v1/openapi.json)."""
     settings = get_settings()
@@ -429,137 +567,7 @@ def create_app() -> FastAPI:
         },
     )
     api.add_middleware(Guard, max_body_bytes=min(MAX_REQUEST_BYTES, MAX_FILES * settings.max_file_bytes + READ_CHUNK))
-
-    @api.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
-    def health() -> Any:
-        """Whether the service and its database answer, and the active model version (no token needed)."""
-        try:
-            db = database()
-            with db.read() as session:
-                session.execute(text("SELECT 1"))
-            version = active_version(db)
-        except (SQLAlchemyError, OSError) as exc:
-            body = HealthOut(ok=False, database=False, model_version=None, error=f"database unreachable: {exc}")
-            return JSONResponse(body.model_dump(), status_code=503)
-        return HealthOut(ok=True, database=True, model_version=version.id if version else None)
-
-    @api.post(
-        "/predict",
-        response_model=PredictOut,
-        responses={**SIGNED_IN, 409: {"model": ErrorOut, "description": "No active model yet, or it is unusable."}},
-        dependencies=[Depends(only_fields("files", "top_k"))],
-    )
-    def predict(
-        principal: Caller,
-        files: Annotated[list[UploadFile], File(description=f"Image files (at most {MAX_FILES}).")],
-        top_k: Annotated[int, Form(ge=1, le=MAX_TOP_K, description="How many likely categories per file.")] = 3,
-    ) -> Any:
-        """Classify image files with the active model without importing them: per file its top-k categories with
-        calibrated probabilities, or why it was refused. Any role. Equal to `python -m core.cli predict`."""
-        _check_count(files)
-        db = database()
-        max_bytes = db.settings.max_file_bytes
-        try:
-            results = predict_uploads(
-                db, [_LazyUpload(f, _name(f, n), max_bytes) for n, f in enumerate(files)], top_k=top_k
-            )
-        except NotFound as exc:  # no active model: a state to fix, not a missing resource of the request
-            raise HTTPException(409, str(exc)) from exc
-        rows = [
-            FilePredictionOut(
-                file=r.name,
-                category=r.category,
-                confidence=r.confidence,
-                top_k=[TopKOut(category=t.category, probability=t.probability) for t in r.top_k],
-                model_version=r.model_version_id,
-                error=r.error,
-            )
-            for r in results
-        ]
-        version = next((r.model_version for r in rows if r.model_version is not None), None)
-        return PredictOut(model_version=version, results=rows)
-
-    @api.post(
-        "/images",
-        response_model=ImportOut,
-        responses={**SIGNED_IN, 403: ERRORS[403], 400: {"model": ErrorOut, "description": "The category is refused."}},
-        dependencies=[Depends(only_fields("files", "category", "labels_from_folders"))],
-    )
-    def import_images(
-        principal: Caller,
-        files: Annotated[list[UploadFile], File(description=f"Images and .zip archives (at most {MAX_FILES}).")],
-        category: Annotated[str | None, Form(description="Label every imported image with this category.")] = None,
-        labels_from_folders: Annotated[
-            bool, Form(description="A zipped ImageFolder tree: each image's first folder is its category.")
-        ] = False,
-    ) -> Any:
-        """Import images and zip archives into the catalogue, optionally labelled; returns the report `python -m
-        core.cli import --json` prints. Duplicates are stored once; refused files are listed with the reason and
-        the others still go in. Labeller and up."""
-        db = database()
-        authorize(db, principal.actor, Action.UPLOAD)  # 403 before any file is read
-        _check_count(files)
-        category = category.strip() if category and category.strip() else None
-        if category is not None and labels_from_folders:
-            raise HTTPException(422, "choose one way to label: category and labels_from_folders were both given")
-        if category is not None:
-            category = _check_category(db, category)
-        result = ImportResult()
-        oversized: list[RefusedItem] = []
-        for batch in _import_batches(files, db.settings.max_file_bytes):
-            if isinstance(batch, RefusedItem):
-                oversized.append(batch)
-                continue
-            part = import_uploads(
-                db,
-                batch,
-                category=category,
-                labels_from_folders=labels_from_folders,
-                actor=principal.actor,
-                source="api",
-            )
-            result.imported += part.imported
-            result.duplicates += part.duplicates
-            result.refused += part.refused
-            result.notes += [n for n in part.notes if n not in result.notes]
-        result.refused[:0] = oversized  # as the CLI lists files it could not read before the others
-        return {"summary": result.summary(), **_plain(result)}
-
-    @api.get("/categories", response_model=CategoriesOut, responses=SIGNED_IN, dependencies=[Depends(only_fields())])
-    def categories(principal: Caller) -> Any:
-        """Every category (archived and merged ones too) with how many images are labelled with it. Any role."""
-        rows = list_categories(database(), include_archived=True)
-        return CategoriesOut(
-            categories=[
-                CategoryOut(id=r.id, name=r.name, labelled=r.labelled, archived=r.archived, merged_into=r.merged_into)
-                for r in rows
-            ]
-        )
-
-    @api.get("/models", response_model=ModelsOut, responses=SIGNED_IN, dependencies=[Depends(only_fields())])
-    def models(principal: Caller) -> Any:
-        """Every model version, newest first, with its test accuracy; `active` is the one serving predictions."""
-        versions = list_versions(database())
-        return ModelsOut(
-            active=next((v.id for v in versions if v.status == VersionStatus.ACTIVE), None),
-            models=[
-                ModelOut(
-                    id=v.id,
-                    arch=v.arch,
-                    status=v.status,
-                    image_size=v.image_size,
-                    mode=v.mode,
-                    classes=v.class_names,
-                    test_accuracy=v.test_accuracy,
-                    test_images=v.test_images,
-                    macro_f1=v.macro_f1,
-                    created_at=v.created_at.isoformat(),
-                    activated_at=v.activated_at.isoformat() if v.activated_at else None,
-                )
-                for v in versions
-            ],
-        )
-
+    api.include_router(router)
     return api
 
 
