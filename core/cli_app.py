@@ -81,7 +81,7 @@ class ProdcatTyper(typer.Typer):
         return decorator
 
 
-def _typer(help_text: str) -> ProdcatTyper:
+def command_group(help_text: str) -> ProdcatTyper:
     return ProdcatTyper(
         help=help_text,
         no_args_is_help=True,
@@ -91,13 +91,13 @@ def _typer(help_text: str) -> ProdcatTyper:
     )
 
 
-app = _typer(
+app = command_group(
     "prodcat: product-photo catalogue with labels, audit trail and retraining.\n\n"
     "Settings come from PRODCAT_* environment variables (PRODCAT_DATA_DIR picks the data folder)."
 )
-categories_app = _typer("List, add, rename, merge, archive, un-archive and delete categories.")
-export_app = _typer("Export labels as a CSV or the labelled originals as an ImageFolder tree.")
-models_app = _typer("Model versions: list and activate (rollback = activate an older one).")
+categories_app = command_group("List, add, rename, merge, archive, un-archive and delete categories.")
+export_app = command_group("Export labels as a CSV or the labelled originals as an ImageFolder tree.")
+models_app = command_group("Model versions: list and activate (rollback = activate an older one).")
 app.add_typer(categories_app, name="categories")
 app.add_typer(export_app, name="export")
 app.add_typer(models_app, name="models")

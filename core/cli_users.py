@@ -15,27 +15,17 @@ from core import auth
 from core.cli_app import (
     ActorOpt,
     JsonOpt,
-    ProdcatTyper,
     actor_or_default,
     app,
+    command_group,
     default_actor,
     fail,
     open_db,
     print_json,
 )
 
-users_app = ProdcatTyper(
-    help="Accounts that sign in to the pages, with a role each: viewer, labeller, trainer, admin.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-)
-tokens_app = ProdcatTyper(
-    help="Bearer tokens for other systems calling the HTTP API (/api/v1/), each scoped to a role.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-)
+users_app = command_group("Accounts that sign in to the pages, with a role each: viewer, labeller, trainer, admin.")
+tokens_app = command_group("Bearer tokens for other systems calling the HTTP API (/api/v1/), each scoped to a role.")
 app.add_typer(users_app, name="users")
 app.add_typer(tokens_app, name="tokens")
 
