@@ -106,8 +106,10 @@ _STORAGE_MESSAGES: tuple[tuple[tuple[str, ...], str], ...] = (
         "try again",
     ),
 )
-_DISK_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota", errno.EROFS: "read only file system",
-                errno.EIO: "input/output error"}
+# EFBIG: a file may grow no further (the file system's or the process's size limit, RLIMIT_FSIZE): for a person it
+# is a full disk, like ENOSPC and EDQUOT.
+_DISK_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota", errno.EFBIG: "no space left",
+                errno.EROFS: "read only file system", errno.EIO: "input/output error"}
 
 
 def as_storage_error(exc: BaseException, place: str = "") -> StorageError | None:

@@ -5,21 +5,29 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
-from sqlalchemy import create_engine, event, text
+from PIL import Image as PILImage
+from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from typer.testing import CliRunner
 
 from core.db import Database
 from core.errors import StorageError, as_storage_error
+from core.ingest import import_paths
 from core.labels import list_categories
-from tests.imagegen import write_image_folder
+from core.schema import Image
+from tests.imagegen import image_bytes, write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
 LEAKS = ("Traceback", "[SQL", "INSERT", "SELECT", "parameters", "sqlalchemy", "sqlite3.")
@@ -76,6 +84,8 @@ def test_real_database_failures_become_storage_errors_that_say_what_to_do(db: Da
         damaged: "the database file in the data directory 'data' is damaged or is not a prodcat database",
         OSError(errno.ENOSPC, "No space left on device", str(path)): "the disk holding the data directory 'data'",
         OSError(errno.EROFS, "Read-only file system", str(path)): "the database is read-only: check the permissions",
+        OSError(errno.EFBIG, "File too large", str(path)): "the disk holding the data directory 'data' is full",
+        OSError(errno.EDQUOT, "Disk quota exceeded", str(path)): "the disk holding the data directory 'data' is full",
     }
     for error, start in expected.items():
         refusal = as_storage_error(error)
@@ -139,3 +149,90 @@ def test_cli_import_onto_a_full_disk_ends_with_one_clean_line(db: Database, tmp_
     assert "Error: the disk holding the data directory 'data' is full: free some space" in result.output
     assert_clean(result.output, db.settings.data_dir)
     assert "database or disk is full" in (db.settings.logs_dir / "cli.log").read_text()
+
+
+# --- a disk that fills up during an import (issue 13 point 5) -------------------------------------------------
+
+
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[Callable[[int], None]]:
+    """No file of this process may grow past `limit` bytes (RLIMIT_FSIZE): a write beyond fails with EFBIG, as a
+    write onto a full disk fails with ENOSPC, on the real file system and without root. Yields a setter to change the
+    limit inside the block; SIGXFSZ is ignored (Python's default), so the write fails instead of killing the process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def set_limit(new: int) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (new, hard))
+
+    set_limit(limit)
+    try:
+        yield set_limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def files_and_rows(db: Database) -> tuple[set[str], set[str]]:
+    """Every file under images/ and thumbs/ (temporary ones included), and the files the image rows point to."""
+    root = db.settings.data_dir
+    files = {p.relative_to(root).as_posix() for d in ("images", "thumbs") for p in (root / d).rglob("*") if p.is_file()}
+    with db.read() as session:
+        rows = {path for row in session.execute(select(Image.stored_path, Image.thumb_path)) for path in row}
+    return files, rows
+
+
+def test_a_disk_that_fills_during_an_import_keeps_what_was_stored_and_leaves_no_file_without_a_row(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.cli  # noqa: F401 (registers the commands)
+    import core.ingest.importer as importer
+    from core.cli_app import app
+
+    # 1. A photo too big for what is left of the disk: refused by name with the reason, the others imported and listed.
+    photos = write_image_folder(tmp_path / "photos", per_category=4, size=24)
+    noise = np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)
+    PILImage.fromarray(noise).save(photos / "Bags" / "bag_big.png")  # ~1.1 MB of incompressible pixels
+    db.dispose()  # the migrations' write-ahead log is folded into the database file and removed
+    with file_size_limit(512 * 1024):
+        cli = CliRunner().invoke(app, ["import", str(photos), "--labels-from-folders"])
+    assert cli.exit_code == 0, cli.output
+    assert "12 imported, 0 duplicates, 1 refused" in cli.output
+    assert "Bags/bag_big.png: could not be stored (File too large); check free disk space" in cli.output
+    files, rows = files_and_rows(db)
+    assert files == rows and len(rows) == 2 * 12
+
+    # 2. The database cannot grow either from the second batch on: that batch's transaction fails as a whole.
+    later = tmp_path / "later"
+    later.mkdir()
+    for i in range(12):
+        (later / f"shoe_{i:02}.png").write_bytes(image_bytes("Shoes", 100 + i, size=24))
+    monkeypatch.setattr(importer, "BATCH_ROWS", 4)
+    monkeypatch.setattr(importer, "BATCH_SECONDS", 3600.0)
+    wal = db.settings.data_dir / "prodcat.sqlite3-wal"
+    reported: list[str] = []
+    with file_size_limit(512 * 1024) as set_limit, pytest.raises(OperationalError) as failure:
+
+        def progress(done: int, _total: int | None, name: str) -> None:
+            reported.append(name)
+            if done == 4:  # the first batch is committed: from now on the write-ahead log may not grow
+                set_limit(wal.stat().st_size)
+
+        import_paths(db, [later], category="Shoes", actor="ana", progress=progress)
+    refusal = as_storage_error(failure.value)
+    assert refusal is not None and str(refusal).startswith("the disk holding the data directory 'data'"), refusal
+    assert_clean(str(refusal), db.settings.data_dir)
+    # What the progress reported as stored is what is stored; the failed batch's files (and those in flight) are gone.
+    assert reported == [f"later/shoe_{i:02}.png" for i in range(4)]
+    with db.read() as session:
+        stored_later = session.scalars(select(Image.original_name).where(Image.original_name.like("later/%"))).all()
+    assert sorted(stored_later) == reported
+    files, rows = files_and_rows(db)
+    assert files == rows and len(rows) == 2 * 16
+    assert db.integrity_ok()
+
+    # 3. Space again: the same import completes, the files stored before count as duplicates.
+    again = import_paths(db, [later], category="Shoes", actor="ana")
+    assert (len(again.imported), len(again.duplicates), again.refused) == (8, 4, [])
+    files, rows = files_and_rows(db)
+    assert files == rows and len(rows) == 2 * 24
