@@ -17,10 +17,11 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from core.auth import Action, record
 from core.db import Database, in_chunks
 from core.duplicates import HashArrays, HashIndex, join_group, load_hash_index
 from core.errors import CategoryError, ImageRefused
@@ -78,6 +79,7 @@ class _Pending:
 
     cand: Candidate
     category: str | None = None
+    sku: str | None = None  # the labels CSV's SKU for this file
     sha: str = ""
     refusal: str | None = None
     existing: tuple[int, str] | None = None  # a duplicate of an image already in the database
@@ -95,6 +97,7 @@ class _New:
     sha: str
     category: str | None
     prepared: _Prepared
+    sku: str | None = None
 
 
 @dataclass
@@ -105,6 +108,7 @@ class _Dup:
     sha: str
     category: str | None
     existing: tuple[int, str] | None
+    sku: str | None = None  # attached to the stored image when it has none yet
 
 
 _Outcome = _New | _Dup | RefusedItem | Skip
@@ -131,7 +135,10 @@ class _Batch:
 
     def writes(self) -> bool:
         """Whether the batch has anything for the database (refusals alone have not)."""
-        return any(isinstance(i, _New) or (isinstance(i, _Dup) and i.category is not None) for i in self.items)
+        return any(
+            isinstance(i, _New) or (isinstance(i, _Dup) and (i.category is not None or i.sku is not None))
+            for i in self.items
+        )
 
 
 class _Rows:
@@ -203,10 +210,14 @@ class Importer:
         self.ambiguous = {norm_key(k): v for k, v in table.ambiguous.items()}
         self.ambiguous_sha256 = table.ambiguous_sha256
         self.csv_name = f"the labels CSV {table.source}" if table.source else "the labels CSV"
+        self.skus = {norm_key(k): v for k, v in table.skus.items()}
+        self.skus_by_sha256 = table.skus_by_sha256
+        self.ambiguous_skus = {norm_key(k): v for k, v in table.ambiguous_skus.items()}
+        self.ambiguous_skus_sha256 = table.ambiguous_skus_sha256
         self.noted: set[str] = set()
         self.labels_from_folders = labels_from_folders
         self.progress = progress
-        self.result = ImportResult()
+        self.result = ImportResult(notes=list(table.sku_refusals))
         self.done = 0
         self.total: int | None = None
         self.seen: dict[str, tuple[int, str]] = {}  # sha256 -> (image id, original name) written by this import
@@ -349,6 +360,27 @@ class Importer:
             return cand.folder_category
         return self.category
 
+    def wanted_sku(self, cand: Candidate, sha: str) -> str | None:
+        """The labels CSV's SKU for this file (by content hash, then by name), else None. A hash or name listed with
+        different SKUs gets none, and the import says so once."""
+        if (found := self.skus_by_sha256.get(sha)) is not None:
+            return found
+        if sha in self.ambiguous_skus_sha256:
+            self._ambiguous_sku(sha, f"{cand.name!r} (sha256 {sha[:12]}...)", self.ambiguous_skus_sha256[sha])
+            return None
+        for key in filter(None, cand.label_keys):
+            norm = norm_key(key)
+            if (found := self.skus.get(norm)) is not None:
+                return found
+            if norm in self.ambiguous_skus:
+                self._ambiguous_sku(norm, repr(norm), self.ambiguous_skus[norm])
+                return None
+        return None
+
+    def _ambiguous_sku(self, key: str, what: str, listed: list[str]) -> None:
+        skus = ", ".join(repr(s) for s in listed)
+        self.note(f"sku:{key}", f"SKU not attached: {what} is listed with different SKUs in {self.csv_name} ({skus})")
+
     def checked_category(self, name: str) -> str:
         """The cleaned name of a live category (or a new one), else CategoryError.
 
@@ -413,6 +445,7 @@ class Importer:
         except CategoryError as exc:
             p.refusal, p.data, p.size = f"invalid category {wanted!r}: {exc}", None, 0
             return p
+        p.sku = self.wanted_sku(p.cand, p.sha)
         if p.sha in self.in_flight:
             p.same_as_in_flight = True
             return p
@@ -437,14 +470,14 @@ class Importer:
         if p.same_as_in_flight:
             existing = self.seen.get(p.sha)
             if existing is not None or p.sha in self.batch.new_by_sha:
-                self.add(_Dup(p.cand, p.sha, p.category, existing))
+                self.add(_Dup(p.cand, p.sha, p.category, existing, sku=p.sku))
                 return
             # The earlier copy was refused: this one gets its own verdict (the same one, named after it).
             assert p.data is not None
             prepared = self.prepare(name, p.data, p.sha)
             p.data = None
         elif p.existing is not None:
-            self.add(_Dup(p.cand, p.sha, p.category, p.existing))
+            self.add(_Dup(p.cand, p.sha, p.category, p.existing, sku=p.sku))
             return
         else:
             assert p.future is not None
@@ -455,7 +488,7 @@ class Importer:
             return
         assert prepared.decoded is not None and prepared.stored is not None
         self.in_flight.add(p.sha)
-        self.add(_New(p.cand, p.sha, p.category, prepared))
+        self.add(_New(p.cand, p.sha, p.category, prepared, sku=p.sku))
 
     def add(self, item: _Outcome) -> None:
         self.batch.add(item)
@@ -550,6 +583,7 @@ class Importer:
         new_rows: set[int] = set()
         verdicts: list[_Verdict | None] = []
         moves: list[_Move] = []  # labels of rows written here and of duplicates of them, in input order
+        skus: list[tuple[int, str, str]] = []  # (stored image, SKU, file name) of duplicates the CSV gives a SKU
         rows = _Rows()
 
         def write_pending_rows() -> None:
@@ -585,6 +619,8 @@ class Importer:
                 verdicts.append(DuplicateItem(name, target[0], target[1]))
                 image_id = target[0]
                 gone = image_id not in present and image_id not in new_rows  # deleted since it was looked up
+                if item.sku is not None and not gone:
+                    skus.append((image_id, item.sku, name))
                 if item.category is None or image_id in labelled or gone:
                     continue
                 if image_id in new_rows:  # a row of this batch: unlabelled so far, so no need to look
@@ -610,11 +646,31 @@ class Importer:
             if prepared.hashes is not None and rows.index.matches(prepared.hashes) is not None:
                 write_pending_rows()  # a near-duplicate of a row not yet written: match it by its id
             row, split = self.image_row(session, item.cand, item.sha, prepared)
+            row["sku"] = item.sku
             rows.add(len(verdicts), item, cat, row, split, prepared.hashes)
             verdicts.append(None)  # filled in when the row is written
         write_moves()
+        self.attach_skus(session, skus)
         assert all(v is not None for v in verdicts)
         return verdicts, written  # type: ignore[return-value]
+
+    def attach_skus(self, session: Session, wanted: list[tuple[int, str, str]]) -> None:
+        """Give stored images that files of this import duplicate the CSV's SKU where they have none yet, with an
+        audit row each (audit_events); a different SKU already there is kept, and the import says so."""
+        for image_id, sku, name in wanted:
+            filled = session.execute(
+                update(Image).where(Image.id == image_id, Image.sku.is_(None)).values(sku=sku)
+            ).rowcount
+            if filled:
+                record(session, self.actor, Action.UPLOAD, f"image {image_id}", field="sku", new=sku, file=name)
+                continue
+            have = session.scalar(select(Image.sku).where(Image.id == image_id))
+            if have is not None and have != sku:
+                self.note(
+                    f"sku:{image_id}",
+                    f"SKU {sku!r} not attached to {name!r}: it is a copy of image #{image_id}, whose SKU {have!r} "
+                    "was kept (`images set-sku` changes it)",
+                )
 
     def image_row(
         self, session: Session, cand: Candidate, sha: str, prepared: _Prepared

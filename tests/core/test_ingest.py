@@ -16,7 +16,7 @@ from core import db as core_db
 from core.db import Database
 from core.errors import ProdcatError
 from core.ingest import ImportResult, Upload, import_paths, import_uploads, read_labels_csv
-from core.schema import Category, Image, Label, LabelEvent
+from core.schema import AuditEvent, Category, Image, Label, LabelEvent
 from core.settings import get_settings
 from core.splits import split_for_hash
 from tests.core import badfiles
@@ -701,6 +701,55 @@ def test_a_decomposed_zip_entry_name_matches_a_composed_csv_name(db: Database) -
     labels = read_labels_csv(io.BytesIO("filename,category\ncafé.png,Cups\n".encode()))  # typed: composed
     result = import_uploads(db, [archive], labels=labels, actor="alice")
     assert [i.category for i in result.imported] == ["Cups"]
+
+
+def test_a_csv_sku_column_attaches_skus_and_a_bad_sku_refuses_only_its_row(db: Database, tmp_path: Path) -> None:
+    # A copy of b.png is in the catalogue already without a SKU, and a copy of c.png with another SKU.
+    old = [Upload("old-b.png", image_bytes("Bags", 251)), Upload("old-c.png", image_bytes("Hats", 252))]
+    import_uploads(db, old, actor="bob")
+    with db.write() as session:
+        session.scalars(select(Image).where(Image.original_name == "old-c.png")).one().sku = "HAT-OLD"
+    rows = [
+        "filename,category,sku",
+        "a.png,Shoes, SKU-001 ",  # trimmed
+        "b.png,Bags,BAG-7",
+        "c.png,Hats,HAT-NEW",
+        "d.png,Shoes,TSH\t042",  # a control character
+        "e.png,Shoes," + "X" * 65,  # one over the column's 64
+        "f.png,Shoes,",  # no SKU: fine
+    ]
+    csv_path = tmp_path / "shop.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k, name in enumerate("adef"):
+        (folder / f"{name}.png").write_bytes(image_bytes("Shoes", 260 + k))
+    (folder / "b.png").write_bytes(image_bytes("Bags", 251))
+    (folder / "c.png").write_bytes(image_bytes("Hats", 252))
+
+    result = import_paths(db, [folder], labels_csv=csv_path, actor="alice")
+
+    assert not result.refused and len(result.imported) == 4 and len(result.duplicates) == 2
+    with db.read() as session:
+        skus = {name: sku for name, sku in session.execute(select(Image.original_name, Image.sku))}
+    assert skus == {
+        "in/a.png": "SKU-001",
+        "old-b.png": "BAG-7",  # a stored copy without a SKU gets the CSV's
+        "old-c.png": "HAT-OLD",  # one with another SKU keeps it, and the import says so
+        "in/d.png": None,
+        "in/e.png": None,
+        "in/f.png": None,
+    }
+    assert _labels(db)["in/d.png"] == "Shoes" and _labels(db)["in/e.png"] == "Shoes"  # the rows' labels still count
+    notes = "\n".join(result.notes)
+    assert f"labels CSV {csv_path} line 5: SKU not attached to 'd.png': SKU 'TSH\\t042' contains a control" in notes
+    assert "line 6: SKU not attached to 'e.png': SKU 'XXXX" in notes and "65 characters long; at most 64" in notes
+    assert "SKU 'HAT-NEW' not attached to 'in/c.png'" in notes and "SKU 'HAT-OLD' was kept" in notes
+    assert len(result.notes) == 3
+    with db.read() as session:
+        audit = session.scalars(select(AuditEvent).where(AuditEvent.detail["field"].as_string() == "sku")).all()
+        filled = [(a.actor, a.subject, a.detail["new"]) for a in audit]
+    assert filled == [("alice", f"image {result.duplicates[0].image_id}", "BAG-7")]
 
 
 def test_a_csv_with_old_mac_line_endings_reads_and_broken_csv_names_file_and_line(tmp_path: Path) -> None:
