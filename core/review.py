@@ -12,8 +12,9 @@ Filters, all combinable:
 - `split`: train, val or test.
 - `true_category` / `predicted_category`: the label, resp. the prediction, must be exactly this category (what
   clicking a confusion-matrix cell sets). Either one also implies "has a label" resp. "has a prediction".
-- `search`: "#123" is image 123; "123" is image 123 or a file name containing "123"; any other text is a
-  case-insensitive part of the original file name.
+- `search`: "#123" is image 123; "sku:AB-1" is a SKU that is or starts with "AB-1" (case as typed, through the
+  SKU index); any other text is a case-insensitive part of the original file name or the beginning of a SKU, and
+  "123" is also image 123.
 
 Category arguments are names or ids. Merges are followed: a class trained as "Sneakers" and later merged into
 "Shoes" counts as a "Shoes" prediction, and filtering on "Sneakers" filters on "Shoes".
@@ -43,6 +44,7 @@ from core.db import Database
 from core.errors import NotFound, ProdcatError
 from core.labels import resolve_category
 from core.schema import Category, Image, ImageCheck, Label, ModelVersion, Prediction, Split, VersionStatus
+from core.skus import sku_condition
 from core.versions import ClassGroups, Merges
 
 MAX_PAGE_SIZE = 500
@@ -109,6 +111,7 @@ class ReviewItem:
     suggestion: Suggestion | None = None
     outlier_score: float | None = None
     unusual: bool = False  # unlike anything labelled so far (outlier score above the version's threshold)
+    sku: str | None = None  # the product's SKU (labels CSV, `images set-sku`)
 
     @property
     def suggests_change(self) -> bool:
@@ -267,17 +270,22 @@ def _joined(
     return query
 
 
+SKU_SEARCH_PREFIX = "sku:"  # "sku:AB-1" searches SKUs only
+
+
 def search_condition(search: str | None) -> ColumnElement[bool] | None:
-    """WHERE term on `Image` for a search box: "#123" is image 123; "123" is image 123 or a file name containing
-    "123"; other text is a case-insensitive part of the original file name (LIKE wildcards in it are literal).
-    None for an empty search."""
+    """WHERE term on `Image` for a search box: "#123" is image 123; "sku:AB-1" a SKU that is or starts with "AB-1"
+    (core.skus.sku_condition: the index alone); other text is a case-insensitive part of the original file name (LIKE
+    wildcards in it are literal) or the beginning of a SKU, and "123" is also image 123. None for an empty search."""
     text = (search or "").strip()
     if not text:
         return None
     if text.startswith("#") and text[1:].strip().isdigit():
         return Image.id == int(text[1:].strip())
-    by_name = Image.original_name.icontains(text, autoescape=True)
-    return (Image.id == int(text)) | by_name if text.isdigit() else by_name
+    if text[: len(SKU_SEARCH_PREFIX)].lower() == SKU_SEARCH_PREFIX and text[len(SKU_SEARCH_PREFIX) :].strip():
+        return sku_condition(text[len(SKU_SEARCH_PREFIX) :])
+    found = Image.original_name.icontains(text, autoescape=True) | sku_condition(text)
+    return (Image.id == int(text)) | found if text.isdigit() else found
 
 
 def _conditions(
@@ -354,6 +362,7 @@ def _sql_order(order: ReviewOrder) -> list[Any]:
 _ITEM_COLUMNS = (
     Image.id.label("image_id"),
     Image.original_name,
+    Image.sku,
     Image.thumb_path,
     Image.split,
     Image.created_at,
@@ -424,6 +433,7 @@ def _item(ctx: _Context, data_dir: Path, r: Any, order: ReviewOrder) -> ReviewIt
         created_at=r.created_at,
         suggestion=suggestion,
         outlier_score=r.outlier_score,
+        sku=r.sku,
         unusual=ctx.outlier_threshold is not None
         and r.outlier_score is not None
         and r.outlier_score > ctx.outlier_threshold,

@@ -272,6 +272,8 @@ def _card_body(
         item = found[0]
     st.image(str(item.thumb_path), width="stretch")
     st.text(f"#{item.image_id} {item.original_name}")
+    if item.sku is not None:
+        st.text(f"SKU: {item.sku}")
     st.text(f"Label: {item.label or '(unlabelled)'}   [{item.split}]")
     st.text(prediction_text(item))
     message = st.session_state.pop(_message_key(prefix, image_id), None)

@@ -306,6 +306,8 @@ def _keyboard_body(
         picture, controls = st.columns([1, 2])
         picture.image(str(item.thumb_path), width="stretch")
         controls.text(f"#{item.image_id} {item.original_name}   [{item.split}]")
+        if item.sku is not None:
+            controls.text(f"SKU: {item.sku}")
         controls.text(f"Label: {item.label or '(unlabelled)'}")
         controls.text(prediction_text(item))
         if item.image_id in log.skipped:

@@ -154,7 +154,12 @@ else:
         split = c3.selectbox("Split", OPTIONS["split"], key=KEYS["split"], persist_state=KEEP)
         order = c4.selectbox("Order", OPTIONS["order"], key=KEYS["order"], persist_state=KEEP)
         search = st.text_input(
-            "Search", key=SEARCH_KEY, persist_state=KEEP, placeholder="file name, or #id", label_visibility="collapsed"
+            "Search",
+            key=SEARCH_KEY,
+            persist_state=KEEP,
+            placeholder="file name, #id or SKU",
+            help="Part of a file name, `#123` for image 123, or a SKU or its beginning (`sku:AB-1` searches SKUs only)",
+            label_visibility="collapsed",
         )
         st.form_submit_button("Apply filters")
     query = {

@@ -303,3 +303,26 @@ def test_images_delete_removes_rows_and_files_with_an_audit_row(imported: Databa
         assert [(e.image_id, e.actor, e.action) for e in events] == [(2, "ops", "delete"), (3, "ops", "delete")]
         assert all(e.note.startswith("blurry") for e in events)
     assert cli("stats").stdout.startswith("4 images")
+
+
+def test_images_set_sku_sets_and_clears_with_audit_rows_and_refuses_a_bad_sku(imported: Database) -> None:
+    from core.schema import AuditEvent, Image
+
+    result = cli("images", "set-sku", "1", "2", "--sku", " TSH-0042 ", "--actor", "alice")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["Image 1: SKU 'TSH-0042'.", "Image 2: SKU 'TSH-0042'."]
+    tab = cli("images", "set-sku", "3", "--sku", "TSH\t1")
+    assert tab.exit_code == 1 and "SKU 'TSH\\t1' contains a control character (U+0009)" in tab.stderr
+    assert cli("images", "set-sku", "2", "999", "--sku", "X").stderr.count("no image with id 999") == 1
+    assert cli("images", "set-sku", "2").exit_code == 1  # neither --sku nor --clear
+    cleared = cli("images", "set-sku", "2", "--clear", "--actor", "alice")
+    assert cleared.stdout == "Image 2: SKU 'TSH-0042' removed.\n"
+    with imported.read() as session:
+        skus = {i.id: i.sku for i in session.scalars(select(Image).where(Image.id <= 3))}
+        audit = [(a.subject, a.detail) for a in session.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+    assert skus == {1: "TSH-0042", 2: None, 3: None}
+    assert audit == [
+        ("image 1", {"field": "sku", "old": None, "new": "TSH-0042"}),
+        ("image 2", {"field": "sku", "old": None, "new": "TSH-0042"}),
+        ("image 2", {"field": "sku", "old": "TSH-0042", "new": None}),
+    ]

@@ -275,3 +275,21 @@ def test_after_0010_undo_reads_the_converted_columns(settings: Settings) -> None
     db = open_database(settings.model_copy(update={"database_url": url}))
     with pytest.raises(NotFound, match="nothing to undo"):
         labels.undo_last_change(db, actor="alice")
+
+
+def test_upgrading_from_0013_adds_an_empty_indexed_sku_and_downgrading_drops_it(settings: Settings) -> None:
+    url, engine = _database_at(settings, "0013")
+    command.upgrade(_config(url), "head")
+    with engine.begin() as connection:
+        row = connection.execute(text("SELECT original_name, split, sku FROM images")).one()
+        connection.execute(text("UPDATE images SET sku = 'TSH-0042'"))
+        plan = connection.execute(text("EXPLAIN QUERY PLAN SELECT id FROM images WHERE sku = 'TSH-0042'")).all()
+    command.downgrade(_config(url), "0013")
+    with engine.connect() as connection:
+        columns = {r[1] for r in connection.execute(text("PRAGMA table_info('images')"))}
+        indexes = {r[1] for r in connection.execute(text("PRAGMA index_list('images')"))}
+        kept = connection.execute(text("SELECT original_name, split FROM images")).one()
+    engine.dispose()
+    assert tuple(row) == ("old.png", "test", None)  # an image from before has no SKU
+    assert "ix_images_sku" in plan[0][-1]
+    assert "sku" not in columns and "ix_images_sku" not in indexes and tuple(kept) == ("old.png", "test")

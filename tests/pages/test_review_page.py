@@ -315,3 +315,29 @@ def test_search_and_accepting_confident_predictions_in_bulk_with_one_undo(db: Da
     at.run()  # AppTest: the accept button's st.rerun leaves the next click unread without one more plain run
     next(b for b in at.button if b.label == "Undo my last change").click().run()
     assert all(audit_trail(db, i)[0].action == "undo" for i in ids[:3])  # one undo step took back all three
+
+
+def test_search_finds_a_sku_exactly_or_by_its_beginning_and_cards_show_it_as_text(db: Database) -> None:
+    from core.skus import set_sku
+
+    made = build(db, [FakeImage(split="train", name=f"photo_{k}.jpg") for k in range(5)])
+    ids = [int(i) for i in made.image_ids]
+    for image_id, sku in zip(ids, ["TSH-0042-BLK", "TSH-0042-RED", "TSH-0420", "<b>BAG</b>-1"], strict=False):
+        set_sku(db, [image_id], sku, actor="ada")  # ids[4] has no SKU
+    at = run_page("pages/review.py")
+
+    def search(text: str) -> list[int]:
+        at.text_input(key="review_search").set_value(text)
+        next(b for b in at.button if b.label == "Apply filters").click().run()
+        assert not at.exception
+        return sorted(card_ids(at))
+
+    assert search("TSH-0042") == ids[:2]  # the beginning of two SKUs
+    assert search("TSH-0042-RED") == [ids[1]]  # one SKU exactly
+    assert "SKU: TSH-0042-RED" in [t.value for t in at.text]
+    assert search("sku:TSH-0") == ids[:3]  # SKUs only
+    assert search("sku:TSH-04") == [ids[2]]
+    assert search("photo_3") == [ids[3]]  # file names as before
+    assert "SKU: <b>BAG</b>-1" in [t.value for t in at.text]  # plain text, not HTML
+    assert search("sku:photo") == []
+    assert "Nothing to review with these filters." in [i.value for i in at.info]
