@@ -4,6 +4,10 @@ A *label change* is a person's judgement about one image (actions set, bulk, cle
 renames and merges are batch bookkeeping, not judgements. An undo takes an earlier change back: the undo itself
 is not a change, and the change it took back no longer counts either (together they changed nothing).
 
+A *look* (actions confirm: a person kept the label shown; skip: a person set the image aside in keyboard review) is
+recorded with who and when, old = new: it changes nothing, so it is no label change, no correction and no undo step,
+and it is never the event that "changed" a label.
+
 A *correction* is a label change that either changed an existing label (to another category or to none) or chose
 a category other than the prediction the person was shown. Accepting the model's prediction, or giving a first
 label with no prediction shown, is labelling, not correcting.
@@ -17,6 +21,7 @@ from sqlalchemy.orm import aliased
 from core.schema import LabelAction, LabelEvent
 
 PERSON_ACTIONS: tuple[LabelAction, ...] = (LabelAction.SET, LabelAction.BULK, LabelAction.CLEAR)
+LOOK_ACTIONS: tuple[LabelAction, ...] = (LabelAction.CONFIRM, LabelAction.SKIP)
 
 
 def _undone() -> ColumnElement[bool]:

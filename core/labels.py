@@ -28,6 +28,7 @@ from sqlalchemy import ColumnElement, bindparam, delete, exists, func, insert, s
 from sqlalchemy.orm import Session, aliased
 
 from core.auth import Action, authorized_write, record
+from core.corrections import LOOK_ACTIONS
 from core.db import Database, dialect_insert, in_chunks, is_postgresql
 from core.errors import CategoryError, ConflictingLabel, LabelConflict, NotFound, ProdcatError
 from core.schema import (
@@ -359,9 +360,13 @@ def _seen_name(seen: SeenLabel, names: Mapping[int, str]) -> str | None:
 def _conflict(
     session: Session, image_id: int, seen: SeenLabel, now: int | None, names: Mapping[int, str]
 ) -> ConflictingLabel:
-    """Describe one image whose label is not what the person saw, from its latest label event."""
+    """Describe one image whose label is not what the person saw, from its latest label event that changed something
+    (a confirmation or a skip since is no change: it did not make the label what it is)."""
     last = session.scalars(
-        select(LabelEvent).where(LabelEvent.image_id == image_id).order_by(LabelEvent.id.desc()).limit(1)
+        select(LabelEvent)
+        .where(LabelEvent.image_id == image_id, LabelEvent.action.not_in(LOOK_ACTIONS))
+        .order_by(LabelEvent.id.desc())
+        .limit(1)
     ).first()
     return ConflictingLabel(
         image_id=image_id,
@@ -455,21 +460,48 @@ def confirm_label(
         current = session.get(Label, int(image_id), populate_existing=True)
         if current is None:
             raise ProdcatError(f"image {image_id} has no label to confirm: choose its category instead")
-        event = LabelEvent(
-            image_id=int(image_id),
-            old_category_id=current.category_id,
-            new_category_id=current.category_id,
-            actor=actor,
-            action=LabelAction.CONFIRM,
-            created_at=utcnow(),
-            model_version_id=seen_prediction.model_version_id if seen_prediction else None,
-            predicted_category_id=seen_prediction.category_id if seen_prediction else None,
-            predicted_confidence=seen_prediction.confidence if seen_prediction else None,
-        )
-        session.add(event)
-        session.flush()
-        name = _name(session, current.category_id)
-        return LabelChange(int(image_id), name, name, event.id)
+        return _record_look(session, int(image_id), current.category_id, LabelAction.CONFIRM, actor, seen_prediction)
+
+
+def record_skip(
+    db: Database, image_id: int, *, actor: str, seen_prediction: SeenPrediction | None = None
+) -> LabelChange:
+    """Record that a person set an image aside in keyboard review: a `skip` audit event (old = new = its label, or
+    none), with who, when and what the model showed. Like a confirmation it changes nothing: no label change, no
+    correction, never undone, and it does not stand in the way of anyone's undo."""
+    actor = clean_actor(actor)
+    with authorized_write(db, actor, Action.LABEL) as session:
+        if not _lock_images(session, [image_id]):
+            raise NotFound(f"no image with id {image_id}")
+        current = session.get(Label, int(image_id), populate_existing=True)
+        category_id = current.category_id if current is not None else None
+        return _record_look(session, int(image_id), category_id, LabelAction.SKIP, actor, seen_prediction)
+
+
+def _record_look(
+    session: Session,
+    image_id: int,
+    category_id: int | None,
+    action: LabelAction,
+    actor: str,
+    seen: SeenPrediction | None,
+) -> LabelChange:
+    """Append a look (corrections.LOOK_ACTIONS: old = new, nothing changes) to the audit trail."""
+    event = LabelEvent(
+        image_id=image_id,
+        old_category_id=category_id,
+        new_category_id=category_id,
+        actor=actor,
+        action=action,
+        created_at=utcnow(),
+        model_version_id=seen.model_version_id if seen else None,
+        predicted_category_id=seen.category_id if seen else None,
+        predicted_confidence=seen.confidence if seen else None,
+    )
+    session.add(event)
+    session.flush()
+    name = _name(session, category_id)
+    return LabelChange(image_id, name, name, event.id)
 
 
 def clear_label(
@@ -652,9 +684,7 @@ def _undone_by(actor: str) -> ColumnElement[bool]:
     return exists(select(undo.id).where(undo.undoes_event_id == LabelEvent.id, undo.actor == actor))
 
 
-def undo_last_change(
-    db: Database, *, actor: str, only_event_ids: Collection[int] | None = None
-) -> list[LabelChange]:
+def undo_last_change(db: Database, *, actor: str, only_event_ids: Collection[int] | None = None) -> list[LabelChange]:
     """Take back the actor's most recent label change that is not undone yet (a whole batch for a bulk change).
 
     `only_event_ids` limits the search to those events (e.g. the changes made in one browser session, so
@@ -740,7 +770,12 @@ def _check_undoable(session: Session, events: Sequence[LabelEvent], actor: str) 
     for chunk in in_chunks(image_ids):
         later = session.scalars(
             select(LabelEvent)
-            .where(LabelEvent.image_id.in_(chunk), LabelEvent.id > first_id, LabelEvent.actor != actor)
+            .where(
+                LabelEvent.image_id.in_(chunk),
+                LabelEvent.id > first_id,
+                LabelEvent.actor != actor,
+                LabelEvent.action != LabelAction.SKIP,  # setting an image aside says nothing about its label
+            )
             .order_by(LabelEvent.id.desc())
         )
         for other in later:

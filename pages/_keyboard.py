@@ -5,11 +5,11 @@ first the keys pinned to categories (`PRODCAT_REVIEW_KEYS`, e.g. `Shoes=s,Bags=b
 Change keys), then the keys this session has shown already (a category added meanwhile takes a free key instead of
 moving the others), then the free keys in category order with names that start with a letter or digit first. So a key
 means the same category on every photo and the legend can be learnt. Enter keeps the current label (a `confirm` event
-in the audit trail: confirmed by a person) or accepts the prediction of an unlabelled photo; Right skips: the photo
-leaves this page's queue (the session count says how many are skipped) until the rest is done and the person asks for
-the skipped ones again, which then say when they were skipped. Categories beyond the keys, a new category, and the
-photo's current label stay one click away. The next photos are drawn small under the current one, so the browser has
-them before the key press.
+in the audit trail: confirmed by a person) or accepts the prediction of an unlabelled photo; Right skips (a `skip`
+event: who set it aside, when; not a change, never undone): the photo leaves this page's queue (the session count
+says how many are skipped) until the rest is done and the person asks for the skipped ones again, which then say when
+they were skipped. Categories beyond the keys, a new category, and the photo's current label stay one click away. The
+next photos are drawn small under the current one, so the browser has them before the key press.
 
 The whole block is one keyed fragment: a key press reruns it alone, not the page.
 """
@@ -24,7 +24,7 @@ import streamlit as st
 
 from core.auth import Action
 from core.db import Database
-from core.labels import confirm_label
+from core.labels import confirm_label, record_skip
 from core.review import ReviewItem, review_items
 from core.settings import REVIEW_HOTKEYS
 from pages import _auth
@@ -170,7 +170,16 @@ def _on_confirm(db: Database, item: ReviewItem, done: list[int], also: tuple[str
     done.append(item.image_id)
 
 
-def _on_skip(item: ReviewItem) -> None:
+def _on_skip(db: Database, item: ReviewItem) -> None:
+    """Set the photo aside: a `skip` event in the audit trail (who, when; not a change, never undone), then the next."""
+    try:
+        record_skip(db, item.image_id, actor=actor(), seen_prediction=seen_prediction(item))
+    except Exception as exc:
+        refusal = refusal_of(exc)  # e.g. deleted meanwhile, or a database failure in plain words
+        if refusal is None:
+            raise
+        st.session_state[f"_card_msg_{PREFIX}_{item.image_id}"] = ("error", str(refusal))
+        return
     log = keyboard_log()
     log.settled(item.image_id)  # skipped again: to the back once more
     log.skipped[item.image_id] = datetime.now().strftime("%H:%M")
@@ -362,7 +371,12 @@ def _keyboard_body(
             width="stretch",
         )
         skip.button(
-            "Skip", key=f"kb_skip_{item.image_id}", shortcut=SKIP_KEY, on_click=_on_skip, args=(item,), width="stretch"
+            "Skip",
+            key=f"kb_skip_{item.image_id}",
+            shortcut=SKIP_KEY,
+            on_click=_on_skip,
+            args=(db, item),
+            width="stretch",
         )
     st.caption(md_escape(_legend(keys)))
     _keys_editor(db, categories, keys)

@@ -415,9 +415,7 @@ def test_a_label_changed_in_another_tab_is_not_overwritten_and_the_person_is_tol
     assert not labels.set_label(db, ids[0], "Hats", actor="dan", expected_label=None).changed
 
 
-def test_seen_unlabelled_category_ids_and_merges_compare_by_what_they_mean_today(
-    db: Database, ids: list[int]
-) -> None:
+def test_seen_unlabelled_category_ids_and_merges_compare_by_what_they_mean_today(db: Database, ids: list[int]) -> None:
     bags = next(c.id for c in labels.list_categories(db) if c.name == "Bags")
     with pytest.raises(labels.LabelConflict, match="is now unlabelled"):
         labels.set_label(db, ids[0], "Hats", actor="a", expected_label="Bags")
@@ -517,6 +515,53 @@ def test_confirming_a_label_is_audited_but_is_neither_a_change_nor_undoable(db: 
         confirm_label(db, unlabelled, actor="bob")
 
 
+def test_a_skip_is_audited_with_the_person_but_is_no_change_and_undo_steps_over_it(
+    db: Database, ids: list[int]
+) -> None:
+    from sqlalchemy import func
+
+    from core.corrections import correction_clause, label_change_clause
+
+    labels.set_label(db, ids[0], "Shoes", actor="ann")
+    labels.set_label(db, ids[0], "Bags", actor="ann")  # a correction of her own first label
+    before = utcnow()
+    skipped = labels.record_skip(db, ids[0], actor="ann")
+    labels.record_skip(db, ids[0], actor="bob")  # a colleague sets it aside too
+    labels.record_skip(db, ids[1], actor="ann")  # an unlabelled photo
+
+    trail = labels.audit_trail(db, ids[0])
+    assert [(r.action, r.actor, r.old_category, r.new_category) for r in trail] == [
+        ("skip", "bob", "Bags", "Bags"),
+        ("skip", "ann", "Bags", "Bags"),
+        ("set", "ann", "Shoes", "Bags"),
+        ("set", "ann", None, "Shoes"),
+    ]
+    assert trail[1].event_id == skipped.event_id and before <= trail[1].time <= utcnow()
+    assert [(r.action, r.old_category, r.new_category) for r in labels.audit_trail(db, ids[1])] == [
+        ("skip", None, None)
+    ]
+    with db.read() as session:  # neither label changes nor corrections (dashboard, training plan)
+        count = select(func.count()).select_from(LabelEvent)
+        assert session.scalar(count.where(label_change_clause())) == 2
+        assert session.scalar(count.where(correction_clause())) == 1
+    # A label conflict names who changed the label, not who looked at it since.
+    with pytest.raises(labels.LabelConflict) as refused:
+        labels.set_label(db, ids[0], "Hats", actor="carol", expected_label="Shoes")
+    assert refused.value.changed_by == "ann" and refused.value.conflicts[0].action == LabelAction.SET
+
+    # Undo takes back ann's change before her skip (bob's skip is no objection), then the one before; never a skip.
+    undone = labels.undo_last_change(db, actor="ann")
+    assert [(c.image_id, c.old_category, c.new_category) for c in undone] == [(ids[0], "Bags", "Shoes")]
+    assert labels.undo_last_change(db, actor="ann")[0].new_category is None
+    with pytest.raises(NotFound, match="nothing to undo"):
+        labels.undo_last_change(db, actor="ann")
+    with pytest.raises(NotFound, match="nothing to undo"):
+        labels.undo_last_change(db, actor="bob")
+    assert current(db, ids[0]) is None and replay(db, ids[0]) is None
+    with pytest.raises(NotFound, match="no image with id 999999"):
+        labels.record_skip(db, 999999, actor="ann")
+
+
 # --- The audit trail's meaning in columns: undoes_event_id, batch_id, a typed action -------------------------------
 
 
@@ -601,6 +646,7 @@ def test_a_viewer_may_not_change_labels_and_nothing_changes(signed_in: Database)
         lambda: labels.set_label(db, ids[0], "Bags", actor="vic"),
         lambda: labels.clear_label(db, ids[0], actor="vic"),
         lambda: labels.confirm_label(db, ids[0], actor="vic"),
+        lambda: labels.record_skip(db, ids[0], actor="vic"),
         lambda: labels.bulk_relabel(db, ids[:3], "Bags", actor="vic"),
         lambda: labels.undo_last_change(db, actor="vic"),
         lambda: labels.add_category(db, "Socks", actor="vic"),

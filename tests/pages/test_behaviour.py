@@ -82,7 +82,7 @@ def test_keyboard_review_labels_with_a_key_and_moves_on(db: Database) -> None:
     assert any(b.key == f"kb_pick_{other}_1" for b in at.button)  # the next photo came up
 
     at.button(key=f"kb_skip_{other}").click().run()
-    assert audit_trail(db, other) == []  # skipping changes nothing
+    assert [(e.action, e.actor, e.new_category) for e in audit_trail(db, other)] == [("skip", "kim", None)]  # no change
     assert any("Every photo on this page is done" in i.value for i in at.info)
 
 

@@ -119,6 +119,7 @@ def test_a_skipped_photo_is_set_aside_until_asked_for_and_then_says_when_it_was_
     at.button(key=f"kb_skip_{skipped}").click().run()
     rest = [i for i in ids if i != skipped]
     assert card_ids(at)[0] == rest[0]
+    assert [(r.action, r.actor, r.new_category) for r in audit_trail(db, skipped)] == [("skip", "lee", None)]
     at.run()  # the whole page again: the skipped photo does not come first again
     assert card_ids(at)[0] == rest[0]
     assert any("0 photos labelled, 0 kept as labelled, 1 skipped" in c for c in plain(at.caption))
@@ -135,3 +136,17 @@ def test_a_skipped_photo_is_set_aside_until_asked_for_and_then_says_when_it_was_
         "Every photo on this page is done: go to the next page (below), or change the filters."
     ]
     assert any("3 photos labelled, 0 kept as labelled, 0 skipped" in c for c in plain(at.caption))
+
+
+def test_undo_after_a_skip_takes_back_the_label_given_before_it(db: Database) -> None:
+    made = build(db, [FakeImage(split="train", label=None, name=f"p{k}.jpg") for k in range(2)])
+    first, second = (int(i) for i in made.image_ids)
+    at = _keyboard(run_page("pages/review.py", session={"signed_in_account": "lee"}))
+    at.button(key=f"kb_pick_{first}_1").click().run()  # Bags
+    at.button(key=f"kb_skip_{second}").click().run()
+    next(b for b in at.button if b.label == "Undo my last change").click().run()
+
+    assert not at.exception and errors_of(at) == []
+    assert [(r.action, r.new_category) for r in audit_trail(db, first)] == [("undo", None), ("set", "Bags")]
+    assert [(r.action, r.actor) for r in audit_trail(db, second)] == [("skip", "lee")]  # kept, never undone
+    assert card_ids(at)[0] == first  # the undone photo comes back to be labelled

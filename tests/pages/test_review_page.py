@@ -186,9 +186,12 @@ def test_keyboard_skip_is_recorded_in_the_session_and_the_next_photos_are_prefet
     current = card_ids(at)[0]
     assert len(at.get("image")) == 4  # the photo, and the next ones drawn small so the browser has them already
     at.button(key=f"kb_skip_{current}").click().run()
-    assert audit_trail(db, current) == []  # skipping changes no label...
+    # Skipping changes no label, but the audit trail records who set the photo aside (and the session notes it).
+    assert [(r.action, r.actor, r.old_category, r.new_category) for r in audit_trail(db, current)] == [
+        ("skip", "lee", None, None)
+    ]
     noted = [c.value.replace("\\", "") for c in at.caption]
-    assert any("0 photos labelled, 0 kept as labelled, 1 skipped" in c for c in noted)  # ...but is noted
+    assert any("0 photos labelled, 0 kept as labelled, 1 skipped" in c for c in noted)
     assert card_ids(at)[0] != current and card_ids(at)[0] in ids
 
 
