@@ -1,18 +1,20 @@
 """Near-duplicate benchmark (issue 10): do resized, re-encoded, cropped and watermarked copies land in their original's
-split, with no false group among distinct products? Old rule (equal dHash) vs new (content hashes within distance).
+split, with no false group among distinct products? Old rule (equal dHash) vs new (content hashes within distance,
+confirmed by the pixel check).
 
-2,000 distinct Fashion-MNIST test-set products (the thresholds were chosen on train-set images), inverted to the white
-background of the Zalando shots and upscaled to 224 px, imported through core.ingest as JPEG q=90; then one copy of
-each per kind (tests/imagegen.COPY_KINDS) as a second batch. Also the hashing cost per image and the matching cost
-against 100,000 stored hashes, and the stored groups at 100,000 rows: the Duplicates page's SQL (counts, first and
-last page), the whole page through AppTest, and what joining a group costs a matching new image at ingest, against
-the old all-pairs grouping at 10,000. Run: .venv/bin/python benchmarks/near_duplicates.py [--n 2000]
-[--parts groups,costs,false-groups,splits]
+2,000 distinct Fashion-MNIST test-set products (the thresholds were chosen on train-set images: `pixels` prints how),
+inverted to the white background of the Zalando shots and upscaled to 224 px, imported through core.ingest as JPEG
+q=90; then one copy of each per kind (tests/imagegen.COPY_KINDS) as a second batch. Also the hashing cost per image,
+the matching cost against 100,000 stored hashes and the pixel check's per-thumbnail cost, and the stored groups at
+100,000 rows: the Duplicates page's SQL (counts, first and last page), the whole page through AppTest, and what
+joining a group costs a matching new image at ingest, against the old all-pairs grouping at 10,000.
+Run: .venv/bin/python benchmarks/near_duplicates.py [--n 2000] [--parts groups,costs,pixels,false-groups,splits]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import statistics
 import sys
@@ -32,19 +34,27 @@ from core import db as core_db
 from core.db import open_database
 from core.demo import balanced_indices, load_fashion_mnist
 from core.duplicates import (
+    DEFAULT_RULE,
     HashArrays,
     HashIndex,
+    MatchRule,
+    PixelCheck,
+    ThumbnailRow,
     duplicate_counts,
     duplicate_groups,
     group_labels,
+    hash_pairs,
     join_group,
+    match_mask,
+    pixel_difference,
     unchecked_images,
 )
-from core.imaging import content_hashes
+from core.imaging import ContentHashes, content_hashes, content_pixels
 from core.ingest import Upload, import_uploads
 from core.schema import Image
 from core.settings import Settings, get_settings
 from core.splits import split_for_hash
+from core.store import THUMBNAIL_QUALITY, make_thumbnail
 from tests.core.factories import populate
 from tests.imagegen import COPY_KINDS, encode
 
@@ -56,8 +66,8 @@ update_by_id = (
 )
 
 
-def products(n: int) -> list[PILImage.Image]:
-    data = load_fashion_mnist("test")
+def products(n: int, split: str = "test") -> list[PILImage.Image]:
+    data = load_fashion_mnist(split)  # type: ignore[arg-type]
     idx = balanced_indices(data.labels, n)
     return [
         PILImage.fromarray(255 - data.images[i], "L").resize((SIZE, SIZE), PILImage.Resampling.BICUBIC).convert("RGB")
@@ -85,6 +95,9 @@ def split_agreement(originals: list[PILImage.Image], workdir: Path) -> None:
     first = import_uploads(db, uploads, actor="b")
     copies = [Upload(f"{k}|p{i}.jpg", encode(make(im), "JPEG", 90))
               for k, make in COPY_KINDS.items() for i, im in enumerate(originals)]  # fmt: skip
+    counts = duplicate_counts(db)
+    print(f"after importing the {len(first.imported)} distinct originals: {counts.groups} false group(s) holding "
+          f"{counts.images} images")  # fmt: skip
     second = import_uploads(db, copies, actor="b")
     elapsed = time.perf_counter() - t0
     total = len(first.imported) + len(second.imported)
@@ -108,13 +121,75 @@ def split_agreement(originals: list[PILImage.Image], workdir: Path) -> None:
     db.dispose()
 
 
+def as_stored(img: PILImage.Image, quality: int = 90) -> PILImage.Image:
+    """`img` as ingest sees it (JPEG at `quality`), or as its stored thumbnail is read back (THUMBNAIL_QUALITY)."""
+    return PILImage.open(io.BytesIO(encode(img, "JPEG", quality))).convert("RGB")
+
+
+def as_thumbnail(img: PILImage.Image) -> PILImage.Image:
+    return as_stored(make_thumbnail(img, Settings().thumbnail_size), THUMBNAIL_QUALITY)
+
+
+def _hash_rows(hashes: list[ContentHashes | None]) -> list[tuple[int, int, int, int]]:
+    return [(i, h.dhash_h, h.dhash_v, h.phash) for i, h in enumerate(hashes) if h is not None]
+
+
 def false_groups(originals: list[PILImage.Image]) -> None:
-    hashes = [content_hashes(im) for im in originals]
-    rows = [(i, h.dhash_h, h.dhash_v, h.phash) for i, h in enumerate(hashes) if h is not None]
-    labels = group_labels(HashArrays.from_rows(rows))
-    sizes = np.bincount(labels)
-    print(f"distinct products: {len(rows)} hashed, {int((sizes > 1).sum())} false group(s) "
-          f"holding {int(sizes[sizes > 1].sum())} images")  # fmt: skip
+    """Groups among distinct products by the hashes alone and with the pixel check (pixels from their thumbnails)."""
+    stored = [as_stored(im) for im in originals]
+    hashes = HashArrays.from_rows(_hash_rows([content_hashes(im) for im in stored]))
+    pixels = np.stack([content_pixels(as_thumbnail(stored[int(i)])) for i in hashes.ids])
+    check = PixelCheck(Settings())
+    for name, labels in (
+        ("hashes only", group_labels(hashes)),
+        ("hashes + pixel check", group_labels(hashes, check=lambda a, b: check.agree(pixels[a], pixels[b]))),
+    ):
+        sizes = np.bincount(labels)
+        groups = [hashes.ids[labels == g].tolist() for g in np.flatnonzero(sizes > 1)]
+        print(f"distinct products, {name}: {len(hashes)} hashed, {len(groups)} false group(s) "
+              f"holding {int(sizes[sizes > 1].sum())} images {groups}")  # fmt: skip
+    a, b = hash_pairs(hashes)
+    pairs = zip(hashes.ids[a], hashes.ids[b], pixel_difference(pixels[a], pixels[b]), strict=True)
+    differences = ", ".join(f"{x} and {y}: {d:.3f}" for x, y, d in pairs)
+    print(f"pixel difference of the distinct pairs whose hashes match: {differences or 'none'}")
+
+
+def pixel_distributions(n: int, looser: tuple[int, int] = (24, 12)) -> None:
+    """How the pixel check's threshold was chosen: on *train-set* products (the checks run on the test set), the
+    pixel difference of every copy whose hashes match its original (the original's pixels from its thumbnail, as
+    ingest reads a stored image's) against that of distinct lookalikes: pairs of distinct products whose hashes are
+    within a looser distance (dHash <= looser[0], pHash <= looser[1]), since the rule itself lets no pair through
+    there. The threshold keeps 99.5% of the hash-matched copies of every kind."""
+    stored = [as_stored(im) for im in products(n, "train")]
+    hashes = [content_hashes(im) for im in stored]
+    thumbs = np.stack([content_pixels(as_thumbnail(im)) for im in stored])
+    rows = HashArrays.from_rows(_hash_rows(hashes))
+    rule = DEFAULT_RULE
+    print(f"train-set products: {len(rows)} hashed; pixel difference of hash-matched copies to their originals "
+          f"(rule: dHash <= {rule.max_dhash_bits}, pHash <= {rule.max_phash_bits})")  # fmt: skip
+    print("| copy kind | hash-matched | median | 99th pct | 99.5th pct | max | lost at the threshold |")
+    print("|---|---|---|---|---|---|---|")
+    per_kind: dict[str, np.ndarray] = {}
+    for kind, make in COPY_KINDS.items():
+        differences = []
+        for i, im in enumerate(stored):
+            copy, original = content_hashes(as_stored(make(im))), hashes[i]
+            if copy is None or original is None:
+                continue
+            if match_mask(HashArrays.from_rows(_hash_rows([original])), copy, rule=rule)[0]:
+                differences.append(float(pixel_difference(copy.pixels, thumbs[i])))
+        per_kind[kind] = np.array(differences)
+    threshold = max(float(np.percentile(d, 99.5)) for d in per_kind.values())
+    for kind, d in per_kind.items():
+        lost = np.mean(d > rule.max_pixel_difference)
+        print(f"| {kind} | {len(d):,} of {len(stored):,} | {np.median(d):.3f} | {np.percentile(d, 99):.3f} "
+              f"| {np.percentile(d, 99.5):.3f} | {d.max():.3f} | {lost:.2%} |")  # fmt: skip
+    loose = hash_pairs(rows, rule=MatchRule(max_dhash_bits=looser[0], max_phash_bits=looser[1]))
+    lookalikes = pixel_difference(thumbs[rows.ids[loose[0]]], thumbs[rows.ids[loose[1]]])
+    print(f"99.5th percentile of the worst kind: {threshold:.3f} (MatchRule.max_pixel_difference = "
+          f"{rule.max_pixel_difference}); distinct lookalikes within dHash <= {looser[0]}, pHash <= {looser[1]}: "
+          f"{len(lookalikes)} pairs, pixel difference min {lookalikes.min():.3f}, median {np.median(lookalikes):.3f}; "
+          f"turned away at the rule's threshold: {np.mean(lookalikes > rule.max_pixel_difference):.0%}")  # fmt: skip
 
 
 def costs(originals: list[PILImage.Image], stored: int = 100_000) -> None:
@@ -136,9 +211,24 @@ def costs(originals: list[PILImage.Image], stored: int = 100_000) -> None:
     t0 = time.perf_counter()
     group_labels(HashArrays.from_rows(rows[:10_000]))
     grouping = time.perf_counter() - t0
-    print(f"content hashes: {per_hash * 1e3:.2f} ms per {SIZE} px image; match + append at {stored:,} stored: "
-          f"{per_match * 1e3:.2f} ms per imported image; index built from {stored:,} rows in {load:.2f} s "
-          f"(once per import batch); grouping 10,000 images (duplicates page / scan): {grouping:.1f} s")  # fmt: skip
+    print(f"content hashes (with their pixels): {per_hash * 1e3:.2f} ms per {SIZE} px image; match + append at "
+          f"{stored:,} stored: {per_match * 1e3:.2f} ms per imported image; index built from {stored:,} rows in "
+          f"{load:.2f} s (once per import batch); grouping 10,000 images (scan): {grouping:.1f} s")  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        settings = Settings(data_dir=Path(folder), auth="none")
+        check = PixelCheck(settings)
+        for size in (SIZE, 1000):
+            rel = f"thumbs/{size}.jpg"
+            (settings.data_dir / "thumbs").mkdir(exist_ok=True)
+            thumb = make_thumbnail(originals[0].resize((size, size), PILImage.Resampling.BICUBIC), 256)
+            thumb.save(settings.data_dir / rel, "JPEG", quality=THUMBNAIL_QUALITY)
+            t0 = time.perf_counter()
+            for i in range(200):
+                check._cache.clear()
+                check.pixels(ThumbnailRow(i, "", rel))
+            print(f"pixel check: a stored {size} px image's pixels from its {thumb.width} px thumbnail "
+                  f"{(time.perf_counter() - t0) / 200 * 1e3:.2f} ms (once per stored image a new one's hashes match, "
+                  f"per import)")  # fmt: skip
 
 
 def _median_ms(fn: Callable[[], object], repeat: int) -> float:
@@ -242,7 +332,7 @@ def _join_cost(db: core_db.Database, rng: np.random.Generator, calls: int = 200)
     return (later - base) * 1e3, (first - base) * 1e3
 
 
-PARTS = ("groups", "costs", "false-groups", "splits")
+PARTS = ("groups", "costs", "pixels", "false-groups", "splits")
 
 
 def main() -> None:
@@ -257,7 +347,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         if "groups" in parts:
             stored_groups(Path(workdir), args.images)
-        if parts - {"groups"}:
+        if "pixels" in parts:
+            pixel_distributions(args.n)
+        if parts - {"groups", "pixels"}:
             originals = products(args.n)
             if "false-groups" in parts:
                 false_groups(originals)

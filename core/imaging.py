@@ -9,7 +9,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -484,14 +484,21 @@ _BOX_MIN_CONTRAST = 24
 _BOX_TRIM_SHARE = 0.04
 
 
+# The pixel check's thumbnail of the content box: this many grey levels a side, normalised (core.duplicates.MatchRule).
+CONTENT_PIXELS_SIDE = 16
+
+
 @dataclass(frozen=True)
 class ContentHashes:
     """Three 64-bit hashes of a picture's content box, signed as SQLite stores them: dHash across rows (`dhash_h`),
-    dHash down columns (`dhash_v`) and the DCT pHash (`phash`). Compared by Hamming distance (core.duplicates)."""
+    dHash down columns (`dhash_v`) and the DCT pHash (`phash`), compared by Hamming distance (core.duplicates); and the
+    box's normalised grey thumbnail (`pixels`, see `content_pixels`), which confirms a hash match. Only the hashes are
+    stored: a stored image's pixels are made again from its thumbnail file when a new image's hashes match it."""
 
     dhash_h: int
     dhash_v: int
     phash: int
+    pixels: np.ndarray = field(compare=False, repr=False)
 
 
 def _signed(bits: np.ndarray) -> int:
@@ -517,14 +524,31 @@ def _content_box(grey: np.ndarray) -> tuple[int, int, int, int]:
     return left, top, right, bottom
 
 
+def _content_grey(img: Image.Image) -> Image.Image:
+    """The picture's content box (`_content_box`) in grey levels."""
+    grey_img = img.convert("L")
+    return grey_img.crop(_content_box(np.asarray(grey_img, dtype=np.float32)))
+
+
+def _normalised_pixels(box: Image.Image) -> np.ndarray:
+    small = np.asarray(box.resize((CONTENT_PIXELS_SIDE,) * 2, Image.Resampling.BOX), dtype=np.float32).ravel()
+    centred = small - small.mean()
+    return centred / max(float(centred.std()), 1e-3)  # a flat box (no structure) stays all zeros
+
+
+def content_pixels(img: Image.Image) -> np.ndarray:
+    """The content box in grey, 16x16 box-averaged, normalised to mean 0 and deviation 1 (256 float32): what the
+    pixel check of a hash match compares (mean absolute difference), unmoved by brightness and contrast."""
+    return _normalised_pixels(_content_grey(img))
+
+
 def content_hashes(img: Image.Image) -> ContentHashes | None:
     """Perceptual hashes of the product in `img`, robust to resizing, re-encoding, a 5% crop and a small watermark
-    (measured in benchmarks/near_duplicates.py). None for a picture without structure (flat or a plain gradient),
-    whose hashes would match every other such picture."""
+    (measured in benchmarks/near_duplicates.py), with its `content_pixels`. None for a picture without structure
+    (flat or a plain gradient), whose hashes would match every other such picture."""
     from scipy.fft import dctn  # scipy ships with scikit-learn; imported here so `import core.imaging` stays light
 
-    grey_img = img.convert("L")
-    box = grey_img.crop(_content_box(np.asarray(grey_img, dtype=np.float32)))
+    box = _content_grey(img)
     across = np.asarray(box.resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
     down = np.asarray(box.resize((8, 9), Image.Resampling.BOX), dtype=np.int16)
     dct = dctn(np.asarray(box.resize((32, 32), Image.Resampling.BOX), dtype=np.float64), norm="ortho")[:8, :8]
@@ -532,6 +556,7 @@ def content_hashes(img: Image.Image) -> ContentHashes | None:
         dhash_h=_signed(across[:, 1:] > across[:, :-1]),
         dhash_v=_signed(down[1:, :] > down[:-1, :]),
         phash=_signed(dct > np.median(dct)),
+        pixels=_normalised_pixels(box),
     )
     if hashes.dhash_h in (0, -1) and hashes.dhash_v in (0, -1):
         return None

@@ -16,18 +16,25 @@ import core.cli  # noqa: F401  (registers every command module on the app)
 from core.cli_app import app
 from core.db import Database
 from core.duplicates import (
+    DEFAULT_RULE,
     DuplicateCounts,
     HashArrays,
+    PixelCheck,
     duplicate_counts,
     duplicate_groups,
     group_labels,
     join_group,
     keep_one,
+    match_mask,
+    pixel_difference,
+    scan_duplicates,
 )
 from core.errors import DuplicateRefused, NotFound
+from core.imaging import content_hashes, open_normalised
 from core.ingest import Upload, import_uploads
 from core.schema import Image, ImageEvent, LabelEvent
 from core.splits import split_for_hash
+from core.store import original_path
 from tests.imagegen import COPY_KINDS, encode, make_image
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -182,7 +189,7 @@ def test_groups_stored_at_ingest_are_those_of_comparing_every_pair(db: Database)
     assert len(rows) > 300
     hashed = [r for r in rows if r.box_phash is not None]
     hashes = HashArrays.from_rows([(r.id, r.box_dhash_h, r.box_dhash_v, r.box_phash) for r in hashed])
-    expected = _group_sets(group_labels(hashes), hashes.ids)
+    expected = _group_sets(group_labels(hashes, check=PixelCheck(db.settings).pair_check(db, hashes.ids)), hashes.ids)
     assert len(expected) >= 40 and max(len(g) for g in expected) >= 6  # most copies group, some groups are big
 
     stored: dict[int, set[int]] = {}
@@ -205,6 +212,58 @@ def test_groups_stored_at_ingest_are_those_of_comparing_every_pair(db: Database)
     order = [(g.straddles_splits, len(g.members), max(m.image_id for m in g.members)) for g in paged]
     assert order == sorted(order, reverse=True)  # spanning splits first, then the biggest, then the newest
     assert duplicate_groups(db, page=999, page_size=4).page == pages  # past the end: the last page
+
+
+def pullover(neck: str) -> PILImage.Image:
+    """A shaded long-sleeve pullover on white, 240 px, with a crew or a deep V neck: two distinct products whose
+    perceptual hashes are within the match rule (like Fashion-MNIST's test products 55 and 781) but whose pixels
+    are not."""
+    yy, xx = np.mgrid[0:240, 0:240]
+    shade = 50 + 0.35 * xx + 0.15 * yy + 12 * np.sin(xx / 9.0) * np.cos(yy / 13.0)
+    mask = PILImage.new("L", (240, 240), 0)
+    draw = ImageDraw.Draw(mask)
+    body = [(70, 40), (170, 40), (200, 70), (215, 200), (185, 205), (175, 110)]
+    draw.polygon([*body, (175, 210), (65, 210), (65, 110), (55, 205), (25, 200), (40, 70)], fill=255)
+    if neck == "crew":
+        draw.ellipse([100, 28, 140, 55], fill=0)
+    else:
+        draw.polygon([(105, 40), (135, 40), (120, 130)], fill=0)
+    white = PILImage.new("L", (240, 240), 255)
+    return PILImage.composite(PILImage.fromarray(shade.clip(0, 255).astype(np.uint8)), white, mask).convert("RGB")
+
+
+def test_lookalike_products_whose_hashes_match_stay_apart_while_copies_still_group(db: Database) -> None:
+    crew, vneck = pullover("crew"), pullover("v")
+    uploads = [Upload("crew.png", encode(crew)), Upload("vneck.png", encode(vneck))]
+    uploads += [Upload(f"crew {kind}.jpg", encode(COPY_KINDS[kind](crew), "JPEG", 90)) for kind in COPY_KINDS]
+    assert not import_uploads(db, uploads, actor="a").refused
+    rows = _rows(db)
+    # The premise: by their hashes alone the two pullovers are near-duplicates; pixel for pixel they are not.
+    crew_hashes, vneck_hashes = (
+        content_hashes(open_normalised(original_path(db.settings, rows[name]))) for name in ("crew.png", "vneck.png")
+    )
+    assert crew_hashes is not None and vneck_hashes is not None
+    stored = HashArrays.from_rows([(1, crew_hashes.dhash_h, crew_hashes.dhash_v, crew_hashes.phash)])
+    assert match_mask(stored, vneck_hashes)[0]
+    assert pixel_difference(crew_hashes.pixels, vneck_hashes.pixels) > DEFAULT_RULE.max_pixel_difference
+
+    def outcome() -> tuple[list[set[str]], dict[str, str]]:
+        groups = [{m.name for m in g.members} for g in duplicate_groups(db).groups]
+        return groups, {name: r.split for name, r in _rows(db).items()}
+
+    copies = {f"crew {kind}.jpg" for kind in COPY_KINDS}
+    groups, splits = outcome()
+    assert groups == [{"crew.png", *copies}]  # every copy still joins; the V-neck does not
+    assert {splits[name] for name in copies} == {splits["crew.png"]}
+    assert splits["vneck.png"] == str(split_for_hash(rows["vneck.png"].sha256, db.settings.split_fractions))
+
+    # A false group stored before the pixel check: `duplicates scan` takes the V-neck out (its split stays).
+    with db.write() as session:
+        session.execute(
+            update(Image).where(Image.original_name == "vneck.png").values(duplicate_group_id=rows["crew.png"].id)
+        )
+    assert scan_duplicates(db).counts == DuplicateCounts(groups=1, images=len(copies) + 1, straddling=0)
+    assert outcome() == (groups, splits)
 
 
 def test_a_new_image_matching_two_groups_merges_them_under_the_older_id(db: Database) -> None:
