@@ -8,13 +8,14 @@ A card's body is a keyed fragment, so a click on it reruns that card alone (re-r
 - Select (outside the body, under it): the fragments named in `on_select` (the upload page's bulk bar, whose button
   says how many photos it labels), else nothing;
 - a relabel from the Similar dialog changes many cards, a new category (New category, to roles that may add one)
-  changes every card's picker, and Delete (admins, on the Review page) changes the grid and its count: the whole page
-  reruns.
+  changes every card's picker, and Delete (admins; the page passes a `CardDelete`) changes the grid and its count: the
+  whole page reruns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import streamlit as st
@@ -28,6 +29,16 @@ from core.review import ReviewItem, review_items
 from core.similar import similar_images
 from pages import _auth
 from pages._ui import actor, attempt, flash, md_escape, percent, refusal_of, remember_changes, typed_category
+
+
+@dataclass(frozen=True)
+class CardDelete:
+    """Delete on every card of a grid (give it only to accounts that may delete images: core refuses the others
+    anyway): the reason the audit row records when the person types none, and what the page does with the id of a
+    photo once it is deleted (before the whole page reruns), e.g. drop it from the upload's list."""
+
+    default_reason: str
+    on_deleted: Callable[[int], None] | None = None
 
 
 def shown_labels(items: Sequence[ReviewItem]) -> dict[int, str | None]:
@@ -131,11 +142,13 @@ def _on_new(db: Database, item: ReviewItem, key: str, prefix: str) -> None:
         st.rerun()  # every card's picker (and the page's filters) gains the category: the whole page
 
 
-def _on_delete(db: Database, item: ReviewItem, reason_key: str, prefix: str) -> None:
-    reason = str(st.session_state.get(reason_key) or "").strip() or "deleted on the Review page"
+def _on_delete(db: Database, item: ReviewItem, reason_key: str, prefix: str, delete: CardDelete) -> None:
+    reason = str(st.session_state.get(reason_key) or "").strip() or delete.default_reason
     ok, _ = _in_card(prefix, item.image_id, delete_images, db, [item.image_id], actor=actor(), reason=reason)
     if not ok:
         return
+    if delete.on_deleted is not None:
+        delete.on_deleted(item.image_id)
     flash("success", f"Deleted #{item.image_id} {item.original_name} ({reason})")
     st.rerun()  # the grid and its count change: the whole page
 
@@ -154,7 +167,7 @@ def new_category_form(db: Database, item: ReviewItem, *, prefix: str) -> None:
             )
 
 
-def _delete_control(db: Database, item: ReviewItem, prefix: str) -> None:
+def _delete_control(db: Database, item: ReviewItem, prefix: str, delete: CardDelete) -> None:
     """`Delete`: a popover that says what goes, with an optional reason, and the button that does it."""
     with st.popover("Delete", icon=":material/delete:", width="stretch"):
         st.text(
@@ -168,7 +181,7 @@ def _delete_control(db: Database, item: ReviewItem, prefix: str) -> None:
             key=f"{prefix}_delete_{item.image_id}",
             type="primary",
             on_click=_on_delete,
-            args=(db, item, reason_key, prefix),
+            args=(db, item, reason_key, prefix, delete),
         )
 
 
@@ -258,7 +271,7 @@ def _card_body(
     categories: list[str],
     prefix: str,
     also: tuple[str, ...],
-    deletable: bool,
+    delete: CardDelete | None,
 ) -> None:
     """The card's fragment. `first` holds the item the page run read: used once; a rerun of this fragment alone
     (after a click on it) reads the photo afresh, so the card shows its new label."""
@@ -329,14 +342,14 @@ def _card_body(
     )
     if _auth.may(Action.ADD_CATEGORY):
         new_category_form(db, item, prefix=prefix)
-    columns = st.columns(3 if deletable else 2)
+    columns = st.columns(2 if delete is None else 3)
     if columns[0].button("Similar", key=f"{prefix}_similar_{item.image_id}", disabled=item.model_version_id is None):
         show_similar(db, item, categories)
     if columns[1].button("History", key=f"{prefix}_hist_{item.image_id}"):
         show_audit(db, item.image_id, item.original_name)
-    if deletable:
+    if delete is not None:
         with columns[2]:
-            _delete_control(db, item, prefix)
+            _delete_control(db, item, prefix, delete)
 
 
 def image_card(
@@ -347,17 +360,17 @@ def image_card(
     prefix: str,
     also_rerun: Sequence[str] = (),
     on_select: Sequence[str] = (),
-    deletable: bool = False,
+    delete: CardDelete | None = None,
 ) -> bool:
-    """One image: thumbnail, name, label, prediction (top 3 on demand), one-click labelling, a selection box, and
-    with `deletable` (pass whether the account may delete images) a Delete that asks first.
+    """One image: thumbnail, name, SKU, label, prediction (top 3 on demand), one-click labelling, a selection box, and
+    with `delete` (pass one only where the account may delete images) a Delete that asks first.
 
     Returns whether the image is selected. See the module docstring for what each click reruns.
     """
     # The key names the card in the page (CSS class st-key-<key>), which the browser test relies on.
     with st.container(border=True, key=f"{prefix}_card_{item.image_id}"):
         body = st.fragment(_card_body, key=fragment_key(prefix, item.image_id))
-        body(db, [item], item.image_id, categories, prefix, tuple(also_rerun), deletable)
+        body(db, [item], item.image_id, categories, prefix, tuple(also_rerun), delete)
         selected = st.checkbox(
             "Select",
             key=_selection_key(prefix, item.image_id),
@@ -398,9 +411,9 @@ def card_grid(
     per_row: int = 4,
     also_rerun: Sequence[str] = (),
     on_select: Sequence[str] = (),
-    deletable: bool = False,
+    delete: CardDelete | None = None,
 ) -> list[int]:
-    """Cards in rows of `per_row` (`deletable` as in image_card); returns the ids of the selected images."""
+    """Cards in rows of `per_row` (`delete` as in image_card); returns the ids of the selected images."""
     ticked(items, prefix=prefix)  # a pending clear_selection unticks the boxes before they are drawn
     selected: list[int] = []
     for start in range(0, len(items), per_row):
@@ -408,7 +421,7 @@ def card_grid(
         for column, item in zip(columns, items[start : start + per_row], strict=False):
             with column:
                 is_ticked = image_card(
-                    db, item, categories, prefix=prefix, also_rerun=also_rerun, on_select=on_select, deletable=deletable
+                    db, item, categories, prefix=prefix, also_rerun=also_rerun, on_select=on_select, delete=delete
                 )
                 if is_ticked:
                     selected.append(item.image_id)

@@ -35,6 +35,7 @@ class Batch:
     duplicates: list[tuple[str, int, str]] = field(default_factory=list)  # (file, image id, that image's name)
     refused: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    deleted: list[int] = field(default_factory=list)  # photos of this upload deleted on their cards since
 
     @classmethod
     def start(cls, uploads: list[Upload], *, category: str | None) -> Batch:
@@ -53,10 +54,16 @@ class Batch:
     def imported_ids(self) -> list[int]:
         return [i for _, i in self.imported]
 
+    def forget(self, image_id: int) -> None:
+        """The photo was deleted (on its card): no longer shown; the summary says so."""
+        if image_id not in self.deleted:
+            self.deleted.append(image_id)
+
     @property
     def ids(self) -> list[int]:
-        """The photos to show: new ones, then the catalogue's copies of duplicates (each once)."""
-        return list(dict.fromkeys([*self.imported_ids, *(i for _, i, _ in self.duplicates)]))
+        """The photos to show: new ones, then the catalogue's copies of duplicates (each once), less the deleted."""
+        shown = dict.fromkeys([*self.imported_ids, *(i for _, i, _ in self.duplicates)])
+        return [i for i in shown if i not in self.deleted]
 
     def repeated(self) -> list[tuple[str, int, str]]:
         """Duplicates of a photo this same upload brought in (not earlier catalogue photos)."""
@@ -70,7 +77,8 @@ class Batch:
 
     def summary(self) -> str:
         duplicates = plural(len(self.duplicates), "duplicate")
-        return f"{len(self.imported)} imported, {duplicates}, {len(self.refused)} refused"
+        deleted = f", {len(self.deleted)} deleted since" if self.deleted else ""
+        return f"{len(self.imported)} imported, {duplicates}, {len(self.refused)} refused{deleted}"
 
     def interrupted_text(self) -> str:
         stored = len(self.imported) + len(self.duplicates)

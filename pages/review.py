@@ -263,6 +263,7 @@ if keyboard and page.items:
     done: list[int] = st.session_state.setdefault(KEYBOARD_DONE_KEY, [])
     _keyboard.keyboard_review(db, [i.image_id for i in page.items], categories, done, also_rerun=also)
 else:
-    _cards.card_grid(db, page.items, categories, prefix="rv", also_rerun=also, deletable=may_delete)
+    delete = _cards.CardDelete("deleted on the Review page") if may_delete else None
+    _cards.card_grid(db, page.items, categories, prefix="rv", also_rerun=also, delete=delete)
 if page.pages > 1:
     st.pagination(page.pages, key=PAGE_KEY, persist_state=KEEP)

@@ -236,6 +236,7 @@ def _bulk_bar() -> None:
 
 
 st.fragment(_bulk_bar, key=BULK_FRAGMENT)()
-_cards.card_grid(db, review_items(db, shown_ids), categories, prefix="up", on_select=[BULK_FRAGMENT])
+delete = _cards.CardDelete("deleted on the Upload page", batch.forget) if _auth.may(Action.DELETE_IMAGES) else None
+_cards.card_grid(db, review_items(db, shown_ids), categories, prefix="up", on_select=[BULK_FRAGMENT], delete=delete)
 if pages > 1:
     st.pagination(pages, key=PAGE_KEY)

@@ -157,3 +157,31 @@ def test_upload_cards_are_paginated_24_per_page(db: Database) -> None:
     at.pagination(key="upload_page").set_value(2).run()
     assert len(card_ids(at)) == 6 and not set(card_ids(at)) & set(first_page)
     assert at.button(key="upload_apply").label == "Apply to all 30 photos"  # the whole upload, not the page
+
+
+def test_an_admin_deletes_an_uploaded_photo_from_its_card_and_a_labeller_sees_no_delete(accounts: Database) -> None:
+    from sqlalchemy import select
+
+    from core.review import review_items
+    from core.schema import ImageEvent
+
+    files = [(f"p{k}.png", image_bytes("Hats", 40 + k), "image/png") for k in range(3)]
+    labeller = _import(run_page("pages/upload.py", session={"signed_in_account": "lea"}), files[:1])
+    assert len(card_ids(labeller)) == 1
+    assert not [b for b in labeller.button if b.key and "delete" in b.key]  # a labeller may not delete
+
+    admin = _import(run_page("pages/upload.py", session={"signed_in_account": "ada"}), files[1:])
+    shown = card_ids(admin)
+    gone, kept = shown
+    admin.text_input(key=f"up_delete_reason_{gone}").input("wrong product")
+    admin.button(key=f"up_delete_{gone}").click().run()
+
+    assert not admin.exception and errors_of(admin) == []
+    assert card_ids(admin) == [kept] and [i.image_id for i in review_items(accounts, shown)] == [kept]
+    assert any(t.value == "2 imported, 0 duplicates, 0 refused, 1 deleted since" for t in admin.text)
+    assert any(s.value.replace("\\", "").startswith(f"Deleted #{gone} p1.png (wrong product)") for s in admin.success)
+    with accounts.read() as session:
+        events = session.execute(select(ImageEvent.image_id, ImageEvent.actor, ImageEvent.action, ImageEvent.note))
+        [(image_id, actor, action, note)] = events.all()
+    assert (image_id, actor, action) == (gone, "ada", "delete") and "wrong product" in note
+    assert admin.button(key="upload_apply").label == "Apply to the 1 photo"  # the bulk bar counts what is left
