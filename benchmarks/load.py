@@ -3,8 +3,8 @@ time while an import (`python -m core.cli import`) and a quick training job (a r
 run, on SQLite, on a throw-away PostgreSQL cluster, or both.
 
 Usage: .venv/bin/python benchmarks/load.py [--db sqlite|postgresql|both] [--labellers 20] [--processes 4]
-       [--seconds 60] [--images 600] [--import-images 3000] [--view-s 2] [--train-params JSON] [--out FILE]
-       [--keep DIR]
+       [--seconds 60] [--images 600] [--import-images 3000] [--view-s 2] [--think-s 0] [--alone]
+       [--train-params JSON] [--out FILE] [--keep DIR]
 
 Each run starts from a fresh data directory (and, on PostgreSQL, a fresh database of a cluster started by
 tests/postgres.py as a non-root user, fsync off): `--images` labelled photos in four categories are imported first.
@@ -12,8 +12,10 @@ Then `--labellers` threads, spread over `--processes` processes (how app servers
 process), relabel those photos flat out for `--seconds`, the way the review page does: `set_label` of one photo
 (80 %), `bulk_relabel` of five (15 %) and `undo_last_change` of their own changes (5 %), each giving the label they
 last saw (their view of the labels is read again every `--view-s` seconds), so a photo someone changed meanwhile is
-refused as a conflict, as in the app. At the same moment a CLI import of `--import-images` new photos (a fifth,
-new category among them) and a worker process with one queued quick training job start.
+refused as a conflict, as in the app. `--think-s` pauses each labeller that long on average after each change (a
+person's pace; the default 0 is flat out). At the same moment a CLI import of `--import-images` new photos (a fifth,
+new category among them) and a worker process with one queued quick training job start (`--alone`: neither, to
+see what they add).
 
 Checks (the exit status is 1 when one fails): the label_events rows the labellers wrote equal the events their
 successful operations reported; every image's label equals its last event, and every event starts from the label
@@ -93,6 +95,7 @@ class LabellerSpec:
     go_file: str
     out_file: str
     view_s: float
+    think_s: float
 
 
 # --- the labellers (child processes) ------------------------------------------------------------------------------
@@ -119,14 +122,21 @@ def classify(exc: BaseException) -> Outcome:
 class Labeller:
     """One person relabelling flat out, with a view of the labels that is up to `view_s` seconds old."""
 
-    def __init__(self, db: Any, number: int, image_ids: list[int], view_s: float) -> None:
-        self.db, self.actor, self.ids, self.view_s = db, f"labeller-{number:02}", image_ids, view_s
+    def __init__(self, db: Any, number: int, image_ids: list[int], view_s: float, think_s: float) -> None:
+        self.db, self.actor, self.ids, self.view_s, self.think_s = (
+            db,
+            f"labeller-{number:02}",
+            image_ids,
+            view_s,
+            think_s,
+        )
         self.rng = random.Random(number)
         self.view: dict[int, str | None] = {}
         self.viewed_at = 0.0
         self.my_events: list[int] = []
         self.ops: list[Op] = []
-        self.errors: Counter[str] = Counter()  # first line of each refusal or error text, counted
+        self.refusals: Counter[str] = Counter()  # "outcome (exception type)" -> how many
+        self.examples: dict[str, str] = {}  # its first message (the traceback's last line for an untyped error)
 
     def refresh_view(self) -> None:
         from sqlalchemy import select
@@ -148,6 +158,8 @@ class Labeller:
             roll = self.rng.random()
             kind = OpKind.SET if roll < 0.80 else OpKind.BULK if roll < 0.95 else OpKind.UNDO
             self.ops.append(self.one(kind))
+            if self.think_s > 0:  # a person looking at the next photo: 0.5x to 1.5x the mean pause
+                time.sleep(min(self.think_s * self.rng.uniform(0.5, 1.5), max(0.0, deadline - time.time())))
 
     def one(self, kind: OpKind) -> Op:
         from core import labels
@@ -170,8 +182,12 @@ class Labeller:
         except Exception as exc:
             ms = (time.perf_counter() - begin) * 1000
             outcome = classify(exc)
-            text = "".join(traceback.format_exception(exc)) if outcome is Outcome.UNTYPED else str(exc)
-            self.errors[f"{outcome}: {text.splitlines()[-1] if outcome is Outcome.UNTYPED else text[:160]}"] += 1
+            key = f"{outcome} ({type(exc).__name__})"
+            self.refusals[key] += 1
+            if outcome is Outcome.UNTYPED:
+                self.examples.setdefault(key, traceback.format_exception(exc)[-1].strip())
+            else:
+                self.examples.setdefault(key, str(exc)[:300])
             return Op(kind, outcome, 0, ms)
         ms = (time.perf_counter() - begin) * 1000
         written = [c for c in changes if c.changed]
@@ -186,7 +202,7 @@ def run_labellers(spec: LabellerSpec) -> None:
     from core.db import close_all, open_database
 
     db = open_database()
-    people = [Labeller(db, number, spec.image_ids, spec.view_s) for number in spec.indices]
+    people = [Labeller(db, number, spec.image_ids, spec.view_s, spec.think_s) for number in spec.indices]
     for person in people:
         person.refresh_view()
     Path(spec.ready_file).write_text("ready")
@@ -202,7 +218,8 @@ def run_labellers(spec: LabellerSpec) -> None:
     close_all()
     result = {
         "ops": [[op.kind.value, op.outcome.value, op.events, round(op.ms, 3)] for p in people for op in p.ops],
-        "errors": sum((p.errors for p in people), Counter()),
+        "refusals": sum((p.refusals for p in people), Counter()),
+        "examples": {k: v for p in people for k, v in p.examples.items()},
     }
     Path(spec.out_file).write_text(json.dumps(result))
 
@@ -249,13 +266,15 @@ class RunFigures:
     chain_breaks: int = 0
     label_mismatches: int = 0
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
-    errors: dict[str, int] = field(default_factory=dict)
+    refusals: dict[str, int] = field(default_factory=dict)  # "outcome (exception type)" -> how many
+    examples: dict[str, str] = field(default_factory=dict)  # one message of each
     import_summary: str = ""
     import_ok: bool = False
     import_s: float | None = None
     training_status: str = ""
     training_error: str = ""
     training_s: float | None = None
+    load_average: list[float] = field(default_factory=list)  # 1-minute load average at the go and at the deadline
     checks: dict[str, bool] = field(default_factory=dict)
 
 
@@ -309,7 +328,7 @@ def spawn_labellers(args: argparse.Namespace, work: Path, env: dict[str, str], i
     children = []
     for p, indices in enumerate(s for s in spread if s):
         spec = LabellerSpec(indices, ids, str(work / f"ready-{p}"), str(work / "go"), str(work / f"ops-{p}.json"),
-                            args.view_s)  # fmt: skip
+                            args.view_s, args.think_s)  # fmt: skip
         spec_file = work / f"spec-{p}.json"
         spec_file.write_text(json.dumps(asdict(spec)))
         children.append(start(f"labellers-{p}", [sys.executable, __file__, "--child", str(spec_file)], work, env))
@@ -337,6 +356,15 @@ def seed_catalogue(args: argparse.Namespace, work: Path) -> tuple[Any, list[int]
     return db, [item.image_id for item in result.imported]
 
 
+def start_import_and_worker(folder: Path, work: Path, env: dict[str, str]) -> list[Background]:
+    """The CLI import of `folder` and a worker that runs the queued job, then exits."""
+    command = [sys.executable, "-m", "core.cli", "import", str(folder), "--labels-from-folders", "--actor", "importer"]
+    return [
+        start("import", command, work, env),
+        start("worker", [sys.executable, "-m", "core.worker", "--once"], work, env),
+    ]
+
+
 def run_once(args: argparse.Namespace, database: str, cluster: Any) -> RunFigures:
     """One database's run: seed, start everything at one go, wait, check."""
     from core import jobs
@@ -346,23 +374,27 @@ def run_once(args: argparse.Namespace, database: str, cluster: Any) -> RunFigure
     name = cluster.create_database(template=None) if cluster is not None else ""
     env = environment(work / "data", cluster.url(name) if cluster is not None else None)
     db, ids = seed_catalogue(args, work)
-    import_folder = make_folder(work / "import", args.import_images, (*CATEGORIES, NEW_CATEGORY), seed=2)
+    # New photos for the import, a new category among them.
+    folder = None if args.alone else make_folder(work / "import", args.import_images, (*CATEGORIES, NEW_CATEGORY), 2)
     print(f"[{database}] seeded {len(ids)} labelled photos; starting {args.labellers} labellers", flush=True)
     children = spawn_labellers(args, work, env, ids)
-    job_id = jobs.enqueue_training(db, "quick", json.loads(args.train_params), "trainer")
+    job_id = None if args.alone else jobs.enqueue_training(db, "quick", json.loads(args.train_params), "trainer")
     go = time.time()
     (work / "go").write_text(json.dumps({"deadline": go + args.seconds}))
-    importer = start("import", [sys.executable, "-m", "core.cli", "import", str(import_folder), "--labels-from-folders",
-                                "--actor", "importer"], work, env)  # fmt: skip
-    worker = start("worker", [sys.executable, "-m", "core.worker", "--once"], work, env)
+    background = [] if folder is None else start_import_and_worker(folder, work, env)
+    load_at_go = os.getloadavg()[0]
     for child in children:
         child.wait(timeout=args.seconds + 300)
-    print(f"[{database}] labellers done after {time.time() - go:.0f} s; waiting for the import and the training")
-    importer.wait(timeout=args.seconds + 1800)
-    worker.wait(timeout=args.seconds + 1800)
+    load_at_end = os.getloadavg()[0]
+    print(f"[{database}] labellers done after {time.time() - go:.0f} s", flush=True)
+    for process in background:
+        process.wait(timeout=args.seconds + 1800)
     figures = measure(args, database, db, work, children)
-    check_background(figures, importer, db, jobs.get_job(db, job_id), worker, expected_import=args.import_images)
-    decide(figures)
+    figures.load_average = [load_at_go, load_at_end]
+    if job_id is not None:
+        importer, worker = background
+        check_background(figures, importer, jobs.get_job(db, job_id), worker, expected_import=args.import_images)
+    decide(figures, alone=args.alone)
     close_all()
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
@@ -409,18 +441,19 @@ def measure(args: argparse.Namespace, database: str, db: Any, work: Path, childr
 
     figures = RunFigures(database, args.labellers, args.processes, args.seconds)
     ops: list[Op] = []
-    errors: Counter[str] = Counter()
+    refusals: Counter[str] = Counter()
     for p, child in enumerate(children):
         out = work / f"ops-{p}.json"
         if child.returncode != 0 or not out.exists():
             raise SystemExit(f"labeller process {p} failed ({child.returncode}):\n{child.output()[-3000:]}")
         result = json.loads(out.read_text())
         ops += [Op(OpKind(k), Outcome(o), int(e), float(ms)) for k, o, e, ms in result["ops"]]
-        errors.update(result["errors"])
+        refusals.update(result["refusals"])
+        figures.examples.update(result["examples"])
     figures.ops = len(ops)
     figures.ops_per_s = len(ops) / args.seconds
     figures.outcomes = dict(Counter(op.outcome.value for op in ops).most_common())
-    figures.errors = dict(errors.most_common(12))
+    figures.refusals = dict(refusals.most_common())
     figures.events_reported = sum(op.events for op in ops)
     with db.read() as session:
         figures.events_in_table = session.scalar(
@@ -433,25 +466,26 @@ def measure(args: argparse.Namespace, database: str, db: Any, work: Path, childr
 
 
 def check_background(
-    figures: RunFigures, importer: Background, db: Any, job: Any, worker: Background, *, expected_import: int
+    figures: RunFigures, importer: Background, job: Any, worker: Background, *, expected_import: int
 ) -> None:
     """The import's and the training job's outcome."""
     text = importer.output()
     summary = re.search(r"(\d+) imported, (\d+) duplicates, (\d+) refused", text)
-    figures.import_summary = summary.group(0) if summary else text.strip().splitlines()[-1:][0] if text.strip() else ""
+    lines = text.strip().splitlines()
+    figures.import_summary = summary.group(0) if summary else lines[-1] if lines else "no output"
     figures.import_ok = bool(
         importer.returncode == 0 and summary and int(summary.group(1)) == expected_import and "Traceback" not in text
     )
     figures.import_s = importer.ended_s
     figures.training_status = str(job.status)
-    figures.training_error = (job.error or "").strip().splitlines()[-1:][0] if job.error else ""
+    figures.training_error = job.error.strip().splitlines()[-1] if job.error and job.error.strip() else ""
     if job.finished_at is not None:  # from queued (just before the go) to finished, both in the database's clock
         figures.training_s = (job.finished_at - job.created_at).total_seconds()
     if worker.returncode != 0 and not figures.training_error:
         figures.training_error = f"worker exited {worker.returncode}: {worker.output()[-500:]}"
 
 
-def decide(figures: RunFigures) -> None:
+def decide(figures: RunFigures, *, alone: bool) -> None:
     p99 = figures.latency_ms["all label writes"].get("p99", float("inf"))
     figures.checks = {
         "events equal the successful operations": figures.events_in_table == figures.events_reported,
@@ -459,9 +493,10 @@ def decide(figures: RunFigures) -> None:
         "no change refused for a lock": figures.outcomes.get(Outcome.LOCK.value, 0) == 0,
         "no untyped error (traceback)": figures.outcomes.get(Outcome.UNTYPED.value, 0) == 0,
         f"label-write p99 < {P99_TARGET_MS:g} ms": p99 < P99_TARGET_MS,
-        "import finished": figures.import_ok,
-        "training succeeded": figures.training_status == "succeeded",
     }
+    if not alone:
+        figures.checks["import finished"] = figures.import_ok
+        figures.checks["training succeeded"] = figures.training_status == "succeeded"
 
 
 def report(runs: list[RunFigures]) -> str:
@@ -485,8 +520,9 @@ def report(runs: list[RunFigures]) -> str:
                 f"{all_writes.get(k, 0):,.0f}" for k in ("p50", "p95", "p99", "max")
             ),
             "set_label p99 ms": single.get("p99"),
-            "import": f"{f.import_summary} in {f.import_s or 0:.0f} s",
-            "training": f"{f.training_status} after {f.training_s or 0:.0f} s",
+            "import": f"{f.import_summary} in {f.import_s:.0f} s" if f.import_s is not None else "-",
+            "training": f"{f.training_status} after {f.training_s:.0f} s" if f.training_s is not None else "-",
+            "load avg": " -> ".join(f"{x:.1f}" for x in f.load_average),
         })  # fmt: skip
     table = markdown_table(list(rows[0]), rows)
     checks = [
@@ -505,6 +541,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=600, help="labelled photos the labellers relabel")
     parser.add_argument("--import-images", type=int, default=3000, help="new photos imported meanwhile")
     parser.add_argument("--view-s", type=float, default=2.0, help="how old a labeller's view of the labels gets")
+    parser.add_argument("--think-s", type=float, default=0.0, help="mean pause after each change (0: flat out)")
+    parser.add_argument("--alone", action="store_true", help="labellers only: no import, no training job")
     parser.add_argument("--train-params", default='{"arch": "resnet18", "image_size": 32}', help="quick job params")
     parser.add_argument("--out", type=Path, default=None, help="write every figure as JSON")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
