@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # What PRODCAT_DEVICE may say; whether that hardware is there is models.devices.pick_device's call, when it is used.
 DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+# What PRODCAT_TRAIN_DEVICES may say (spaces removed): a list of cpu or cuda:N, a GPU count, or all GPUs.
+TRAIN_DEVICES = re.compile(r"all|[1-9][0-9]*|(cpu|cuda:[0-9]+)(,(cpu|cuda:[0-9]+))*")
 # The keys keyboard review gives categories, in the order it hands them out: digits, then letters but c and r
 # (Streamlit's own shortcuts: clear cache, rerun) and u (Undo on the Review page).
 REVIEW_HOTKEYS = "1234567890" + "".join(c for c in string.ascii_lowercase if c not in "cru")
@@ -56,6 +58,12 @@ class Settings(BaseSettings):
         "auto",
         description="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N (the GPU with index N, e.g. cuda:1 "
         "for a worker given a machine's second GPU) or mps. A GPU that is not there is refused when used.",
+    )
+    train_devices: str | None = Field(
+        None,
+        description="Full-mode training on several devices at once, one process each under torch.distributed "
+        "(DistributedDataParallel): cuda:0,cuda:1 (GPUs by index), a GPU count (2) or all; cpu,cpu runs CPU processes "
+        "(tests). One device: full mode trains there. Empty: full mode trains on `device`. Quick mode is one process.",
     )
     default_arch: str | None = Field(
         None,
@@ -119,6 +127,21 @@ class Settings(BaseSettings):
         text = value.strip().lower() if isinstance(value, str) else value
         if not isinstance(text, str) or not DEVICE_NAME.fullmatch(text):
             raise ValueError(f"unknown device {value!r}: use auto, cpu, cuda, cuda:N (a GPU index, e.g. cuda:1) or mps")
+        return text
+
+    @field_validator("train_devices", mode="before")
+    @classmethod
+    def _train_devices(cls, value: object) -> object:
+        if value is None or isinstance(value, bool) or not isinstance(value, str | int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        if not text:
+            return None
+        if not TRAIN_DEVICES.fullmatch(text):
+            raise ValueError(
+                f"unknown train devices {value!r}: use a list such as cuda:0,cuda:1 or cpu,cpu, a GPU count such as 2, "
+                "or all"
+            )
         return text
 
     @field_validator("review_keys", mode="before")

@@ -320,7 +320,7 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     Returns the new model version id. Raises TrainingRefused when the data cannot make a model (the messages say
     what to label), JobCancelled when should_stop() turns true. Nothing is registered unless everything succeeded.
     """
-    from models.devices import describe_device, pick_device
+    from models.devices import describe_device, describe_devices, pick_device
     from models.errors import TrainingStopped
     from models.factory import preprocessing_config
 
@@ -337,7 +337,10 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
         device = pick_device(config.device)
     except ValueError as exc:
         raise DeviceUnavailable(f"{exc}: set PRODCAT_DEVICE for this worker to a device it has") from None
-    device_text = describe_device(device)
+    train_devices = _train_devices(db.settings, job.mode)
+    if len(train_devices) == 1:  # one device named for full training: the job runs there
+        device, config.device = train_devices[0], str(train_devices[0])
+    device_text = describe_devices(train_devices) if len(train_devices) > 1 else describe_device(device)
     started = time.monotonic()
     on_progress(ProgressReport(phase="preparing", device=device_text))
     labelled = _gather_labelled(db, job.mode)
@@ -348,7 +351,11 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     pixels = _fill_pixel_cache(db, cfg, labelled.splits, on_progress=on_progress, device_text=device_text)
     _check_stop(should_stop)
 
-    train = _train_quick if job.mode == TrainMode.QUICK else _train_full
+    train = (
+        _train_quick
+        if job.mode == TrainMode.QUICK
+        else functools.partial(_train_full, job_id=int(job_id), devices=train_devices)
+    )
     try:
         trained = train(
             db, start.model, cfg, pixels, labelled, config, device, on_progress=on_progress, should_stop=should_stop
@@ -383,6 +390,19 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
     ):
         _refresh_predictions(db, version_id, on_progress=on_progress, device_text=device_text)
     return version_id
+
+
+def _train_devices(settings: Settings, mode: TrainMode) -> list[Any]:
+    """The devices a full-mode job trains on (PRODCAT_TRAIN_DEVICES; several: one process each under DDP), or none
+    (quick mode, or the setting unset: the job's one device)."""
+    if mode != TrainMode.FULL or not settings.train_devices:
+        return []
+    from models.devices import pick_train_devices
+
+    try:
+        return pick_train_devices(settings.train_devices)
+    except ValueError as exc:
+        raise DeviceUnavailable(f"{exc}: set PRODCAT_TRAIN_DEVICES for this worker to devices it has") from None
 
 
 def _check_labels(settings: Settings, trained: _Trained, labelled: _Labelled, config: TrainConfig) -> LabelCheck | str:
@@ -698,19 +718,35 @@ def _train_full(
     *,
     on_progress: ProgressFn,
     should_stop: StopFn,
+    job_id: int,
+    devices: Sequence[Any] = (),
 ) -> _Trained:
-    """Fine-tune every layer, then the tuned backbone's features of every labelled split (val and test logits come
-    from them through the head: one forward pass, and the label checks reuse the features)."""
+    """Fine-tune every layer (on several `devices`: one process each under DDP, in the job's staging folder), then
+    the tuned backbone's features of every labelled split (val and test logits come from them through the head: one
+    forward pass, and the label checks reuse the features)."""
     from models.training import head_logits, train_full
 
-    result = train_full(
-        config,
-        _train_data(pixels, labelled),
-        model=model,
-        cfg=cfg,
-        on_progress=lambda p: on_progress(ProgressReport.from_library(p, f"training ({p.phase})")),
-        should_stop=should_stop,
-    )
+    data = _train_data(pixels, labelled)
+
+    def report(progress: Any) -> None:
+        on_progress(ProgressReport.from_library(progress, f"training ({progress.phase})"))
+
+    if len(devices) > 1:
+        from models.distributed import train_full_distributed
+
+        with staged_checkpoint(db.settings, job_id) as folder:
+            result = train_full_distributed(
+                config,
+                data,
+                model=model,
+                cfg=cfg,
+                devices=devices,
+                folder=folder,
+                on_progress=report,
+                should_stop=should_stop,
+            )
+    else:
+        result = train_full(config, data, model=model, cfg=cfg, on_progress=report, should_stop=should_stop)
     features, _ = _labelled_features(
         db, result.model, cfg, pixels, labelled, config, device, on_progress=on_progress, should_stop=should_stop
     )
@@ -726,6 +762,7 @@ def _train_full(
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
             "stopped_early": result.stopped_early,
+            **({"devices": result.extra["devices"]} if "devices" in result.extra else {}),
         },
     )
 

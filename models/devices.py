@@ -45,6 +45,54 @@ def _cuda_by_index(name: str, index_text: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+def pick_train_devices(spec: str) -> list[torch.device]:
+    """The devices one full-mode training job runs on, one process each (PRODCAT_TRAIN_DEVICES).
+
+    "cuda:0,cuda:1" names GPUs by index; "cpu,cpu" runs CPU processes (gloo: tests, debugging); a count "N" takes
+    the first N CUDA GPUs and "all" every one there is. Raises ValueError naming the setting and the fault: a GPU
+    that is not there, a GPU named twice (one process per GPU), CPU mixed with CUDA, a bare "cuda" in a list (which
+    one?), or mps (torch.distributed has no backend for it).
+    """
+    text = str(spec).strip().lower().replace(" ", "")
+    if text == "all" or text.isdigit():
+        return _first_gpus(spec, None if text == "all" else int(text))
+    names = [name for name in text.split(",") if name]
+    if not names:
+        raise ValueError(f"train devices {spec!r}: name devices (cuda:0,cuda:1 or cpu,cpu) or give a GPU count")
+    for name in names:
+        if name != "cpu" and not name.startswith("cuda:"):
+            raise ValueError(f"train devices {spec!r}: {name!r} cannot train beside others: use cuda:N or cpu")
+    try:
+        devices = [pick_device(name) for name in names]
+    except ValueError as exc:
+        raise ValueError(f"train devices {spec!r}: {exc}") from None
+    if len({d.type for d in devices}) > 1:
+        raise ValueError(f"train devices {spec!r}: all CPU or all CUDA GPUs, not a mix")
+    gpus = [d.index for d in devices if d.type == "cuda"]
+    if len(set(gpus)) != len(gpus):
+        raise ValueError(f"train devices {spec!r}: a GPU is named twice; each training process needs its own GPU")
+    return devices
+
+
+def _first_gpus(spec: str, wanted: int | None) -> list[torch.device]:
+    """cuda:0 to cuda:wanted-1 (every GPU when `wanted` is None), or ValueError saying what the machine has."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if wanted is not None and wanted < 1:
+        raise ValueError(f"train devices {spec!r}: a GPU count must be at least 1")
+    if count == 0 or (wanted or 0) > count:
+        have = f"{count} CUDA GPU{'' if count == 1 else 's'}" if count else "no CUDA GPU (cpu,cpu runs CPU processes)"
+        raise ValueError(f"train devices {spec!r}: this machine has {have}")
+    return [torch.device("cuda", i) for i in range(wanted or count)]
+
+
+def describe_devices(devices: list[torch.device]) -> str:
+    """`describe_device` of one device, or e.g. '2 x cuda (NVIDIA H100) (DDP)' for several training together."""
+    if len(devices) == 1:
+        return describe_device(devices[0])
+    names = sorted({describe_device(d) if d.type == "cuda" else d.type for d in devices})
+    return f"{len(devices)} x {', '.join(names)} (DDP)"
+
+
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())

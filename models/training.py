@@ -458,7 +458,15 @@ class _Best:
 
 
 class _FullRun:
-    """One full fine-tuning run: set up from the config, then epochs of training and validation, then the result."""
+    """One full fine-tuning run: set up from the config, then epochs of training and validation, then the result.
+
+    One process on one device. `models.distributed` runs one per device under DistributedDataParallel by overriding
+    the hooks that differ there: the training model, the epoch's batches, the stop check, the epoch's totals and
+    the agreement on early stopping; validation and the best weights stay with the main process (`is_main`).
+    """
+
+    world = 1  # processes training together
+    is_main = True  # validates, keeps the best weights and reports progress
 
     def __init__(
         self,
@@ -480,7 +488,7 @@ class _FullRun:
         if self.cuda:
             torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
         model.to(device, memory_format=torch.channels_last if self.cuda else torch.contiguous_format)
-        self.train_model = torch.compile(model) if config.compile else model
+        self.train_model = self._training_model(model)
         self.plan = _plan_steps(config, len(data.train_labels))
         self.optimizer, self.scheduler = _optimizer_and_schedule(model, config, self.plan)
         self.counts = _class_counts(data.train_labels, len(data.class_names))
@@ -498,8 +506,11 @@ class _FullRun:
         try:
             for epoch in range(1, self.plan.epochs + 1):
                 stats = self._train_epoch(epoch, pool, best.val_acc)
+                if len(self.data.val_labels):
+                    self._stop_point(f"validation of epoch {epoch}")
                 val = self._validate(epoch)
-                best.update(epoch, self.model, val)
+                if self.is_main:
+                    best.update(epoch, self.model, val)
                 history.append(self._history_point(epoch, stats, val))
                 self._report(
                     "val",
@@ -511,7 +522,8 @@ class _FullRun:
                     eta_s=self._eta(time.monotonic()),
                 )
                 patience = self.config.patience
-                if val is not None and patience > 0 and best.bad_epochs >= patience and epoch < self.plan.epochs:
+                out_of_patience = val is not None and 0 < patience <= best.bad_epochs and epoch < self.plan.epochs
+                if self._agreed(out_of_patience):
                     stopped_early = True
                     break
         finally:
@@ -523,10 +535,7 @@ class _FullRun:
     ) -> _EpochStats:
         """One epoch of steps over class-balanced (or shuffled) batches, reporting every `progress_every_s`."""
         plan = self.plan
-        num = plan.steps_per_epoch * plan.batch_size
-        order = _epoch_indices(self.config.balance, self.data.train_labels, self.counts, num, self.sample_gen)
-        epoch_steps = min(plan.steps_per_epoch, plan.total_steps - self.global_step)
-        batches = [np.sort(order[i * plan.batch_size : (i + 1) * plan.batch_size]) for i in range(epoch_steps)]
+        batches = self._epoch_batches(epoch)
         self.model.train()
         self.bn_frozen = False
         epoch_start = time.monotonic()
@@ -536,7 +545,7 @@ class _FullRun:
         seen = 0
         future = pool.submit(self._gather, batches[0])
         for step, indices in enumerate(batches, start=1):
-            _check_stop(self.should_stop, f"epoch {epoch}, step {step}")
+            self._stop_point(f"epoch {epoch}, step {step}")
             pixels = future.result()
             if step < len(batches):
                 future = pool.submit(self._gather, batches[step])
@@ -555,15 +564,45 @@ class _FullRun:
                     loss=float(loss_sum) / seen,
                     train_acc=float(correct_sum) / seen,
                     val_acc=best_val_acc,
-                    images_per_s=seen / max(now - epoch_start, 1e-9),
+                    images_per_s=seen * self.world / max(now - epoch_start, 1e-9),
                     eta_s=self._eta(now),
                 )
+        total_loss, total_correct, total_seen = self._epoch_totals(float(loss_sum), float(correct_sum), seen)
         return _EpochStats(
-            loss=float(loss_sum) / max(seen, 1),
-            acc=float(correct_sum) / max(seen, 1),
-            seen=seen,
+            loss=total_loss / max(total_seen, 1),
+            acc=total_correct / max(total_seen, 1),
+            seen=total_seen,
             seconds=time.monotonic() - epoch_start,
         )
+
+    # --- what a distributed run (models.distributed) does differently -------------------------------------------
+
+    def _training_model(self, model: nn.Module) -> nn.Module:
+        """The module the training steps call: the model itself, or its torch.compile wrapper."""
+        return torch.compile(model) if self.config.compile else model
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """This process's batches of the epoch (sorted train indices): class-balanced draws, or a shuffle."""
+        plan = self.plan
+        num = plan.steps_per_epoch * plan.batch_size
+        order = _epoch_indices(self.config.balance, self.data.train_labels, self.counts, num, self.sample_gen)
+        return [np.sort(order[i * plan.batch_size : (i + 1) * plan.batch_size]) for i in range(self._epoch_steps())]
+
+    def _epoch_steps(self) -> int:
+        """Optimiser steps in the coming epoch (the last one may be cut short by `max_steps`)."""
+        return min(self.plan.steps_per_epoch, self.plan.total_steps - self.global_step)
+
+    def _stop_point(self, where: str) -> None:
+        """Raise TrainingStopped when a stop was asked for (checked every step and before each validation)."""
+        _check_stop(self.should_stop, where)
+
+    def _epoch_totals(self, loss_sum: float, correct: float, seen: int) -> tuple[float, float, int]:
+        """The epoch's summed loss, correct predictions and images over every process training together."""
+        return loss_sum, correct, seen
+
+    def _agreed(self, stop_early: bool) -> bool:
+        """Whether every process stops early now (the main process's verdict: it alone validates)."""
+        return stop_early
 
     def _gather(self, indices: np.ndarray) -> np.ndarray:
         return np.asarray(self.data.train_pixels[indices])
@@ -598,7 +637,6 @@ class _FullRun:
         """Accuracy, loss and logits on the validation split; None without one."""
         if not len(self.data.val_labels):
             return None
-        _check_stop(self.should_stop, f"validation of epoch {epoch}")
         logits = predict_logits(
             self.model,
             self.data.val_pixels,
