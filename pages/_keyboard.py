@@ -43,6 +43,21 @@ KEYS_NOTE_KEY = "_kb_keys_note"  # what the last pin or unpin did
 PIN_CATEGORY_KEY = "kb_pin_category"
 PIN_KEY_KEY = "kb_pin_key"
 PREFIX = "kb"
+# Streamlit's button shortcuts ignore a key pressed while a form control has the focus, and after a click on the
+# Keyboard review toggle the toggle's checkbox keeps it: the first key press did nothing until the person clicked into
+# the page. This takes the focus off such a control (never off a text field the person is typing in) when keyboard
+# review appears: switched on, or the page opened in it. It runs when the element is first drawn, not at every key
+# press (an unchanged st.html is not drawn again). A constant: no user text goes into it.
+FOCUS_SCRIPT = """<script>
+(() => {
+  const el = document.activeElement;
+  if (!el || el === document.body) return;
+  const textTypes = ["text", "search", "email", "number", "password", "tel", "url", "date", "time"];
+  const typing = el.isContentEditable || el.tagName === "TEXTAREA" || el.tagName === "SELECT"
+    || (el.tagName === "INPUT" && textTypes.includes(el.type));
+  if (!typing) el.blur();
+})();
+</script>"""
 
 
 def hotkeys(
@@ -247,7 +262,8 @@ def keyboard_review(
     """The first photo of `image_ids` not in `done` (kept in session state by the page), large, with the keys.
 
     A key press labels, keeps or skips it and the next one comes up; the page around it is not redrawn, except the
-    fragments named in `also_rerun` after a label change."""
+    fragments named in `also_rerun` after a label change. The first key press acts at once (see FOCUS_SCRIPT)."""
+    st.html(FOCUS_SCRIPT, unsafe_allow_javascript=True)
     st.fragment(_keyboard_body, key=FRAGMENT)(db, list(image_ids), list(categories), done, tuple(also_rerun))
 
 

@@ -157,8 +157,7 @@ else:
             "Search",
             key=SEARCH_KEY,
             persist_state=KEEP,
-            placeholder="file name, #id or SKU",
-            help="Part of a file name, `#123` for image 123, or a SKU or its beginning (`sku:AB-1` searches SKUs only)",
+            placeholder="file name, #id or SKU (exact or its beginning; sku:AB-1 searches SKUs only)",
             label_visibility="collapsed",
         )
         st.form_submit_button("Apply filters")

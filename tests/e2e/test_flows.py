@@ -1,6 +1,7 @@
 """Browser checks of what only a real server and Chromium show: deep links on a fresh server, the favicon, a bad
-upload category refused before import, a new category typed into the batch picker, two quick downloads, and an
-import interrupted by leaving the page (the real `streamlit run` and Playwright helpers of test_browser.py)."""
+upload category refused before import, a new category typed into the batch picker, two quick downloads, an
+import interrupted by leaving the page, and keyboard review's first key press (the real `streamlit run` and
+Playwright helpers of test_browser.py)."""
 
 from __future__ import annotations
 
@@ -178,3 +179,57 @@ def test_b7_leaving_mid_import_says_what_was_stored_and_resumes_the_rest(
         browser.close()
     assert catalogue_stats(open_database(Settings(data_dir=data_dir))).total_images == n
     close_all()
+
+
+def _labels_of(data_dir: Path) -> dict[str, str]:
+    """File name -> label of the labelled images, read from the server's database."""
+    from core.review import review_queue
+
+    db = open_database(Settings(data_dir=data_dir, auth="none"))
+    page = review_queue(db, page=1, page_size=50, order="newest")
+    close_all()
+    return {item.original_name: item.label for item in page.items if item.label is not None}
+
+
+def test_keyboard_review_keys_act_at_once_when_the_mode_is_switched_on_and_when_the_page_opens_in_it(
+    chromium: str, server: tuple[str, Path]
+) -> None:
+    """The first key press labels: no click into the page first (the toggle just clicked kept the focus, and
+    Streamlit ignores shortcuts typed into a form control)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from core.ingest import Upload, import_uploads
+
+    base, data_dir = server
+    _setup(data_dir, categories=("Bags", "Hats", "Shoes"))
+    db = open_database(Settings(data_dir=data_dir, auth="none"))
+    import_uploads(db, [Upload(f"p{k}.png", image_bytes("Bags", 300 + k, size=24)) for k in range(3)], actor="setup")
+    close_all()
+    with sync_playwright() as pw:
+        browser, page = _browser(pw, chromium)
+        sign_in(page, base, f"/{PAGES['review'][2]}?label_state=unlabelled")
+        page.get_by_role("heading", name="Review & correct").wait_for()
+        _wait_idle(page)
+        page.get_by_text("Keyboard review: one photo at a time").click()
+        card = page.locator('[class*="st-key-kb_card_"]')
+        expect(card).to_have_count(1)
+        _wait_idle(page)
+        first = card.get_by_text(re.compile(r"^#\d+ p\d\.png")).inner_text().split()[1]
+        page.keyboard.press("1")  # Bags, straight away
+        expect(page.get_by_text(re.compile(rf"Last: #\d+ {re.escape(first)}: labelled Bags"))).to_be_visible()
+        assert _labels_of(data_dir) == {first: "Bags"}
+
+        # Another page and back: the review page opens in keyboard mode, and again the first key acts (this half
+        # passed before the focus fix too: the sidebar link that keeps the focus is no form control).
+        page.locator('[data-testid="stSidebarNav"]').get_by_text("Home", exact=True).click()
+        page.get_by_role("heading", name="prodcat").wait_for()
+        page.locator('[data-testid="stSidebarNav"]').get_by_text("Review & correct", exact=True).click()
+        page.get_by_role("heading", name="Review & correct").wait_for()
+        expect(card).to_have_count(1)
+        _wait_idle(page)
+        second = card.get_by_text(re.compile(r"^#\d+ p\d\.png")).inner_text().split()[1]
+        assert second != first
+        page.keyboard.press("3")  # Shoes
+        expect(page.get_by_text(re.compile(rf"Last: #\d+ {re.escape(second)}: labelled Shoes"))).to_be_visible()
+        assert _labels_of(data_dir) == {first: "Bags", second: "Shoes"}
+        browser.close()
