@@ -3,12 +3,20 @@
     python benchmarks/bench_gpu.py --out results/gpu.json            # on a machine with an NVIDIA GPU
     python benchmarks/bench_gpu.py --compile --out results/gpu.json  # also torch.compile (compile time reported)
     python benchmarks/bench_gpu.py --cpu-smoke                       # tiny settings on CPU: checks the code runs
+    python benchmarks/bench_gpu.py --devices all --out results/scaling.json    # multi-GPU scaling of full training
+    python benchmarks/bench_gpu.py --devices cpu,cpu --cpu-smoke               # the same code path on 2 CPU processes
 
 1. Training images/s end to end from the pixel cache (memory map -> pinned batch -> GPU -> augment_batch ->
    normalise -> forward/backward/AdamW), bf16 autocast, channels_last, cudnn.benchmark, optional torch.compile.
 2. Inference images/s from the pixel cache through `models.inference.Classifier.predict_pixels` (the product path).
 3. Classifying JPEG files from disk: torchvision.io.decode_jpeg on the GPU (nvJPEG, a list of files per call) vs
    decode_jpeg on the CPU vs PIL (what the app does for uploads), each followed by resize/crop and the model.
+
+With `--devices` (a PRODCAT_TRAIN_DEVICES value: all, a GPU count, cuda:0,cuda:1...) it measures only how full-mode
+training scales: the product's `train_full` on the first device, then `models.distributed.train_full_distributed`
+(DDP, one process per GPU) on 2, 4, 8... of them and on all, each `--batch-size` images per device per step (weak
+scaling), over a synthetic pixel cache. img/s is the mean of the epochs after the first (cuDNN autotuning and DDP's
+first buckets fall in the first); seconds is the wall clock of the whole call, launch and validation included.
 """
 
 from __future__ import annotations
@@ -58,11 +66,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jpeg-side", type=int, default=800, help="Side of the synthetic product photos.")
     parser.add_argument("--decode-batch", type=int, default=128, help="Files per GPU decode_jpeg call.")
     parser.add_argument("--cpu-smoke", action="store_true", help="Run every stage on CPU with tiny settings.")
+    parser.add_argument(
+        "--devices", help="Only measure full-training scaling over these devices (all, 2, cuda:0,cuda:1; cpu,cpu)."
+    )
+    parser.add_argument("--scaling-epochs", type=int, default=3, help="Epochs per scaling run (the first untimed).")
     parser.add_argument("--out", type=Path, help="Write the results as JSON here.")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         args.arch, args.image_size, args.batch_size, args.infer_batch_size = "resnet18", 32, 8, 16
         args.images, args.steps, args.warmup, args.jpegs, args.jpeg_side, args.decode_batch = 64, 2, 1, 16, 96, 8
+        args.batch_size, args.scaling_epochs = 4, 2
     return args
 
 
@@ -253,6 +266,69 @@ def bench_jpeg(paths: list[Path], model: Any, cfg: Any, device: Any, args: argpa
     return rows
 
 
+def bench_scaling(args: argparse.Namespace) -> list[dict]:
+    """Full-mode training images/s on 1, 2, 4... and all of `args.devices`, `args.batch_size` images per device per
+    step: `train_full` on one device, `train_full_distributed` (DDP) on several."""
+    from statistics import mean
+
+    import torch
+
+    from models.devices import describe_devices, pick_train_devices
+    from models.distributed import train_full_distributed
+    from models.factory import create_network, preprocessing_config
+    from models.training import TrainConfig, TrainData, TrainMode, train_full
+
+    devices = pick_train_devices(args.devices)
+    counts = sorted({k for k in (1, 2, 4, 8, 16) if k < len(devices)} | {len(devices)})
+    network, _ = create_network(args.arch, 10, pretrained="none")
+    cfg = preprocessing_config(network, args.image_size)
+    del network
+    steps_per_epoch = 8  # at the largest batch: enough steps for a steady rate
+    images = max(args.images, args.batch_size * len(devices) * steps_per_epoch)
+    rng = np.random.default_rng(0)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="prodcat-bench-scaling-") as tmp:
+        # Two whole cache files: the ranks map them again by name (a slice of one would be copied into every rank).
+        train = make_pixel_cache(Path(tmp) / "train", images, cfg.image_size)
+        val = make_pixel_cache(Path(tmp) / "val", min(images, 512), cfg.image_size)
+        data = TrainData(train, rng.integers(0, 10, len(train)), val, rng.integers(0, 10, len(val)),
+                         [f"class{i}" for i in range(10)])  # fmt: skip
+        for count in counts:
+            config = TrainConfig(arch=args.arch, image_size=cfg.image_size, mode=TrainMode.FULL,
+                                 epochs=args.scaling_epochs, batch_size=args.batch_size * count, device=str(devices[0]),
+                                 patience=0, compile=args.compile, eval_batch_size=args.infer_batch_size)  # fmt: skip
+            torch.manual_seed(0)
+            model, _ = create_network(args.arch, 10, pretrained="none")
+            with timed() as clock:
+                if count == 1:
+                    result = train_full(config, data, model=model, cfg=cfg)
+                else:
+                    folder = Path(tmp) / f"ddp{count}"
+                    result = train_full_distributed(
+                        config, data, model=model, cfg=cfg, devices=devices[:count], folder=folder
+                    )
+            steady = [h["images_per_s"] for h in result.history[1:]] or [h["images_per_s"] for h in result.history]
+            speed = mean(steady)
+            gain = speed / rows[0]["img/s"] if rows else 1.0
+            rows.append(
+                {
+                    "measurement": f"full training on {count} device{'s' if count > 1 else ''}",
+                    "device": describe_devices(devices[:count]),
+                    "arch": args.arch,
+                    "px": cfg.image_size,
+                    "batch": config.batch_size,
+                    "images": len(train) * len(result.history),
+                    "seconds": clock.seconds,
+                    "img/s": speed,
+                    "speedup": gain,
+                    "notes": f"x{gain:.2f} vs 1 device ({gain / count:.0%} of linear); "
+                    f"{args.batch_size}/device/step; wall incl. launch",
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -265,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.devices:
+        rows = bench_scaling(args)
+        write_json(args.out, {"benchmark": "bench_gpu --devices", "settings": vars(args) | {"out": str(args.out)},
+                              "rows": rows, "peak_rss_mb": peak_rss_mb(), "versions": library_versions()})  # fmt: skip
+        print()
+        print(markdown_table(COLUMNS, rows))
+        return 0
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -30,7 +30,7 @@ What every rank keeps to, so that all see the same epochs and stop together:
   process. `DistributedSampler` deals each epoch's images out to the ranks (the class-balanced draws, made with the
   same seed on every rank, or a shuffle); BatchNorm is frozen when a rank's share is below 16 images (`freeze_bn`).
 - a collective stop check every step (an all-reduce on a gloo group, so CUDA streams are not synchronised): a cancel
-  seen by the worker, or the worker gone, stops every rank at the same step.
+  seen by the worker stops every rank at the same step. A rank whose worker is gone (killed) exits at once.
 - rank 0 alone validates after each epoch (evaluation as in one process), keeps the best weights, reports progress,
   decides early stopping for all (a broadcast), and writes the trained checkpoint, atomically (`save_checkpoint`).
 - collectives time out (`timeout_s`): a rank that hangs fails the group with a timeout instead of blocking it.
@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import logging
 import mmap
+import multiprocessing
 import os
 import queue
 import signal
@@ -416,6 +417,7 @@ def _rank_main(job: _RankJob, reports: Any, stop: Any) -> _Outcome | None:
     the report queue first, so the worker can tell the rank that failed from the ones that lost it."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device(job.devices[int(os.environ["LOCAL_RANK"])])
+    threading.Thread(target=_exit_with_worker, name="prodcat-rank-watch", daemon=True).start()
     try:
         return _train_rank(job, rank, world, device, reports, stop)
     except Exception as exc:
@@ -425,6 +427,17 @@ def _rank_main(job: _RankJob, reports: Any, stop: Any) -> _Outcome | None:
         if lost_peer:
             time.sleep(_PEER_LOST_GRACE_S)
         raise
+
+
+def _exit_with_worker() -> None:
+    """A rank whose worker is gone (kill -9) has no one to report to: it exits at once rather than train, or wait in
+    a collective or for the launcher, for nobody while holding a GPU. The worker is multiprocessing's parent process
+    of the rank (the one that asked the fork server for it), watched through the pipe it holds open while alive."""
+    worker = multiprocessing.parent_process()
+    if worker is None:
+        return
+    worker.join()
+    os._exit(1)
 
 
 def _train_rank(job: _RankJob, rank: int, world: int, device: torch.device, reports: Any, stop: Any) -> _Outcome | None:
@@ -483,7 +496,6 @@ class _DistributedRun(_FullRun):
     ) -> None:
         self.rank, self.world, self.is_main = rank, world, rank == 0
         self.control, self.stop = control, stop
-        self.parent = os.getppid()  # changes when the worker (and its fork server) is gone
         on_progress = reports.put if rank == 0 else None
         super().__init__(job.config, job.data, model, job.cfg, device, on_progress, None)
         self.augment_gen = torch.Generator().manual_seed(job.config.seed + 1 + 1000 * rank)  # each its own crops
@@ -516,8 +528,7 @@ class _DistributedRun(_FullRun):
         return [np.sort(mine[i * local : (i + 1) * local]) for i in range(steps)]
 
     def _stop_point(self, where: str) -> None:
-        asked = self.stop.is_set() or os.getppid() != self.parent
-        flag = torch.tensor([int(asked)], dtype=torch.int32)
+        flag = torch.tensor([int(self.stop.is_set())], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
         if int(flag.item()):
             raise TrainingStopped(f"training stopped on request ({where})")
