@@ -99,7 +99,7 @@ _TRACEBACK_LINES = 12
 _PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "communicator was aborted",
               "remote process exited")  # fmt: skip
 # How long a rank that lost a peer waits before exiting, so the agent records the peer's end (say, SIGKILL) first.
-_PEER_LOST_GRACE_S = 2.0
+_PEER_LOST_GRACE_S = 10.0  # the agent stops this rank meanwhile: no run lasts longer for it
 
 
 class DistributedTrainingFailed(RuntimeError):
