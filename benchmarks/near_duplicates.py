@@ -39,7 +39,6 @@ from core.duplicates import (
     HashIndex,
     MatchRule,
     PixelCheck,
-    ThumbnailRow,
     duplicate_counts,
     duplicate_groups,
     group_labels,
@@ -49,7 +48,14 @@ from core.duplicates import (
     pixel_difference,
     unchecked_images,
 )
-from core.imaging import ContentHashes, content_hashes, content_pixels
+from core.imaging import (
+    ContentHashes,
+    _content_grey,
+    _normalised_pixels,
+    content_hashes,
+    content_pixels,
+    open_normalised,
+)
 from core.ingest import Upload, import_uploads
 from core.schema import Image
 from core.settings import Settings, get_settings
@@ -196,6 +202,11 @@ def costs(originals: list[PILImage.Image], stored: int = 100_000) -> None:
     t0 = time.perf_counter()
     hashes = [content_hashes(im) for im in originals[:500]]
     per_hash = (time.perf_counter() - t0) / 500
+    boxes = [_content_grey(im) for im in originals[:500]]
+    t0 = time.perf_counter()
+    for box in boxes:
+        _normalised_pixels(box)
+    per_pixels = (time.perf_counter() - t0) / 500
     rng = np.random.default_rng(0)
     random = rng.integers(-(2**63), 2**63 - 1, size=(stored, 3), dtype=np.int64)
     rows = [(i + 1, int(a), int(b), int(c)) for i, (a, b, c) in enumerate(random)]
@@ -211,21 +222,18 @@ def costs(originals: list[PILImage.Image], stored: int = 100_000) -> None:
     t0 = time.perf_counter()
     group_labels(HashArrays.from_rows(rows[:10_000]))
     grouping = time.perf_counter() - t0
-    print(f"content hashes (with their pixels): {per_hash * 1e3:.2f} ms per {SIZE} px image; match + append at "
+    print(f"content hashes: {per_hash * 1e3:.2f} ms per {SIZE} px image, of which their pixels (for the pixel check) "
+          f"{per_pixels * 1e3:.3f} ms; match + append at "
           f"{stored:,} stored: {per_match * 1e3:.2f} ms per imported image; index built from {stored:,} rows in "
           f"{load:.2f} s (once per import batch); grouping 10,000 images (scan): {grouping:.1f} s")  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
-        settings = Settings(data_dir=Path(folder), auth="none")
-        check = PixelCheck(settings)
         for size in (SIZE, 1000):
-            rel = f"thumbs/{size}.jpg"
-            (settings.data_dir / "thumbs").mkdir(exist_ok=True)
+            path = Path(folder) / f"{size}.jpg"
             thumb = make_thumbnail(originals[0].resize((size, size), PILImage.Resampling.BICUBIC), 256)
-            thumb.save(settings.data_dir / rel, "JPEG", quality=THUMBNAIL_QUALITY)
+            thumb.save(path, "JPEG", quality=THUMBNAIL_QUALITY)
             t0 = time.perf_counter()
-            for i in range(200):
-                check._cache.clear()
-                check.pixels(ThumbnailRow(i, "", rel))
+            for _ in range(200):
+                content_pixels(open_normalised(path))  # what PixelCheck reads for a stored image
             print(f"pixel check: a stored {size} px image's pixels from its {thumb.width} px thumbnail "
                   f"{(time.perf_counter() - t0) / 200 * 1e3:.2f} ms (once per stored image a new one's hashes match, "
                   f"per import)")  # fmt: skip
@@ -332,7 +340,37 @@ def _join_cost(db: core_db.Database, rng: np.random.Generator, calls: int = 200)
     return (later - base) * 1e3, (first - base) * 1e3
 
 
-PARTS = ("groups", "costs", "pixels", "false-groups", "splits")
+def check_cost(originals: list[PILImage.Image], workdir: Path, n: int = 500, rounds: int = 3) -> None:
+    """What the pixel check costs a copy-heavy import: `n` originals, then one copy of each per kind (every copy's
+    hashes match, so every copy reads its original's thumbnail once), with the check and with it switched off
+    (`PixelCheck.confirmed` returning the hash match), alternating round by round in one process. CPU ms per file."""
+    uploads = [Upload(f"p{i}.jpg", encode(im, "JPEG", 90)) for i, im in enumerate(originals[:n])]
+    copies = [Upload(f"{k}|p{i}.jpg", encode(make(im), "JPEG", 90))
+              for k, make in COPY_KINDS.items() for i, im in enumerate(originals[:n])]  # fmt: skip
+    confirmed = PixelCheck.confirmed
+
+    def hashes_only(self: PixelCheck, session: object, match: object, query: object) -> object:
+        return match
+
+    results: dict[str, list[tuple[float, float]]] = {"with the pixel check": [], "hashes only": []}
+    for r in range(rounds):
+        for name in results if r % 2 == 0 else reversed(results):
+            PixelCheck.confirmed = confirmed if name == "with the pixel check" else hashes_only  # type: ignore[method-assign,assignment]
+            db = open_database(Settings(data_dir=workdir / f"cost{r}{name[0]}", auth="none"))
+            import_uploads(db, uploads, actor="b")
+            wall, cpu = time.perf_counter(), time.process_time()
+            import_uploads(db, copies, actor="b")
+            results[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+            db.dispose()
+    PixelCheck.confirmed = confirmed  # type: ignore[method-assign]
+    for name, times in results.items():
+        cpu = statistics.median(c for _, c in times) / len(copies) * 1e3
+        walls = ", ".join(f"{w / len(copies) * 1e3:.1f}" for w, _ in times)
+        print(f"{len(copies):,} copies after {n} originals, {name}: CPU {cpu:.2f} ms per file (median of "
+              f"{rounds} rounds); wall {walls} ms per file")  # fmt: skip
+
+
+PARTS = ("groups", "costs", "check-cost", "pixels", "false-groups", "splits")
 
 
 def main() -> None:
@@ -355,6 +393,8 @@ def main() -> None:
                 false_groups(originals)
             if "costs" in parts:
                 costs(originals)
+            if "check-cost" in parts:
+                check_cost(originals, Path(workdir))
             if "splits" in parts:
                 split_agreement(originals, Path(workdir))
 

@@ -152,10 +152,20 @@ class IndexMatch:
 
 
 class HashIndex:
-    """The stored hashes an import batch matches against: loaded once, appended to as rows are inserted."""
+    """The stored hashes an import batch matches against: loaded once, appended to as rows are inserted. With a
+    `pixels` check, the pixels of the rows appended are kept there, so a later copy in the same import needs no
+    thumbnail read (a new index, after a rolled-back batch, starts a new check)."""
 
-    def __init__(self, stored: HashArrays, splits: Sequence[str], *, rule: MatchRule = DEFAULT_RULE) -> None:
+    def __init__(
+        self,
+        stored: HashArrays,
+        splits: Sequence[str],
+        *,
+        rule: MatchRule = DEFAULT_RULE,
+        pixels: PixelCheck | None = None,
+    ) -> None:
         self.rule = rule
+        self.pixels = pixels
         self._size = len(stored)
         capacity = max(1024, 2 * self._size)
         self._ids = np.zeros(capacity, dtype=np.int64)
@@ -168,9 +178,14 @@ class HashIndex:
     def __len__(self) -> int:
         return self._size
 
+    def near_duplicates(self, session: Session, query: ContentHashes) -> IndexMatch | None:
+        """The stored near-duplicates of `query`: the hash matches (`matches`) whose pixels agree too, when the index
+        has a pixel check (`session`, the insert's transaction, finds the thumbnails of rows written in it)."""
+        match = self.matches(query)
+        return self.pixels.confirmed(session, match, query) if match is not None and self.pixels else match
+
     def matches(self, query: ContentHashes) -> IndexMatch | None:
-        """Every stored image whose hashes match `query`'s, with its split, or None (`PixelCheck.confirmed` then
-        keeps the near-duplicates among them)."""
+        """Every stored image whose hashes match `query`'s, with its split, or None."""
         n = self._size
         view = HashArrays(self._ids[:n], *(c[:n] for c in self._columns))
         found = np.flatnonzero(match_mask(view, query, rule=self.rule))
@@ -189,6 +204,8 @@ class HashIndex:
             column[self._size] = value
         self._splits.append(split)
         self._size += 1
+        if self.pixels is not None:
+            self.pixels.remember(image_id, query.pixels)
 
 
 @dataclass
@@ -201,70 +218,77 @@ class ThumbnailRow:
 
 
 _PIXELS = CONTENT_PIXELS_SIDE**2
+_UNKNOWN = np.full(_PIXELS, np.nan, dtype=np.float32)  # pixels that could not be read: the hash match stands
 
 
 class PixelCheck:
     """The second test of a hash match: do the two content boxes look alike pixel for pixel (`MatchRule`)? A new
-    image's pixels come with its hashes; a stored image's are made again from its thumbnail file (0.5-1 ms each, only
-    for images whose hashes matched), cached by that file's name, which its content names. A thumbnail that cannot be
-    read leaves the hash match standing, as before this check existed (logged)."""
+    image's pixels come with its hashes; a stored image's are made again from its thumbnail file (about 1 ms, only
+    for images whose hashes matched). The last `cache_size` are kept by image id (1 KiB each), so one object serves
+    one import or one scan. A thumbnail that cannot be read leaves the hash match standing, as before this check
+    existed (logged)."""
 
     def __init__(self, settings: Settings, *, rule: MatchRule = DEFAULT_RULE, cache_size: int = 4096) -> None:
         self.settings = settings
         self.rule = rule
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache: dict[int, np.ndarray] = {}
         self._cache_size = cache_size
 
-    def pixels(self, row: ThumbnailRow) -> np.ndarray:
-        """A stored image's `content_pixels` from its thumbnail; all NaN when the thumbnail cannot be read."""
-        if (cached := self._cache.get(row.thumb_path)) is not None:
-            return cached
+    def remember(self, image_id: int, pixels: np.ndarray) -> None:
+        """Keep an image's pixels (the oldest kept are forgotten first)."""
+        if len(self._cache) >= self._cache_size:
+            del self._cache[next(iter(self._cache))]
+        self._cache[image_id] = pixels
+
+    def pixels(self, session: Session, image_ids: Sequence[int]) -> np.ndarray:
+        """The `content_pixels` of these images (one row each), those not kept read from their thumbnails (one
+        SELECT); NaN rows for thumbnails that cannot be read and for images deleted meanwhile."""
+        known = {i: self._cache[i] for i in image_ids if i in self._cache}
+        if missing := [i for i in dict.fromkeys(image_ids) if i not in known]:
+            found: dict[int, ThumbnailRow] = {}
+            for chunk in in_chunks(missing):
+                query = select(Image.id, Image.stored_path, Image.thumb_path).where(Image.id.in_(chunk))
+                found.update((r.id, ThumbnailRow(r.id, r.stored_path, r.thumb_path)) for r in session.execute(query))
+            for image_id in missing:
+                known[image_id] = self._read(found[image_id]) if image_id in found else _UNKNOWN
+                self.remember(image_id, known[image_id])
+        return np.stack([known[i] for i in image_ids])
+
+    def _read(self, row: ThumbnailRow) -> np.ndarray:
         try:
-            pixels = content_pixels(open_normalised(thumbnail_path(self.settings, row)))
+            return content_pixels(open_normalised(thumbnail_path(self.settings, row)))
         except (OSError, ValueError) as exc:
             log.warning("image %d: thumbnail %r unreadable (%s): its hash match stands", row.id, row.thumb_path, exc)
-            pixels = np.full(_PIXELS, np.nan, dtype=np.float32)
-        if len(self._cache) >= self._cache_size:
-            self._cache.clear()
-        self._cache[row.thumb_path] = pixels
-        return pixels
-
-    def _rows(self, session: Session, ids: Sequence[int]) -> dict[int, ThumbnailRow]:
-        found: dict[int, ThumbnailRow] = {}
-        for chunk in in_chunks(list(ids)):
-            query = select(Image.id, Image.stored_path, Image.thumb_path).where(Image.id.in_(chunk))
-            found.update((r.id, ThumbnailRow(r.id, r.stored_path, r.thumb_path)) for r in session.execute(query))
-        return found
+            return _UNKNOWN
 
     def confirmed(self, session: Session, match: IndexMatch, query: ContentHashes) -> IndexMatch | None:
-        """The images of a hash match whose pixels agree with `query`'s (read in `session`, which sees rows written in
-        its transaction). An image deleted meanwhile stays in (as before: `join_group` skips it)."""
-        rows = self._rows(session, match.image_ids)
-        stored = np.stack([self.pixels(rows[i]) if i in rows else query.pixels for i in match.image_ids])
-        return match.only(self.agree(stored, query.pixels).tolist())
+        """The images of a hash match whose pixels agree with `query`'s (read in `session`, which sees rows written
+        in its transaction); None when none does."""
+        return match.only(self.agree(self.pixels(session, match.image_ids), query.pixels).tolist())
 
     def agree(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Which rows of `a` and `b` pass the pixel test (NaN rows, unreadable thumbnails, pass)."""
+        """Which rows of `a` and `b` pass the pixel test (NaN rows, pixels that could not be read, pass)."""
         difference = pixel_difference(a, b)
         return np.isnan(difference) | (difference <= self.rule.max_pixel_difference)
 
     def pair_check(self, db: Database, ids: np.ndarray) -> PairCheck:
-        """A `group_labels` check for rows whose image ids are `ids`: reads the thumbnails of the rows in hash-matched
-        pairs (once each) and keeps the pairs whose pixels agree."""
+        """A `group_labels` check for rows whose image ids are `ids`: reads the thumbnails of the images in
+        hash-matched pairs (once each, in chunks of `cache_size`) and keeps the pairs whose pixels agree."""
 
         def check(firsts: np.ndarray, seconds: np.ndarray) -> np.ndarray:
             rows = np.unique(np.concatenate([firsts, seconds]))
+            pixels = np.empty((len(rows), _PIXELS), dtype=np.float32)
             with db.read() as session:
-                stored = self._rows(session, ids[rows].tolist())
-            nan = np.full(_PIXELS, np.nan, dtype=np.float32)  # deleted meanwhile: its hash match stands
-            pixels = np.stack([self.pixels(stored[i]) if i in stored else nan for i in ids[rows].tolist()])
+                for start in range(0, len(rows), self._cache_size):
+                    chunk = rows[start : start + self._cache_size]
+                    pixels[start : start + len(chunk)] = self.pixels(session, ids[chunk].tolist())
             return self.agree(pixels[np.searchsorted(rows, firsts)], pixels[np.searchsorted(rows, seconds)])
 
         return check
 
 
 def load_hash_index(db: Database, *, rule: MatchRule = DEFAULT_RULE) -> HashIndex:
-    """Every stored image with content hashes, for matching new imports (one query per batch)."""
+    """Every stored image with content hashes, for matching new imports (one query per batch), with a pixel check."""
     with db.read() as session:
         rows = session.execute(
             select(Image.id, Image.box_dhash_h, Image.box_dhash_v, Image.box_phash, Image.split)
@@ -272,7 +296,7 @@ def load_hash_index(db: Database, *, rule: MatchRule = DEFAULT_RULE) -> HashInde
             .order_by(Image.id)
         ).all()
     stored = HashArrays.from_rows([(r[0], r[1], r[2], r[3]) for r in rows])
-    return HashIndex(stored, [r[4] for r in rows], rule=rule)
+    return HashIndex(stored, [r[4] for r in rows], rule=rule, pixels=PixelCheck(db.settings, rule=rule))
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from core.auth import Action, record
 from core.db import Database, in_chunks
-from core.duplicates import HashArrays, HashIndex, PixelCheck, join_group, load_hash_index
+from core.duplicates import HashArrays, HashIndex, join_group, load_hash_index
 from core.errors import CategoryError, ImageRefused
 from core.imaging import ContentHashes, DecodedImage, content_hashes, difference_hash, inspect_and_decode
 from core.ingest.candidates import Candidate, Refuse, Skip, norm_key
@@ -228,7 +228,6 @@ class Importer:
         self.decode_gate = DecodeGate(self.settings.max_image_pixels)
         self.batch = _Batch()
         self._hash_index: HashIndex | None = None  # loaded at the first new image, appended to as rows go in
-        self.pixel_check = PixelCheck(self.settings)  # confirms hash matches; caches stored images' pixels
         self._unscanned: bool | None = None  # whether any stored image has a dHash but no content hashes yet
 
     @property
@@ -679,12 +678,10 @@ class Importer:
         """The values of a new image's row (its files are already in place) and its split."""
         decoded, stored, phash, hashes = prepared.decoded, prepared.stored, prepared.phash, prepared.hashes
         assert decoded is not None and stored is not None
-        # A near-duplicate (content hashes within the match rule's distance) joins the split of the earliest image
-        # like it, so a resized, re-encoded, cropped or watermarked copy of a test image is never trained on; it
-        # joins (or starts, or merges) their stored duplicate group.
-        match = self.hash_index.matches(hashes) if hashes is not None else None
-        if match is not None and hashes is not None:  # a hash match joins only when the pixels agree too
-            match = self.pixel_check.confirmed(session, match, hashes)
+        # A near-duplicate (content hashes within the match rule's distance, confirmed by its pixels) joins the split of
+        # the earliest image like it, so a resized, re-encoded, cropped or watermarked copy of a test image is never
+        # trained on; it joins (or starts, or merges) their stored duplicate group.
+        match = self.hash_index.near_duplicates(session, hashes) if hashes is not None else None
         split = match.split if match else str(split_for_hash(sha, self.settings.split_fractions))
         group_id = join_group(session, match.image_ids) if match is not None else None
         if match is None and phash is not None and self.any_unscanned(session):
