@@ -30,11 +30,11 @@ from core.duplicates import (
     scan_duplicates,
 )
 from core.errors import DuplicateRefused, NotFound
-from core.imaging import content_hashes, open_normalised
+from core.imaging import content_hashes, content_pixels, open_normalised
 from core.ingest import Upload, import_uploads
 from core.schema import Image, ImageEvent, LabelEvent
 from core.splits import split_for_hash
-from core.store import original_path
+from core.store import original_path, thumbnail_path
 from tests.imagegen import COPY_KINDS, encode, make_image
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -264,6 +264,25 @@ def test_lookalike_products_whose_hashes_match_stay_apart_while_copies_still_gro
         )
     assert scan_duplicates(db).counts == DuplicateCounts(groups=1, images=len(copies) + 1, straddling=0)
     assert outcome() == (groups, splits)
+
+
+def test_pixel_check_reads_forgotten_thumbnails_again_and_lets_an_unreadable_one_pass(db: Database) -> None:
+    uploads = [Upload(f"p{i}.png", encode(pullover(neck))) for i, neck in enumerate(("crew", "v"))]
+    uploads.append(Upload("coffee.png", encode(product_photo("coffee"))))
+    assert not import_uploads(db, uploads, actor="a").refused
+    rows = sorted(_rows(db).values(), key=lambda r: r.id)
+    ids = [r.id for r in rows]
+    from_files = np.stack([content_pixels(open_normalised(thumbnail_path(db.settings, r))) for r in rows])
+    check = PixelCheck(db.settings, cache_size=2)  # keeps two of the three
+    with db.read() as session:
+        for _ in range(2):
+            np.testing.assert_array_equal(check.pixels(session, [*ids, ids[0]]), [*from_files, from_files[0]])
+        thumbnail_path(db.settings, rows[2]).unlink()
+        check = PixelCheck(db.settings)
+        unreadable = check.pixels(session, ids[2:])
+    assert np.isnan(unreadable).all()
+    assert check.agree(unreadable, from_files[:1]).tolist() == [True]  # the hash match stands, as before the check
+    assert check.agree(from_files[1:2], from_files[:1]).tolist() == [False]  # the two pullovers
 
 
 def test_a_new_image_matching_two_groups_merges_them_under_the_older_id(db: Database) -> None:
