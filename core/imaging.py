@@ -531,9 +531,10 @@ def _content_grey(img: Image.Image) -> Image.Image:
 
 
 def _normalised_pixels(box: Image.Image) -> np.ndarray:
-    small = np.asarray(box.resize((CONTENT_PIXELS_SIDE,) * 2, Image.Resampling.BOX), dtype=np.float32).ravel()
-    centred = small - small.mean()
-    return centred / max(float(centred.std()), 1e-3)  # a flat box (no structure) stays all zeros
+    small = np.array(box.resize((CONTENT_PIXELS_SIDE,) * 2, Image.Resampling.BOX), dtype=np.float32).ravel()
+    small -= small.mean()
+    small /= max(float(small.std()), 1e-3)  # a flat box (no structure) stays all zeros
+    return small
 
 
 def content_pixels(img: Image.Image) -> np.ndarray:
