@@ -8,6 +8,8 @@ starts itself. Without the PostgreSQL server binaries those runs are skipped, sa
 from __future__ import annotations
 
 import os
+import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,3 +108,11 @@ def accounts(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> core_db.Databas
     for name, role in (("tim", "trainer"), ("lea", "labeller"), ("vic", "viewer")):
         auth.add_account(db, name, role, ACCOUNT_PASSWORD, actor="ada")
     return db
+
+
+@pytest.fixture
+def plain_main(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `__main__` without a file for tests that start processes with forkserver or spawn (the DDP ranks): a child
+    re-runs the parent's main file, and after a page test (AppTest) in the same pytest process that is a page script.
+    The worker process itself always runs as `python -m` (a module name, which children import, not re-run)."""
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))

@@ -14,6 +14,8 @@ from core.versions import get_version
 from core.worker import JobRun
 from tests.core.training_helpers import add_job, dataset, store_images
 
+pytestmark = pytest.mark.usefixtures("plain_main")  # ranks start by forkserver
+
 CLASSES = ["Shoes", "Bags", "Hats"]
 # timm's 0.4M-parameter test network keeps the two processes' gradient exchange cheap on a shared 2-core machine.
 PARAMS = {"arch": "test_resnet", "image_size": 32, "epochs": 2, "batch_size": 6, "lr": 1e-2, "freeze_bn": False,

@@ -31,6 +31,8 @@ from models.factory import PreprocessConfig, create_network, preprocessing_confi
 from models.training import Progress, TrainConfig, TrainData, train_full
 from tests.models.conftest import CLASSES, synthetic_pixels
 
+pytestmark = pytest.mark.usefixtures("plain_main")  # ranks start by forkserver
+
 TWO_CPUS = ["cpu", "cpu"]
 # timm's 0.4M-parameter test network: gradients of resnet18's 11M parameters cost each step ~0.5 s over gloo here.
 ARCH = "test_resnet"
