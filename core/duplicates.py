@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,16 +225,18 @@ _UNKNOWN = np.full(_PIXELS, np.nan, dtype=np.float32)  # pixels that could not b
 class PixelCheck:
     """The second test of a hash match: do the two content boxes look alike pixel for pixel (`MatchRule`)? A new
     image's pixels come with its hashes; a stored image's are made again from its thumbnail file (about 1 ms, only
-    for images whose hashes matched). The last `cache_size` are kept by image id, 1 KiB each in one block (small
-    arrays kept for a whole import pinned the heap that decoding grows and frees: +9 MiB peak RSS over 300 photos;
-    a 4 MiB block, +4 MiB: numpy backs it with huge pages), so one object serves one import or one scan. A thumbnail
-    that cannot be read leaves the hash match standing, as before this check existed (logged)."""
+    for images whose hashes matched). The last `cache_size` are kept by image id, so one object serves one import or
+    one scan: 1 KiB each, in one anonymous memory map whose pages become resident as slots fill (small arrays kept
+    for a whole import pinned the heap that decoding grows and frees, +9 MiB peak RSS over 300 photos; a numpy block
+    this size is backed by huge pages, +4 MiB). A thumbnail that cannot be read leaves the hash match standing, as
+    before this check existed (logged)."""
 
-    def __init__(self, settings: Settings, *, rule: MatchRule = DEFAULT_RULE, cache_size: int = 1024) -> None:
+    def __init__(self, settings: Settings, *, rule: MatchRule = DEFAULT_RULE, cache_size: int = 4096) -> None:
         self.settings = settings
         self.rule = rule
         self._cache_size = cache_size
-        self._slots = np.empty((cache_size, _PIXELS), dtype=np.float32)  # pages are touched as slots fill
+        block = mmap.mmap(-1, cache_size * _PIXELS * np.dtype(np.float32).itemsize)
+        self._slots = np.frombuffer(block, dtype=np.float32).reshape(cache_size, _PIXELS)
         self._owners = [0] * cache_size  # the image id in each slot (0: none; ids start at 1)
         self._slot_of: dict[int, int] = {}
         self._filled = 0
