@@ -22,11 +22,15 @@ run: $(STAMP)
 worker: $(STAMP)
 	$(BIN)/python -m core.worker
 
+# One pytest process per core (at most 4), each test file in one process: a module's server starts once.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
+# Lint, format and types: what CI checks before the tests.
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 demo: $(STAMP)
 	$(BIN)/python -m core.cli demo fashion-mnist --limit 600
