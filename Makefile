@@ -32,6 +32,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Every CPU benchmark at quick settings, ~10-15 min on 2 idle cores, then one summary table (status, wall time,
+# each script's table); JSON in results/bench/. Quick settings, not those behind docs/benchmarks.md.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_cpu.py
+
 demo: $(STAMP)
 	$(BIN)/python -m core.cli demo fashion-mnist --limit 600
 
