@@ -32,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = Path("results/bench")
@@ -125,10 +126,17 @@ def stop(pid: int) -> None:
 
 
 def markdown_table(output: str) -> str:
-    """The printed markdown table lines; the last lines of the output when there are none (JSON printers)."""
+    """The printed markdown table lines; the last 40 lines of the output when there are none (JSON printers)."""
     lines = output.splitlines()
     table = [line for line in lines if line.startswith("|")]
-    return "\n".join(table or lines[-15:])
+    return "\n".join(table or lines[-40:])
+
+
+def tee(stream: IO[str], sink: IO[str], lines: list[str]) -> None:
+    for line in stream:
+        sink.write(line)
+        sink.flush()
+        lines.append(line)
 
 
 def run(bench: Benchmark, timeout: float) -> Result:
@@ -136,30 +144,35 @@ def run(bench: Benchmark, timeout: float) -> Result:
         if why := NEEDS[need]():
             return Result(bench, f"skipped: {why}")
     print(f"\n=== {bench.name}: {shlex.join(command(bench)[1:])}", flush=True)
-    start, lines = time.monotonic(), []
-    proc = subprocess.Popen(command(bench), cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    timer = threading.Timer(timeout, stop, (proc.pid,))
-    timer.start()
+    start, out, err = time.monotonic(), list[str](), list[str]()
+    proc = subprocess.Popen(command(bench), cwd=ROOT, text=True, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    readers = [threading.Thread(target=tee, args=args, daemon=True)
+               for args in ((proc.stdout, sys.stdout, out), (proc.stderr, sys.stderr, err))]  # fmt: skip
+    for reader in readers:
+        reader.start()
     try:
-        for line in proc.stdout or ():
-            print(line, end="", flush=True)
-            lines.append(line)
-        code = proc.wait()
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        code = None
     finally:
-        timer.cancel()
-        if proc.poll() is None:  # Ctrl-C: the child runs in its own session, so stop it (and its children)
+        if proc.poll() is None:  # timed out or Ctrl-C: it runs in its own session, so stop it and its children
             stop(proc.pid)
-    seconds, output = time.monotonic() - start, "".join(lines)
-    (ROOT / OUT_DIR / f"{bench.name}.txt").write_text(output)
-    timed_out = code == -signal.SIGKILL and seconds >= timeout
-    status = "ok" if code == 0 else f"failed ({'timed out' if timed_out else f'exit {code}'})"
-    return Result(bench, status, seconds, markdown_table(output))
+    for reader in readers:
+        reader.join(5)  # a child the benchmark left running may hold its pipes open
+    seconds, output = time.monotonic() - start, "".join(out)
+    (ROOT / OUT_DIR / f"{bench.name}.txt").write_text(output + "".join(err))
+    if code == 0:
+        return Result(bench, "ok", seconds, markdown_table(output))
+    status = f"failed ({'timed out' if code is None else f'exit {code}'})"
+    table = "\n".join(filter(None, (markdown_table(output), "".join(err[-10:]).rstrip())))  # why it failed
+    return Result(bench, status, seconds, table)
 
 
 def summary(results: list[Result]) -> str:
     rows = ["| benchmark | status | wall time |", "|---|---|---|"]
-    rows += [f"| {r.bench.name} | {r.status} | {r.seconds:.0f} s |" for r in results]
-    tables = [f"### {r.bench.name} ({r.status})\n\n{r.table}" for r in results if r.table]
+    rows += [f"| {r.bench.name} | {r.status} | {f'{r.seconds:.0f} s' if r.seconds else '-'} |" for r in results]
+    tables = [f"### {r.bench.name} ({r.status})\n\n{r.table}\n" for r in results if r.table]
     return "\n".join(["\n## make bench: quick settings, not docs/benchmarks.md's\n", *rows, "", *tables])
 
 
