@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(BIN)/streamlit run server.py --server.port $(PORT)
 
 worker: $(STAMP)
-	$(BIN)/python -m core.worker
+	$(BIN)/python -m core.jobs.worker
 
 # One pytest process per core (at most 4), each test file in one process: a module's server starts once.
 test: $(STAMP)

@@ -61,8 +61,8 @@ def prepare(data_dir: Path, image_size: int, files: int, photos: Path) -> tuple[
     """A quick-trained active model, a viewer token, and `files` 600x600 JPEGs; returns (token, paths)."""
     from core import auth
     from core.db import close_all, open_database
+    from core.ml.training import run_training
     from core.settings import Settings
-    from core.training import run_training
     from tests.core.training_helpers import add_job, dataset, store_images
     from tests.imagegen import make_image
 

@@ -5,14 +5,14 @@ Usage: .venv/bin/python -m benchmarks.bench_ingest [--kinds small,photo] [--smal
        [--photo-n 1000] [--photo-size 1000] [--before REV] [--rounds 2] [--batch-rows 64,1024] [--threads N]
        [--thread-counts 1] [--postgres] [--out FILE] [--keep DIR]
 
-Every import runs in a fresh process and data directory (`core.ingest.import_paths`, timed from the call to its
+Every import runs in a fresh process and data directory (`core.catalog.ingest.import_paths`, timed from the call to its
 return; the database is opened and migrated before). `--before REV` imports the same files with this checkout's code
 but `core/ingest` as it was at REV (from `git archive`), alternating with this checkout round by round, so both see the
 same machine load: read the ratio, not the absolute rates, on a shared machine. The baseline is plain Pillow open + load
 of the same files (what any pipeline pays to decode them). `--batch-rows` also imports with other batch sizes
-(`core.ingest.importer.BATCH_ROWS`) to show that memory does not grow with the batch, `--thread-counts` with other
-numbers of decode threads. `--postgres` runs every import on a throw-away PostgreSQL cluster (tests/postgres.py; fsync
-off, so its absolute rates flatter a real server). Prints a markdown table.
+(`core.catalog.ingest.importer.BATCH_ROWS`) to show that memory does not grow with the batch, `--thread-counts` with
+other numbers of decode threads. `--postgres` runs every import on a throw-away PostgreSQL cluster (tests/postgres.py;
+fsync off, so its absolute rates flatter a real server). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -111,13 +111,13 @@ def child(spec: dict[str, object]) -> dict[str, object]:
     import importlib
     import resource
 
+    from core.catalog.ingest import import_paths
     from core.db import open_database
-    from core.ingest import import_paths
 
     try:  # this checkout: a package whose importer holds the settings; before the split: the module itself
-        tunables = importlib.import_module("core.ingest.importer")
+        tunables = importlib.import_module("core.catalog.ingest.importer")
     except ImportError:
-        tunables = importlib.import_module("core.ingest")
+        tunables = importlib.import_module("core.catalog.ingest")
     if spec.get("threads"):
         tunables.DECODE_THREADS = int(spec["threads"])  # type: ignore[attr-defined]
     if spec.get("batch_rows"):
@@ -177,7 +177,7 @@ def export_revision(rev: str, into: Path) -> Path:
     shutil.rmtree(into / "core" / "ingest", ignore_errors=True)
     (into / "core" / "ingest.py").unlink(missing_ok=True)
     listed = subprocess.run(
-        ["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "core/ingest", "core/ingest.py"],
+        ["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "core/ingest", "core/catalog/ingest.py"],
         capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, *listed], capture_output=True, check=True)

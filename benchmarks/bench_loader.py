@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_pixel_cache(folder: Path, count: int, size: int) -> np.ndarray:
     """A pixel cache on disk (the RowStore format the app uses) filled with synthetic product-like images."""
-    from core.pixel_cache import RowStore
+    from core.ml.pixel_cache import RowStore
 
     store = RowStore(folder, dtype="uint8", row_shape=(size, size, 3), meta={"benchmark": "loader"})
     rng = np.random.default_rng(0)

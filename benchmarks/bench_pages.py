@@ -124,13 +124,14 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     get_settings.cache_clear()
     db = open_database(get_settings())
 
-    from core import dashboard as dash
-    from core.health import data_health
-    from core.label_checks import label_health
-    from core.overview import home_overview
-    from core.review import LabelState, ReviewOrder, review_queue
+    from core.catalog.stats import catalogue_stats
+    from core.ml.label_checks import label_health
     from core.schema import Image
-    from core.stats import catalogue_stats
+    from core.views import dashboard as dash
+    from core.views.figures import dashboard_figures
+    from core.views.health import data_health
+    from core.views.overview import home_overview
+    from core.views.review import LabelState, ReviewOrder, review_queue
     from tests.core.factories import populate
 
     started = time.perf_counter()
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
             lambda: review_queue(db, **dash.cell_review_filters("Shoes", "Bags").as_kwargs()),
         ),
         ("dashboard (everything, one call)", lambda: dash.dashboard(db)),
-        ("dashboard figures (plotly objects)", lambda: dash.dashboard(db).figures()),
+        ("dashboard figures (plotly objects)", lambda: dashboard_figures(dash.dashboard(db))),
         ("  evaluation (test split)", lambda: dash.evaluation(db)),
         ("  confusion_matrix_data", lambda: dash.confusion_matrix_data(db)),
         ("  version_history", lambda: dash.version_history(db)),

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _data(args: argparse.Namespace) -> dict[str, Any]:
-    from core.demo import balanced_indices, load_fashion_mnist
+    from core.catalog.demo import balanced_indices, load_fashion_mnist
 
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     chosen = balanced_indices(train.labels, args.labels)

@@ -3,11 +3,12 @@
     python benchmarks/fashion_mnist.py --preset cpu-short --out results/fmnist-cpu.json
     python benchmarks/fashion_mnist.py --preset gpu-full --out results/fmnist-gpu.json
 
-Every step is the code users run: images enter as PNG files through `core.ingest.import_uploads` into a fresh data
+Every step is the code users run: images enter as PNG files through `core.catalog.ingest.import_uploads` into a fresh
+data
 directory (the app's own 80/10/10 hash split applies), a "full" training job is queued with
-`core.jobs.enqueue_training` and run by `python -m core.worker --once` (or the same code in this process), and the
-official 10,000 test images (never imported, so never trained on) are classified as PNG files on disk with
-`core.predict.predict_files`, the path behind `python -m core.cli predict`.
+`core.jobs.queue.enqueue_training` and run by `python -m core.jobs.worker --once` (or the same code in this process),
+and the official 10,000 test images (never imported, so never trained on) are classified as PNG files on disk with
+`core.ml.predict.predict_files`, the path behind `python -m core.cli predict`.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--worker",
         choices=("subprocess", "in-process"),
         default="subprocess",
-        help="Run the job with `python -m core.worker --once` (default) or the worker's code in this process.",
+        help="Run the job with `python -m core.jobs.worker --once` (default) or the worker's code in this process.",
     )
     parser.add_argument("--data-dir", type=Path, help="Data directory to use (default: a fresh temporary one).")
     parser.add_argument("--out", type=Path, help="Write the results as JSON here.")
@@ -211,8 +212,8 @@ def _bar(desc: str) -> tuple[tqdm, Any]:
 
 def import_train_set(db: Any, limit: int | None) -> dict[str, Any]:
     """Import the official training images (balanced when limited) as PNG uploads; timed."""
-    from core.demo import balanced_indices, load_fashion_mnist, make_uploads
-    from core.ingest import import_uploads
+    from core.catalog.demo import balanced_indices, load_fashion_mnist, make_uploads
+    from core.catalog.ingest import import_uploads
 
     data = load_fashion_mnist("train")
     uploads, labels = make_uploads(data, balanced_indices(data.labels, limit))
@@ -236,8 +237,8 @@ def import_train_set(db: Any, limit: int | None) -> dict[str, Any]:
 
 def build_pixel_cache(db: Any, params: dict[str, Any]) -> dict[str, Any]:
     """Decode every labelled image into the pixel cache the training job will read (timed on its own)."""
-    from core.pixel_cache import PixelCache
-    from core.versions import labelled_images
+    from core.ml.pixel_cache import PixelCache
+    from core.ml.versions import labelled_images
     from models.factory import create_network, preprocessing_config
 
     # The same preprocessing config the job resolves (it depends on the architecture, not on the weights).
@@ -266,7 +267,7 @@ def build_pixel_cache(db: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 def train_through_worker(db: Any, params: dict[str, Any], how: str) -> dict[str, Any]:
     """Queue a full training job and run it with the worker; timed end to end (job start to version registered)."""
-    from core.jobs import enqueue_training, get_job
+    from core.jobs.queue import enqueue_training, get_job
 
     job_id = enqueue_training(db, "full", params, "benchmark")
     with timed() as clock:
@@ -275,12 +276,12 @@ def train_through_worker(db: Any, params: dict[str, Any], how: str) -> dict[str,
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "w", encoding="utf-8") as handle:
                 code = subprocess.call(
-                    [sys.executable, "-m", "core.worker", "--once"], cwd=ROOT, stdout=handle, stderr=handle
+                    [sys.executable, "-m", "core.jobs.worker", "--once"], cwd=ROOT, stdout=handle, stderr=handle
                 )
             if code != 0:
                 raise SystemExit(f"the worker exited with {code}; see {log}")
         else:
-            from core.worker import run_job_in_foreground
+            from core.jobs.worker import run_job_in_foreground
 
             run_job_in_foreground(db, job_id)
     job = get_job(db, job_id)
@@ -291,7 +292,7 @@ def train_through_worker(db: Any, params: dict[str, Any], how: str) -> dict[str,
 
 def _job_summary(db: Any, job: Any, train_seconds: float, epochs: int) -> dict[str, Any]:
     """Figures from the job row (progress, per-epoch history, timestamps) and the model version it produced."""
-    from core.versions import get_version
+    from core.ml.versions import get_version
 
     progress = dict(job.progress or {})
     history = list(job.history)
@@ -321,8 +322,8 @@ def _job_summary(db: Any, job: Any, train_seconds: float, epochs: int) -> dict[s
 
 def classify_test_set(db: Any, limit: int | None, work: Path) -> dict[str, Any]:
     """Write the official test images as PNG files and classify them with predict_files; metrics and timing."""
-    from core.demo import FASHION_MNIST_CLASSES, balanced_indices, encode_png, file_name, load_fashion_mnist
-    from core.predict import predict_files
+    from core.catalog.demo import FASHION_MNIST_CLASSES, balanced_indices, encode_png, file_name, load_fashion_mnist
+    from core.ml.predict import predict_files
     from models.metrics import classification_metrics
 
     data = load_fashion_mnist("test")

@@ -7,27 +7,29 @@ Every setting is the default a new catalogue gets (`PRODCAT_IMAGE_SIZE`, `PRODCA
 224 px, the retrain mode picked by hardware, quick on a CPU), with `PRODCAT_PRETRAINED=auto` and `HF_HUB_OFFLINE=1`,
 so the bundled ImageNet EfficientNet-Lite0 is the backbone. Each noise scenario gets a fresh temporary data directory:
 
-1. uniform: `--images` Fashion-MNIST training images (balanced, `core.demo.balanced_indices`) imported as labelled
-   PNG uploads (`core.ingest.import_uploads`) with `--noise` of the labels flipped to another class picked uniformly
-   (seeded); one retrain (`core.jobs.enqueue_training` + `core.worker.run_job_in_foreground`).
+1. uniform: `--images` Fashion-MNIST training images (balanced, `core.catalog.demo.balanced_indices`) imported as
+labelled
+   PNG uploads (`core.catalog.ingest.import_uploads`) with `--noise` of the labels flipped to another class picked
+   uniformly (seeded); one retrain (`core.jobs.queue.enqueue_training` + `core.jobs.worker.run_job_in_foreground`).
 2. shirts: the same images with `--swap` of the Shirt labels turned into T-shirt/top and the same share of the
    T-shirt/top labels turned into Shirt (class-conditional noise between two classes that look alike).
 
 Scored on the top K of each list, K = the number of flipped labels (so precision@K = recall@K):
 
-- after: `core.review.review_queue(order="suspected-mislabel")`, which ranks every labelled image by the stored
+- after: `core.views.review.review_queue(order="suspected-mislabel")`, which ranks every labelled image by the stored
   label check (K-fold out-of-sample probabilities, cleanlab self-confidence).
-- before: the rule the order had before the label checks (af15e80~1 `core/review.py`), recomputed from the same run:
+- before: the rule the order had before the label checks (af15e80~1 `core/views/review.py`), recomputed from the same
+run:
   only labelled val and test images ranked, by cleanlab's `get_label_quality_scores` on the active version's stored
   `predictions` probabilities (lowest first, ties by id); the train split's images after them by id, unscored.
 
-Also reported: the check's estimate of wrong labels (`core.label_checks.label_health`: open issues), how many of the
+Also reported: the check's estimate of wrong labels (`core.ml.label_checks.label_health`: open issues), how many of the
 flags are real flips, and how often the suggested category (`image_checks.suggested_category_id`) is the true one.
 
 3. timing: the label check at `--timing-images` labelled images. Importing and extracting 10,000 images at 224 px
    takes over 3 minutes on 2 CPU cores, so the timing uses real backbone features of that many distinct Fashion-MNIST
    training images extracted at 64 px (`models.training.extract_features`, same 1280-dim pooled features as at
-   224 px) and calls `core.label_checks.check_labels` on them (what the training job calls; the same seconds it keeps
+   224 px) and calls `core.ml.label_checks.check_labels` on them (what the training job calls; the same seconds it keeps
    in `metrics["label_check"]["seconds"]`), with `models.label_checks.cross_validated_probs` alone timed too. The
    baseline is the quick retrain's own head fit on the same features: `models.training.fit_linear_head` on the 80 %
    train rows with the val-picked L2 grid on 10 % val rows.
@@ -149,14 +151,14 @@ def catalogue_rows(db: Any) -> dict[str, dict[str, Any]]:
 
 
 def old_suspected_order(db: Any, version_id: int) -> list[int]:
-    """Image ids in the order suspected-mislabel had before issue 10 (af15e80~1 core/review.py, no merges here):
+    """Image ids in the order suspected-mislabel had before issue 10 (af15e80~1 core/views/review.py, no merges here):
     labelled val+test images with a stored prediction, by cleanlab label quality of its probabilities, lowest first
     (ties by id); then every other image by id."""
     from cleanlab.rank import get_label_quality_scores
     from sqlalchemy import select
 
-    from core.review import OUT_OF_SAMPLE_SPLITS
     from core.schema import Image, Label, ModelVersion, Prediction
+    from core.views.review import OUT_OF_SAMPLE_SPLITS
 
     with db.read() as session:
         classes = [int(c) for c in session.get(ModelVersion, version_id).class_category_ids]
@@ -178,7 +180,7 @@ def old_suspected_order(db: Any, version_id: int) -> list[int]:
 
 def suspected_order(db: Any, limit: int) -> list[Any]:
     """The first `limit` review items of the suspected-mislabel order (every labelled image, the stored check)."""
-    from core.review import MAX_PAGE_SIZE, ReviewOrder, review_queue
+    from core.views.review import MAX_PAGE_SIZE, ReviewOrder, review_queue
 
     items: list[Any] = []
     page = 1
@@ -195,14 +197,14 @@ def run_noise(name: str, data: Any, chosen: np.ndarray, noisy: Noisy, work: Path
     """Import with noisy labels, one default retrain, then score the suspected lists before and after."""
     from sqlalchemy import select
 
-    from core.demo import FASHION_MNIST_CLASSES, make_uploads
-    from core.ingest import import_uploads
-    from core.jobs import enqueue_training, get_job
-    from core.label_checks import label_health
+    from core.catalog.demo import FASHION_MNIST_CLASSES, make_uploads
+    from core.catalog.ingest import import_uploads
+    from core.jobs.queue import enqueue_training, get_job
+    from core.jobs.worker import run_job_in_foreground
+    from core.ml.label_checks import label_health
+    from core.ml.training import suggested_mode
+    from core.ml.versions import active_version
     from core.schema import Category, ImageCheck, ModelVersion
-    from core.training import suggested_mode
-    from core.versions import active_version
-    from core.worker import run_job_in_foreground
 
     data_dir = work / name
     db = open_catalogue(data_dir)
@@ -309,7 +311,7 @@ def backbone_features(data: Any, indices: np.ndarray, image_size: int) -> np.nda
     """Pooled features of the bundled backbone (what `auto` picks offline) for these images at `image_size`."""
     from PIL import Image as PILImage
 
-    from core.backbone import starting_weights
+    from core.ml.backbone import starting_weights
     from core.settings import get_settings
     from models.factory import build_network, preprocessing_config
     from models.preprocess import to_model_pixels
@@ -326,8 +328,8 @@ def backbone_features(data: Any, indices: np.ndarray, image_size: int) -> np.nda
 
 def run_timing(data: Any, count: int, *, seed: int, work: Path) -> dict[str, Any]:
     """check_labels and its K-fold step at `count` labelled images vs the quick head fit on the same features."""
-    from core.demo import balanced_indices
-    from core.label_checks import LabelledSet, check_labels
+    from core.catalog.demo import balanced_indices
+    from core.ml.label_checks import LabelledSet, check_labels
     from core.settings import get_settings
     from models.label_checks import cross_validated_probs
     from models.training import TrainConfig, fit_linear_head
@@ -411,7 +413,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from core.demo import balanced_indices, load_fashion_mnist
+    from core.catalog.demo import balanced_indices, load_fashion_mnist
     from core.settings import Settings
     from models.devices import pick_device
 

@@ -8,16 +8,18 @@ Three series, each point the product path end to end with settings defaults (`PR
 `PRODCAT_PROMOTE_POLICY=always`:
 
 - pretrained-random: `PRODCAT_PRETRAINED=auto` (the bundled ImageNet EfficientNet-Lite0 offline); a balanced random
-  sample of the official training images imported as labelled PNG uploads (`core.ingest.import_uploads`) into a
-  fresh data directory, one training job (`core.jobs.enqueue_training`, run by `python -m core.worker --once`).
+  sample of the official training images imported as labelled PNG uploads (`core.catalog.ingest.import_uploads`) into a
+  fresh data directory, one training job (`core.jobs.queue.enqueue_training`, run by `python -m core.jobs.worker
+  --once`).
 - random-init-random: the same with `PRODCAT_PRETRAINED=none` (random-init resnet18, the behaviour before issue 9).
 - pretrained-active: one catalogue grows. A pool of unlabelled training images (`--pool`) is imported, the first
   100 random ones labelled; after each job the next images are the ones the app's review queue puts first
-  (`core.review.review_queue`, order "lowest confidence", unlabelled only), labelled with their true class through
-  `core.labels.set_label` (what the Review page does when someone accepts or corrects a photo), up to the next count.
+  (`core.views.review.review_queue`, order "lowest confidence", unlabelled only), labelled with their true class through
+  `core.catalog.labels.set_label` (what the Review page does when someone accepts or corrects a photo), up to the next
+  count.
 
 Each point then classifies official test images (never imported; `--test-limit` per class balanced) as PNG files
-with `core.predict.predict_files` and scores them with `models.metrics.classification_metrics`.
+with `core.ml.predict.predict_files` and scores them with `models.metrics.classification_metrics`.
 
 Timings per point: "job s" is the job row's start to finish (features, head fit, calibration, evaluation, checkpoint,
 and the stored predictions the worker refreshes for every catalogue image: the whole pool in the active series);
@@ -168,11 +170,11 @@ def picking_orders(
     """
     from PIL import Image as PILImage
 
-    from core.demo import encode_png
-    from core.imaging import difference_hash
+    from core.catalog.demo import encode_png
+    from core.catalog.imaging import difference_hash
+    from core.catalog.splits import split_for_hash
+    from core.ml.training import MIN_TRAIN_PER_CATEGORY, MIN_VAL_PER_CATEGORY
     from core.schema import Split
-    from core.splits import split_for_hash
-    from core.training import MIN_TRAIN_PER_CATEGORY, MIN_VAL_PER_CATEGORY
 
     # The hash ingest computes: a greyscale PNG decodes losslessly to these very pixels.
     hashes = [difference_hash(PILImage.fromarray(np.ascontiguousarray(image))) for image in images]
@@ -223,8 +225,8 @@ def open_catalogue(data_dir: Path, series: Series) -> Any:
 
 def import_images(db: Any, data: Any, indices: np.ndarray, labelled: set[int] | None = None) -> dict[str, Any]:
     """Import official training images as PNG uploads; all labelled, or only the indices in `labelled`."""
-    from core.demo import make_uploads
-    from core.ingest import import_uploads
+    from core.catalog.demo import make_uploads
+    from core.catalog.ingest import import_uploads
 
     uploads, truth = make_uploads(data, indices)
     if labelled is not None:
@@ -251,9 +253,9 @@ def import_images(db: Any, data: Any, indices: np.ndarray, labelled: set[int] | 
 
 
 def train_with_worker(db: Any, mode: str) -> dict[str, Any]:
-    """Queue a training job with the job's defaults and run it with `python -m core.worker --once`, showing the
+    """Queue a training job with the job's defaults and run it with `python -m core.jobs.worker --once`, showing the
     job's progress from its row; the job row's start and finish times give the job seconds."""
-    from core.jobs import enqueue_training, get_job
+    from core.jobs.queue import enqueue_training, get_job
 
     job_id = enqueue_training(db, mode, {}, ACTOR)
     log = Path(db.settings.logs_dir) / f"benchmark-worker-job{job_id}.log"
@@ -262,7 +264,7 @@ def train_with_worker(db: Any, mode: str) -> dict[str, Any]:
     bar = tqdm(total=None, desc=f"job {job_id}", mininterval=1.0, bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}]")
     with timed() as clock, open(log, "w", encoding="utf-8") as handle:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "core.worker", "--once"], cwd=ROOT, stdout=handle, stderr=handle
+            [sys.executable, "-m", "core.jobs.worker", "--once"], cwd=ROOT, stdout=handle, stderr=handle
         )
         phase = None
         while worker.poll() is None:
@@ -291,7 +293,7 @@ def train_with_worker(db: Any, mode: str) -> dict[str, Any]:
 
 def labelled_counts(db: Any) -> dict[str, int]:
     """Labelled images in total and per app split (what the training plan counts)."""
-    from core.training import training_plan
+    from core.ml.training import training_plan
 
     plan = training_plan(db)
     return {
@@ -305,8 +307,8 @@ def labelled_counts(db: Any) -> dict[str, int]:
 def label_from_review_queue(db: Any, count: int, truth: dict[str, str]) -> dict[str, Any]:
     """Label the `count` unlabelled images the review queue shows first (lowest confidence), each with its true
     class and the prediction the person saw, as the Review page does; page after page of the largest size."""
-    from core.labels import SeenPrediction, set_label
-    from core.review import MAX_PAGE_SIZE, LabelState, ReviewOrder, review_queue
+    from core.catalog.labels import SeenPrediction, set_label
+    from core.views.review import MAX_PAGE_SIZE, LabelState, ReviewOrder, review_queue
 
     picked: list[str] = []
     wrong = unscored = 0
@@ -385,7 +387,7 @@ def run_random(
     series: Series, count: int, data: Any, orders: list[np.ndarray], args: argparse.Namespace, work: Path, mode: str
 ) -> dict[str, Any]:
     """One point of a random-picking series in a fresh data directory."""
-    from core.versions import active_version
+    from core.ml.versions import active_version
 
     data_dir = work / f"{series.name}-{count}"
     db = open_catalogue(data_dir, series)
@@ -404,7 +406,7 @@ def run_active(
     series: Series, data: Any, orders: list[np.ndarray], args: argparse.Namespace, work: Path, mode: str, on_row: Any
 ) -> None:
     """The active series: one catalogue, the pool imported once, labels added from the review queue between jobs."""
-    from core.versions import active_version
+    from core.ml.versions import active_version
 
     data_dir = work / series.name
     db = open_catalogue(data_dir, series)
@@ -509,9 +511,9 @@ def write_plot(fig: Any, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from core.demo import load_fashion_mnist
+    from core.catalog.demo import load_fashion_mnist
+    from core.ml.training import suggested_mode
     from core.settings import Settings
-    from core.training import suggested_mode
     from models.devices import pick_device
 
     for key in UNSET:

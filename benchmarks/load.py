@@ -1,6 +1,6 @@
-"""Load and fault check, the long version (issue 13 point 5): N labellers relabel through `core.labels` for a bounded
-time while an import (`python -m core.cli import`) and a quick training job (a real `python -m core.worker --once`)
-run, on SQLite, on a throw-away PostgreSQL cluster, or both.
+"""Load and fault check, the long version (issue 13 point 5): N labellers relabel through `core.catalog.labels` for a
+bounded time while an import (`python -m core.cli import`) and a quick training job (a real `python -m core.jobs.worker
+--once`) run, on SQLite, on a throw-away PostgreSQL cluster, or both.
 
 Usage: .venv/bin/python benchmarks/load.py [--db sqlite|postgresql|both] [--labellers 20] [--processes 4]
        [--seconds 60] [--images 600] [--import-images 3000] [--view-s 2] [--think-s 0] [--alone]
@@ -162,7 +162,7 @@ class Labeller:
                 time.sleep(min(self.think_s * self.rng.uniform(0.5, 1.5), max(0.0, deadline - time.time())))
 
     def one(self, kind: OpKind) -> Op:
-        from core import labels
+        from core.catalog import labels
 
         begin = time.perf_counter()
         try:
@@ -343,8 +343,8 @@ def spawn_labellers(args: argparse.Namespace, work: Path, env: dict[str, str], i
 
 def seed_catalogue(args: argparse.Namespace, work: Path) -> tuple[Any, list[int]]:
     """Open (migrate) the run's database and import the labelled photos the labellers work on."""
+    from core.catalog.ingest import import_paths
     from core.db import open_database
-    from core.ingest import import_paths
     from core.settings import get_settings
 
     get_settings.cache_clear()
@@ -361,14 +361,14 @@ def start_import_and_worker(folder: Path, work: Path, env: dict[str, str]) -> li
     command = [sys.executable, "-m", "core.cli", "import", str(folder), "--labels-from-folders", "--actor", "importer"]
     return [
         start("import", command, work, env),
-        start("worker", [sys.executable, "-m", "core.worker", "--once"], work, env),
+        start("worker", [sys.executable, "-m", "core.jobs.worker", "--once"], work, env),
     ]
 
 
 def run_once(args: argparse.Namespace, database: str, cluster: Any) -> RunFigures:
     """One database's run: seed, start everything at one go, wait, check."""
-    from core import jobs
     from core.db import close_all
+    from core.jobs import queue as jobs
 
     work = Path(tempfile.mkdtemp(prefix=f"load-{database}-", dir=args.keep))
     name = cluster.create_database(template=None) if cluster is not None else ""

@@ -3,7 +3,8 @@ split, with no false group among distinct products? Old rule (equal dHash) vs ne
 confirmed by the pixel check).
 
 2,000 distinct Fashion-MNIST test-set products (the thresholds were chosen on train-set images: `pixels` prints how),
-inverted to the white background of the Zalando shots and upscaled to 224 px, imported through core.ingest as JPEG
+inverted to the white background of the Zalando shots and upscaled to 224 px, imported through core.catalog.ingest as
+JPEG
 q=90; then one copy of each per kind (tests/imagegen.COPY_KINDS) as a second batch. Also the hashing cost per image,
 the matching cost against 100,000 stored hashes and the pixel check's per-thumbnail cost, and the stored groups at
 100,000 rows: the Duplicates page's SQL (counts, first and last page), the whole page through AppTest, and what
@@ -31,9 +32,8 @@ from PIL import Image as PILImage
 from sqlalchemy import bindparam, select, text
 
 from core import db as core_db
-from core.db import open_database
-from core.demo import balanced_indices, load_fashion_mnist
-from core.duplicates import (
+from core.catalog.demo import balanced_indices, load_fashion_mnist
+from core.catalog.duplicates import (
     DEFAULT_RULE,
     HashArrays,
     HashIndex,
@@ -48,7 +48,7 @@ from core.duplicates import (
     pixel_difference,
     unchecked_images,
 )
-from core.imaging import (
+from core.catalog.imaging import (
     ContentHashes,
     _content_grey,
     _normalised_pixels,
@@ -56,11 +56,12 @@ from core.imaging import (
     content_pixels,
     open_normalised,
 )
-from core.ingest import Upload, import_uploads
+from core.catalog.ingest import Upload, import_uploads
+from core.catalog.splits import split_for_hash
+from core.catalog.store import THUMBNAIL_QUALITY, make_thumbnail
+from core.db import open_database
 from core.schema import Image
 from core.settings import Settings, get_settings
-from core.splits import split_for_hash
-from core.store import THUMBNAIL_QUALITY, make_thumbnail
 from tests.core.factories import populate
 from tests.imagegen import COPY_KINDS, encode
 

@@ -29,6 +29,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.auth import Action, PermissionDenied, Principal, Role, authorize, token_principal
+from core.catalog.ingest import ImportResult, RefusedItem, Upload, import_uploads
+from core.catalog.labels import list_categories, usable_category_name
 from core.db import Database, open_database
 from core.errors import (
     CategoryError,
@@ -41,12 +43,10 @@ from core.errors import (
     TrainingRefused,
     as_storage_error,
 )
-from core.ingest import ImportResult, RefusedItem, Upload, import_uploads
-from core.labels import list_categories, usable_category_name
-from core.predict import predict_uploads
+from core.ml.predict import predict_uploads
+from core.ml.versions import active_version, list_versions
 from core.schema import VersionStatus
 from core.settings import get_settings
-from core.versions import active_version, list_versions
 
 MAX_FILES = 64  # files per request
 MAX_REQUEST_BYTES = 1024**3  # a request body's bytes, whatever the per-file cap (settings.max_file_bytes) allows

@@ -99,11 +99,11 @@ class Category(Base):
     archived_at: Mapped[datetime | None] = mapped_column(default=None)
     merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id"), default=None)
     # Set (with archived_at) when a category that audit rows or model versions still name is deleted; its name then
-    # reads "<name> (deleted #<id>)". core.labels.delete_category.
+    # reads "<name> (deleted #<id>)". core.catalog.labels.delete_category.
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
-SKU_MAX_LENGTH = 64  # images.sku column width; core.labels.clean_sku refuses longer ones
+SKU_MAX_LENGTH = 64  # images.sku column width; core.catalog.labels.clean_sku refuses longer ones
 
 
 class Image(Base):
@@ -122,21 +122,22 @@ class Image(Base):
     split: Mapped[str] = mapped_column(String(8))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     uploaded_by: Mapped[str] = mapped_column(String(200))
-    # core.imaging.difference_hash of the normalised picture: near-duplicates share it, and then share a split.
+    # core.catalog.imaging.difference_hash of the normalised picture: near-duplicates share it, and then share a split.
     phash: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    # core.imaging.content_hashes of the picture's content box (signed 64-bit each; NULL: not computed yet, or a
-    # picture without structure). Near-duplicates are within a small Hamming distance (core.duplicates.MatchRule).
+    # core.catalog.imaging.content_hashes of the picture's content box (signed 64-bit each; NULL: not computed yet, or a
+    # picture without structure). Near-duplicates are within a small Hamming distance
+    # (core.catalog.duplicates.MatchRule).
     box_dhash_h: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=None)
     box_dhash_v: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=None)
     box_phash: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=None)
-    # The near-duplicate group (core.duplicates): the id of the group's earliest image; NULL: in no group. Set at
-    # ingest when a new image matches stored ones, and for the whole catalogue by `duplicates scan`.
+    # The near-duplicate group (core.catalog.duplicates): the id of the group's earliest image; NULL: in no group. Set
+    # at ingest when a new image matches stored ones, and for the whole catalogue by `duplicates scan`.
     duplicate_group_id: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
     # Whether duplicate_group_id is known: True from ingest and from a scan; False for images from before migration
     # 0006 (and originals the scan could not read) until `duplicates scan` has grouped them.
     duplicates_checked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # The catalogue's stock-keeping unit for the product shown (labels CSV `sku` column, `images set-sku`); NULL: none.
-    # Not unique: several photos show one product. Searched exactly and by prefix (core.review.search_condition).
+    # Not unique: several photos show one product. Searched exactly and by prefix (core.views.review.search_condition).
     sku: Mapped[str | None] = mapped_column(String(SKU_MAX_LENGTH), nullable=True, default=None)
 
     label: Mapped[Label | None] = relationship(back_populates="image", uselist=False)
@@ -145,7 +146,8 @@ class Image(Base):
         Index("ix_images_split_id", "split", "id"),
         Index("ix_images_created_at", "created_at"),
         Index("ix_images_phash", "phash"),
-        # Covers the grouped images' per-group sizes and splits (core.duplicates counts and pages) without the table.
+        # Covers the grouped images' per-group sizes and splits (core.catalog.duplicates counts and pages) without the
+        # table.
         Index("ix_images_duplicate_group", "duplicate_group_id", "split"),
         Index("ix_images_duplicates_checked", "duplicates_checked"),
         Index("ix_images_sku", "sku"),
@@ -346,7 +348,7 @@ class Worker(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     stopped_at: Mapped[datetime | None] = mapped_column(default=None)
-    # core.processes.process_tag() of the registered process: lets this machine see at once that it was killed.
+    # core.jobs.processes.process_tag() of the registered process: lets this machine see at once that it was killed.
     process: Mapped[str] = mapped_column(String(200), default="", server_default="")
 
 

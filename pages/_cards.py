@@ -21,12 +21,12 @@ from typing import Any
 import streamlit as st
 
 from core.auth import Action
+from core.catalog.deletion import delete_images
+from core.catalog.labels import SeenPrediction, audit_trail, bulk_relabel, set_label
 from core.db import Database
-from core.deletion import delete_images
 from core.errors import LabelConflict
-from core.labels import SeenPrediction, audit_trail, bulk_relabel, set_label
-from core.review import ReviewItem, review_items
-from core.similar import similar_images
+from core.views.review import ReviewItem, review_items
+from core.views.similar import similar_images
 from pages import _auth
 from pages._ui import actor, attempt, flash, md_escape, percent, refusal_of, remember_changes, typed_category
 

@@ -23,10 +23,10 @@ from datetime import datetime
 import streamlit as st
 
 from core.auth import Action
+from core.catalog.labels import confirm_label, record_skip
 from core.db import Database
-from core.labels import confirm_label, record_skip
-from core.review import ReviewItem, review_items
 from core.settings import REVIEW_HOTKEYS
+from core.views.review import ReviewItem, review_items
 from pages import _auth
 from pages._cards import label_one, prediction_text, seen_prediction
 from pages._ui import actor, flash_errors, md_escape, plural, refusal_of, typed_category

@@ -7,8 +7,8 @@ import streamlit as st
 from streamlit.navigation.page import StreamlitPage
 
 from core.db import Database
-from core.overview import Overview, error_headline, home_overview, job_progress
 from core.schema import JobStatus
+from core.views.overview import Overview, error_headline, home_overview, job_progress
 from pages import _auth
 from pages._ui import PAGES, database
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import streamlit as st
 
+from core.catalog.labels import LabelChange, add_category, list_categories, undo_last_change, usable_category_name
 from core.db import Database, open_database
 from core.errors import NotFound, ProdcatError, as_storage_error
-from core.jobs import fail_stale_jobs
-from core.labels import LabelChange, add_category, list_categories, undo_last_change, usable_category_name
+from core.jobs.queue import fail_stale_jobs
 from core.settings import get_settings
 from pages import _auth
 from pages._text import md_escape  # used here and by pages as _ui.md_escape; defined once, in _text

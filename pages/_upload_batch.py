@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from core.catalog.ingest import ImportResult, Upload
+from core.catalog.labels import usable_category_name
 from core.db import Database
 from core.errors import CategoryError
-from core.ingest import ImportResult, Upload
-from core.labels import usable_category_name
 from pages._ui import plural
 
 

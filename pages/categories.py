@@ -5,10 +5,9 @@ from __future__ import annotations
 import streamlit as st
 
 from core.auth import Action
-from core.backbone import backbone_choice, clear_weights_selection, use_weights_file
-from core.export import export_imagefolder, labels_csv_bytes
-from core.ingest import ImportResult, LabelSource, Upload, import_labelled_folder, import_labelled_upload
-from core.labels import (
+from core.catalog.export import export_imagefolder, labels_csv_bytes
+from core.catalog.ingest import ImportResult, LabelSource, Upload, import_labelled_folder, import_labelled_upload
+from core.catalog.labels import (
     add_category,
     archive_category,
     delete_category,
@@ -17,8 +16,9 @@ from core.labels import (
     rename_category,
     unarchive_category,
 )
-from core.serverfiles import exchange_path
-from core.versions import active_version, checkpoint_files, model_archive_bytes
+from core.catalog.serverfiles import exchange_path
+from core.ml.backbone import backbone_choice, clear_weights_selection, use_weights_file
+from core.ml.versions import active_version, checkpoint_files, model_archive_bytes
 from pages import _auth, _ui
 
 db = _ui.get_db()

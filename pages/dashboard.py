@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.dashboard import cell_filters_for_point, confusion_figure, dashboard
-from core.label_checks import label_health
-from core.review import LabelState, ReviewOrder
+from core.ml.label_checks import label_health
+from core.views.dashboard import cell_filters_for_point, dashboard
+from core.views.figures import confusion_figure, dashboard_figures
+from core.views.review import LabelState, ReviewOrder
 from pages import _ui
 
 db = _ui.get_db()
 st.title("Dashboard")
 board = dashboard(db)
-figures = board.figures()
+figures = dashboard_figures(board)
 
 if board.version_id is None:
     st.info("No model yet: train one on the Train & models page to see its errors here.")

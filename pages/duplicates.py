@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core.auth import Action
-from core.duplicates import DuplicateGroup, duplicate_groups, keep_one
+from core.catalog.duplicates import DuplicateGroup, duplicate_groups, keep_one
 from pages import _auth, _ui
 
 GROUPS_PER_PAGE = 10

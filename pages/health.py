@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.health import data_health
+from core.views.health import data_health
 from pages import _ui
 
 db = _ui.get_db()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.overview import home_overview
+from core.views.overview import home_overview
 from pages import _sidebar, _ui
 
 db = _ui.get_db()

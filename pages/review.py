@@ -6,13 +6,13 @@ import math
 
 import streamlit as st
 
-from core.accept import accept_predictions
 from core.auth import Action
-from core.deletion import delete_images
-from core.label_checks import label_health
-from core.labels import bulk_relabel
-from core.review import LabelState, ReviewItem, ReviewOrder, ReviewPage, review_queue
+from core.catalog.deletion import delete_images
+from core.catalog.labels import bulk_relabel
+from core.ml.label_checks import label_health
 from core.schema import Split
+from core.views.accept import accept_predictions
+from core.views.review import LabelState, ReviewItem, ReviewOrder, ReviewPage, review_queue
 from pages import _auth, _cards, _keyboard, _ui
 
 CELL_KEY = _ui.REVIEW_CELL_KEY

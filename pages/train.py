@@ -7,9 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from core.auth import Action
-from core.backbone import next_start
-from core.dashboard import version_comparison
-from core.jobs import (
+from core.jobs.queue import (
     JobView,
     TrainMode,
     cancel_job,
@@ -19,10 +17,12 @@ from core.jobs import (
     list_jobs,
     worker_alive,
 )
-from core.overview import error_headline, job_progress, training_curves
+from core.ml.backbone import next_start
+from core.ml.training import suggested_mode, training_plan
+from core.ml.versions import AccuracyBasis, AccuracyFigure, activate_version, active_version, list_versions
 from core.schema import JobStatus
-from core.training import suggested_mode, training_plan
-from core.versions import AccuracyBasis, AccuracyFigure, activate_version, active_version, list_versions
+from core.views.dashboard import version_comparison
+from core.views.overview import error_headline, job_progress, training_curves
 from pages import _auth, _ui
 
 AUTO = "auto"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import streamlit as st
 
 from core.auth import Action
-from core.ingest import ImportResult, Upload, import_uploads
-from core.labels import add_category, bulk_relabel
-from core.predict import predict_images
-from core.review import BatchTargets, batch_targets, review_items
-from core.versions import active_version
+from core.catalog.ingest import ImportResult, Upload, import_uploads
+from core.catalog.labels import add_category, bulk_relabel
+from core.ml.predict import predict_images
+from core.ml.versions import active_version
+from core.views.review import BatchTargets, batch_targets, review_items
 from pages import _auth, _cards, _ui
 from pages._upload_batch import Batch, category_problem
 

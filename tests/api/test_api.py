@@ -18,10 +18,10 @@ from starlette.testclient import TestClient
 
 from core import auth
 from core.db import Database, close_all, open_database
+from core.ml.training import run_training
+from core.ml.versions import active_version
 from core.schema import Image
 from core.settings import Settings
-from core.training import run_training
-from core.versions import active_version
 from tests.core.training_helpers import add_job, dataset, store_images
 from tests.imagegen import image_bytes
 from tests.servers import ROOT, streamlit_server

@@ -79,7 +79,7 @@ def _write_pictures(settings: Settings) -> list[tuple[str, str]]:
 
 
 def _scores(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(argmax, confidence, margin, entropy) exactly as core.predict stores them."""
+    """(argmax, confidence, margin, entropy) exactly as core.ml.predict stores them."""
     top = probs.argmax(axis=1)
     ordered = np.sort(probs, axis=1)
     margin = ordered[:, -1] - (ordered[:, -2] if probs.shape[1] > 1 else 0.0)

@@ -14,7 +14,7 @@ from core.settings import get_settings
 
 
 def fashion_mnist() -> tuple[object, object]:
-    from core.demo import load_fashion_mnist, local_dir, local_files_present
+    from core.catalog.demo import load_fashion_mnist, local_dir, local_files_present
 
     if not local_files_present():
         if os.environ.get("CI"):

@@ -9,13 +9,14 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from core import auth, labels
+from core import auth
 from core import db as core_db
-from core.accept import accept_predictions
+from core.catalog import labels
 from core.db import Database
 from core.errors import NotFound, ProdcatError
 from core.schema import Label, LabelEvent
 from core.settings import get_settings
+from core.views.accept import accept_predictions
 from tests.core.factories import FakeImage, Populated, build
 
 pytestmark = pytest.mark.both_databases
@@ -100,7 +101,7 @@ def test_without_a_model_there_is_nothing_to_accept(db: Database) -> None:
 
 
 def test_cli_previews_then_accepts(db: Database, cat: Populated) -> None:
-    from core.cli import app
+    from core.cli.app import app
 
     runner = CliRunner()
     preview = runner.invoke(app, ["labels", "accept-predictions", "--min-confidence", "0.9", "--dry-run"])

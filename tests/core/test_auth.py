@@ -8,12 +8,12 @@ from typer.testing import CliRunner
 
 import core.cli  # noqa: F401  (registers every command module on the app)
 from core import auth
-from core.cli_app import app
+from core.cli.app import app
 from core.db import Database, open_database
-from core.jobs import cancel_job, enqueue_training
+from core.jobs.queue import cancel_job, enqueue_training
+from core.ml.versions import activate_version
 from core.schema import Account, ApiToken, AuditEvent
 from core.settings import get_settings
-from core.versions import activate_version
 from tests.conftest import ACCOUNT_PASSWORD as PASSWORD
 
 pytestmark = pytest.mark.both_databases

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-import core.backbone
-from core.backbone import (
+import core.ml.backbone
+from core.catalog.serverfiles import PathRefused
+from core.db import Database, open_database
+from core.errors import TrainingRefused
+from core.ml.backbone import (
     ExpectedAccuracy,
     backbone_choice,
     clear_weights_selection,
@@ -23,12 +26,9 @@ from core.backbone import (
     use_weights_file,
     weights_dir,
 )
-from core.db import Database, open_database
-from core.errors import TrainingRefused
-from core.overview import home_overview
-from core.serverfiles import PathRefused
+from core.ml.versions import active_version
 from core.settings import Settings, get_settings
-from core.versions import active_version
+from core.views.overview import home_overview
 from tests.core.training_helpers import add_version_row
 from tests.core.weightsfiles import pretrained_auto, write_corrupt_weights, write_resnet18_weights
 
@@ -183,9 +183,9 @@ def test_the_next_start_names_the_automatic_backbone_and_the_measured_accuracy_o
     assert start.new_lineage and start.source_label == "bundled:efficientnet_lite0"
     assert start.description.startswith("efficientnet_lite0 with ImageNet weights installed with the app")
     assert start.expected is not None and start.expected.source == "bundled"  # the shipped, measured curve
-    monkeypatch.setattr(core.backbone, "EXPECTED_ACCURACY", {"hub": ((100, 0.9),)})
+    monkeypatch.setattr(core.ml.backbone, "EXPECTED_ACCURACY", {"hub": ((100, 0.9),)})
     assert next_start(auto_db).expected is None  # never measured for these weights: nothing said
-    monkeypatch.setattr(core.backbone, "EXPECTED_ACCURACY", {"bundled": ((50, 0.61), (500, 0.82))})
+    monkeypatch.setattr(core.ml.backbone, "EXPECTED_ACCURACY", {"bundled": ((50, 0.61), (500, 0.82))})
     expected = next_start(auto_db, labelled=900).expected
     assert expected == ExpectedAccuracy("bundled", ((50, 0.61), (500, 0.82)))
     assert "about 82% test accuracy with 500 labelled images (900 now)" in expected.describe(900)

@@ -15,9 +15,9 @@ from sqlalchemy import delete, select
 from typer.testing import CliRunner
 
 from core import db as core_db
+from core.catalog.labels import add_category, list_categories
 from core.catalogue_identity import IDENTITY_FILE, KEY
 from core.errors import CatalogueRefused
-from core.labels import add_category, list_categories
 from core.schema import MetaValue
 from core.settings import Settings
 
@@ -148,7 +148,7 @@ def test_a_database_file_swapped_in_place_is_refused(db: core_db.Database, tmp_p
 
 def test_the_cli_refuses_in_one_line(db: core_db.Database) -> None:
     import core.cli  # noqa: F401 (registers the commands)
-    from core.cli_app import app
+    from core.cli.app import app
 
     keep_files(db.settings)
     remove_database(db.settings)
@@ -191,7 +191,7 @@ def test_a_refused_worker_exits_with_one_line(db: core_db.Database) -> None:
     keep_files(db.settings)
     remove_database(db.settings)
     worker = subprocess.run(
-        [sys.executable, "-m", "core.worker", "--once"], cwd=Path(__file__).resolve().parents[2],
+        [sys.executable, "-m", "core.jobs.worker", "--once"], cwd=Path(__file__).resolve().parents[2],
         env={**os.environ, "PRODCAT_DATA_DIR": str(db.settings.data_dir)}, capture_output=True, text=True, timeout=60,
     )
     assert worker.returncode == 2 and "cannot start: the database file prodcat.sqlite3 is missing" in worker.stderr

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 import core.cli  # noqa: F401  (registers every command module on the app)
-from core.cli_app import app
+from core.cli.app import app
 from core.db import Database
 from tests.imagegen import image_bytes, write_image_folder
 
@@ -233,7 +233,7 @@ def test_models_list_has_a_backbone_source_column(db: Database) -> None:
 def test_train_says_which_backbone_it_starts_from_before_queueing(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from core import jobs
+    from core.jobs import queue as jobs
     from tests.core.training_helpers import dataset, store_images
 
     store_images(db, dataset(("Shoes", "Bags"), train=2, val=1, test=1))
@@ -254,7 +254,7 @@ def test_train_refuses_a_bad_weights_file_before_queueing(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from core.db import open_database
-    from core.jobs import list_jobs
+    from core.jobs.queue import list_jobs
     from core.settings import get_settings
     from tests.core.training_helpers import dataset, store_images
     from tests.core.weightsfiles import write_corrupt_weights

@@ -16,10 +16,11 @@ import pytest
 from sqlalchemy import Row, func, insert, select
 
 from core import db as core_db
-from core import jobs, labels
+from core.catalog import labels
+from core.catalog.ingest import Upload, import_uploads
 from core.db import Database
 from core.errors import CategoryError, DatabaseBusy, LabelConflict, NotFound
-from core.ingest import Upload, import_uploads
+from core.jobs import queue as jobs
 from core.schema import Category, JobStatus, Label, LabelEvent, TrainingJob
 from core.settings import Settings
 from tests.core.factories import FakeImage, build

@@ -6,9 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from core.dashboard import corrections_per_day
-from core.db import Database
-from core.labels import (
+from core.catalog.labels import (
     SeenPrediction,
     bulk_relabel,
     clear_label,
@@ -17,7 +15,9 @@ from core.labels import (
     set_label,
     undo_last_change,
 )
-from core.training import training_plan
+from core.db import Database
+from core.ml.training import training_plan
+from core.views.dashboard import corrections_per_day
 from tests.core.factories import FakeImage, build
 
 pytestmark = pytest.mark.both_databases
@@ -61,7 +61,7 @@ def test_training_plan_and_dashboard_count_the_same_corrections(db: Database) ->
 
 
 def test_a_bulk_change_records_what_the_grid_showed_so_bulk_accepts_are_not_corrections(db: Database) -> None:
-    from core.labels import audit_trail
+    from core.catalog.labels import audit_trail
 
     made = build(db, CATALOGUE)
     ids = [int(i) for i in made.image_ids]

@@ -7,11 +7,13 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from core.dashboard import (
+from core.catalog.labels import SeenPrediction, set_label
+from core.db import Database
+from core.ml.versions import list_versions
+from core.views.dashboard import (
     cell_filters_for_point,
     cell_review_filters,
     class_balance,
-    confusion_figure,
     confusion_matrix_data,
     corrections_per_day,
     dashboard,
@@ -21,10 +23,8 @@ from core.dashboard import (
     version_comparison,
     version_history,
 )
-from core.db import Database
-from core.labels import SeenPrediction, set_label
-from core.review import ReviewOrder, review_queue
-from core.versions import list_versions
+from core.views.figures import confusion_figure, dashboard_figures
+from core.views.review import ReviewOrder, review_queue
 from models.metrics import ECE_BINS
 from tests.core.factories import FakeImage, Populated, build, populate
 
@@ -149,7 +149,7 @@ def test_history_and_balance(db: Database, cat: Populated) -> None:
 def test_dashboard_figures_on_a_populated_catalogue(db: Database) -> None:
     populate(db, n_images=3000, seed=1)
     board = dashboard(db)
-    figures = board.figures()
+    figures = dashboard_figures(board)
     assert set(figures) == {"confusion", "history", "balance", "confidence", "reliability"}
     heat = figures["confusion"].data[0]
     assert np.asarray(heat.z).shape == (5, 5)
@@ -162,7 +162,7 @@ def test_empty_database_gives_empty_results(db: Database) -> None:
     assert board.version_id is None and board.confusion is None and board.calibration is None
     assert board.per_class.empty and board.history.empty and board.corrections.empty
     assert board.scores["accuracy"] is None
-    assert board.figures() == {}
+    assert dashboard_figures(board) == {}
 
 
 def test_stored_matrix_is_used_when_no_test_predictions_are_stored(db: Database) -> None:
@@ -194,7 +194,7 @@ def test_category_names_show_as_text_in_every_figure_not_as_html(db: Database) -
         [FakeImage(split="test", label="<b>x</b>", probs=(0.1, 0.8, 0.1)), FakeImage(split="train", label="Bags")],
         categories=("<b>x</b>", "Bags", "Hats"),
     )
-    figures = dashboard(db).figures()
+    figures = dashboard_figures(dashboard(db))
     assert {"confusion", "balance", "history", "confidence", "reliability"} <= set(figures)
     for name, figure in figures.items():
         shown = _strings(figure.to_dict())
@@ -224,7 +224,7 @@ def test_a_clicked_cell_follows_the_active_version(db: Database, cat: Populated)
 
 
 def test_history_axis_names_versions_not_millisecond_times(db: Database, cat: Populated) -> None:
-    figure = dashboard(db).figures()["history"]
+    figure = dashboard_figures(dashboard(db))["history"]
     assert figure.layout.xaxis.type == "category"
     assert [list(trace.x) for trace in figure.data] == [[f"v{cat.version_id}"]] * 2
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from core.db import Database
-from core.demo import (
+from core.catalog.demo import (
     FASHION_MNIST_CLASSES,
     balanced_indices,
     file_name,
@@ -22,6 +21,7 @@ from core.demo import (
     local_files_present,
     read_idx,
 )
+from core.db import Database
 from core.schema import Category, Image, Label, LabelEvent
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,12 +7,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from core import jobs
 from core.db import Database
 from core.errors import DeviceUnavailable
+from core.jobs import queue as jobs
+from core.jobs.worker import run_job_in_foreground
+from core.ml.versions import _inference_device
 from core.settings import Settings, get_settings
-from core.versions import _inference_device
-from core.worker import run_job_in_foreground
 
 
 @pytest.mark.parametrize(("given", "kept"), [("cuda:1", "cuda:1"), (" CUDA:0 ", "cuda:0"), ("cuda", "cuda"),

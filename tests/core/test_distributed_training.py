@@ -8,10 +8,11 @@ import torch
 
 from core.db import Database
 from core.errors import DeviceUnavailable
-from core.jobs import ProgressReport, get_job
-from core.training import run_training
-from core.versions import get_version
-from core.worker import JobRun
+from core.jobs.queue import get_job
+from core.jobs.worker import JobRun
+from core.ml.contract import ProgressReport
+from core.ml.training import run_training
+from core.ml.versions import get_version
 from tests.core.training_helpers import add_job, dataset, store_images
 
 pytestmark = pytest.mark.usefixtures("plain_main")  # ranks start by forkserver

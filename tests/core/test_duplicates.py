@@ -13,9 +13,7 @@ from sqlalchemy import select, text, update
 from typer.testing import CliRunner
 
 import core.cli  # noqa: F401  (registers every command module on the app)
-from core.cli_app import app
-from core.db import Database
-from core.duplicates import (
+from core.catalog.duplicates import (
     DEFAULT_RULE,
     DuplicateCounts,
     HashArrays,
@@ -29,12 +27,14 @@ from core.duplicates import (
     pixel_difference,
     scan_duplicates,
 )
+from core.catalog.imaging import content_hashes, content_pixels, open_normalised
+from core.catalog.ingest import Upload, import_uploads
+from core.catalog.splits import split_for_hash
+from core.catalog.store import original_path, thumbnail_path
+from core.cli.app import app
+from core.db import Database
 from core.errors import DuplicateRefused, NotFound
-from core.imaging import content_hashes, content_pixels, open_normalised
-from core.ingest import Upload, import_uploads
 from core.schema import Image, ImageEvent, LabelEvent
-from core.splits import split_for_hash
-from core.store import original_path, thumbnail_path
 from tests.imagegen import COPY_KINDS, encode, make_image
 
 skimage_data = pytest.importorskip("skimage.data")

@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from core.catalog.ingest import import_paths
 from core.db import Database
-from core.ingest import import_paths
-from core.jobs import enqueue_training, get_job
-from core.training import training_plan
-from core.versions import active_version
+from core.jobs.queue import enqueue_training, get_job
+from core.ml.training import training_plan
+from core.ml.versions import active_version
 from tests.imagegen import CATEGORY_COLOURS, image_bytes, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +60,7 @@ def test_import_train_in_the_worker_process_and_predict_new_files(db: Database, 
     job_id = enqueue_training(db, "quick", {"arch": "resnet18", "image_size": 32, "head_l2": 1e-3}, "tester")
 
     worker = subprocess.run(
-        [sys.executable, "-m", "core.worker", "--once"],
+        [sys.executable, "-m", "core.jobs.worker", "--once"],
         cwd=ROOT,
         env=_env(db.settings.data_dir),
         capture_output=True,

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from core import export, labels
+from core.catalog import export, labels
+from core.catalog.export import ExportError, export_imagefolder, export_labels_csv, labels_csv_bytes, safe_component
+from core.catalog.ingest import import_paths, read_labels_csv
 from core.db import Database, open_database
-from core.export import ExportError, export_imagefolder, export_labels_csv, labels_csv_bytes, safe_component
-from core.ingest import import_paths, read_labels_csv
 from core.schema import Category, Image, Label
 from core.settings import Settings
 from tests.imagegen import write_image_folder
@@ -227,7 +227,7 @@ FORMULAS = ['=HYPERLINK("http://evil.example","open")', "+1", "-2+3", "@SUM(A1)"
 
 
 def test_labels_csv_cells_never_start_a_spreadsheet_formula_and_still_reimport(db: Database, tmp_path: Path) -> None:
-    from core.ingest import Upload, import_uploads
+    from core.catalog.ingest import Upload, import_uploads
     from tests.imagegen import image_bytes
 
     uploads = [Upload("=2+3.png", image_bytes("Shoes", 1)), Upload("-cmd.png", image_bytes("Bags", 2))]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from core.db import Database
-from core.health import data_health
-from core.review import review_queue
+from core.views.health import data_health
+from core.views.review import review_queue
 from tests.core.factories import FakeImage, build, catalogue_with_findings
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from core.catalog.imaging import inspect_and_decode, normalise, open_normalised
 from core.errors import ImageRefused
-from core.imaging import inspect_and_decode, normalise, open_normalised
 from core.settings import Settings
 from tests.core import badfiles
 
@@ -69,7 +69,7 @@ def test_file_over_the_byte_limit_is_refused(cfg: Settings) -> None:
 
 
 def test_pillow_safety_switches_stay_on() -> None:
-    import core.imaging  # noqa: F401 (importing must not relax Pillow's guards)
+    import core.catalog.imaging  # noqa: F401 (importing must not relax Pillow's guards)
 
     assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS > 0
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False

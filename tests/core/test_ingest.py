@@ -13,12 +13,12 @@ from PIL import Image as PILImage
 from sqlalchemy import func, select
 
 from core import db as core_db
+from core.catalog.ingest import ImportResult, Upload, import_paths, import_uploads, read_labels_csv
+from core.catalog.splits import split_for_hash
 from core.db import Database
 from core.errors import ProdcatError
-from core.ingest import ImportResult, Upload, import_paths, import_uploads, read_labels_csv
 from core.schema import AuditEvent, Category, Image, Label, LabelEvent
 from core.settings import get_settings
-from core.splits import split_for_hash
 from tests.core import badfiles
 from tests.imagegen import CATEGORY_COLOURS, image_bytes, write_image_folder
 
@@ -375,7 +375,7 @@ def _files_of_rows(db: Database) -> set[str]:
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
     """Set the number of images the importer writes per transaction (and no time limit on a batch)."""
-    import core.ingest.importer as importer
+    import core.catalog.ingest.importer as importer
 
     def set_rows(rows: int) -> None:
         monkeypatch.setattr(importer, "BATCH_ROWS", rows)
@@ -504,7 +504,7 @@ def test_an_import_in_small_batches_matches_one_in_a_single_batch(
 def test_a_category_archived_during_an_import_refuses_only_its_files(
     db: Database, small_batches: Callable[[int], None]
 ) -> None:
-    from core.labels import archive_category
+    from core.catalog.labels import archive_category
 
     small_batches(2)
     item = image_bytes("Bags", 310)
@@ -587,7 +587,7 @@ def test_listed_zip_entries_reads_the_zip64_record() -> None:
     import io
     import zipfile
 
-    from core.ingest import listed_zip_entries
+    from core.catalog.ingest import listed_zip_entries
 
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
@@ -612,7 +612,7 @@ def _blocky(seed: int, scale: int, fmt: str) -> bytes:
 def test_a_near_duplicate_joins_the_split_of_the_picture_it_copies(db: Database) -> None:
     import hashlib
 
-    from core.imaging import difference_hash
+    from core.catalog.imaging import difference_hash
 
     fractions = db.settings.split_fractions
     # A picture whose resized JPEG copy would land in another split by its own bytes' hash.
@@ -653,7 +653,7 @@ def _other_db(tmp_path: Path, name: str = "other-data") -> Database:
 
 
 def test_an_exported_csv_relabels_two_images_that_share_a_file_name(db: Database, tmp_path: Path) -> None:
-    from core.export import labels_csv_bytes
+    from core.catalog.export import labels_csv_bytes
 
     shoe, bag = image_bytes("Shoes", 200), image_bytes("Bags", 200)
     import_uploads(db, [Upload("IMG_0001.jpg", shoe)], category="Shoes", actor="alice")
@@ -678,7 +678,7 @@ def test_an_exported_csv_relabels_two_images_that_share_a_file_name(db: Database
 
 
 def test_labels_exported_from_a_zip_import_reapply_to_the_same_zip(db: Database, tmp_path: Path) -> None:
-    from core.export import labels_csv_bytes
+    from core.catalog.export import labels_csv_bytes
 
     entries = [("Shoes/a.png", image_bytes("Shoes", 210)), ("Bags/b.png", image_bytes("Bags", 210))]
     archive = Upload("batch.zip", badfiles.make_zip(entries))
@@ -771,7 +771,7 @@ def test_a_csv_with_old_mac_line_endings_reads_and_broken_csv_names_file_and_lin
 
 
 def test_an_uploaded_csv_is_named_in_its_errors(db: Database) -> None:
-    from core.ingest import LabelSource, import_labelled_upload
+    from core.catalog.ingest import LabelSource, import_labelled_upload
 
     archive = Upload("batch.zip", badfiles.make_zip([("a.png", image_bytes("Hats", 230))]))
     with pytest.raises(ProdcatError, match=r"^labels CSV shop-labels\.csv line 3: expected two columns"):
@@ -786,7 +786,7 @@ def test_an_uploaded_csv_is_named_in_its_errors(db: Database) -> None:
 
 
 def test_one_label_source_per_import_and_contradictions_are_refused(db: Database, tmp_path: Path) -> None:
-    from core.ingest import LabelSource, import_labelled_folder, import_labelled_upload
+    from core.catalog.ingest import LabelSource, import_labelled_folder, import_labelled_upload
 
     archive = Upload(
         "dataset.zip", badfiles.make_zip([(f"dataset/{c}/{c}.png", image_bytes(c, 240)) for c in CATEGORY_COLOURS])
@@ -813,7 +813,7 @@ def test_an_empty_actor_is_refused_before_anything_is_written(db: Database) -> N
 
 
 def test_files_for_an_archived_category_are_refused_and_nothing_is_stored(db: Database) -> None:
-    from core.labels import add_category, archive_category
+    from core.catalog.labels import add_category, archive_category
 
     add_category(db, "Old", actor="a")
     archive_category(db, "Old", actor="a")
@@ -826,8 +826,8 @@ def test_files_for_an_archived_category_are_refused_and_nothing_is_stored(db: Da
 
 
 def test_a_symlinked_file_pointing_outside_the_folder_is_refused(db: Database, tmp_path: Path) -> None:
-    import core.ingest as ingest
-    from core.serverfiles import exchange_path
+    import core.catalog.ingest as ingest
+    from core.catalog.serverfiles import exchange_path
 
     outside = tmp_path / "private"
     outside.mkdir()
@@ -982,7 +982,7 @@ def test_large_pictures_decode_one_at_a_time_and_leave_little_behind(tmp_path: P
 import os, threading, time
 from pathlib import Path
 from core.db import open_database
-from core.ingest import import_paths
+from core.catalog.ingest import import_paths
 from core.settings import get_settings
 
 def resident():

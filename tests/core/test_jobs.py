@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
-from core import jobs
 from core.db import Database
 from core.errors import NotFound, TrainingRefused
+from core.jobs import queue as jobs
 from core.schema import ModelVersion, TrainingJob, Worker, utcnow
 from core.settings import Settings
 
@@ -141,7 +141,7 @@ def test_progress_keeps_latest_values_and_one_history_point_per_epoch(db: Databa
         report(phase="training", epoch=1, epochs=2, loss=1.5, train_acc=0.4, val_acc=0.5),
         report(phase="training", epoch=2, epochs=2, loss=1.0, train_acc=0.6, val_acc=0.7),
         report(phase="done", epoch=2, epochs=2, loss=1.0, train_acc=0.6, val_acc=0.75),
-        # As core.training reports the loop's summary: display phase plus the library's own phase as "stage".
+        # As core.ml.training reports the loop's summary: display phase plus the library's own phase as "stage".
         report(phase="training (done)", stage="done", epoch=2, loss=0.9, train_acc=0.6, val_acc=0.8),
         report(phase="evaluating", epoch=None),
     ]
@@ -225,7 +225,7 @@ def test_stale_running_jobs_fail_but_fresh_and_queued_ones_do_not(db: Database) 
 
 def test_a_dead_workers_job_never_blocks_the_app_while_it_runs(db: Database) -> None:
     """The UI process stays up while a worker is killed (out of memory, say): the next look at the job fails it."""
-    from core.overview import home_overview
+    from core.views.overview import home_overview
 
     timeout = db.settings.heartbeat_timeout_s
     dead = jobs.enqueue_training(db, "quick", {}, "ana")
@@ -283,7 +283,7 @@ def test_worker_environment_carries_settings_to_the_spawned_worker(
 
 
 def test_worker_progress_is_throttled_but_keeps_each_epochs_last_report(db: Database) -> None:
-    from core.worker import JobRun
+    from core.jobs.worker import JobRun
 
     job_id = jobs.enqueue_training(db, "full", {}, "ana")
     jobs.claim_next_job(db, "w1")

@@ -9,15 +9,15 @@ import pytest
 from sqlalchemy import func, select
 
 from core import db as core_db
+from core.catalog.labels import set_label
 from core.db import Database
-from core.jobs import enqueue_training, get_job
-from core.label_checks import label_health
-from core.labels import set_label
-from core.review import LabelState, ReviewOrder, review_queue
+from core.jobs.queue import enqueue_training, get_job
+from core.jobs.worker import run_job_in_foreground
+from core.ml.label_checks import label_health
+from core.ml.training import run_training
+from core.ml.versions import get_version
 from core.schema import ImageCheck, Label
-from core.training import run_training
-from core.versions import get_version
-from core.worker import run_job_in_foreground
+from core.views.review import LabelState, ReviewOrder, review_queue
 from tests.core.fmnist import fashion_mnist, open_catalogue
 from tests.core.training_helpers import add_job, dataset, store_images
 
@@ -64,8 +64,8 @@ def test_label_checks_can_be_turned_off_and_say_so(db: Database, monkeypatch: py
 def test_flipped_labels_among_real_product_photos_are_found_and_the_right_category_suggested(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from core.demo import FASHION_MNIST_CLASSES, balanced_indices, make_uploads
-    from core.ingest import import_uploads
+    from core.catalog.demo import FASHION_MNIST_CLASSES, balanced_indices, make_uploads
+    from core.catalog.ingest import import_uploads
 
     train, _ = fashion_mnist()
     db = open_catalogue(tmp_path, monkeypatch, "auto")
@@ -107,8 +107,8 @@ def test_flipped_labels_among_real_product_photos_are_found_and_the_right_catego
 
 
 def _similar_images_are_mostly_the_same_kind_of_product(db: Database, truth: dict[str, str]) -> None:
-    from core.review import review_queue
-    from core.similar import similar_images
+    from core.views.review import review_queue
+    from core.views.similar import similar_images
 
     trousers = [
         i for i in review_queue(db, category="Trouser", page_size=50).items if truth.get(i.original_name) == "Trouser"
@@ -130,10 +130,10 @@ def _new_uploads_unlike_anything_labelled_are_flagged(db: Database, train: objec
     from PIL import Image as PILImage
     from skimage import data as samples
 
-    from core.demo import make_uploads
-    from core.ingest import Upload, import_uploads
-    from core.predict import predict_images
-    from core.review import review_items
+    from core.catalog.demo import make_uploads
+    from core.catalog.ingest import Upload, import_uploads
+    from core.ml.predict import predict_images
+    from core.views.review import review_items
 
     buffer = io.BytesIO()
     PILImage.fromarray(samples.astronaut()).save(buffer, format="PNG")
@@ -148,7 +148,7 @@ def _new_uploads_unlike_anything_labelled_are_flagged(db: Database, train: objec
 def test_outlier_scores_of_many_labels_use_a_sample_and_never_score_an_image_against_itself(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from core import label_checks
+    from core.ml import label_checks
 
     rng = np.random.default_rng(0)
     features = np.abs(rng.normal(size=(300, 64))).astype(np.float32)  # pooled features are non-negative

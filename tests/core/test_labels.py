@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 from sqlalchemy import event, insert, select
 
-from core import auth, labels
+from core import auth
 from core import db as core_db
+from core.catalog import labels
+from core.catalog.ingest import import_paths
 from core.db import Database
 from core.errors import CategoryError, NotFound, ProdcatError
-from core.ingest import import_paths
 from core.schema import AuditEvent, Category, Image, Label, LabelAction, LabelEvent, utcnow
 from core.settings import get_settings
 from tests.core.factories import FakeImage, Populated, build
@@ -494,8 +495,8 @@ def test_a_category_with_labels_is_deleted_only_by_moving_them_and_history_keeps
 def test_confirming_a_label_is_audited_but_is_neither_a_change_nor_undoable(db: Database) -> None:
     from sqlalchemy import func
 
-    from core.corrections import label_change_clause
-    from core.labels import audit_trail, confirm_label, set_label, undo_last_change
+    from core.catalog.corrections import label_change_clause
+    from core.catalog.labels import audit_trail, confirm_label, set_label, undo_last_change
 
     made = build(db, [FakeImage(split="train", label=None), FakeImage(split="train", label=None)])
     image_id, unlabelled = (int(i) for i in made.image_ids)
@@ -520,7 +521,7 @@ def test_a_skip_is_audited_with_the_person_but_is_no_change_and_undo_steps_over_
 ) -> None:
     from sqlalchemy import func
 
-    from core.corrections import correction_clause, label_change_clause
+    from core.catalog.corrections import correction_clause, label_change_clause
 
     labels.set_label(db, ids[0], "Shoes", actor="ann")
     labels.set_label(db, ids[0], "Bags", actor="ann")  # a correction of her own first label

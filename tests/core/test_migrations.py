@@ -258,7 +258,7 @@ def test_upgrading_from_0009_reads_undo_and_batch_notes_into_columns(settings: S
 
 def test_after_0010_undo_reads_the_converted_columns(settings: Settings) -> None:
     """An undo written before 0010 still counts as taken back afterwards: undo does not step over it again."""
-    from core import labels
+    from core.catalog import labels
     from core.db import open_database
 
     url, engine = _database_at(settings, "0009")

@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy import null
 
 from core.db import Database
-from core.overview import SIDEBAR_REFRESH_S, error_headline, home_overview, job_progress, training_curves
 from core.schema import JobStatus, ModelVersion, TrainingJob, utcnow
+from core.views.overview import SIDEBAR_REFRESH_S, error_headline, home_overview, job_progress, training_curves
 from tests.core.factories import BASE_TIME, populate
 
 pytestmark = pytest.mark.both_databases
@@ -116,7 +116,7 @@ def test_error_headline_is_the_message_without_the_traceback() -> None:
 
 
 def test_b8_the_sidebar_and_every_version_list_read_one_accuracy_with_its_test_set_named(db: Database) -> None:
-    from core.versions import AccuracyBasis, AccuracyFigure, active_version, get_version, list_versions
+    from core.ml.versions import AccuracyBasis, AccuracyFigure, active_version, get_version, list_versions
 
     info = populate(db, n_images=300, labelled_fraction=0.6, seed=4)
     with db.write() as session:  # stored at training: 52.5% on 40 test images
@@ -139,7 +139,7 @@ def test_b8_the_sidebar_and_every_version_list_read_one_accuracy_with_its_test_s
 
 
 def test_the_overview_job_is_the_one_job_summary_type(db: Database) -> None:
-    from core.jobs import JobView, get_job
+    from core.jobs.queue import JobView, get_job
 
     with db.write() as session:
         session.add(TrainingJob(**_job(JobStatus.RUNNING, 1, live=True), params={"epochs": 2}, worker_id="w1"))

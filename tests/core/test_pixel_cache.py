@@ -13,7 +13,7 @@ import pytest
 
 from core.db import Database
 from core.errors import NotFound
-from core.pixel_cache import CachedRows, PixelCache, RowStore
+from core.ml.pixel_cache import CachedRows, PixelCache, RowStore
 from core.schema import Image
 from tests.core.training_helpers import store_images
 
@@ -25,7 +25,7 @@ def images(db: Database) -> list[int]:
 
 def _reference_pixels(db: Database, image_id: int, size: int, crop: float, interp: str) -> np.ndarray:
     """The normal preprocessing path: open the stored original normalised, then the model's pixel transform."""
-    from core.imaging import open_normalised
+    from core.catalog.imaging import open_normalised
     from models.factory import PreprocessConfig
     from models.preprocess import to_model_pixels
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
+from core.catalog.ingest import Upload
 from core.db import Database
 from core.errors import NotFound
-from core.ingest import Upload
-from core.predict import predict_files, predict_images, predict_missing, predict_uploads, refresh_predictions
+from core.ml.predict import predict_files, predict_images, predict_missing, predict_uploads, refresh_predictions
+from core.ml.versions import activate_version
 from core.schema import Image, Prediction
-from core.versions import activate_version
 from tests.core.training_helpers import dataset, save_random_version, store_images
 from tests.imagegen import image_bytes
 
@@ -122,7 +122,7 @@ def test_predict_missing_does_nothing_without_an_active_version(db: Database) ->
 def test_after_a_merge_predictions_name_only_live_categories_and_add_up_their_probabilities(
     db: Database, version: int, tmp_path: Path
 ) -> None:
-    from core.labels import merge_categories
+    from core.catalog.labels import merge_categories
 
     ids = store_images(db, dataset(CLASSES, train=1, val=0, test=0))
     before = predict_images(db, ids[:1])[ids[0]]

@@ -9,11 +9,11 @@ import pytest
 
 from core import db as core_db
 from core.db import Database
-from core.jobs import enqueue_training, get_job
+from core.jobs.queue import enqueue_training, get_job
+from core.jobs.worker import run_job_in_foreground
+from core.ml.versions import active_version, checkpoint_path
 from core.schema import JobStatus
 from core.settings import get_settings
-from core.versions import active_version, checkpoint_path
-from core.worker import run_job_in_foreground
 from models.checkpoint import read_meta
 from tests.core.fmnist import fashion_mnist as _fashion_mnist
 from tests.core.fmnist import open_catalogue as _open
@@ -25,9 +25,9 @@ TEST_PER_CLASS = 30  # 300 official test photos, never imported
 
 def _retrain_and_score(db: Database, train: object, official_test: Path, test_labels: np.ndarray) -> tuple[float, str]:
     """Import the labelled photos, run a quick retrain the way the worker does, classify the official test files."""
-    from core.demo import FASHION_MNIST_CLASSES, balanced_indices, make_uploads
-    from core.ingest import import_uploads
-    from core.predict import predict_files
+    from core.catalog.demo import FASHION_MNIST_CLASSES, balanced_indices, make_uploads
+    from core.catalog.ingest import import_uploads
+    from core.ml.predict import predict_files
 
     uploads, labels = make_uploads(train, balanced_indices(train.labels, PER_CLASS * 10))  # type: ignore[attr-defined]
     assert not import_uploads(db, uploads, labels=labels, actor="tester").refused
@@ -42,7 +42,7 @@ def _retrain_and_score(db: Database, train: object, official_test: Path, test_la
 def test_a_first_retrain_from_the_bundled_backbone_beats_random_init_and_says_where_it_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from core.demo import balanced_indices, encode_png, file_name
+    from core.catalog.demo import balanced_indices, encode_png, file_name
 
     train, test = _fashion_mnist()
     official = tmp_path / "official-test"

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from core.catalog.labels import merge_categories, set_label
 from core.db import Database
 from core.errors import NotFound, ProdcatError
-from core.labels import merge_categories, set_label
-from core.review import LabelState, ReviewOrder, review_items, review_queue
+from core.views.review import LabelState, ReviewOrder, review_items, review_queue
 from tests.core.factories import BASE_TIME, FakeImage, Populated, build, populate
 
 pytestmark = pytest.mark.both_databases
@@ -227,7 +227,7 @@ def test_random_catalogue_agrees_with_numpy(db: Database) -> None:
 
 
 def test_review_command_prints_the_queue(db: Database, cat: Populated) -> None:
-    from core.cli import app
+    from core.cli.app import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["review", "--order", "suspected-mislabel", "--limit", "2", "--json"])
@@ -268,7 +268,7 @@ def test_search_finds_an_image_by_id_or_by_part_of_its_file_name(db: Database, c
     page = review_queue(db, search="sneaker", page_size=1)
     assert (page.total, page.pages) == (2, 2)
 
-    from core.cli import app
+    from core.cli.app import app
 
     result = CliRunner().invoke(app, ["review", "--search", "Sneaker", "--json"])
     assert result.exit_code == 0, result.output

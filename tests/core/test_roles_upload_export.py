@@ -11,10 +11,8 @@ from typer.testing import CliRunner
 
 import core.cli  # noqa: F401  (registers every command module on the app)
 from core import auth
-from core.cli_app import app
-from core.db import Database, open_database
-from core.export import export_imagefolder, export_labels_csv, labels_csv_bytes
-from core.ingest import (
+from core.catalog.export import export_imagefolder, export_labels_csv, labels_csv_bytes
+from core.catalog.ingest import (
     LabelSource,
     Upload,
     import_labelled_folder,
@@ -22,8 +20,10 @@ from core.ingest import (
     import_paths,
     import_uploads,
 )
+from core.catalog.serverfiles import exchange_path
+from core.cli.app import app
+from core.db import Database, open_database
 from core.schema import AuditEvent, Image
-from core.serverfiles import exchange_path
 from core.settings import get_settings
 from tests.core import badfiles
 from tests.imagegen import image_bytes, write_image_folder

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from core.catalog.serverfiles import PathRefused, exchange_path
 from core.db import Database, open_database
-from core.serverfiles import PathRefused, exchange_path
 from core.settings import Settings
 
 ACTOR = "staff"

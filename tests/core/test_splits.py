@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
+from core.catalog.splits import split_for_hash
 from core.schema import Split
-from core.splits import split_for_hash
 
 
 def _hashes(n: int) -> list[str]:

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from core import labels
+from core.catalog import labels
+from core.catalog.stats import UNLABELLED, catalogue_stats
 from core.db import Database
-from core.stats import UNLABELLED, catalogue_stats
 from tests.core.factories import FakeImage, build, populate
 
 # Each test but the 100k one runs on PostgreSQL too (its 100k-row set-up alone takes 20 s there).

@@ -22,10 +22,10 @@ from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from typer.testing import CliRunner
 
+from core.catalog.ingest import import_paths
+from core.catalog.labels import list_categories
 from core.db import Database
 from core.errors import StorageError, as_storage_error
-from core.ingest import import_paths
-from core.labels import list_categories
 from core.schema import Image
 from tests.imagegen import image_bytes, write_image_folder
 
@@ -136,7 +136,7 @@ def test_cli_on_a_read_only_database_file_ends_with_one_clean_line(db: Database)
 
 def test_cli_import_onto_a_full_disk_ends_with_one_clean_line(db: Database, tmp_path: Path) -> None:
     import core.cli  # noqa: F401 (registers the commands)
-    from core.cli_app import app
+    from core.cli.app import app
 
     photos = write_image_folder(tmp_path / "photos", per_category=15, size=24)
     with db.engine.connect() as conn:
@@ -185,9 +185,9 @@ def files_and_rows(db: Database) -> tuple[set[str], set[str]]:
 def test_a_disk_that_fills_during_an_import_keeps_what_was_stored_and_leaves_no_file_without_a_row(
     db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import core.catalog.ingest.importer as importer
     import core.cli  # noqa: F401 (registers the commands)
-    import core.ingest.importer as importer
-    from core.cli_app import app
+    from core.cli.app import app
 
     # 1. A photo too big for what is left of the disk: refused by name with the reason, the others imported and listed.
     photos = write_image_folder(tmp_path / "photos", per_category=4, size=24)

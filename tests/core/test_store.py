@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from core.imaging import inspect_and_decode
+from core.catalog.imaging import inspect_and_decode
+from core.catalog.store import original_path, store_image, thumbnail_path
 from core.settings import Settings
-from core.store import original_path, store_image, thumbnail_path
 from tests.core import badfiles
 
 

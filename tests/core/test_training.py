@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
+from core.catalog.merges import Merges
 from core.db import Database
 from core.errors import JobCancelled, TrainingRefused
-from core.jobs import JobParams, ProgressReport, TrainMode, get_job
-from core.pixel_cache import CachedRows, PixelCache
+from core.jobs.queue import TrainMode, get_job
+from core.ml.contract import JobParams, ProgressReport
+from core.ml.pixel_cache import CachedRows, PixelCache
+from core.ml.training import _promote, run_training, training_plan
+from core.ml.versions import active_version, get_version, labelled_images
 from core.schema import ModelVersion, Prediction
-from core.training import _promote, run_training, training_plan
-from core.versions import Merges, active_version, get_version, labelled_images
 from tests.core.training_helpers import add_job, dataset, save_random_version, store_images
 
 CLASSES = ["Shoes", "Bags", "Hats"]
@@ -118,7 +120,7 @@ def test_second_quick_run_reuses_cached_features_and_resizes_the_head_for_a_new_
 
 
 def test_full_mode_at_32_pixels_records_one_history_point_per_epoch_with_its_numbers(db: Database) -> None:
-    from core.worker import JobRun
+    from core.jobs.worker import JobRun
 
     store_images(db, dataset(CLASSES, train=4, val=1, test=1))
     seen: list[ProgressReport] = []
@@ -139,7 +141,7 @@ def test_full_mode_at_32_pixels_records_one_history_point_per_epoch_with_its_num
 
 
 def test_quick_mode_records_its_head_fit_as_one_history_point(db: Database) -> None:
-    from core.worker import JobRun
+    from core.jobs.worker import JobRun
 
     store_images(db, dataset(CLASSES, train=4, val=1, test=1))
     job = add_job(db)
@@ -177,7 +179,7 @@ def test_bad_parameter_is_refused_by_name(db: Database) -> None:
 def test_worse_candidate_stays_candidate_and_better_or_equal_is_promoted(db: Database) -> None:
     store_images(db, dataset(CLASSES, train=1, val=0, test=2))
     active = save_random_version(db, CLASSES, seed=1)
-    from core.versions import activate_version, evaluate_version
+    from core.ml.versions import activate_version, evaluate_version
 
     activate_version(db, active, actor="ann")
     measured = evaluate_version(db, active)
@@ -201,8 +203,8 @@ def test_worse_candidate_stays_candidate_and_better_or_equal_is_promoted(db: Dat
 
 
 def test_labels_corrected_while_a_job_runs_do_not_tilt_the_promotion(db: Database) -> None:
-    from core.labels import set_label
-    from core.versions import activate_version, evaluate_version, hash_test_set
+    from core.catalog.labels import set_label
+    from core.ml.versions import activate_version, evaluate_version, hash_test_set
 
     store_images(db, dataset(CLASSES, train=1, val=0, test=4))
     active = save_random_version(db, CLASSES, seed=1)
@@ -212,7 +214,7 @@ def test_labels_corrected_while_a_job_runs_do_not_tilt_the_promotion(db: Databas
     on_same_labels = evaluate_version(db, active, pairs=seen_by_candidate)["accuracy"]
     # Meanwhile someone relabels every test image to what the active model predicts for it: on the new labels the
     # active model would score 100% and a fair candidate would look worse.
-    from core.predict import predict_images
+    from core.ml.predict import predict_images
 
     for image_id, _ in seen_by_candidate:
         set_label(db, image_id, predict_images(db, [image_id], version_id=active)[image_id].category, actor="bo")
@@ -242,8 +244,8 @@ def test_manual_policy_never_activates(db: Database, monkeypatch: pytest.MonkeyP
 def test_cli_train_wait_runs_the_job_here_and_reports_refusals(db: Database) -> None:
     from typer.testing import CliRunner
 
-    from core.cli import app
-    from core.jobs import list_jobs
+    from core.cli.app import app
+    from core.jobs.queue import list_jobs
 
     runner = CliRunner()
     refused = runner.invoke(app, ["train", "--wait"])
@@ -313,7 +315,7 @@ def test_training_reads_a_non_contiguous_pixel_cache_through_lazy_views(
 def test_evaluation_reads_a_non_contiguous_test_split_through_a_lazy_view(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from core.versions import evaluate_version
+    from core.ml.versions import evaluate_version
     from models.inference import Classifier
 
     ids = store_images(db, dataset(CLASSES, train=0, val=0, test=3))
@@ -335,10 +337,10 @@ def test_evaluation_reads_a_non_contiguous_test_split_through_a_lazy_view(
 def test_a_class_merged_since_the_parent_keeps_its_learned_row_under_the_category_it_went_into(db: Database) -> None:
     import torch
 
-    from core.backbone import plan_lineage
-    from core.labels import add_category, merge_categories
-    from core.training import _head_row_names, _starting_network, build_train_config
-    from core.versions import checkpoint_path, get_version
+    from core.catalog.labels import add_category, merge_categories
+    from core.ml.backbone import plan_lineage
+    from core.ml.training import _head_row_names, _starting_network, build_train_config
+    from core.ml.versions import checkpoint_path, get_version
     from models.checkpoint import load_checkpoint
 
     parent_id = save_random_version(db, ["Shoes", "Sneakers", "Hats"], seed=4)

@@ -12,7 +12,7 @@ import torch
 
 from core.db import Database
 from core.errors import CheckpointError, NotFound
-from core.versions import (
+from core.ml.versions import (
     activate_version,
     active_version,
     checkpoint_files,
@@ -112,7 +112,7 @@ def test_cli_lists_activates_evaluates_and_exports(db: Database, tmp_path) -> No
 
     from typer.testing import CliRunner
 
-    from core.cli import app
+    from core.cli.app import app
 
     store_images(db, dataset(CLASSES, train=1, val=0, test=1))
     v1 = save_random_version(db, CLASSES, seed=1)

@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import update
 from typer.testing import CliRunner
 
-from core import jobs
 from core.db import Database
+from core.jobs import queue as jobs
 from core.schema import Worker
 from tests.core.worker_runners import marks_dir
 
@@ -54,7 +54,7 @@ def use_runner(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
 
 def start_worker(tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
     with open(tmp_path / f"worker-{time.monotonic_ns()}.log", "wb") as log:  # the child keeps its own handle
-        process = subprocess.Popen([sys.executable, "-m", "core.worker", *args], cwd=ROOT, env=dict(os.environ),
+        process = subprocess.Popen([sys.executable, "-m", "core.jobs.worker", *args], cwd=ROOT, env=dict(os.environ),
                                    stdout=log, stderr=subprocess.STDOUT)
     _started.append(process)
     return process
@@ -228,8 +228,8 @@ def _both(action: Callable[[Database], bool], db: Database) -> list[bool]:
 
 
 def test_cli_lists_shows_and_cancels_jobs(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    import core.cli_jobs  # noqa: F401 (registers the commands)
-    from core.cli_app import app
+    import core.cli.jobs  # noqa: F401 (registers the commands)
+    from core.cli.app import app
 
     runner = CliRunner()
     assert "no training jobs yet" in runner.invoke(app, ["jobs", "list"]).output
@@ -246,8 +246,8 @@ def test_cli_lists_shows_and_cancels_jobs(db: Database, monkeypatch: pytest.Monk
 
 
 def test_cli_worker_command_runs_a_queued_job(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    import core.cli_jobs  # noqa: F401 (registers the commands)
-    from core.cli_app import app
+    import core.cli.jobs  # noqa: F401 (registers the commands)
+    from core.cli.app import app
 
     use_runner(monkeypatch, "succeed")
     job_id = queue(db)
@@ -258,7 +258,7 @@ def test_cli_worker_command_runs_a_queued_job(db: Database, monkeypatch: pytest.
 
 def test_foreground_run_for_train_wait(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     from core.errors import TrainingRefused
-    from core.worker import run_job_in_foreground
+    from core.jobs.worker import run_job_in_foreground
 
     use_runner(monkeypatch, "succeed")
     job_id = queue(db)
@@ -277,9 +277,9 @@ def test_idle_step_refreshes_the_rolled_back_versions_predictions_and_survives_a
 ) -> None:
     from sqlalchemy import func, select
 
+    from core.jobs.worker import IdlePredictions, refresh_idle_predictions, run_worker
+    from core.ml.versions import activate_version, checkpoint_files
     from core.schema import Prediction
-    from core.versions import activate_version, checkpoint_files
-    from core.worker import IdlePredictions, refresh_idle_predictions, run_worker
     from tests.core.training_helpers import save_random_version, store_images
 
     def stored(version_id: int) -> int:
@@ -302,7 +302,7 @@ def test_idle_step_refreshes_the_rolled_back_versions_predictions_and_survives_a
     weights, _ = checkpoint_files(db, new)
     weights.write_bytes(b"not a checkpoint")  # corrupt after activation: the worker must log it, not die
     step = IdlePredictions(limit=2)
-    with caplog.at_level("ERROR", logger="core.worker"):
+    with caplog.at_level("ERROR", logger="core.jobs.worker"):
         assert step.step(db) == 0
         assert step.step(db) == 0
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
@@ -315,9 +315,9 @@ def test_an_unreadable_original_is_skipped_by_the_idle_refresh_and_the_others_st
 ) -> None:
     from sqlalchemy import select
 
+    from core.jobs.worker import IdlePredictions
+    from core.ml.versions import activate_version
     from core.schema import Image, Prediction
-    from core.versions import activate_version
-    from core.worker import IdlePredictions
     from tests.core.training_helpers import save_random_version, store_images
 
     version = save_random_version(db, ["Shoes", "Bags"], seed=1)
@@ -328,7 +328,7 @@ def test_an_unreadable_original_is_skipped_by_the_idle_refresh_and_the_others_st
         (db.settings.data_dir / broken.stored_path).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
 
     step = IdlePredictions(limit=3, retry_s=3600)
-    with caplog.at_level("ERROR", logger="core.worker"):
+    with caplog.at_level("ERROR", logger="core.jobs.worker"):
         assert step.step(db) == 2  # ids 0 and 2 of the page; 1 is unreadable
         assert step.step(db) == 2  # the bad one is not tried again in the next page
         assert step.step(db) == 0

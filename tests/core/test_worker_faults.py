@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from core import jobs
 from core.db import Database
 from core.errors import TrainingRefused
-from core.processes import process_gone, process_tag
+from core.jobs import queue as jobs
+from core.jobs.processes import process_gone, process_tag
+from core.jobs.worker import run_worker
+from core.ml.staging import staging_dir
+from core.ml.versions import active_version
 from core.schema import ModelVersion, VersionStatus, Worker
-from core.staging import staging_dir
-from core.versions import active_version
-from core.worker import run_worker
 from tests.core.test_worker import _started, finished, start_worker, use_runner, wait_for, worker_log
 from tests.core.training_helpers import add_version_row
 from tests.core.worker_runners import SAVING_STALL_BYTES, marks_dir

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from core import jobs
 from core.db import Database
+from core.jobs import queue as jobs
+from core.jobs.threads import THREADS_VAR, WAIT_POLICY_VAR, usable_cores, worker_threads
 from core.settings import Settings
-from core.threads import THREADS_VAR, WAIT_POLICY_VAR, usable_cores, worker_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 OMP_VARS = (THREADS_VAR, WAIT_POLICY_VAR, "OMP_DISPLAY_ENV", "MKL_NUM_THREADS")
 
 # Runs the worker's real entry point (no job queued: it returns at once), then loads torch the way a job would.
 HAND_STARTED_WORKER = """
-from core import worker
+from core.jobs import worker
 assert worker.main(["--once"]) == 0
 import torch
 print(f"torch.get_num_threads() = {torch.get_num_threads()}")

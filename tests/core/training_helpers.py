@@ -6,8 +6,8 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from core.catalog.labels import apply_label, get_or_create_category
 from core.db import Database
-from core.labels import apply_label, get_or_create_category
 from core.schema import Image, ModelVersion, TrainingJob, VersionStatus
 from tests.imagegen import image_bytes
 

@@ -1,6 +1,6 @@
 """Small training functions a real worker process runs in tests (PRODCAT_WORKER_RUNNER=tests.core.worker_runners:NAME).
 
-They keep the contract of `core.training.run_training` (db, job_id, *, on_progress, should_stop) -> model version id,
+They keep the contract of `core.ml.training.run_training` (db, job_id, *, on_progress, should_stop) -> model version id,
 without torch, so worker tests take a second. The real training is tested end to end in the training tests.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from core.db import Database
 from core.errors import JobCancelled, TrainingRefused
-from core.jobs import ProgressReport
+from core.ml.contract import ProgressReport
 from tests.core.training_helpers import add_version_row
 
 ProgressFn = Callable[[ProgressReport], None]
@@ -118,11 +118,11 @@ SAVING_STALL_BYTES = 4 << 20  # what a stalled checkpoint write has put on disk 
 
 
 def die_while_saving(db: Database, job_id: int, *, on_progress: ProgressFn, should_stop: StopFn) -> int:
-    """Writes a real checkpoint through core.staging and models.checkpoint, but the weights file stalls half-way
+    """Writes a real checkpoint through core.ml.staging and models.checkpoint, but the weights file stalls half-way
     (SAVING_STALL_BYTES on disk under its temporary name): the test kills the worker then."""
     import torch
 
-    from core.staging import staged_checkpoint
+    from core.ml.staging import staged_checkpoint
     from models import checkpoint
 
     def stall_half_way(tensors: object, filename: str, metadata: object = None) -> None:

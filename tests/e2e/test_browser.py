@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from core.catalog.labels import audit_trail
+from core.catalog.splits import split_for_hash
 from core.db import close_all, open_database
-from core.jobs import live_workers
-from core.labels import audit_trail
+from core.jobs.queue import live_workers
 from core.settings import Settings
-from core.splits import split_for_hash
 from tests.imagegen import CATEGORY_COLOURS, image_bytes
 from tests.servers import ROOT, streamlit_server
 

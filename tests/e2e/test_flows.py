@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from core.catalog.labels import add_category, archive_category
+from core.catalog.stats import catalogue_stats
 from core.db import close_all, open_database
-from core.labels import add_category, archive_category
+from core.ml.versions import activate_version
 from core.settings import Settings
-from core.stats import catalogue_stats
-from core.versions import activate_version
 from pages._ui import PAGES
 from tests.core.training_helpers import save_random_version
 from tests.e2e.test_browser import CHROMIUM_ARGS, _wait_idle, sign_in
@@ -183,7 +183,7 @@ def test_b7_leaving_mid_import_says_what_was_stored_and_resumes_the_rest(
 
 def _labels_of(data_dir: Path) -> dict[str, str]:
     """File name -> label of the labelled images, read from the server's database."""
-    from core.review import review_queue
+    from core.views.review import review_queue
 
     db = open_database(Settings(data_dir=data_dir, auth="none"))
     page = review_queue(db, page=1, page_size=50, order="newest")
@@ -198,7 +198,7 @@ def test_keyboard_review_keys_act_at_once_when_the_mode_is_switched_on_and_when_
     Streamlit ignores shortcuts typed into a form control)."""
     from playwright.sync_api import expect, sync_playwright
 
-    from core.ingest import Upload, import_uploads
+    from core.catalog.ingest import Upload, import_uploads
 
     base, data_dir = server
     _setup(data_dir, categories=("Bags", "Hats", "Shoes"))

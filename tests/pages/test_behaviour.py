@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from core.dashboard import cell_review_filters
+from core.catalog.labels import audit_trail
 from core.db import Database
-from core.jobs import list_jobs, live_workers, register_worker
-from core.labels import audit_trail
-from core.training import training_plan
-from core.versions import activate_version, checkpoint_files
+from core.jobs.queue import list_jobs, live_workers, register_worker
+from core.ml.training import training_plan
+from core.ml.versions import activate_version, checkpoint_files
+from core.views.dashboard import cell_review_filters
 from tests.core.factories import FakeImage, build, populate
 from tests.core.training_helpers import save_random_version
 from tests.pages.helpers import card_ids, errors_of, run_page

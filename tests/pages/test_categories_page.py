@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.backbone import use_weights_file
+from core.catalog.ingest import LabelSource
+from core.catalog.labels import list_categories
+from core.catalog.stats import catalogue_stats
 from core.db import Database
-from core.ingest import LabelSource
-from core.labels import list_categories
+from core.ml.backbone import use_weights_file
 from core.settings import get_settings
-from core.stats import catalogue_stats
 from tests.core.badfiles import make_zip
 from tests.core.weightsfiles import pretrained_auto, write_corrupt_weights, write_resnet18_weights
 from tests.imagegen import CATEGORY_COLOURS, image_bytes, write_image_folder
@@ -128,7 +128,7 @@ def test_a_weights_file_picked_here_is_the_backbone_the_train_page_names_until_c
 
 @pytest.mark.both_databases
 def test_deleting_a_category_with_labels_moves_them_first_and_says_so(db: Database) -> None:
-    from core.labels import audit_trail
+    from core.catalog.labels import audit_trail
     from tests.core.factories import FakeImage, build
 
     made = build(

@@ -7,9 +7,9 @@ from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 import core.cli  # noqa: F401  (registers every command module on the app)
-from core.cli_app import app
+from core.catalog.ingest import Upload, import_uploads
+from core.cli.app import app
 from core.db import Database
-from core.ingest import Upload, import_uploads
 from core.schema import Image, ImageEvent
 from tests.core.test_duplicates import product_photo, shapes_photo
 from tests.imagegen import COPY_KINDS, crop_5pct, encode, make_image

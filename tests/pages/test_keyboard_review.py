@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from core.catalog.labels import audit_trail
 from core.db import Database, open_database
-from core.labels import audit_trail
 from core.settings import Settings, get_settings
 from tests.core.factories import FakeImage, build
 from tests.pages.helpers import card_ids, errors_of, plain, run_page, type_new_option

@@ -10,12 +10,12 @@ import pytest
 from sqlalchemy import select
 
 from core import auth
+from core.catalog.labels import add_category, audit_trail, list_categories
+from core.catalog.store import original_path, thumbnail_path
 from core.db import Database, open_database
-from core.labels import add_category, audit_trail, list_categories
-from core.review import review_items
 from core.schema import Image, ImageEvent
 from core.settings import get_settings
-from core.store import original_path, thumbnail_path
+from core.views.review import review_items
 from tests.core.factories import FakeImage, build
 from tests.imagegen import image_bytes
 from tests.pages.helpers import card_ids, errors_of, plain, run_page, type_new_option

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 from streamlit.elements.progress import ProgressMixin
 
+from core.catalog.labels import add_category, audit_trail
 from core.db import Database
-from core.labels import add_category, audit_trail
 from pages._text import WORD_JOINER, md_escape
 from tests.core.badfiles import make_zip
 from tests.imagegen import image_bytes, write_image_folder

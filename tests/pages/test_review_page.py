@@ -7,8 +7,8 @@ from datetime import timedelta
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from core.catalog.labels import audit_trail
 from core.db import Database
-from core.labels import audit_trail
 from core.settings import get_settings
 from tests.core.factories import BASE_TIME, FakeImage, build
 from tests.pages.helpers import card_ids, errors_of, run_page
@@ -281,7 +281,7 @@ def test_the_label_check_leads_from_the_dashboard_to_the_suspects_and_one_click_
 
 @pytest.mark.both_databases
 def test_a_label_changed_in_another_tab_is_not_overwritten_and_the_card_says_who_changed_it(db: Database) -> None:
-    from core.labels import set_label
+    from core.catalog.labels import set_label
 
     made = build(db, [FakeImage(split="train", label="Shoes", probs=BAGS)])
     image_id = int(made.image_ids[0])
@@ -321,7 +321,7 @@ def test_search_and_accepting_confident_predictions_in_bulk_with_one_undo(db: Da
 
 
 def test_search_finds_a_sku_exactly_or_by_its_beginning_and_cards_show_it_as_text(db: Database) -> None:
-    from core.skus import set_sku
+    from core.catalog.skus import set_sku
 
     made = build(db, [FakeImage(split="train", name=f"photo_{k}.jpg") for k in range(5)])
     ids = [int(i) for i in made.image_ids]

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
+from core.catalog.labels import audit_trail, list_categories
 from core.db import Database
-from core.labels import audit_trail, list_categories
 from core.settings import get_settings
 from tests.core.factories import FakeImage, build
 from tests.pages.helpers import errors_of, run_page

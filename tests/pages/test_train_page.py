@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-import core.backbone
-from core.backbone import use_weights_file
+import core.ml.backbone
 from core.db import Database, open_database
-from core.jobs import ProgressReport, claim_next_job, enqueue_training, fail_job, record_progress
+from core.jobs.queue import claim_next_job, enqueue_training, fail_job, record_progress
+from core.ml.backbone import use_weights_file
+from core.ml.contract import ProgressReport
 from core.settings import Settings, get_settings
 from pages._ui import md_escape
 from tests.core.training_helpers import add_version_row, dataset, store_images
@@ -71,7 +72,7 @@ def test_before_the_first_retrain_the_page_names_the_backbone_auto_picks_and_its
     expected = [c for c in _unescaped(at.caption) if "Expected first model" in c]
     curve = "the bundled ImageNet weights on Fashion-MNIST: 100 labels 67%, 300 labels 74%, 1,000 labels 81%"
     assert expected and curve in expected[0]
-    monkeypatch.setattr(core.backbone, "EXPECTED_ACCURACY", {})
+    monkeypatch.setattr(core.ml.backbone, "EXPECTED_ACCURACY", {})
     at = run_page("pages/train.py")
     assert not any("Expected first model" in c for c in _unescaped(at.caption))  # never measured: no invented number
 
@@ -83,7 +84,7 @@ def test_a_chosen_weights_file_is_named_with_the_accuracy_measured_for_file_weig
     store_images(db, dataset(("Shoes", "Bags"), train=2, val=1, test=1))
     write_resnet18_weights(auto.exchange_dir / "[shop](x).safetensors")  # a name that would be a Markdown link
     use_weights_file(open_database(auto), "[shop](x).safetensors", actor="ann")
-    monkeypatch.setattr(core.backbone, "EXPECTED_ACCURACY", {"file": ((4, 0.7), (100, 0.9))})
+    monkeypatch.setattr(core.ml.backbone, "EXPECTED_ACCURACY", {"file": ((4, 0.7), (100, 0.9))})
     at = run_page("pages/train.py")
     assert not at.exception
     info = _backbone_info(at)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from core.db import Database
-from core.jobs import ProgressReport, claim_next_job, enqueue_training, get_job, record_progress
+from core.jobs.queue import claim_next_job, enqueue_training, get_job, record_progress
+from core.ml.contract import ProgressReport
 from pages._ui import md_escape
 from tests.pages.helpers import run_page
 

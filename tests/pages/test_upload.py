@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from streamlit.testing.v1 import AppTest
 
+from core.catalog.labels import add_category, audit_trail
+from core.catalog.stats import catalogue_stats
 from core.db import Database
-from core.labels import add_category, audit_trail
-from core.stats import catalogue_stats
 from tests.imagegen import image_bytes
 from tests.pages.helpers import card_ids, errors_of, run_page
 
@@ -162,8 +162,8 @@ def test_upload_cards_are_paginated_24_per_page(db: Database) -> None:
 def test_an_admin_deletes_an_uploaded_photo_from_its_card_and_a_labeller_sees_no_delete(accounts: Database) -> None:
     from sqlalchemy import select
 
-    from core.review import review_items
     from core.schema import ImageEvent
+    from core.views.review import review_items
 
     files = [(f"p{k}.png", image_bytes("Hats", 40 + k), "image/png") for k in range(3)]
     labeller = _import(run_page("pages/upload.py", session={"signed_in_account": "lea"}), files[:1])

@@ -1,4 +1,4 @@
-"""workers.process: the tag of a worker's process (boot, pid namespace, pid, start time), see core.processes
+"""workers.process: the tag of a worker's process (boot, pid namespace, pid, start time), see core.jobs.processes
 
 Revision ID: 0012
 Revises: 0011
