@@ -408,7 +408,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (422, "A field is missing, unknown or of the wrong type."),
     )
 }
-SIGNED_IN = {401: ERRORS[401], 413: ERRORS[413], 422: ERRORS[422]}
+SIGNED_IN: dict[int | str, dict[str, Any]] = {401: ERRORS[401], 413: ERRORS[413], 422: ERRORS[422]}
 
 
 router = APIRouter()

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image as PILImage
@@ -39,7 +39,13 @@ DEFAULT_DEMO_LIMIT = 600
 SplitName = Literal["train", "test"]
 _FILE_PREFIX = {"train": "train", "test": "t10k"}
 # idx type codes (http://yann.lecun.com/exdb/mnist/): only unsigned bytes occur in (Fashion-)MNIST.
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4")}
+_IDX_DTYPES: dict[int, type[np.generic] | np.dtype[Any]] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+}
 
 
 class DatasetUnavailable(ProdcatError):
@@ -173,7 +179,7 @@ def file_name(split: SplitName, index: int) -> str:
     return f"fmnist_{split}_{index:05d}.png"
 
 
-def make_uploads(data: FashionMNIST, indices: Sequence[int]) -> tuple[list[Upload], dict[str, str]]:
+def make_uploads(data: FashionMNIST, indices: Sequence[int] | np.ndarray) -> tuple[list[Upload], dict[str, str]]:
     """PNG uploads for the chosen images and the file name -> category mapping that labels them."""
     uploads: list[Upload] = []
     labels: dict[str, str] = {}

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import Subquery, case, func, select, update
+from sqlalchemy import Select, Subquery, case, func, select, update
 from sqlalchemy.orm import Session
 
 from core.catalog.deletion import DeletedImage, delete_images
@@ -60,8 +60,8 @@ class HashArrays:
     phash: np.ndarray
 
     @classmethod
-    def from_rows(cls, rows: Sequence[tuple[int, int, int, int]]) -> HashArrays:
-        """From (image id, dhash_h, dhash_v, phash) rows with the signed values the database holds."""
+    def from_rows(cls, rows: Sequence[tuple[int, int | None, int | None, int | None]]) -> HashArrays:
+        """From (image id, dhash_h, dhash_v, phash) rows with the signed values the database holds (None -> 0)."""
         columns = list(zip(*rows, strict=True)) if rows else [(), (), (), ()]
         return cls(np.array(columns[0], dtype=np.int64), *(as_unsigned(c) for c in columns[1:]))
 
@@ -514,7 +514,8 @@ def duplicate_counts(db: Database) -> DuplicateCounts:
         func.count(), func.coalesce(func.sum(stats.c.size), 0), func.coalesce(func.sum(stats.c.straddles), 0)
     )
     with db.read() as session:
-        groups, images, straddling = session.execute(query.select_from(stats)).one()
+        totals: tuple[int, int, int] = session.execute(query.select_from(stats)).one()
+        groups, images, straddling = totals
     return DuplicateCounts(groups=int(groups), images=int(images), straddling=int(straddling))
 
 
@@ -533,7 +534,7 @@ def duplicate_groups(db: Database, *, page: int = 1, page_size: int = 10) -> Dup
     counts = duplicate_counts(db)
     page = min(page, max(1, -(-counts.groups // page_size)))
     stats = _group_stats()
-    query = (
+    query: Select[int] = (
         select(stats.c.group_id)
         .order_by(stats.c.straddles.desc(), stats.c.size.desc(), stats.c.newest.desc())
         .limit(page_size)
@@ -554,6 +555,7 @@ def duplicate_groups(db: Database, *, page: int = 1, page_size: int = 10) -> Dup
                 image.id, image.original_name, image.split, label, thumbnail_path(db.settings, image),
                 image.width, image.height, image.file_size,
             )  # fmt: skip
+            assert image.duplicate_group_id is not None  # the query selects members of `group_ids` only
             by_group[image.duplicate_group_id].append(member)
     groups = [DuplicateGroup(g, by_group[g]) for g in group_ids]
     return DuplicateReport(groups, counts, unchecked_images(db), page, page_size)

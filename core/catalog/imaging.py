@@ -245,7 +245,8 @@ def _image_end(data: bytes, img: Image.Image) -> int | None:
         if base is None:
             return None
         try:
-            offsets = [0, *(int(e["DataOffset"]) + base for e in img.mpinfo[0xB002][1:])]  # type: ignore[attr-defined]
+            entries = img.mpinfo[0xB002]  # type: ignore[attr-defined]  # on MpoImageFile, not typed on Image.Image
+            offsets = [0, *(int(e["DataOffset"]) + base for e in entries[1:])]
         except (AttributeError, KeyError, TypeError, ValueError):
             return None
         ends = [_jpeg_end(data, offset) for offset in offsets]

@@ -23,8 +23,9 @@ import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, delete, exists, func, insert, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, delete, exists, func, insert, select, update
 from sqlalchemy.orm import Session, aliased
 
 from core.auth import Action, authorized_write, record
@@ -550,6 +551,7 @@ def _apply_many(
             _refuse_conflicts(conflicts, len(ids))
     now = utcnow()
     labels_table, events_table = Label.__table__, LabelEvent.__table__
+    assert isinstance(labels_table, Table) and isinstance(events_table, Table)  # declarative: one Table each
     # Core executemany, not ORM bulk: the ORM's INSERT..RETURNING path is quadratic in the row count.
     cleared = [m.image_id for m in moves if m.new is None]
     added = [m for m in moves if m.old is None and m.new is not None]
@@ -589,7 +591,8 @@ def _apply_many(
             for m in moves
         ],
     )
-    new_ids = {int(image_id): int(event_id) for image_id, event_id in returned.all()}
+    pairs: Sequence[tuple[int, int]] = returned.all()  # (image id, event id)
+    new_ids = {int(image_id): int(event_id) for image_id, event_id in pairs}
     # Objects loaded earlier in this session may describe the old labels.
     session.expire_all()
     return [new_ids[m.image_id] for m in moves]
@@ -750,7 +753,7 @@ def _lock_for_undo(session: Session, events: Sequence[LabelEvent], actor: str) -
     were found before the locks. SQLite's single writer found them under its lock already."""
     if not is_postgresql(session):
         return
-    old_ids = sorted({e.old_category_id for e in events} - {None})
+    old_ids = sorted({e.old_category_id for e in events if e.old_category_id is not None})
     _lock_categories(session, use=session.scalars(select(Category).where(Category.id.in_(old_ids))).all())
     _lock_images(session, [e.image_id for e in events])
     for chunk in in_chunks([e.id for e in events]):
@@ -1060,7 +1063,7 @@ def _still_named(session: Session, category_id: int) -> bool:
     )
     if any(session.scalar(select(exists(ref))) for ref in refs):
         return True
-    classes = session.scalars(select(ModelVersion.class_category_ids))
+    classes: Iterable[list[Any] | None] = session.scalars(select(ModelVersion.class_category_ids))
     return any(category_id in {int(c) for c in ids or ()} for ids in classes)
 
 
@@ -1124,7 +1127,7 @@ def list_categories(db: Database, *, include_archived: bool = False) -> list[Cat
     if not include_archived:
         query = query.where(Category.archived_at.is_(None))
     with db.read() as session:
-        rows = session.execute(query).all()
+        rows: Sequence[tuple[Category, int, str | None]] = session.execute(query).all()
         return [
             CategoryRow(
                 id=category.id,

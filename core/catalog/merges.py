@@ -37,7 +37,7 @@ class Merges:
     @classmethod
     def of(cls, session: Session) -> Merges:
         rows = session.execute(select(Category.id, Category.merged_into_id).where(Category.merged_into_id.is_not(None)))
-        return cls({int(i): int(t) for i, t in rows})
+        return cls({int(i): int(t) for i, t in rows if t is not None})  # the query keeps merged ones only
 
     def resolve(self, category_id: int) -> int:
         """The live category an id stands for today (merges followed to the end)."""

@@ -22,8 +22,13 @@ THUMBNAIL_QUALITY = 85
 
 
 class _StoredRow(Protocol):
-    stored_path: str
-    thumb_path: str
+    """What the path helpers read of an `images` row: read-only, so frozen dataclasses match too."""
+
+    @property
+    def stored_path(self) -> str: ...
+
+    @property
+    def thumb_path(self) -> str: ...
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def _friendly_errors(func: F) -> F:
             where = _log_details(exc)
             raise fail(f"{refusal} (details in {where})" if where else str(refusal)) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps: same call signature as func (F)
 
 
 def _log_details(exc: BaseException) -> str:
@@ -71,7 +71,7 @@ def _log_details(exc: BaseException) -> str:
 class ProdcatTyper(typer.Typer):
     """A Typer whose commands report `ProdcatError`s as a red message with exit code 1 instead of a traceback."""
 
-    def command(self, *args: Any, **kwargs: Any) -> Callable[[F], F]:  # type: ignore[override]
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[F], F]:
         register = super().command(*args, **kwargs)
 
         def decorator(func: F) -> F:

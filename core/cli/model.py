@@ -11,7 +11,7 @@ import shutil
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypedDict
 
 import typer
 
@@ -19,6 +19,22 @@ from core.cli.app import ActorOpt, JsonOpt, actor_or_default, app, export_app, f
 from core.jobs.queue import TrainMode
 from core.ml.contract import ProgressReport
 from core.schema import JobStatus, VersionStatus
+
+
+class _TopKCell(TypedDict):
+    category: str
+    probability: float
+
+
+class _PredictionRow(TypedDict):
+    """One `predict` result as printed (JSON keys, CSV and text columns)."""
+
+    file: str
+    category: str | None
+    confidence: float | None
+    top_k: list[_TopKCell]
+    error: str | None
+    model_version: int | None
 
 
 class DeviceChoice(StrEnum):
@@ -41,7 +57,7 @@ def predict(
 
     db = open_db()
     results = predict_files(db, paths, top_k=top_k)
-    rows = [
+    rows: list[_PredictionRow] = [
         {
             "file": r.name,
             "category": r.category,
@@ -151,7 +167,9 @@ def _run_in_foreground(db: Any, job_id: int) -> int:
     view = jobs.get_job(db, job_id)
     if view.status != JobStatus.SUCCEEDED:
         raise fail(f"training job {job_id} {view.status}: {view.error or 'no message'}")
-    return int(job if isinstance(job, int) else view.model_version_id)
+    version_id = job if isinstance(job, int) else view.model_version_id
+    assert version_id is not None  # a succeeded training job names the version it wrote (queue.finish_job)
+    return int(version_id)
 
 
 def _print_version_summary(db: Any, version_id: int) -> None:

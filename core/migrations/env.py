@@ -12,7 +12,9 @@ target_metadata = Base.metadata
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is None:
-        engine = create_engine(config.get_main_option("sqlalchemy.url"))
+        url = config.get_main_option("sqlalchemy.url")
+        assert url is not None  # core.db.upgrade sets it (and hands a connection)
+        engine = create_engine(url)
         with engine.connect() as connection:
             _run(connection)
     else:

@@ -67,7 +67,7 @@ def upload_bytes(upload: object) -> bytes:
         return bytes(data)
     if hasattr(upload, "getvalue"):
         return bytes(upload.getvalue())
-    return bytes(upload.read())  # type: ignore[attr-defined]
+    return bytes(upload.read())  # type: ignore[attr-defined]  # any other file-like upload: read() is duck-typed
 
 
 def read_file(path: Path, max_bytes: int) -> bytes:

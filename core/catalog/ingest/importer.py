@@ -13,11 +13,11 @@ import hashlib
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import CursorResult, Table, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -65,6 +65,7 @@ WRITE_RETRIES = 5
 _RETRY_SQLSTATES = {"40P01", "40001"}
 
 _IMAGES = Image.__table__
+assert isinstance(_IMAGES, Table)  # a declarative class maps one Table
 # Core, not the ORM: many rows per statement ("insertmanyvalues"), their ids returned in the order of the rows.
 _INSERT_IMAGES = insert(_IMAGES).returning(_IMAGES.c.id, sort_by_parameter_order=True)
 
@@ -256,14 +257,18 @@ class Importer:
         self.result.refused.append(RefusedItem(name, reason))
         self.tick(name, count)
 
-    def _flatten(self, items: Iterable[Candidate | Skip | RefusedItem | ZipSource]) -> Iterator[object]:
+    def _flatten(
+        self, items: Iterable[Candidate | Skip | RefusedItem | ZipSource]
+    ) -> Iterator[Candidate | Skip | RefusedItem]:
         for item in items:
             if isinstance(item, ZipSource):
                 yield from item.candidates()
             else:
                 yield item
 
-    def _read_groups(self, flat: Iterable[object]) -> Iterator[list[_Pending | Skip | RefusedItem]]:
+    def _read_groups(
+        self, flat: Iterable[Candidate | Skip | RefusedItem]
+    ) -> Iterator[list[_Pending | Skip | RefusedItem]]:
         """Candidates read and hashed in order (in the main thread: zip budgets stay sequential), in groups of
         LOOKUP_FILES files or LOOKUP_BYTES, whichever comes first; other items pass through in their place."""
         group: list[_Pending | Skip | RefusedItem] = []
@@ -281,7 +286,7 @@ class Importer:
                     size += len(data)
                 group.append(p)
             else:
-                group.append(item)  # type: ignore[arg-type]
+                group.append(item)
             if len(group) >= LOOKUP_FILES or size >= LOOKUP_BYTES:
                 yield group
                 group, size = [], 0
@@ -459,7 +464,8 @@ class Importer:
         p.existing = self.seen.get(p.sha) or self.stored_before.get(p.sha)
         if p.existing is None:
             self.in_flight.add(p.sha)
-            p.future = pool.submit(self.prepare, p.cand.name, p.data, p.sha)  # type: ignore[arg-type]
+            assert p.data is not None  # read without a refusal: its bytes are held until submitted here
+            p.future = pool.submit(self.prepare, p.cand.name, p.data, p.sha)
         else:
             p.size = 0
         p.data = None
@@ -596,7 +602,7 @@ class Importer:
         def write_pending_rows() -> None:
             if not rows.values:
                 return
-            image_ids = session.execute(_INSERT_IMAGES, rows.values).scalars().all()
+            image_ids: Sequence[int] = session.execute(_INSERT_IMAGES, rows.values).scalars().all()
             for (slot, item, category, split, hashes), image_id in zip(rows.meta, image_ids, strict=True):
                 written[item.sha] = (image_id, item.cand.name[:_MAX_NAME])
                 new_rows.add(image_id)
@@ -613,6 +619,7 @@ class Importer:
             _apply_many(session, moves, actor=self.actor, action=LabelAction.IMPORT, batch_id=None)
             moves.clear()
 
+        cat: int | CategoryError | None  # an item's category id (None: unlabelled), or why its name is invalid
         for item in batch.items:
             if isinstance(item, RefusedItem | Skip):
                 verdicts.append(item)
@@ -658,16 +665,17 @@ class Importer:
             verdicts.append(None)  # filled in when the row is written
         write_moves()
         self.attach_skus(session, skus)
-        assert all(v is not None for v in verdicts)
-        return verdicts, written  # type: ignore[return-value]
+        done = [v for v in verdicts if v is not None]
+        assert len(done) == len(verdicts)  # write_pending_rows filled in every new row's slot
+        return done, written
 
     def attach_skus(self, session: Session, wanted: list[tuple[int, str, str]]) -> None:
         """Give stored images that files of this import duplicate the CSV's SKU where they have none yet, with an
         audit row each (audit_events); a different SKU already there is kept, and the import says so."""
         for image_id, sku, name in wanted:
-            filled = session.execute(
-                update(Image).where(Image.id == image_id, Image.sku.is_(None)).values(sku=sku)
-            ).rowcount
+            result = session.execute(update(Image).where(Image.id == image_id, Image.sku.is_(None)).values(sku=sku))
+            assert isinstance(result, CursorResult)  # an UPDATE's result
+            filled = result.rowcount
             if filled:
                 record(session, self.actor, Action.UPLOAD, f"image {image_id}", field="sku", new=sku, file=name)
                 continue

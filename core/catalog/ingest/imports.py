@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -26,6 +27,11 @@ from core.catalog.ingest.zips import ZipSource, looks_like_zip
 from core.catalog.labels import clean_category_name
 from core.db import Database
 from core.errors import ArchiveRefused, CategoryError, ProdcatError
+
+
+def _holding(data: bytes) -> Callable[[], bytes]:
+    """A reader of bytes already in memory, bound to these ones."""
+    return lambda: data
 
 
 def import_uploads(
@@ -63,7 +69,7 @@ def import_uploads(
         data = upload_bytes(upload)
         if looks_like_zip(data):
             try:
-                items.append(ZipSource(name, lambda data=data: io.BytesIO(data), caps=importer.caps, strip_top=True))
+                items.append(ZipSource(name, functools.partial(io.BytesIO, data), caps=importer.caps, strip_top=True))
             except ArchiveRefused as exc:
                 items.append(RefusedItem(name, str(exc)))
             except (zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -73,7 +79,7 @@ def import_uploads(
         items.append(
             Candidate(
                 name,
-                read=lambda data=data: data,
+                read=_holding(data),
                 source=source,
                 folder_category=parts[0] if len(parts) >= 2 and is_plain_name(name) else None,
                 label_keys=(name, parts[-1]),
@@ -116,7 +122,7 @@ def import_paths(
             return  # the labels file kept beside the images is not an image to refuse
         if looks_like_zip(peek(path)):
             try:
-                items.append(ZipSource(display, lambda path=path: path.open("rb"), caps=importer.caps, strip_top=True))
+                items.append(ZipSource(display, lambda: path.open("rb"), caps=importer.caps, strip_top=True))
             except ArchiveRefused as exc:
                 items.append(RefusedItem(display, str(exc)))
             except (zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -125,7 +131,7 @@ def import_paths(
         items.append(
             Candidate(
                 name=display,
-                read=lambda path=path: read_file(path, max_bytes),
+                read=functools.partial(read_file, path, max_bytes),
                 source=source,
                 folder_category=rel_parts[0] if len(rel_parts) >= 2 else None,
                 label_keys=("/".join(rel_parts), display, rel_parts[-1]),

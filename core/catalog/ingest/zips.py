@@ -3,6 +3,7 @@ from the declared sizes before a byte is inflated and again while reading; entry
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zipfile
@@ -224,7 +225,7 @@ class ZipSource:
                 label_parts = parts[1:] if self.common_top else parts
                 yield Candidate(
                     name=name,
-                    read=lambda info=info: _read_zip_entry(zf, info, budget, self.caps),
+                    read=functools.partial(_read_zip_entry, zf, info, budget, self.caps),
                     source=source,
                     # An absolute or ../ entry name says nothing trustworthy about its category.
                     folder_category=label_parts[0] if len(label_parts) >= 2 and is_plain_name(info.filename) else None,
