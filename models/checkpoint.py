@@ -59,8 +59,8 @@ class CheckpointMeta:
         """The preprocessing the model was trained with."""
         return PreprocessConfig(
             image_size=self.image_size,
-            mean=tuple(self.mean),  # type: ignore[arg-type]
-            std=tuple(self.std),  # type: ignore[arg-type]
+            mean=tuple(self.mean),  # type: ignore[arg-type]  # a list of 3 RGB values (mypy: any length)
+            std=tuple(self.std),  # type: ignore[arg-type]  # a list of 3 RGB values (mypy: any length)
             crop_pct=self.crop_pct,
             interpolation=self.interpolation,
         )

@@ -55,7 +55,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -160,11 +160,16 @@ class SharedRows:
 def shareable(pixels: PixelRows) -> PixelRows:
     """Pixels ready to send to a rank: a whole-file memmap, or a lazy view of one (`.mapped` and `.positions`, as
     core's pixel cache hands out), becomes a `SharedRows` by file name; anything else is sent as it is."""
-    mapped, positions = pixels, None
+    mapped: object = pixels
+    positions: np.ndarray | None = None
     if not isinstance(pixels, np.memmap):
         mapped, positions = getattr(pixels, "mapped", None), getattr(pixels, "positions", None)
-    whole_file = isinstance(mapped, np.memmap) and isinstance(mapped.base, mmap.mmap) and mapped.flags.c_contiguous
-    if not whole_file or mapped.filename is None:
+    if not (
+        isinstance(mapped, np.memmap)
+        and isinstance(mapped.base, mmap.mmap)
+        and mapped.flags.c_contiguous
+        and mapped.filename is not None
+    ):  # not a whole-file memmap
         return pixels
     return SharedRows(mapped, np.arange(len(mapped)) if positions is None else positions)
 
@@ -508,7 +513,7 @@ class _DistributedRun(_FullRun):
 
     def _training_model(self, model: nn.Module) -> nn.Module:
         wrapped = DistributedDataParallel(model, device_ids=[self.device.index] if self.cuda else None)
-        return torch.compile(wrapped) if self.config.compile else wrapped
+        return cast(nn.Module, torch.compile(wrapped)) if self.config.compile else wrapped
 
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """This rank's share of the epoch, dealt by DistributedSampler: of the class-balanced draws (the same on every
@@ -517,11 +522,20 @@ class _DistributedRun(_FullRun):
         if self.config.balance == "sampler":
             num = self.plan.steps_per_epoch * local * self.world
             draws = _epoch_indices("sampler", self.data.train_labels, self.counts, num, self.sample_gen)
-            dealt = DistributedSampler(draws, num_replicas=self.world, rank=self.rank, shuffle=False)
+            dealt: DistributedSampler[int] = DistributedSampler(
+                draws,  # type: ignore[arg-type]  # only len() is used; the stub asks for a Dataset
+                num_replicas=self.world,
+                rank=self.rank,
+                shuffle=False,
+            )
             mine = draws[np.fromiter(iter(dealt), dtype=np.int64)]
         else:
             dealt = DistributedSampler(
-                self.data.train_labels, num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.config.seed
+                self.data.train_labels,  # type: ignore[arg-type]  # only len() is used; the stub asks for a Dataset
+                num_replicas=self.world,
+                rank=self.rank,
+                shuffle=True,
+                seed=self.config.seed,
             )
             dealt.set_epoch(epoch)
             mine = np.fromiter(iter(dealt), dtype=np.int64)

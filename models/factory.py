@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import timm
 import timm.data
@@ -23,6 +24,27 @@ log = logging.getLogger(__name__)
 # of input; a checkpoint claiming 20,000 would allocate tens of gigabytes per photo.
 MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 1024
+
+
+class TimmNetwork(Protocol):
+    """The timm model methods this library calls. torch types a module's unknown attributes as `Tensor | Module`
+    (`nn.Module.__getattr__`), so these are reached through `timm_api`."""
+
+    pretrained_cfg: dict[str, Any]
+    num_features: int
+
+    def get_classifier(self) -> nn.Module: ...
+
+    def reset_classifier(self, num_classes: int) -> None: ...
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+
+
+def timm_api(model: nn.Module) -> TimmNetwork:
+    """`model` as a timm network, for the type checker only (no check at run time: a non-timm module fails on use)."""
+    return cast(TimmNetwork, model)
 
 
 @dataclass(frozen=True)
@@ -79,7 +101,8 @@ def create_network(
             model = timm.create_model(arch, pretrained=True, num_classes=num_classes)
         except Exception as exc:  # offline, proxy, missing weights: say so, never hand back random weights
             raise WeightsUnavailable(f"timm hub weights for {arch} could not be loaded: {exc}") from exc
-        if num_classes != model.pretrained_cfg.get("num_classes"):  # timm kept the hub's head when the sizes match
+        hub_classes = timm_api(model).pretrained_cfg.get("num_classes")
+        if num_classes != hub_classes:  # timm kept the hub's head when the sizes match
             _zero_head(model)
         return model, PretrainedInfo(source.value, f"{arch}: pretrained weights from the timm hub")
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
@@ -101,7 +124,7 @@ def create_network(
 def _zero_head(model: nn.Module) -> None:
     """Start a new head on pretrained features at zero: the first loss is log(classes) and the first gradients reach
     the head only, so fine-tuning does not push large random-head errors into the pretrained backbone."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head = timm_api(model).get_classifier() if hasattr(model, "get_classifier") else None
     if isinstance(head, nn.Linear):
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
@@ -158,8 +181,8 @@ def preprocessing_config(model: nn.Module, image_size: int) -> PreprocessConfig:
     data = timm.data.resolve_data_config({"input_size": (3, image_size, image_size)}, model=model)
     return PreprocessConfig(
         image_size=int(image_size),
-        mean=tuple(float(x) for x in data["mean"]),  # type: ignore[arg-type]
-        std=tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]
+        mean=tuple(float(x) for x in data["mean"]),  # type: ignore[arg-type]  # timm gives 3 RGB values
+        std=tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]  # timm gives 3 RGB values
         crop_pct=float(data.get("crop_pct") or 1.0),
         interpolation=str(data.get("interpolation") or "bilinear"),
     )

@@ -89,7 +89,7 @@ class Classifier:
             with torch.no_grad():
                 model = fuse_conv_bn(copy.deepcopy(model))
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=memory_format)
+        self.model = model.to(self.device, memory_format=memory_format)  # type: ignore[call-overload]  # torch stub lacks this
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 
+@overload
+def _check(probs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def _check(probs: np.ndarray, y: None = None) -> tuple[np.ndarray, None]: ...
 def _check(probs: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2:
@@ -62,7 +66,6 @@ def calibration_error(confidence: np.ndarray, correct: np.ndarray, *, n_bins: in
 def reliability_bins(probs: np.ndarray, y: np.ndarray, *, n_bins: int = ECE_BINS) -> list[dict[str, float]]:
     """`calibration_bins` of probability rows (N, C) against true class indices."""
     probs, y = _check(probs, y)
-    assert y is not None
     confidence = probs.max(axis=1) if probs.size else np.zeros(0)
     correct = (probs.argmax(axis=1) == y) if probs.size else np.zeros(0, dtype=bool)
     return calibration_bins(confidence, correct, n_bins=n_bins)
@@ -71,7 +74,6 @@ def reliability_bins(probs: np.ndarray, y: np.ndarray, *, n_bins: int = ECE_BINS
 def expected_calibration_error(probs: np.ndarray, y: np.ndarray, *, n_bins: int = ECE_BINS) -> float:
     """`calibration_error` of probability rows against true class indices (0 for no data)."""
     probs, y = _check(probs, y)
-    assert y is not None
     if y.size == 0:
         return 0.0
     return float(calibration_error(probs.max(axis=1), probs.argmax(axis=1) == y, n_bins=n_bins) or 0.0)
@@ -86,7 +88,6 @@ def classification_metrics(
     recall, f1, support}, confusion_matrix (rows true, columns predicted, in class_names order), ece, reliability.
     """
     probs, y = _check(probs, y_true)
-    assert y is not None
     if probs.shape[1] != len(class_names):
         raise ValueError(f"probs have {probs.shape[1]} columns but {len(class_names)} class names were given")
     labels = list(range(len(class_names)))
@@ -143,7 +144,6 @@ def label_quality_scores(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     from cleanlab.rank import get_label_quality_scores
 
     probs, y = _check(probs, labels)
-    assert y is not None
     if y.size == 0:
         return np.zeros(0)
     return np.asarray(get_label_quality_scores(y, probs), dtype=np.float64)

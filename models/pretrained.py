@@ -263,7 +263,8 @@ def hub_cached(arch: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        hub_id = timm.models.get_pretrained_cfg(arch.split(".")[0]).hf_hub_id
+        cfg = timm.models.get_pretrained_cfg(arch.split(".")[0])
+        hub_id = cfg.hf_hub_id if cfg is not None else None
         if not hub_id:
             return False
         return isinstance(try_to_load_from_cache(hub_id, "model.safetensors"), str)

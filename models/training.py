@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import timm.optim
@@ -22,7 +22,7 @@ from torch.utils.data import WeightedRandomSampler
 from models.calibration import fit_temperature
 from models.devices import describe_device, pick_device
 from models.errors import NotEnoughData, TrainingStopped
-from models.factory import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PreprocessConfig
+from models.factory import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PreprocessConfig, timm_api
 from models.modes import TrainMode
 from models.preprocess import PixelRows, augment_batch, normalize_nchw, numpy_to_tensor
 
@@ -262,7 +262,7 @@ def predict_logits(
 
 
 def _num_classes(model: nn.Module) -> int:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head = timm_api(model).get_classifier() if hasattr(model, "get_classifier") else None
     return int(head.out_features) if isinstance(head, nn.Linear) else int(getattr(model, "num_classes", 0))
 
 
@@ -347,7 +347,7 @@ def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]
 
     A model without a timm classifier (`get_classifier`) trains as one part, the head.
     """
-    head = model.get_classifier() if hasattr(model, "get_classifier") else model
+    head = timm_api(model).get_classifier() if hasattr(model, "get_classifier") else model
     head_ids = {id(p) for p in head.parameters()}
     groups = timm.optim.param_groups_weight_decay(
         model, config.weight_decay, no_weight_decay_list=getattr(model, "no_weight_decay", set)()
@@ -487,7 +487,9 @@ class _FullRun:
         self.augment_gen = torch.Generator().manual_seed(config.seed + 1)
         if self.cuda:
             torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-        model.to(device, memory_format=torch.channels_last if self.cuda else torch.contiguous_format)
+        model.to(  # type: ignore[call-overload]  # torch's stub lacks to(device, memory_format=...)
+            device, memory_format=torch.channels_last if self.cuda else torch.contiguous_format
+        )
         self.train_model = self._training_model(model)
         self.plan = _plan_steps(config, len(data.train_labels))
         self.optimizer, self.scheduler = _optimizer_and_schedule(model, config, self.plan)
@@ -579,7 +581,7 @@ class _FullRun:
 
     def _training_model(self, model: nn.Module) -> nn.Module:
         """The module the training steps call: the model itself, or its torch.compile wrapper."""
-        return torch.compile(model) if self.config.compile else model
+        return cast(nn.Module, torch.compile(model)) if self.config.compile else model
 
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """This process's batches of the epoch (sorted train indices): class-balanced draws, or a shuffle."""
@@ -713,7 +715,10 @@ def _epoch_indices(
     if balance == "sampler":
         weights = 1.0 / counts[labels]
         sampler = WeightedRandomSampler(
-            torch.from_numpy(weights), num_samples=num, replacement=True, generator=generator
+            torch.from_numpy(weights),  # type: ignore[arg-type]  # takes a tensor (as_tensor); stub: Sequence[float]
+            num_samples=num,
+            replacement=True,
+            generator=generator,
         )
         return np.fromiter(iter(sampler), dtype=np.int64, count=num)
     return torch.randperm(len(labels), generator=generator)[:num].numpy()
@@ -736,15 +741,15 @@ def extract_features(
     """
     device = torch.device(device) if isinstance(device, str) else device
     model.eval()
-    model.to(device, memory_format=torch.channels_last)
+    model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks this overload
     n = len(pixels)
-    out = np.zeros((n, int(model.num_features)), dtype=np.float32)
+    out = np.zeros((n, int(timm_api(model).num_features)), dtype=np.float32)
     started = last = time.monotonic()
     with torch.inference_mode(), _autocast(device, amp):
         for start in range(0, n, batch_size):
             _check_stop(should_stop, f"feature extraction at image {start}")
             batch = normalize_nchw(_to_device_nchw(pixels[start : start + batch_size], device), cfg, channels_last=True)
-            feats = model.forward_head(model.forward_features(batch), pre_logits=True)
+            feats = timm_api(model).forward_head(timm_api(model).forward_features(batch), pre_logits=True)
             out[start : start + len(batch)] = feats.float().cpu().numpy()
             now = time.monotonic()
             done = start + len(batch)
@@ -904,11 +909,11 @@ def set_head(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.M
     """Put a fitted (C, D) weight and (C,) bias into the model's classifier, resizing it to C classes if needed."""
     weight = torch.as_tensor(weight)
     bias = torch.as_tensor(bias)
-    head = model.get_classifier()
+    head = timm_api(model).get_classifier()
     if not isinstance(head, nn.Linear) or head.out_features != weight.shape[0]:
         device = next(model.parameters()).device
-        model.reset_classifier(int(weight.shape[0]))
-        head = model.get_classifier()
+        timm_api(model).reset_classifier(int(weight.shape[0]))
+        head = timm_api(model).get_classifier()
         head.to(device)  # timm builds the new head on the CPU: keep it with the rest of the model (CUDA)
     if not isinstance(head, nn.Linear) or head.in_features != weight.shape[1]:
         raise ValueError(f"head weight {tuple(weight.shape)} does not fit the model's classifier {head}")
@@ -924,7 +929,7 @@ def resize_head(model: nn.Module, old_classes: list[str], new_classes: list[str]
     Classes new since the parent version start with small random weights and the mean old bias, so existing
     predictions are unchanged until training teaches the new rows.
     """
-    head = model.get_classifier()
+    head = timm_api(model).get_classifier()
     if not isinstance(head, nn.Linear) or head.out_features != len(old_classes):
         raise ValueError(
             f"the model's head has {getattr(head, 'out_features', '?')} outputs, "
@@ -933,8 +938,9 @@ def resize_head(model: nn.Module, old_classes: list[str], new_classes: list[str]
     old_weight = head.weight.detach().clone()
     old_bias = head.bias.detach().clone()
     device = old_weight.device
-    model.reset_classifier(len(new_classes))
-    new_head = model.get_classifier()
+    timm_api(model).reset_classifier(len(new_classes))
+    new_head = timm_api(model).get_classifier()
+    assert isinstance(new_head, nn.Linear), f"timm rebuilt a non-linear classifier: {new_head}"  # as the old one was
     generator = torch.Generator().manual_seed(seed)
     old_index = {name: i for i, name in enumerate(old_classes)}
     with torch.no_grad():
@@ -950,7 +956,8 @@ def resize_head(model: nn.Module, old_classes: list[str], new_classes: list[str]
 
 def head_logits(model: nn.Module, features: np.ndarray) -> np.ndarray:
     """Float64 logits of the model's linear classifier over pooled backbone features (N, D)."""
-    head = model.get_classifier()
+    head = timm_api(model).get_classifier()
+    assert isinstance(head, nn.Linear), f"the model's classifier is not linear: {head}"
     weight = head.weight.detach().double().cpu().numpy()
     bias = head.bias.detach().double().cpu().numpy()
     return np.asarray(features, dtype=np.float64) @ weight.T + bias

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -194,6 +194,7 @@ def claim_next_job(db: Database, worker_id: str, *, job_id: int | None = None) -
             .values(status=JobStatus.RUNNING.value, worker_id=worker_id, started_at=now, heartbeat_at=now)
             .execution_options(synchronize_session=False)
         )
+        assert isinstance(result, CursorResult)  # an UPDATE's result
         if result.rowcount != 1:
             return None
         row = session.get(TrainingJob, candidate, populate_existing=True)

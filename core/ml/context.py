@@ -4,9 +4,8 @@ predictions (review queues, dashboard, label checks) resolves categories through
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import ColumnElement, case, select
+from sqlalchemy import SQLColumnExpression, case, select
 from sqlalchemy.orm import Session
 
 from core.catalog.merges import ClassGroups, Merges
@@ -32,7 +31,7 @@ class VersionContext:
         """Distinct current categories of the version's classes, in class order (merged classes share one)."""
         return self.classes.groups
 
-    def predicted_expr(self) -> ColumnElement[Any]:
+    def predicted_expr(self) -> SQLColumnExpression[int]:
         """Prediction.category_id with merged classes mapped onto their target (in SQL)."""
         ids = self.classes.class_category_ids
         remap = {c: self.resolve(c) for c in ids if self.resolve(c) != c}
@@ -43,6 +42,7 @@ class VersionContext:
     def sources_of(self, category_id: int) -> list[int]:
         """The class category ids a prediction can carry that mean `category_id` today."""
         return self.classes.sources_of(category_id)
+
 
 def load_context(session: Session, version_id: int | None) -> VersionContext:
     """Version classes (the given one, else the active one, else none), category names and merge targets."""

@@ -243,8 +243,7 @@ def _decode_upload(name: str, data: bytes, db: Database, cfg: Any) -> np.ndarray
     from models.preprocess import to_model_pixels
 
     decoded = inspect_and_decode(name, data, db.settings)
-    image = getattr(decoded, "image", decoded)
-    return to_model_pixels(normalise(image), cfg)
+    return to_model_pixels(normalise(decoded.image), cfg)
 
 
 def predict_uploads(db: Database, uploads: Iterable[Any], *, top_k: int = 3) -> list[FilePrediction]:

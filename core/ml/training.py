@@ -438,7 +438,7 @@ def _gather_labelled(db: Database, mode: TrainMode) -> _Labelled:
     plan = training_plan(db, mode=mode)
     if plan.problems:
         error = TrainingRefused("training refused: " + "; ".join(plan.problems))
-        error.problems = plan.problems  # type: ignore[attr-defined]
+        error.problems = plan.problems  # type: ignore[attr-defined]  # TrainingRefused (core/errors.py) declares none
         raise error
     class_ids = [c.id for c in plan.trainable]
     index_of = {cid: i for i, cid in enumerate(class_ids)}

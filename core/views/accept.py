@@ -130,7 +130,7 @@ def _query(
     category: str | int | None,
     split: Split | str | None,
     search: str | None,
-) -> Select[Any]:
+) -> Select[int, int, float]:
     """(image id, predicted category id, confidence) of the unlabelled matching images, by id."""
     conds: list[ColumnElement[bool]] = [Label.image_id.is_(None), Prediction.confidence >= threshold]
     if category is not None:

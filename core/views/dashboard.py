@@ -260,7 +260,7 @@ HISTORY_COLUMNS = ["version", "created_at", "status", "mode", "arch", "accuracy"
 def version_history(db: Database) -> pd.DataFrame:
     """Test accuracy, macro F1 and ECE of every version as stored at its training, oldest first."""
     with db.read() as session:
-        rows = session.execute(
+        rows: Sequence[tuple[int, datetime, str, str, str, float | None, dict[str, Any] | None]] = session.execute(
             select(
                 ModelVersion.id,
                 ModelVersion.created_at,
@@ -358,7 +358,7 @@ def corrections_per_day(db: Database, *, days: int = DEFAULT_DAYS, today: date |
     since = datetime.combine(today - timedelta(days=days - 1), datetime.min.time(), tzinfo=UTC)
     day = func.date(LabelEvent.created_at)
     with db.read() as session:
-        rows = session.execute(
+        rows: Sequence[tuple[object, int, int | None]] = session.execute(  # day: str or date, by database
             select(day, func.count(), func.sum(case((correction_clause(), 1), else_=0)))
             .where(LabelEvent.created_at >= since, label_change_clause())
             .group_by(day)

@@ -83,7 +83,7 @@ def home_overview(db: Database, *, _stale_checked: bool = False) -> Overview:
         categories = int(
             session.scalar(select(func.count()).select_from(Category).where(Category.archived_at.is_(None))) or 0
         )
-        version = session.execute(
+        version: tuple[int, str, int, str, float | None, str, int | None] | None = session.execute(
             select(
                 ModelVersion.id,
                 ModelVersion.arch,

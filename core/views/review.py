@@ -34,7 +34,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import ColumnElement, Select, and_, case, false, func, select
@@ -137,7 +137,10 @@ class ReviewPage:
     version_id: int | None = None
 
 
-def _enum(kind: type[enum.StrEnum], value: Any, what: str) -> Any:
+_E = TypeVar("_E", bound=enum.StrEnum)
+
+
+def _enum(kind: type[_E], value: str, what: str) -> _E:
     try:
         return kind(value)
     except ValueError:
