@@ -35,7 +35,13 @@ if __package__ in (None, ""):  # run as a script: make `core`, `models` and `ben
 from benchmarks.common import ROOT, cpu_name, library_versions, markdown_table, rate, write_json
 
 COLUMNS = (
-    "model", "torch threads", "OMP_WAIT_POLICY", "alone img/s", "busy img/s", "busy/alone", "s/step alone",
+    "model",
+    "torch threads",
+    "OMP_WAIT_POLICY",
+    "alone img/s",
+    "busy img/s",
+    "busy/alone",
+    "s/step alone",
     "s/step busy",
 )
 SPINNER = "while True: pass"
@@ -87,12 +93,14 @@ def parse_threads(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--models", default="resnet18:32:64,efficientnet_lite0:224:32",
+        "--models",
+        default="resnet18:32:64,efficientnet_lite0:224:32",
         help="Comma-separated arch:image_size:batch_size, trained one after the other in each child.",
     )
     parser.add_argument("--threads", default="1,all", help="torch thread counts to try; 'all' = every usable core.")
     parser.add_argument(
-        "--policies", default=f"{UNSET},PASSIVE",
+        "--policies",
+        default=f"{UNSET},PASSIVE",
         help=f"OMP_WAIT_POLICY values ('{UNSET}' leaves it out); KMP_BLOCKTIME=0 is added for Intel OpenMP builds.",
     )
     parser.add_argument(
@@ -134,8 +142,12 @@ def child_main(job: dict[str, Any]) -> int:
     from models.training import TrainConfig, TrainData, train_full
 
     torch.set_num_threads(int(job["threads"]))
-    emit(event="child", torch_threads=torch.get_num_threads(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-         kmp_blocktime=os.environ.get("KMP_BLOCKTIME"))
+    emit(
+        event="child",
+        torch_threads=torch.get_num_threads(),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+        kmp_blocktime=os.environ.get("KMP_BLOCKTIME"),
+    )
     warmup, min_steps, max_steps, seconds = job["warmup"], job["min_steps"], job["max_steps"], job["seconds"]
     for spec in (ModelSpec(**m) for m in job["models"]):
         model = timm.create_model(spec.arch, pretrained=False, num_classes=10)
@@ -147,8 +159,14 @@ def child_main(job: dict[str, Any]) -> int:
         classes = [str(i) for i in range(10)]
         data = TrainData(pixels, np.arange(n) % 10, pixels[:0], np.zeros(0, dtype=np.int64), classes)
         config = TrainConfig(
-            arch=spec.arch, image_size=spec.image_size, mode=TrainMode.FULL, epochs=10_000,
-            batch_size=spec.batch_size, device="cpu", max_steps=warmup + 2 * max_steps, progress_every_s=0.0,
+            arch=spec.arch,
+            image_size=spec.image_size,
+            mode=TrainMode.FULL,
+            epochs=10_000,
+            batch_size=spec.batch_size,
+            device="cpu",
+            max_steps=warmup + 2 * max_steps,
+            progress_every_s=0.0,
         )
         state: dict[str, Any] = {"window": None, "start": 0.0, "steps": 0, "last": 0.0, "warm": 0}
 
@@ -218,7 +236,11 @@ def run_child(job: dict[str, Any], env: dict[str, str], timeout: float) -> tuple
     spinner: subprocess.Popen[bytes] | None = None
     child = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.bench_worker_threads", "--child", json.dumps(job)],
-        cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
 
     def stop_spinner() -> None:
@@ -302,12 +324,18 @@ def main(argv: list[str] | None = None) -> int:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     intel_omp = omp_is_intel()
     job_base = {
-        "models": [vars(m) for m in models], "warmup": args.warmup, "seconds": args.seconds,
-        "min_steps": args.min_steps, "max_steps": args.max_steps,
+        "models": [vars(m) for m in models],
+        "warmup": args.warmup,
+        "seconds": args.seconds,
+        "min_steps": args.min_steps,
+        "max_steps": args.max_steps,
     }
     load_before, pressure_before = os.getloadavg(), cpu_pressure()
-    print(f"CPU: {cpu_name()}; OpenMP: {'Intel' if intel_omp else 'GNU (libgomp)'}; "
-          f"load average {load_before[0]:.2f}; CPU pressure {pressure_before or 'n/a'}", flush=True)
+    print(
+        f"CPU: {cpu_name()}; OpenMP: {'Intel' if intel_omp else 'GNU (libgomp)'}; "
+        f"load average {load_before[0]:.2f}; CPU pressure {pressure_before or 'n/a'}",
+        flush=True,
+    )
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
@@ -334,14 +362,27 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 rows.append(row)
                 steps = {name: len(own[name].ends) if name in own else 0 for name in (ALONE, BUSY)}
-                raw.append({
-                    "model": vars(spec), "threads": n_threads, "policy": policy, "kmp_blocktime_0": intel_omp,
-                    "alone_images_per_s": alone, "alone_upper_bound": alone_cap, "alone_steps": steps[ALONE],
-                    "busy_images_per_s": loaded, "busy_upper_bound": loaded_cap, "busy_steps": steps[BUSY],
-                    "busy_over_alone": ratio, "child": info,
-                })
-                print(f"{spec.label}, {n_threads} threads, {shown}: alone {row['alone img/s']} img/s, "
-                      f"one core busy {row['busy img/s']} img/s, ratio {row['busy/alone']}", flush=True)
+                raw.append(
+                    {
+                        "model": vars(spec),
+                        "threads": n_threads,
+                        "policy": policy,
+                        "kmp_blocktime_0": intel_omp,
+                        "alone_images_per_s": alone,
+                        "alone_upper_bound": alone_cap,
+                        "alone_steps": steps[ALONE],
+                        "busy_images_per_s": loaded,
+                        "busy_upper_bound": loaded_cap,
+                        "busy_steps": steps[BUSY],
+                        "busy_over_alone": ratio,
+                        "child": info,
+                    }
+                )
+                print(
+                    f"{spec.label}, {n_threads} threads, {shown}: alone {row['alone img/s']} img/s, "
+                    f"one core busy {row['busy img/s']} img/s, ratio {row['busy/alone']}",
+                    flush=True,
+                )
     elapsed = time.monotonic() - started
     load_after, pressure_after = os.getloadavg(), cpu_pressure()
     write_json(
@@ -362,8 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(markdown_table(COLUMNS, rows))
-    print(f"\n{elapsed:.0f} s; load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
-          f"CPU pressure after: {pressure_after or 'n/a'}")
+    print(
+        f"\n{elapsed:.0f} s; load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
+        f"CPU pressure after: {pressure_after or 'n/a'}"
+    )
     return 0
 
 

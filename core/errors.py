@@ -65,8 +65,14 @@ class StorageError(ProdcatError):
 # directory's folder name. The first match wins.
 _STORAGE_MESSAGES: tuple[tuple[tuple[str, ...], str], ...] = (
     (
-        ("database is locked", "database is busy", "database table is locked", "lock timeout", "deadlock detected",
-         "queuepool limit"),
+        (
+            "database is locked",
+            "database is busy",
+            "database table is locked",
+            "lock timeout",
+            "deadlock detected",
+            "queuepool limit",
+        ),
         "the database is busy: another program (an import, a worker, a backup?) holds it locked; nothing was "
         "changed, try again in a moment",
     ),
@@ -100,16 +106,28 @@ _STORAGE_MESSAGES: tuple[tuple[tuple[str, ...], str], ...] = (
         "a backup",
     ),
     (
-        ("connection refused", "could not connect", "connection failed", "server closed the connection",
-         "terminating connection", "no route to host", "timeout expired"),
+        (
+            "connection refused",
+            "could not connect",
+            "connection failed",
+            "server closed the connection",
+            "terminating connection",
+            "no route to host",
+            "timeout expired",
+        ),
         "the database server cannot be reached: check that it is running and what PRODCAT_DATABASE_URL names, then "
         "try again",
     ),
 )
 # EFBIG: a file may grow no further (the file system's or the process's size limit, RLIMIT_FSIZE): for a person it
 # is a full disk, like ENOSPC and EDQUOT.
-_DISK_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota", errno.EFBIG: "no space left",
-                errno.EROFS: "read only file system", errno.EIO: "input/output error"}
+_DISK_ERRNOS = {
+    errno.ENOSPC: "no space left",
+    errno.EDQUOT: "disk quota",
+    errno.EFBIG: "no space left",
+    errno.EROFS: "read only file system",
+    errno.EIO: "input/output error",
+}
 
 
 def as_storage_error(exc: BaseException, place: str = "") -> StorageError | None:
@@ -157,7 +175,7 @@ class DeviceUnavailable(ProdcatError):
 
 
 class DuplicateRefused(ProdcatError):
-    """"Keep this one" cannot run: the kept image is not in the group, or the group has one image."""
+    """ "Keep this one" cannot run: the kept image is not in the group, or the group has one image."""
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,7 @@ def validate_params(settings: Settings, mode: str, params: Any) -> JobParams:
     value."""
     job_params = JobParams.parse(mode, params)
     from core.ml.training import build_train_config  # torch and timm: imported when a job is queued, not before
+
     build_train_config(settings, job_params)  # raises TrainingRefused for unknown keys or bad values
     return job_params
 
@@ -449,9 +450,10 @@ def unregister_worker(db: Database, worker_id: str) -> None:
     now = utcnow()
     with db.write() as session:
         session.execute(
-            update(Worker).where(Worker.id == worker_id).values(stopped_at=now).execution_options(
-                synchronize_session=False
-            )
+            update(Worker)
+            .where(Worker.id == worker_id)
+            .values(stopped_at=now)
+            .execution_options(synchronize_session=False)
         )
         # Keep the table small: forget workers stopped more than a day ago.
         session.execute(delete(Worker).where(Worker.stopped_at < now - timedelta(days=1)))
@@ -473,8 +475,14 @@ def live_workers(db: Database) -> list[dict[str, Any]]:
     with db.read() as session:
         rows = session.scalars(select(Worker).where(_alive_clause(db.settings)).order_by(Worker.started_at)).all()
         return [
-            {"id": r.id, "host": r.host, "pid": r.pid, "device": r.device, "started_at": r.started_at,
-             "heartbeat_at": r.heartbeat_at}
+            {
+                "id": r.id,
+                "host": r.host,
+                "pid": r.pid,
+                "device": r.device,
+                "started_at": r.started_at,
+                "heartbeat_at": r.heartbeat_at,
+            }
             for r in rows
         ]
 
@@ -521,7 +529,13 @@ def ensure_worker(db: Database, *, exit_when_idle: float | None = None) -> bool:
     settings.logs_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.logs_dir / "worker.log"
     command = [
-        sys.executable, "-m", "core.jobs.worker", "--exit-when-idle", f"{exit_when_idle:g}", "--worker-id", worker_id,
+        sys.executable,
+        "-m",
+        "core.jobs.worker",
+        "--exit-when-idle",
+        f"{exit_when_idle:g}",
+        "--worker-id",
+        worker_id,
     ]
     try:
         with open(log_path, "ab") as log_file:

@@ -89,7 +89,8 @@ def apply_worker_threads(*, shares_machine: bool = False) -> WorkerThreads:
         log.warning(
             "torch was loaded before the worker started, so %s=%s cannot take effect: training slows down badly "
             "while another process is busy. Set it in the environment that starts this command.",
-            WAIT_POLICY_VAR, WAIT_POLICY,
+            WAIT_POLICY_VAR,
+            WAIT_POLICY,
         )
     added_now = (THREADS_VAR,) if THREADS_VAR in added else ()
     return WorkerThreads(torch.get_num_threads(), policy, added_now)

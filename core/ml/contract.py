@@ -15,6 +15,7 @@ HISTORY_KEYS = ("epoch", "loss", "train_acc", "val_acc")
 
 _NON_EPOCH_PHASES = ("done",)
 
+
 @dataclass(frozen=True)
 class JobParams:
     """What a training job carries: its mode and the TrainConfig settings it overrides (`training_jobs.params`)."""
@@ -42,6 +43,7 @@ class JobParams:
         except (TypeError, ValueError) as exc:
             raise TrainingRefused(f"training parameters must be plain JSON values: {exc}") from exc
         return cls(known, params)
+
 
 @dataclass(frozen=True)
 class ProgressReport:
@@ -92,6 +94,7 @@ class ProgressReport:
         if all(point[key] is None for key in HISTORY_KEYS[1:]):
             return None
         return point
+
 
 def _json_number(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else str(value)

@@ -322,9 +322,7 @@ class PixelCache:
         found: dict[int, tuple[str, str, str]] = {}
         with db.read() as session:
             for part in in_chunks(ids):
-                query = select(Image.id, Image.sha256, Image.stored_path, Image.original_name).where(
-                    Image.id.in_(part)
-                )
+                query = select(Image.id, Image.sha256, Image.stored_path, Image.original_name).where(Image.id.in_(part))
                 for row in session.execute(query):
                     found[row.id] = (row.sha256, row.stored_path, row.original_name)
         absent = [i for i in ids if i not in found]

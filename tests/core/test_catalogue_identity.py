@@ -62,9 +62,7 @@ def test_a_new_catalogue_gets_one_id_in_its_database_and_its_data_directory(db: 
 
 
 @pytest.mark.parametrize("identity_file", ["kept", "from before ids"])
-def test_a_deleted_database_is_refused_and_no_empty_one_is_created(
-    db: core_db.Database, identity_file: str
-) -> None:
+def test_a_deleted_database_is_refused_and_no_empty_one_is_created(db: core_db.Database, identity_file: str) -> None:
     settings = db.settings
     add_category(db, "Shoes", actor="ana")
     keep_files(settings)
@@ -108,9 +106,12 @@ def test_a_new_empty_database_over_a_catalogues_files_is_refused(
     keep_files(db.settings, originals=2000)
     url = another_database(request, database_backend, tmp_path)
     settings = Settings(data_dir=db.settings.data_dir, database_url=url)
-    with pytest.raises(CatalogueRefused, match=r"^the database is new and empty, but the data directory 'data' holds "
-                       r"2000 original images and 1 checkpoint and belongs to catalogue [0-9a-f-]{36}: its database "
-                       r"went missing \(deleted or moved\?\)"):
+    with pytest.raises(
+        CatalogueRefused,
+        match=r"^the database is new and empty, but the data directory 'data' holds "
+        r"2000 original images and 1 checkpoint and belongs to catalogue [0-9a-f-]{36}: its database "
+        r"went missing \(deleted or moved\?\)",
+    ):
         core_db.open_database(settings)
 
 
@@ -191,8 +192,12 @@ def test_a_refused_worker_exits_with_one_line(db: core_db.Database) -> None:
     keep_files(db.settings)
     remove_database(db.settings)
     worker = subprocess.run(
-        [sys.executable, "-m", "core.jobs.worker", "--once"], cwd=Path(__file__).resolve().parents[2],
-        env={**os.environ, "PRODCAT_DATA_DIR": str(db.settings.data_dir)}, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "core.jobs.worker", "--once"],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "PRODCAT_DATA_DIR": str(db.settings.data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert worker.returncode == 2 and "cannot start: the database file prodcat.sqlite3 is missing" in worker.stderr
     assert "Traceback" not in worker.stderr and not database_file(db.settings).exists()

@@ -15,8 +15,10 @@ from core.ml.versions import _inference_device
 from core.settings import Settings, get_settings
 
 
-@pytest.mark.parametrize(("given", "kept"), [("cuda:1", "cuda:1"), (" CUDA:0 ", "cuda:0"), ("cuda", "cuda"),
-                                             ("auto", "auto"), ("cpu", "cpu"), ("mps", "mps")])
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [("cuda:1", "cuda:1"), (" CUDA:0 ", "cuda:0"), ("cuda", "cuda"), ("auto", "auto"), ("cpu", "cpu"), ("mps", "mps")],
+)
 def test_device_setting_accepts_a_gpu_index(monkeypatch: pytest.MonkeyPatch, given: str, kept: str) -> None:
     monkeypatch.setenv("PRODCAT_DEVICE", given)
     assert Settings().device == kept

@@ -34,9 +34,7 @@ def cfg(settings: Settings) -> Settings:
         ("archive.jpg", lambda: badfiles.make_zip([("a.txt", b"x")]), "looks like a zip archive"),
     ],
 )
-def test_bad_input_is_refused_naming_file_and_reason(
-    cfg: Settings, name: str, make: object, reason_part: str
-) -> None:
+def test_bad_input_is_refused_naming_file_and_reason(cfg: Settings, name: str, make: object, reason_part: str) -> None:
     data = make()  # type: ignore[operator]
     with pytest.raises(ImageRefused) as caught:
         inspect_and_decode(name, data, cfg)
@@ -148,8 +146,12 @@ def test_exif_orientation_is_applied(cfg: Settings, orientation: int) -> None:
     upright = badfiles.quadrants(96, 64)
     # A camera stores the sensor image plus a tag; viewers apply the tag's fix. Build the stored image by
     # undoing the fix, so the expected result is the upright picture itself.
-    undo = {5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_270}.get(orientation, badfiles.ORIENTATION_FIX[orientation])
+    undo = {
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_90,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_270,
+    }.get(orientation, badfiles.ORIENTATION_FIX[orientation])
     stored = upright.transpose(undo)
     assert stored.transpose(badfiles.ORIENTATION_FIX[orientation]).tobytes() == upright.tobytes()
     decoded = inspect_and_decode("phone.jpg", badfiles.jpeg_with_orientation(stored, orientation), cfg)

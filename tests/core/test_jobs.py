@@ -46,8 +46,16 @@ def _race(n: int, db: Database, action: Callable[[Database], Any]) -> list[Any]:
 
 def _version(db: Database, job_id: int) -> int:
     with db.write() as session:
-        row = ModelVersion(arch="resnet18", image_size=32, mode="quick", class_names=["a", "b"],
-                           class_category_ids=[1, 2], weights_path="x", pretrained_source="none", job_id=job_id)
+        row = ModelVersion(
+            arch="resnet18",
+            image_size=32,
+            mode="quick",
+            class_names=["a", "b"],
+            class_category_ids=[1, 2],
+            weights_path="x",
+            pretrained_source="none",
+            job_id=job_id,
+        )
         session.add(row)
         session.flush()
         return row.id
@@ -55,8 +63,11 @@ def _version(db: Database, job_id: int) -> int:
 
 def _set_heartbeat(db: Database, job_id: int, seconds_ago: float) -> None:
     with db.write() as session:
-        session.execute(update(TrainingJob).where(TrainingJob.id == job_id)
-                        .values(heartbeat_at=utcnow() - timedelta(seconds=seconds_ago)))
+        session.execute(
+            update(TrainingJob)
+            .where(TrainingJob.id == job_id)
+            .values(heartbeat_at=utcnow() - timedelta(seconds=seconds_ago))
+        )
 
 
 def test_enqueue_queues_one_job_and_refuses_a_second(db: Database) -> None:
@@ -65,8 +76,11 @@ def test_enqueue_queues_one_job_and_refuses_a_second(db: Database) -> None:
     assert (job.status, job.mode, job.requested_by, job.params) == ("queued", "quick", "ana", {"epochs": 2})
     assert jobs.current_job(db) == job and job.live
 
-    with pytest.raises(TrainingRefused, match=rf"a training job \(#{job_id}, queued, requested by ana\) is already "
-                                              r"queued: wait for it or cancel it"):
+    with pytest.raises(
+        TrainingRefused,
+        match=rf"a training job \(#{job_id}, queued, requested by ana\) is already "
+        r"queued: wait for it or cancel it",
+    ):
         jobs.enqueue_training(db, "full", {}, "ben")
 
     jobs.cancel_job(db, job_id, actor="ana")
@@ -218,8 +232,9 @@ def test_stale_running_jobs_fail_but_fresh_and_queued_ones_do_not(db: Database) 
 
     queued = jobs.enqueue_training(db, "quick", {}, "ana")
     with db.write() as session:  # queued for ages: it waits for a worker, it is not failed
-        session.execute(update(TrainingJob).where(TrainingJob.id == queued)
-                        .values(created_at=utcnow() - timedelta(hours=5)))
+        session.execute(
+            update(TrainingJob).where(TrainingJob.id == queued).values(created_at=utcnow() - timedelta(hours=5))
+        )
     assert jobs.fail_stale_jobs(db) == [] and jobs.get_job(db, queued).status == "queued"
 
 

@@ -54,8 +54,13 @@ def use_runner(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
 
 def start_worker(tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
     with open(tmp_path / f"worker-{time.monotonic_ns()}.log", "wb") as log:  # the child keeps its own handle
-        process = subprocess.Popen([sys.executable, "-m", "core.jobs.worker", *args], cwd=ROOT, env=dict(os.environ),
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "core.jobs.worker", *args],
+            cwd=ROOT,
+            env=dict(os.environ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     _started.append(process)
     return process
 
@@ -119,8 +124,9 @@ def test_a_failing_job_is_marked_failed_with_its_error(
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
-def test_real_cuda_out_of_memory_fails_the_job_clearly(db: Database, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_cuda_out_of_memory_fails_the_job_clearly(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     use_runner(monkeypatch, "cuda_oom")
     job_id = queue(db)
     assert finished(start_worker(tmp_path, "--once"), timeout=120) == 0, worker_log(tmp_path)
@@ -128,8 +134,9 @@ def test_real_cuda_out_of_memory_fails_the_job_clearly(db: Database, tmp_path: P
     assert job.status == "failed" and "the GPU ran out of memory" in job.error, job.error
 
 
-def test_cancelling_a_running_job_stops_the_worker_run(db: Database, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cancelling_a_running_job_stops_the_worker_run(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     use_runner(monkeypatch, "slow")
     job_id = queue(db)
     worker = start_worker(tmp_path, "--once")
@@ -142,8 +149,9 @@ def test_cancelling_a_running_job_stops_the_worker_run(db: Database, tmp_path: P
     assert job.error == "cancelled by ben while running"
 
 
-def test_a_killed_worker_leaves_a_failed_job_not_a_running_one(db: Database, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_killed_worker_leaves_a_failed_job_not_a_running_one(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     use_runner(monkeypatch, "hang")
     job_id = queue(db)
     worker = start_worker(tmp_path)

@@ -34,8 +34,9 @@ def without_omp(env: dict[str, str]) -> dict[str, str]:
 def run_hand_started_worker(extra_env: dict[str, str]) -> str:
     """stdout + stderr of a worker started by hand, with OpenMP printing the settings it really read."""
     env = without_omp(dict(os.environ)) | {"OMP_DISPLAY_ENV": "TRUE"} | extra_env
-    done = subprocess.run([sys.executable, "-c", HAND_STARTED_WORKER], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=180)
+    done = subprocess.run(
+        [sys.executable, "-c", HAND_STARTED_WORKER], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout + done.stderr
 

@@ -135,7 +135,12 @@ def die_while_saving(db: Database, job_id: int, *, on_progress: ProgressFn, shou
     checkpoint.save_file = stall_half_way  # the safetensors writer as imported by models.checkpoint
     on_progress(ProgressReport(phase="saving"))
     meta = checkpoint.CheckpointMeta(
-        arch="resnet18", class_names=["Bags", "Hats"], image_size=32, mean=[0.5] * 3, std=[0.5] * 3, crop_pct=1.0,
+        arch="resnet18",
+        class_names=["Bags", "Hats"],
+        image_size=32,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        crop_pct=1.0,
         interpolation="bilinear",
     )
     with staged_checkpoint(db.settings, job_id) as staging:

@@ -54,8 +54,10 @@ PASSWORD = "e2e password 1"
 
 
 def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or (
-        "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+    return (
+        shutil.which("chromium")
+        or shutil.which("chromium-browser")
+        or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
     )
 
 
