@@ -11,7 +11,7 @@ from typing import Any
 
 import streamlit as st
 
-from core.catalog.labels import LabelChange, add_category, list_categories, undo_last_change, usable_category_name
+from core.catalog.labels import LabelChange, get_or_add_category, list_categories, undo_last_change
 from core.db import Database, open_database
 from core.errors import NotFound, ProdcatError, as_storage_error
 from core.jobs.queue import fail_stale_jobs
@@ -79,14 +79,8 @@ def category_names(db: Database) -> list[str]:
 
 
 def typed_category(db: Database, name: str) -> str:
-    """The live category a name typed into a labelling control means: an existing one (case and spacing aside), else
-    a new one created now under the person's account. Raises the ProdcatError that says why not (empty, too long,
-    archived, or a role that may not add categories)."""
-    cleaned = usable_category_name(db, name)
-    for existing in category_names(db):
-        if existing.casefold() == cleaned.casefold():
-            return existing
-    return add_category(db, cleaned, actor=actor()).name
+    """core.catalog.labels.get_or_add_category as this session's person."""
+    return get_or_add_category(db, name, actor=actor())
 
 
 # --- database and actor ------------------------------------------------------------------------------------------

@@ -520,7 +520,9 @@ def clear_label(
 
 
 @dataclass(frozen=True)
-class _Move:
+class LabelMove:
+    """One image's label change for `apply_moves`: from `old` to `new` category id (None: unlabelled)."""
+
     image_id: int
     old: int | None
     new: int | None
@@ -529,8 +531,8 @@ class _Move:
     undoes: int | None = None  # an undo move: the event it takes back
 
 
-def _apply_many(
-    session: Session, moves: Sequence[_Move], *, actor: str, action: LabelAction, batch_id: str | None
+def apply_moves(
+    session: Session, moves: Sequence[LabelMove], *, actor: str, action: LabelAction, batch_id: str | None
 ) -> list[int]:
     """Batch form of `apply_label` for thousands of images: a few executemany statements instead of a
     flush per image. The caller has checked that each move starts from the image's current label (and
@@ -615,8 +617,8 @@ def apply_batch(session: Session, changes: Sequence[BatchChange], *, actor: str,
     Each change must start from the image's current label (the caller read it in this transaction), and the caller
     has checked that `actor` may label (core.auth). Returns the new event ids in the order of `changes`.
     """
-    moves = [_Move(c.image_id, c.old, c.new, note, c.seen) for c in changes]
-    return _apply_many(session, moves, actor=clean_actor(actor), action=LabelAction.BULK, batch_id=_new_batch_id())
+    moves = [LabelMove(c.image_id, c.old, c.new, note, c.seen) for c in changes]
+    return apply_moves(session, moves, actor=clean_actor(actor), action=LabelAction.BULK, batch_id=_new_batch_id())
 
 
 def _current_labels(session: Session, image_ids: Sequence[int]) -> dict[int, int]:
@@ -671,8 +673,8 @@ def bulk_relabel(
         # One batch id on every event lets undo take the whole bulk change back at once.
         note = f"bulk relabel of {len(ids)} images"
         seen = seen_predictions or {}
-        moves = [_Move(i, current.get(i), target.id, note, seen.get(i)) for i in ids if current.get(i) != target.id]
-        event_ids = _apply_many(session, moves, actor=actor, action=LabelAction.BULK, batch_id=_new_batch_id())
+        moves = [LabelMove(i, current.get(i), target.id, note, seen.get(i)) for i in ids if current.get(i) != target.id]
+        event_ids = apply_moves(session, moves, actor=actor, action=LabelAction.BULK, batch_id=_new_batch_id())
         names = _names(session)
         return [
             LabelChange(m.image_id, names.get(m.old) if m.old else None, target.name, event_id)
@@ -735,11 +737,13 @@ def undo_last_change(db: Database, *, actor: str, only_event_ids: Collection[int
         _lock_for_undo(session, events, actor)
         _check_undoable(session, events, actor)
         moves = [
-            _Move(e.image_id, e.new_category_id, e.old_category_id, f"undo of event #{e.id} ({e.action})", undoes=e.id)
+            LabelMove(
+                e.image_id, e.new_category_id, e.old_category_id, f"undo of event #{e.id} ({e.action})", undoes=e.id
+            )
             for e in events
         ]
         batch_id = _new_batch_id() if bulk else None  # the undo of a batch is one batch too
-        event_ids = _apply_many(session, moves, actor=actor, action=LabelAction.UNDO, batch_id=batch_id)
+        event_ids = apply_moves(session, moves, actor=actor, action=LabelAction.UNDO, batch_id=batch_id)
         names = _names(session)
         return [
             LabelChange(m.image_id, names.get(m.old) if m.old else None, names.get(m.new) if m.new else None, eid)
@@ -1154,3 +1158,14 @@ def usable_category_name(db: Database, name: str) -> str:
                 how = "un-archive it (Categories & data), or choose another category"
             raise CategoryError(f"the category {row.name!r} is archived; {how}")
     return cleaned
+
+
+def get_or_add_category(db: Database, name: str, *, actor: str) -> str:
+    """The live category a name typed into a labelling control means: an existing one (case and spacing aside),
+    else a new one created now by `actor`. Raises the ProdcatError that says why not (empty, too long, archived, or a
+    role that may not add categories)."""
+    cleaned = usable_category_name(db, name)
+    for row in list_categories(db):
+        if row.name.casefold() == cleaned.casefold():
+            return row.name
+    return add_category(db, cleaned, actor=actor).name

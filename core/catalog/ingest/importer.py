@@ -30,9 +30,9 @@ from core.catalog.ingest.labels_csv import LabelsCSV
 from core.catalog.ingest.results import DuplicateItem, ImportedItem, ImportResult, ProgressCallback, RefusedItem
 from core.catalog.ingest.zips import ZipCaps, ZipSource
 from core.catalog.labels import (
-    _apply_many,
-    _Move,
+    LabelMove,
     apply_label,
+    apply_moves,
     clean_actor,
     clean_category_name,
     get_or_create_category,
@@ -595,7 +595,7 @@ class Importer:
         written: dict[str, tuple[int, str]] = {}
         new_rows: set[int] = set()
         verdicts: list[_Verdict | None] = []
-        moves: list[_Move] = []  # labels of rows written here and of duplicates of them, in input order
+        moves: list[LabelMove] = []  # labels of rows written here and of duplicates of them, in input order
         skus: list[tuple[int, str, str]] = []  # (stored image, SKU, file name) of duplicates the CSV gives a SKU
         rows = _Rows()
 
@@ -609,14 +609,14 @@ class Importer:
                 if hashes is not None:
                     self.hash_index.add(image_id, hashes, split)
                 if category is not None:
-                    moves.append(_Move(image_id, None, category, note=item.cand.source))
+                    moves.append(LabelMove(image_id, None, category, note=item.cand.source))
                     labelled.add(image_id)
                 verdicts[slot] = ImportedItem(item.cand.name, image_id, item.category)
             rows.clear()
 
         def write_moves() -> None:
             write_pending_rows()
-            _apply_many(session, moves, actor=self.actor, action=LabelAction.IMPORT, batch_id=None)
+            apply_moves(session, moves, actor=self.actor, action=LabelAction.IMPORT, batch_id=None)
             moves.clear()
 
         cat: int | CategoryError | None  # an item's category id (None: unlabelled), or why its name is invalid
@@ -641,7 +641,7 @@ class Importer:
                     cat = category_id(item.category)
                     if isinstance(cat, int):
                         write_pending_rows()  # the labels of the rows before it come first
-                        moves.append(_Move(image_id, None, cat, note=name))
+                        moves.append(LabelMove(image_id, None, cat, note=name))
                         labelled.add(image_id)
                     continue
                 write_moves()  # as `apply_label` would have: one image after the other
