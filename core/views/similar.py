@@ -1,5 +1,5 @@
-"""Similar images: the nearest neighbours of one image in the active model's feature space (brute force over the
-feature cache, read in chunks from its memory map; fine on a CPU up to ~100k images)."""
+"""Similar images as review cards: the nearest neighbours core.ml.similar finds in the active model's feature space,
+with their labels and predictions, for the cards' "Similar" view and bulk relabel."""
 
 from __future__ import annotations
 
