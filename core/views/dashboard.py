@@ -1,5 +1,6 @@
 """Data for the dashboard (its plotly figures are core.views.figures): confusion matrix, per-class metrics, history,
-balance, calibration, corrections per day. Pages call `dashboard(db)` (or one function per chart) and render what comes back.
+balance, calibration, corrections per day. Pages call `dashboard(db)` (or one function per chart) and render what
+comes back.
 
 Where the numbers come from:
 - Confusion matrix, per-class table and calibration are *recomputed* from the current labels and the version's
