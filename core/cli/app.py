@@ -1,6 +1,7 @@
-"""The typer application behind `python -m core.cli`, its sub-command groups, and helpers every cli_* module shares.
+"""The typer application behind `python -m core.cli`, its sub-command groups, and helpers every command module shares.
 
-Commands register on `app` (or on `categories_app`, `export_app`, `models_app`) from the modules of `core/cli/` (imported by `core/cli/__init__.py`).
+Commands register on `app` (or on `categories_app`, `export_app`, `models_app`) from the modules of `core/cli/`
+(imported by `core/cli/__init__.py`).
 Every command registered through these objects turns a `ProdcatError`, and a database or disk failure
 (`core.errors.as_storage_error`: locked, read-only, full...), into a red one-line message and exit code 1 (the full
 error goes to logs/cli.log); any other exception is a bug and keeps its traceback.
