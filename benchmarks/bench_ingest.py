@@ -1,5 +1,5 @@
 """Ingest throughput: import small PNGs and photo-sized JPEGs from a folder tree (labels from the folders,
-~10% byte-identical duplicates), against the same code with an earlier revision's core/ingest, in the same run.
+~10% byte-identical duplicates), against the same code with an earlier revision's import code, in the same run.
 
 Usage: .venv/bin/python -m benchmarks.bench_ingest [--kinds small,photo] [--small-n 6000] [--small-size 64]
        [--photo-n 1000] [--photo-size 1000] [--before REV] [--rounds 2] [--batch-rows 64,1024] [--threads N]
@@ -7,7 +7,7 @@ Usage: .venv/bin/python -m benchmarks.bench_ingest [--kinds small,photo] [--smal
 
 Every import runs in a fresh process and data directory (`core.catalog.ingest.import_paths`, timed from the call to its
 return; the database is opened and migrated before). `--before REV` imports the same files with this checkout's code
-but `core/ingest` as it was at REV (from `git archive`), alternating with this checkout round by round, so both see the
+but `core/catalog` as it was at REV (from `git archive`), alternating with this checkout round by round, so both see the
 same machine load: read the ratio, not the absolute rates, on a shared machine. The baseline is plain Pillow open + load
 of the same files (what any pipeline pays to decode them). `--batch-rows` also imports with other batch sizes
 (`core.catalog.ingest.importer.BATCH_ROWS`) to show that memory does not grow with the batch, `--thread-counts` with
@@ -118,8 +118,10 @@ def child(spec: dict[str, object]) -> dict[str, object]:
         tunables = importlib.import_module("core.catalog.ingest.importer")
     except ImportError:
         tunables = importlib.import_module("core.catalog.ingest")
+    decoding = importlib.import_module("core.catalog.ingest.decoding")
+    threads_at = decoding if hasattr(decoding, "DECODE_THREADS") else tunables  # moved to decoding on 2026-11-30
     if spec.get("threads"):
-        tunables.DECODE_THREADS = int(spec["threads"])  # type: ignore[attr-defined]
+        threads_at.DECODE_THREADS = int(spec["threads"])
     if spec.get("batch_rows"):
         tunables.BATCH_ROWS = int(spec["batch_rows"])  # type: ignore[attr-defined]
     db = open_database()
@@ -151,7 +153,7 @@ def child(spec: dict[str, object]) -> dict[str, object]:
         "sys_s": after.ru_stime - usage.ru_stime,
         "peak_growth_mib": (_status_kib("VmHWM") - rss_before) / 1024,
         "exact_peak": exact_peak,
-        "threads": min(int(tunables.DECODE_THREADS), os.cpu_count() or 1),  # type: ignore[attr-defined]
+        "threads": min(int(threads_at.DECODE_THREADS), os.cpu_count() or 1),
         "load": os.getloadavg()[0],
     }
 
@@ -169,17 +171,20 @@ def run_child(spec: dict[str, object]) -> dict[str, object]:
 
 
 def export_revision(rev: str, into: Path) -> Path:
-    """This checkout's core/ and models/ with core/ingest as it was at `rev` (module or package), in a folder of its
-    own: the two sides of a comparison then differ in the ingest code alone. The repository is not touched."""
+    """This checkout's core/ and models/ with the import code as it was at `rev`, in a folder of its own: the two
+    sides of a comparison then differ in that code alone. The import code is core/catalog/ (the importer, the store,
+    decoding and hashing) since the package split, core/ingest or core/ingest.py before it. The repository is not
+    touched."""
     into.mkdir(parents=True, exist_ok=True)
     for package in ("core", "models"):
         shutil.copytree(ROOT / package, into / package, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.rmtree(into / "core" / "ingest", ignore_errors=True)
-    (into / "core" / "ingest.py").unlink(missing_ok=True)
     listed = subprocess.run(
-        ["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "core/ingest", "core/catalog/ingest.py"],
+        ["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "core/catalog", "core/ingest", "core/ingest.py"],
         capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
+    for path in listed:
+        target = into / path
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, *listed], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return into
@@ -192,7 +197,7 @@ def main() -> None:
     parser.add_argument("--small-size", type=int, default=64)
     parser.add_argument("--photo-n", type=int, default=1000)
     parser.add_argument("--photo-size", type=int, default=1000)
-    parser.add_argument("--before", default=None, help="a git revision whose core/ingest to measure against")
+    parser.add_argument("--before", default=None, help="a git revision whose import code to measure against")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-rows", default="", help="other BATCH_ROWS to try with this checkout, e.g. 64,1024")
     parser.add_argument("--threads", type=int, default=None, help="decode threads (default: the importer's)")

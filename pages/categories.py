@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import streamlit as st
 
 from core.auth import Action
 from core.catalog.export import export_imagefolder, labels_csv_bytes
-from core.catalog.ingest import ImportResult, LabelSource, Upload, import_labelled_folder, import_labelled_upload
+from core.catalog.ingest import (
+    ImportResult,
+    LabelSource,
+    Upload,
+    import_labelled_folder,
+    import_labelled_upload,
+    stored_before,
+)
 from core.catalog.labels import (
     add_category,
     archive_category,
@@ -126,6 +136,19 @@ def _show_import(result: ImportResult) -> None:
         st.dataframe([{"file": r.name, "reason": r.reason} for r in result.refused], hide_index=True)
 
 
+def _import_shown(fn: Callable[..., ImportResult], *args: Any, **kwargs: Any) -> tuple[bool, ImportResult | None]:
+    """`_ui.attempt` for an import: when an error ends it part-way, what it stored before is shown above the error."""
+    with _ui.shown_errors():
+        try:
+            return True, fn(*args, **kwargs)
+        except Exception as exc:
+            if (partial := stored_before(exc)) is not None:
+                st.warning("The import stopped on an error. Stored before it:")
+                _show_import(partial)
+            raise
+    return False, None
+
+
 st.header("Import labelled data")
 folder_tab, zip_tab = st.tabs(["Folder on the server", "Zip upload"])
 with folder_tab, st.form("import_folder"):
@@ -143,7 +166,7 @@ with folder_tab, st.form("import_folder"):
             ok, labels_csv = _ui.attempt(exchange_path, db, csv_path, actor=_ui.actor())
         if ok:
             bar = st.progress(0.0, text="Importing...")
-            ok, result = _ui.attempt(
+            ok, result = _import_shown(
                 import_labelled_folder,
                 db,
                 source,
@@ -156,14 +179,14 @@ with folder_tab, st.form("import_folder"):
                 ),
             )
             bar.empty()
-            if ok:
+            if ok and result is not None:
                 _show_import(result)
 with zip_tab, st.form("import_zip", clear_on_submit=True):
     archive = st.file_uploader("Zip archive of photos", type=["zip"])
     zip_source, zip_category = _label_source("zip")
     labels_file = st.file_uploader("Labels CSV (with 'A labels CSV')", type=["csv"])
     if st.form_submit_button("Import zip") and archive is not None:
-        ok, result = _ui.attempt(
+        ok, result = _import_shown(
             import_labelled_upload,
             db,
             Upload(archive.name, archive.getvalue()),
@@ -172,7 +195,7 @@ with zip_tab, st.form("import_zip", clear_on_submit=True):
             category=zip_category,
             actor=_ui.actor(),
         )
-        if ok:
+        if ok and result is not None:
             _show_import(result)
 
 

@@ -472,11 +472,8 @@ def difference_hash(img: Image.Image) -> int | None:
     whose hash would match every other such picture.
     """
     small = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
-    bits = (small[:, 1:] > small[:, :-1]).flatten()
-    value = int("".join("1" if b else "0" for b in bits), 2)
-    if value in (0, 2**64 - 1):
-        return None
-    return value - 2**64 if value >= 2**63 else value
+    value = _signed(small[:, 1:] > small[:, :-1])
+    return None if value in (0, -1) else value
 
 
 # Content box: pixels at least this far (grey levels) from the border's median count as the product, and this share

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import re
-import tempfile
+import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,44 +61,30 @@ def thumb_rel_path(sha256: str) -> str:
     return f"thumbs/{_shard(sha256)}/{sha256}.jpg"
 
 
-@functools.cache
-def _file_mode() -> int:
-    """The mode a plain `open()` would give a new file (0o666 less the umask), read once.
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
-    Linux reports the umask in /proc without changing it; elsewhere it is read by setting and restoring it, which
-    is not thread-safe, hence once per process (the first store, before the decode threads write anything).
-    """
+
+def _open_temp(path: Path) -> tuple[int, Path]:
+    """A temporary file beside `path` for this thread alone (named by process and thread, so two writers never share
+    one and a dead process's leftover is simply overwritten), created with the usual umask-based mode, so a worker or
+    web server running as another user on shared storage can read the stored originals and thumbnails."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
+        return os.open(tmp, _TEMP_FLAGS, 0o666), tmp
+    except FileNotFoundError:  # first file in this shard: make the folder only then (saves a syscall per file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(tmp, _TEMP_FLAGS, 0o666), tmp
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through a temporary file in the same folder, then os.replace: readers never see half a file.
-
-    mkstemp creates the file 0600; it gets the usual umask-based mode instead, so a worker or web server running as
-    another user on shared storage can read the stored originals and thumbnails.
-    """
-    mode = _file_mode()
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    except FileNotFoundError:  # first file in this shard: make the folder only then (saves a syscall per file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
+    fd, tmp = _open_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
-            if hasattr(os, "fchmod"):  # not on Windows, where the mode bits mean little anyway
-                os.fchmod(fh.fileno(), mode)
             write(fh)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -114,8 +100,11 @@ def make_thumbnail(rgb: Image.Image, side: int) -> Image.Image:
     return rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
-def store_image(settings: Settings, data: bytes, decoded: DecodedImage) -> StoredFiles:
-    """Store the original bytes once (content addressed) and a JPEG thumbnail of the normalised image.
+def store_image(
+    settings: Settings, data: bytes, decoded: DecodedImage, *, thumbnail: Image.Image | None = None
+) -> StoredFiles:
+    """Store the original bytes once (content addressed) and a JPEG thumbnail of the normalised image (`thumbnail`,
+    when the caller has already made it with `make_thumbnail`).
 
     Idempotent: a file already present with the right size is kept, so re-importing after a failed
     database insert reuses it. No user-supplied name ever reaches a path here.
@@ -125,14 +114,22 @@ def store_image(settings: Settings, data: bytes, decoded: DecodedImage) -> Store
     thumb_rel = thumb_rel_path(sha)
     original = settings.data_dir / original_rel
     thumb = settings.data_dir / thumb_rel
-    wrote = False
-    if not (original.is_file() and original.stat().st_size == len(data)):
+    wrote = _size_of(original) != len(data)
+    if wrote:
         _atomic_write(original, lambda fh: fh.write(data))
-        wrote = True
-    if wrote or not thumb.is_file():
-        small = make_thumbnail(decoded.image, settings.thumbnail_size)
+    if wrote or _size_of(thumb) is None:
+        small = thumbnail if thumbnail is not None else make_thumbnail(decoded.image, settings.thumbnail_size)
         _atomic_write(thumb, lambda fh: small.save(fh, "JPEG", quality=THUMBNAIL_QUALITY))
     return StoredFiles(sha, original_rel, thumb_rel, original, thumb, wrote)
+
+
+def _size_of(path: Path) -> int | None:
+    """The size of a regular file at `path`, None when there is none (one stat call)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_size if stat.S_ISREG(found.st_mode) else None
 
 
 def _inside_data_dir(settings: Settings, rel: str) -> Path:

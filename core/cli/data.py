@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from core.catalog import export as export_mod
 from core.catalog import labels as labels_mod
-from core.catalog.ingest import ImportResult, RefusedItem, import_paths
+from core.catalog.ingest import ImportResult, RefusedItem, import_paths, stored_before
 from core.catalog.stats import catalogue_stats
 from core.cli.app import (
     ActorOpt,
@@ -84,15 +84,23 @@ def import_command(
                 bar.set_postfix_str(name[-40:], refresh=False)
                 bar.update(max(0, done - bar.n))
 
-            result = import_paths(
-                db,
-                existing,
-                labels_from_folders=labels_from_folders,
-                labels_csv=labels_csv,
-                category=category,
-                actor=actor_or_default(actor),
-                progress=progress,
-            )
+            try:
+                result = import_paths(
+                    db,
+                    existing,
+                    labels_from_folders=labels_from_folders,
+                    labels_csv=labels_csv,
+                    category=category,
+                    actor=actor_or_default(actor),
+                    progress=progress,
+                )
+            except Exception as exc:  # the error is reported by the CLI's handler; first what was stored before it
+                if (partial := stored_before(exc)) is not None and not as_json:
+                    bar.close()
+                    partial.refused[:0] = missing
+                    typer.secho("The import stopped on an error. Stored before it:", bold=True)
+                    _print_import_summary(partial)
+                raise
     result.refused[:0] = missing
 
     if as_json:

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import create_engine, event, select, text
+from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from typer.testing import CliRunner
 
-from core.catalog.ingest import import_paths
+from core.catalog.ingest import import_paths, stored_before
 from core.catalog.labels import list_categories
 from core.db import Database
 from core.errors import StorageError, as_storage_error
@@ -224,6 +224,8 @@ def test_a_disk_that_fills_during_an_import_keeps_what_was_stored_and_leaves_no_
     assert_clean(str(refusal), db.settings.data_dir)
     # What the progress reported as stored is what is stored; the failed batch's files (and those in flight) are gone.
     assert reported == [f"later/shoe_{i:02}.png" for i in range(4)]
+    partial = stored_before(failure.value)  # the error carries the report of the batches committed before it
+    assert partial is not None and [item.name for item in partial.imported] == reported
     with db.read() as session:
         stored_later = session.scalars(select(Image.original_name).where(Image.original_name.like("later/%"))).all()
     assert sorted(stored_later) == reported
@@ -236,3 +238,39 @@ def test_a_disk_that_fills_during_an_import_keeps_what_was_stored_and_leaves_no_
     assert (len(again.imported), len(again.duplicates), again.refused) == (8, 4, [])
     files, rows = files_and_rows(db)
     assert files == rows and len(rows) == 2 * 24
+
+
+def test_cli_import_stopped_by_a_full_disk_reports_what_it_stored_before_the_error(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.catalog.ingest.importer as importer
+    import core.cli  # noqa: F401 (registers the commands)
+    from core.cli.app import app
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(12):
+        (photos / f"shoe_{i:02}.png").write_bytes(image_bytes("Shoes", 200 + i, size=24))
+    monkeypatch.setattr(importer, "BATCH_ROWS", 4)
+    monkeypatch.setattr(importer, "BATCH_SECONDS", 3600.0)
+    db.dispose()
+    wal = db.settings.data_dir / "prodcat.sqlite3-wal"
+    write_batch = importer.Importer.write_batch
+    with file_size_limit(512 * 1024) as set_limit:
+
+        def first_batch_then_a_full_disk(self: importer.Importer) -> None:
+            write_batch(self)
+            if wal.exists():  # from the second batch on, the write-ahead log may not grow
+                set_limit(wal.stat().st_size)
+
+        monkeypatch.setattr(importer.Importer, "write_batch", first_batch_then_a_full_disk)
+        cli = CliRunner().invoke(app, ["import", str(photos), "--category", "Shoes"])
+    assert cli.exit_code == 1, cli.output
+    assert "The import stopped on an error. Stored before it:\n4 imported, 0 duplicates, 0 refused" in cli.output
+    # SQLite reports a write-ahead log that may not grow (EFBIG) as an I/O error, a full disk (ENOSPC) as full.
+    assert "Error: the disk holding the data directory 'data' " in cli.output
+    assert_clean(cli.output, db.settings.data_dir)
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(Image)) == 4
+    files, rows = files_and_rows(db)
+    assert files == rows and len(rows) == 2 * 4

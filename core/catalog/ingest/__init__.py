@@ -2,13 +2,15 @@
 
 Every file is validated by content, stored content-addressed, and reported as imported, duplicate or refused with the
 reason; one bad file never stops the import. The package: `imports` (the public functions), `importer` (reading,
-decoding on a thread pool, the write transactions), `zips` (zip archives and their caps), `labels_csv` (the labels
-CSV), `candidates` (one file to import and the names it goes by), `decoding`, `results`. Everything public is
+the lookups, the write transactions), `decoding` (decoding, checking, storing and hashing new files, in threads or
+processes), `zips` (zip archives and their caps), `labels_csv` (the labels CSV), `candidates` (one file to import and
+the names it goes by), `results`. Everything public is
 importable from `core.catalog.ingest`.
 """
 
 from core.catalog.ingest.candidates import LINK_OUTSIDE_FOLDER
-from core.catalog.ingest.importer import DECODE_THREADS, READ_AHEAD_BYTES
+from core.catalog.ingest.decoding import DECODE_THREADS
+from core.catalog.ingest.importer import READ_AHEAD_BYTES
 from core.catalog.ingest.imports import (
     LabelSource,
     import_labelled_folder,
@@ -17,7 +19,15 @@ from core.catalog.ingest.imports import (
     import_uploads,
 )
 from core.catalog.ingest.labels_csv import LabelsCSV, read_labels_csv
-from core.catalog.ingest.results import DuplicateItem, ImportedItem, ImportResult, ProgressCallback, RefusedItem, Upload
+from core.catalog.ingest.results import (
+    DuplicateItem,
+    ImportedItem,
+    ImportResult,
+    ProgressCallback,
+    RefusedItem,
+    Upload,
+    stored_before,
+)
 from core.catalog.ingest.zips import RATIO_FLOOR_BYTES, ZIP_LISTED_FACTOR, ZipCaps, listed_zip_entries
 
 __all__ = [
@@ -41,4 +51,5 @@ __all__ = [
     "import_uploads",
     "listed_zip_entries",
     "read_labels_csv",
+    "stored_before",
 ]

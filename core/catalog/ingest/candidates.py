@@ -45,8 +45,8 @@ def is_litter(parts: Iterable[str]) -> bool:
 
 def clean_parts(name: str) -> list[str]:
     """Path components of a zip entry or relative path, for display and labels only (never for writing)."""
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    return [p for p in parts if p not in ("", "/", ".", "..") and not p.endswith(":")]
+    parts = name.replace("\\", "/").split("/")  # not PurePosixPath: this runs several times per imported file
+    return [p for p in parts if p not in ("", ".", "..") and not p.endswith(":")]
 
 
 def is_plain_name(name: str) -> bool:

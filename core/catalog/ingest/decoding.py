@@ -1,12 +1,24 @@
-"""Decodes side by side within a pixel budget, handing the memory of large ones back to the system."""
+"""Preparing an import's new files, off the importing thread: decode, validate, store, hash; decodes side by side
+within a pixel budget, handing the memory of large ones back to the system."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+
+from core.catalog.imaging import ContentHashes, DecodedImage, content_hashes, difference_hash, inspect_and_decode
+from core.catalog.store import StoredFiles, make_thumbnail, store_image
+from core.errors import ImageRefused
+from core.settings import Settings
+
+# Threads that decode in the importing process (Pillow and hashlib release the GIL; at most the CPU count).
+DECODE_THREADS = 4
 
 
 def _glibc_malloc_trim() -> Callable[[int], int] | None:
@@ -47,3 +59,53 @@ class DecodeGate:
                 self.changed.notify_all()
             if pixels >= _TRIM_AFTER_PIXELS and _MALLOC_TRIM is not None:
                 _MALLOC_TRIM(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One new file.
+
+
+@dataclass
+class Prepared:
+    """What became of one new file: its validated metadata and stored files, or the refusal."""
+
+    decoded: DecodedImage | None = None
+    stored: StoredFiles | None = None
+    refusal: str | None = None
+    phash: int | None = None
+    hashes: ContentHashes | None = None
+
+
+def prepare_file(
+    settings: Settings,
+    name: str,
+    data: bytes,
+    sha: str,
+    decode_slot: Callable[[int], AbstractContextManager[object]] | None = None,
+) -> Prepared:
+    """Validate, decode and store one file, and hash its picture (touches no database)."""
+    try:
+        decoded = inspect_and_decode(
+            name, data, settings, sha256=sha, draft_size=settings.thumbnail_size, decode_slot=decode_slot
+        )
+    except ImageRefused as exc:
+        return Prepared(refusal=exc.reason)
+    # The thumbnail is made once: stored, and the hashes are taken from it (a photo's draft decode has about 4x its
+    # pixels; the hashes are made to survive resizing, and a stored image's pixel check reads its thumbnail).
+    thumbnail = make_thumbnail(decoded.image, settings.thumbnail_size)
+    decoded.image = None  # type: ignore[assignment]  # free the decoded pixels now
+    try:
+        stored = store_image(settings, data, decoded, thumbnail=thumbnail)
+    except OSError as exc:
+        return Prepared(refusal=f"could not be stored ({exc.strerror or exc}); check free disk space")
+    return Prepared(decoded=decoded, stored=stored, phash=difference_hash(thumbnail), hashes=content_hashes(thumbnail))
+
+
+def decode_threads() -> ThreadPoolExecutor:
+    """The threads that prepare an import's new files (Pillow and hashlib release the GIL).
+
+    Threads, not processes: measured on 2 shared cores (benchmarks/bench_ingest.py, 3,000 64 px PNGs and 400
+    1000 px JPEGs, 2026-11-30), a pool of forkserver processes imported 30 % fewer small files and 30 % fewer photos a
+    second than these threads, starting it and moving the bytes cost more than the GIL did.
+    """
+    return ThreadPoolExecutor(max_workers=min(DECODE_THREADS, os.cpu_count() or 1), thread_name_prefix="ingest")

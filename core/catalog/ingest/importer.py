@@ -1,5 +1,6 @@
-"""The importer: reads candidates in order, decodes, validates and stores new files on a small thread pool, and writes
-the rows and labels of many images in one transaction, reporting every file as imported, duplicate or refused.
+"""The importer: reads candidates in order, decodes, validates and stores new files in threads or processes
+(`core.catalog.ingest.decoding`), and writes the rows and labels of many images in one transaction, reporting every
+file as imported, duplicate or refused.
 
 Files are stored before their rows, so a row never points to a missing file. When a batch's transaction fails, the
 originals and thumbnails that batch (and the files still in flight) wrote are removed again, unless a row of another
@@ -10,7 +11,6 @@ rows, and importing them again reuses them.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,11 +23,18 @@ from sqlalchemy.orm import Session
 
 from core.auth import Action, record
 from core.catalog.duplicates import HashArrays, HashIndex, join_group, load_hash_index
-from core.catalog.imaging import ContentHashes, DecodedImage, content_hashes, difference_hash, inspect_and_decode
+from core.catalog.imaging import ContentHashes
 from core.catalog.ingest.candidates import Candidate, Refuse, Skip, norm_key
-from core.catalog.ingest.decoding import DecodeGate
+from core.catalog.ingest.decoding import DecodeGate, Prepared, decode_threads, prepare_file
 from core.catalog.ingest.labels_csv import LabelsCSV
-from core.catalog.ingest.results import DuplicateItem, ImportedItem, ImportResult, ProgressCallback, RefusedItem
+from core.catalog.ingest.results import (
+    DuplicateItem,
+    ImportedItem,
+    ImportResult,
+    ProgressCallback,
+    RefusedItem,
+    attach_result,
+)
 from core.catalog.ingest.zips import ZipCaps, ZipSource
 from core.catalog.labels import (
     LabelMove,
@@ -38,14 +45,12 @@ from core.catalog.labels import (
     get_or_create_category,
 )
 from core.catalog.splits import split_for_hash
-from core.catalog.store import StoredFiles, store_image
+from core.catalog.store import StoredFiles
 from core.db import Database, in_chunks
-from core.errors import CategoryError, ImageRefused
+from core.errors import CategoryError
 from core.schema import Category, Image, Label, LabelAction
 
 _MAX_NAME = 500  # images.original_name / images.source column width
-# Decode/store threads: Pillow and hashlib release the GIL, so two threads use two cores.
-DECODE_THREADS = 4
 # Files read ahead of the one that joins a batch next, and at most this many bytes of them (but always one file): the
 # thread pool keeps decoding small files while the main thread writes a batch, and large files are not all held at once.
 READ_AHEAD_FILES = 128
@@ -71,17 +76,6 @@ _INSERT_IMAGES = insert(_IMAGES).returning(_IMAGES.c.id, sort_by_parameter_order
 
 
 @dataclass
-class _Prepared:
-    """What a worker thread made of one new file: its validated metadata and stored files, or the refusal."""
-
-    decoded: DecodedImage | None = None
-    stored: StoredFiles | None = None
-    refusal: str | None = None
-    phash: int | None = None
-    hashes: ContentHashes | None = None
-
-
-@dataclass
 class _Pending:
     """One candidate between reading (main thread) and joining a batch (main thread, in input order)."""
 
@@ -93,7 +87,7 @@ class _Pending:
     existing: tuple[int, str] | None = None  # a duplicate of an image already in the database
     same_as_in_flight: bool = False  # same bytes as an earlier file of this import not yet written
     data: bytes | None = None  # until submitted; kept for same_as_in_flight (re-done if the earlier copy is refused)
-    future: Future[_Prepared] | None = None
+    future: Future[Prepared] | None = None
     size: int = 0  # bytes read, held until the worker thread is done with them
 
 
@@ -104,7 +98,7 @@ class _New:
     cand: Candidate
     sha: str
     category: str | None
-    prepared: _Prepared
+    prepared: Prepared
     sku: str | None = None
 
 
@@ -193,9 +187,9 @@ def _size(item: _Pending | Skip | RefusedItem) -> int:
 
 class Importer:
     """Runs an import: the main thread reads and hashes files in order and looks them up in the catalogue a group at a
-    time; a small thread pool decodes, validates and stores new files (Pillow and hashlib release the GIL), a bounded
-    number at a time; the main thread writes the rows of up to BATCH_ROWS images in one transaction, in input order.
-    Memory stays flat whatever the number of files and the batch size.
+    time; a few threads (`decode_threads`) decode, validate and store new files, a bounded number at a time; the main
+    thread writes the rows of up to BATCH_ROWS images in one transaction, in input order. Memory stays flat whatever
+    the number of files and the batch size.
     """
 
     def __init__(
@@ -232,7 +226,6 @@ class Importer:
         self.in_flight: set[str] = set()  # new images of this import not yet written (or refused)
         self.stored_before: dict[str, tuple[int, str]] = {}  # the current lookup group's hashes found in the database
         self.category_checks: dict[str, str | CategoryError] = {}
-        self.workers = min(DECODE_THREADS, os.cpu_count() or 1)
         self.decode_gate = DecodeGate(self.settings.max_image_pixels)
         self.batch = _Batch()
         self._hash_index: HashIndex | None = None  # loaded at the first new image, appended to as rows go in
@@ -296,7 +289,7 @@ class Importer:
     def run(self, items: Iterable[Candidate | Skip | RefusedItem | ZipSource]) -> ImportResult:
         pending: deque[_Pending | Skip | RefusedItem] = deque()
         held = 0  # bytes of the pending files, read and not yet decoded (or kept for a copy)
-        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="ingest") as pool:
+        with decode_threads() as pool:
             try:
                 for group in self._read_groups(self._flatten(items)):
                     self.stored_before = self.find_stored(
@@ -311,8 +304,9 @@ class Importer:
                 while pending:
                     self.finish(pending.popleft())
                 self.write_batch()
-            except BaseException:
+            except BaseException as exc:
                 self.abandon(pending)
+                attach_result(exc, self.result)  # what the committed batches stored, for the report beside the error
                 raise
         return self.result
 
@@ -353,7 +347,7 @@ class Importer:
                 f"in {self.csv_name} ({listed}); it was left unlabelled",
             )
             return None
-        for key in cand.label_keys:
+        for key in cand.label_keys if self.labels or self.ambiguous else ():  # no CSV names: nothing to look up
             if not key:
                 continue
             norm = norm_key(key)
@@ -380,7 +374,7 @@ class Importer:
         if sha in self.ambiguous_skus_sha256:
             self._ambiguous_sku(sha, f"{cand.name!r} (sha256 {sha[:12]}...)", self.ambiguous_skus_sha256[sha])
             return None
-        for key in filter(None, cand.label_keys):
+        for key in filter(None, cand.label_keys if self.skus or self.ambiguous_skus else ()):
             norm = norm_key(key)
             if (found := self.skus.get(norm)) is not None:
                 return found
@@ -426,26 +420,9 @@ class Importer:
                 found.update({sha: (image_id, name) for sha, image_id, name in session.execute(query)})
         return found
 
-    def prepare(self, name: str, data: bytes, sha: str) -> _Prepared:
-        """Validate, decode and store one file (runs in a worker thread; touches no database)."""
-        try:
-            decoded = inspect_and_decode(
-                name,
-                data,
-                self.settings,
-                sha256=sha,
-                draft_size=self.settings.thumbnail_size,
-                decode_slot=self.decode_gate.slot,
-            )
-        except ImageRefused as exc:
-            return _Prepared(refusal=exc.reason)
-        try:
-            stored = store_image(self.settings, data, decoded)
-        except OSError as exc:
-            return _Prepared(refusal=f"could not be stored ({exc.strerror or exc}); check free disk space")
-        phash, hashes = difference_hash(decoded.image), content_hashes(decoded.image)
-        decoded.image = None  # type: ignore[assignment]  # the thumbnail is written: free the pixels now
-        return _Prepared(decoded=decoded, stored=stored, phash=phash, hashes=hashes)
+    def prepare(self, name: str, data: bytes, sha: str) -> Prepared:
+        """`prepare_file` within this import's pixel budget (runs in a decode thread; touches no database)."""
+        return prepare_file(self.settings, name, data, sha, self.decode_gate.slot)
 
     def start(self, p: _Pending, pool: ThreadPoolExecutor) -> _Pending:
         """Decide what a read file needs (its group already looked up): nothing, or decoding on the pool."""
@@ -688,7 +665,7 @@ class Importer:
                 )
 
     def image_row(
-        self, session: Session, cand: Candidate, sha: str, prepared: _Prepared
+        self, session: Session, cand: Candidate, sha: str, prepared: Prepared
     ) -> tuple[dict[str, object], str]:
         """The values of a new image's row (its files are already in place) and its split."""
         decoded, stored, phash, hashes = prepared.decoded, prepared.stored, prepared.phash, prepared.hashes

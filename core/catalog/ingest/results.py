@@ -41,6 +41,28 @@ class ImportResult:
     def summary(self) -> str:
         return f"{len(self.imported)} imported, {len(self.duplicates)} duplicates, {len(self.refused)} refused"
 
+    def empty(self) -> bool:
+        """Whether nothing at all was reported."""
+        return not (self.imported or self.duplicates or self.refused or self.notes)
+
+
+_RESULT_ATTRIBUTE = "prodcat_import_result"
+
+
+def attach_result(exc: BaseException, result: ImportResult) -> None:
+    """Let an error that ended an import carry the report of what the batches before it stored (`stored_before`):
+    the error itself propagates unchanged, so every handler of database and disk failures still recognises it."""
+    try:
+        setattr(exc, _RESULT_ATTRIBUTE, result)
+    except AttributeError:  # an exception type with __slots__: the report is lost, the error is not
+        pass
+
+
+def stored_before(exc: BaseException) -> ImportResult | None:
+    """The report of what an import stored before `exc` ended it (imported, duplicates, refused so far), if any."""
+    result = getattr(exc, _RESULT_ATTRIBUTE, None)
+    return result if isinstance(result, ImportResult) and not result.empty() else None
+
 
 @dataclass
 class Upload:
