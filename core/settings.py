@@ -89,6 +89,14 @@ class Settings(BaseSettings):
     worker_idle_exit_s: float = Field(
         300.0, ge=0, description="A worker started by the UI (ensure_worker) exits after this long without a job."
     )
+    worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much the training worker lowers its CPU priority (a nice increment, as `nice -n`): on a "
+        "machine it shares with the app server, people's clicks get the cores before training does, and training "
+        "still gets every idle cycle. 0 keeps the priority it was started with.",
+    )
 
     default_actor: str = "staff"
     auth: Literal["builtin", "none"] = Field(

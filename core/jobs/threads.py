@@ -1,4 +1,5 @@
-"""CPU threads of the training worker: how many torch threads, and an OpenMP wait policy that yields to a busy core."""
+"""CPU share of the training worker: how many torch threads, an OpenMP wait policy that yields to a busy core, and a
+lower CPU priority than the app server's."""
 
 from __future__ import annotations
 
@@ -101,3 +102,19 @@ def _int_or_none(text: str | None) -> int | None:
         return int(text) if text is not None else None
     except ValueError:
         return None
+
+
+def lower_worker_priority(increment: int) -> int:
+    """Lower this process's CPU priority by `increment` (`Settings.worker_nice`); returns its niceness after.
+
+    Training is background work: on a shared machine the scheduler then runs the app server's request threads (and
+    people's label writes, which wait for no one else's turn) first, and training takes what they leave, which on an
+    idle machine is everything. A platform without `os.nice` (Windows) keeps its priority.
+    """
+    if not hasattr(os, "nice"):
+        return 0
+    try:
+        return os.nice(max(0, increment))
+    except OSError as exc:  # a sandbox that forbids it: run at the priority given
+        log.warning("could not lower the worker's CPU priority: %s", exc)
+        return os.nice(0)

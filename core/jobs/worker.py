@@ -34,7 +34,7 @@ from sqlalchemy.exc import OperationalError
 from core.db import Database
 from core.errors import DatabaseBusy, JobCancelled, ProdcatError, TrainingRefused
 from core.jobs import queue as jobs
-from core.jobs.threads import apply_worker_threads
+from core.jobs.threads import apply_worker_threads, lower_worker_priority
 from models.errors import NotEnoughData, TrainingStopped
 
 log = logging.getLogger("core.jobs.worker")
@@ -439,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it.
     threads = apply_worker_threads()
-    log.info("worker threads: %s", threads.describe())
+    niceness = lower_worker_priority(get_settings().worker_nice)
+    log.info("worker threads: %s; niceness %d", threads.describe(), niceness)
     try:
         db = open_database(get_settings())
     except ProdcatError as exc:  # a refused data directory, say: one line in the log, no traceback

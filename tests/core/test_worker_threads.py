@@ -1,4 +1,5 @@
-"""The worker's CPU threads: sleeping OpenMP waits, a core left to the app on big machines, operators' values kept."""
+"""The worker's CPU share: sleeping OpenMP waits, a core left to the app on big machines, a lower priority than the
+app's, operators' values kept."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ OMP_VARS = (THREADS_VAR, WAIT_POLICY_VAR, "OMP_DISPLAY_ENV", "MKL_NUM_THREADS")
 
 # Runs the worker's real entry point (no job queued: it returns at once), then loads torch the way a job would.
 HAND_STARTED_WORKER = """
+import os
 from core.jobs import worker
 assert worker.main(["--once"]) == 0
 import torch
 print(f"torch.get_num_threads() = {torch.get_num_threads()}")
+print(f"niceness = {os.nice(0)}")
 """
 
 
@@ -85,12 +88,15 @@ def test_a_hand_started_worker_sets_passive_waits_and_all_cores_before_torch_loa
     assert openmp_read(output, WAIT_POLICY_VAR) == "PASSIVE"
     assert f"torch.get_num_threads() = {usable_cores()}" in output
     assert f"worker threads: threads {usable_cores()}, OMP_WAIT_POLICY PASSIVE" in output  # its log says so
+    # Background work: people's clicks on the same machine get the cores first (PRODCAT_WORKER_NICE, default 10).
+    assert f"niceness = {min(os.nice(0) + 10, 19)}" in output
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(usable_cores() < 2, reason="one core: the operator's 1 thread is also the worker's own choice")
 def test_a_hand_started_worker_keeps_the_operators_omp_settings(db: Database) -> None:
     # 1 thread: not what a hand-started worker picks by itself (all cores); torch caps values above the core count.
-    output = run_hand_started_worker({THREADS_VAR: "1", WAIT_POLICY_VAR: "ACTIVE"})
+    output = run_hand_started_worker({THREADS_VAR: "1", WAIT_POLICY_VAR: "ACTIVE", "PRODCAT_WORKER_NICE": "0"})
     assert openmp_read(output, WAIT_POLICY_VAR) == "ACTIVE"
     assert "torch.get_num_threads() = 1" in output
+    assert f"niceness = {os.nice(0)}" in output  # 0: the priority it was started with
