@@ -17,6 +17,7 @@ from torch import nn
 
 from models.errors import CheckpointInvalid
 from models.factory import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PreprocessConfig, create_network
+from models.stages import MAX_BLOCK_INDEX, StagePooledNet
 
 SIDECAR_FORMAT = 1
 # Bounds on what a sidecar may claim, checked before anything is built from it: a sidecar is a file anyone with
@@ -53,6 +54,7 @@ class CheckpointMeta:
     library_versions: dict[str, str] = field(default_factory=library_versions)
     pretrained_source: str = "none"
     backbone_id: str = ""
+    feature_blocks: list[int] = field(default_factory=list)  # a StagePooledNet's pooled blocks; [] for a plain net
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -159,6 +161,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "library_versions": (dict,),
     "pretrained_source": (str,),
     "backbone_id": (str,),
+    "feature_blocks": (list,),
 }
 _REQUIRED = ("arch", "class_names", "image_size", "mean", "std", "crop_pct", "interpolation")
 
@@ -233,6 +236,11 @@ def _check_types(side: Path, values: dict[str, Any]) -> None:
         raise CheckpointInvalid(f"{side}: crop_pct {values['crop_pct']} resizes photos past {2 * MAX_IMAGE_SIZE} px")
     if "temperature" in values and not 0 < values["temperature"] < 1000:
         raise CheckpointInvalid(f"{side}: temperature must be positive")
+    blocks = values.get("feature_blocks", [])
+    if len(blocks) > MAX_BLOCK_INDEX or not all(
+        isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= MAX_BLOCK_INDEX for b in blocks
+    ):
+        raise CheckpointInvalid(f"{side}: feature_blocks must be block indices 0 to {MAX_BLOCK_INDEX}")
 
 
 def load_checkpoint(
@@ -253,6 +261,8 @@ def load_checkpoint(
         raise CheckpointInvalid(f"{path}: not a readable safetensors file ({exc})") from exc
     try:
         model, _ = create_network(meta.arch, len(meta.class_names), pretrained="none")
+        if meta.feature_blocks:
+            model = StagePooledNet(model, meta.feature_blocks, len(meta.class_names))
     except ValueError as exc:
         raise CheckpointInvalid(f"{path}: {exc}") from exc
     try:

@@ -8,7 +8,7 @@ import dataclasses
 import gc
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -25,6 +25,7 @@ from models.errors import NotEnoughData, TrainingStopped
 from models.factory import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PreprocessConfig, timm_api
 from models.modes import TrainMode
 from models.preprocess import PixelRows, augment_batch, normalize_nchw, numpy_to_tensor
+from models.stages import block_dims
 
 ProgressCallback = Callable[["Progress"], None]
 StopCheck = Callable[[], bool]
@@ -787,9 +788,12 @@ def fit_head(
     *,
     num_classes: int,
     config: TrainConfig | None = None,
+    blocks: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`fit_linear_head`'s (weight, bias)."""
-    fit = fit_linear_head(features, labels, val_features, val_labels, num_classes=num_classes, config=config)
+    fit = fit_linear_head(
+        features, labels, val_features, val_labels, num_classes=num_classes, config=config, blocks=blocks
+    )
     return fit.weight, fit.bias
 
 
@@ -801,12 +805,16 @@ def fit_linear_head(
     *,
     num_classes: int,
     config: TrainConfig | None = None,
+    blocks: Sequence[int] | None = None,
 ) -> HeadFit:
     """A class-balanced, L2-regularised multinomial logistic regression on features -> (weight (C, D), bias (C,)).
 
     Full-batch LBFGS on standardised features (folded back into the returned weights, so they apply to raw
-    features). Without `config.head_l2`, the strength is chosen from a small grid by validation log loss
-    (warm-started from strong to weak). Classes absent from `labels` keep zero weights and a very low bias.
+    features). `blocks`, the widths of consecutive feature blocks (a stage-pooled network's `block_dims`), scales each
+    standardised block to the same total variance, so that the widest block does not take the L2 budget (measured:
+    +1.3 points over standardising alone, models/stages.py). Without `config.head_l2`, the strength is chosen from a
+    small grid by validation log loss (warm-started from strong to weak). Classes absent from `labels` keep zero
+    weights and a very low bias.
     """
     config = config or TrainConfig()
     x = torch.as_tensor(np.asarray(features, dtype=np.float32))
@@ -819,7 +827,7 @@ def fit_linear_head(
         raise ValueError(f"labels must be class indices in [0, {num_classes})")
 
     mean = x.mean(dim=0)
-    std = x.std(dim=0).clamp_min(1e-6)
+    std = x.std(dim=0).clamp_min(1e-6) / _block_scales(blocks, x.shape[1])
     z = (x - mean) / std
     counts = torch.bincount(y, minlength=num_classes).double()
     if config.balance == "none":
@@ -862,6 +870,15 @@ def fit_linear_head(
     w_raw = w / std
     b_raw = b - w_raw @ mean
     return HeadFit(w_raw.contiguous(), b_raw.contiguous(), float(chosen))
+
+
+def _block_scales(blocks: Sequence[int] | None, width: int) -> torch.Tensor:
+    """Per feature: sqrt(width / (number of blocks * its block's width)), 1 without blocks."""
+    if not blocks:
+        return torch.ones(width)
+    if sum(blocks) != width or min(blocks) < 1:
+        raise ValueError(f"feature blocks {list(blocks)} do not add up to the {width} features")
+    return torch.cat([torch.full((b,), (width / (len(blocks) * b)) ** 0.5) for b in blocks])
 
 
 @contextlib.contextmanager
@@ -1010,7 +1027,13 @@ def train_quick(
     _report(on_progress, Progress(phase="head", step=0, steps=1, device="cpu"))
     num_classes = len(data.class_names)
     weight, bias = fit_head(
-        train_features, data.train_labels, val_features, data.val_labels, num_classes=num_classes, config=config
+        train_features,
+        data.train_labels,
+        val_features,
+        data.val_labels,
+        num_classes=num_classes,
+        config=config,
+        blocks=block_dims(model),
     )
     set_head(model, weight, bias)
     model.eval()

@@ -514,6 +514,7 @@ def _save_and_register(
     job killed mid-write is removed once the job is failed.
     """
     from models.checkpoint import CheckpointMeta, save_checkpoint
+    from models.stages import stage_blocks
 
     settings = db.settings
     model = start.model.to("cpu").eval()
@@ -527,6 +528,7 @@ def _save_and_register(
         data_snapshot=labelled.snapshot,
         pretrained_source=start.pretrained_source,
         backbone_id=backbone_id(model, cfg),
+        feature_blocks=stage_blocks(model),
     )
     with staged_checkpoint(settings, job_id) as staging:
         save_checkpoint(staging / "model.safetensors", model, meta)
@@ -585,6 +587,7 @@ def _starting_network(
     from models.checkpoint import load_checkpoint
     from models.errors import CheckpointInvalid, WeightsInvalid, WeightsUnavailable
     from models.factory import build_network
+    from models.stages import with_stage_features
     from models.training import resize_head
 
     torch.manual_seed(config.seed)  # a fresh network's (or new head rows') initial weights follow the job's seed
@@ -606,6 +609,8 @@ def _starting_network(
     assert lineage.weights is not None
     try:
         model = build_network(lineage.weights, len(class_ids))
+        if config.mode == TrainMode.QUICK:  # measured for quick heads only (models/stages.py)
+            model = with_stage_features(model, lineage.weights.arch)
     except (WeightsInvalid, WeightsUnavailable) as exc:
         raise TrainingRefused(f"pretrained weights refused: {exc}") from exc
     notes.append(lineage.describe())

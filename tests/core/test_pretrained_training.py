@@ -11,7 +11,7 @@ from core import db as core_db
 from core.db import Database
 from core.jobs.queue import enqueue_training, get_job
 from core.jobs.worker import run_job_in_foreground
-from core.ml.versions import active_version, checkpoint_path
+from core.ml.versions import active_version, checkpoint_path, get_version
 from core.schema import JobStatus
 from core.settings import get_settings
 from models.checkpoint import read_meta
@@ -65,6 +65,14 @@ def test_a_first_retrain_from_the_bundled_backbone_beats_random_init_and_says_wh
     assert version is not None and version.arch == "efficientnet_lite0"  # the architecture followed the weights
     meta = read_meta(checkpoint_path(db, version))  # the sidecar says where the weights came from
     assert meta.pretrained_source == "bundled:efficientnet_lite0" and meta.arch == "efficientnet_lite0"
+    assert meta.feature_blocks == [4, 5, 6, 7]  # the quick head reads inner blocks too (models/stages.py)
+    # The next retrain continues the lineage from that checkpoint (a stage-pooled network loaded back) and serves.
+    job_id = enqueue_training(db, "quick", {}, "tester")
+    again = run_job_in_foreground(db, job_id)
+    assert again is not None, get_job(db, job_id).error
+    child = get_version(db, again)
+    assert child.parent_id == version.id  # continued from it, not a fresh network
+    assert read_meta(checkpoint_path(db, child)).feature_blocks == [4, 5, 6, 7]
     core_db.close_all()
 
 
