@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,7 @@ def cross_validated_probs(
     folds: int = DEFAULT_FOLDS,
     seed: int = 0,
     config: TrainConfig | None = None,
+    blocks: Sequence[int] | None = None,
 ) -> CrossValidated:
     """K-fold out-of-sample probabilities of a class-balanced linear head (`fit_linear_head`) on features.
 
@@ -91,7 +93,9 @@ def cross_validated_probs(
             continue
         fold_config = config if chosen is None else _with_l2(config, chosen)
         held_x, held_y = (x[held_rows], y[held_rows]) if chosen is None else (None, None)
-        fit = fit_linear_head(x[train_rows], y[train_rows], held_x, held_y, num_classes=num_classes, config=fold_config)
+        fit = fit_linear_head(
+            x[train_rows], y[train_rows], held_x, held_y, num_classes=num_classes, config=fold_config, blocks=blocks
+        )
         chosen = fit.l2
         logits = x[held_rows].astype(np.float64) @ fit.weight.double().numpy().T + fit.bias.double().numpy()
         probs[held_rows] = _softmax(logits)

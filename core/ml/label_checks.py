@@ -35,6 +35,7 @@ class LabelledSet:
     labels: np.ndarray
     features: np.ndarray
     class_category_ids: list[int]
+    feature_blocks: tuple[int, ...] | None = None  # widths of the features' blocks (a stage-pooled network's)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def check_labels(labelled: LabelledSet, *, folds: int, seed: int = 0, config: An
         folds=folds,
         seed=seed,
         config=config,
+        blocks=labelled.feature_blocks,
     )
     problems = find_label_problems(labelled.labels, cv.probs)
     outlier = _labelled_outlier_scores(labelled.features, seed=seed)

@@ -44,6 +44,7 @@ from core.ml.versions import (
 from core.schema import Category, Image, Label, LabelEvent, ModelVersion, Split, TrainingJob, VersionStatus
 from core.settings import Settings
 from models.modes import TrainMode
+from models.stages import block_dims
 
 if TYPE_CHECKING:
     from models.training import TrainConfig, TrainData
@@ -417,6 +418,7 @@ def _check_labels(settings: Settings, trained: _Trained, labelled: _Labelled, co
         labels=np.concatenate([d.labels for d in splits]),
         features=np.concatenate([trained.features[s.value] for s in Split]),
         class_category_ids=labelled.class_ids,
+        feature_blocks=trained.feature_blocks,
     )
     try:
         return check_labels(checked, folds=settings.label_check_folds, seed=config.seed, config=config)
@@ -636,6 +638,7 @@ class _Trained:
     logits: dict[str, np.ndarray]
     features: dict[str, np.ndarray]
     metrics: dict[str, Any]
+    feature_blocks: tuple[int, ...] | None = None  # a stage-pooled network's block widths (models.stages)
 
 
 def _labelled_features(
@@ -709,6 +712,7 @@ def _train_quick(
             "features_computed": features_cache.computed,
             "backbone_id": features_cache.backbone_id,
         },
+        block_dims(result.model),
     )
 
 
@@ -769,6 +773,7 @@ def _train_full(
             "stopped_early": result.stopped_early,
             **({"devices": result.extra["devices"]} if "devices" in result.extra else {}),
         },
+        block_dims(result.model),
     )
 
 
