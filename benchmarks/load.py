@@ -380,7 +380,9 @@ def run_once(args: argparse.Namespace, database: str, cluster: Any) -> RunFigure
     children = spawn_labellers(args, work, env, ids)
     job_id = None if args.alone else jobs.enqueue_training(db, "quick", json.loads(args.train_params), "trainer")
     go = time.time()
-    (work / "go").write_text(json.dumps({"deadline": go + args.seconds}))
+    # Written whole, then renamed: a labeller polling for the file never reads it half-written.
+    (work / "go.tmp").write_text(json.dumps({"deadline": go + args.seconds}))
+    (work / "go.tmp").replace(work / "go")
     background = [] if folder is None else start_import_and_worker(folder, work, env)
     load_at_go = os.getloadavg()[0]
     for child in children:
