@@ -1,4 +1,4 @@
-"""Export the labels: a `filename,category` CSV that re-imports, and an ImageFolder tree of the originals."""
+"""Export the labels: a `filename,category[,sku]` CSV that re-imports, and an ImageFolder tree of the originals."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from core.db import Database
 from core.errors import ProdcatError
 from core.schema import Category, Image, Label
 
-CSV_COLUMNS = ("filename", "category", "image_id", "sha256", "split")
+CSV_COLUMNS = ("filename", "category", "image_id", "sha256", "split", "sku")
+PLAIN_COLUMNS = ("filename", "category")
+SKU_COLUMN = "sku"  # the importer's optional SKU column (core.catalog.ingest.labels_csv)
 # File systems limit a name to 255 bytes (not characters): 200 leaves room for a `_2` clash suffix.
 MAX_COMPONENT_BYTES = 200
 # Excel reads a CSV without a byte order mark in the local code page; with one it shows non-ASCII names right.
@@ -135,15 +137,34 @@ def _labelled_rows(db: Database) -> Iterator[tuple[Image, str]]:
             yield image, category
 
 
+def _export_columns(db: Database, *, with_ids: bool) -> tuple[str, ...]:
+    """Every column with ids; the plain export is `filename,category`, plus `sku` when a labelled image has one (so
+    SKUs survive the trip into another catalogue, and a catalogue without SKUs gets no empty column)."""
+    if with_ids:
+        return CSV_COLUMNS
+    with db.read() as session:
+        any_sku = session.scalar(
+            select(Image.id).join(Label, Label.image_id == Image.id).where(Image.sku.is_not(None)).limit(1)
+        )
+    return (*PLAIN_COLUMNS, SKU_COLUMN) if any_sku is not None else PLAIN_COLUMNS
+
+
 def _write_labels_csv(db: Database, handle: TextIO, *, with_ids: bool) -> int:
     """The labels CSV (header row first) into an open text handle; returns the number of data rows."""
-    columns = CSV_COLUMNS if with_ids else CSV_COLUMNS[:2]
+    columns = _export_columns(db, with_ids=with_ids)
     writer = csv.writer(handle)
     writer.writerow(columns)
     count = 0
     for image, category in _labelled_rows(db):
-        row = (image.original_name, category, image.id, image.sha256, image.split)
-        writer.writerow([spreadsheet_safe(cell) for cell in row[: len(columns)]])
+        cells = {
+            "filename": image.original_name,
+            "category": category,
+            "image_id": image.id,
+            "sha256": image.sha256,
+            "split": image.split,
+            "sku": image.sku or "",
+        }
+        writer.writerow([spreadsheet_safe(cells[column]) for column in columns])
         count += 1
     return count
 
@@ -166,8 +187,9 @@ def export_labels_csv(db: Database, path: Path | str, *, with_ids: bool = False,
     """Write every labelled image as a `filename,category` CSV (header row first) that `import --labels-csv`
     reads back; `filename` is the image's original name as imported.
 
-    with_ids adds `image_id,sha256,split` columns for spreadsheets and scripts (the importer goes by the header
-    and ignores them, so such a file re-imports too). The file is written to a temporary name and moved into
+    with_ids adds `image_id,sha256,split,sku` columns for spreadsheets and scripts (the importer goes by the header:
+    it matches rows by sha256 and attaches the SKUs, so such a file re-imports too); without it, a `sku` column
+    follows when any labelled image has a SKU. The file is written to a temporary name and moved into
     place, so a failed export never leaves half a CSV. UTF-8 with a byte order mark, so Excel shows non-ASCII
     names right. Returns the number of rows. Only an actor allowed to export may (PermissionDenied otherwise); the
     export is recorded in the audit trail.

@@ -49,7 +49,11 @@ def import_command(
     ] = False,
     labels_csv: Annotated[
         Path | None,
-        typer.Option("--labels-csv", metavar="FILE", help="A `filename,category` CSV giving each image's label."),
+        typer.Option(
+            "--labels-csv",
+            metavar="FILE",
+            help="A `filename,category` CSV giving each image's label, with an optional `sku` column.",
+        ),
     ] = None,
     category: Annotated[
         str | None, typer.Option("--category", metavar="NAME", help="Label every imported image with NAME.")
@@ -312,12 +316,13 @@ def export_labels(
         bool,
         typer.Option(
             "--with-ids",
-            help="Add image_id, sha256 and split columns; such a file re-imports too, matched by content (sha256).",
+            help="Add image_id, sha256, split and sku columns; such a file re-imports too, matched by content hash.",
         ),
     ] = False,
     actor: ActorOpt = None,
 ) -> None:
-    """Write `filename,category` for every labelled image; the file re-imports with `import --labels-csv`."""
+    """Write `filename,category` (and `sku` when images have SKUs) for every labelled image; the file re-imports
+    with `import --labels-csv`, SKUs included."""
     count = export_mod.export_labels_csv(open_db(), path, with_ids=with_ids, actor=actor_or_default(actor))
     typer.echo(f"Wrote {count} labels to {path}.")
 

@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from core.catalog import export, labels
 from core.catalog.export import ExportError, export_imagefolder, export_labels_csv, labels_csv_bytes, safe_component
 from core.catalog.ingest import import_paths, read_labels_csv
+from core.catalog.skus import set_sku
 from core.db import Database, open_database
 from core.schema import Category, Image, Label
 from core.settings import Settings
@@ -23,6 +24,11 @@ from tests.imagegen import write_image_folder
 def tree_contents(root: Path) -> set[tuple[str, str]]:
     """(category folder, sha256 of bytes) for every file of an ImageFolder tree."""
     return {(p.parent.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in root.rglob("*") if p.is_file()}
+
+
+def skus_by_sha(db: Database) -> dict[str, str | None]:
+    with db.read() as session:
+        return {sha: sku for sha, sku in session.execute(select(Image.sha256, Image.sku))}
 
 
 def labelled_by_sha(db: Database) -> dict[str, str]:
@@ -91,6 +97,29 @@ def test_labels_csv_with_ids_reimports_into_a_fresh_catalogue(
     result = import_paths(other, [source_tree], labels_csv=path, actor="carol")
     assert len(result.imported) == 9 and not result.refused
     assert labelled_by_sha(other) == labelled_by_sha(imported)
+
+
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_skus_travel_with_the_labels_csv_into_a_fresh_catalogue(
+    imported: Database, source_tree: Path, tmp_path: Path, with_ids: bool
+) -> None:
+    set_sku(imported, [1, 2], "AB-100", actor="admin")
+    set_sku(imported, [3], "CD-7", actor="admin")
+    path = tmp_path / "labels.csv"
+    assert export_labels_csv(imported, path, with_ids=with_ids, actor="admin") == 9
+    header = next(csv.reader(path.open(encoding="utf-8-sig")))
+    assert header == (list(export.CSV_COLUMNS) if with_ids else ["filename", "category", "sku"])
+
+    other = open_database(Settings(data_dir=tmp_path / "other-data"))
+    result = import_paths(other, [source_tree], labels_csv=path, actor="carol")
+    assert len(result.imported) == 9 and not result.refused and not result.notes
+    assert skus_by_sha(other) == skus_by_sha(imported)
+    assert sorted(v for v in skus_by_sha(other).values() if v) == ["AB-100", "AB-100", "CD-7"]
+    assert labelled_by_sha(other) == labelled_by_sha(imported)
+
+
+def test_a_catalogue_without_skus_exports_no_sku_column(imported: Database) -> None:
+    assert labels_csv_bytes(imported, actor="admin").decode("utf-8-sig").splitlines()[0] == "filename,category"
 
 
 def test_labels_csv_bytes_is_the_exported_file(imported: Database, tmp_path: Path) -> None:
