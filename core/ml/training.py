@@ -357,10 +357,9 @@ def run_training(db: Database, job_id: int, *, on_progress: ProgressFn, should_s
         if job.mode == TrainMode.QUICK
         else functools.partial(_train_full, job_id=int(job_id), devices=train_devices)
     )
+    run = _RunInputs(db, start.model, cfg, pixels, labelled, config, device, on_progress, should_stop)
     try:
-        trained = train(
-            db, start.model, cfg, pixels, labelled, config, device, on_progress=on_progress, should_stop=should_stop
-        )
+        trained = train(run)
     except TrainingStopped as exc:
         raise JobCancelled("training cancelled by request") from exc
     _check_stop(should_stop)
@@ -641,64 +640,60 @@ class _Trained:
     feature_blocks: tuple[int, ...] | None = None  # a stage-pooled network's block widths (models.stages)
 
 
-def _labelled_features(
-    db: Database,
-    model: Any,
-    cfg: Any,
-    pixels: dict[str, CachedRows],
-    labelled: _Labelled,
-    config: TrainConfig,
-    device: Any,
-    *,
-    on_progress: ProgressFn,
-    should_stop: StopFn,
-) -> tuple[dict[str, np.ndarray], FeatureCache]:
-    """The model's backbone features of every labelled split, from the feature cache (computing only what is new)."""
-    features_cache = FeatureCache(db.settings, backbone_id(model, cfg), int(model.num_features))
+@dataclass
+class _RunInputs:
+    """What the training steps of one job work on: the catalogue, the starting network and its preprocessing, the
+    labelled splits and their cached pixels, the training settings, the device, and the job's progress and stop
+    callbacks."""
+
+    db: Database
+    model: Any
+    cfg: Any
+    pixels: dict[str, CachedRows]
+    labelled: _Labelled
+    config: TrainConfig
+    device: Any
+    on_progress: ProgressFn
+    should_stop: StopFn
+
+    def train_data(self) -> TrainData:
+        return _train_data(self.pixels, self.labelled)
+
+
+def _labelled_features(run: _RunInputs, model: Any) -> tuple[dict[str, np.ndarray], FeatureCache]:
+    """`model`'s backbone features of every labelled split, from the feature cache (computing only what is new)."""
+    features_cache = FeatureCache(run.db.settings, backbone_id(model, run.cfg), int(model.num_features))
     features: dict[str, np.ndarray] = {}
-    for split, data in labelled.splits.items():
+    for split, data in run.labelled.splits.items():
         features[split] = split_features(
-            db,
+            run.db,
             model,
-            cfg,
-            pixels[split],
+            run.cfg,
+            run.pixels[split],
             data.ids,
             features_cache,
-            config,
-            device,
-            on_progress=on_progress,
-            should_stop=should_stop,
+            run.config,
+            run.device,
+            on_progress=run.on_progress,
+            should_stop=run.should_stop,
             phase=f"features ({split})",
         )
-    _check_stop(should_stop)
+    _check_stop(run.should_stop)
     return features, features_cache
 
 
-def _train_quick(
-    db: Database,
-    model: Any,
-    cfg: Any,
-    pixels: dict[str, CachedRows],
-    labelled: _Labelled,
-    config: TrainConfig,
-    device: Any,
-    *,
-    on_progress: ProgressFn,
-    should_stop: StopFn,
-) -> _Trained:
+def _train_quick(run: _RunInputs) -> _Trained:
     """models.training.train_quick on cached backbone features."""
     from models.training import head_logits, train_quick
 
-    features, features_cache = _labelled_features(
-        db, model, cfg, pixels, labelled, config, device, on_progress=on_progress, should_stop=should_stop
-    )
+    features, features_cache = _labelled_features(run, run.model)
     result = train_quick(
-        config,
-        _train_data(pixels, labelled),
-        model=model,
-        cfg=cfg,
-        on_progress=lambda p: on_progress(ProgressReport.from_library(p, "fitting head")),
-        should_stop=should_stop,
+        run.config,
+        run.train_data(),
+        model=run.model,
+        cfg=run.cfg,
+        on_progress=lambda p: run.on_progress(ProgressReport.from_library(p, "fitting head")),
+        should_stop=run.should_stop,
         train_features=features["train"],
         val_features=features["val"],
     )
@@ -708,7 +703,7 @@ def _train_quick(
         features,
         {
             "accuracy": result.history[0]["train_acc"],
-            "n_images": len(labelled.splits["train"].ids),
+            "n_images": len(run.labelled.splits["train"].ids),
             "features_computed": features_cache.computed,
             "backbone_id": features_cache.backbone_id,
         },
@@ -716,49 +711,34 @@ def _train_quick(
     )
 
 
-def _train_full(
-    db: Database,
-    model: Any,
-    cfg: Any,
-    pixels: dict[str, CachedRows],
-    labelled: _Labelled,
-    config: TrainConfig,
-    device: Any,
-    *,
-    on_progress: ProgressFn,
-    should_stop: StopFn,
-    job_id: int,
-    devices: Sequence[Any] = (),
-) -> _Trained:
+def _train_full(run: _RunInputs, *, job_id: int, devices: Sequence[Any] = ()) -> _Trained:
     """Fine-tune every layer (on several `devices`: one process each under DDP, in the job's staging folder), then
     the tuned backbone's features of every labelled split (val and test logits come from them through the head: one
     forward pass, and the label checks reuse the features)."""
     from models.training import head_logits, train_full
 
-    data = _train_data(pixels, labelled)
-
     def report(progress: Any) -> None:
-        on_progress(ProgressReport.from_library(progress, f"training ({progress.phase})"))
+        run.on_progress(ProgressReport.from_library(progress, f"training ({progress.phase})"))
 
     if len(devices) > 1:
         from models.distributed import train_full_distributed
 
-        with staged_checkpoint(db.settings, job_id) as folder:
+        with staged_checkpoint(run.db.settings, job_id) as folder:
             result = train_full_distributed(
-                config,
-                data,
-                model=model,
-                cfg=cfg,
+                run.config,
+                run.train_data(),
+                model=run.model,
+                cfg=run.cfg,
                 devices=devices,
                 folder=folder,
                 on_progress=report,
-                should_stop=should_stop,
+                should_stop=run.should_stop,
             )
     else:
-        result = train_full(config, data, model=model, cfg=cfg, on_progress=report, should_stop=should_stop)
-    features, _ = _labelled_features(
-        db, result.model, cfg, pixels, labelled, config, device, on_progress=on_progress, should_stop=should_stop
-    )
+        result = train_full(
+            run.config, run.train_data(), model=run.model, cfg=run.cfg, on_progress=report, should_stop=run.should_stop
+        )
+    features, _ = _labelled_features(run, result.model)
     logits = {split: head_logits(result.model, features[split]) for split in ("val", "test")}
     last = result.history[-1] if result.history else {}
     return _Trained(
@@ -767,7 +747,7 @@ def _train_full(
         {
             "accuracy": last.get("train_acc"),
             "loss": last.get("train_loss"),
-            "n_images": len(labelled.splits["train"].ids),
+            "n_images": len(run.labelled.splits["train"].ids),
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
             "stopped_early": result.stopped_early,
