@@ -548,103 +548,8 @@ class Importer:
         """Inside the batch's transaction, in input order: the new images' rows (near-duplicates match the rows before
         them, within the batch too), and the labels and import events of new images and of unlabelled images that
         duplicates name a category for (a label already there is never overwritten). Returns the verdicts in input
-        order and the rows written (sha256 -> id, original name).
-
-        Rows go in with one multi-row INSERT ... RETURNING, written early only when a later file needs their ids (a
-        copy, a near-duplicate, a duplicate's label): one statement per row would hand the interpreter lock to the
-        decoding threads and wait to get it back after every row."""
-        categories: dict[str, int | CategoryError] = {}
-
-        def category_id(name: str) -> int | CategoryError:
-            if name not in categories:
-                try:
-                    categories[name] = get_or_create_category(session, name).id
-                except CategoryError as exc:  # archived since checked_category
-                    categories[name] = exc
-            return categories[name]
-
-        stored_targets = [
-            (i.existing if isinstance(i, _Dup) else None) or stored_meanwhile.get(i.sha)
-            for i in batch.items
-            if isinstance(i, _New | _Dup) and i.category is not None
-        ]
-        present, labelled = self.label_state(session, {t[0] for t in stored_targets if t is not None})
-        written: dict[str, tuple[int, str]] = {}
-        new_rows: set[int] = set()
-        verdicts: list[_Verdict | None] = []
-        moves: list[LabelMove] = []  # labels of rows written here and of duplicates of them, in input order
-        skus: list[tuple[int, str, str]] = []  # (stored image, SKU, file name) of duplicates the CSV gives a SKU
-        rows = _Rows()
-
-        def write_pending_rows() -> None:
-            if not rows.values:
-                return
-            image_ids: Sequence[int] = session.execute(_INSERT_IMAGES, rows.values).scalars().all()
-            for (slot, item, category, split, hashes), image_id in zip(rows.meta, image_ids, strict=True):
-                written[item.sha] = (image_id, item.cand.name[:_MAX_NAME])
-                new_rows.add(image_id)
-                if hashes is not None:
-                    self.hash_index.add(image_id, hashes, split)
-                if category is not None:
-                    moves.append(LabelMove(image_id, None, category, note=item.cand.source))
-                    labelled.add(image_id)
-                verdicts[slot] = ImportedItem(item.cand.name, image_id, item.category)
-            rows.clear()
-
-        def write_moves() -> None:
-            write_pending_rows()
-            apply_moves(session, moves, actor=self.actor, action=LabelAction.IMPORT, batch_id=None)
-            moves.clear()
-
-        cat: int | CategoryError | None  # an item's category id (None: unlabelled), or why its name is invalid
-        for item in batch.items:
-            if isinstance(item, RefusedItem | Skip):
-                verdicts.append(item)
-                continue
-            name = item.cand.name
-            if item.sha in rows.shas:  # a copy of a row not yet written: it needs its id
-                write_pending_rows()
-            target = (item.existing if isinstance(item, _Dup) else None) or stored_meanwhile.get(item.sha)
-            target = target or written.get(item.sha)
-            if target is not None:
-                verdicts.append(DuplicateItem(name, target[0], target[1]))
-                image_id = target[0]
-                gone = image_id not in present and image_id not in new_rows  # deleted since it was looked up
-                if item.sku is not None and not gone:
-                    skus.append((image_id, item.sku, name))
-                if item.category is None or image_id in labelled or gone:
-                    continue
-                if image_id in new_rows:  # a row of this batch: unlabelled so far, so no need to look
-                    cat = category_id(item.category)
-                    if isinstance(cat, int):
-                        write_pending_rows()  # the labels of the rows before it come first
-                        moves.append(LabelMove(image_id, None, cat, note=name))
-                        labelled.add(image_id)
-                    continue
-                write_moves()  # as `apply_label` would have: one image after the other
-                if session.get(Label, image_id) is None:
-                    cat = category_id(item.category)
-                    if isinstance(cat, int):
-                        apply_label(session, image_id, cat, actor=self.actor, action="import", note=name)
-                labelled.add(image_id)
-                continue
-            # A new image, or the copy of one refused earlier in this batch, imported in its place.
-            cat = category_id(item.category) if item.category is not None else None
-            if isinstance(cat, CategoryError):
-                verdicts.append(RefusedItem(name, f"invalid category {item.category!r}: {cat}"))
-                continue
-            prepared = item.prepared if isinstance(item, _New) else batch.new_by_sha[item.sha].prepared
-            if prepared.hashes is not None and rows.index.matches(prepared.hashes) is not None:
-                write_pending_rows()  # a near-duplicate of a row not yet written: match it by its id
-            row, split = self.image_row(session, item.cand, item.sha, prepared)
-            row["sku"] = item.sku
-            rows.add(len(verdicts), item, cat, row, split, prepared.hashes)
-            verdicts.append(None)  # filled in when the row is written
-        write_moves()
-        self.attach_skus(session, skus)
-        done = [v for v in verdicts if v is not None]
-        assert len(done) == len(verdicts)  # write_pending_rows filled in every new row's slot
-        return done, written
+        order and the rows written (sha256 -> id, original name). See `_RowWriter`."""
+        return _RowWriter(self, session, batch, stored_meanwhile).write()
 
     def attach_skus(self, session: Session, wanted: list[tuple[int, str, str]]) -> None:
         """Give stored images that files of this import duplicate the CSV's SKU where they have none yet, with an
@@ -739,3 +644,120 @@ class Importer:
                     path.unlink(missing_ok=True)
                 except OSError:
                     pass
+
+
+class _RowWriter:
+    """One batch's rows, labels and SKUs, written inside its transaction in input order (`Importer.write_rows`).
+
+    Rows go in with one multi-row INSERT ... RETURNING, written early only when a later file needs their ids (a copy,
+    a near-duplicate, a duplicate's label): one statement per row would hand the interpreter lock to the decoding
+    threads and wait to get it back after every row.
+    """
+
+    def __init__(
+        self, importer: Importer, session: Session, batch: _Batch, stored_meanwhile: dict[str, tuple[int, str]]
+    ) -> None:
+        self.importer = importer
+        self.session = session
+        self.batch = batch
+        self.stored_meanwhile = stored_meanwhile
+        self.categories: dict[str, int | CategoryError] = {}
+        stored_targets = [
+            (i.existing if isinstance(i, _Dup) else None) or stored_meanwhile.get(i.sha)
+            for i in batch.items
+            if isinstance(i, _New | _Dup) and i.category is not None
+        ]
+        self.present, self.labelled = importer.label_state(session, {t[0] for t in stored_targets if t is not None})
+        self.written: dict[str, tuple[int, str]] = {}
+        self.new_rows: set[int] = set()
+        self.verdicts: list[_Verdict | None] = []
+        self.moves: list[LabelMove] = []  # labels of rows written here and of duplicates of them, in input order
+        self.skus: list[tuple[int, str, str]] = []  # (stored image, SKU, file name) of duplicates given a SKU
+        self.rows = _Rows()
+
+    def write(self) -> tuple[list[_Verdict], dict[str, tuple[int, str]]]:
+        for item in self.batch.items:
+            if isinstance(item, RefusedItem | Skip):
+                self.verdicts.append(item)
+                continue
+            if item.sha in self.rows.shas:  # a copy of a row not yet written: it needs its id
+                self.write_pending_rows()
+            target = (item.existing if isinstance(item, _Dup) else None) or self.stored_meanwhile.get(item.sha)
+            target = target or self.written.get(item.sha)
+            if target is not None:
+                self.duplicate(item, target)
+            else:
+                self.new_image(item)
+        self.write_moves()
+        self.importer.attach_skus(self.session, self.skus)
+        done = [v for v in self.verdicts if v is not None]
+        assert len(done) == len(self.verdicts)  # write_pending_rows filled in every new row's slot
+        return done, self.written
+
+    def category_id(self, name: str) -> int | CategoryError:
+        if name not in self.categories:
+            try:
+                self.categories[name] = get_or_create_category(self.session, name).id
+            except CategoryError as exc:  # archived since checked_category
+                self.categories[name] = exc
+        return self.categories[name]
+
+    def write_pending_rows(self) -> None:
+        if not self.rows.values:
+            return
+        image_ids: Sequence[int] = self.session.execute(_INSERT_IMAGES, self.rows.values).scalars().all()
+        for (slot, item, category, split, hashes), image_id in zip(self.rows.meta, image_ids, strict=True):
+            self.written[item.sha] = (image_id, item.cand.name[:_MAX_NAME])
+            self.new_rows.add(image_id)
+            if hashes is not None:
+                self.importer.hash_index.add(image_id, hashes, split)
+            if category is not None:
+                self.moves.append(LabelMove(image_id, None, category, note=item.cand.source))
+                self.labelled.add(image_id)
+            self.verdicts[slot] = ImportedItem(item.cand.name, image_id, item.category)
+        self.rows.clear()
+
+    def write_moves(self) -> None:
+        self.write_pending_rows()
+        apply_moves(self.session, self.moves, actor=self.importer.actor, action=LabelAction.IMPORT, batch_id=None)
+        self.moves.clear()
+
+    def duplicate(self, item: _New | _Dup, target: tuple[int, str]) -> None:
+        """A file with the bytes of a stored image or of a row written here: its SKU and category go to that image,
+        when it has none yet."""
+        name = item.cand.name
+        self.verdicts.append(DuplicateItem(name, target[0], target[1]))
+        image_id = target[0]
+        gone = image_id not in self.present and image_id not in self.new_rows  # deleted since it was looked up
+        if item.sku is not None and not gone:
+            self.skus.append((image_id, item.sku, name))
+        if item.category is None or image_id in self.labelled or gone:
+            return
+        if image_id in self.new_rows:  # a row of this batch: unlabelled so far, so no need to look
+            cat = self.category_id(item.category)
+            if isinstance(cat, int):
+                self.write_pending_rows()  # the labels of the rows before it come first
+                self.moves.append(LabelMove(image_id, None, cat, note=name))
+                self.labelled.add(image_id)
+            return
+        self.write_moves()  # as `apply_label` would have: one image after the other
+        if self.session.get(Label, image_id) is None:
+            cat = self.category_id(item.category)
+            if isinstance(cat, int):
+                apply_label(self.session, image_id, cat, actor=self.importer.actor, action="import", note=name)
+        self.labelled.add(image_id)
+
+    def new_image(self, item: _New | _Dup) -> None:
+        """A new image, or the copy of one refused earlier in this batch, imported in its place: its row waits for
+        the next multi-row INSERT."""
+        cat = self.category_id(item.category) if item.category is not None else None
+        if isinstance(cat, CategoryError):
+            self.verdicts.append(RefusedItem(item.cand.name, f"invalid category {item.category!r}: {cat}"))
+            return
+        prepared = item.prepared if isinstance(item, _New) else self.batch.new_by_sha[item.sha].prepared
+        if prepared.hashes is not None and self.rows.index.matches(prepared.hashes) is not None:
+            self.write_pending_rows()  # a near-duplicate of a row not yet written: match it by its id
+        row, split = self.importer.image_row(self.session, item.cand, item.sha, prepared)
+        row["sku"] = item.sku
+        self.rows.add(len(self.verdicts), item, cat, row, split, prepared.hashes)
+        self.verdicts.append(None)  # filled in when the row is written
