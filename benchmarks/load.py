@@ -3,7 +3,7 @@ bounded time while an import (`python -m core.cli import`) and a quick training 
 --once`) run, on SQLite, on a throw-away PostgreSQL cluster, or both.
 
 Usage: .venv/bin/python benchmarks/load.py [--db sqlite|postgresql|both] [--labellers 20] [--processes 4]
-       [--seconds 60] [--images 600] [--import-images 3000] [--view-s 2] [--think-s 0] [--alone]
+       [--seconds 60] [--images 600] [--import-images 3000] [--view-s 2] [--think-s 0] [--import-nice 0] [--alone]
        [--train-params JSON] [--out FILE] [--keep DIR]
 
 Each run starts from a fresh data directory (and, on PostgreSQL, a fresh database of a cluster started by
@@ -356,9 +356,12 @@ def seed_catalogue(args: argparse.Namespace, work: Path) -> tuple[Any, list[int]
     return db, [item.image_id for item in result.imported]
 
 
-def start_import_and_worker(folder: Path, work: Path, env: dict[str, str]) -> list[Background]:
-    """The CLI import of `folder` and a worker that runs the queued job, then exits."""
+def start_import_and_worker(folder: Path, work: Path, env: dict[str, str], *, import_nice: int = 0) -> list[Background]:
+    """The CLI import of `folder` (at `import_nice` lower CPU priority) and a worker that runs the queued job, then
+    exits (at its own `PRODCAT_WORKER_NICE`)."""
     command = [sys.executable, "-m", "core.cli", "import", str(folder), "--labels-from-folders", "--actor", "importer"]
+    if import_nice:
+        command = ["nice", "-n", str(import_nice), *command]
     return [
         start("import", command, work, env),
         start("worker", [sys.executable, "-m", "core.jobs.worker", "--once"], work, env),
@@ -383,7 +386,7 @@ def run_once(args: argparse.Namespace, database: str, cluster: Any) -> RunFigure
     # Written whole, then renamed: a labeller polling for the file never reads it half-written.
     (work / "go.tmp").write_text(json.dumps({"deadline": go + args.seconds}))
     (work / "go.tmp").replace(work / "go")
-    background = [] if folder is None else start_import_and_worker(folder, work, env)
+    background = [] if folder is None else start_import_and_worker(folder, work, env, import_nice=args.import_nice)
     load_at_go = os.getloadavg()[0]
     for child in children:
         child.wait(timeout=args.seconds + 300)
@@ -544,6 +547,9 @@ def main() -> None:
     parser.add_argument("--import-images", type=int, default=3000, help="new photos imported meanwhile")
     parser.add_argument("--view-s", type=float, default=2.0, help="how old a labeller's view of the labels gets")
     parser.add_argument("--think-s", type=float, default=0.0, help="mean pause after each change (0: flat out)")
+    parser.add_argument(
+        "--import-nice", type=int, default=0, help="run the import this much nicer (what a background import gives)"
+    )
     parser.add_argument("--alone", action="store_true", help="labellers only: no import, no training job")
     parser.add_argument("--train-params", default='{"arch": "resnet18", "image_size": 32}', help="quick job params")
     parser.add_argument("--out", type=Path, default=None, help="write every figure as JSON")
