@@ -83,13 +83,13 @@ def test_bad_arguments_are_refused() -> None:
         create_network("resnet18", 0, pretrained="none")
 
 
-def test_preprocessing_config_comes_from_timm(tiny_net: torch.nn.Module) -> None:
+def test_preprocessing_config_comes_from_timm_and_keeps_the_whole_photo(tiny_net: torch.nn.Module) -> None:
     cfg = preprocessing_config(tiny_net, 64)
     assert cfg.image_size == 64
     assert cfg.mean == pytest.approx((0.485, 0.456, 0.406))
     assert cfg.std == pytest.approx((0.229, 0.224, 0.225))
     assert cfg.interpolation == "bicubic"
-    assert cfg.resize_size == round(64 / cfg.crop_pct)
+    assert cfg.crop_pct == 1.0 and cfg.resize_size == 64  # the whole photo, not ImageNet's centre crop (0.875)
 
 
 def test_backbone_fingerprint_ignores_the_head(tiny_net: torch.nn.Module) -> None:
