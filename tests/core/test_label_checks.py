@@ -113,13 +113,16 @@ def _similar_images_are_mostly_the_same_kind_of_product(db: Database, truth: dic
     trousers = [
         i for i in review_queue(db, category="Trouser", page_size=50).items if truth.get(i.original_name) == "Trouser"
     ]
-    near = similar_images(db, trousers[0].image_id, k=10)
-    assert len(near) == 10 and trousers[0].image_id not in [n.item.image_id for n in near]
-    assert [n.similarity for n in near] == sorted((n.similarity for n in near), reverse=True)
-    # At 64 px, 5 of the 10 nearest were trousers (chance: 1 in 10); at the default 224 px, 72% of the ten nearest
-    # neighbours of 2,000 Fashion-MNIST photos share their category.
-    alike = sum(truth.get(n.item.original_name) == "Trouser" for n in near)
-    assert alike >= 4, [(truth.get(n.item.original_name), round(n.similarity, 3)) for n in near]
+    alike = []
+    for query in trousers[:5]:  # several photos: one odd trouser can have coats for neighbours
+        near = similar_images(db, query.image_id, k=10)
+        assert len(near) == 10 and query.image_id not in [n.item.image_id for n in near]
+        assert [n.similarity for n in near] == sorted((n.similarity for n in near), reverse=True)
+        alike.append(sum(truth.get(n.item.original_name) == "Trouser" for n in near))
+    # At 64 px (chance: 5 of 50) measured 29 of the 50 nearest, 0 to 10 a photo (22 with ImageNet's 0.875 crop, when
+    # one photo of 10 alike carried the test); at the default 224 px, 72 % of the ten nearest neighbours of 2,000
+    # Fashion-MNIST photos share their category.
+    assert sum(alike) >= 20, alike
 
 
 def _new_uploads_unlike_anything_labelled_are_flagged(db: Database, train: object) -> None:
