@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -112,11 +111,3 @@ def with_stage_features(model: nn.Module, arch: str) -> nn.Module:
     nn.init.zeros_(classifier.weight)  # as a new head on pretrained features starts (models.factory)
     nn.init.zeros_(classifier.bias)
     return wrapped
-
-
-def distance_features(features: np.ndarray, blocks: Sequence[int] | None) -> np.ndarray:
-    """The columns distances are measured in (similar images, outlier scores): a stage-pooled network's final
-    features alone, all of them for a plain one. The inner blocks help a linear head tell classes apart, but in a
-    cosine their raw scale drowns what the photo shows (measured: none of the ten nearest neighbours of a trouser
-    photo were trousers on the whole concatenation, at least four on the final features)."""
-    return features[..., features.shape[-1] - blocks[-1] :] if blocks else features

@@ -82,7 +82,6 @@ def check_labels(labelled: LabelledSet, *, folds: int, seed: int = 0, config: An
     labels to cross-validate.
     """
     from models.label_checks import cross_validated_probs, find_label_problems
-    from models.stages import distance_features
 
     started = time.monotonic()
     cv = cross_validated_probs(
@@ -95,7 +94,7 @@ def check_labels(labelled: LabelledSet, *, folds: int, seed: int = 0, config: An
         blocks=labelled.feature_blocks,
     )
     problems = find_label_problems(labelled.labels, cv.probs)
-    outlier = _labelled_outlier_scores(distance_features(labelled.features, labelled.feature_blocks), seed=seed)
+    outlier = _labelled_outlier_scores(labelled.features, seed=seed)
     return LabelCheck(
         labelled=labelled,
         probs=cv.probs,
@@ -191,26 +190,18 @@ def reference_features(db: Database, version_id: int, backbone_id: str, dim: int
 
 
 def store_outlier_scores(
-    db: Database,
-    version_id: int,
-    image_ids: Sequence[int],
-    features: np.ndarray,
-    *,
-    backbone_id: str,
-    blocks: Sequence[int] | None = None,
+    db: Database, version_id: int, image_ids: Sequence[int], features: np.ndarray, *, backbone_id: str
 ) -> None:
     """Outlier scores of newly predicted images against the version's checked (labelled) images; an image that has
-    a check row already (say, a labelled one, scored leave-one-out by the job) keeps it. `blocks`: the widths of a
-    stage-pooled network's feature blocks (distances use its final features, `models.stages.distance_features`)."""
+    a check row already (say, a labelled one, scored leave-one-out by the job) keeps it."""
     from models.label_checks import outlier_scores
-    from models.stages import distance_features
 
     if not backbone_id or not len(image_ids):
         return
     refs = reference_features(db, version_id, backbone_id, int(features.shape[1]))
     if not len(refs):
         return
-    scores = outlier_scores(distance_features(features, blocks), distance_features(refs, blocks))
+    scores = outlier_scores(features, refs)
     insert_checks(
         db,
         [

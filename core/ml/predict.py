@@ -117,8 +117,6 @@ def predict_images(
         unknown = [i for i in missing if i not in known]
         if unknown:
             raise NotFound(f"no image with id {', '.join(map(str, unknown[:10]))}")
-        from models.stages import block_dims
-
         meta = classifier.meta
         cache = PixelCache(db.settings, meta.image_size, meta.crop_pct, meta.interpolation)
         for start in range(0, len(missing), BATCH):
@@ -147,14 +145,7 @@ def predict_images(
                     for n, image_id in enumerate(part)
                 ],
             )
-            store_outlier_scores(
-                db,
-                version.id,
-                part,
-                features,
-                backbone_id=classifier.meta.backbone_id,
-                blocks=block_dims(classifier.model),
-            )
+            store_outlier_scores(db, version.id, part, features, backbone_id=classifier.meta.backbone_id)
         have = _stored(db, version.id, ids)
     names, classes = category_names(db), Merges.load(db).classes(version.class_category_ids)
     return {i: _view(have[i], classes, names, top_k) for i in ids if i in have}

@@ -31,7 +31,6 @@ def nearest_images(db: Database, image_id: int, *, k: int) -> tuple[int, list[tu
     as (image id, cosine similarity), most similar first. Only images the active model has features for take part:
     after a retrain that is every image. Raises NotFound for an unknown image or when there is no active model."""
     from models.label_checks import nearest_neighbours
-    from models.stages import block_dims, distance_features
 
     try:
         own = image_shas(db, [int(image_id)])[0]
@@ -47,9 +46,7 @@ def nearest_images(db: Database, image_id: int, *, k: int) -> tuple[int, list[tu
     index = cache.read_index()
     keys = sorted(index, key=index.__getitem__)  # row order
     # Extra candidates: rows of images deleted since (features outlive them) and the image itself are skipped.
-    blocks = block_dims(classifier.model)  # a stage-pooled network: distances on its final features
-    matrix = distance_features(cache.view(len(index)), blocks)
-    rows, sims = nearest_neighbours(distance_features(query, blocks)[0], matrix, k=2 * k + 1)
+    rows, sims = nearest_neighbours(query[0], cache.view(len(index)), k=2 * k + 1)
     ids_of = _image_ids_of(db, [keys[r] for r in rows])
     chosen = [
         (ids_of[keys[r]], float(s)) for r, s in zip(rows, sims, strict=True) if keys[r] in ids_of and keys[r] != own

@@ -14,14 +14,7 @@ import torch
 from models.checkpoint import CheckpointMeta, load_checkpoint, read_meta, save_checkpoint, sidecar_path
 from models.errors import CheckpointInvalid
 from models.factory import preprocessing_config
-from models.stages import (
-    STAGE_BLOCKS,
-    StagePooledNet,
-    block_dims,
-    distance_features,
-    stage_blocks,
-    with_stage_features,
-)
+from models.stages import STAGE_BLOCKS, StagePooledNet, stage_blocks, with_stage_features
 from models.training import TrainConfig, extract_features, fit_linear_head, set_head
 
 CLASSES = ["Shoes", "Bags", "Hats"]
@@ -119,10 +112,3 @@ def test_equal_variance_blocks_keep_a_narrow_informative_block_from_drowning_in_
     assert accuracy((2004,)) == pytest.approx(plain)  # one block: exactly the plain standardisation
     with pytest.raises(ValueError, match="do not add up"):
         fit_linear_head(x, y, None, None, num_classes=3, blocks=(4, 10))
-
-
-def test_distances_are_measured_on_the_final_features_of_a_stage_pooled_network(pooled: StagePooledNet) -> None:
-    features = np.arange(2 * 1984, dtype=np.float32).reshape(2, 1984)
-    final = distance_features(features, block_dims(pooled))
-    assert final.shape == (2, 1280) and np.array_equal(final, features[:, 704:])  # 80 + 112 + 192 + 320 = 704
-    assert distance_features(features, None) is features  # a plain network: every column
