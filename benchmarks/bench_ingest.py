@@ -184,7 +184,10 @@ def export_revision(rev: str, into: Path) -> Path:
     ).stdout.split()  # fmt: skip
     for path in listed:
         target = into / path
-        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, *listed], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return into

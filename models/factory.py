@@ -177,7 +177,7 @@ def _load_backbone_file(model: nn.Module, path: Path) -> list[str]:
 # The share of the (shorter side of the) photo the model sees: all of it. timm's models carry ImageNet's evaluation
 # crop (0.875: the centre, zoomed in, as the objects of ImageNet photos sit there), but a catalogue photo's edges are
 # the product's (a sleeve, a shoe's toe, a strap), and the model should see what the person reviewing it sees.
-# Measured (docs/benchmarks.md, "The whole photo"): the bundled Lite0's stage-pooled quick head from 1,000
+# Measured (docs/benchmarks.md, "And the whole photo"): the bundled Lite0's stage-pooled quick head from 1,000
 # Fashion-MNIST labels, 82.8 % at 0.875 and 84.6 % at 1.0 on 2,000 official test images (paired SE 0.64 points).
 # A checkpoint records the crop it was trained with (`CheckpointMeta.crop_pct`), so older versions keep theirs.
 CROP_PCT = 1.0

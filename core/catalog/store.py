@@ -65,9 +65,10 @@ _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 
 
 
 def _open_temp(path: Path) -> tuple[int, Path]:
-    """A temporary file beside `path` for this thread alone (named by process and thread, so two writers never share
-    one and a dead process's leftover is simply overwritten), created with the usual umask-based mode, so a worker or
-    web server running as another user on shared storage can read the stored originals and thumbnails."""
+    """A temporary file beside `path` for this thread alone (named by process, thread and target, so two writers
+    never share one), created with the usual umask-based mode, so a worker or web server running as another user on
+    shared storage can read the stored originals and thumbnails. O_TRUNC without O_EXCL: a file of that name can only
+    be the leftover of a killed writer that had the same process and thread id, and it is overwritten."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
     try:
         return os.open(tmp, _TEMP_FLAGS, 0o666), tmp

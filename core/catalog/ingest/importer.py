@@ -508,7 +508,7 @@ class Importer:
             while True:
                 try:
                     with self.db.write() as session:
-                        verdicts, written = self.write_rows(session, batch, stored_meanwhile)
+                        verdicts, written = _RowWriter(self, session, batch, stored_meanwhile).write()
                     break
                 except IntegrityError:
                     self._hash_index = None  # it holds rows that were rolled back
@@ -541,15 +541,6 @@ class Importer:
                 self.refuse(verdict.name, verdict.reason, verdict.count)
             else:
                 self.refuse(verdict.name, verdict.reason)
-
-    def write_rows(
-        self, session: Session, batch: _Batch, stored_meanwhile: dict[str, tuple[int, str]]
-    ) -> tuple[list[_Verdict], dict[str, tuple[int, str]]]:
-        """Inside the batch's transaction, in input order: the new images' rows (near-duplicates match the rows before
-        them, within the batch too), and the labels and import events of new images and of unlabelled images that
-        duplicates name a category for (a label already there is never overwritten). Returns the verdicts in input
-        order and the rows written (sha256 -> id, original name). See `_RowWriter`."""
-        return _RowWriter(self, session, batch, stored_meanwhile).write()
 
     def attach_skus(self, session: Session, wanted: list[tuple[int, str, str]]) -> None:
         """Give stored images that files of this import duplicate the CSV's SKU where they have none yet, with an
@@ -647,7 +638,10 @@ class Importer:
 
 
 class _RowWriter:
-    """One batch's rows, labels and SKUs, written inside its transaction in input order (`Importer.write_rows`).
+    """One batch's rows, labels and SKUs, written inside its transaction in input order (`Importer.write_batch`): the
+    new images' rows (near-duplicates match the rows before them, within the batch too), and the labels and import
+    events of new images and of unlabelled images that duplicates name a category for (a label already there is never
+    overwritten). `write` returns the verdicts in input order and the rows written (sha256 -> id, original name).
 
     Rows go in with one multi-row INSERT ... RETURNING, written early only when a later file needs their ids (a copy,
     a near-duplicate, a duplicate's label): one statement per row would hand the interpreter lock to the decoding
