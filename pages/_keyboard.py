@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from core.auth import Action
 from core.catalog.labels import confirm_label, record_skip
@@ -309,91 +310,18 @@ def _keyboard_body(
     if log.last:
         st.caption(md_escape(f"Last: {log.last}. {log.describe()}"))
     if not items:
-        if set_aside:
-            st.info(
-                f"Every photo on this page is done but the {len(set_aside)} you skipped: go to the next page (below), "
-                "change the filters, or look at the skipped ones again."
-            )
-            st.button(
-                f"Show the {plural(len(set_aside), 'skipped photo')} again",
-                key="kb_again",
-                on_click=_on_again,
-                args=(set_aside,),
-            )
-        else:
-            st.info("Every photo on this page is done: go to the next page (below), or change the filters.")
+        _all_done(set_aside)
         return
     item, upcoming = items[0], items[1:]
     keys = hotkeys(categories, pinned=session_pins(db), kept=st.session_state.get(SHOWN_KEYS_KEY))
     st.session_state[SHOWN_KEYS_KEY] = keys
-    probabilities = dict(item.top3)
     with st.container(border=True, key=f"kb_card_{item.image_id}"):
         picture, controls = st.columns([1, 2])
         picture.image(str(item.thumb_path), width="stretch")
-        controls.text(f"#{item.image_id} {item.original_name}   [{item.split}]")
-        if item.sku is not None:
-            controls.text(f"SKU: {item.sku}")
-        controls.text(f"Label: {item.label or '(unlabelled)'}")
-        controls.text(prediction_text(item))
-        if item.image_id in log.skipped:
-            when = log.skipped[item.image_id]
-            controls.caption(f"You skipped this photo at {when}.")
-        message = _message(item.image_id)
-        if message is not None:
-            controls.error(md_escape(message[1]))
-        buttons = controls.columns(3)
-        shown = list(keys.items())
-        if item.label is not None and item.label not in keys:  # beyond the keys (or archived): still one click
-            shown.append((item.label, ""))
-        for n, (name, key) in enumerate(shown):
-            chance = f" ({probabilities[name]:.0%})" if name in probabilities else ""
-            buttons[n % 3].button(
-                md_escape(f"{name}{chance}"),
-                key=f"kb_pick_{item.image_id}_{key or 'label'}",
-                shortcut=key or None,
-                on_click=_on_label,
-                args=(db, item, name, done, also),
-                type="primary" if name == item.label else "secondary",
-                width="stretch",
-            )
-        others = [c for c in categories if c not in keys and c != item.label]
-        may_add = _auth.may(Action.ADD_CATEGORY)
-        if others or may_add:  # categories beyond the keys are one pick away, without a key; a new one is typed here
-            other_key = f"kb_other_{item.image_id}"
-            more = plural(len(others), "more category", "more categories") + " (no key)" if others else ""
-            placeholder = f"{more}, or type a new one" if more and may_add else more or "type a new category"
-            controls.selectbox(
-                "Other or new category" if may_add else "Other category",
-                sorted(others, key=str.casefold),
-                index=None,
-                placeholder=placeholder,
-                accept_new_options=may_add,
-                key=other_key,
-                on_change=_on_other,
-                args=(db, item, other_key, categories, done, also),
-            )
-        confirm, skip = controls.columns(2)
-        if item.label is not None:
-            confirm_label = f"Keep {item.label}"
-        else:
-            confirm_label = f"Accept {item.predicted}" if item.predicted is not None else "Nothing to accept"
-        confirm.button(
-            md_escape(confirm_label),
-            key=f"kb_confirm_{item.image_id}",
-            shortcut=CONFIRM_KEY,
-            on_click=_on_confirm,
-            args=(db, item, done, also),
-            disabled=item.label is None and item.predicted is None,
-            width="stretch",
-        )
-        skip.button(
-            "Skip",
-            key=f"kb_skip_{item.image_id}",
-            shortcut=SKIP_KEY,
-            on_click=_on_skip,
-            args=(db, item),
-            width="stretch",
-        )
+        _describe(controls, item, log)
+        _pick_buttons(controls, db, item, keys, done, also)
+        _other_category(controls, db, item, keys, categories, done, also)
+        _confirm_and_skip(controls, db, item, done, also)
     st.caption(md_escape(_legend(keys)))
     _keys_editor(db, categories, keys)
     if upcoming:
@@ -401,3 +329,117 @@ def _keyboard_body(
         st.caption("Next up")
         for column, nxt in zip(st.columns(8), upcoming, strict=False):
             column.image(str(nxt.thumb_path), width=64)
+
+
+def _all_done(set_aside: list[int]) -> None:
+    if not set_aside:
+        st.info("Every photo on this page is done: go to the next page (below), or change the filters.")
+        return
+    st.info(
+        f"Every photo on this page is done but the {len(set_aside)} you skipped: go to the next page (below), "
+        "change the filters, or look at the skipped ones again."
+    )
+    st.button(
+        f"Show the {plural(len(set_aside), 'skipped photo')} again",
+        key="kb_again",
+        on_click=_on_again,
+        args=(set_aside,),
+    )
+
+
+def _describe(controls: DeltaGenerator, item: ReviewItem, log: KeyboardLog) -> None:
+    """The photo's id, name, split, SKU, label and prediction as text, and why it was skipped or refused."""
+    controls.text(f"#{item.image_id} {item.original_name}   [{item.split}]")
+    if item.sku is not None:
+        controls.text(f"SKU: {item.sku}")
+    controls.text(f"Label: {item.label or '(unlabelled)'}")
+    controls.text(prediction_text(item))
+    if item.image_id in log.skipped:
+        when = log.skipped[item.image_id]
+        controls.caption(f"You skipped this photo at {when}.")
+    message = _message(item.image_id)
+    if message is not None:
+        controls.error(md_escape(message[1]))
+
+
+def _pick_buttons(
+    controls: DeltaGenerator,
+    db: Database,
+    item: ReviewItem,
+    keys: dict[str, str],
+    done: list[int],
+    also: tuple[str, ...],
+) -> None:
+    """One button per keyed category (with its shortcut and the model's probability), and the current label's."""
+    probabilities = dict(item.top3)
+    buttons = controls.columns(3)
+    shown = list(keys.items())
+    if item.label is not None and item.label not in keys:  # beyond the keys (or archived): still one click
+        shown.append((item.label, ""))
+    for n, (name, key) in enumerate(shown):
+        chance = f" ({probabilities[name]:.0%})" if name in probabilities else ""
+        buttons[n % 3].button(
+            md_escape(f"{name}{chance}"),
+            key=f"kb_pick_{item.image_id}_{key or 'label'}",
+            shortcut=key or None,
+            on_click=_on_label,
+            args=(db, item, name, done, also),
+            type="primary" if name == item.label else "secondary",
+            width="stretch",
+        )
+
+
+def _other_category(
+    controls: DeltaGenerator,
+    db: Database,
+    item: ReviewItem,
+    keys: dict[str, str],
+    categories: list[str],
+    done: list[int],
+    also: tuple[str, ...],
+) -> None:
+    """Categories beyond the keys are one pick away, without a key; a new one is typed here (by those who may)."""
+    others = [c for c in categories if c not in keys and c != item.label]
+    may_add = _auth.may(Action.ADD_CATEGORY)
+    if not (others or may_add):
+        return
+    other_key = f"kb_other_{item.image_id}"
+    more = plural(len(others), "more category", "more categories") + " (no key)" if others else ""
+    placeholder = f"{more}, or type a new one" if more and may_add else more or "type a new category"
+    controls.selectbox(
+        "Other or new category" if may_add else "Other category",
+        sorted(others, key=str.casefold),
+        index=None,
+        placeholder=placeholder,
+        accept_new_options=may_add,
+        key=other_key,
+        on_change=_on_other,
+        args=(db, item, other_key, categories, done, also),
+    )
+
+
+def _confirm_and_skip(
+    controls: DeltaGenerator, db: Database, item: ReviewItem, done: list[int], also: tuple[str, ...]
+) -> None:
+    confirm, skip = controls.columns(2)
+    if item.label is not None:
+        confirm_label = f"Keep {item.label}"
+    else:
+        confirm_label = f"Accept {item.predicted}" if item.predicted is not None else "Nothing to accept"
+    confirm.button(
+        md_escape(confirm_label),
+        key=f"kb_confirm_{item.image_id}",
+        shortcut=CONFIRM_KEY,
+        on_click=_on_confirm,
+        args=(db, item, done, also),
+        disabled=item.label is None and item.predicted is None,
+        width="stretch",
+    )
+    skip.button(
+        "Skip",
+        key=f"kb_skip_{item.image_id}",
+        shortcut=SKIP_KEY,
+        on_click=_on_skip,
+        args=(db, item),
+        width="stretch",
+    )
