@@ -44,20 +44,26 @@ class StoredFiles:
 
 
 def _shard(sha256: str) -> str:
+    """The folder of a new file: the hash's first two hex digits (256 folders a tree).
+
+    One level, not two (ab/cd/ until 2026-11-30): a young catalogue then makes 512 folders in all instead of about
+    two for each of its first thousands of images, which measured 1.2-1.35x more small files imported a second
+    (docs/benchmarks.md). At a million images a folder holds about 4,000 files, which ext4 and XFS index. Rows keep
+    the relative paths they were stored with, so files stored under the earlier layout are still found."""
     if not _SHA256.fullmatch(sha256):  # only our own hex digests ever become path components
         raise ValueError(f"not a SHA-256 hex digest: {sha256!r}")
-    return f"{sha256[:2]}/{sha256[2:4]}"
+    return sha256[:2]
 
 
 def original_rel_path(sha256: str, ext: str) -> str:
-    """images/ab/cd/<sha>.<ext>, relative to data_dir; `ext` comes from the detected format."""
+    """images/ab/<sha>.<ext>, relative to data_dir; `ext` comes from the detected format."""
     if not _EXT.fullmatch(ext):
         raise ValueError(f"bad extension {ext!r}")
     return f"images/{_shard(sha256)}/{sha256}.{ext}"
 
 
 def thumb_rel_path(sha256: str) -> str:
-    """thumbs/ab/cd/<sha>.jpg, relative to data_dir."""
+    """thumbs/ab/<sha>.jpg, relative to data_dir."""
     return f"thumbs/{_shard(sha256)}/{sha256}.jpg"
 
 

@@ -11,8 +11,12 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from core.catalog.deletion import delete_images
 from core.catalog.imaging import inspect_and_decode
+from core.catalog.ingest import Upload, import_uploads
 from core.catalog.store import original_path, store_image, thumbnail_path
+from core.db import Database
+from core.schema import Image as ImageRow
 from core.settings import Settings
 from tests.core import badfiles
 
@@ -22,8 +26,8 @@ def test_original_is_stored_byte_for_byte_under_its_hash_with_the_detected_exten
     sha = hashlib.sha256(data).hexdigest()
     decoded = inspect_and_decode("../../holiday photo.JPG", data, settings)  # the user's name is never used
     stored = store_image(settings, data, decoded)
-    assert stored.original_rel == f"images/{sha[:2]}/{sha[2:4]}/{sha}.png"
-    assert stored.thumb_rel == f"thumbs/{sha[:2]}/{sha[2:4]}/{sha}.jpg"
+    assert stored.original_rel == f"images/{sha[:2]}/{sha}.png"
+    assert stored.thumb_rel == f"thumbs/{sha[:2]}/{sha}.jpg"
     assert stored.original == settings.data_dir / stored.original_rel
     assert stored.original.read_bytes() == data
     with Image.open(stored.thumb) as thumb:
@@ -96,3 +100,28 @@ def test_stored_files_get_the_umask_mode_so_other_accounts_can_read_them(setting
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
     if not umask & 0o044:  # the usual 022 or 002: group and others may read
         assert stat.S_IMODE(stored.original.stat().st_mode) & 0o044 == 0o044
+
+
+def test_images_stored_under_the_earlier_two_level_layout_are_still_found_and_deleted(db: Database) -> None:
+    # Catalogues made before the one-level layout keep their files at images/ab/cd/: the rows name them, so the
+    # review grid, a re-import of the same bytes and a deletion all reach those files, and nothing is copied again.
+    data = badfiles.png(seed=11)
+    first = import_uploads(db, [Upload("shoe.png", data)], actor="test")
+    image_id = first.imported[0].image_id
+    with db.write() as session:
+        row = session.get(ImageRow, image_id)
+        assert row is not None
+        moved: list[Path] = []
+        for attribute in ("stored_path", "thumb_path"):
+            tree, shard, name = getattr(row, attribute).split("/")
+            old = f"{tree}/{shard}/{name[2:4]}/{name}"
+            (db.settings.data_dir / old).parent.mkdir(parents=True)
+            (db.settings.data_dir / getattr(row, attribute)).rename(db.settings.data_dir / old)
+            setattr(row, attribute, old)
+            moved.append(db.settings.data_dir / old)
+    assert thumbnail_path(db.settings, row) == moved[1].resolve()
+    again = import_uploads(db, [Upload("shoe copy.png", data)], actor="test")
+    assert [d.name for d in again.duplicates] == ["shoe copy.png"] and not again.imported
+    assert sorted(p for p in db.settings.data_dir.joinpath("images").rglob("*") if p.is_file()) == [moved[0]]
+    deleted = delete_images(db, [image_id], actor="test", reason="test")
+    assert deleted[0].files_removed == 2 and not any(p.exists() for p in moved)
