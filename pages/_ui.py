@@ -11,6 +11,7 @@ from typing import Any
 
 import streamlit as st
 
+from core.catalog.ingest import ImportResult, stored_before
 from core.catalog.labels import LabelChange, get_or_add_category, list_categories, undo_last_change
 from core.db import Database, open_database
 from core.errors import NotFound, ProdcatError, as_storage_error
@@ -192,9 +193,10 @@ def refusal_of(exc: Exception) -> ProdcatError | None:
 
 
 @contextmanager
-def shown_errors(where: Any = None) -> Iterator[_Outcome]:
+def shown_errors(where: Any = None, *, before_error: Callable[[Exception], None] | None = None) -> Iterator[_Outcome]:
     """Run a core call; a ProdcatError or a database/disk failure becomes `st.error` (in `where` if given) and the
-    page goes on (a failure's message never shows SQL, parameters or server paths).
+    page goes on (a failure's message never shows SQL, parameters or server paths). `before_error(exc)`, if given,
+    draws what belongs above that error (an import's report of what it stored first).
 
     Anything else propagates, so bugs are not hidden (and AppTest sees them).
     """
@@ -206,12 +208,37 @@ def shown_errors(where: Any = None) -> Iterator[_Outcome]:
         if refusal is None:
             raise
         outcome.failed = True
+        if before_error is not None:
+            before_error(exc)
         (where or st).error(md_escape(refusal))
 
 
 def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, Any]:
     """(True, result) or (False, None) after showing the ProdcatError."""
     with shown_errors() as outcome:
+        return True, fn(*args, **kwargs)
+    return not outcome.failed, None
+
+
+def show_import(result: ImportResult) -> None:
+    """An import's report: the counts, its notes, and each refused file with the reason."""
+    st.success(result.summary())
+    for note in result.notes:
+        st.warning(md_escape(note))
+    if result.refused:
+        st.dataframe([{"file": r.name, "reason": r.reason} for r in result.refused], hide_index=True)
+
+
+def show_stored_before(exc: Exception) -> None:
+    """For an import that an error stopped part-way: what its committed batches stored (`stored_before`)."""
+    if (partial := stored_before(exc)) is not None:
+        st.warning("The import stopped on an error. Stored before it:")
+        show_import(partial)
+
+
+def attempt_import(fn: Callable[..., ImportResult], *args: Any, **kwargs: Any) -> tuple[bool, ImportResult | None]:
+    """`attempt` for an import: when an error ends it part-way, what it stored before is shown above the error."""
+    with shown_errors(before_error=show_stored_before) as outcome:
         return True, fn(*args, **kwargs)
     return not outcome.failed, None
 

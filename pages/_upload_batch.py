@@ -6,6 +6,7 @@ stops the page's script) still says what was stored and keeps the rest to resume
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from core.catalog.ingest import ImportResult, Upload
@@ -49,6 +50,34 @@ class Batch:
         self.notes += [n for n in result.notes if n not in self.notes]
         self.pending = self.pending[done:]
         self.processed += done
+
+    def add_stopped(self, result: ImportResult, chunk: list[Upload]) -> None:
+        """Record what an import call of `chunk` stored before an error stopped it (`stored_before`).
+
+        An import reports in input order, so the uploads it accounts for lead `chunk`: those leave the pending list
+        with their outcomes. A zip cut off part-way stays pending whole, and its entries' outcomes are not recorded
+        (the entries it stored come back as duplicates when it is imported again)."""
+        left = Counter([*(i.name for i in result.imported), *(d.name for d in result.duplicates)])
+        left.update(r.name for r in result.refused)
+        done = 0
+        while done < len(chunk) and left[chunk[done].name] > 0:  # two uploads of one name need two outcomes
+            left[chunk[done].name] -= 1
+            done += 1
+        room = Counter(u.name for u in chunk[:done])
+
+        def covered(name: str) -> bool:
+            room[name] -= 1
+            return room[name] >= 0
+
+        self.add(
+            ImportResult(
+                imported=[i for i in result.imported if covered(i.name)],
+                duplicates=[d for d in result.duplicates if covered(d.name)],
+                refused=[r for r in result.refused if covered(r.name)],
+                notes=result.notes,
+            ),
+            done=done,
+        )
 
     @property
     def imported_ids(self) -> list[int]:

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import streamlit as st
 
 from core.auth import Action
 from core.catalog.export import export_imagefolder, labels_csv_bytes
 from core.catalog.ingest import (
-    ImportResult,
     LabelSource,
     Upload,
     import_labelled_folder,
     import_labelled_upload,
-    stored_before,
 )
 from core.catalog.labels import (
     add_category,
@@ -128,27 +123,6 @@ def _label_source(form: str) -> tuple[LabelSource, str | None]:
     return source, category
 
 
-def _show_import(result: ImportResult) -> None:
-    st.success(result.summary())
-    for note in result.notes:
-        st.warning(_ui.md_escape(note))
-    if result.refused:
-        st.dataframe([{"file": r.name, "reason": r.reason} for r in result.refused], hide_index=True)
-
-
-def _import_shown(fn: Callable[..., ImportResult], *args: Any, **kwargs: Any) -> tuple[bool, ImportResult | None]:
-    """`_ui.attempt` for an import: when an error ends it part-way, what it stored before is shown above the error."""
-    with _ui.shown_errors():
-        try:
-            return True, fn(*args, **kwargs)
-        except Exception as exc:
-            if (partial := stored_before(exc)) is not None:
-                st.warning("The import stopped on an error. Stored before it:")
-                _show_import(partial)
-            raise
-    return False, None
-
-
 st.header("Import labelled data")
 folder_tab, zip_tab = st.tabs(["Folder on the server", "Zip upload"])
 with folder_tab, st.form("import_folder"):
@@ -166,7 +140,7 @@ with folder_tab, st.form("import_folder"):
             ok, labels_csv = _ui.attempt(exchange_path, db, csv_path, actor=_ui.actor())
         if ok:
             bar = st.progress(0.0, text="Importing...")
-            ok, result = _import_shown(
+            ok, result = _ui.attempt_import(
                 import_labelled_folder,
                 db,
                 source,
@@ -180,13 +154,13 @@ with folder_tab, st.form("import_folder"):
             )
             bar.empty()
             if ok and result is not None:
-                _show_import(result)
+                _ui.show_import(result)
 with zip_tab, st.form("import_zip", clear_on_submit=True):
     archive = st.file_uploader("Zip archive of photos", type=["zip"])
     zip_source, zip_category = _label_source("zip")
     labels_file = st.file_uploader("Labels CSV (with 'A labels CSV')", type=["csv"])
     if st.form_submit_button("Import zip") and archive is not None:
-        ok, result = _import_shown(
+        ok, result = _ui.attempt_import(
             import_labelled_upload,
             db,
             Upload(archive.name, archive.getvalue()),
@@ -196,7 +170,7 @@ with zip_tab, st.form("import_zip", clear_on_submit=True):
             actor=_ui.actor(),
         )
         if ok and result is not None:
-            _show_import(result)
+            _ui.show_import(result)
 
 
 # --- pretrained backbone --------------------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import streamlit as st
 
 from core.auth import Action
-from core.catalog.ingest import ImportResult, Upload, import_uploads
+from core.catalog.ingest import Upload, import_uploads, stored_before
 from core.catalog.labels import add_category, bulk_relabel
 from core.ml.predict import predict_images
 from core.ml.versions import active_version
@@ -92,16 +94,23 @@ def _run_import(batch: Batch, uploads: list[Upload]) -> bool:
             shown = _ui.md_escape(f"{offset + done}/{batch.total}: {name}")  # a zip entry's name is no Markdown
             bar.progress(min((offset + done) / batch.total, 1.0), text=shown)
 
-        ok, result = _ui.attempt(
-            import_uploads, db, chunk, category=batch.category, actor=_ui.actor(), source="upload", progress=_progress
-        )
-        if not ok:
+        with _ui.shown_errors(before_error=functools.partial(_stopped_part_way, batch, chunk)) as outcome:
+            result = import_uploads(
+                db, chunk, category=batch.category, actor=_ui.actor(), source="upload", progress=_progress
+            )
+            batch.add(result, done=len(chunk))
+        if outcome.failed:
             bar.empty()
             return False
-        assert isinstance(result, ImportResult)
-        batch.add(result, done=len(chunk))
     bar.empty()
     return True
+
+
+def _stopped_part_way(batch: Batch, chunk: list[Upload], exc: Exception) -> None:
+    """An error ended an import call: record what it stored first, and show that above the error."""
+    if (partial := stored_before(exc)) is not None:
+        batch.add_stopped(partial, chunk)
+    _ui.show_stored_before(exc)
 
 
 if submitted:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import sqlite3
+from typing import Any
+
+import pytest
 from streamlit.testing.v1 import AppTest
 
+import core.catalog.ingest.importer as importer
+from core.catalog.ingest import ImportedItem, ImportResult, RefusedItem, Upload
 from core.catalog.labels import add_category, audit_trail
 from core.catalog.stats import catalogue_stats
 from core.db import Database
+from pages._upload_batch import Batch
 from tests.imagegen import image_bytes
 from tests.pages.helpers import card_ids, errors_of, run_page
 
@@ -185,3 +192,54 @@ def test_an_admin_deletes_an_uploaded_photo_from_its_card_and_a_labeller_sees_no
         [(image_id, actor, action, note)] = events.all()
     assert (image_id, actor, action) == (gone, "ada", "delete") and "wrong product" in note
     assert admin.button(key="upload_apply").label == "Apply to the 1 photo"  # the bulk bar counts what is left
+
+
+def test_an_import_stopped_by_a_full_disk_keeps_what_it_stored_and_resumes_the_rest(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second batch's transaction fails (the disk filled): the first batch's photos stay stored and are reported
+    # above the error, the upload's record counts them, and the button imports only the rest.
+    monkeypatch.setattr(importer, "BATCH_ROWS", 2)
+    monkeypatch.setattr(importer, "BATCH_SECONDS", 3600.0)
+    real_write = importer._RowWriter.write
+    calls: list[int] = []
+
+    def fails_second_time(writer: importer._RowWriter) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_write(writer)
+
+    monkeypatch.setattr(importer._RowWriter, "write", fails_second_time)
+    files = [(f"shoe_{k}.png", image_bytes("Shoes", k), "image/png") for k in range(5)]
+    at = _import(run_page("pages/upload.py"), files)
+
+    assert not at.exception
+    assert [e.replace("\\", "") for e in errors_of(at)] == [
+        "the disk holding the data directory 'data' is full: free some space, then try again; the step that failed "
+        "was not saved"
+    ]
+    assert any(w.value == "The import stopped on an error. Stored before it:" for w in at.warning)
+    assert any(s.value.startswith("2 imported, 0 duplicates, 0 refused") for s in at.success)
+    warnings = [w.value.replace("\\", "") for w in at.warning]  # as Markdown escapes it
+    assert any(w.startswith("Import interrupted: 2 of 5 files stored; 3 not imported") for w in warnings), warnings
+    assert catalogue_stats(db).total_images == 2
+
+    at = next(b for b in at.button if b.label == "Import the remaining 3 files").click().run()
+    assert not at.exception and errors_of(at) == []
+    assert catalogue_stats(db).total_images == 5
+    assert any(t.value.startswith("5 imported, 0 duplicates, 0 refused") for t in at.text)
+
+
+def test_a_stopped_import_leaves_pending_what_it_did_not_finish_same_names_and_zips_included() -> None:
+    chunk = [Upload("a.png", b"1"), Upload("a.png", b"2"), Upload("b.zip", b"3"), Upload("c.png", b"4")]
+    batch = Batch.start(chunk, category=None)
+    # Stored before the error: the first a.png, and one entry of the zip (reached later in input order it cannot be).
+    partial = ImportResult(imported=[ImportedItem("a.png", 1, None)])
+    batch.add_stopped(partial, chunk)
+    assert batch.imported == [("a.png", 1)] and [u.data for u in batch.pending] == [b"2", b"3", b"4"]
+    # The second a.png was refused and the zip got half-way: the zip and what follows it stay to import.
+    more = ImportResult(imported=[ImportedItem("b.zip/x.png", 3, None)], refused=[RefusedItem("a.png", "broken")])
+    batch.add_stopped(more, batch.pending)
+    assert batch.imported == [("a.png", 1)] and batch.refused == [("a.png", "broken")]
+    assert [u.name for u in batch.pending] == ["b.zip", "c.png"] and batch.processed == 2

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from core.catalog.imaging import ContentHashes, DecodedImage, content_hashes, difference_hash, inspect_and_decode
 from core.catalog.store import StoredFiles, make_thumbnail, store_image
-from core.errors import ImageRefused
+from core.errors import ImageRefused, as_storage_error
 from core.settings import Settings
 
 # Threads that decode in the importing process (Pillow and hashlib release the GIL; at most the CPU count).
@@ -96,8 +96,9 @@ def prepare_file(
     decoded.image = None  # type: ignore[assignment]  # free the decoded pixels now
     try:
         stored = store_image(settings, data, decoded, thumbnail=thumbnail)
-    except OSError as exc:
-        return Prepared(refusal=f"could not be stored ({exc.strerror or exc}); check free disk space")
+    except OSError as exc:  # a full or read-only disk reads as such (EFBIG's "File too large" would blame the photo)
+        known = as_storage_error(exc, settings.data_dir.name)
+        return Prepared(refusal=f"could not be stored: {known if known is not None else exc.strerror or exc}")
     return Prepared(decoded=decoded, stored=stored, phash=difference_hash(thumbnail), hashes=content_hashes(thumbnail))
 
 
