@@ -12,8 +12,11 @@ from core.jobs.queue import get_job
 from core.jobs.worker import JobRun
 from core.ml.contract import ProgressReport
 from core.ml.training import run_training
-from core.ml.versions import get_version
-from tests.core.training_helpers import add_job, dataset, store_images
+from core.ml.versions import checkpoint_path, get_version
+from core.schema import VersionStatus
+from models.checkpoint import load_checkpoint
+from models.stages import STAGE_BLOCKS, StagePooledNet
+from tests.core.training_helpers import add_job, dataset, save_random_version, store_images
 
 pytestmark = pytest.mark.usefixtures("plain_main")  # ranks start by forkserver
 
@@ -42,6 +45,24 @@ def test_a_full_job_on_two_cpu_processes_registers_its_version_with_one_checkpoi
     # The ranks' folder (starting weights, rank 0's checkpoint, error files) is gone; one checkpoint is registered.
     checkpoints = db.settings.checkpoints_dir
     assert sorted(p.name for p in checkpoints.iterdir()) == [f"v{version_id}.json", f"v{version_id}.safetensors"]
+
+
+def test_a_full_job_on_two_processes_continues_a_stage_pooled_lineage_and_keeps_its_blocks(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A catalogue whose first models were quick heads on the bundled backbone's stage-pooled features, fine-tuned in
+    # full on a server with several devices: each rank rebuilds the wrapper, and the new version keeps its blocks.
+    monkeypatch.setattr(db.settings, "train_devices", "cpu,cpu")
+    parent = save_random_version(db, CLASSES, arch="efficientnet_lite0", stage_pooled=True, status=VersionStatus.ACTIVE)
+    store_images(db, dataset(CLASSES, train=4, val=1, test=1))
+    job = add_job(db, "full", {**PARAMS, "arch": "efficientnet_lite0", "epochs": 1})
+    version_id = run_training(db, job, on_progress=lambda _: None, should_stop=lambda: False)
+    version = get_version(db, version_id)
+    assert version.parent_id == parent and version.metrics["device"] == "2 x cpu (DDP)"
+    model, meta = load_checkpoint(checkpoint_path(db, version), device="cpu")
+    assert isinstance(model, StagePooledNet) and meta.feature_blocks == list(STAGE_BLOCKS["efficientnet_lite0"])
+    parent_model, _ = load_checkpoint(checkpoint_path(db, get_version(db, parent)), device="cpu")
+    assert not torch.equal(model.classifier.weight, parent_model.classifier.weight)  # trained, not copied
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -91,24 +91,30 @@ def save_random_version(
     status: str = VersionStatus.CANDIDATE,
     seed: int = 0,
     test_accuracy: float | None = None,
+    arch: str = "resnet18",
+    stage_pooled: bool = False,
 ) -> int:
-    """A registered version with a real (randomly initialised) resnet18 checkpoint at 32 px."""
+    """A registered version with a real (randomly initialised) checkpoint at 32 px: a resnet18, or `arch`, optionally
+    as a stage-pooled network (models/stages.py, what a quick-mode lineage of the bundled backbone starts)."""
     import torch
     from sqlalchemy import select
 
     from core.schema import Category
     from models.checkpoint import CheckpointMeta, save_checkpoint
     from models.factory import create_network, preprocessing_config
+    from models.stages import stage_blocks, with_stage_features
 
     torch.manual_seed(seed)
-    model, _ = create_network("resnet18", len(class_names), pretrained="none")
+    model, _ = create_network(arch, len(class_names), pretrained="none")
     cfg = preprocessing_config(model, 32)
+    if stage_pooled:
+        model = with_stage_features(model, arch)
     with db.write() as session:
         ids = []
         for name in class_names:
             ids.append(get_or_create_category(session, name).id)
         row = ModelVersion(
-            arch="resnet18",
+            arch=arch,
             image_size=32,
             mode="quick",
             class_names=list(class_names),
@@ -123,7 +129,9 @@ def save_random_version(
         session.flush()
         rel = Path("checkpoints") / f"v{row.id}.safetensors"
         save_checkpoint(
-            db.settings.data_dir / rel, model, CheckpointMeta.from_preprocess("resnet18", list(class_names), cfg)
+            db.settings.data_dir / rel,
+            model,
+            CheckpointMeta.from_preprocess(arch, list(class_names), cfg, feature_blocks=stage_blocks(model)),
         )
         row.weights_path = rel.as_posix()
         assert session.scalars(select(Category)).first() is not None
