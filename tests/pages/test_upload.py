@@ -234,7 +234,7 @@ def test_an_import_stopped_by_a_full_disk_keeps_what_it_stored_and_resumes_the_r
 def test_a_stopped_import_leaves_pending_what_it_did_not_finish_same_names_and_zips_included() -> None:
     chunk = [Upload("a.png", b"1"), Upload("a.png", b"2"), Upload("b.zip", b"3"), Upload("c.png", b"4")]
     batch = Batch.start(chunk, category=None)
-    # Stored before the error: the first a.png, and one entry of the zip (reached later in input order it cannot be).
+    # Stored before the error: the first a.png only. Its namesake, the zip and c.png stay to import.
     partial = ImportResult(imported=[ImportedItem("a.png", 1, None)])
     batch.add_stopped(partial, chunk)
     assert batch.imported == [("a.png", 1)] and [u.data for u in batch.pending] == [b"2", b"3", b"4"]
