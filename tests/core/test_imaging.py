@@ -259,3 +259,17 @@ def test_animated_gifs_end_after_their_last_frame(cfg: Settings) -> None:
     assert inspect_and_decode("spin.gif", buffer.getvalue(), cfg).format == "GIF"
     with pytest.raises(ImageRefused, match=f"{len(JUNK):,} bytes of other data"):
         inspect_and_decode("spin.gif", buffer.getvalue() + JUNK, cfg)
+
+
+def test_the_phash_dct_is_scipys_orthonormal_dct_so_hashes_stored_before_still_match() -> None:
+    # content_hashes takes the pHash's 8x8 lowest frequencies as two matrix products; the hashes stored before it
+    # came from scipy.fft.dctn(norm="ortho"), and near-duplicate matching compares the two.
+    fft = pytest.importorskip("scipy.fft")  # installed with scikit-learn; the app itself no longer imports it
+    from core.catalog.imaging import _PHASH_DCT
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        grey = rng.integers(0, 256, (32, 32)).astype(np.float64)
+        np.testing.assert_allclose(
+            _PHASH_DCT @ grey @ _PHASH_DCT.T, fft.dctn(grey, norm="ortho")[:8, :8], rtol=0, atol=1e-9
+        )
