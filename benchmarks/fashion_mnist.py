@@ -265,12 +265,61 @@ def build_pixel_cache(db: Any, params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class _PhaseTimeline:
+    """Polls the job's stored progress while it runs: when each phase was first seen, for a breakdown of the job.
+
+    A phase shorter than the poll interval can be missed; the worker's start-up shows as the time to the first phase.
+    """
+
+    def __init__(self, db: Any, job_id: int, every_s: float = 0.2) -> None:
+        import threading
+
+        self.db, self.job_id, self.every_s = db, job_id, every_s
+        self.seen: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._start = time.perf_counter()
+
+    def __enter__(self) -> _PhaseTimeline:
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        from core.jobs.queue import get_job
+
+        shown: tuple[str, int | None] | None = None
+        while not self._stop.wait(self.every_s):
+            report = get_job(self.db, self.job_id).report
+            now = time.perf_counter() - self._start
+            if report.phase and (not self.seen or self.seen[-1][1] != report.phase):
+                self.seen.append((now, report.phase))
+            if report.phase and (report.phase, report.epoch) != shown:
+                shown = (report.phase, report.epoch)  # printed as it happens: a run cut off by a time limit says where
+                rate = f", {report.images_per_s:,.0f} img/s" if report.images_per_s else ""
+                print(f"  {now:6.1f} s {report.phase} epoch {report.epoch} step {report.step}/{report.steps}{rate}",
+                      flush=True)  # fmt: skip
+
+    def durations(self, total_s: float) -> list[dict[str, Any]]:
+        """Each phase with its start and how long it lasted (until the next phase, or the job's end)."""
+        ends = [t for t, _ in self.seen[1:]] + [total_s]
+        first = [{"phase": "worker start-up", "start_s": 0.0, "seconds": self.seen[0][0]}] if self.seen else []
+        return first + [
+            {"phase": phase, "start_s": round(start, 2), "seconds": round(end - start, 2)}
+            for (start, phase), end in zip(self.seen, ends, strict=True)
+        ]
+
+
 def train_through_worker(db: Any, params: dict[str, Any], how: str) -> dict[str, Any]:
     """Queue a full training job and run it with the worker; timed end to end (job start to version registered)."""
     from core.jobs.queue import enqueue_training, get_job
 
     job_id = enqueue_training(db, "full", params, "benchmark")
-    with timed() as clock:
+    with timed() as clock, _PhaseTimeline(db, job_id) as timeline:
         if how == "subprocess":
             log = Path(db.settings.logs_dir) / "benchmark-worker.log"
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +336,13 @@ def train_through_worker(db: Any, params: dict[str, Any], how: str) -> dict[str,
     job = get_job(db, job_id)
     if job.status != "succeeded" or job.model_version_id is None:
         raise SystemExit(f"training job {job_id} ended {job.status}: {job.error}")
-    return {"job_id": job_id, "seconds": clock.seconds, "job": job}
+    phases = timeline.durations(clock.seconds)
+    totals: dict[str, float] = {}
+    for row in phases:
+        totals[row["phase"]] = totals.get(row["phase"], 0.0) + row["seconds"]
+    for phase, seconds in totals.items():
+        print(f"  job phase {phase!r}: {seconds:.1f} s", flush=True)
+    return {"job_id": job_id, "seconds": clock.seconds, "job": job, "phases": phases}
 
 
 def _job_summary(db: Any, job: Any, train_seconds: float, epochs: int) -> dict[str, Any]:
@@ -387,6 +442,7 @@ def run(config: dict[str, Any], data_dir: Path) -> dict[str, Any]:
     print(f"cache: {cached['images']} images in {cached['seconds']:.1f} s", flush=True)
     trained = train_through_worker(db, params, config["worker"])
     training = _job_summary(db, trained["job"], trained["seconds"], int(params.get("epochs") or 1))
+    training["phases"] = trained["phases"]
     print(f"training: {training['seconds']:.1f} s, app test accuracy {training['app_test_accuracy']}", flush=True)
     predicted = classify_test_set(db, config["test_limit"], data_dir)
     print(f"prediction: {predicted['images']} files in {predicted['seconds']:.1f} s", flush=True)
