@@ -3,14 +3,16 @@
 # Fashion-MNIST's idx files in .gpudata. Each step has its own time limit so one slow step cannot eat the others.
 #   bash benchmarks/gpu_checks.sh OUT_DIR [STEP...]
 # Steps (default: all, in this order):
+#   tests    the CUDA-only tests that need no database or browser (pytest --noconftest), ~20 s
 #   lite0    training step vs loader for the GPU default (efficientnet_lite0, 128 px, batch 256), ~40 s
+#   cudnn    a small and a large training call with cuDNN autotuning on and off (bench_cudnn.py), ~90 s
 #   fmnist   Fashion-MNIST through the product, full fine-tune from the bundled backbone (FMNIST_ARGS adds options)
 #   resnet50 resnet50 training/inference throughput and JPEG decoding (bench_gpu.py)
 #   loader   loader vs step for resnet50 at 224 px
 set -u
 out=${1:?output folder}
 shift
-steps=${*:-lite0 fmnist resnet50 loader}
+steps=${*:-tests lite0 cudnn fmnist resnet50 loader}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PRODCAT_FASHION_MNIST_DIR="$PWD/.gpudata" HF_HUB_OFFLINE=1
 if [ -d .whl ]; then
@@ -24,6 +26,15 @@ df -m /tmp /dev/shm | tee -a "$out/gpu.txt"
 
 for step in $steps; do
   case $step in
+  tests)
+    timeout 60 python3 -m pytest -q --noconftest -p no:cacheprovider tests/models/test_label_checks.py \
+      tests/models/test_devices.py > "$out/tests.log" 2>&1
+    echo "tests rc=$?" | tee -a "$out/gpu.txt"
+    tail -4 "$out/tests.log" ;;
+  cudnn)
+    timeout 120 python3 benchmarks/bench_cudnn.py --out "$out/cudnn.json" > "$out/cudnn.log" 2>&1
+    echo "cudnn rc=$?" | tee -a "$out/gpu.txt"
+    tail -7 "$out/cudnn.log" ;;
   lite0)
     timeout 60 python3 benchmarks/bench_loader.py --arch efficientnet_lite0 --image-size 128 --batch-size 256 \
       --devices cuda --no-check --out "$out/lite0.json" > "$out/lite0.log" 2>&1

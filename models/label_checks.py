@@ -5,8 +5,8 @@
   wrong ones and would hide them).
 - `find_label_problems`: cleanlab's label quality (self-confidence), the confident-learning estimate of how many
   labels are wrong (`num_label_issues`), which images those are, and the label each probably should have.
-- `outlier_scores` / `nearest_neighbours`: cosine distances in feature space, brute force in chunks (numpy is fast
-  enough up to ~100k images on a CPU; no index to keep in step).
+- `outlier_scores` / `nearest_neighbours`: cosine distances in feature space, brute force in chunks (fast enough up
+  to ~100k images on a CPU, and on the job's GPU when it has one; no index to keep in step).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from models.errors import NotEnoughData
 from models.training import TrainConfig, fit_linear_head
@@ -151,31 +152,51 @@ def _unit_rows(features: np.ndarray) -> np.ndarray:
     return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
 
 
+class UnitRows:
+    """Reference feature rows scaled to unit length, kept on `device`: scoring many batches of queries against the
+    same references (every prediction batch of a refresh) normalises and uploads them once."""
+
+    def __init__(self, references: np.ndarray, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device or "cpu")
+        self.rows = _unit_tensor(references, self.device)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _unit_tensor(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(rows, dtype=np.float32)).to(device)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def outlier_scores(
     queries: np.ndarray,
-    references: np.ndarray,
+    references: np.ndarray | UnitRows,
     *,
     k: int = DEFAULT_NEIGHBOURS,
     same_rows: bool = False,
+    device: torch.device | str | None = None,
 ) -> np.ndarray:
     """Mean cosine distance (0..2) of each query row to its k nearest reference rows: high = unlike anything labelled.
 
     With `same_rows` the queries ARE the references (row i is not its own neighbour). NaN when there are no
-    references to compare with.
+    references to compare with. Runs on the references' device (`device` for plain rows, default the CPU): on a
+    GPU, 60,000 queries against 20,000 references take a fraction of a second.
     """
-    q, r = _unit_rows(queries), _unit_rows(references)
-    available = len(r) - (1 if same_rows else 0)
+    refs = references if isinstance(references, UnitRows) else UnitRows(references, device)
+    available = len(refs) - (1 if same_rows else 0)
     if available < 1:
-        return np.full(len(q), np.nan)
+        return np.full(len(queries), np.nan)
     k = min(int(k), available)
-    scores = np.empty(len(q))
-    for start in range(0, len(q), _CHUNK):
-        sims = q[start : start + _CHUNK] @ r.T
-        if same_rows:
-            rows = np.arange(len(sims))
-            sims[rows, start + rows] = -np.inf
-        top = np.partition(sims, -k, axis=1)[:, -k:]
-        scores[start : start + _CHUNK] = 1.0 - top.mean(axis=1)
+    scores = np.empty(len(queries))
+    with torch.inference_mode():
+        for start in range(0, len(queries), _CHUNK):
+            sims = _unit_tensor(queries[start : start + _CHUNK], refs.device) @ refs.rows.T
+            if same_rows:
+                rows = torch.arange(len(sims), device=refs.device)
+                sims[rows, start + rows] = -torch.inf
+            top = torch.topk(sims, k, dim=1).values
+            scores[start : start + _CHUNK] = (1.0 - top.mean(dim=1)).cpu().numpy()
     return scores
 
 

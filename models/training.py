@@ -62,6 +62,7 @@ class TrainConfig:
     patience: int = 3  # epochs without a better validation accuracy before stopping early
     max_steps: int | None = None  # cap on optimiser steps in total (tests, smoke runs)
     compile: bool = False  # torch.compile the training model (pays off on long GPU runs)
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN time its kernels for each new input shape (seconds, once a run)
     amp: bool = True  # bf16 autocast on CUDA
     augment: bool = True
     eval_batch_size: int = 128
@@ -486,8 +487,8 @@ class _FullRun:
         torch.manual_seed(config.seed)
         self.sample_gen = torch.Generator().manual_seed(config.seed)
         self.augment_gen = torch.Generator().manual_seed(config.seed + 1)
-        if self.cuda:
-            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+        if self.cuda:  # fixed input size: cuDNN may time its kernels once per shape and keep the fastest
+            torch.backends.cudnn.benchmark = config.cudnn_benchmark
         model.to(  # type: ignore[call-overload]  # torch's stub lacks to(device, memory_format=...)
             device, memory_format=torch.channels_last if self.cuda else torch.contiguous_format
         )
@@ -817,8 +818,9 @@ def fit_linear_head(
     weights and a very low bias.
     """
     config = config or TrainConfig()
-    x = torch.as_tensor(np.asarray(features, dtype=np.float32))
-    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    device = head_device(config)
+    x = torch.as_tensor(np.asarray(features, dtype=np.float32)).to(device)
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device)
     if x.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"features {tuple(x.shape)} and labels {tuple(y.shape)} do not match")
     if x.shape[0] < 2 or len(torch.unique(y)) < 2:
@@ -827,11 +829,11 @@ def fit_linear_head(
         raise ValueError(f"labels must be class indices in [0, {num_classes})")
 
     mean = x.mean(dim=0)
-    std = x.std(dim=0).clamp_min(1e-6) / _block_scales(blocks, x.shape[1])
+    std = x.std(dim=0).clamp_min(1e-6) / _block_scales(blocks, x.shape[1]).to(device)
     z = (x - mean) / std
     counts = torch.bincount(y, minlength=num_classes).double()
     if config.balance == "none":
-        sample_w = torch.ones(len(y), dtype=torch.float32)
+        sample_w = torch.ones(len(y), dtype=torch.float32, device=device)
     else:
         class_w = torch.where(counts > 0, len(y) / (counts.clamp_min(1) * (counts > 0).sum()), 0.0)
         sample_w = class_w[y].float()
@@ -845,11 +847,11 @@ def fit_linear_head(
     else:
         grid = (1e-3,)
     if have_val:
-        zv = (torch.as_tensor(np.asarray(val_features, dtype=np.float32)) - mean) / std
-        yv = torch.as_tensor(np.asarray(val_labels, dtype=np.int64))
+        zv = (torch.as_tensor(np.asarray(val_features, dtype=np.float32)).to(device) - mean) / std
+        yv = torch.as_tensor(np.asarray(val_labels, dtype=np.int64)).to(device)
 
-    weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
+    weight = torch.zeros(num_classes, x.shape[1], device=device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=device, requires_grad=True)
     best: tuple[float, torch.Tensor, torch.Tensor, float] | None = None
     with _cpu_threads(config.head_threads):
         for l2 in grid:
@@ -869,7 +871,15 @@ def fit_linear_head(
     # Fold the standardisation in: W z + b = (W / std) x + (b - (W / std) . mean).
     w_raw = w / std
     b_raw = b - w_raw @ mean
-    return HeadFit(w_raw.contiguous(), b_raw.contiguous(), float(chosen))
+    return HeadFit(w_raw.cpu().contiguous(), b_raw.cpu().contiguous(), float(chosen))
+
+
+def head_device(config: TrainConfig) -> torch.device:
+    """Where head fits and label checks run: the job's GPU when it has one, else the CPU (MPS is left out: the
+    LBFGS fits are not proven there). On an H200 the K-fold heads of a 60,000-image label check took 93 s on one
+    CPU thread, most of a fine-tune that trained for 56 s (docs/benchmarks.md, GPU figures)."""
+    device = pick_device(config.device)
+    return device if device.type == "cuda" else torch.device("cpu")
 
 
 def _block_scales(blocks: Sequence[int] | None, width: int) -> torch.Tensor:
@@ -1024,7 +1034,7 @@ def train_quick(
         )
     _check_stop(should_stop, "before fitting the head")
     started = time.monotonic()
-    _report(on_progress, Progress(phase="head", step=0, steps=1, device="cpu"))
+    _report(on_progress, Progress(phase="head", step=0, steps=1, device=describe_device(head_device(config))))
     num_classes = len(data.class_names)
     weight, bias = fit_head(
         train_features,

@@ -82,6 +82,7 @@ def check_labels(labelled: LabelledSet, *, folds: int, seed: int = 0, config: An
     labels to cross-validate.
     """
     from models.label_checks import cross_validated_probs, find_label_problems
+    from models.training import head_device
 
     started = time.monotonic()
     cv = cross_validated_probs(
@@ -94,7 +95,7 @@ def check_labels(labelled: LabelledSet, *, folds: int, seed: int = 0, config: An
         blocks=labelled.feature_blocks,
     )
     problems = find_label_problems(labelled.labels, cv.probs)
-    outlier = _labelled_outlier_scores(labelled.features, seed=seed)
+    outlier = _labelled_outlier_scores(labelled.features, seed=seed, device=head_device(config) if config else None)
     return LabelCheck(
         labelled=labelled,
         probs=cv.probs,
@@ -117,15 +118,16 @@ def _reference_rows(n: int, seed: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(seed).choice(n, size=MAX_REFERENCES, replace=False))
 
 
-def _labelled_outlier_scores(features: np.ndarray, *, seed: int) -> np.ndarray:
+def _labelled_outlier_scores(features: np.ndarray, *, seed: int, device: Any = None) -> np.ndarray:
     """Each labelled image's outlier score against the (sampled) labelled images, never against itself."""
-    from models.label_checks import outlier_scores
+    from models.label_checks import UnitRows, outlier_scores
 
     refs = _reference_rows(len(features), seed)
     if refs is None:
-        return outlier_scores(features, features, same_rows=True)
-    scores = outlier_scores(features, features[refs])
-    scores[refs] = outlier_scores(features[refs], features[refs], same_rows=True)
+        return outlier_scores(features, UnitRows(features, device), same_rows=True)
+    sample = UnitRows(features[refs], device)
+    scores = outlier_scores(features, sample)
+    scores[refs] = outlier_scores(features[refs], sample, same_rows=True)
     return scores
 
 
@@ -158,14 +160,17 @@ def store_label_checks(db: Database, version_id: int, check: LabelCheck) -> int:
     return len(rows)
 
 
-_REFERENCES: dict[tuple[str, int], np.ndarray] = {}  # (data dir, version id) -> its checked images' features
+_REFERENCES: dict[tuple[str, int, str], Any] = {}  # (data dir, version id, device) -> UnitRows of its checked images
 _MAX_REFERENCES = 2
 
 
-def reference_features(db: Database, version_id: int, backbone_id: str, dim: int) -> np.ndarray:
-    """Features of the images a version's label check covered (its labelled images at training time): what outlier
-    scores measure distance to. Fixed per version, so kept in memory for the last two versions asked."""
-    key = (str(db.settings.data_dir), int(version_id))
+def _reference_rows_of(db: Database, version_id: int, backbone_id: str, dim: int, device: Any) -> Any:
+    """The features of the images a version's label check covered (its labelled images at training time), as
+    models.label_checks.UnitRows on `device`: what outlier scores measure distance to. Fixed per version, so kept in
+    memory for the last two versions asked; None while there are none."""
+    from models.label_checks import UnitRows
+
+    key = (str(db.settings.data_dir), int(version_id), str(device))
     if key in _REFERENCES:
         return _REFERENCES[key]
     with db.read() as session:
@@ -181,25 +186,33 @@ def reference_features(db: Database, version_id: int, backbone_id: str, dim: int
     store = FeatureCache(db.settings, backbone_id, dim).store
     index = store.read_index()
     shas = [sha for sha in image_shas(db, ids) if sha in index]
-    refs = np.asarray(store.gather(index, shas), dtype=np.float32) if shas else np.zeros((0, dim), np.float32)
-    if len(refs):  # an empty set may still be written by the job: look again next time
-        while len(_REFERENCES) >= _MAX_REFERENCES:
-            _REFERENCES.pop(next(iter(_REFERENCES)))
-        _REFERENCES[key] = refs
+    if not shas:  # none yet (the job may still write them): look again next time
+        return None
+    refs = UnitRows(np.asarray(store.gather(index, shas), dtype=np.float32), device)
+    while len(_REFERENCES) >= _MAX_REFERENCES:
+        _REFERENCES.pop(next(iter(_REFERENCES)))
+    _REFERENCES[key] = refs
     return refs
 
 
 def store_outlier_scores(
-    db: Database, version_id: int, image_ids: Sequence[int], features: np.ndarray, *, backbone_id: str
+    db: Database,
+    version_id: int,
+    image_ids: Sequence[int],
+    features: np.ndarray,
+    *,
+    backbone_id: str,
+    device: Any = None,
 ) -> None:
-    """Outlier scores of newly predicted images against the version's checked (labelled) images; an image that has
-    a check row already (say, a labelled one, scored leave-one-out by the job) keeps it."""
+    """Outlier scores of newly predicted images against the version's checked (labelled) images, computed on
+    `device` (the classifier's; default the CPU); an image that has a check row already (say, a labelled one,
+    scored leave-one-out by the job) keeps it."""
     from models.label_checks import outlier_scores
 
     if not backbone_id or not len(image_ids):
         return
-    refs = reference_features(db, version_id, backbone_id, int(features.shape[1]))
-    if not len(refs):
+    refs = _reference_rows_of(db, version_id, backbone_id, int(features.shape[1]), device)
+    if refs is None:
         return
     scores = outlier_scores(features, refs)
     insert_checks(

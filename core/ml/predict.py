@@ -107,48 +107,67 @@ def predict_images(
     ids = list(dict.fromkeys(int(i) for i in image_ids))
     if not ids:
         return {}
+    _store_missing(db, classifier, version, ids, unreadable)
     have = _stored(db, version.id, ids)
-    missing = [i for i in ids if i not in have]
-    if missing:
-        known: set[int] = set()
-        with db.read() as session:
-            for part in in_chunks(missing):
-                known.update(session.scalars(select(Image.id).where(Image.id.in_(part))))
-        unknown = [i for i in missing if i not in known]
-        if unknown:
-            raise NotFound(f"no image with id {', '.join(map(str, unknown[:10]))}")
-        meta = classifier.meta
-        cache = PixelCache(db.settings, meta.image_size, meta.crop_pct, meta.interpolation)
-        for start in range(0, len(missing), BATCH):
-            part, features = classifier_features(
-                db,
-                classifier,
-                missing[start : start + BATCH],
-                lambda todo: _readable_pixels(db, cache, todo, unreadable),
-            )
-            if not part:
-                continue
-            probs = np.asarray(classifier.probs_from_features(features), dtype=np.float64)
-            top, margin, entropy = _scores(probs)
-            db.insert_ignoring_duplicates(
-                Prediction,
-                [
-                    {
-                        "image_id": image_id,
-                        "model_version_id": version.id,
-                        "category_id": int(version.class_category_ids[int(top[n])]),
-                        "confidence": float(probs[n, top[n]]),
-                        "margin": float(margin[n]),
-                        "entropy": float(entropy[n]),
-                        "probs": [round(float(p), 6) for p in probs[n]],
-                    }
-                    for n, image_id in enumerate(part)
-                ],
-            )
-            store_outlier_scores(db, version.id, part, features, backbone_id=classifier.meta.backbone_id)
-        have = _stored(db, version.id, ids)
     names, classes = category_names(db), Merges.load(db).classes(version.class_category_ids)
     return {i: _view(have[i], classes, names, top_k) for i in ids if i in have}
+
+
+def _store_missing(
+    db: Database, classifier: Any, version: Any, ids: Sequence[int], unreadable: list[ImageRefused] | None
+) -> None:
+    """Compute and store the version's prediction (and outlier score) of each of these images that has none yet;
+    NotFound for an id with no image."""
+    missing = sorted(set(ids) - _have_prediction(db, version.id, ids))
+    if not missing:
+        return
+    known: set[int] = set()
+    with db.read() as session:
+        for part in in_chunks(missing):
+            known.update(session.scalars(select(Image.id).where(Image.id.in_(part))))
+    unknown = [i for i in missing if i not in known]
+    if unknown:
+        raise NotFound(f"no image with id {', '.join(map(str, unknown[:10]))}")
+    meta = classifier.meta
+    cache = PixelCache(db.settings, meta.image_size, meta.crop_pct, meta.interpolation)
+    for start in range(0, len(missing), BATCH):
+        part, features = classifier_features(
+            db, classifier, missing[start : start + BATCH], lambda todo: _readable_pixels(db, cache, todo, unreadable)
+        )
+        if not part:
+            continue
+        probs = np.asarray(classifier.probs_from_features(features), dtype=np.float64)
+        top, margin, entropy = _scores(probs)
+        db.insert_ignoring_duplicates(
+            Prediction,
+            [
+                {
+                    "image_id": image_id,
+                    "model_version_id": version.id,
+                    "category_id": int(version.class_category_ids[int(top[n])]),
+                    "confidence": float(probs[n, top[n]]),
+                    "margin": float(margin[n]),
+                    "entropy": float(entropy[n]),
+                    "probs": [round(float(p), 6) for p in probs[n]],
+                }
+                for n, image_id in enumerate(part)
+            ],
+        )
+        store_outlier_scores(
+            db, version.id, part, features, backbone_id=meta.backbone_id, device=getattr(classifier, "device", None)
+        )
+
+
+def _have_prediction(db: Database, version_id: int, ids: Sequence[int]) -> set[int]:
+    """Which of these images have a stored prediction of this version (ids only: nothing else is read)."""
+    found: set[int] = set()
+    with db.read() as session:
+        for part in in_chunks(list(ids)):
+            query = select(Prediction.image_id).where(
+                Prediction.model_version_id == version_id, Prediction.image_id.in_(part)
+            )
+            found.update(session.scalars(query))
+    return found
 
 
 def _readable_pixels(
@@ -201,8 +220,11 @@ def refresh_predictions(
         all_ids = list(session.scalars(select(Image.id).order_by(Image.id)))
         done = set(session.scalars(select(Prediction.image_id).where(Prediction.model_version_id == version_id)))
     todo = [i for i in all_ids if i not in done]
+    if not todo:
+        return 0
+    classifier, version = load_classifier(db, version_id)
     for start in range(0, len(todo), BATCH * 4):
-        predict_images(db, todo[start : start + BATCH * 4], version_id=version_id, unreadable=unreadable)
+        _store_missing(db, classifier, version, todo[start : start + BATCH * 4], unreadable)  # no views to build
         if progress is not None:
             progress(min(start + BATCH * 4, len(todo)), len(todo))
     return len(todo)
@@ -233,7 +255,8 @@ def predict_missing(
         return 0
     todo = missing_image_ids(db, version.id, limit=limit, skip=skip)
     if todo:
-        predict_images(db, todo, version_id=version.id, unreadable=unreadable)
+        classifier, version = load_classifier(db, version.id)
+        _store_missing(db, classifier, version, todo, unreadable)
     return len(todo)
 
 

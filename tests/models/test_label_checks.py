@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from models.errors import NotEnoughData
-from models.label_checks import cross_validated_probs, find_label_problems, nearest_neighbours, outlier_scores
+from models.label_checks import (
+    UnitRows,
+    cross_validated_probs,
+    find_label_problems,
+    nearest_neighbours,
+    outlier_scores,
+)
+from models.training import TrainConfig
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _blobs(n_per_class: int = 60, classes: int = 4, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -72,3 +82,31 @@ def test_nearest_neighbours_are_the_same_cluster_most_similar_first() -> None:
     rows, sims = nearest_neighbours(features[0], features, k=10)
     assert rows[0] == 0 and sims[0] == pytest.approx(1.0, abs=1e-5)
     assert (labels[rows] == labels[0]).all() and (np.diff(sims) <= 1e-9).all()
+
+
+def test_outlier_scores_are_mean_cosine_distances_to_the_k_nearest_and_reuse_kept_references() -> None:
+    rng = np.random.default_rng(3)
+    refs, queries = rng.normal(size=(300, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    sims = unit(queries).astype(np.float64) @ unit(refs).T.astype(np.float64)
+    expected = 1.0 - np.sort(sims, axis=1)[:, -7:].mean(axis=1)
+    assert np.allclose(outlier_scores(queries, refs, k=7), expected, atol=1e-5)
+    kept = UnitRows(refs)  # normalised once, scored against batch after batch (a prediction refresh)
+    assert np.allclose(outlier_scores(queries, kept, k=7), expected, atol=1e-5)
+    # Against themselves, a row is not its own neighbour: an exact twin scores 0, a lone row does not.
+    twins = np.concatenate([queries[:1], queries[:1], refs[:50]])
+    alone = outlier_scores(twins, twins, k=1, same_rows=True)
+    assert alone[0] == pytest.approx(0.0, abs=1e-6) and alone[1] == pytest.approx(0.0, abs=1e-6)
+    assert (alone[2:] > 0.01).all()
+
+
+@needs_cuda
+def test_on_a_gpu_the_head_fit_and_outlier_scores_give_the_cpu_answers() -> None:
+    features, labels = _blobs(n_per_class=200, classes=5, dim=64)
+    on_cpu = cross_validated_probs(features, labels, num_classes=5, folds=4, config=TrainConfig(device="cpu"))
+    on_gpu = cross_validated_probs(features, labels, num_classes=5, folds=4, config=TrainConfig(device="cuda"))
+    assert on_gpu.l2 == on_cpu.l2
+    assert np.abs(on_gpu.probs - on_cpu.probs).max() < 1e-3
+    cpu_scores = outlier_scores(features, features, same_rows=True)
+    gpu_scores = outlier_scores(features, UnitRows(features, "cuda"), same_rows=True)
+    assert np.allclose(gpu_scores, cpu_scores, atol=1e-5)
