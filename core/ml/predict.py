@@ -107,20 +107,20 @@ def predict_images(
     ids = list(dict.fromkeys(int(i) for i in image_ids))
     if not ids:
         return {}
-    _store_missing(db, classifier, version, ids, unreadable)
     have = _stored(db, version.id, ids)
+    missing = [i for i in ids if i not in have]
+    if missing:
+        _store_missing(db, classifier, version, missing, unreadable)
+        have.update(_stored(db, version.id, missing))
     names, classes = category_names(db), Merges.load(db).classes(version.class_category_ids)
     return {i: _view(have[i], classes, names, top_k) for i in ids if i in have}
 
 
 def _store_missing(
-    db: Database, classifier: Any, version: Any, ids: Sequence[int], unreadable: list[ImageRefused] | None
+    db: Database, classifier: Any, version: Any, missing: Sequence[int], unreadable: list[ImageRefused] | None
 ) -> None:
-    """Compute and store the version's prediction (and outlier score) of each of these images that has none yet;
-    NotFound for an id with no image."""
-    missing = sorted(set(ids) - _have_prediction(db, version.id, ids))
-    if not missing:
-        return
+    """Compute and store the version's prediction (and outlier score) of these images, which had none when the
+    caller looked (a row another writer stores meanwhile is kept); NotFound for an id with no image."""
     known: set[int] = set()
     with db.read() as session:
         for part in in_chunks(missing):
@@ -156,18 +156,6 @@ def _store_missing(
         store_outlier_scores(
             db, version.id, part, features, backbone_id=meta.backbone_id, device=getattr(classifier, "device", None)
         )
-
-
-def _have_prediction(db: Database, version_id: int, ids: Sequence[int]) -> set[int]:
-    """Which of these images have a stored prediction of this version (ids only: nothing else is read)."""
-    found: set[int] = set()
-    with db.read() as session:
-        for part in in_chunks(list(ids)):
-            query = select(Prediction.image_id).where(
-                Prediction.model_version_id == version_id, Prediction.image_id.in_(part)
-            )
-            found.update(session.scalars(query))
-    return found
 
 
 def _readable_pixels(
