@@ -371,7 +371,7 @@ class ExpectedAccuracy:
         return (
             f"Expected first model: about {acc:.0%} test accuracy with {n:,} labelled images ({labelled:,} now); "
             f"measured with {_WEIGHTS_WORDS.get(self.source, self.source)} on Fashion-MNIST: {curve} "
-            "(docs/benchmarks.md). "
+            "(quick mode, the CPU default; docs/benchmarks.md). "
             "Your photos will differ."
         )
 

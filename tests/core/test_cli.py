@@ -245,7 +245,7 @@ def test_train_says_which_backbone_it_starts_from_before_queueing(
         "(pretrained weights switched off). A new lineage (first model).",
         "  Expected first model: about 38% test accuracy with 100 labelled images (8 now); measured with random "
         "initial weights on Fashion-MNIST: 100 labels 38%, 300 labels 47%, 1,000 labels 54%, 3,000 labels 61% "
-        "(docs/benchmarks.md). Your photos will differ.",
+        "(quick mode, the CPU default; docs/benchmarks.md). Your photos will differ.",
         "queued training job 1 (quick)",
     ]
 

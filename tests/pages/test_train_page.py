@@ -95,7 +95,8 @@ def test_a_chosen_weights_file_is_named_with_the_accuracy_measured_for_file_weig
     )
     assert (
         "Expected first model: about 70% test accuracy with 4 labelled images (8 now); measured with a chosen weights "
-        "file on Fashion-MNIST: 4 labels 70%, 100 labels 90% (docs/benchmarks.md). Your photos will differ."
+        "file on Fashion-MNIST: 4 labels 70%, 100 labels 90% (quick mode, the CPU default; docs/benchmarks.md). "
+        "Your photos will differ."
     ) in _unescaped(at.caption)
     assert not next(b for b in at.button if b.label.startswith("Retrain")).disabled
 
