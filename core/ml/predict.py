@@ -211,12 +211,12 @@ def refresh_predictions(
     if not todo:
         return 0
     classifier, version = load_classifier(db, version_id)
-    if progress is not None:  # at once: the first chunk's features can take half a minute on a CPU
+    if progress is not None:  # at once, then every BATCH images: features take seconds a chunk on a CPU
         progress(0, len(todo))
-    for start in range(0, len(todo), BATCH * 4):
-        _store_missing(db, classifier, version, todo[start : start + BATCH * 4], unreadable)  # no views to build
+    for start in range(0, len(todo), BATCH):
+        _store_missing(db, classifier, version, todo[start : start + BATCH], unreadable)  # no views to build
         if progress is not None:
-            progress(min(start + BATCH * 4, len(todo)), len(todo))
+            progress(min(start + BATCH, len(todo)), len(todo))
     return len(todo)
 
 
