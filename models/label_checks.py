@@ -147,11 +147,6 @@ def find_label_problems(labels: np.ndarray, probs: np.ndarray) -> LabelProblems:
     )
 
 
-def _unit_rows(features: np.ndarray) -> np.ndarray:
-    x = np.asarray(features, dtype=np.float32)
-    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
-
-
 class UnitRows:
     """Reference feature rows scaled to unit length, kept on `device`: scoring many batches of queries against the
     same references (every prediction batch of a refresh) normalises and uploads them once."""
@@ -175,15 +170,14 @@ def outlier_scores(
     *,
     k: int = DEFAULT_NEIGHBOURS,
     same_rows: bool = False,
-    device: torch.device | str | None = None,
 ) -> np.ndarray:
     """Mean cosine distance (0..2) of each query row to its k nearest reference rows: high = unlike anything labelled.
 
     With `same_rows` the queries ARE the references (row i is not its own neighbour). NaN when there are no
-    references to compare with. Runs on the references' device (`device` for plain rows, default the CPU): on a
-    GPU, 60,000 queries against 20,000 references take a fraction of a second.
+    references to compare with. Runs where the references are: plain rows on the CPU, `UnitRows` on their device (on
+    a GPU, 60,000 queries against 20,000 references take a fraction of a second).
     """
-    refs = references if isinstance(references, UnitRows) else UnitRows(references, device)
+    refs = references if isinstance(references, UnitRows) else UnitRows(references)
     available = len(refs) - (1 if same_rows else 0)
     if available < 1:
         return np.full(len(queries), np.nan)
@@ -203,7 +197,7 @@ def outlier_scores(
 def nearest_neighbours(query: np.ndarray, references: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(reference rows, cosine similarities) of the k rows most like `query` (one feature vector), most similar
     first. `references` may be a memory map: it is read `_CHUNK` rows at a time, never copied whole."""
-    q = _unit_rows(np.asarray(query).reshape(1, -1))[0]
+    q = _unit_tensor(np.asarray(query).reshape(1, -1), torch.device("cpu"))[0].numpy()
     k = min(int(k), len(references))
     if k < 1:
         return np.zeros(0, dtype=np.int64), np.zeros(0)

@@ -164,7 +164,7 @@ _REFERENCES: dict[tuple[str, int, str], Any] = {}  # (data dir, version id, devi
 _MAX_REFERENCES = 2
 
 
-def _reference_rows_of(db: Database, version_id: int, backbone_id: str, dim: int, device: Any) -> Any:
+def _reference_index(db: Database, version_id: int, backbone_id: str, dim: int, device: Any) -> Any:
     """The features of the images a version's label check covered (its labelled images at training time), as
     models.label_checks.UnitRows on `device`: what outlier scores measure distance to. Fixed per version, so kept in
     memory for the last two versions asked; None while there are none."""
@@ -211,7 +211,7 @@ def store_outlier_scores(
 
     if not backbone_id or not len(image_ids):
         return
-    refs = _reference_rows_of(db, version_id, backbone_id, int(features.shape[1]), device)
+    refs = _reference_index(db, version_id, backbone_id, int(features.shape[1]), device)
     if refs is None:
         return
     scores = outlier_scores(features, refs)

@@ -153,9 +153,7 @@ def _store_missing(
                 for n, image_id in enumerate(part)
             ],
         )
-        store_outlier_scores(
-            db, version.id, part, features, backbone_id=meta.backbone_id, device=getattr(classifier, "device", None)
-        )
+        store_outlier_scores(db, version.id, part, features, backbone_id=meta.backbone_id, device=classifier.device)
 
 
 def _readable_pixels(
