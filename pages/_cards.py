@@ -169,7 +169,7 @@ def new_category_form(db: Database, item: ReviewItem, *, prefix: str) -> None:
 
 def _delete_control(db: Database, item: ReviewItem, prefix: str, delete: CardDelete) -> None:
     """`Delete`: a popover that says what goes, with an optional reason, and the button that does it."""
-    with st.popover("Delete", icon=":material/delete:", width="stretch"):
+    with st.popover("Delete", icon=":material/delete:"):
         st.text(
             f"Delete #{item.image_id} {item.original_name} for good: its file, label and predictions. An audit row "
             "keeps its name, hash and label."
@@ -342,13 +342,13 @@ def _card_body(
     )
     if _auth.may(Action.ADD_CATEGORY):
         new_category_form(db, item, prefix=prefix)
-    columns = st.columns(2 if delete is None else 3)
-    if columns[0].button("Similar", key=f"{prefix}_similar_{item.image_id}", disabled=item.model_version_id is None):
-        show_similar(db, item, categories)
-    if columns[1].button("History", key=f"{prefix}_hist_{item.image_id}"):
-        show_audit(db, item.image_id, item.original_name)
-    if delete is not None:
-        with columns[2]:
+    # One row that wraps: three fixed columns cut the labels to "Si..." / "Hi..." in a four-card row.
+    with st.container(horizontal=True, wrap=True):
+        if st.button("Similar", key=f"{prefix}_similar_{item.image_id}", disabled=item.model_version_id is None):
+            show_similar(db, item, categories)
+        if st.button("History", key=f"{prefix}_hist_{item.image_id}"):
+            show_audit(db, item.image_id, item.original_name)
+        if delete is not None:
             _delete_control(db, item, prefix, delete)
 
 

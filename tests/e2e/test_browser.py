@@ -118,6 +118,10 @@ def _stop_workers(data_dir: Path) -> None:
     close_all()
 
 
+# True when no text inside the element overflows its box (Streamlit ends a cut label with an ellipsis).
+_NOT_CUT_SHORT = "el => [el, ...el.querySelectorAll('*')].every(e => e.scrollWidth <= e.clientWidth + 1)"
+
+
 def _shoot(page: Page, name: str) -> None:
     folder = os.environ.get("PRODCAT_SCREENSHOTS")
     if folder:
@@ -212,6 +216,10 @@ def test_upload_train_correct_and_dashboard(chromium: str, server: tuple[str, Pa
         heading = page.locator('[data-testid="stText"]').filter(has_text=re.compile(r"^#\d+ ")).first.inner_text()
         image_id = int(heading[1:].split(" ", 1)[0])
         card = page.locator(f".st-key-rv_card_{image_id}")
+        for action in ("Similar", "History", "Delete"):  # four cards a row: each action still says what it does
+            button = card.get_by_role("button", name=action)
+            expect(button).to_be_visible()
+            assert button.evaluate(_NOT_CUT_SHORT), f"the card's {action} button shows its label cut short"
         label = card.get_by_text("Label: ").inner_text().split("Label: ", 1)[1].split()[0]
         other = next(c for c in CATEGORY_COLOURS if c != label)
         card.get_by_role("radiogroup").get_by_text(other, exact=True).click()
