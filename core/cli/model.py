@@ -9,6 +9,7 @@ import csv
 import json
 import shutil
 import sys
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
@@ -139,31 +140,70 @@ def train(
     _print_version_summary(db, version_id)
 
 
-def _run_in_foreground(db: Any, job_id: int) -> int:
-    """Claim the job in this process and run it the way the worker does, with a progress bar."""
-    from tqdm import tqdm
+class JobBars:
+    """A job run here, shown as one tqdm line per phase (per epoch while training): its count, rate and time.
 
-    from core.jobs import queue as jobs
-    from core.jobs import worker
+    A phase runs from its first report to the next phase's; one whose first report comes after its first batch is
+    timed from the report before (a bar started then showed rates of a million images a second). A phase without a
+    count shows its time only, so "saving" no longer reads as "1/1" of the fit before it. Reports of a loop's
+    validation and summary ("val", "done") update the current line.
+    """
 
-    bar = tqdm(total=None, unit="step", desc="training", file=sys.stderr)
+    _FOLLOW_UPS = frozenset({"val", "done"})
 
-    def show(report: ProgressReport) -> None:
-        total = report.steps
-        if total and bar.total != total:
-            bar.reset(total=total)
-        if report.step is not None:
+    def __init__(self, file: Any = None) -> None:
+        self.file = file if file is not None else sys.stderr
+        self.bar: Any = None
+        self.key: tuple[str, int | None] | None = None
+        self.phase_end = time.time()  # tqdm's own clock
+
+    def show(self, report: ProgressReport) -> None:
+        key = (report.phase, report.epoch)
+        if self.bar is None or (key != self.key and report.stage not in self._FOLLOW_UPS):
+            self._open(report, key)
+        bar = self.bar
+        if bar.total and report.steps and bar.total != report.steps:  # a counted phase whose count grew
+            bar.total = report.steps
+        if report.step is not None and bar.total:
             bar.n = int(report.step)
-        epoch = f" epoch {report.epoch}/{report.epochs}" if report.epochs else ""
-        bar.set_description(f"{report.phase or ''}{epoch}", refresh=False)
         numbers = {"loss": report.loss, "train_acc": report.train_acc, "val_acc": report.val_acc}
         bar.set_postfix({k: f"{v:.3f}" for k, v in numbers.items() if v is not None}, refresh=False)
         bar.refresh()
+        self.phase_end = time.time()
 
+    def _open(self, report: ProgressReport, key: tuple[str, int | None]) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        counted = bool(report.steps and report.steps > 1)
+        epoch = f" epoch {report.epoch}/{report.epochs}" if report.epochs else ""
+        self.bar = tqdm(
+            total=report.steps if counted else None,
+            desc=f"{'training' if report.stage == 'train' else report.phase}{epoch}",
+            unit="batch" if report.stage == "train" else "img",
+            file=self.file,
+            bar_format=None if counted else "{desc}: {elapsed}{postfix}",
+        )
+        if report.step:  # reported after its first batch: the phase began when the last report came
+            self.bar.start_t = self.phase_end
+        self.key = key
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _run_in_foreground(db: Any, job_id: int) -> int:
+    """Claim the job in this process and run it the way the worker does, with a line of progress per phase."""
+    from core.jobs import queue as jobs
+    from core.jobs import worker
+
+    bars = JobBars()
     try:
-        job = worker.run_job_in_foreground(db, job_id, on_progress=show)
+        job = worker.run_job_in_foreground(db, job_id, on_progress=bars.show)
     finally:
-        bar.close()
+        bars.close()
     view = jobs.get_job(db, job_id)
     if view.status != JobStatus.SUCCEEDED:
         raise fail(f"training job {job_id} {view.status}: {view.error or 'no message'}")

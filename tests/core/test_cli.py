@@ -326,3 +326,49 @@ def test_images_set_sku_sets_and_clears_with_audit_rows_and_refuses_a_bad_sku(im
         ("image 2", {"field": "sku", "old": None, "new": "TSH-0042"}),
         ("image 2", {"field": "sku", "old": "TSH-0042", "new": None}),
     ]
+
+
+def test_train_wait_progress_is_one_line_per_phase_with_believable_rates() -> None:
+    """`train --wait`'s progress: a line per phase (per epoch while training), each with its own count and time.
+
+    Features arrive 128 at a time, the first report after the first batch: timed from that report, the bar read
+    "128/474 [00:00, 615677 step/s]"; and phases without a count ("saving") showed the "1/1" of the fit before them.
+    """
+    import io
+    import re
+    import time
+
+    from core.cli.model import JobBars
+    from core.ml.contract import ProgressReport as Report
+
+    out = io.StringIO()
+    bars = JobBars(file=out)
+    bars.show(Report(phase="preparing"))
+    time.sleep(0.3)  # the first batch of features is being extracted
+    bars.show(Report(phase="features (train)", stage="features", step=128, steps=256))
+    bars.show(Report(phase="features (train)", stage="features", step=256, steps=256))
+    bars.show(Report(phase="fitting head", stage="head", step=0, steps=1))
+    bars.show(Report(phase="fitting head", stage="val", step=1, steps=1, train_acc=1.0, val_acc=0.9))
+    bars.show(Report(phase="training (train)", stage="train", epoch=1, epochs=2, step=3, steps=3, loss=0.5))
+    bars.show(Report(phase="training (val)", stage="val", epoch=1, epochs=2, val_acc=0.8))
+    bars.show(Report(phase="training (train)", stage="train", epoch=2, epochs=2, step=3, steps=3))
+    bars.show(Report(phase="saving"))
+    bars.close()
+
+    lines = [line.split("\r")[-1] for line in out.getvalue().split("\n") if line.strip("\r")]
+    names = [line.split(":")[0] for line in lines]
+    assert names == [
+        "preparing",
+        "features (train)",
+        "fitting head",
+        "training epoch 1/2",
+        "training epoch 2/2",
+        "saving",
+    ]
+    features = lines[1]
+    rate = re.search(r"([\d.]+)img/s", features)
+    assert "256/256" in features and rate is not None
+    assert float(rate.group(1)) < 1000  # 256 images in at least 0.3 s, not hundreds of thousands a second
+    assert "1/1" not in lines[2] and "val_acc=0.900" in lines[2]
+    assert "3/3" in lines[3] and "batch" in lines[3] and "val_acc=0.800" in lines[3]  # the epoch's validation
+    assert "/" not in lines[5]  # saving: its time, not another phase's count
