@@ -71,7 +71,7 @@ def run_one(args: argparse.Namespace, job: str, autotune: bool) -> dict[str, Any
         with timed() as clock:
             result = train_full(config, data, model=model, cfg=cfg)
     history = result.history
-    steady = [h["images_per_s"] for h in history[1:]]
+    steady = [h.images_per_s for h in history[1:]]
     return {
         "job": job,
         "autotune": autotune,
@@ -79,7 +79,7 @@ def run_one(args: argparse.Namespace, job: str, autotune: bool) -> dict[str, Any
         "epochs": len(history),
         "steps": len(history) * max(1, images // config.batch_size),  # train_full drops each epoch's ragged batch
         "seconds": clock.seconds,
-        "first epoch s": history[0]["seconds"] if history else None,
+        "first epoch s": history[0].seconds if history else None,
         "steady img/s": float(np.mean(steady)) if steady else None,
     }
 

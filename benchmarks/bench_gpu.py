@@ -307,7 +307,7 @@ def bench_scaling(args: argparse.Namespace) -> list[dict]:
                     result = train_full_distributed(
                         config, data, model=model, cfg=cfg, devices=devices[:count], folder=folder
                     )
-            steady = [h["images_per_s"] for h in result.history[1:]] or [h["images_per_s"] for h in result.history]
+            steady = [h.images_per_s for h in result.history[1:]] or [h.images_per_s for h in result.history]
             speed = mean(steady)
             gain = speed / rows[0]["img/s"] if rows else 1.0
             rows.append(

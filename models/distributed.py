@@ -78,6 +78,7 @@ from models.preprocess import PixelRows
 from models.stages import StagePooledNet, stage_blocks
 from models.training import (
     _FREEZE_BN_BELOW,
+    EpochRecord,
     ProgressCallback,
     StopCheck,
     TrainConfig,
@@ -203,7 +204,7 @@ class _RankFailure:
 class _Outcome:
     """What rank 0 hands back besides the weights file: the run's numbers, or where a requested stop happened."""
 
-    history: list[dict[str, Any]]
+    history: list[EpochRecord]
     best_epoch: int = 0
     best_val_acc: float | None = None
     val_logits: np.ndarray | None = None

@@ -201,13 +201,27 @@ class Progress:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch of a training run. Quick mode's head fit is one epoch without a loss, a learning rate or a rate."""
+
+    epoch: int
+    train_acc: float | None
+    val_acc: float | None
+    seconds: float
+    train_loss: float | None = None
+    val_loss: float | None = None
+    lr: float | None = None  # the head's
+    images_per_s: float | None = None
+
+
 @dataclass
 class TrainResult:
     """A trained model (best validation weights), its fitted temperature and per-epoch history."""
 
     model: nn.Module
     temperature: float
-    history: list[dict[str, Any]]
+    history: list[EpochRecord]
     best_epoch: int
     best_val_acc: float | None = None
     val_logits: np.ndarray | None = None
@@ -505,7 +519,7 @@ class _FullRun:
         self.started = time.monotonic()
 
     def run(self) -> TrainResult:
-        history: list[dict[str, Any]] = []
+        history: list[EpochRecord] = []
         best = _Best()
         stopped_early = False
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # gathers the next batch while this one runs
@@ -655,17 +669,17 @@ class _FullRun:
         loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
         return _Validation(acc=float((logits.argmax(axis=1) == labels).mean()), loss=loss, logits=logits)
 
-    def _history_point(self, epoch: int, stats: _EpochStats, val: _Validation | None) -> dict[str, Any]:
-        return {
-            "epoch": epoch,
-            "train_loss": stats.loss,
-            "train_acc": stats.acc,
-            "val_loss": val.loss if val is not None else None,
-            "val_acc": val.acc if val is not None else None,
-            "lr": float(self.optimizer.param_groups[0]["lr"]),  # the head's
-            "seconds": stats.seconds,
-            "images_per_s": stats.images_per_s,
-        }
+    def _history_point(self, epoch: int, stats: _EpochStats, val: _Validation | None) -> EpochRecord:
+        return EpochRecord(
+            epoch=epoch,
+            train_acc=stats.acc,
+            val_acc=val.acc if val is not None else None,
+            seconds=stats.seconds,
+            train_loss=stats.loss,
+            val_loss=val.loss if val is not None else None,
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+            images_per_s=stats.images_per_s,
+        )
 
     def _eta(self, now: float) -> float:
         return (now - self.started) / self.global_step * (self.plan.total_steps - self.global_step)
@@ -684,7 +698,7 @@ class _FullRun:
             ),
         )
 
-    def _result(self, best: _Best, history: list[dict[str, Any]], stopped_early: bool) -> TrainResult:
+    def _result(self, best: _Best, history: list[EpochRecord], stopped_early: bool) -> TrainResult:
         """The best epoch's weights in eval mode, a temperature fitted on its validation logits, the final report."""
         if best.state is not None:
             self.model.load_state_dict(best.state)
@@ -692,12 +706,12 @@ class _FullRun:
         temperature = 1.0
         if best.logits is not None and len(best.logits):
             temperature = fit_temperature(best.logits, self.data.val_labels)
-        last = history[-1] if history else {}
+        last = history[-1] if history else None
         self._report(
             "done",
             len(history),
-            loss=last.get("train_loss"),
-            train_acc=last.get("train_acc"),
+            loss=last.train_loss if last else None,
+            train_acc=last.train_acc if last else None,
             val_acc=best.val_acc,
             eta_s=0.0,
         )
@@ -1059,18 +1073,7 @@ def train_quick(
         val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(data.val_labels)))
         temperature = fit_temperature(val_logits, data.val_labels)
     seconds = time.monotonic() - started
-    history = [
-        {
-            "epoch": 1,
-            "train_loss": None,
-            "train_acc": train_acc,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": None,
-            "seconds": seconds,
-            "images_per_s": None,
-        }
-    ]
+    history = [EpochRecord(epoch=1, train_acc=train_acc, val_acc=val_acc, seconds=seconds, val_loss=val_loss)]
     fitted = Progress(
         phase="val", epoch=1, epochs=1, step=1, steps=1, train_acc=train_acc, val_acc=val_acc, eta_s=0.0, device="cpu"
     )

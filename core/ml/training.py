@@ -702,7 +702,7 @@ def _train_quick(run: _RunInputs) -> _Trained:
         logits,
         features,
         {
-            "accuracy": result.history[0]["train_acc"],
+            "accuracy": result.history[0].train_acc,
             "n_images": len(run.labelled.splits["train"].ids),
             "features_computed": features_cache.computed,
             "backbone_id": features_cache.backbone_id,
@@ -740,13 +740,13 @@ def _train_full(run: _RunInputs, *, job_id: int, devices: Sequence[Any] = ()) ->
         )
     features, _ = _labelled_features(run, result.model)
     logits = {split: head_logits(result.model, features[split]) for split in ("val", "test")}
-    last = result.history[-1] if result.history else {}
+    last = result.history[-1] if result.history else None
     return _Trained(
         logits,
         features,
         {
-            "accuracy": last.get("train_acc"),
-            "loss": last.get("train_loss"),
+            "accuracy": last.train_acc if last else None,
+            "loss": last.train_loss if last else None,
             "n_images": len(run.labelled.splits["train"].ids),
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),

@@ -28,7 +28,7 @@ from models.distributed import (
 )
 from models.errors import TrainingStopped
 from models.factory import PreprocessConfig, create_network, preprocessing_config
-from models.training import Progress, TrainConfig, TrainData, train_full
+from models.training import EpochRecord, Progress, TrainConfig, TrainData, train_full
 from tests.models.conftest import CLASSES, synthetic_pixels
 
 pytestmark = pytest.mark.usefixtures("plain_main")  # ranks start by forkserver
@@ -75,7 +75,7 @@ def test_two_cpu_processes_learn_write_one_checkpoint_and_match_a_one_process_ru
     result = train_full_distributed(
         _config(), data, model=net, cfg=cfg, devices=TWO_CPUS, folder=folder, on_progress=reports.append
     )
-    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.history[-1].train_loss < result.history[0].train_loss
     assert result.best_val_acc is not None and result.best_val_acc > 0.5  # chance is 1/3
     # Exactly one checkpoint, by rank 0: the best epoch's weights, which the result's model holds.
     assert sorted(p.name for p in folder.iterdir() if p.is_file()) == [INITIAL_FILE, "trained.json", TRAINED_FILE]
@@ -90,8 +90,8 @@ def test_two_cpu_processes_learn_write_one_checkpoint_and_match_a_one_process_ru
 
     net.load_state_dict(start)
     one = train_full(_config(), data, model=net, cfg=cfg)
-    assert [sorted(h) for h in result.history] == [sorted(h) for h in one.history]
-    assert [h["epoch"] for h in result.history] == [h["epoch"] for h in one.history] == [1, 2, 3]
+    assert all(isinstance(h, EpochRecord) for h in result.history + one.history)
+    assert [h.epoch for h in result.history] == [h.epoch for h in one.history] == [1, 2, 3]
     assert result.val_logits is not None and one.val_logits is not None
     assert result.val_logits.shape == one.val_logits.shape == (9, len(CLASSES))
     assert result.model.get_classifier().out_features == one.model.get_classifier().out_features == len(CLASSES)

@@ -44,8 +44,8 @@ def test_train_full_learns_separable_data_and_reports_progress(
 ) -> None:
     reports: list[Progress] = []
     result = train_full(_config(), _data(), model=tiny_net, cfg=tiny_cfg, on_progress=reports.append)
-    assert [h["epoch"] for h in result.history] == [1, 2]
-    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert [h.epoch for h in result.history] == [1, 2]
+    assert result.history[-1].train_loss < result.history[0].train_loss
     assert result.best_val_acc is not None and result.best_val_acc > 0.6  # chance is 1/3
     assert 0.05 <= result.temperature <= 20
     assert result.val_logits is not None and result.val_logits.shape == (12, 3)
@@ -253,7 +253,7 @@ def test_train_quick_extracts_features_and_refits_the_head(
     reports: list[Progress] = []
     result = train_quick(_config(mode="quick"), data, model=tiny_net, cfg=tiny_cfg, on_progress=reports.append)
     assert result.best_val_acc is not None and result.best_val_acc > 0.6
-    assert result.history[0]["train_acc"] >= 0.9
+    assert result.history[0].train_acc >= 0.9
     assert 0.05 <= result.temperature <= 20
     assert [r.phase for r in reports if r.phase != "features"] == ["head", "val", "done"]
     assert reports[-2].epoch == 1 and reports[-2].val_acc == result.best_val_acc
