@@ -71,7 +71,7 @@ def run_one(args: argparse.Namespace, job: str, autotune: bool) -> dict[str, Any
         with timed() as clock:
             result = train_full(config, data, model=model, cfg=cfg)
     history = result.history
-    steady = [h.images_per_s for h in history[1:]]
+    steady = [h.images_per_s for h in history[1:] if h.images_per_s is not None]  # full mode: every epoch
     return {
         "job": job,
         "autotune": autotune,

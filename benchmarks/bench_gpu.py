@@ -307,7 +307,8 @@ def bench_scaling(args: argparse.Namespace) -> list[dict]:
                     result = train_full_distributed(
                         config, data, model=model, cfg=cfg, devices=devices[:count], folder=folder
                     )
-            steady = [h.images_per_s for h in result.history[1:]] or [h.images_per_s for h in result.history]
+            rates = [h.images_per_s for h in result.history if h.images_per_s is not None]  # full mode: every epoch
+            steady = rates[1:] or rates
             speed = mean(steady)
             gain = speed / rows[0]["img/s"] if rows else 1.0
             rows.append(
