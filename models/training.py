@@ -1050,7 +1050,8 @@ def train_quick(
         )
     _check_stop(should_stop, "before fitting the head")
     started = time.monotonic()
-    _report(on_progress, Progress(phase="head", step=0, steps=1, device=describe_device(head_device(config))))
+    where = describe_device(head_device(config))  # the fit's device, which later reports must not contradict
+    _report(on_progress, Progress(phase="head", step=0, steps=1, device=where))
     num_classes = len(data.class_names)
     weight, bias = fit_head(
         train_features,
@@ -1075,7 +1076,7 @@ def train_quick(
     seconds = time.monotonic() - started
     history = [EpochRecord(epoch=1, train_acc=train_acc, val_acc=val_acc, seconds=seconds, val_loss=val_loss)]
     fitted = Progress(
-        phase="val", epoch=1, epochs=1, step=1, steps=1, train_acc=train_acc, val_acc=val_acc, eta_s=0.0, device="cpu"
+        phase="val", epoch=1, epochs=1, step=1, steps=1, train_acc=train_acc, val_acc=val_acc, eta_s=0.0, device=where
     )
     _report(on_progress, fitted)
     _report(on_progress, dataclasses.replace(fitted, phase="done"))

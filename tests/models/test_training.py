@@ -257,6 +257,8 @@ def test_train_quick_extracts_features_and_refits_the_head(
     assert 0.05 <= result.temperature <= 20
     assert [r.phase for r in reports if r.phase != "features"] == ["head", "val", "done"]
     assert reports[-2].epoch == 1 and reports[-2].val_acc == result.best_val_acc
+    # The Train page shows where the fit runs: every report of it names the same device (the val report said "cpu").
+    assert len({r.device for r in reports if r.phase != "features"}) == 1
 
 
 def test_train_quick_reuses_given_features(
