@@ -118,8 +118,12 @@ def _stop_workers(data_dir: Path) -> None:
     close_all()
 
 
-# True when no text inside the element overflows its box (Streamlit ends a cut label with an ellipsis).
-_NOT_CUT_SHORT = "el => [el, ...el.querySelectorAll('*')].every(e => e.scrollWidth <= e.clientWidth + 1)"
+# True when no text inside the element is cut short: Streamlit ends a label too wide for its button with an ellipsis
+# (CSS text-overflow), so only those boxes are checked (not an icon's ligature before its font has loaded).
+_NOT_CUT_SHORT = (
+    "el => [el, ...el.querySelectorAll('*')].every("
+    "e => getComputedStyle(e).textOverflow !== 'ellipsis' || e.scrollWidth <= e.clientWidth + 1)"
+)
 
 
 def _shoot(page: Page, name: str) -> None:
