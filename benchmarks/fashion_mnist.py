@@ -278,7 +278,7 @@ class _PhaseTimeline:
         self.seen: list[tuple[float, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._start = time.perf_counter()
+        self._start = 0.0  # set on entry, before polling starts
 
     def __enter__(self) -> _PhaseTimeline:
         self._start = time.perf_counter()
