@@ -17,7 +17,7 @@ from torch import nn
 
 from models.errors import CheckpointInvalid
 from models.factory import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PreprocessConfig, create_network
-from models.stages import MAX_BLOCK_INDEX, StagePooledNet
+from models.stages import MAX_BLOCK_INDEX, BlockPooling, StageLayout, StagePooledNet
 
 SIDECAR_FORMAT = 1
 # Bounds on what a sidecar may claim, checked before anything is built from it: a sidecar is a file anyone with
@@ -55,6 +55,21 @@ class CheckpointMeta:
     pretrained_source: str = "none"
     backbone_id: str = ""
     feature_blocks: list[int] = field(default_factory=list)  # a StagePooledNet's pooled blocks; [] for a plain net
+    feature_pooling: str = BlockPooling.MEAN.value  # how those blocks are pooled (sidecars before it: the mean)
+
+    @property
+    def stage_layout(self) -> StageLayout | None:
+        """The stage-pooled network this checkpoint holds, None for a plain one (fields checked by `read_meta`)."""
+        if not self.feature_blocks:
+            return None
+        return StageLayout(tuple(self.feature_blocks), BlockPooling(self.feature_pooling))
+
+    @classmethod
+    def layout_fields(cls, layout: StageLayout | None) -> dict[str, Any]:
+        """The sidecar fields recording `layout` (none for a plain network)."""
+        if layout is None:
+            return {}
+        return {"feature_blocks": list(layout.blocks), "feature_pooling": layout.pooling.value}
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -162,6 +177,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "pretrained_source": (str,),
     "backbone_id": (str,),
     "feature_blocks": (list,),
+    "feature_pooling": (str,),
 }
 _REQUIRED = ("arch", "class_names", "image_size", "mean", "std", "crop_pct", "interpolation")
 
@@ -241,6 +257,10 @@ def _check_types(side: Path, values: dict[str, Any]) -> None:
         isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= MAX_BLOCK_INDEX for b in blocks
     ):
         raise CheckpointInvalid(f"{side}: feature_blocks must be block indices 0 to {MAX_BLOCK_INDEX}")
+    pooling = values.get("feature_pooling", BlockPooling.MEAN.value)
+    if pooling not in {p.value for p in BlockPooling}:
+        known = ", ".join(p.value for p in BlockPooling)
+        raise CheckpointInvalid(f"{side}: feature_pooling {pooling[:40]!r} is not one this version knows ({known})")
 
 
 def load_checkpoint(
@@ -261,8 +281,8 @@ def load_checkpoint(
         raise CheckpointInvalid(f"{path}: not a readable safetensors file ({exc})") from exc
     try:
         model, _ = create_network(meta.arch, len(meta.class_names), pretrained="none")
-        if meta.feature_blocks:
-            model = StagePooledNet(model, meta.feature_blocks, len(meta.class_names))
+        if (layout := meta.stage_layout) is not None:
+            model = StagePooledNet(model, layout, len(meta.class_names))
     except ValueError as exc:
         raise CheckpointInvalid(f"{path}: {exc}") from exc
     try:

@@ -75,7 +75,7 @@ from models.devices import describe_devices
 from models.errors import NotEnoughData, TrainingStopped
 from models.factory import PreprocessConfig, create_network
 from models.preprocess import PixelRows
-from models.stages import StagePooledNet, stage_blocks
+from models.stages import StageLayout, StagePooledNet, stage_layout
 from models.training import (
     _FREEZE_BN_BELOW,
     EpochRecord,
@@ -186,7 +186,7 @@ class _RankJob:
     devices: list[str]
     folder: str
     timeout_s: float
-    feature_blocks: tuple[int, ...] = ()  # the network is a StagePooledNet over these blocks (models.stages)
+    feature_layout: StageLayout | None = None  # the network is a StagePooledNet of this layout (models.stages)
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def train_full_distributed(
     _write_weights(run_folder / INITIAL_FILE, model)
     shared = dataclasses.replace(data, train_pixels=shareable(data.train_pixels), val_pixels=shareable(data.val_pixels))
     job = _RankJob(
-        config, shared, cfg, [str(d) for d in chosen], str(run_folder), float(timeout_s), tuple(stage_blocks(model))
+        config, shared, cfg, [str(d) for d in chosen], str(run_folder), float(timeout_s), stage_layout(model)
     )
     context = torch_mp.get_context(START_METHOD)
     context.set_forkserver_preload([__name__])  # takes effect when the fork server starts (once per process)
@@ -460,8 +460,8 @@ def _train_rank(job: _RankJob, rank: int, world: int, device: torch.device, repo
         # Stop flags, epoch totals and the early-stop verdict are CPU tensors: gloo, also beside NCCL.
         control = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
         model, _ = create_network(job.config.arch, len(job.data.class_names), pretrained="none")
-        if job.feature_blocks:
-            model = StagePooledNet(model, job.feature_blocks, len(job.data.class_names))
+        if job.feature_layout is not None:
+            model = StagePooledNet(model, job.feature_layout, len(job.data.class_names))
         model.load_state_dict(load_file(str(Path(job.folder) / INITIAL_FILE), device="cpu"), strict=True)
         run = _DistributedRun(job, model, device, rank=rank, world=world, control=control, reports=reports, stop=stop)
         try:
@@ -477,7 +477,7 @@ def _train_rank(job: _RankJob, rank: int, world: int, device: torch.device, repo
             temperature=result.temperature,
             train_config=job.config.to_dict(),
             seed=job.config.seed,
-            feature_blocks=list(job.feature_blocks),
+            **CheckpointMeta.layout_fields(job.feature_layout),
         )
         save_checkpoint(Path(job.folder) / TRAINED_FILE, result.model, meta)
         return _Outcome(

@@ -21,11 +21,17 @@ StopFn = Callable[[], bool]
 
 
 def backbone_id(model: Any, cfg: Any) -> str:
-    """Id of the backbone's exact weights and pixel config: cached features are only reused for identical ones."""
+    """Id of the backbone's exact weights, pixel config and feature layout: cached features are only reused for
+    identical ones. (Stage-pooled networks pooled by their blocks' means keep the ids they had before pooling could
+    be chosen, so their caches stay valid.)"""
     from models.factory import backbone_fingerprint
+    from models.stages import BlockPooling, stage_layout
 
-    pixel = hashlib.sha256(f"{cfg.image_size}|{cfg.crop_pct}|{cfg.interpolation}|{cfg.mean}|{cfg.std}".encode())
-    return f"{backbone_fingerprint(model)}-{pixel.hexdigest()[:8]}"
+    described = f"{cfg.image_size}|{cfg.crop_pct}|{cfg.interpolation}|{cfg.mean}|{cfg.std}"
+    layout = stage_layout(model)
+    if layout is not None and layout.pooling is not BlockPooling.MEAN:
+        described += f"|{list(layout.blocks)}|{layout.pooling.value}"
+    return f"{backbone_fingerprint(model)}-{hashlib.sha256(described.encode()).hexdigest()[:8]}"
 
 
 class FeatureCache:

@@ -515,7 +515,7 @@ def _save_and_register(
     job killed mid-write is removed once the job is failed.
     """
     from models.checkpoint import CheckpointMeta, save_checkpoint
-    from models.stages import stage_blocks
+    from models.stages import stage_layout
 
     settings = db.settings
     model = start.model.to("cpu").eval()
@@ -529,7 +529,7 @@ def _save_and_register(
         data_snapshot=labelled.snapshot,
         pretrained_source=start.pretrained_source,
         backbone_id=backbone_id(model, cfg),
-        feature_blocks=stage_blocks(model),
+        **CheckpointMeta.layout_fields(stage_layout(model)),
     )
     with staged_checkpoint(settings, job_id) as staging:
         save_checkpoint(staging / "model.safetensors", model, meta)

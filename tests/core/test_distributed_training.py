@@ -15,7 +15,7 @@ from core.ml.training import run_training
 from core.ml.versions import checkpoint_path, get_version
 from core.schema import VersionStatus
 from models.checkpoint import load_checkpoint
-from models.stages import STAGE_BLOCKS, StagePooledNet
+from models.stages import STAGE_LAYOUTS, StagePooledNet
 from tests.core.training_helpers import add_job, dataset, save_random_version, store_images
 
 pytestmark = pytest.mark.usefixtures("plain_main")  # ranks start by forkserver
@@ -47,11 +47,11 @@ def test_a_full_job_on_two_cpu_processes_registers_its_version_with_one_checkpoi
     assert sorted(p.name for p in checkpoints.iterdir()) == [f"v{version_id}.json", f"v{version_id}.safetensors"]
 
 
-def test_a_full_job_on_two_processes_continues_a_stage_pooled_lineage_and_keeps_its_blocks(
+def test_a_full_job_on_two_processes_continues_a_stage_pooled_lineage_and_keeps_its_layout(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A catalogue whose first models were quick heads on the bundled backbone's stage-pooled features, fine-tuned in
-    # full on a server with several devices: each rank rebuilds the wrapper, and the new version keeps its blocks.
+    # full on a server with several devices: each rank rebuilds the wrapper, and the new version keeps its layout.
     monkeypatch.setattr(db.settings, "train_devices", "cpu,cpu")
     parent = save_random_version(db, CLASSES, arch="efficientnet_lite0", stage_pooled=True, status=VersionStatus.ACTIVE)
     store_images(db, dataset(CLASSES, train=4, val=1, test=1))
@@ -60,7 +60,7 @@ def test_a_full_job_on_two_processes_continues_a_stage_pooled_lineage_and_keeps_
     version = get_version(db, version_id)
     assert version.parent_id == parent and version.metrics["device"] == "2 x cpu (DDP)"
     model, meta = load_checkpoint(checkpoint_path(db, version), device="cpu")
-    assert isinstance(model, StagePooledNet) and meta.feature_blocks == list(STAGE_BLOCKS["efficientnet_lite0"])
+    assert isinstance(model, StagePooledNet) and meta.stage_layout == STAGE_LAYOUTS["efficientnet_lite0"]
     parent_model, _ = load_checkpoint(checkpoint_path(db, get_version(db, parent)), device="cpu")
     assert not torch.equal(model.classifier.weight, parent_model.classifier.weight)  # trained, not copied
 

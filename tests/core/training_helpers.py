@@ -102,7 +102,7 @@ def save_random_version(
     from core.schema import Category
     from models.checkpoint import CheckpointMeta, save_checkpoint
     from models.factory import create_network, preprocessing_config
-    from models.stages import stage_blocks, with_stage_features
+    from models.stages import stage_layout, with_stage_features
 
     torch.manual_seed(seed)
     model, _ = create_network(arch, len(class_names), pretrained="none")
@@ -131,7 +131,9 @@ def save_random_version(
         save_checkpoint(
             db.settings.data_dir / rel,
             model,
-            CheckpointMeta.from_preprocess(arch, list(class_names), cfg, feature_blocks=stage_blocks(model)),
+            CheckpointMeta.from_preprocess(
+                arch, list(class_names), cfg, **CheckpointMeta.layout_fields(stage_layout(model))
+            ),
         )
         row.weights_path = rel.as_posix()
         assert session.scalars(select(Category)).first() is not None

@@ -3,6 +3,7 @@ head that gives each block of features the same weight."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,7 +15,15 @@ import torch
 from models.checkpoint import CheckpointMeta, load_checkpoint, read_meta, save_checkpoint, sidecar_path
 from models.errors import CheckpointInvalid
 from models.factory import preprocessing_config
-from models.stages import STAGE_BLOCKS, StagePooledNet, stage_blocks, with_stage_features
+from models.stages import (
+    STAGE_LAYOUTS,
+    BlockPooling,
+    StageLayout,
+    StagePooledNet,
+    pool_block,
+    stage_layout,
+    with_stage_features,
+)
 from models.training import TrainConfig, extract_features, fit_linear_head, set_head
 
 CLASSES = ["Shoes", "Bags", "Hats"]
@@ -28,17 +37,51 @@ def pooled() -> StagePooledNet:
     return net.eval()
 
 
-def test_the_lite0_features_are_its_pooled_blocks_3_to_6_and_its_final_features(pooled: StagePooledNet) -> None:
-    assert pooled.block_dims == (80, 112, 192, 320, 1280)  # blocks[3..6] and the 1,280 final features
-    assert pooled.num_features == 1984 and stage_blocks(pooled) == list(STAGE_BLOCKS["efficientnet_lite0"])
+def test_the_lite0_features_are_where_things_are_in_blocks_3_to_6_and_its_final_features(
+    pooled: StagePooledNet,
+) -> None:
+    # Per block: top and bottom half means (2C), left-right differences of each (2C), spreads (C); then the final 1,280.
+    assert pooled.block_dims == (160, 160, 80, 224, 224, 112, 384, 384, 192, 640, 640, 320, 1280)
+    assert pooled.num_features == 4800 and stage_layout(pooled) == STAGE_LAYOUTS["efficientnet_lite0"]
+    assert stage_layout(pooled) == StageLayout((4, 5, 6, 7), BlockPooling.HALVES_MIRROR_STD)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         features = pooled.forward_features(x)
         plain = pooled.net.forward_head(pooled.net.forward_features(x), pre_logits=True)
-        assert features.shape == (2, 1984)
+        assert features.shape == (2, 4800) and features.dtype == torch.float32
         assert torch.allclose(features[:, -1280:], plain)  # the final features are the plain network's own
         assert torch.allclose(pooled(x), pooled.classifier(features))
     assert not any(p.abs().sum() for p in pooled.classifier.parameters())  # a new head starts at zero
+
+
+def test_block_means_still_build_the_first_stage_pooled_lineages_features() -> None:
+    torch.manual_seed(0)
+    net = StagePooledNet(timm.create_model("efficientnet_lite0"), StageLayout((4, 5, 6, 7)), len(CLASSES)).eval()
+    assert net.block_dims == (80, 112, 192, 320, 1280) and net.num_features == 1984
+
+
+def test_pooled_halves_tell_top_from_bottom_and_ignore_a_mirror_image() -> None:
+    # A garment's collar at the top and its hem at the bottom are told apart; a shoe pointing left or right is not.
+    fmap = torch.zeros(1, 1, 8, 8)
+    fmap[..., :4, :3] = 1.0  # something in the top-left corner
+    halves, mirror, spread = pool_block(fmap, BlockPooling.HALVES_MIRROR_STD)
+    assert halves.tolist() == [[0.375, 0.0]]  # top half 12 of 32 cells, bottom half empty
+    assert mirror.tolist() == [[0.75, 0.0]]  # the top half is lopsided, the bottom is not
+    upside_down = pool_block(fmap.flip(2), BlockPooling.HALVES_MIRROR_STD)
+    assert upside_down[0].tolist() == [[0.0, 0.375]]
+    for a, b in zip(pool_block(fmap.flip(3), BlockPooling.HALVES_MIRROR_STD), (halves, mirror, spread), strict=True):
+        assert torch.equal(a, b)
+    assert pool_block(fmap, BlockPooling.MEAN)[0].tolist() == pool_block(fmap.flip(2), BlockPooling.MEAN)[0].tolist()
+
+
+def test_a_one_pixel_map_pools_to_finite_features_with_finite_gradients() -> None:
+    # A tiny image (or a late block at 32 px) leaves 1x1 maps: a spread of zero must not become NaN when trained.
+    fmap = torch.rand(3, 5, 1, 1, requires_grad=True)
+    parts = pool_block(fmap, BlockPooling.HALVES_MIRROR_STD)
+    total = sum(p.sum() for p in parts)
+    assert isinstance(total, torch.Tensor)
+    total.backward()
+    assert all(torch.isfinite(p).all() for p in parts) and fmap.grad is not None and torch.isfinite(fmap.grad).all()
 
 
 def test_a_stage_pooled_checkpoint_loads_back_as_one_with_the_same_outputs(
@@ -50,11 +93,14 @@ def test_a_stage_pooled_checkpoint_loads_back_as_one_with_the_same_outputs(
     labels = np.array([0, 1, 2, 0, 1, 2])
     fit = fit_linear_head(features, labels, None, None, num_classes=3, blocks=pooled.block_dims)
     set_head(pooled, fit.weight, fit.bias)
-    meta = CheckpointMeta.from_preprocess("efficientnet_lite0", CLASSES, cfg, feature_blocks=stage_blocks(pooled))
+    meta = CheckpointMeta.from_preprocess(
+        "efficientnet_lite0", CLASSES, cfg, **CheckpointMeta.layout_fields(stage_layout(pooled))
+    )
     path = save_checkpoint(tmp_path / "v1.safetensors", pooled, meta)
+    assert json.loads(sidecar_path(path).read_text())["feature_pooling"] == "halves-mirror-std"
 
     loaded, loaded_meta = load_checkpoint(path)
-    assert isinstance(loaded, StagePooledNet) and loaded_meta.feature_blocks == [4, 5, 6, 7]
+    assert isinstance(loaded, StagePooledNet) and loaded_meta.stage_layout == stage_layout(pooled)
     x = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(loaded(x), pooled(x), atol=1e-5)
@@ -66,13 +112,53 @@ def test_a_sidecar_naming_impossible_blocks_is_refused_before_anything_is_built(
     tmp_path: Path, pooled: StagePooledNet, blocks: list[object]
 ) -> None:
     cfg = preprocessing_config(pooled, 64)
-    meta = CheckpointMeta.from_preprocess("efficientnet_lite0", CLASSES, cfg, feature_blocks=stage_blocks(pooled))
+    meta = CheckpointMeta.from_preprocess(
+        "efficientnet_lite0", CLASSES, cfg, **CheckpointMeta.layout_fields(stage_layout(pooled))
+    )
     path = save_checkpoint(tmp_path / "v1.safetensors", pooled, meta)
     document = json.loads(sidecar_path(path).read_text())
     document["feature_blocks"] = blocks
     sidecar_path(path).write_text(json.dumps(document))
     with pytest.raises(CheckpointInvalid, match="feature_blocks"):
         read_meta(path)
+
+
+def test_a_sidecar_from_before_pooling_could_be_chosen_loads_as_block_means(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    old = StagePooledNet(timm.create_model("efficientnet_lite0"), StageLayout((4, 5, 6, 7)), len(CLASSES)).eval()
+    cfg = preprocessing_config(old, 64)
+    meta = CheckpointMeta.from_preprocess(
+        "efficientnet_lite0", CLASSES, cfg, **CheckpointMeta.layout_fields(old.layout)
+    )
+    path = save_checkpoint(tmp_path / "v1.safetensors", old, meta)
+    document = json.loads(sidecar_path(path).read_text())
+    del document["feature_pooling"]  # what the first stage-pooled versions wrote
+    sidecar_path(path).write_text(json.dumps(document))
+    loaded, loaded_meta = load_checkpoint(path)
+    assert isinstance(loaded, StagePooledNet) and loaded.block_dims == (80, 112, 192, 320, 1280)
+    assert loaded_meta.stage_layout == StageLayout((4, 5, 6, 7), BlockPooling.MEAN)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), old(x), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("pooling", "blocks", "reason"),
+    [("max", [4, 5], "feature_pooling 'max' is not one this version knows"), ("mean", [5, 4], "distinct increasing")],
+)
+def test_a_sidecar_with_a_pooling_or_block_order_this_version_cannot_build_is_refused(
+    tmp_path: Path, pooled: StagePooledNet, pooling: str, blocks: list[int], reason: str
+) -> None:
+    cfg = preprocessing_config(pooled, 64)
+    meta = CheckpointMeta.from_preprocess(
+        "efficientnet_lite0", CLASSES, cfg, **CheckpointMeta.layout_fields(stage_layout(pooled))
+    )
+    path = save_checkpoint(tmp_path / "v1.safetensors", pooled, meta)
+    document = json.loads(sidecar_path(path).read_text())
+    document.update(feature_pooling=pooling, feature_blocks=blocks)
+    sidecar_path(path).write_text(json.dumps(document))
+    with pytest.raises(CheckpointInvalid, match=reason):
+        load_checkpoint(path)
 
 
 def test_stage_pooled_weights_under_a_plain_sidecar_are_refused(tmp_path: Path, pooled: StagePooledNet) -> None:
@@ -86,7 +172,7 @@ def test_stage_pooled_weights_under_a_plain_sidecar_are_refused(tmp_path: Path, 
 
 def test_a_network_without_those_blocks_is_refused_with_the_reason() -> None:
     with pytest.raises(ValueError, match="cannot be taken from ResNet"):
-        StagePooledNet(timm.create_model("resnet18", num_classes=2), [4, 5], 2)
+        StagePooledNet(timm.create_model("resnet18", num_classes=2), StageLayout((4, 5)), 2)
 
 
 def test_equal_variance_blocks_keep_a_narrow_informative_block_from_drowning_in_a_wide_one() -> None:
@@ -112,3 +198,19 @@ def test_equal_variance_blocks_keep_a_narrow_informative_block_from_drowning_in_
     assert accuracy((2004,)) == pytest.approx(plain)  # one block: exactly the plain standardisation
     with pytest.raises(ValueError, match="do not add up"):
         fit_linear_head(x, y, None, None, num_classes=3, blocks=(4, 10))
+
+
+def test_cached_features_are_kept_apart_by_pooling_and_block_means_keep_their_old_cache(
+    pooled: StagePooledNet,
+) -> None:
+    from core.ml.features import backbone_id
+    from models.factory import backbone_fingerprint
+
+    means = StagePooledNet(pooled.net, StageLayout((4, 5, 6, 7)), len(CLASSES))  # the same weights, pooled by means
+    cfg = preprocessing_config(pooled, 64)
+    assert backbone_fingerprint(means) == backbone_fingerprint(pooled)
+    # Rows of 4,800 features must never be read as rows of 1,984 (or served as another layout's features).
+    assert backbone_id(means, cfg) != backbone_id(pooled, cfg)
+    # The id a block-means lineage had before pooling could be chosen: its cached features stay usable.
+    pixel = f"{cfg.image_size}|{cfg.crop_pct}|{cfg.interpolation}|{cfg.mean}|{cfg.std}"
+    assert backbone_id(means, cfg) == f"{backbone_fingerprint(means)}-{hashlib.sha256(pixel.encode()).hexdigest()[:8]}"
