@@ -28,11 +28,12 @@ flags are real flips, and how often the suggested category (`image_checks.sugges
 
 3. timing: the label check at `--timing-images` labelled images. Importing and extracting 10,000 images at 224 px
    takes over 3 minutes on 2 CPU cores, so the timing uses real backbone features of that many distinct Fashion-MNIST
-   training images extracted at 64 px (`models.training.extract_features`, same 1280-dim pooled features as at
-   224 px) and calls `core.ml.label_checks.check_labels` on them (what the training job calls; the same seconds it keeps
-   in `metrics["label_check"]["seconds"]`), with `models.label_checks.cross_validated_probs` alone timed too. The
-   baseline is the quick retrain's own head fit on the same features: `models.training.fit_linear_head` on the 80 %
-   train rows with the val-picked L2 grid on 10 % val rows.
+   training images extracted at 64 px by the network a new quick lineage gets (`models.training.extract_features`,
+   the same stage-pooled feature width as at 224 px) and calls `core.ml.label_checks.check_labels` on them (what the
+   training job calls; the same seconds it keeps in `metrics["label_check"]["seconds"]`), with
+   `models.label_checks.cross_validated_probs` alone timed too. The baseline is the quick retrain's own head fit on
+   the same features: `models.training.fit_linear_head` on the 80 % train rows with the val-picked L2 grid on 10 %
+   val rows.
 """
 
 from __future__ import annotations
@@ -307,23 +308,25 @@ def noise_table_row(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def backbone_features(data: Any, indices: np.ndarray, image_size: int) -> np.ndarray:
-    """Pooled features of the bundled backbone (what `auto` picks offline) for these images at `image_size`."""
+def backbone_features(data: Any, indices: np.ndarray, image_size: int) -> tuple[np.ndarray, tuple[int, ...] | None]:
+    """Features of the network a new quick-mode lineage gets (the bundled backbone, what `auto` picks offline, with
+    its stage-pooled blocks) for these images at `image_size`, and the widths of their blocks."""
     from PIL import Image as PILImage
 
     from core.ml.backbone import starting_weights
     from core.settings import get_settings
     from models.factory import build_network, preprocessing_config
     from models.preprocess import to_model_pixels
+    from models.stages import block_dims, with_stage_features
 
     weights = starting_weights(get_settings(), None)
-    model = build_network(weights, NUM_CLASSES)
+    model = with_stage_features(build_network(weights, NUM_CLASSES), weights.arch)
     cfg = preprocessing_config(model, image_size)
     pixels = np.stack([to_model_pixels(PILImage.fromarray(data.images[i]).convert("RGB"), cfg) for i in indices])
     from models.training import extract_features
 
     print(f"timing: {len(indices)} features from {weights.describe()} at {image_size} px", flush=True)
-    return extract_features(model, pixels, cfg, device="cpu", batch_size=128)
+    return extract_features(model, pixels, cfg, device="cpu", batch_size=128), block_dims(model)
 
 
 def run_timing(data: Any, count: int, *, seed: int, work: Path) -> dict[str, Any]:
@@ -338,12 +341,12 @@ def run_timing(data: Any, count: int, *, seed: int, work: Path) -> dict[str, Any
     settings = get_settings()
     chosen = balanced_indices(data.labels, count)
     with timed() as extracted:
-        features = backbone_features(data, chosen, 64)
+        features, blocks = backbone_features(data, chosen, 64)
     labels = data.labels[chosen].astype(np.int64)
-    labelled = LabelledSet(list(range(len(chosen))), labels, features, list(range(NUM_CLASSES)))
+    labelled = LabelledSet(list(range(len(chosen))), labels, features, list(range(NUM_CLASSES)), blocks)
     with timed() as kfold:
         cv = cross_validated_probs(
-            features, labels, num_classes=NUM_CLASSES, folds=settings.label_check_folds, seed=seed
+            features, labels, num_classes=NUM_CLASSES, folds=settings.label_check_folds, seed=seed, blocks=blocks
         )
     check = check_labels(labelled, folds=settings.label_check_folds, seed=seed)
     # The quick retrain's head: 80 % train rows, L2 picked on 10 % val rows (the app's split shares).
@@ -357,6 +360,7 @@ def run_timing(data: Any, count: int, *, seed: int, work: Path) -> dict[str, Any
             labels[val_rows],
             num_classes=NUM_CLASSES,
             config=TrainConfig(),
+            blocks=blocks,
         )
     from core.db import close_all
 
