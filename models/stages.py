@@ -52,6 +52,10 @@ class StageLayout:
         if not b or any(not 0 <= i <= MAX_BLOCK_INDEX for i in b) or list(b) != sorted(set(b)):
             raise ValueError(f"stage blocks must be distinct increasing indices 0-{MAX_BLOCK_INDEX}, got {list(b)}")
 
+    def describe(self) -> str:
+        """Say, "halves-mirror-std of blocks 4, 5, 6, 7"."""
+        return f"{self.pooling.value} of blocks {', '.join(str(b) for b in self.blocks)}"
+
 
 # Architectures whose new quick-mode lineages use stage-pooled features, and how: only what was measured,
 # EfficientNet-Lite0's blocks[3] to blocks[6] (80, 112, 192 and 320 channels; indices of
@@ -151,8 +155,25 @@ def with_stage_features(model: nn.Module, arch: str) -> nn.Module:
     if layout is None:
         return model
     head = timm_api(model).get_classifier()
-    num_classes = int(head.out_features) if isinstance(head, nn.Linear) else 1
-    wrapped = StagePooledNet(model, layout, num_classes)
+    return _wrapped(model, layout, int(head.out_features) if isinstance(head, nn.Linear) else 1)
+
+
+def with_measured_layout(model: nn.Module, arch: str) -> tuple[nn.Module, StageLayout | None]:
+    """A stage-pooled `model` whose layout is older than the one measured for `arch`, re-pooled: the same backbone
+    under today's layout with a new zero head, and the layout it had. Anything else comes back unchanged, with None.
+
+    For quick heads only, which are fitted from zero on the features anyway; a plain network (say, one fine-tuned in
+    full) is left as it is, since stage features were measured on untouched pretrained backbones only."""
+    layout = STAGE_LAYOUTS.get(arch)
+    if layout is None or not isinstance(model, StagePooledNet) or model.layout == layout:
+        return model, None
+    classifier = model.classifier
+    num_classes = int(classifier.out_features) if isinstance(classifier, nn.Linear) else 1
+    return _wrapped(model.net, layout, num_classes), model.layout
+
+
+def _wrapped(net: nn.Module, layout: StageLayout, num_classes: int) -> StagePooledNet:
+    wrapped = StagePooledNet(net, layout, num_classes)
     classifier = wrapped.classifier
     assert isinstance(classifier, nn.Linear)
     nn.init.zeros_(classifier.weight)  # as a new head on pretrained features starts (models.factory)

@@ -588,7 +588,7 @@ def _starting_network(
     from models.checkpoint import load_checkpoint
     from models.errors import CheckpointInvalid, WeightsInvalid, WeightsUnavailable
     from models.factory import build_network
-    from models.stages import with_stage_features
+    from models.stages import stage_layout, with_measured_layout, with_stage_features
     from models.training import resize_head
 
     torch.manual_seed(config.seed)  # a fresh network's (or new head rows') initial weights follow the job's seed
@@ -603,6 +603,10 @@ def _starting_network(
                 resize_head(model, old_rows, [str(c) for c in class_ids], seed=config.seed)
                 notes.append(f"head resized from {len(parent.class_category_ids)} to {len(class_ids)} classes")
             notes.append(f"started from v{parent.id}")
+            if config.mode == TrainMode.QUICK:  # the head is fitted from zero: today's pooling costs nothing more
+                model, older = with_measured_layout(model, parent.arch)
+                if (now := stage_layout(model)) is not None and older is not None:
+                    notes.append(f"features re-pooled as {now.describe()} (v{parent.id}: {older.describe()})")
             return _StartingNetwork(model, parent.pretrained_source, notes, parent.id)
         except (CheckpointInvalid, OSError, ValueError) as exc:
             notes.append(f"could not start from v{parent.id} ({exc}); started from a fresh network")

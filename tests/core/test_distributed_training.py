@@ -53,7 +53,9 @@ def test_a_full_job_on_two_processes_continues_a_stage_pooled_lineage_and_keeps_
     # A catalogue whose first models were quick heads on the bundled backbone's stage-pooled features, fine-tuned in
     # full on a server with several devices: each rank rebuilds the wrapper, and the new version keeps its layout.
     monkeypatch.setattr(db.settings, "train_devices", "cpu,cpu")
-    parent = save_random_version(db, CLASSES, arch="efficientnet_lite0", stage_pooled=True, status=VersionStatus.ACTIVE)
+    parent = save_random_version(
+        db, CLASSES, arch="efficientnet_lite0", layout=STAGE_LAYOUTS["efficientnet_lite0"], status=VersionStatus.ACTIVE
+    )
     store_images(db, dataset(CLASSES, train=4, val=1, test=1))
     job = add_job(db, "full", {**PARAMS, "arch": "efficientnet_lite0", "epochs": 1})
     version_id = run_training(db, job, on_progress=lambda _: None, should_stop=lambda: False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sqlalchemy import func, select
 
 from core.catalog.merges import Merges
@@ -13,8 +14,10 @@ from core.jobs.queue import TrainMode, get_job
 from core.ml.contract import JobParams, ProgressReport
 from core.ml.pixel_cache import CachedRows, PixelCache
 from core.ml.training import _promote, run_training, training_plan
-from core.ml.versions import active_version, get_version, labelled_images
-from core.schema import ModelVersion, Prediction
+from core.ml.versions import active_version, checkpoint_path, get_version, labelled_images
+from core.schema import ModelVersion, Prediction, VersionStatus
+from models.checkpoint import load_checkpoint
+from models.stages import STAGE_LAYOUTS, BlockPooling, StageLayout, StagePooledNet
 from tests.core.training_helpers import add_job, dataset, save_random_version, store_images
 
 CLASSES = ["Shoes", "Bags", "Hats"]
@@ -117,6 +120,29 @@ def test_second_quick_run_reuses_cached_features_and_resizes_the_head_for_a_new_
     assert any("head resized from 2 to 3 classes" in n for n in version.metrics["notes"])
     # Quick mode keeps the backbone, so only the 8 new images needed features.
     assert version.metrics["train"]["features_computed"] == 8
+
+
+def test_a_quick_lineage_pooled_the_old_way_is_refitted_on_todays_pooling_of_the_same_backbone(db: Database) -> None:
+    # A catalogue whose active model is a quick head on block means (before BlockPooling.HALVES_MIRROR_STD) gets the
+    # measured pooling at its next quick retrain: same backbone, features re-pooled, a head fitted on them.
+    old_layout = StageLayout((4, 5, 6, 7), BlockPooling.MEAN)
+    parent = save_random_version(
+        db, CLASSES, arch="efficientnet_lite0", layout=old_layout, status=VersionStatus.ACTIVE, test_accuracy=0.0
+    )
+    store_images(db, dataset(CLASSES, train=3, val=1, test=1))
+    params = {"arch": "efficientnet_lite0", "image_size": 32}
+    version = get_version(db, run_training(db, add_job(db, "quick", params), on_progress=_noop, should_stop=_never))
+    assert version.parent_id == parent and version.status == "active"
+    assert any(
+        "features re-pooled as halves-mirror-std" in n and "mean of blocks" in n for n in version.metrics["notes"]
+    )
+    model, meta = load_checkpoint(checkpoint_path(db, version))
+    parent_model, _ = load_checkpoint(checkpoint_path(db, get_version(db, parent)))
+    assert meta.stage_layout == STAGE_LAYOUTS["efficientnet_lite0"] and isinstance(model, StagePooledNet)
+    assert isinstance(parent_model, StagePooledNet)
+    # The same backbone: every weight but the head's is the parent's.
+    assert all(torch.equal(t, parent_model.net.state_dict()[k]) for k, t in model.net.state_dict().items())
+    assert model.classifier.weight.shape == (3, 4800) and model.classifier.weight.abs().sum() > 0
 
 
 def test_full_mode_at_32_pixels_records_one_history_point_per_epoch_with_its_numbers(db: Database) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from core.catalog.labels import apply_label, get_or_create_category
 from core.db import Database
 from core.schema import Image, ModelVersion, TrainingJob, VersionStatus
+from models.stages import StageLayout
 from tests.imagegen import image_bytes
 
 # (category or None for unlabelled, index, split): which synthetic picture, and where it goes.
@@ -92,23 +93,24 @@ def save_random_version(
     seed: int = 0,
     test_accuracy: float | None = None,
     arch: str = "resnet18",
-    stage_pooled: bool = False,
+    layout: StageLayout | None = None,
 ) -> int:
     """A registered version with a real (randomly initialised) checkpoint at 32 px: a resnet18, or `arch`, optionally
-    as a stage-pooled network (models/stages.py, what a quick-mode lineage of the bundled backbone starts)."""
+    as a stage-pooled network of `layout` (models/stages.py, what a quick-mode lineage of the bundled backbone
+    starts)."""
     import torch
     from sqlalchemy import select
 
     from core.schema import Category
     from models.checkpoint import CheckpointMeta, save_checkpoint
     from models.factory import create_network, preprocessing_config
-    from models.stages import stage_layout, with_stage_features
+    from models.stages import StagePooledNet, stage_layout
 
     torch.manual_seed(seed)
     model, _ = create_network(arch, len(class_names), pretrained="none")
     cfg = preprocessing_config(model, 32)
-    if stage_pooled:
-        model = with_stage_features(model, arch)
+    if layout is not None:
+        model = StagePooledNet(model, layout, len(class_names))
     with db.write() as session:
         ids = []
         for name in class_names:
