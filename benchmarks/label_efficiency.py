@@ -25,6 +25,9 @@ Timings per point: "job s" is the job row's start to finish (features, head fit,
 and the stored predictions the worker refreshes for every catalogue image: the whole pool in the active series);
 "end-to-end s" adds the import (or the review-queue labelling), the worker's start-up and the test predictions.
 
+`--replot A.json B.json --plot docs/label_efficiency.png` measures nothing: it redraws the curves from earlier runs'
+`--out` files together (each line says its test-set size when they differ).
+
 The random samples are nested (the 300 contain the 100) and balanced: per class a seeded random order of its images,
 with the first validation-split image and the first two train-split images moved to the front, because the app's
 training plan refuses a class without them (the split is fixed per image by its content hash, so it is known before
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -132,6 +136,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--plot",
         help="Learning-curve PNG (default docs/label_efficiency.png; --quick-check: a temp file; '' for none).",
+    )
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="Measure nothing: redraw --plot from these earlier --out files (their rows together).",
     )
     parser.add_argument(
         "--quick-check",
@@ -450,28 +461,34 @@ def table_row(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def learning_curves(rows: Sequence[dict[str, Any]], *, test_images: int, device: str, mode: str) -> Any:
-    """A plotly figure: official test accuracy against labels (log x), one line per series."""
+def learning_curves(rows: Sequence[dict[str, Any]], *, device: str, mode: str) -> Any:
+    """A plotly figure: official test accuracy against labels (log x), one line per series; when the series were
+    scored on test sets of different sizes, each line's name says its size."""
     import plotly.graph_objects as go
 
+    sizes = {r["prediction"]["images"] for r in rows}
     fig = go.Figure()
     for name, series in SERIES.items():
-        points = sorted((r["labels"], r["test_accuracy"]) for r in rows if r["series"] == name)
-        if not points:
+        mine = [r for r in rows if r["series"] == name]
+        if not mine:
             continue
+        points = sorted((r["labels"], r["test_accuracy"]) for r in mine)
         x, y = zip(*points, strict=True)
+        own = sorted({r["prediction"]["images"] for r in mine})
+        title = series.title if len(sizes) == 1 else f"{series.title} ({'/'.join(f'{n:,}' for n in own)} test images)"
         fig.add_trace(
             go.Scatter(
                 x=x,
                 y=y,
-                name=series.title,
+                name=title,
                 mode="lines+markers",
                 hovertemplate="%{x} labels: %{y:.1%}<extra></extra>",
             )
         )
     ticks = sorted({r["labels"] for r in rows})
     fig.update_xaxes(type="log", title="labelled images", tickvals=ticks, ticktext=[f"{t:,}" for t in ticks])
-    fig.update_yaxes(title=f"official test accuracy ({test_images:,} images)", tickformat=".0%")
+    tested = f" ({next(iter(sizes)):,} images)" if len(sizes) == 1 else ""
+    fig.update_yaxes(title=f"official test accuracy{tested}", tickformat=".0%")
     fig.update_layout(
         title=f"prodcat label efficiency on Fashion-MNIST (every default, {mode} retrain)",
         template="plotly_white",
@@ -493,6 +510,17 @@ def learning_curves(rows: Sequence[dict[str, Any]], *, test_images: int, device:
     return fig
 
 
+def replot(files: Sequence[Path], plot: Path) -> int:
+    """Draw the learning curves from earlier runs' --out files (say, series measured on test sets of different
+    sizes, or one seed's points from two runs) without measuring anything."""
+    documents = [json.loads(f.read_text()) for f in files]
+    rows = [row for document in documents for row in document["rows"]]
+    modes = sorted({document["settings"]["mode"] for document in documents})
+    devices = sorted({document["device"] for document in documents})
+    write_plot(learning_curves(rows, device="; ".join(devices), mode="/".join(modes)), plot)
+    return 0
+
+
 def write_plot(fig: Any, path: Path) -> None:
     """The figure as a PNG through plotly's kaleido (which drives an installed Chrome/Chromium, or BROWSER_PATH)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -511,6 +539,8 @@ def write_plot(fig: Any, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args.replot, Path(args.plot))
     from core.catalog.demo import load_fashion_mnist
     from core.ml.training import suggested_mode
     from core.settings import Settings
@@ -568,8 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(COLUMNS, [table_row(r) for r in results["rows"]]))
     print(f"\ntotal {results['total_seconds']:.0f} s", flush=True)
     if args.plot:
-        test_images = results["rows"][0]["prediction"]["images"] if results["rows"] else 0
-        figure = learning_curves(results["rows"], test_images=test_images, device=results["device"], mode=mode)
+        figure = learning_curves(results["rows"], device=results["device"], mode=mode)
         write_plot(figure, Path(args.plot))
     return 0
 
