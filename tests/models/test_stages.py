@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -107,18 +109,24 @@ def test_a_stage_pooled_checkpoint_loads_back_as_one_with_the_same_outputs(
     assert np.allclose(extract_features(loaded, pixels, cfg), features, atol=1e-5)
 
 
+def _saved_with_sidecar_edit(tmp_path: Path, net: StagePooledNet, edit: Callable[[dict[str, Any]], object]) -> Path:
+    """`net` saved as a checkpoint with its layout in the sidecar, then the sidecar's JSON changed by `edit`."""
+    cfg = preprocessing_config(net, 64)
+    meta = CheckpointMeta.from_preprocess(
+        "efficientnet_lite0", CLASSES, cfg, **CheckpointMeta.layout_fields(stage_layout(net))
+    )
+    path = save_checkpoint(tmp_path / "v1.safetensors", net, meta)
+    document = json.loads(sidecar_path(path).read_text())
+    edit(document)
+    sidecar_path(path).write_text(json.dumps(document))
+    return path
+
+
 @pytest.mark.parametrize("blocks", [[999], ["4"], [True], list(range(70))])
 def test_a_sidecar_naming_impossible_blocks_is_refused_before_anything_is_built(
     tmp_path: Path, pooled: StagePooledNet, blocks: list[object]
 ) -> None:
-    cfg = preprocessing_config(pooled, 64)
-    meta = CheckpointMeta.from_preprocess(
-        "efficientnet_lite0", CLASSES, cfg, **CheckpointMeta.layout_fields(stage_layout(pooled))
-    )
-    path = save_checkpoint(tmp_path / "v1.safetensors", pooled, meta)
-    document = json.loads(sidecar_path(path).read_text())
-    document["feature_blocks"] = blocks
-    sidecar_path(path).write_text(json.dumps(document))
+    path = _saved_with_sidecar_edit(tmp_path, pooled, lambda document: document.update(feature_blocks=blocks))
     with pytest.raises(CheckpointInvalid, match="feature_blocks"):
         read_meta(path)
 
@@ -126,14 +134,8 @@ def test_a_sidecar_naming_impossible_blocks_is_refused_before_anything_is_built(
 def test_a_sidecar_from_before_pooling_could_be_chosen_loads_as_block_means(tmp_path: Path) -> None:
     torch.manual_seed(0)
     old = StagePooledNet(timm.create_model("efficientnet_lite0"), StageLayout((4, 5, 6, 7)), len(CLASSES)).eval()
-    cfg = preprocessing_config(old, 64)
-    meta = CheckpointMeta.from_preprocess(
-        "efficientnet_lite0", CLASSES, cfg, **CheckpointMeta.layout_fields(old.layout)
-    )
-    path = save_checkpoint(tmp_path / "v1.safetensors", old, meta)
-    document = json.loads(sidecar_path(path).read_text())
-    del document["feature_pooling"]  # what the first stage-pooled versions wrote
-    sidecar_path(path).write_text(json.dumps(document))
+    # The first stage-pooled versions wrote no feature_pooling.
+    path = _saved_with_sidecar_edit(tmp_path, old, lambda document: document.pop("feature_pooling"))
     loaded, loaded_meta = load_checkpoint(path)
     assert isinstance(loaded, StagePooledNet) and loaded.block_dims == (80, 112, 192, 320, 1280)
     assert loaded_meta.stage_layout == StageLayout((4, 5, 6, 7), BlockPooling.MEAN)
@@ -149,14 +151,9 @@ def test_a_sidecar_from_before_pooling_could_be_chosen_loads_as_block_means(tmp_
 def test_a_sidecar_with_a_pooling_or_block_order_this_version_cannot_build_is_refused(
     tmp_path: Path, pooled: StagePooledNet, pooling: str, blocks: list[int], reason: str
 ) -> None:
-    cfg = preprocessing_config(pooled, 64)
-    meta = CheckpointMeta.from_preprocess(
-        "efficientnet_lite0", CLASSES, cfg, **CheckpointMeta.layout_fields(stage_layout(pooled))
+    path = _saved_with_sidecar_edit(
+        tmp_path, pooled, lambda document: document.update(feature_pooling=pooling, feature_blocks=blocks)
     )
-    path = save_checkpoint(tmp_path / "v1.safetensors", pooled, meta)
-    document = json.loads(sidecar_path(path).read_text())
-    document.update(feature_pooling=pooling, feature_blocks=blocks)
-    sidecar_path(path).write_text(json.dumps(document))
     with pytest.raises(CheckpointInvalid, match=reason):
         load_checkpoint(path)
 
