@@ -14,7 +14,8 @@ halves differ in each, and each channel's spread over the map). The second keeps
 (a collar at the top, a hem at the bottom, long or short sleeves) and stays the same for a mirrored photo: a shoe
 pointing left or right gives the same features. Measured (docs/benchmarks.md, "Where things are in the photo"):
 with the bundled EfficientNet-Lite0 at 224 px and 1,000 Fashion-MNIST labels, over three random samples of labels and
-the whole official test set, 83.2 % with global means and 85.5 % with `HALVES_MIRROR_STD`, at no extra forward cost.
+the whole official test set, 83.2 % with global means and 85.5 % with `HALVES_MIRROR_STD`, from the same single
+forward pass.
 """
 
 from __future__ import annotations
@@ -95,7 +96,6 @@ class StagePooledNet(nn.Module):
             raise ValueError(f"{type(net).__name__} has no forward_intermediates: its inner blocks cannot be pooled")
         self.net = net
         self.layout = layout
-        self.blocks = layout.blocks
         timm_api(net).reset_classifier(0)
         self.block_dims = self._probe_dims()
         self.num_features = sum(self.block_dims)
@@ -111,15 +111,18 @@ class StagePooledNet(nn.Module):
             with torch.no_grad():
                 pooled = self._pooled(torch.zeros(1, 3, 64, 64))
         except (IndexError, RuntimeError, TypeError, AssertionError) as exc:
-            raise ValueError(f"blocks {self.blocks} cannot be taken from {type(self.net).__name__}: {exc}") from exc
+            raise ValueError(
+                f"blocks {self.layout.blocks} cannot be taken from {type(self.net).__name__}: {exc}"
+            ) from exc
         finally:
             self.net.train(was_training)
         return tuple(int(p.shape[1]) for p in pooled)
 
     def _pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
-        final, inner = self.net.forward_intermediates(x, indices=list(self.blocks), extra_blocks=True)  # type: ignore[operator]  # a timm method
-        if len(inner) != len(self.blocks):
-            raise IndexError(f"the network returned {len(inner)} of the {len(self.blocks)} blocks asked for")
+        blocks = self.layout.blocks
+        final, inner = self.net.forward_intermediates(x, indices=list(blocks), extra_blocks=True)  # type: ignore[operator]  # a timm method
+        if len(inner) != len(blocks):
+            raise IndexError(f"the network returned {len(inner)} of the {len(blocks)} blocks asked for")
         pooled = [part for fmap in inner for part in pool_block(fmap, self.layout.pooling)]
         return [*pooled, timm_api(self.net).forward_head(final, pre_logits=True).float()]
 
@@ -159,11 +162,13 @@ def with_stage_features(model: nn.Module, arch: str) -> nn.Module:
 
 
 def with_measured_layout(model: nn.Module, arch: str) -> tuple[nn.Module, StageLayout | None]:
-    """A stage-pooled `model` whose layout is older than the one measured for `arch`, re-pooled: the same backbone
-    under today's layout with a new zero head, and the layout it had. Anything else comes back unchanged, with None.
+    """A stage-pooled `model` whose layout differs from the one measured for `arch`, re-pooled: the same backbone (as
+    trained so far) under today's layout with a new zero head, and the layout it had. Anything else comes back
+    unchanged, with None.
 
-    For quick heads only, which are fitted from zero on the features anyway; a plain network (say, one fine-tuned in
-    full) is left as it is, since stage features were measured on untouched pretrained backbones only."""
+    For quick heads only, which are fitted from zero on the features anyway. A plain network stays plain: stage
+    features are chosen when a lineage starts (`with_stage_features`), and were measured on pretrained backbones
+    only, not on ones fine-tuned in full."""
     layout = STAGE_LAYOUTS.get(arch)
     if layout is None or not isinstance(model, StagePooledNet) or model.layout == layout:
         return model, None
