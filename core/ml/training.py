@@ -701,7 +701,10 @@ def _train_quick(run: _RunInputs) -> _Trained:
         train_features=features["train"],
         val_features=features["val"],
     )
-    logits = {split: head_logits(result.model, features[split]) for split in ("val", "test")}
+    # Validation's logits are the ones from before the head was refitted on train + validation (models.training
+    # .train_quick): calibration and the validation metrics need a head that has not seen those images.
+    val_logits = result.val_logits if result.val_logits is not None else head_logits(result.model, features["val"])
+    logits = {"val": val_logits, "test": head_logits(result.model, features["test"])}
     return _Trained(
         logits,
         features,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -17,7 +19,9 @@ from models.training import (
     TrainMode,
     extract_features,
     fit_head,
+    fit_linear_head,
     head_logits,
+    refit_head,
     resize_head,
     set_head,
     train_full,
@@ -270,8 +274,8 @@ def test_train_quick_reuses_given_features(
     train = extract_features(tiny_net, data.train_pixels, tiny_cfg, device="cpu")
     val = extract_features(tiny_net, data.val_pixels, tiny_cfg, device="cpu")
     monkeypatch.setattr(models.training, "extract_features", None)  # given features: no backbone pass at all
-    result = train_quick(_config(mode="quick"), data, model=tiny_net, cfg=tiny_cfg, train_features=train,
-                         val_features=val)  # fmt: skip
+    result = train_quick(_config(mode="quick", head_refit=False), data, model=tiny_net, cfg=tiny_cfg,
+                         train_features=train, val_features=val)  # fmt: skip
     assert result.best_val_acc is not None and result.best_val_acc > 0.6
     assert result.val_logits is not None
     np.testing.assert_allclose(result.val_logits, head_logits(tiny_net, val))
@@ -280,6 +284,48 @@ def test_train_quick_reuses_given_features(
 
         logits = tiny_net(pixels_to_tensor(data.val_pixels, tiny_cfg, "cpu"))
     np.testing.assert_allclose(logits.numpy(), result.val_logits, rtol=1e-3, atol=1e-3)  # the head is in the model
+
+
+def test_train_quick_refits_on_validation_but_measures_the_head_that_had_not_seen_it(
+    tiny_net: torch.nn.Module, tiny_cfg: PreprocessConfig
+) -> None:
+    data = _data(per_class=8)
+    train = extract_features(tiny_net, data.train_pixels, tiny_cfg, device="cpu")
+    val = extract_features(tiny_net, data.val_pixels, tiny_cfg, device="cpu")
+    kept = train_quick(_config(mode="quick", head_refit=False, head_l2=0.1), data, model=copy.deepcopy(tiny_net),
+                       cfg=tiny_cfg, train_features=train, val_features=val)  # fmt: skip
+    refit = train_quick(_config(mode="quick", head_l2=0.1), data, model=tiny_net, cfg=tiny_cfg,
+                        train_features=train, val_features=val)  # fmt: skip
+    # Calibration and the validation numbers a person reads come from the head fitted on train alone ...
+    assert refit.val_logits is not None and kept.val_logits is not None
+    np.testing.assert_allclose(refit.val_logits, kept.val_logits, rtol=1e-5, atol=1e-5)
+    assert refit.temperature == pytest.approx(kept.temperature)
+    assert refit.best_val_acc == kept.best_val_acc
+    # ... while the head that serves has learnt from validation too: the fit on train + validation at the same L2
+    # (a fixed, moderate one: a nearly separable problem at a tiny L2 has no sharp optimum to compare against).
+    served = refit.model.get_classifier()
+    assert not torch.allclose(served.weight, kept.model.get_classifier().weight, atol=1e-4)
+    both, labels = np.concatenate([train, val]), np.concatenate([data.train_labels, data.val_labels])
+    fresh = fit_linear_head(both, labels, None, None, num_classes=3,
+                            config=TrainConfig(head_l2=0.1, head_max_iter=500))  # fmt: skip
+    np.testing.assert_allclose(
+        head_logits(refit.model, val), val @ fresh.weight.numpy().T + fresh.bias.numpy(), rtol=0.02, atol=0.02
+    )
+
+
+def test_refit_head_starts_where_the_earlier_fit_ended() -> None:
+    x, y = _separable_features(30, seed=0)
+    xv, yv = _separable_features(10, seed=1)
+    fit = fit_linear_head(x, y, xv, yv, num_classes=4, config=TrainConfig(head_max_iter=500))
+    # Refitted on the same rows, one LBFGS iteration from the earlier optimum stays there: the start is carried
+    # into the refit's own standardisation exactly (from zero, one iteration lands far from it).
+    config = TrainConfig(head_max_iter=1)
+    again = refit_head(fit, x, y, num_classes=4, config=config)
+    assert again.l2 == fit.l2
+    torch.testing.assert_close(again.weight, fit.weight, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(again.bias, fit.bias, rtol=1e-3, atol=1e-3)
+    from_zero = fit_linear_head(x, y, None, None, num_classes=4, config=dataclasses.replace(config, head_l2=fit.l2))
+    assert not torch.allclose(from_zero.weight, fit.weight, rtol=1e-3, atol=1e-3)
 
 
 def test_resize_head_keeps_rows_of_persisting_classes(tiny_net: torch.nn.Module) -> None:
