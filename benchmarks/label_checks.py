@@ -31,9 +31,10 @@ flags are real flips, and how often the suggested category (`image_checks.sugges
    training images extracted at 64 px by the network a new quick lineage gets (`models.training.extract_features`,
    the same stage-pooled feature width as at 224 px) and calls `core.ml.label_checks.check_labels` on them (what the
    training job calls; the same seconds it keeps in `metrics["label_check"]["seconds"]`), with
-   `models.label_checks.cross_validated_probs` alone timed too. The baseline is the quick retrain's own head fit on
-   the same features: `models.training.fit_linear_head` on the 80 % train rows with the val-picked L2 grid on 10 %
-   val rows.
+   `models.label_checks.cross_validated_probs` alone timed too, with the head's L2 (as the job runs it) and with the
+   check's own L2 search on the first fold (as jobs ran it before). The baseline is the quick retrain's own head fit
+   on the same features: `models.training.fit_linear_head` on the 80 % train rows with the val-picked L2 grid on
+   10 % val rows, then `refit_head` on both at the picked L2 (what `train_quick` does).
 """
 
 from __future__ import annotations
@@ -335,7 +336,7 @@ def run_timing(data: Any, count: int, *, seed: int, work: Path) -> dict[str, Any
     from core.ml.label_checks import LabelledSet, check_labels
     from core.settings import get_settings
     from models.label_checks import cross_validated_probs
-    from models.training import TrainConfig, fit_linear_head
+    from models.training import TrainConfig, fit_linear_head, refit_head
 
     db = open_catalogue(work / "timing")  # settings (folds, weights cache) as a new catalogue has them
     settings = get_settings()
@@ -344,24 +345,36 @@ def run_timing(data: Any, count: int, *, seed: int, work: Path) -> dict[str, Any
         features, blocks = backbone_features(data, chosen, 64)
     labels = data.labels[chosen].astype(np.int64)
     labelled = LabelledSet(list(range(len(chosen))), labels, features, list(range(NUM_CLASSES)), blocks)
-    with timed() as kfold:
-        cv = cross_validated_probs(
-            features, labels, num_classes=NUM_CLASSES, folds=settings.label_check_folds, seed=seed, blocks=blocks
-        )
-    check = check_labels(labelled, folds=settings.label_check_folds, seed=seed)
-    # The quick retrain's head: 80 % train rows, L2 picked on 10 % val rows (the app's split shares).
+    # The quick retrain's head: 80 % train rows, L2 picked on 10 % val rows (the app's split shares), then refitted
+    # on both at that L2.
     order = np.random.default_rng(seed).permutation(len(labels))
     train_rows, val_rows = order[: int(0.8 * len(order))], order[int(0.8 * len(order)) : int(0.9 * len(order))]
+    config = TrainConfig()
     with timed() as head:
-        fit_linear_head(
+        fit = fit_linear_head(
             features[train_rows],
             labels[train_rows],
             features[val_rows],
             labels[val_rows],
             num_classes=NUM_CLASSES,
-            config=TrainConfig(),
+            config=config,
             blocks=blocks,
         )
+        both = np.concatenate([train_rows, val_rows])
+        refit_head(fit, features[both], labels[both], num_classes=NUM_CLASSES, config=config, blocks=blocks)
+    # The job's check reuses the head's L2 (core.ml.training._check_labels); the K-fold step alone is timed both so
+    # and with its own L2 search on the first fold (what every job did before).
+    job_config = TrainConfig(head_l2=fit.l2)
+    folds = settings.label_check_folds
+    with timed() as kfold:
+        cv = cross_validated_probs(
+            features, labels, num_classes=NUM_CLASSES, folds=folds, seed=seed, blocks=blocks, config=job_config
+        )
+    with timed() as kfold_grid:
+        cv_grid = cross_validated_probs(
+            features, labels, num_classes=NUM_CLASSES, folds=folds, seed=seed, blocks=blocks
+        )
+    check = check_labels(labelled, folds=folds, seed=seed, config=job_config)
     from core.db import close_all
 
     close_all()
@@ -372,8 +385,10 @@ def run_timing(data: Any, count: int, *, seed: int, work: Path) -> dict[str, Any
         "feature_seconds": extracted.seconds,
         "check_labels_seconds": check.seconds,
         "kfold_seconds": kfold.seconds,
+        "kfold_own_l2_search_seconds": kfold_grid.seconds,
         "folds": cv.folds,
         "l2": cv.l2,
+        "l2_own_search": cv_grid.l2,
         "estimated_issues_clean_labels": check.estimated_issues,
         "head_fit_seconds": head.seconds,
         "ratio": check.seconds / head.seconds if head.seconds else None,
@@ -387,6 +402,7 @@ def timing_table_row(row: dict[str, Any]) -> dict[str, Any]:
         "features": row["features"],
         "check_labels s": row["check_labels_seconds"],
         "K-fold probs s": row["kfold_seconds"],
+        "K-fold with its own L2 search s": row["kfold_own_l2_search_seconds"],
         "head fit s": row["head_fit_seconds"],
         "ratio": row["ratio"],
     }

@@ -52,6 +52,29 @@ def test_every_labelled_image_of_every_split_is_checked_after_a_retrain(db: Data
     assert summary["checked"] == len(ids) and summary["folds"] == 5
 
 
+def test_a_quick_retrains_label_check_reuses_the_l2_its_head_picked(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.label_checks
+
+    store_images(db, dataset(CLASSES, train=4, val=2, test=2))
+    fold_l2: list[float | None] = []
+    fit = models.label_checks.fit_linear_head
+
+    def recording(*args: object, **kwargs: object) -> object:
+        fold_l2.append(kwargs["config"].head_l2)  # type: ignore[attr-defined]
+        return fit(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(models.label_checks, "fit_linear_head", recording)
+    params = {"arch": "resnet18", "image_size": 32}  # no fixed head_l2: the head picks one on validation
+    version_id = run_training(db, add_job(db, "quick", params), on_progress=_noop, should_stop=lambda: False)
+    metrics = get_version(db, version_id).metrics
+    picked = metrics["train"]["head_l2"]
+    # One fit per fold at the head's own L2, no grid search of the check's own (which took as long as the folds).
+    assert fold_l2 == [picked] * 5
+    assert metrics["label_check"]["head_l2"] == picked and metrics["label_check"]["folds"] == 5
+
+
 def test_label_checks_can_be_turned_off_and_say_so(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     store_images(db, dataset(CLASSES, train=3, val=1, test=1))
     monkeypatch.setattr(db.settings, "label_check_folds", 0)
