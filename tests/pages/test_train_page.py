@@ -72,7 +72,7 @@ def test_before_the_first_retrain_the_page_names_the_backbone_auto_picks_and_its
     expected = [c for c in _unescaped(at.caption) if "Expected first model" in c]
     points = ", ".join(f"{n:,} labels {acc:.0%}" for n, acc in core.ml.backbone.EXPECTED_ACCURACY["bundled"])
     curve = f"the bundled ImageNet weights on Fashion-MNIST: {points}"  # the measured curve, every point
-    assert "1,000 labels 85%" in curve
+    assert dict(core.ml.backbone.EXPECTED_ACCURACY["bundled"])[1000] >= 0.85  # issue 9: 85 % from 1,000 labels
     assert expected and curve in expected[0]
     monkeypatch.setattr(core.ml.backbone, "EXPECTED_ACCURACY", {})
     at = run_page("pages/train.py")
