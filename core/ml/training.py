@@ -420,8 +420,9 @@ def _check_labels(settings: Settings, trained: _Trained, labelled: _Labelled, co
         feature_blocks=trained.feature_blocks,
     )
     if config.head_l2 is None and trained.head_l2 is not None:
-        # The quick head's L2, picked on validation, serves the K-fold heads too: K fits instead of K + the grid's six
-        # (the fits are most of the check's cost: docs/benchmarks.md, "Label checks"; not yet re-timed).
+        # The quick head's L2, picked on validation, serves the K-fold heads too: K fits instead of the grid's six on
+        # the first fold and K - 1 more (the fits are most of the check's cost: docs/benchmarks.md, "Label checks";
+        # not yet re-timed).
         config = replace(config, head_l2=trained.head_l2)
     try:
         return check_labels(checked, folds=settings.label_check_folds, seed=config.seed, config=config)
@@ -710,6 +711,7 @@ def _train_quick(run: _RunInputs) -> _Trained:
     # .train_quick): calibration and the validation metrics need a head that has not seen those images.
     val_logits = result.val_logits if result.val_logits is not None else head_logits(result.model, features["val"])
     logits = {"val": val_logits, "test": head_logits(result.model, features["test"])}
+    head_l2 = result.extra.get("head_l2")
     return _Trained(
         logits,
         features,
@@ -718,10 +720,10 @@ def _train_quick(run: _RunInputs) -> _Trained:
             "n_images": len(run.labelled.splits["train"].ids),
             "features_computed": features_cache.computed,
             "backbone_id": features_cache.backbone_id,
-            "head_l2": result.extra.get("head_l2"),
+            "head_l2": head_l2,
         },
         block_dims(result.model),
-        head_l2=result.extra.get("head_l2"),
+        head_l2=head_l2,
     )
 
 
