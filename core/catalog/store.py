@@ -6,7 +6,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -15,6 +15,7 @@ from PIL import Image
 
 from core.catalog.imaging import DecodedImage
 from core.settings import Settings
+from models.durable import sync_files
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _EXT = re.compile(r"[a-z0-9]{1,8}")
@@ -128,6 +129,15 @@ def store_image(
         small = thumbnail if thumbnail is not None else make_thumbnail(decoded.image, settings.thumbnail_size)
         _atomic_write(thumb, lambda fh: small.save(fh, "JPEG", quality=THUMBNAIL_QUALITY))
     return StoredFiles(sha, original_rel, thumb_rel, original, thumb, wrote)
+
+
+def flush_stored(settings: Settings, stored: Iterable[StoredFiles]) -> None:
+    """Put these images' files (originals and thumbnails) on the disk: call it before committing rows that name them.
+
+    `store_image` renames without a flush (a flush per file would cost two waits for the disk per image); the importer
+    flushes each batch's files at once here, so a power cut can leave files without rows (importing them again reuses
+    them) but never a row whose file lost its bytes. OSError when the disk reports a failed write."""
+    sync_files(settings.data_dir, [path for files in stored for path in (files.original, files.thumb)])
 
 
 def _size_of(path: Path) -> int | None:

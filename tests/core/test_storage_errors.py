@@ -275,3 +275,73 @@ def test_cli_import_stopped_by_a_full_disk_reports_what_it_stored_before_the_err
         assert session.scalar(select(func.count()).select_from(Image)) == 4
     files, rows = files_and_rows(db)
     assert files == rows and len(rows) == 2 * 4
+
+
+# --- each batch's files reach the disk before its rows (issue 13 point 3) ------------------------------------------
+
+
+def test_an_import_flushes_each_batchs_files_to_the_disk_before_its_rows_commit(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut cannot be caused here; what makes a row survive one with its file is the order: the batch's files
+    are complete and flushed (the real flush runs) before any row naming them is committed."""
+    import core.catalog.ingest.importer as importer
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(10):
+        (photos / f"shoe_{i:02}.png").write_bytes(image_bytes("Shoes", 300 + i, size=24))
+    monkeypatch.setattr(importer, "BATCH_ROWS", 4)
+    monkeypatch.setattr(importer, "BATCH_SECONDS", 3600.0)
+    flush = importer.flush_stored
+    flushed: list[list[str]] = []
+
+    def checked_flush(settings, stored) -> None:  # type: ignore[no-untyped-def]
+        stored = list(stored)
+        with db.read() as session:  # nothing of this batch is committed yet
+            assert not session.scalars(select(Image.id).where(Image.sha256.in_([s.sha256 for s in stored]))).all()
+        for files in stored:
+            assert files.original.stat().st_size > 0 and files.thumb.stat().st_size > 0
+        flush(settings, stored)
+        flushed.append([files.original.name for files in stored])
+
+    monkeypatch.setattr(importer, "flush_stored", checked_flush)
+    result = import_paths(db, [photos], category="Shoes", actor="ana")
+    assert len(result.imported) == 10
+    assert [len(batch) for batch in flushed] == [4, 4, 2]
+    with db.read() as session:
+        stored_names = {Path(p).name for p in session.scalars(select(Image.stored_path))}
+    assert stored_names == {name for batch in flushed for name in batch}
+
+
+def test_a_batch_the_disk_fails_to_flush_is_not_committed_and_its_files_are_removed(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.catalog.ingest.importer as importer
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(8):
+        (photos / f"shoe_{i:02}.png").write_bytes(image_bytes("Shoes", 400 + i, size=24))
+    monkeypatch.setattr(importer, "BATCH_ROWS", 4)
+    monkeypatch.setattr(importer, "BATCH_SECONDS", 3600.0)
+    flush = importer.flush_stored
+    calls = 0
+
+    def failing_second_flush(settings, stored) -> None:  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # what syncfs reports when the disk lost a write (Linux 5.8+)
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(settings.data_dir))
+        flush(settings, stored)
+
+    monkeypatch.setattr(importer, "flush_stored", failing_second_flush)
+    with pytest.raises(OSError) as failure:
+        import_paths(db, [photos], category="Shoes", actor="ana")
+    refusal = as_storage_error(failure.value)
+    assert refusal is not None and "'data'" in str(refusal), refusal
+    assert_clean(str(refusal), db.settings.data_dir)
+    partial = stored_before(failure.value)
+    assert partial is not None and len(partial.imported) == 4
+    files, rows = files_and_rows(db)
+    assert files == rows and len(rows) == 2 * 4

@@ -1,11 +1,12 @@
-"""The importer: reads candidates in order, decodes, validates and stores new files in threads or processes
+"""The importer: reads candidates in order, decodes, validates and stores new files in threads
 (`core.catalog.ingest.decoding`), and writes the rows and labels of many images in one transaction, reporting every
 file as imported, duplicate or refused.
 
-Files are stored before their rows, so a row never points to a missing file. When a batch's transaction fails, the
-originals and thumbnails that batch (and the files still in flight) wrote are removed again, unless a row of another
-import now points to the same bytes; then the error propagates. Only a killed process can leave stored files without
-rows, and importing them again reuses them.
+Files are stored before their rows, and each batch's files are flushed to the disk before its rows commit, so a row
+never points to a missing or empty file, even after a power cut. When a batch's transaction fails, the originals and
+thumbnails that batch (and the files still in flight) wrote are removed again, unless a row of another import now
+points to the same bytes; then the error propagates. Only a killed process or a power cut can leave stored files
+without rows, and importing them again reuses them.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from core.catalog.labels import (
     get_or_create_category,
 )
 from core.catalog.splits import split_for_hash
-from core.catalog.store import StoredFiles
+from core.catalog.store import StoredFiles, flush_stored
 from core.db import Database, in_chunks
 from core.errors import CategoryError
 from core.schema import Category, Image, Label, LabelAction
@@ -503,6 +504,7 @@ class Importer:
             verdicts = [_without_writes(i) for i in batch.items]
         else:
             _ = self.hash_index  # loaded before the write lock is taken, on the first batch with new images
+            flush_stored(self.settings, (n.prepared.stored for n in batch.new_by_sha.values() if n.prepared.stored))
             stored_meanwhile: dict[str, tuple[int, str]] = {}
             retries = 0
             while True:
