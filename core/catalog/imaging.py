@@ -464,6 +464,11 @@ def open_normalised(path: Path, *, target_size: int | None = None) -> Image.Imag
         return normalise(img)
 
 
+def _grey(img: Image.Image) -> Image.Image:
+    """The picture in grey levels; a grey one as it is (the importer converts a thumbnail once for all its hashes)."""
+    return img if img.mode == "L" else img.convert("L")
+
+
 def difference_hash(img: Image.Image) -> int | None:
     """A 64-bit perceptual hash (dHash): equal for the same picture resized, re-encoded or lightly retouched.
 
@@ -471,7 +476,7 @@ def difference_hash(img: Image.Image) -> int | None:
     signed 64-bit integer (what SQLite stores); None for a picture without structure (flat, or a plain gradient),
     whose hash would match every other such picture.
     """
-    small = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
+    small = np.asarray(_grey(img).resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
     value = _signed(small[:, 1:] > small[:, :-1])
     return None if value in (0, -1) else value
 
@@ -549,7 +554,7 @@ def _content_box(grey: np.ndarray) -> tuple[int, int, int, int]:
 
 def _content_grey(img: Image.Image) -> Image.Image:
     """The picture's content box (`_content_box`) in grey levels."""
-    grey_img = img.convert("L")
+    grey_img = _grey(img)
     return grey_img.crop(_content_box(np.asarray(grey_img, dtype=np.float32)))
 
 

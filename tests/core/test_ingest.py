@@ -1016,3 +1016,21 @@ print((peak[0] - before) // 2**20)
     # every thread decoded a full picture, took content hashes over float32 copies of it and kept its freed memory
     # (measured 281-332 MB with two threads).
     assert grown_mb < 120, f"peak memory grew {grown_mb} MB"
+
+
+def test_a_file_read_from_disk_is_refused_past_the_size_limit_even_when_it_grows_while_read(tmp_path: Path) -> None:
+    from core.catalog.ingest.candidates import Refuse, peek, read_file
+
+    photo = tmp_path / "shoe.png"
+    photo.write_bytes(image_bytes("Shoes", 1, size=24))
+    assert read_file(photo, 10_000) == photo.read_bytes()
+    assert peek(photo) == b"\x89PNG"
+    with pytest.raises(Refuse, match=f"file is {photo.stat().st_size:,} bytes, larger than the limit of 100 bytes"):
+        read_file(photo, 100)
+    # A file whose size says 0 but that never ends (what a file still being written can look like): read up to the
+    # limit, then refused, not read without bound.
+    with pytest.raises(Refuse, match="more than 1,000,000 bytes, larger than the limit"):
+        read_file(Path("/dev/zero"), 1_000_000)
+    with pytest.raises(Refuse, match="cannot be read"):
+        read_file(tmp_path / "gone.png", 10_000)
+    assert peek(tmp_path / "gone.png") == b""

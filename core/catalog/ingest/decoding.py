@@ -99,7 +99,8 @@ def prepare_file(
     except OSError as exc:  # a full or read-only disk reads as such (EFBIG's "File too large" would blame the photo)
         known = as_storage_error(exc, settings.data_dir.name)
         return Prepared(refusal=f"could not be stored: {known if known is not None else exc.strerror or exc}")
-    return Prepared(decoded=decoded, stored=stored, phash=difference_hash(thumbnail), hashes=content_hashes(thumbnail))
+    grey = thumbnail.convert("L")  # both hashes read grey levels: converted once
+    return Prepared(decoded=decoded, stored=stored, phash=difference_hash(grey), hashes=content_hashes(grey))
 
 
 def decode_threads() -> ThreadPoolExecutor:
