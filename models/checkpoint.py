@@ -15,7 +15,6 @@ import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.durable import sync_directory
 from models.errors import CheckpointInvalid
 from models.factory import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PreprocessConfig, create_network
 from models.stages import MAX_BLOCK_INDEX, BlockPooling, StageLayout, StagePooledNet
@@ -139,6 +138,20 @@ def _atomic_write(target: Path, write: Any) -> None:
         tmp.unlink(missing_ok=True)
         raise
     sync_directory(target.parent)
+
+
+def sync_directory(folder: str | os.PathLike[str]) -> None:
+    """fsync a folder, so the renames in it survive a power cut (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder: the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -15,8 +15,8 @@ from typing import Protocol
 from PIL import Image
 
 from core.catalog.imaging import DecodedImage
+from core.durable import sync_files
 from core.settings import Settings
-from models.durable import sync_files
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _EXT = re.compile(r"[a-z0-9]{1,8}")

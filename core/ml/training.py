@@ -789,7 +789,7 @@ def _register(
     parent_id: int | None,
 ) -> int:
     """Insert the candidate row and move its checkpoint files into place in one transaction."""
-    from models.durable import sync_directory
+    from core.durable import sync_directory
 
     settings = db.settings
     with db.write() as session:

@@ -182,10 +182,25 @@ def files_and_rows(db: Database) -> tuple[set[str], set[str]]:
     return files, rows
 
 
+def shoe_photos(folder: Path, count: int, first_seed: int) -> Path:
+    """`count` distinct small PNGs shoe_00.png ... in `folder` (made here)."""
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"shoe_{i:02}.png").write_bytes(image_bytes("Shoes", first_seed + i, size=24))
+    return folder
+
+
+def batches_of_four(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The importer writes a transaction every 4 images (never sooner for time), so a test can fail the second."""
+    import core.catalog.ingest.importer as importer
+
+    monkeypatch.setattr(importer, "BATCH_ROWS", 4)
+    monkeypatch.setattr(importer, "BATCH_SECONDS", 3600.0)
+
+
 def test_a_disk_that_fills_during_an_import_keeps_what_was_stored_and_leaves_no_file_without_a_row(
     db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import core.catalog.ingest.importer as importer
     import core.cli  # noqa: F401 (registers the commands)
     from core.cli.app import app
 
@@ -204,12 +219,8 @@ def test_a_disk_that_fills_during_an_import_keeps_what_was_stored_and_leaves_no_
     assert files == rows and len(rows) == 2 * 12
 
     # 2. The database cannot grow either from the second batch on: that batch's transaction fails as a whole.
-    later = tmp_path / "later"
-    later.mkdir()
-    for i in range(12):
-        (later / f"shoe_{i:02}.png").write_bytes(image_bytes("Shoes", 100 + i, size=24))
-    monkeypatch.setattr(importer, "BATCH_ROWS", 4)
-    monkeypatch.setattr(importer, "BATCH_SECONDS", 3600.0)
+    later = shoe_photos(tmp_path / "later", 12, first_seed=100)
+    batches_of_four(monkeypatch)
     wal = db.settings.data_dir / "prodcat.sqlite3-wal"
     reported: list[str] = []
     with file_size_limit(512 * 1024) as set_limit, pytest.raises(OperationalError) as failure:
@@ -248,12 +259,8 @@ def test_cli_import_stopped_by_a_full_disk_reports_what_it_stored_before_the_err
     import core.cli  # noqa: F401 (registers the commands)
     from core.cli.app import app
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(12):
-        (photos / f"shoe_{i:02}.png").write_bytes(image_bytes("Shoes", 200 + i, size=24))
-    monkeypatch.setattr(importer, "BATCH_ROWS", 4)
-    monkeypatch.setattr(importer, "BATCH_SECONDS", 3600.0)
+    photos = shoe_photos(tmp_path / "photos", 12, first_seed=200)
+    batches_of_four(monkeypatch)
     db.dispose()
     wal = db.settings.data_dir / "prodcat.sqlite3-wal"
     write_batch = importer.Importer.write_batch
@@ -287,12 +294,8 @@ def test_an_import_flushes_each_batchs_files_to_the_disk_before_its_rows_commit(
     are complete and flushed (the real flush runs) before any row naming them is committed."""
     import core.catalog.ingest.importer as importer
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(10):
-        (photos / f"shoe_{i:02}.png").write_bytes(image_bytes("Shoes", 300 + i, size=24))
-    monkeypatch.setattr(importer, "BATCH_ROWS", 4)
-    monkeypatch.setattr(importer, "BATCH_SECONDS", 3600.0)
+    photos = shoe_photos(tmp_path / "photos", 10, first_seed=300)
+    batches_of_four(monkeypatch)
     flush = importer.flush_stored
     flushed: list[list[str]] = []
 
@@ -319,12 +322,8 @@ def test_a_batch_the_disk_fails_to_flush_is_not_committed_and_its_files_are_remo
 ) -> None:
     import core.catalog.ingest.importer as importer
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(8):
-        (photos / f"shoe_{i:02}.png").write_bytes(image_bytes("Shoes", 400 + i, size=24))
-    monkeypatch.setattr(importer, "BATCH_ROWS", 4)
-    monkeypatch.setattr(importer, "BATCH_SECONDS", 3600.0)
+    photos = shoe_photos(tmp_path / "photos", 8, first_seed=400)
+    batches_of_four(monkeypatch)
     flush = importer.flush_stored
     calls = 0
 

@@ -1,4 +1,4 @@
-"""Flushing written files to the disk (models.durable): a failed flush is an error the caller sees, never silence."""
+"""Flushing written files to the disk (core.durable): a failed flush is an error the caller sees, never silence."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import models.durable as durable
+import core.durable as durable
 
 
 def written(tmp_path: Path) -> list[Path]:

@@ -1,9 +1,12 @@
-"""Getting written files onto the disk before a database row names them (no torch here: the importer uses it too).
+"""Getting written files onto the disk before a database row names them.
 
 A rename is atomic, but without a flush a power cut can keep the new name and lose the bytes behind it (ext4's
 delayed allocation leaves an empty file). So every writer that later commits a row pointing to a file flushes first:
 a checkpoint file by file (`fsync` before its rename, then its folder), an import a whole batch at once
 (`sync_files`: one `syncfs` of the data directory's file system on Linux instead of one `fsync` per file).
+
+`models.checkpoint` keeps its own `sync_directory` for the checkpoint files it writes: the layering lets neither
+`models` import `core` nor `core.catalog` import `models` (tests/test_architecture.py).
 """
 
 from __future__ import annotations
