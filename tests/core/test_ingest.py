@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -1034,3 +1035,111 @@ def test_a_file_read_from_disk_is_refused_past_the_size_limit_even_when_it_grows
     with pytest.raises(Refuse, match="cannot be read"):
         read_file(tmp_path / "gone.png", 10_000)
     assert peek(tmp_path / "gone.png") == b""
+
+
+# --- worker processes for a large import's small files (core.catalog.ingest.decoding.decode_processes) -----------
+
+
+def _crash_on_named_file(settings, name, data, sha):  # type: ignore[no-untyped-def]
+    """Runs in a worker process (imported there by name): the process dies on one file, as one killed would."""
+    if name.endswith("crash_here.png"):
+        os._exit(1)
+    from core.catalog.ingest.decoding import prepare_in_process
+
+    return prepare_in_process(settings, name, data, sha)
+
+
+@pytest.fixture
+def process_spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Imports of 8 files or more use worker processes; records which files went there and which this process
+    prepared itself (the threads, or a file handed back)."""
+    import core.catalog.ingest.decoding as decoding
+    import core.catalog.ingest.importer as importer
+
+    monkeypatch.setattr(decoding, "PROCESS_MIN_FILES", 8)
+    seen: dict[str, list[str]] = {"in_process": [], "here": []}
+    prepared, prepare = importer.Importer.prepared, importer.Importer.prepare
+
+    def spy_prepared(self, p):  # type: ignore[no-untyped-def]
+        if p.in_process:
+            seen["in_process"].append(p.cand.name)
+        return prepared(self, p)
+
+    def spy_prepare(self, name, data, sha):  # type: ignore[no-untyped-def]
+        seen["here"].append(name)
+        return prepare(self, name, data, sha)
+
+    monkeypatch.setattr(importer.Importer, "prepared", spy_prepared)
+    monkeypatch.setattr(importer.Importer, "prepare", spy_prepare)
+    return seen
+
+
+def test_a_large_imports_small_files_are_prepared_in_worker_processes_exactly_as_in_threads(
+    db: Database, tmp_path: Path, process_spy: dict[str, list[str]]
+) -> None:
+    from core.catalog.imaging import content_hashes, difference_hash, inspect_and_decode
+    from core.catalog.store import make_thumbnail, original_path, thumbnail_path
+
+    root = write_image_folder(tmp_path / "photos", per_category=4, size=40)
+    (root / "Shoes" / "copy.png").write_bytes((root / "Shoes" / "shoes_0.png").read_bytes())
+    (root / "Shoes" / "broken.png").write_bytes((root / "Shoes" / "shoes_1.png").read_bytes()[:200])
+    result = import_paths(db, [root], labels_from_folders=True, actor="ana")
+    assert (len(result.imported), len(result.duplicates)) == (4 * len(CATEGORY_COLOURS), 1)
+    assert [r.name for r in result.refused] == ["photos/Shoes/broken.png"]
+    assert "truncated or corrupt PNG" in result.refused[0].reason
+    # Every new file went to a worker process; none came back to be done here.
+    assert len(process_spy["in_process"]) == 4 * len(CATEGORY_COLOURS) + 1 and process_spy["here"] == []
+    settings = db.settings
+    with db.read() as session:
+        rows = session.scalars(select(Image)).all()
+        for row in rows:  # what the worker stored and hashed is what this process makes of the same bytes
+            data = original_path(settings, row).read_bytes()
+            decoded = inspect_and_decode(row.original_name, data, settings, draft_size=settings.thumbnail_size)
+            grey = make_thumbnail(decoded.image, settings.thumbnail_size).convert("L")
+            hashes = content_hashes(grey)
+            assert hashes is not None
+            assert (row.sha256, row.width, row.height, row.format) == (
+                decoded.sha256, decoded.width, decoded.height, decoded.format
+            )  # fmt: skip
+            assert (row.phash, row.box_dhash_h, row.box_dhash_v, row.box_phash) == (
+                difference_hash(grey), hashes.dhash_h, hashes.dhash_v, hashes.phash
+            )  # fmt: skip
+            assert row.split == split_for_hash(row.sha256) and thumbnail_path(settings, row).stat().st_size > 0
+            assert row.label is not None
+
+
+def test_a_small_file_of_a_large_picture_is_decoded_within_the_importing_processs_pixel_budget(
+    db: Database, tmp_path: Path, process_spy: dict[str, list[str]]
+) -> None:
+    root = write_image_folder(tmp_path / "photos", per_category=3, size=40)
+    big = PILImage.new("RGB", (2500, 2000), (240, 240, 240))  # 5 megapixels of flat grey: a few kilobytes of PNG
+    big.paste((20, 60, 200), (900, 700, 1600, 1300))
+    big.save(root / "Bags" / "big.png")
+    assert (root / "Bags" / "big.png").stat().st_size < 64 * 1024
+    result = import_paths(db, [root], labels_from_folders=True, actor="ana")
+    assert len(result.imported) == 3 * len(CATEGORY_COLOURS) + 1 and not result.refused
+    assert "photos/Bags/big.png" in process_spy["in_process"]  # sent to a worker, which handed it back
+    assert process_spy["here"] == ["photos/Bags/big.png"]
+    with db.read() as session:
+        big_row = session.scalars(select(Image).where(Image.original_name == "photos/Bags/big.png")).one()
+        assert (big_row.width, big_row.height) == (2500, 2000)
+
+
+def test_an_import_whose_worker_process_dies_finishes_in_threads_and_loses_nothing(
+    db: Database, tmp_path: Path, process_spy: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.catalog.ingest.importer as importer
+
+    monkeypatch.setattr(importer, "prepare_in_process", _crash_on_named_file)
+    monkeypatch.setattr(importer, "READ_AHEAD_FILES", 2)  # files are still being sent out after the worker died
+    root = write_image_folder(tmp_path / "photos", per_category=5, size=40)
+    (root / "Bags" / "crash_here.png").write_bytes(image_bytes("Hats", 99, size=40))  # among the first files read
+    result = import_paths(db, [root], labels_from_folders=True, actor="ana")
+    assert len(result.imported) == 5 * len(CATEGORY_COLOURS) + 1 and not result.refused
+    assert "photos/Bags/crash_here.png" in process_spy["here"]  # redone here after its worker died
+    assert len(process_spy["here"]) > 1  # and the files after it were prepared by the threads
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(Image)) == 5 * len(CATEGORY_COLOURS) + 1
+        stored = session.scalars(select(Image.stored_path)).all()
+    assert all((db.settings.data_dir / path).stat().st_size > 0 for path in stored)
+    assert db.integrity_ok()

@@ -1,15 +1,22 @@
 """Preparing an import's new files, off the importing thread: decode, validate, store, hash; decodes side by side
-within a pixel budget, handing the memory of large ones back to the system."""
+within a pixel budget, handing the memory of large ones back to the system.
+
+Two pools share the work. Threads (`decode_threads`) take every file of a small import and a large import's large
+files: Pillow decodes, resizes and encodes those without the interpreter lock, and the pixel budget (`DecodeGate`)
+keeps large pictures from decoding side by side. A large import's small files go to worker processes
+(`decode_processes`): their cost is mostly Python (checks, hashes, file-system calls) that threads run one at a time.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 from core.catalog.imaging import ContentHashes, DecodedImage, content_hashes, difference_hash, inspect_and_decode
@@ -19,6 +26,14 @@ from core.settings import Settings
 
 # Threads that decode in the importing process (Pillow and hashlib release the GIL; at most the CPU count).
 DECODE_THREADS = 4
+# Worker processes for a large import's small files (at most the CPU count; none on one core): an import of at least
+# PROCESS_MIN_FILES files sends each file of at most PROCESS_FILE_BYTES there. Measured on 2 cores (docs/benchmarks.md,
+# 2026-12-01), against threads alone: 64 px PNGs 1.2x the files a second at 6,000 files, even at 3,000, 0.75x at
+# 1,000 (starting the workers costs about 0.3 s); 1000 px JPEGs 0.8x (moving 100 KB a photo to another process costs
+# more than the lock does), so they stay in threads.
+DECODE_PROCESSES = 4
+PROCESS_MIN_FILES = 3_000
+PROCESS_FILE_BYTES = 64 * 1024
 
 
 def _glibc_malloc_trim() -> Callable[[int], int] | None:
@@ -103,11 +118,40 @@ def prepare_file(
     return Prepared(decoded=decoded, stored=stored, phash=difference_hash(grey), hashes=content_hashes(grey))
 
 
-def decode_threads() -> ThreadPoolExecutor:
-    """The threads that prepare an import's new files (Pillow and hashlib release the GIL).
+class _DecodeInThread(Exception):
+    """A small file whose picture is too large to decode outside the importing process's pixel budget."""
 
-    Threads, not processes: measured on 2 shared cores (benchmarks/bench_ingest.py, 3,000 64 px PNGs and 400
-    1000 px JPEGs, 2026-11-30), a pool of forkserver processes imported 30 % fewer small files and 30 % fewer photos a
-    second than these threads, starting it and moving the bytes cost more than the GIL did.
-    """
+
+def _process_slot(pixels: int) -> AbstractContextManager[object]:
+    """A worker process decodes outside the pixel budget, so only pictures that do not need it."""
+    if pixels >= _TRIM_AFTER_PIXELS:
+        raise _DecodeInThread
+    return nullcontext()
+
+
+def prepare_in_process(settings: Settings, name: str, data: bytes, sha: str) -> Prepared | None:
+    """`prepare_file` in a worker process; None when the picture is large (a few kilobytes of PNG can claim 80
+    megapixels): the importing process then decodes it within its pixel budget."""
+    try:
+        return prepare_file(settings, name, data, sha, _process_slot)
+    except _DecodeInThread:
+        return None
+
+
+def decode_processes(files: int | None) -> ProcessPoolExecutor | None:
+    """Worker processes for an import of `files` files, or None: too few files for starting them to pay, one core,
+    or no `forkserver` (Windows). Forkserver workers start from a clean process, not a copy of a web server's threads;
+    like any multiprocessing pool, they import the main module, so a script that imports this many files must keep
+    its top-level work under `if __name__ == "__main__":` (prodcat's own entry points do)."""
+    workers = min(DECODE_PROCESSES, os.cpu_count() or 1)
+    if files is None or files < PROCESS_MIN_FILES or workers < 2:
+        return None
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+
+
+def decode_threads() -> ThreadPoolExecutor:
+    """The threads that prepare an import's new files (Pillow and hashlib release the GIL): every file of a small
+    import, and a large import's large files (`decode_processes` takes its small ones)."""
     return ThreadPoolExecutor(max_workers=min(DECODE_THREADS, os.cpu_count() or 1), thread_name_prefix="ingest")

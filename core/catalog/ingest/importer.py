@@ -1,4 +1,4 @@
-"""The importer: reads candidates in order, decodes, validates and stores new files in threads
+"""The importer: reads candidates in order, decodes, validates and stores new files in threads and worker processes
 (`core.catalog.ingest.decoding`), and writes the rows and labels of many images in one transaction, reporting every
 file as imported, duplicate or refused.
 
@@ -15,7 +15,9 @@ import hashlib
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from sqlalchemy import CursorResult, Table, insert, select, update
@@ -26,7 +28,15 @@ from core.auth import Action, record
 from core.catalog.duplicates import HashArrays, HashIndex, join_group, load_hash_index
 from core.catalog.imaging import ContentHashes
 from core.catalog.ingest.candidates import Candidate, Refuse, Skip, norm_key
-from core.catalog.ingest.decoding import DecodeGate, Prepared, decode_threads, prepare_file
+from core.catalog.ingest.decoding import (
+    PROCESS_FILE_BYTES,
+    DecodeGate,
+    Prepared,
+    decode_processes,
+    decode_threads,
+    prepare_file,
+    prepare_in_process,
+)
 from core.catalog.ingest.labels_csv import LabelsCSV
 from core.catalog.ingest.results import (
     DuplicateItem,
@@ -88,7 +98,8 @@ class _Pending:
     existing: tuple[int, str] | None = None  # a duplicate of an image already in the database
     same_as_in_flight: bool = False  # same bytes as an earlier file of this import not yet written
     data: bytes | None = None  # until submitted; kept for same_as_in_flight (re-done if the earlier copy is refused)
-    future: Future[Prepared] | None = None
+    future: Future[Prepared] | Future[Prepared | None] | None = None
+    in_process: bool = False  # sent to a worker process; `data` is kept until it answers, to be redone here if need be
     size: int = 0  # bytes read, held until the worker thread is done with them
 
 
@@ -188,7 +199,8 @@ def _size(item: _Pending | Skip | RefusedItem) -> int:
 
 class Importer:
     """Runs an import: the main thread reads and hashes files in order and looks them up in the catalogue a group at a
-    time; a few threads (`decode_threads`) decode, validate and store new files, a bounded number at a time; the main
+    time; a few threads (`decode_threads`), and for a large import's small files a few processes (`decode_processes`),
+    decode, validate and store new files, a bounded number at a time; the main
     thread writes the rows of up to BATCH_ROWS images in one transaction, in input order. Memory stays flat whatever
     the number of files and the batch size.
     """
@@ -231,6 +243,7 @@ class Importer:
         self.batch = _Batch()
         self._hash_index: HashIndex | None = None  # loaded at the first new image, appended to as rows go in
         self._unscanned: bool | None = None  # whether any stored image has a dHash but no content hashes yet
+        self.processes: ProcessPoolExecutor | None = None  # for a large import's small files (`decode_processes`)
 
     @property
     def hash_index(self) -> HashIndex:
@@ -290,7 +303,9 @@ class Importer:
     def run(self, items: Iterable[Candidate | Skip | RefusedItem | ZipSource]) -> ImportResult:
         pending: deque[_Pending | Skip | RefusedItem] = deque()
         held = 0  # bytes of the pending files, read and not yet decoded (or kept for a copy)
-        with decode_threads() as pool:
+        processes = decode_processes(self.total)
+        with decode_threads() as pool, processes if processes is not None else nullcontext():
+            self.processes = processes
             try:
                 for group in self._read_groups(self._flatten(items)):
                     self.stored_before = self.find_stored(
@@ -321,7 +336,7 @@ class Importer:
                     prepared = p.future.result()
                 except Exception:  # noqa: S112  # already failing: the first error is the one to report
                     continue
-                if prepared.stored is not None:
+                if prepared is not None and prepared.stored is not None:  # None: a process handed a file back
                     stored.append(prepared.stored)
         self.batch = _Batch()
         self._hash_index = None
@@ -443,11 +458,36 @@ class Importer:
         if p.existing is None:
             self.in_flight.add(p.sha)
             assert p.data is not None  # read without a refusal: its bytes are held until submitted here
+            if self.processes is not None and len(p.data) <= PROCESS_FILE_BYTES:
+                try:
+                    p.future = self.processes.submit(prepare_in_process, self.settings, p.cand.name, p.data, p.sha)
+                    p.in_process = True
+                    return p
+                except BrokenProcessPool:  # a worker process died: the threads take the rest
+                    self.processes = None
             p.future = pool.submit(self.prepare, p.cand.name, p.data, p.sha)
         else:
             p.size = 0
         p.data = None
         return p
+
+    def prepared(self, p: _Pending) -> Prepared:
+        """What became of a submitted file. A worker process hands a large picture back (None) to be decoded here,
+        within the pixel budget; when a worker process died (killed, out of memory), the file is done here and the
+        rest of the import goes to the threads."""
+        assert p.future is not None
+        if not p.in_process:
+            return p.future.result()  # type: ignore[return-value]  # the threads always answer a Prepared
+        try:
+            prepared = p.future.result()
+        except BrokenProcessPool:
+            self.processes = None
+            prepared = None
+        if prepared is None:
+            assert p.data is not None
+            prepared = self.prepare(p.cand.name, p.data, p.sha)
+        p.data = None
+        return prepared
 
     def finish(self, p: _Pending | Skip | RefusedItem) -> None:
         """Put one item's outcome into the batch, in input order (writing the batch when it is full)."""
@@ -471,8 +511,7 @@ class Importer:
             self.add(_Dup(p.cand, p.sha, p.category, p.existing, sku=p.sku))
             return
         else:
-            assert p.future is not None
-            prepared = p.future.result()
+            prepared = self.prepared(p)
         if prepared.refusal is not None:
             self.in_flight.discard(p.sha)
             self.add(RefusedItem(name, prepared.refusal))
