@@ -1040,13 +1040,13 @@ def test_a_file_read_from_disk_is_refused_past_the_size_limit_even_when_it_grows
 # --- worker processes for a large import's small files (core.catalog.ingest.decoding.decode_processes) -----------
 
 
-def _crash_on_named_file(settings, name, data, sha):  # type: ignore[no-untyped-def]
+def _crash_on_named_file(name, data, sha):  # type: ignore[no-untyped-def]
     """Runs in a worker process (imported there by name): the process dies on one file, as one killed would."""
     if name.endswith("crash_here.png"):
         os._exit(1)
     from core.catalog.ingest.decoding import prepare_in_process
 
-    return prepare_in_process(settings, name, data, sha)
+    return prepare_in_process(name, data, sha)
 
 
 @pytest.fixture

@@ -129,16 +129,26 @@ def _process_slot(pixels: int) -> AbstractContextManager[object]:
     return nullcontext()
 
 
-def prepare_in_process(settings: Settings, name: str, data: bytes, sha: str) -> Prepared | None:
+# The import's settings in a worker process (`decode_processes` passes them once, not with every file).
+_worker_settings: Settings | None = None
+
+
+def _start_worker(settings: Settings) -> None:
+    global _worker_settings  # one per worker process, set before its first file
+    _worker_settings = settings
+
+
+def prepare_in_process(name: str, data: bytes, sha: str) -> Prepared | None:
     """`prepare_file` in a worker process; None when the picture is large (a few kilobytes of PNG can claim 80
     megapixels): the importing process then decodes it within its pixel budget."""
+    assert _worker_settings is not None, "a decode_processes() worker"
     try:
-        return prepare_file(settings, name, data, sha, _process_slot)
+        return prepare_file(_worker_settings, name, data, sha, _process_slot)
     except _DecodeInThread:
         return None
 
 
-def decode_processes(files: int | None) -> ProcessPoolExecutor | None:
+def decode_processes(files: int | None, settings: Settings) -> ProcessPoolExecutor | None:
     """Worker processes for an import of `files` files, or None: too few files for starting them to pay, one core,
     or no `forkserver` (Windows). Forkserver workers start from a clean process, not a copy of a web server's threads;
     like any multiprocessing pool, they import the main module, so a script that imports this many files must keep
@@ -148,7 +158,11 @@ def decode_processes(files: int | None) -> ProcessPoolExecutor | None:
         return None
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return None
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+    context = multiprocessing.get_context("forkserver")
+    # Imported once by the fork server (when it starts, on the first large import), not by each worker: the workers
+    # start sooner and share those pages.
+    context.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(settings,))
 
 
 def decode_threads() -> ThreadPoolExecutor:

@@ -303,7 +303,7 @@ class Importer:
     def run(self, items: Iterable[Candidate | Skip | RefusedItem | ZipSource]) -> ImportResult:
         pending: deque[_Pending | Skip | RefusedItem] = deque()
         held = 0  # bytes of the pending files, read and not yet decoded (or kept for a copy)
-        processes = decode_processes(self.total)
+        processes = decode_processes(self.total, self.settings)
         with decode_threads() as pool, processes if processes is not None else nullcontext():
             self.processes = processes
             try:
@@ -460,7 +460,7 @@ class Importer:
             assert p.data is not None  # read without a refusal: its bytes are held until submitted here
             if self.processes is not None and len(p.data) <= PROCESS_FILE_BYTES:
                 try:
-                    p.future = self.processes.submit(prepare_in_process, self.settings, p.cand.name, p.data, p.sha)
+                    p.future = self.processes.submit(prepare_in_process, p.cand.name, p.data, p.sha)
                     p.in_process = True
                     return p
                 except BrokenProcessPool:  # a worker process died: the threads take the rest
