@@ -27,10 +27,10 @@ from core.settings import Settings
 # Threads that decode in the importing process (Pillow and hashlib release the GIL; at most the CPU count).
 DECODE_THREADS = 4
 # Worker processes for a large import's small files (at most the CPU count; none on one core): an import of at least
-# PROCESS_MIN_FILES files sends each file of at most PROCESS_FILE_BYTES there. Measured on 2 cores (docs/benchmarks.md,
-# 2026-12-01), against threads alone: 64 px PNGs 1.2x the files a second at 6,000 files, even at 3,000, 0.75x at
-# 1,000 (starting the workers costs about 0.3 s); 1000 px JPEGs 0.8x (moving 100 KB a photo to another process costs
-# more than the lock does), so they stay in threads.
+# PROCESS_MIN_FILES files sends each file of at most PROCESS_FILE_BYTES there. Measured on 2 cores against threads
+# alone (docs/benchmarks.md, 2026-12-01): 64 px PNGs 1.13-1.25x the files a second at 6,000 files (three runs),
+# 1.01-1.04x at 3,000, 0.74x at 1,000 (starting the workers); 1000 px JPEGs sent there 0.8x (moving 100 KB a photo
+# to another process costs more than the lock does), so they stay in threads.
 DECODE_PROCESSES = 4
 PROCESS_MIN_FILES = 3_000
 PROCESS_FILE_BYTES = 64 * 1024
