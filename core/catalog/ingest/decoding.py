@@ -160,7 +160,8 @@ def decode_processes(files: int | None, settings: Settings) -> ProcessPoolExecut
         return None
     context = multiprocessing.get_context("forkserver")
     # Imported once by the fork server (when it starts, on the first large import), not by each worker: the workers
-    # start sooner and share those pages.
+    # start sooner and share those pages. A process has one fork server, shared with models.distributed's ranks:
+    # whichever starts it decides what it preloads; the other's processes then import their module themselves.
     context.set_forkserver_preload([__name__])
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(settings,))
 
