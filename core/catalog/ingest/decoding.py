@@ -134,7 +134,8 @@ _worker_settings: Settings | None = None
 
 
 def _start_worker(settings: Settings) -> None:
-    global _worker_settings  # one per worker process, set before its first file
+    """A worker process's initializer: the settings every file of the import is prepared with."""
+    global _worker_settings
     _worker_settings = settings
 
 

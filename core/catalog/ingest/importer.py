@@ -200,9 +200,9 @@ def _size(item: _Pending | Skip | RefusedItem) -> int:
 class Importer:
     """Runs an import: the main thread reads and hashes files in order and looks them up in the catalogue a group at a
     time; a few threads (`decode_threads`), and for a large import's small files a few processes (`decode_processes`),
-    decode, validate and store new files, a bounded number at a time; the main
-    thread writes the rows of up to BATCH_ROWS images in one transaction, in input order. Memory stays flat whatever
-    the number of files and the batch size.
+    decode, validate and store new files, a bounded number at a time; the main thread writes the rows of up to
+    BATCH_ROWS images in one transaction, in input order. Memory stays flat whatever the number of files and the batch
+    size.
     """
 
     def __init__(
