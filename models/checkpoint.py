@@ -141,7 +141,8 @@ def _atomic_write(target: Path, write: Any) -> None:
 
 
 def sync_directory(folder: str | os.PathLike[str]) -> None:
-    """fsync a folder, so the renames in it survive a power cut (POSIX; a no-op where folders cannot be opened)."""
+    """fsync a folder, so the renames in it survive a power cut (POSIX; a no-op where folders cannot be opened).
+    `core.durable.sync_directory` is the same for core: the layering lets neither package import the other."""
     try:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
