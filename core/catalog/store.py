@@ -69,6 +69,8 @@ def thumb_rel_path(sha256: str) -> str:
     return f"thumbs/{_shard(sha256)}/{sha256}.jpg"
 
 
+# The temporary files of writes in progress (`core.catalog.filecheck` finds those a killed writer left).
+TEMP_PREFIX = ".tmp-"
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -77,7 +79,7 @@ def _open_temp(path: Path) -> tuple[int, Path]:
     never share one), created with the usual umask-based mode, so a worker or web server running as another user on
     shared storage can read the stored originals and thumbnails. O_TRUNC without O_EXCL: a file of that name can only
     be the leftover of a killed writer that had the same process and thread id, and it is overwritten."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
+    tmp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{path.name}")
     try:
         return os.open(tmp, _TEMP_FLAGS, 0o666), tmp
     except FileNotFoundError:  # first file in this shard: make the folder only then (saves a syscall per file)
@@ -133,11 +135,15 @@ def store_image(
     wrote = _size_of(original) != len(data)
     if wrote:
         _atomic_write(original, data)
+    else:
+        _refresh(original)
     if wrote or _size_of(thumb) is None:
         small = thumbnail if thumbnail is not None else make_thumbnail(decoded.image, settings.thumbnail_size)
         encoded = io.BytesIO()
         small.save(encoded, "JPEG", quality=THUMBNAIL_QUALITY)
         _atomic_write(thumb, encoded.getbuffer())
+    else:
+        _refresh(thumb)
     return StoredFiles(sha, original_rel, thumb_rel, original, thumb, wrote)
 
 
@@ -148,6 +154,15 @@ def flush_stored(settings: Settings, stored: Iterable[StoredFiles]) -> None:
     flushes each batch's files at once here, so a power cut can leave files without rows (importing them again reuses
     them) but never a row whose file lost its bytes. OSError when the disk reports a failed write."""
     sync_files(settings.data_dir, [path for files in stored for path in (files.original, files.thumb)])
+
+
+def _refresh(path: Path) -> None:
+    """Mark a file already there (a stray of a killed import, reused for the same bytes) as just stored, so the file
+    check's grace period keeps it until its row commits. Best effort: the file is still the right one."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _size_of(path: Path) -> int | None:

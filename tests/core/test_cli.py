@@ -185,6 +185,7 @@ def test_every_data_command_has_help(db: Database) -> None:
         ("categories", "delete"),
         ("images",),
         ("images", "delete"),
+        ("images", "check-files"),
         ("export",),
         ("export", "labels"),
         ("export", "imagefolder"),
