@@ -77,10 +77,9 @@ def check_files(db: Database, *, grace_seconds: float = GRACE_SECONDS) -> FileCh
     cutoff = time.time() - grace_seconds
     strays: list[str] = []
     leftovers: list[str] = []
-    recent = files = 0
+    recent = 0
     seen: set[str] = set()
     for rel, mtime in _files(root):
-        files += 1
         seen.add(rel)
         if rel in named:
             continue
@@ -96,7 +95,7 @@ def check_files(db: Database, *, grace_seconds: float = GRACE_SECONDS) -> FileCh
         for index, path in enumerate((original, thumb))
         if path not in seen and not (root / path).is_file()  # a row may name a file outside images/ and thumbs/
     ]
-    return FileCheck(tuple(missing), tuple(sorted(strays)), tuple(sorted(leftovers)), recent, files, len(rows))
+    return FileCheck(tuple(missing), tuple(sorted(strays)), tuple(sorted(leftovers)), recent, len(seen), len(rows))
 
 
 def remove_strays(db: Database, found: FileCheck, *, actor: str) -> int:

@@ -96,7 +96,7 @@ def read_file(path: Path, max_bytes: int) -> bytes:
         raise Refuse(f"cannot be read ({exc.strerror or exc})") from exc
     if total > max_bytes:
         raise Refuse(f"file is more than {max_bytes:,} bytes, larger than the limit (it grew while being read)")
-    return chunks[0] if len(chunks) <= 2 else b"".join(chunks)
+    return chunks[0] if len(chunks) <= 2 else b"".join(chunks)  # [data, b""] for a whole read: no copy
 
 
 def peek(path: Path) -> bytes:

@@ -122,9 +122,13 @@ class _DecodeInThread(Exception):
     """A small file whose picture is too large to decode outside the importing process's pixel budget."""
 
 
+# A worker process decodes outside the pixel budget: pictures this large go back to the importing process.
+PROCESS_MAX_PIXELS = _TRIM_AFTER_PIXELS
+
+
 def _process_slot(pixels: int) -> AbstractContextManager[object]:
     """A worker process decodes outside the pixel budget, so only pictures that do not need it."""
-    if pixels >= _TRIM_AFTER_PIXELS:
+    if pixels >= PROCESS_MAX_PIXELS:
         raise _DecodeInThread
     return nullcontext()
 
