@@ -102,6 +102,8 @@ def _status_kib(field: str) -> int:
 def child(spec: dict[str, object]) -> dict[str, object]:
     """Import spec["files"] with the code under spec["code"] into a fresh data directory; returns the figures."""
     sys.path.insert(0, str(spec["code"]))
+    # The fork server of the worker processes is a fresh interpreter that finds `core` from its working directory.
+    os.chdir(str(spec["code"]))
     os.environ["PRODCAT_DATA_DIR"] = str(spec["data"])
     os.environ["PRODCAT_AUTH"] = "none"  # a benchmark acts alone: no sign-in
     if spec.get("database_url"):

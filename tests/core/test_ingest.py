@@ -19,7 +19,7 @@ from core.catalog.splits import split_for_hash
 from core.db import Database
 from core.errors import ProdcatError
 from core.schema import AuditEvent, Category, Image, Label, LabelEvent
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 from tests.core import badfiles
 from tests.imagegen import CATEGORY_COLOURS, image_bytes, write_image_folder
 
@@ -647,8 +647,6 @@ def test_a_near_duplicate_joins_the_split_of_the_picture_it_copies(db: Database)
 
 def _other_db(tmp_path: Path, name: str = "other-data") -> Database:
     """A second catalogue (its own data folder and SQLite file), as on another machine."""
-    from core.settings import Settings
-
     # database_url=None: a SQLite file in that folder even while this test runs on PostgreSQL.
     return core_db.open_database(Settings(data_dir=tmp_path / name, database_url=None))
 
@@ -984,7 +982,7 @@ import os, threading, time
 from pathlib import Path
 from core.db import open_database
 from core.catalog.ingest import import_paths
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 
 def resident():
     with open("/proc/self/statm") as fh:
@@ -1040,28 +1038,34 @@ def test_a_file_read_from_disk_is_refused_past_the_size_limit_even_when_it_grows
 # --- worker processes for a large import's small files (core.catalog.ingest.decoding.decode_processes) -----------
 
 
-def _crash_on_named_file(name, data, sha):  # type: ignore[no-untyped-def]
+def _crash_on_named_file(files):  # type: ignore[no-untyped-def]
     """Runs in a worker process (imported there by name): the process dies on one file, as one killed would."""
-    if name.endswith("crash_here.png"):
+    if any(name.endswith("crash_here.png") for name, _, _ in files):
         os._exit(1)
     from core.catalog.ingest.decoding import prepare_in_process
 
-    return prepare_in_process(name, data, sha)
+    return prepare_in_process(files)
 
 
 @pytest.fixture
 def process_spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
-    """Imports of 8 files or more use worker processes; records which files went there and which this process
-    prepared itself (the threads, or a file handed back)."""
+    """Imports of 8 files or more use worker processes, sent 4 files at a time, once they are up (waited for here);
+    records which files went there and which this process prepared itself (the threads, or a file handed back)."""
     import core.catalog.ingest.decoding as decoding
     import core.catalog.ingest.importer as importer
 
     monkeypatch.setattr(decoding, "PROCESS_MIN_FILES", 8)
+    monkeypatch.setattr(importer, "PROCESS_CHUNK_FILES", 4)
     seen: dict[str, list[str]] = {"in_process": [], "here": []}
     prepared, prepare = importer.Importer.prepared, importer.Importer.prepare
 
+    def started(files: int | None, settings: Settings) -> decoding.WorkerProcesses | None:
+        processes = decoding.decode_processes(files, settings)
+        assert processes is not None and processes.up.wait(60) and processes.ready()
+        return processes
+
     def spy_prepared(self, p):  # type: ignore[no-untyped-def]
-        if p.in_process:
+        if p.chunk is not None:
             seen["in_process"].append(p.cand.name)
         return prepared(self, p)
 
@@ -1069,6 +1073,7 @@ def process_spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
         seen["here"].append(name)
         return prepare(self, name, data, sha)
 
+    monkeypatch.setattr(importer, "decode_processes", started)
     monkeypatch.setattr(importer.Importer, "prepared", spy_prepared)
     monkeypatch.setattr(importer.Importer, "prepare", spy_prepare)
     return seen
@@ -1137,9 +1142,91 @@ def test_an_import_whose_worker_process_dies_finishes_in_threads_and_loses_nothi
     result = import_paths(db, [root], labels_from_folders=True, actor="ana")
     assert len(result.imported) == 5 * len(CATEGORY_COLOURS) + 1 and not result.refused
     assert "photos/Bags/crash_here.png" in process_spy["here"]  # redone here after its worker died
-    assert len(process_spy["here"]) > 1  # and the files after it were prepared by the threads
+    # and every file after it too: those in flight to the workers when it died, and the rest by the threads
+    names = [item.name for item in result.imported]
+    assert set(names[names.index("photos/Bags/crash_here.png") :]) <= set(process_spy["here"])
     with db.read() as session:
         assert session.scalar(select(func.count()).select_from(Image)) == 5 * len(CATEGORY_COLOURS) + 1
         stored = session.scalars(select(Image.stored_path)).all()
     assert all((db.settings.data_dir / path).stat().st_size > 0 for path in stored)
     assert db.integrity_ok()
+
+
+def _fail_on_named_file(files):  # type: ignore[no-untyped-def]
+    """Runs in a worker process: preparing one file raises an unexpected error (a bug), the files beside it in its
+    chunk are prepared and stored."""
+    from core.catalog.ingest import decoding
+
+    real = decoding.prepare_file
+
+    def failing(settings, name, data, sha, slot=None):  # type: ignore[no-untyped-def]
+        if name.endswith("fail_here.png"):
+            raise RuntimeError(f"a bug while preparing {name}")
+        return real(settings, name, data, sha, slot)
+
+    decoding.prepare_file = failing  # type: ignore[assignment]
+    try:
+        return decoding.prepare_in_process(files)
+    finally:
+        decoding.prepare_file = real  # type: ignore[assignment]
+
+
+def test_an_unexpected_error_in_a_worker_process_fails_the_import_without_files_left_behind(
+    db: Database, tmp_path: Path, process_spy: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.catalog.ingest.importer as importer
+    from core.catalog.filecheck import check_files
+
+    monkeypatch.setattr(importer, "prepare_in_process", _fail_on_named_file)
+    monkeypatch.setattr(importer, "BATCH_ROWS", 4)  # batches before the failing file are committed
+    root = write_image_folder(tmp_path / "photos", per_category=4, size=40)
+    first, second = sorted(CATEGORY_COLOURS)[:2]
+    # Files go out 4 at a time in name order: the first folder's 4 files (a batch of 4 rows, committed), then the
+    # second folder's _0, this file, and _1 and _2, which its worker prepares and stores after it.
+    (root / second / f"{second.lower()}_0a_fail_here.png").write_bytes(image_bytes(second, 99, size=40))
+    with pytest.raises(RuntimeError, match=r"a bug while preparing .*_0a_fail_here\.png"):
+        import_paths(db, [root], labels_from_folders=True, actor="ana")
+    with db.read() as session:
+        names = session.scalars(select(Image.original_name)).all()
+    assert sorted(names) == [f"photos/{first}/{first.lower()}_{i}.png" for i in range(4)]
+    # What the failing file's chunk and the files after it stored was removed; the committed rows keep their files.
+    found = check_files(db, grace_seconds=0)
+    assert (found.missing, found.strays, found.leftovers) == ((), (), ())
+    assert found.rows == 4
+    assert db.integrity_ok()
+
+
+def test_an_import_does_not_wait_for_its_worker_processes_to_start(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import core.catalog.ingest.decoding as decoding
+    import core.catalog.ingest.importer as importer
+
+    monkeypatch.setattr(decoding, "PROCESS_MIN_FILES", 8)
+    release = threading.Event()
+    start = decoding.WorkerProcesses._start
+
+    def slow_start(self: decoding.WorkerProcesses) -> None:
+        release.wait(60)  # as if the fork server were still importing its modules
+        start(self)
+
+    monkeypatch.setattr(decoding.WorkerProcesses, "_start", slow_start)
+    here: list[str] = []
+    prepare = importer.Importer.prepare
+
+    def spy_prepare(self, name, data, sha):  # type: ignore[no-untyped-def]
+        here.append(name)
+        return prepare(self, name, data, sha)
+
+    monkeypatch.setattr(importer.Importer, "prepare", spy_prepare)
+
+    def progress(done: int, total: int | None, name: str) -> None:
+        if done == total:  # every file reported: the workers may come up now
+            release.set()
+
+    root = write_image_folder(tmp_path / "photos", per_category=3, size=40)
+    result = import_paths(db, [root], labels_from_folders=True, actor="ana", progress=progress)
+    assert len(result.imported) == 3 * len(CATEGORY_COLOURS) and not result.refused
+    assert sorted(here) == sorted(item.name for item in result.imported)  # all prepared by the threads meanwhile

@@ -15,7 +15,7 @@ import hashlib
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,9 +29,12 @@ from core.catalog.duplicates import HashArrays, HashIndex, join_group, load_hash
 from core.catalog.imaging import ContentHashes
 from core.catalog.ingest.candidates import Candidate, Refuse, Skip, norm_key
 from core.catalog.ingest.decoding import (
+    PROCESS_CHUNK_FILES,
     PROCESS_FILE_BYTES,
     DecodeGate,
     Prepared,
+    ProcessResult,
+    WorkerProcesses,
     decode_processes,
     decode_threads,
     prepare_file,
@@ -98,9 +101,19 @@ class _Pending:
     existing: tuple[int, str] | None = None  # a duplicate of an image already in the database
     same_as_in_flight: bool = False  # same bytes as an earlier file of this import not yet written
     data: bytes | None = None  # until submitted; kept for same_as_in_flight (re-done if the earlier copy is refused)
-    future: Future[Prepared] | Future[Prepared | None] | None = None
-    in_process: bool = False  # sent to a worker process; `data` is kept until it answers, to be redone here if need be
+    future: Future[Prepared] | None = None  # a decode thread's
+    chunk: _Chunk | None = None  # for a worker process, with `data` kept until it answers, to be redone here if need be
+    slot: int = 0  # this file's place in its chunk
     size: int = 0  # bytes read, held until the worker thread is done with them
+
+
+@dataclass
+class _Chunk:
+    """Small files sent to a worker process in one call (`decoding.PROCESS_CHUNK_FILES`), once it is full or one of
+    its files is needed."""
+
+    files: list[_Pending] = field(default_factory=list)
+    future: Future[list[ProcessResult]] | None = None
 
 
 @dataclass
@@ -243,7 +256,9 @@ class Importer:
         self.batch = _Batch()
         self._hash_index: HashIndex | None = None  # loaded at the first new image, appended to as rows go in
         self._unscanned: bool | None = None  # whether any stored image has a dHash but no content hashes yet
-        self.processes: ProcessPoolExecutor | None = None  # for a large import's small files (`decode_processes`)
+        self.processes: WorkerProcesses | None = None  # for a large import's small files (`decode_processes`)
+        self.chunk = _Chunk()  # small files not yet sent to a worker process
+        self.threads: ThreadPoolExecutor | None = None  # the decode threads, while `run` runs
 
     @property
     def hash_index(self) -> HashIndex:
@@ -305,14 +320,14 @@ class Importer:
         held = 0  # bytes of the pending files, read and not yet decoded (or kept for a copy)
         processes = decode_processes(self.total, self.settings)
         with decode_threads() as pool, processes if processes is not None else nullcontext():
-            self.processes = processes
+            self.processes, self.threads = processes, pool
             try:
                 for group in self._read_groups(self._flatten(items)):
                     self.stored_before = self.find_stored(
                         p.sha for p in group if isinstance(p, _Pending) and p.sha and p.sha not in self.seen
                     )
                     for item in group:
-                        pending.append(self.start(item, pool) if isinstance(item, _Pending) else item)
+                        pending.append(self.start(item) if isinstance(item, _Pending) else item)
                         held += _size(pending[-1])
                         while len(pending) > READ_AHEAD_FILES or (len(pending) > 1 and held > READ_AHEAD_BYTES):
                             held -= _size(pending[0])
@@ -331,13 +346,18 @@ class Importer:
         batch and the files in flight stored (they have no rows)."""
         stored = [n.prepared.stored for n in self.batch.items if isinstance(n, _New) and n.prepared.stored]
         for p in pending:
-            if isinstance(p, _Pending) and p.future is not None and not p.future.cancel():
-                try:
-                    prepared = p.future.result()
-                except Exception:  # noqa: S112  # already failing: the first error is the one to report
-                    continue
-                if prepared is not None and prepared.stored is not None:  # None: a process handed a file back
-                    stored.append(prepared.stored)
+            if not isinstance(p, _Pending):
+                continue
+            future = p.chunk.future if p.chunk is not None else p.future
+            if future is None or future.cancel():  # never sent, or cancelled before it started: nothing stored
+                continue
+            try:
+                done = future.result()
+            except Exception:  # noqa: S112  # already failing: the first error is the one to report
+                continue
+            prepared = done[p.slot] if isinstance(done, list) else done
+            if isinstance(prepared, Prepared) and prepared.stored is not None:  # None: a process handed a file back
+                stored.append(prepared.stored)
         self.batch = _Batch()
         self._hash_index = None
         self.discard(stored)
@@ -440,7 +460,7 @@ class Importer:
         """`prepare_file` within this import's pixel budget (runs in a decode thread; touches no database)."""
         return prepare_file(self.settings, name, data, sha, self.decode_gate.slot)
 
-    def start(self, p: _Pending, pool: ThreadPoolExecutor) -> _Pending:
+    def start(self, p: _Pending) -> _Pending:
         """Decide what a read file needs (its group already looked up): nothing, or decoding on the pool."""
         if p.refusal is not None:
             return p
@@ -458,31 +478,53 @@ class Importer:
         if p.existing is None:
             self.in_flight.add(p.sha)
             assert p.data is not None  # read without a refusal: its bytes are held until submitted here
-            if self.processes is not None and len(p.data) <= PROCESS_FILE_BYTES:
-                try:
-                    p.future = self.processes.submit(prepare_in_process, p.cand.name, p.data, p.sha)
-                    p.in_process = True
-                    return p
-                except BrokenProcessPool:  # a worker process died: the threads take the rest
-                    self.processes = None
-            p.future = pool.submit(self.prepare, p.cand.name, p.data, p.sha)
+            if self.processes is not None and self.processes.ready() and len(p.data) <= PROCESS_FILE_BYTES:
+                p.chunk, p.slot = self.chunk, len(self.chunk.files)
+                self.chunk.files.append(p)
+                if len(self.chunk.files) >= PROCESS_CHUNK_FILES:
+                    self.send_chunk()
+                return p
+            self.submit_to_thread(p)
         else:
             p.size = 0
-        p.data = None
+            p.data = None
         return p
+
+    def submit_to_thread(self, p: _Pending) -> None:
+        assert self.threads is not None and p.data is not None
+        p.chunk, p.future = None, self.threads.submit(self.prepare, p.cand.name, p.data, p.sha)
+        p.data = None
+
+    def send_chunk(self) -> None:
+        """Send the small files gathered so far to a worker process; to the threads once one has died."""
+        chunk, self.chunk = self.chunk, _Chunk()
+        if self.processes is not None:
+            files = [(p.cand.name, p.data, p.sha) for p in chunk.files]
+            try:
+                chunk.future = self.processes.submit(prepare_in_process, files)
+                return
+            except BrokenProcessPool:  # a worker process died: the threads take the rest
+                self.processes = None
+        for p in chunk.files:
+            self.submit_to_thread(p)
 
     def prepared(self, p: _Pending) -> Prepared:
         """What became of a submitted file. A worker process hands a large picture back (None) to be decoded here,
         within the pixel budget; when a worker process died (killed, out of memory), the file is done here and the
         rest of the import goes to the threads."""
-        assert p.future is not None
-        if not p.in_process:
-            return p.future.result()  # type: ignore[return-value]  # the threads always answer a Prepared
+        if p.chunk is not None and p.chunk.future is None:
+            self.send_chunk()  # the file is needed now: its chunk goes as it is
+        if p.chunk is None:  # a thread's
+            assert p.future is not None
+            return p.future.result()
+        assert p.chunk.future is not None
         try:
-            prepared = p.future.result()
+            prepared = p.chunk.future.result()[p.slot]
         except BrokenProcessPool:
             self.processes = None
             prepared = None
+        if isinstance(prepared, Exception):
+            raise prepared
         if prepared is None:
             assert p.data is not None
             prepared = self.prepare(p.cand.name, p.data, p.sha)
