@@ -86,6 +86,15 @@ def test_sign_in_checks_the_password_and_the_session_ends_when_the_account_is_di
         auth.authorize(accounts, "lea", auth.Action.LABEL)
 
 
+def test_a_sign_in_for_an_unknown_name_costs_a_full_password_check_and_signs_nobody_in(accounts: Database) -> None:
+    # The written-out hash that unknown names are checked against has the hasher's own parameters (a library whose
+    # defaults changed would make unknown names answer faster than real ones), and its password opens nothing.
+    assert not auth._HASHER.check_needs_rehash(auth._DUMMY_HASH)
+    assert auth._HASHER.verify(auth._DUMMY_HASH, "not-a-password-of-anyone")
+    with pytest.raises(auth.SignInRefused, match="wrong name or password"):
+        auth.sign_in(accounts, "nobody", "not-a-password-of-anyone")
+
+
 def test_repeated_failures_lock_the_name_out_even_with_the_right_password(accounts: Database) -> None:
     for _ in range(accounts.settings.login_max_failures):
         with pytest.raises(auth.SignInRefused, match="wrong name or password"):
