@@ -1152,6 +1152,28 @@ def test_an_import_whose_worker_process_dies_finishes_in_threads_and_loses_nothi
     assert db.integrity_ok()
 
 
+def test_worker_processes_never_run_the_programs_main_module(
+    db: Database, tmp_path: Path, process_spy: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    import types
+
+    # Streamlit installs the page being shown as `__main__` while it runs; multiprocessing runs the main module again
+    # in each new process, so each worker of an upload would have run the page.
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    page = tmp_path / "page.py"
+    page.write_text(f"import os\nopen(os.path.join({str(ran)!r}, str(os.getpid())), 'w').close()\n")
+    main = types.ModuleType("__main__")
+    main.__file__ = str(page)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    root = write_image_folder(tmp_path / "photos", per_category=4, size=40)
+    result = import_paths(db, [root], labels_from_folders=True, actor="ana")
+    assert len(result.imported) == 4 * len(CATEGORY_COLOURS) and not result.refused
+    assert len(process_spy["in_process"]) == 4 * len(CATEGORY_COLOURS)  # the workers did the work
+    assert list(ran.iterdir()) == []  # and none of them ran the page
+
+
 def _fail_on_named_file(files):  # type: ignore[no-untyped-def]
     """Runs in a worker process: preparing one file raises an unexpected error (a bug), the files beside it in its
     chunk are prepared and stored."""

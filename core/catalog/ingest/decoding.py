@@ -12,6 +12,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import multiprocessing
+import multiprocessing.context
+import multiprocessing.popen_forkserver
+import multiprocessing.spawn
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -29,11 +32,12 @@ from core.settings import Settings
 DECODE_THREADS = 4
 # Worker processes for a large import's small files (at most the CPU count; none on one core): an import of at least
 # PROCESS_MIN_FILES files sends each file of at most PROCESS_FILE_BYTES there. Measured on 2 cores against threads
-# alone (docs/benchmarks.md, 2026-12-01): 64 px PNGs 1.13-1.25x the files a second at 6,000 files (three runs),
-# 1.01-1.04x at 3,000, 0.74x at 1,000 (starting the workers); 1000 px JPEGs sent there 0.8x (moving 100 KB a photo
-# to another process costs more than the lock does), so they stay in threads.
+# alone (docs/benchmarks.md, 2026-12-01), with the workers started in the background and sent 16 files a call: 64 px
+# PNGs 1.1-1.2x the files a second at 1,000 files, 1.35x at 2,000, about even at 600 and 0.6x at 300 (an import
+# ends by waiting for its workers to have started); 1000 px JPEGs sent there 0.8x (moving 100 KB a photo to another
+# process costs more than the lock does), so they stay in threads.
 DECODE_PROCESSES = 4
-PROCESS_MIN_FILES = 3_000
+PROCESS_MIN_FILES = 1_000
 PROCESS_FILE_BYTES = 64 * 1024
 # Small files travel to a worker process this many at a time. Sent one a call, the workers waited for work about
 # 60 % of the time (py-spy, 6,000 small PNGs on 2 cores): every call and every answer passes through the pool's own
@@ -209,17 +213,52 @@ class WorkerProcesses:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
+# Set while this thread starts one of our worker processes (`_WorkerProcess`).
+_starting_worker = threading.local()
+_get_preparation_data = multiprocessing.spawn.get_preparation_data
+
+
+def _preparation_data(name: str) -> dict[str, Any]:
+    """multiprocessing's description of a new process, without the main module for our workers (below)."""
+    data: dict[str, Any] = _get_preparation_data(name)
+    if getattr(_starting_worker, "active", False):
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+    return data
+
+
+multiprocessing.spawn.get_preparation_data = _preparation_data  # unchanged for every other process
+
+
+class _WorkerProcess(multiprocessing.context.ForkServerProcess):
+    """A worker process that does not run the importing program's main module again. multiprocessing runs it in every
+    new process (as `__mp_main__`), for functions defined there; ours are all in modules. In a Streamlit server the
+    main module is the page being shown (Streamlit installs each page as `__main__` while it runs): each worker of an
+    upload would run the page once more, and a script without an `if __name__ == "__main__":` guard its own import."""
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:  # multiprocessing's name
+        _starting_worker.active = True
+        try:
+            return multiprocessing.popen_forkserver.Popen(process_obj)
+        finally:
+            _starting_worker.active = False
+
+
+class _WorkerContext(multiprocessing.context.ForkServerContext):
+    Process = _WorkerProcess
+
+
 def decode_processes(files: int | None, settings: Settings) -> WorkerProcesses | None:
     """Worker processes for an import of `files` files, or None: too few files for starting them to pay, one core,
-    or no `forkserver` (Windows). Forkserver workers start from a clean process, not a copy of a web server's threads;
-    like any multiprocessing pool, they import the main module, so a script that imports this many files must keep
-    its top-level work under `if __name__ == "__main__":` (prodcat's own entry points do)."""
+    or no `forkserver` (Windows). Forkserver workers start from a clean process, not a copy of a web server's threads,
+    and never run the program's main module (`_WorkerProcess`)."""
     workers = min(DECODE_PROCESSES, os.cpu_count() or 1)
     if files is None or files < PROCESS_MIN_FILES or workers < 2:
         return None
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return None
-    context = multiprocessing.get_context("forkserver")
+    context = _WorkerContext()
     # Imported once by the fork server (when it starts, on the first large import), not by each worker: the workers
     # start sooner and share those pages. A process has one fork server, shared with models.distributed's ranks:
     # whichever starts it decides what it preloads; the other's processes then import their module themselves.
