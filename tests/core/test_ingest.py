@@ -1056,10 +1056,11 @@ def process_spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
 
     monkeypatch.setattr(decoding, "PROCESS_MIN_FILES", 8)
     monkeypatch.setattr(importer, "PROCESS_CHUNK_FILES", 4)
-    seen: dict[str, list[str]] = {"in_process": [], "here": []}
+    seen: dict[str, list[str]] = {"in_process": [], "here": [], "started": []}
     prepared, prepare = importer.Importer.prepared, importer.Importer.prepare
 
     def started(files: int | None, settings: Settings) -> decoding.WorkerProcesses | None:
+        seen["started"].append(str(files))
         processes = decoding.decode_processes(files, settings)
         assert processes is not None and processes.up.wait(60) and processes.ready()
         return processes
@@ -1151,6 +1152,19 @@ def test_an_import_whose_worker_process_dies_finishes_in_threads_and_loses_nothi
     assert all((db.settings.data_dir / path).stat().st_size > 0 for path in stored)
     assert db.integrity_ok()
 
+
+def test_an_import_of_large_files_only_starts_no_worker_processes(
+    db: Database, tmp_path: Path, process_spy: dict[str, list[str]]
+) -> None:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos" / "Bags"
+    folder.mkdir(parents=True)
+    for i in range(10):  # noise compresses badly: each PNG is larger than what goes to a worker process
+        PILImage.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)).save(folder / f"photo_{i}.png")
+        assert (folder / f"photo_{i}.png").stat().st_size > 64 * 1024
+    result = import_paths(db, [tmp_path / "photos"], labels_from_folders=True, actor="ana")
+    assert len(result.imported) == 10 and not result.refused
+    assert process_spy["started"] == [] and len(process_spy["here"]) == 10  # all in threads, no processes started
 
 def test_worker_processes_never_run_the_programs_main_module(
     db: Database, tmp_path: Path, process_spy: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from sqlalchemy import CursorResult, Table, insert, select, update
@@ -256,7 +256,9 @@ class Importer:
         self.batch = _Batch()
         self._hash_index: HashIndex | None = None  # loaded at the first new image, appended to as rows go in
         self._unscanned: bool | None = None  # whether any stored image has a dHash but no content hashes yet
-        self.processes: WorkerProcesses | None = None  # for a large import's small files (`decode_processes`)
+        self.processes: WorkerProcesses | None = None  # for a large import's small files (`worker_processes`)
+        self.processes_asked = False
+        self.workers_stop = ExitStack()  # stops the worker processes at the end of `run`
         self.chunk = _Chunk()  # small files not yet sent to a worker process
         self.threads: ThreadPoolExecutor | None = None  # the decode threads, while `run` runs
 
@@ -318,9 +320,8 @@ class Importer:
     def run(self, items: Iterable[Candidate | Skip | RefusedItem | ZipSource]) -> ImportResult:
         pending: deque[_Pending | Skip | RefusedItem] = deque()
         held = 0  # bytes of the pending files, read and not yet decoded (or kept for a copy)
-        processes = decode_processes(self.total, self.settings)
-        with decode_threads() as pool, processes if processes is not None else nullcontext():
-            self.processes, self.threads = processes, pool
+        with decode_threads() as pool, ExitStack() as self.workers_stop:
+            self.threads = pool
             try:
                 for group in self._read_groups(self._flatten(items)):
                     self.stored_before = self.find_stored(
@@ -478,7 +479,7 @@ class Importer:
         if p.existing is None:
             self.in_flight.add(p.sha)
             assert p.data is not None  # read without a refusal: its bytes are held until submitted here
-            if self.processes is not None and self.processes.ready() and len(p.data) <= PROCESS_FILE_BYTES:
+            if len(p.data) <= PROCESS_FILE_BYTES and self.worker_processes() is not None:
                 p.chunk, p.slot = self.chunk, len(self.chunk.files)
                 self.chunk.files.append(p)
                 if len(self.chunk.files) >= PROCESS_CHUNK_FILES:
@@ -489,6 +490,16 @@ class Importer:
             p.size = 0
             p.data = None
         return p
+
+    def worker_processes(self) -> WorkerProcesses | None:
+        """The worker processes for small files, started at the import's first small new file (an import of photos
+        never starts them; `decode_processes` decides whether the import is large enough); None until they are up."""
+        if not self.processes_asked:
+            self.processes_asked = True
+            self.processes = decode_processes(self.total, self.settings)
+            if self.processes is not None:
+                self.workers_stop.enter_context(self.processes)
+        return self.processes if self.processes is not None and self.processes.ready() else None
 
     def submit_to_thread(self, p: _Pending) -> None:
         assert self.threads is not None and p.data is not None
