@@ -1166,6 +1166,7 @@ def test_an_import_of_large_files_only_starts_no_worker_processes(
     assert len(result.imported) == 10 and not result.refused
     assert process_spy["started"] == [] and len(process_spy["here"]) == 10  # all in threads, no processes started
 
+
 def test_worker_processes_never_run_the_programs_main_module(
     db: Database, tmp_path: Path, process_spy: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
