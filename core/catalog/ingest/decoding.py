@@ -13,10 +13,11 @@ import ctypes
 import ctypes.util
 import multiprocessing
 import multiprocessing.context
-import multiprocessing.popen_forkserver
 import multiprocessing.spawn
 import os
+import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -168,7 +169,8 @@ def prepare_in_process(files: Sequence[tuple[str, bytes, str]]) -> list[ProcessR
             results.append(prepare_file(_worker_settings, name, data, sha, _process_slot))
         except _DecodeInThread:
             results.append(None)
-        except Exception as exc:  # handed back in its place, raised there
+        except Exception as exc:  # handed back in its place, raised there with where it happened
+            exc.add_note("".join(traceback.format_exception(exc)).rstrip() + "\n(in an import worker process)")
             results.append(exc)
     return results
 
@@ -230,23 +232,27 @@ def _preparation_data(name: str) -> dict[str, Any]:
 multiprocessing.spawn.get_preparation_data = _preparation_data  # unchanged for every other process
 
 
-class _WorkerProcess(multiprocessing.context.ForkServerProcess):
-    """A worker process that does not run the importing program's main module again. multiprocessing runs it in every
-    new process (as `__mp_main__`), for functions defined there; ours are all in modules. In a Streamlit server the
-    main module is the page being shown (Streamlit installs each page as `__main__` while it runs): each worker of an
-    upload would run the page once more, and a script without an `if __name__ == "__main__":` guard its own import."""
+if sys.platform != "win32":  # no fork server there, so no worker processes (`decode_processes`)
 
-    @staticmethod
-    def _Popen(process_obj: Any) -> Any:  # multiprocessing's name
-        _starting_worker.active = True
-        try:
-            return multiprocessing.popen_forkserver.Popen(process_obj)
-        finally:
-            _starting_worker.active = False
+    class _WorkerProcess(multiprocessing.context.ForkServerProcess):
+        """A worker process that does not run the importing program's main module again. multiprocessing runs it in
+        every new process (as `__mp_main__`), for functions defined there; ours are all in modules. In a Streamlit
+        server the main module is the page being shown (Streamlit installs each page as `__main__` while it runs):
+        each worker of an upload would run the page once more, and a script without an `if __name__ == "__main__":`
+        guard its own import."""
 
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:  # multiprocessing's name
+            from multiprocessing.popen_forkserver import Popen
 
-class _WorkerContext(multiprocessing.context.ForkServerContext):
-    Process = _WorkerProcess
+            _starting_worker.active = True
+            try:
+                return Popen(process_obj)
+            finally:
+                _starting_worker.active = False
+
+    class _WorkerContext(multiprocessing.context.ForkServerContext):
+        Process = _WorkerProcess
 
 
 def decode_processes(files: int | None, settings: Settings) -> WorkerProcesses | None:
@@ -256,7 +262,7 @@ def decode_processes(files: int | None, settings: Settings) -> WorkerProcesses |
     workers = min(DECODE_PROCESSES, os.cpu_count() or 1)
     if files is None or files < PROCESS_MIN_FILES or workers < 2:
         return None
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    if sys.platform == "win32" or "forkserver" not in multiprocessing.get_all_start_methods():
         return None
     context = _WorkerContext()
     # Imported once by the fork server (when it starts, on the first large import), not by each worker: the workers
