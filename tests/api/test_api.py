@@ -171,7 +171,8 @@ def test_each_role_reads_and_predicts_and_only_labeller_and_up_import(api: Api, 
         assert _image_count(api.db) == before + 1
         # The audit actor is the token, never free text.
         with api.db.read() as session:
-            assert session.get(Image, item["image_id"]).uploaded_by == f"token:{role}-system"
+            image = session.get(Image, item["image_id"])
+            assert image is not None and image.uploaded_by == f"token:{role}-system"
 
 
 def test_missing_wrong_and_revoked_tokens_are_refused_with_401_naming_the_problem(api: Api) -> None:
@@ -281,11 +282,13 @@ def test_fuzzing_the_openapi_document_finds_no_server_error(api: Api) -> None:
     import hypothesis.errors
     import schemathesis
     from schemathesis import GenerationMode
+    from schemathesis.core.result import Ok
 
     schema = schemathesis.openapi.from_url(api.url("/openapi.json"))
     headers = api.auth("admin")
     seen: list[tuple[str, int]] = []
     for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result.err()
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 

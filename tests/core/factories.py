@@ -390,7 +390,7 @@ def _insert_populated(
     db: Database,
     splits: np.ndarray,
     labels: np.ndarray,
-    probs: np.ndarray,
+    probs: np.ndarray | None,
     category_ids: dict[str, int],
     names: list[str],
     *,

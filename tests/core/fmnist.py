@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -12,8 +13,11 @@ from core import db as core_db
 from core.db import Database
 from core.settings import get_settings
 
+if TYPE_CHECKING:
+    from core.catalog.demo import FashionMNIST
 
-def fashion_mnist() -> tuple[object, object]:
+
+def fashion_mnist() -> tuple[FashionMNIST, FashionMNIST]:
     from core.catalog.demo import load_fashion_mnist, local_dir, local_files_present
 
     if not local_files_present():

@@ -67,6 +67,7 @@ def test_a_deleted_database_is_refused_and_no_empty_one_is_created(db: core_db.D
     add_category(db, "Shoes", actor="ana")
     keep_files(settings)
     catalogue = recorded_id(settings)
+    assert catalogue is not None
     if identity_file == "from before ids":
         (settings.data_dir / IDENTITY_FILE).unlink()
     remove_database(settings)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import typer
 from sqlalchemy import select
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 import core.cli  # noqa: F401  (registers every command module on the app)
 from core.cli.app import app
@@ -24,12 +24,12 @@ REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 
-def cli(*args: str) -> object:
+def cli(*args: str | Path | int) -> Result:
     """Run one command in-process; returns click's Result (exit_code, stdout, stderr, output)."""
     return runner.invoke(app, [str(a) for a in args])
 
 
-def run_json(*args: str) -> object:
+def run_json(*args: str | Path | int) -> Any:
     result = cli(*args, "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
@@ -290,7 +290,9 @@ def test_images_delete_removes_rows_and_files_with_an_audit_row(imported: Databa
     from core.schema import Image, ImageEvent
 
     with imported.read() as session:
-        stored = imported.settings.data_dir / session.get(Image, 2).stored_path
+        image = session.get(Image, 2)
+        assert image is not None
+        stored = imported.settings.data_dir / image.stored_path
     assert stored.is_file()
     missing = cli("images", "delete", "2", "999")
     assert missing.exit_code == 1 and "no image with id 999" in missing.stderr

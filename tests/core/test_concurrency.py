@@ -8,16 +8,16 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import Row, func, insert, select
+from sqlalchemy import Row, Table, func, insert, select
 
 from core import db as core_db
 from core.catalog import labels
-from core.catalog.ingest import Upload, import_uploads
+from core.catalog.ingest import ImportResult, Upload, import_uploads
 from core.db import Database
 from core.errors import CategoryError, DatabaseBusy, LabelConflict, NotFound
 from core.jobs import queue as jobs
@@ -51,14 +51,20 @@ def at_once(count: int, work: Callable[[int], _R]) -> list[_R | BaseException]:
     return results
 
 
-def events_of(db: Database, image_id: int) -> list[Row[Any]]:
+def returned(results: list[_R | BaseException]) -> list[_R]:
+    """What each call returned, once none raised (the assertion lists every outcome)."""
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    return [r for r in results if not isinstance(r, BaseException)]
+
+
+def events_of(db: Database, image_id: int) -> Sequence[Row[int, int | None, int | None]]:
     """(id, old_category_id, new_category_id) of each label event of the image, oldest first."""
     columns = (LabelEvent.id, LabelEvent.old_category_id, LabelEvent.new_category_id)
     with db.read() as session:
         return session.execute(select(*columns).where(LabelEvent.image_id == image_id).order_by(LabelEvent.id)).all()
 
 
-def assert_trail_agrees(db: Database, image_id: int) -> list[Row[Any]]:
+def assert_trail_agrees(db: Database, image_id: int) -> Sequence[Row[int, int | None, int | None]]:
     """Each event starts from the label the one before left, and the label now is the last event's."""
     events = events_of(db, image_id)
     state = None
@@ -81,8 +87,7 @@ def test_concurrent_creators_of_one_new_category_get_one_row(db: Database) -> No
             time.sleep(0.05)  # hold the transaction open: the others arrive while it is uncommitted
             return category.id
 
-    results = at_once(THREADS, create)
-    assert not [r for r in results if isinstance(r, BaseException)], results
+    results = returned(at_once(THREADS, create))
     with db.read() as session:
         rows = session.execute(select(Category.id, Category.name)).all()
     assert len(rows) == 1 and set(results) == {rows[0].id}  # every caller got the one row
@@ -91,12 +96,11 @@ def test_concurrent_creators_of_one_new_category_get_one_row(db: Database) -> No
 
 @pytest.mark.both_databases
 def test_concurrent_imports_into_one_new_category_label_every_image_into_one_category(db: Database) -> None:
-    def upload(k: int) -> Any:
+    def upload(k: int) -> ImportResult:
         item = Upload(f"towel_{k}.png", image_bytes("Bags", 300 + k, size=24))
         return import_uploads(db, [item], category="Beach Towels", actor=f"importer{k}")
 
-    results = at_once(4, upload)
-    assert not [r for r in results if isinstance(r, BaseException)], results
+    results = returned(at_once(4, upload))
     assert all(len(r.imported) == 1 and not r.refused for r in results)
     with db.read() as session:
         categories = session.scalars(select(Category.name)).all()
@@ -131,8 +135,7 @@ def test_concurrent_relabels_of_one_image_apply_one_after_the_other_or_are_refus
                     outcome["agreed"] += 1
         return outcome
 
-    results = at_once(THREADS, relabel)
-    assert not [r for r in results if isinstance(r, BaseException)], results
+    results = returned(at_once(THREADS, relabel))
     total = sum(results, Counter())
     assert total["applied"] + total["refused"] + total["agreed"] == THREADS * 12 and total["applied"] > 0
     events = assert_trail_agrees(db, image_id)
@@ -163,9 +166,8 @@ def test_concurrent_bulk_relabels_and_undos_keep_every_trail_whole(db: Database)
                 assert "nothing to undo" in str(exc)
         return done
 
-    results = at_once(6, work)
-    assert not [r for r in results if isinstance(r, BaseException)], results
-    assert sum(results) > 0  # type: ignore[arg-type]
+    results = returned(at_once(6, work))
+    assert sum(results) > 0
     for image_id in ids:
         assert_trail_agrees(db, image_id)
 
@@ -174,10 +176,13 @@ def test_concurrent_bulk_relabels_and_undos_keep_every_trail_whole(db: Database)
 def test_workers_claiming_at_once_take_distinct_jobs(db: Database) -> None:
     # Several queued jobs (active_slot NULL: the one-live-job rule of enqueue_training is not what is tested here).
     with db.write() as session:
-        rows = [{"mode": "quick", "params": {}, "status": JobStatus.QUEUED.value, "active_slot": None,
-                 "progress": {}, "error": "", "requested_by": "ana", "worker_id": "", "cancel_requested": False}
-                for _ in range(THREADS * 2)]  # fmt: skip
+        rows: list[dict[str, Any]] = [
+            {"mode": "quick", "params": {}, "status": JobStatus.QUEUED.value, "active_slot": None, "progress": {},
+             "error": "", "requested_by": "ana", "worker_id": "", "cancel_requested": False}
+            for _ in range(THREADS * 2)
+        ]  # fmt: skip
         table = TrainingJob.__table__
+        assert isinstance(table, Table)
         job_ids = sorted(session.scalars(insert(table).returning(table.c.id), rows))
 
     def claim_all(k: int) -> list[int]:
@@ -186,14 +191,13 @@ def test_workers_claiming_at_once_take_distinct_jobs(db: Database) -> None:
             claimed.append(job.id)
         return claimed
 
-    results = at_once(THREADS, claim_all)
-    assert not [r for r in results if isinstance(r, BaseException)], results
-    claimed = [job_id for per_worker in results for job_id in per_worker]  # type: ignore[union-attr]
+    results = returned(at_once(THREADS, claim_all))
+    claimed = [job_id for per_worker in results for job_id in per_worker]
     assert sorted(claimed) == job_ids  # each job once, none left behind
     with db.read() as session:
         owners = dict(session.execute(select(TrainingJob.id, TrainingJob.worker_id)).all())
     for k, per_worker in enumerate(results):
-        assert all(owners[job_id] == f"worker-{k}" for job_id in per_worker)  # type: ignore[union-attr]
+        assert all(owners[job_id] == f"worker-{k}" for job_id in per_worker)
 
 
 @pytest.mark.both_databases
@@ -216,8 +220,9 @@ def test_ten_writers_relabelling_flat_out_are_never_refused_for_a_lock(db: Datab
     results = at_once(10, relabel)
     failures = [r for r in results if isinstance(r, BaseException)]
     assert not failures, failures[:3]  # no "database is locked", no deadlock
-    changed = sum(r[0] for r in results)  # type: ignore[index]
-    took = sorted(t for r in results for t in r[1])  # type: ignore[index]
+    done = returned(results)
+    changed = sum(r[0] for r in done)
+    took = sorted(t for r in done for t in r[1])
     with db.read() as session:
         events = session.scalar(select(func.count()).select_from(LabelEvent).where(LabelEvent.actor.like("writer%")))
     assert events == changed and changed > 0

@@ -77,7 +77,7 @@ def test_a_bulk_change_records_what_the_grid_showed_so_bulk_accepts_are_not_corr
     assert training_plan(db).corrections_since_active == 1  # only image 5: the model said Bags
     last = audit_trail(db, ids[5])[-1]
     assert (last.action, last.new_category, last.predicted_category) == ("bulk", "Hats", "Bags")
-    assert abs(last.predicted_confidence - 0.7) < 1e-9
+    assert last.predicted_confidence is not None and abs(last.predicted_confidence - 0.7) < 1e-9
 
 
 def test_a_change_counts_until_an_undo_event_names_it_in_its_column(db: Database) -> None:

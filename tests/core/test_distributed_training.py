@@ -64,6 +64,7 @@ def test_a_full_job_on_two_processes_continues_a_stage_pooled_lineage_and_keeps_
     model, meta = load_checkpoint(checkpoint_path(db, version), device="cpu")
     assert isinstance(model, StagePooledNet) and meta.stage_layout == STAGE_LAYOUTS["efficientnet_lite0"]
     parent_model, _ = load_checkpoint(checkpoint_path(db, get_version(db, parent)), device="cpu")
+    assert isinstance(model.classifier, torch.nn.Linear) and isinstance(parent_model.classifier, torch.nn.Linear)
     assert not torch.equal(model.classifier.weight, parent_model.classifier.weight)  # trained, not copied
 
 

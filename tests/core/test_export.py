@@ -210,6 +210,7 @@ def _give_long_cjk_names(db: Database) -> int:
         image_id = session.scalars(
             select(Label.image_id).join(Category, Category.id == Label.category_id).where(Category.name == "靴" * 120)
         ).first()
+        assert image_id is not None
         session.execute(update(Image).where(Image.id == image_id).values(original_name="商品写真" * 40 + ".png"))
     return image_id
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from core.db import Database
 from core.views.health import data_health
 from core.views.review import review_queue
@@ -14,10 +16,11 @@ def test_findings_count_what_they_say_and_open_the_matching_queue(db: Database) 
     assert (health.total, health.unlabelled) == (16, 3)
     assert health.labels.open_issues == 1 and health.duplicates.groups == 0
     by_title = {f.title: f for f in health.findings()}
-    wrong = by_title["1 likely wrong labels"]
-    assert [i.image_id for i in review_queue(db, **wrong.review).items] == [ids[0]]
-    unlabelled = by_title["3 unlabelled photos"]
-    assert review_queue(db, **unlabelled.review).total == 3
+    # A finding's `review` holds review_queue's filters by name (strings, which it parses).
+    wrong: dict[str, Any] = by_title["1 likely wrong labels"].review
+    assert [i.image_id for i in review_queue(db, **wrong).items] == [ids[0]]
+    unlabelled: dict[str, Any] = by_title["3 unlabelled photos"].review
+    assert review_queue(db, **unlabelled).total == 3
     shoes = next(c for c in health.categories if c.category == "Shoes")
     assert (shoes.train, shoes.val, shoes.test, shoes.likely_wrong) == (3, 1, 1, 1) and not shoes.too_small
 

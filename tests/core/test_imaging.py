@@ -91,7 +91,9 @@ def test_accepted_formats_are_detected_by_content_not_name(cfg: Settings, fmt: s
     assert (decoded.width, decoded.height) == (40, 30)
     assert decoded.image.mode == "RGB" and decoded.image.size == (40, 30)
     # The top-left block is red in every lossless format and near-red in JPEG/GIF.
-    r, g, b = decoded.image.getpixel((2, 2))
+    pixel = decoded.image.getpixel((2, 2))
+    assert isinstance(pixel, tuple), pixel
+    r, g, b = pixel
     assert r > 200 and g < 70 and b < 70
 
 
@@ -124,7 +126,9 @@ def test_palette_png_transparency_is_composited_on_white(cfg: Settings) -> None:
 
 def test_half_transparent_rgba_blends_with_white() -> None:
     img = Image.new("RGBA", (2, 2), (255, 0, 0, 128))
-    r, g, b = normalise(img).getpixel((0, 0))
+    pixel = normalise(img).getpixel((0, 0))
+    assert isinstance(pixel, tuple), pixel
+    r, g, b = pixel
     assert r == 255 and 125 <= g <= 129 and 125 <= b <= 129
 
 

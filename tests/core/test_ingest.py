@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from sqlalchemy import func, select
 
 from core import db as core_db
 from core.catalog.ingest import ImportResult, Upload, import_paths, import_uploads, read_labels_csv
+from core.catalog.ingest.decoding import Prepared, ProcessResult
 from core.catalog.splits import split_for_hash
 from core.db import Database
 from core.errors import ProdcatError
@@ -1038,7 +1040,7 @@ def test_a_file_read_from_disk_is_refused_past_the_size_limit_even_when_it_grows
 # --- worker processes for a large import's small files (core.catalog.ingest.decoding.decode_processes) -----------
 
 
-def _crash_on_named_file(files):  # type: ignore[no-untyped-def]
+def _crash_on_named_file(files: Sequence[tuple[str, bytes, str]]) -> list[ProcessResult]:
     """Runs in a worker process (imported there by name): the process dies on one file, as one killed would."""
     if any(name.endswith("crash_here.png") for name, _, _ in files):
         os._exit(1)
@@ -1065,12 +1067,12 @@ def process_spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
         assert processes is not None and processes.up.wait(60) and processes.ready()
         return processes
 
-    def spy_prepared(self, p):  # type: ignore[no-untyped-def]
+    def spy_prepared(self: importer.Importer, p: importer._Pending) -> Prepared:
         if p.chunk is not None:
             seen["in_process"].append(p.cand.name)
         return prepared(self, p)
 
-    def spy_prepare(self, name, data, sha):  # type: ignore[no-untyped-def]
+    def spy_prepare(self: importer.Importer, name: str, data: bytes, sha: str) -> Prepared:
         seen["here"].append(name)
         return prepare(self, name, data, sha)
 
@@ -1189,23 +1191,29 @@ def test_worker_processes_never_run_the_programs_main_module(
     assert list(ran.iterdir()) == []  # and none of them ran the page
 
 
-def _fail_on_named_file(files):  # type: ignore[no-untyped-def]
+def _fail_on_named_file(files: Sequence[tuple[str, bytes, str]]) -> list[ProcessResult]:
     """Runs in a worker process: preparing one file raises an unexpected error (a bug), the files beside it in its
     chunk are prepared and stored."""
     from core.catalog.ingest import decoding
 
     real = decoding.prepare_file
 
-    def failing(settings, name, data, sha, slot=None):  # type: ignore[no-untyped-def]
+    def failing(
+        settings: Settings,
+        name: str,
+        data: bytes,
+        sha: str,
+        decode_slot: Callable[[int], AbstractContextManager[object]] | None = None,
+    ) -> Prepared:
         if name.endswith("fail_here.png"):
             raise RuntimeError(f"a bug while preparing {name}")
-        return real(settings, name, data, sha, slot)
+        return real(settings, name, data, sha, decode_slot)
 
-    decoding.prepare_file = failing  # type: ignore[assignment]
+    decoding.prepare_file = failing
     try:
         return decoding.prepare_in_process(files)
     finally:
-        decoding.prepare_file = real  # type: ignore[assignment]
+        decoding.prepare_file = real
 
 
 def test_an_unexpected_error_in_a_worker_process_fails_the_import_without_files_left_behind(
@@ -1253,7 +1261,7 @@ def test_an_import_does_not_wait_for_its_worker_processes_to_start(
     here: list[str] = []
     prepare = importer.Importer.prepare
 
-    def spy_prepare(self, name, data, sha):  # type: ignore[no-untyped-def]
+    def spy_prepare(self: importer.Importer, name: str, data: bytes, sha: str) -> Prepared:
         here.append(name)
         return prepare(self, name, data, sha)
 

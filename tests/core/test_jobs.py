@@ -85,7 +85,8 @@ def test_enqueue_queues_one_job_and_refuses_a_second(db: Database) -> None:
 
     jobs.cancel_job(db, job_id, actor="ana")
     second = jobs.enqueue_training(db, "full", {}, "ben")
-    assert second != job_id and jobs.current_job(db).id == second
+    current = jobs.current_job(db)
+    assert second != job_id and current is not None and current.id == second
 
 
 @pytest.mark.parametrize(
@@ -129,7 +130,8 @@ def test_claim_moves_the_job_to_running_once(db: Database) -> None:
     job_id = jobs.enqueue_training(db, "quick", {}, "ana")
     claimed = jobs.claim_next_job(db, "w1")
     assert claimed is not None and claimed.id == job_id and claimed.status == "running"
-    assert claimed.worker_id == "w1" and claimed.started_at is not None and claimed.heartbeat_age_s < 5
+    assert claimed.worker_id == "w1" and claimed.started_at is not None
+    assert claimed.heartbeat_age_s is not None and claimed.heartbeat_age_s < 5
     assert jobs.claim_next_job(db, "w2") is None
     # Still the live job: nobody can queue another while it runs.
     with pytest.raises(TrainingRefused, match="is already running"):
@@ -246,7 +248,8 @@ def test_a_dead_workers_job_never_blocks_the_app_while_it_runs(db: Database) -> 
     dead = jobs.enqueue_training(db, "quick", {}, "ana")
     jobs.claim_next_job(db, "oom-killed")
     _set_heartbeat(db, dead, timeout + 5)
-    assert home_overview(db).job.status == "failed"  # the sidebar on every page
+    shown = home_overview(db).job
+    assert shown is not None and shown.status == "failed"  # the sidebar on every page
 
     again = jobs.enqueue_training(db, "quick", {}, "ana")
     jobs.claim_next_job(db, "oom-killed-too")
@@ -258,7 +261,9 @@ def test_a_dead_workers_job_never_blocks_the_app_while_it_runs(db: Database) -> 
     jobs.claim_next_job(db, "gone")
     _set_heartbeat(db, third, timeout + 5)
     retrain = jobs.enqueue_training(db, "quick", {}, "bo")  # Retrain is not refused as "already running"
-    assert jobs.get_job(db, third).status == "failed" and jobs.current_job(db).id == retrain
+    assert jobs.get_job(db, third).status == "failed"
+    current = jobs.current_job(db)
+    assert current is not None and current.id == retrain
     jobs.claim_next_job(db, "gone-again")
     _set_heartbeat(db, retrain, timeout + 5)
     with pytest.raises(TrainingRefused, match="already failed"):  # Cancel says what happened instead of waiting
@@ -326,7 +331,9 @@ def test_a_worker_started_for_the_ui_exits_after_the_configured_idle_time(db: Da
     assert jobs.ensure_worker(db) is True
     process = jobs._spawned[-1]
     try:
-        assert process.args[process.args.index("--exit-when-idle") + 1] == "5"
+        args = process.args
+        assert isinstance(args, list)  # ensure_worker starts the worker from a list of arguments
+        assert args[args.index("--exit-when-idle") + 1] == "5"
         assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:

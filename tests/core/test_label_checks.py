@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from sqlalchemy import func, select
 
 from core import db as core_db
+from core.catalog.demo import FashionMNIST
 from core.catalog.labels import set_label
 from core.db import Database
 from core.jobs.queue import enqueue_training, get_job
@@ -17,7 +19,8 @@ from core.ml.label_checks import label_health
 from core.ml.training import run_training
 from core.ml.versions import get_version
 from core.schema import ImageCheck, Label
-from core.views.review import LabelState, ReviewOrder, review_queue
+from core.views.review import LabelState, ReviewItem, ReviewOrder, review_queue
+from models.training import HeadFit
 from tests.core.fmnist import fashion_mnist, open_catalogue
 from tests.core.training_helpers import add_job, dataset, store_images
 
@@ -46,7 +49,8 @@ def test_every_labelled_image_of_every_split_is_checked_after_a_retrain(db: Data
         labels = {i: c for i, c in session.execute(select(Label.image_id, Label.category_id))}
     for image_id, check in checks.items():
         assert check.label_category_id == labels[image_id]
-        assert 0.0 <= check.label_quality <= 1.0 and len(check.probs) == 3
+        assert check.label_quality is not None and 0.0 <= check.label_quality <= 1.0
+        assert check.probs is not None and len(check.probs) == 3
         assert check.suggested_category_id in set(labels.values()) and check.outlier_score is not None
     summary = get_version(db, version_id).metrics["label_check"]
     assert summary["checked"] == len(ids) and summary["folds"] == 5
@@ -61,9 +65,9 @@ def test_a_quick_retrains_label_check_reuses_the_l2_its_head_picked(
     fold_l2: list[float | None] = []
     fit = models.label_checks.fit_linear_head
 
-    def recording(*args: object, **kwargs: object) -> object:
-        fold_l2.append(kwargs["config"].head_l2)  # type: ignore[attr-defined]
-        return fit(*args, **kwargs)  # type: ignore[arg-type]
+    def recording(*args: Any, **kwargs: Any) -> HeadFit:
+        fold_l2.append(kwargs["config"].head_l2)
+        return fit(*args, **kwargs)
 
     monkeypatch.setattr(models.label_checks, "fit_linear_head", recording)
     params = {"arch": "resnet18", "image_size": 32}  # no fixed head_l2: the head picks one on validation
@@ -92,8 +96,8 @@ def test_flipped_labels_among_real_product_photos_are_found_and_the_right_catego
 
     train, _ = fashion_mnist()
     db = open_catalogue(tmp_path, monkeypatch, "auto")
-    chosen = balanced_indices(train.labels, 400)  # type: ignore[attr-defined]
-    uploads, labels = make_uploads(train, chosen)  # type: ignore[arg-type]
+    chosen = balanced_indices(train.labels, 400)
+    uploads, labels = make_uploads(train, chosen)
     rng = np.random.default_rng(7)
     flipped = set(rng.choice(sorted(labels), size=20, replace=False).tolist())  # 5% of the labels, uniformly
     truth = dict(labels)
@@ -110,7 +114,7 @@ def test_flipped_labels_among_real_product_photos_are_found_and_the_right_catego
     # 64 px photos, 40 per category (measured 11-12 and 15): precision@20 >= 0.45 where picking at random gives
     # 0.05, and most flips within two pages. benchmarks/label_checks.py measures the default 224 px at 2,000 images.
     assert len(caught) >= 9 and within_40 >= 13, [(i.original_name, i.label, i.score) for i in suspects]
-    right = sum(item.suggestion.category == truth[item.original_name] for item in caught)  # type: ignore[union-attr]
+    right = sum(_suggested(item) == truth[item.original_name] for item in caught)
     assert right >= 0.6 * len(caught)
     assert {item.split for item in caught} & {"train"}  # the train split's wrong labels are found too
     health = label_health(db)
@@ -118,7 +122,7 @@ def test_flipped_labels_among_real_product_photos_are_found_and_the_right_catego
     assert len(caught) <= health.open_issues <= 120 and health.checked == 400
 
     fixed = caught[0]
-    set_label(db, fixed.image_id, fixed.suggestion.category, actor="tester")  # type: ignore[union-attr]
+    set_label(db, fixed.image_id, _suggested(fixed), actor="tester")
     assert label_health(db).open_issues == health.open_issues - 1
     issues = review_queue(db, label_state=LabelState.LABEL_ISSUES, page_size=100)
     assert fixed.image_id not in [i.image_id for i in issues.items] and issues.total == health.open_issues - 1
@@ -127,6 +131,12 @@ def test_flipped_labels_among_real_product_photos_are_found_and_the_right_catego
     _new_uploads_unlike_anything_labelled_are_flagged(db, train)
     _similar_images_are_mostly_the_same_kind_of_product(db, truth)
     core_db.close_all()
+
+
+def _suggested(item: ReviewItem) -> str:
+    """The category the label check suggests for a suspect (every suspect has one)."""
+    assert item.suggestion is not None, item.original_name
+    return item.suggestion.category
 
 
 def _similar_images_are_mostly_the_same_kind_of_product(db: Database, truth: dict[str, str]) -> None:
@@ -147,7 +157,7 @@ def _similar_images_are_mostly_the_same_kind_of_product(db: Database, truth: dic
     assert sum(alike) >= 20, alike
 
 
-def _new_uploads_unlike_anything_labelled_are_flagged(db: Database, train: object) -> None:
+def _new_uploads_unlike_anything_labelled_are_flagged(db: Database, train: FashionMNIST) -> None:
     """A colour photo of a person among grey product shots is flagged as unlike anything labelled; another product
     shot is not. Both are scored when predicted, against the version's labelled images."""
     import io
@@ -162,7 +172,7 @@ def _new_uploads_unlike_anything_labelled_are_flagged(db: Database, train: objec
 
     buffer = io.BytesIO()
     PILImage.fromarray(samples.astronaut()).save(buffer, format="PNG")
-    product, _ = make_uploads(train, [59_999])  # type: ignore[arg-type]
+    product, _ = make_uploads(train, [59_999])
     result = import_uploads(db, [Upload("astronaut.png", buffer.getvalue()), *product], actor="tester")
     ids = [item.image_id for item in result.imported]
     predict_images(db, ids)

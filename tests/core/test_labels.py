@@ -37,7 +37,11 @@ def ids(made: Populated) -> list[int]:
 def current(db: Database, image_id: int) -> str | None:
     with db.read() as session:
         label = session.get(Label, image_id)
-        return None if label is None else session.get(Category, label.category_id).name
+        if label is None:
+            return None
+        category = session.get(Category, label.category_id)
+        assert category is not None
+        return category.name
 
 
 def replay(db: Database, image_id: int) -> str | None:
@@ -48,7 +52,11 @@ def replay(db: Database, image_id: int) -> str | None:
         for event in events:
             assert event.old_category_id == state, f"event #{event.id} starts from a label the image did not have"
             state = event.new_category_id
-        return None if state is None else session.get(Category, state).name
+        if state is None:
+            return None
+        category = session.get(Category, state)
+        assert category is not None
+        return category.name
 
 
 def test_set_change_and_clear_are_audited_newest_first(db: Database, made: Populated, ids: list[int]) -> None:
@@ -159,10 +167,11 @@ def test_undo_steps_back_through_own_changes(db: Database, ids: list[int]) -> No
 
 def test_undo_limited_to_given_events_leaves_the_same_named_colleagues_work_alone(db: Database, ids: list[int]) -> None:
     # Two browser sessions both signed "staff": each undo may only take back its own session's changes.
-    mine = [labels.set_label(db, ids[0], "Shoes", actor="staff").event_id]
-    mine += [c.event_id for c in labels.bulk_relabel(db, ids[1:3], "Hats", actor="staff")]
+    recorded = [labels.set_label(db, ids[0], "Shoes", actor="staff").event_id]
+    recorded += [c.event_id for c in labels.bulk_relabel(db, ids[1:3], "Hats", actor="staff")]
     theirs = labels.set_label(db, ids[3], "Bags", actor="staff").event_id  # newest, by the other session
-    assert None not in mine and theirs is not None
+    mine = [event_id for event_id in recorded if event_id is not None]
+    assert mine == recorded and theirs is not None
 
     undone = labels.undo_last_change(db, actor="staff", only_event_ids=mine[1:2])  # one event names the batch
     assert sorted(c.image_id for c in undone) == ids[1:3]  # the whole bulk change, not the colleague's
@@ -480,6 +489,7 @@ def test_a_category_with_labels_is_deleted_only_by_moving_them_and_history_keeps
     assert [current(db, i) for i in ids[:3]] == ["Bags"] * 3
     [moved, labelled] = labels.audit_trail(db, ids[0])
     assert (moved.actor, moved.action, moved.new_category) == ("admin", "delete-category", "Bags")
+    assert moved.old_category is not None
     assert re.fullmatch(r"Hats \(deleted #\d+\)", moved.old_category) and labelled.new_category == moved.old_category
     assert "'Hats' deleted" in moved.note
     assert [replay(db, i) for i in ids[:3]] == ["Bags"] * 3  # the audit trail still explains every label

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 import pytest
@@ -241,7 +241,7 @@ def test_upgrading_from_0009_reads_undo_and_batch_notes_into_columns(settings: S
     command.downgrade(_config(url), "0009")
     with engine.connect() as connection:
         columns = {r[1] for r in connection.execute(text("PRAGMA table_info('label_events')"))}
-        notes = connection.execute(text("SELECT note FROM label_events ORDER BY id")).scalars().all()
+        notes: Sequence[str] = connection.execute(text("SELECT note FROM label_events ORDER BY id")).scalars().all()
     engine.dispose()
 
     assert [r.note for r in rows] == [e[-1] for e in events]  # the notes stay, for people

@@ -119,6 +119,7 @@ def test_b8_the_sidebar_and_every_version_list_read_one_accuracy_with_its_test_s
     from core.ml.versions import AccuracyBasis, AccuracyFigure, active_version, get_version, list_versions
 
     info = populate(db, n_images=300, labelled_fraction=0.6, seed=4)
+    assert info.version_id is not None
     with db.write() as session:  # stored at training: 52.5% on 40 test images
         version = session.get(ModelVersion, info.version_id)
         assert version is not None
@@ -128,7 +129,8 @@ def test_b8_the_sidebar_and_every_version_list_read_one_accuracy_with_its_test_s
     expected = "test accuracy 52.5% on 40 test images (at training)"
     assert overview.accuracy_label == expected
     assert get_version(db, info.version_id).accuracy.describe() == expected
-    assert active_version(db).accuracy == overview.accuracy  # one figure, whoever reads it
+    active = active_version(db)
+    assert active is not None and active.accuracy == overview.accuracy  # one figure, whoever reads it
     assert [v.accuracy.describe() for v in list_versions(db)] == [expected]
     # Other measurements say what they are.
     today = AccuracyFigure(0.541, 38, AccuracyBasis.TODAYS_LABELS)

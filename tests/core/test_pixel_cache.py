@@ -30,7 +30,9 @@ def _reference_pixels(db: Database, image_id: int, size: int, crop: float, inter
     from models.preprocess import to_model_pixels
 
     with db.read() as session:
-        path = db.settings.data_dir / session.get(Image, image_id).stored_path
+        image = session.get(Image, image_id)
+        assert image is not None
+        path = db.settings.data_dir / image.stored_path
     cfg = PreprocessConfig(image_size=size, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=crop, interpolation=interp)
     return to_model_pixels(open_normalised(path), cfg)
 
@@ -106,7 +108,7 @@ def test_rows_of_a_reordered_cache_are_a_lazy_view_identical_to_the_gather(db: D
     eager = np.array(cache.ensure(db, images))
     lazy = cache.rows(db, images)
     assert isinstance(lazy, CachedRows) and isinstance(lazy.mapped, np.memmap)
-    assert Path(lazy.mapped.filename) == cache.store.data_path
+    assert lazy.mapped.filename is not None and Path(lazy.mapped.filename) == cache.store.data_path
     assert list(lazy.positions) == [3, 2, 1, 0]  # the view holds positions only, no pixels
     assert len(lazy) == 4 and lazy.shape == (4, 32, 32, 3) and lazy.ndim == 4 and lazy.dtype == np.uint8
     batch = np.array([3, 0, 2])

@@ -29,9 +29,11 @@ def version(db: Database) -> int:
 
 def _count(db: Database, version_id: int) -> int:
     with db.read() as session:
-        return session.scalar(
+        count = session.scalar(
             select(func.count()).select_from(Prediction).where(Prediction.model_version_id == version_id)
         )
+    assert count is not None
+    return count
 
 
 def test_predict_images_stores_each_prediction_once(db: Database, version: int) -> None:
@@ -77,7 +79,8 @@ def test_predict_files_without_importing_and_bad_files_get_their_error(
     results = predict_files(db, [good, bad, missing], top_k=2)
     assert [r.name for r in results] == [str(good), str(bad), str(missing)]
     ok, refused, absent = results
-    assert ok.error is None and ok.category in CLASSES and 0 < ok.confidence <= 1 and len(ok.top_k) == 2
+    assert ok.error is None and ok.category in CLASSES and ok.confidence is not None and 0 < ok.confidence <= 1
+    assert len(ok.top_k) == 2
     assert refused.category is None and refused.error
     assert absent.category is None and absent.error
     with db.read() as session:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from core import db as core_db
+from core.catalog.demo import FashionMNIST
 from core.db import Database
 from core.jobs.queue import enqueue_training, get_job
 from core.jobs.worker import run_job_in_foreground
@@ -23,20 +24,24 @@ PER_CLASS = 24  # 240 labelled Fashion-MNIST photos, the app's own 80/10/10 spli
 TEST_PER_CLASS = 30  # 300 official test photos, never imported
 
 
-def _retrain_and_score(db: Database, train: object, official_test: Path, test_labels: np.ndarray) -> tuple[float, str]:
+def _retrain_and_score(
+    db: Database, train: FashionMNIST, official_test: Path, test_labels: np.ndarray
+) -> tuple[float, str]:
     """Import the labelled photos, run a quick retrain the way the worker does, classify the official test files."""
     from core.catalog.demo import FASHION_MNIST_CLASSES, balanced_indices, make_uploads
     from core.catalog.ingest import import_uploads
     from core.ml.predict import predict_files
 
-    uploads, labels = make_uploads(train, balanced_indices(train.labels, PER_CLASS * 10))  # type: ignore[attr-defined]
+    uploads, labels = make_uploads(train, balanced_indices(train.labels, PER_CLASS * 10))
     assert not import_uploads(db, uploads, labels=labels, actor="tester").refused
     job_id = enqueue_training(db, "quick", {}, "tester")
     version_id = run_job_in_foreground(db, job_id)
     assert version_id is not None, get_job(db, job_id).error
     results = predict_files(db, sorted(official_test.iterdir()))
     guessed = [FASHION_MNIST_CLASSES.index(r.top_k[0].category) for r in results]
-    return float(np.mean(np.array(guessed) == test_labels)), active_version(db).pretrained_source  # type: ignore[union-attr]
+    version = active_version(db)
+    assert version is not None
+    return float(np.mean(np.array(guessed) == test_labels)), version.pretrained_source
 
 
 def test_a_first_retrain_from_the_bundled_backbone_beats_random_init_and_says_where_it_started(
@@ -47,10 +52,10 @@ def test_a_first_retrain_from_the_bundled_backbone_beats_random_init_and_says_wh
     train, test = _fashion_mnist()
     official = tmp_path / "official-test"
     official.mkdir()
-    chosen = balanced_indices(test.labels, TEST_PER_CLASS * 10)  # type: ignore[attr-defined]
+    chosen = balanced_indices(test.labels, TEST_PER_CLASS * 10)
     for index in chosen:
-        (official / file_name("test", int(index))).write_bytes(encode_png(test.images[index]))  # type: ignore[attr-defined]
-    truth = np.array([test.labels[i] for i in sorted(chosen, key=lambda i: file_name("test", int(i)))])  # type: ignore[attr-defined]
+        (official / file_name("test", int(index))).write_bytes(encode_png(test.images[index]))
+    truth = np.array([test.labels[i] for i in sorted(chosen, key=lambda i: file_name("test", int(i)))])
 
     random_acc, random_source = _retrain_and_score(
         _open(tmp_path / "random", monkeypatch, "none"), train, official, truth

@@ -11,7 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,9 +24,11 @@ from typer.testing import CliRunner
 
 from core.catalog.ingest import import_paths, stored_before
 from core.catalog.labels import list_categories
+from core.catalog.store import StoredFiles
 from core.db import Database
 from core.errors import StorageError, as_storage_error
 from core.schema import Image
+from core.settings import Settings
 from tests.imagegen import image_bytes, write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -299,7 +301,7 @@ def test_an_import_flushes_each_batchs_files_to_the_disk_before_its_rows_commit(
     flush = importer.flush_stored
     flushed: list[list[str]] = []
 
-    def checked_flush(settings, stored) -> None:  # type: ignore[no-untyped-def]
+    def checked_flush(settings: Settings, stored: Iterable[StoredFiles]) -> None:
         stored = list(stored)
         with db.read() as session:  # nothing of this batch is committed yet
             assert not session.scalars(select(Image.id).where(Image.sha256.in_([s.sha256 for s in stored]))).all()
@@ -327,7 +329,7 @@ def test_a_batch_the_disk_fails_to_flush_is_not_committed_and_its_files_are_remo
     flush = importer.flush_stored
     calls = 0
 
-    def failing_second_flush(settings, stored) -> None:  # type: ignore[no-untyped-def]
+    def failing_second_flush(settings: Settings, stored: Iterable[StoredFiles]) -> None:
         nonlocal calls
         calls += 1
         if calls == 2:  # what syncfs reports when the disk lost a write (Linux 5.8+)

@@ -33,7 +33,9 @@ def test_original_is_stored_byte_for_byte_under_its_hash_with_the_detected_exten
     with Image.open(stored.thumb) as thumb:
         assert thumb.format == "JPEG"
         assert thumb.size == (settings.thumbnail_size, settings.thumbnail_size // 2)
-        r, g, _ = thumb.convert("RGB").getpixel((5, 5))
+        pixel = thumb.convert("RGB").getpixel((5, 5))
+        assert isinstance(pixel, tuple), pixel
+        r, g, _ = pixel
         assert r > 200 and g < 70  # the red corner, not a blank or black thumbnail
     # Nothing else was written: no temp files, nothing named after the user's file.
     files = sorted(p.relative_to(settings.data_dir).as_posix() for p in settings.data_dir.rglob("*") if p.is_file())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,8 @@ from core.ml.training import _promote, run_training, training_plan
 from core.ml.versions import active_version, checkpoint_path, get_version, labelled_images
 from core.schema import ModelVersion, Prediction, VersionStatus
 from models.checkpoint import load_checkpoint
+from models.factory import PreprocessConfig, timm_api
+from models.preprocess import PixelRows
 from models.stages import STAGE_LAYOUTS, BlockPooling, StageLayout, StagePooledNet
 from tests.core.training_helpers import add_job, dataset, save_random_version, store_images
 
@@ -88,7 +92,8 @@ def test_quick_training_registers_activates_and_predicts_everything(db: Database
     seen: list[ProgressReport] = []
     version_id = run_training(db, add_job(db), on_progress=seen.append, should_stop=_never)
     version = get_version(db, version_id)
-    assert version.status == "active" and active_version(db).id == version_id
+    active = active_version(db)
+    assert version.status == "active" and active is not None and active.id == version_id
     assert version.class_names == CLASSES and version.image_size == 32 and version.mode == "quick"
     assert version.metrics["test"]["n_images"] == 6 and version.metrics["val"]["n_images"] == 6
     assert version.test_accuracy == version.metrics["test"]["accuracy"]
@@ -142,6 +147,7 @@ def test_a_quick_lineage_pooled_the_old_way_is_refitted_on_todays_pooling_of_the
     assert isinstance(parent_model, StagePooledNet)
     # The same backbone: every weight but the head's is the parent's.
     assert all(torch.equal(t, parent_model.net.state_dict()[k]) for k, t in model.net.state_dict().items())
+    assert isinstance(model.classifier, torch.nn.Linear)
     assert model.classifier.weight.shape == (3, 4800) and model.classifier.weight.abs().sum() > 0
 
 
@@ -217,7 +223,9 @@ def test_worse_candidate_stays_candidate_and_better_or_equal_is_promoted(db: Dat
         _promote(db, candidate, job_id=0, test_accuracy=worse, test_hash=measured["test_set_hash"], test_pairs=pairs)
         is False
     )
-    assert get_version(db, candidate).status == "candidate" and active_version(db).id == active
+    assert get_version(db, candidate).status == "candidate"
+    serving = active_version(db)
+    assert serving is not None and serving.id == active
     promotion = get_version(db, candidate).metrics["promotion"]
     assert promotion["active_accuracy_same_images"] == pytest.approx(measured["accuracy"])
     equal = measured["accuracy"]
@@ -225,7 +233,8 @@ def test_worse_candidate_stays_candidate_and_better_or_equal_is_promoted(db: Dat
         _promote(db, candidate, job_id=0, test_accuracy=equal, test_hash=measured["test_set_hash"], test_pairs=pairs)
         is True
     )
-    assert active_version(db).id == candidate
+    serving = active_version(db)
+    assert serving is not None and serving.id == candidate
 
 
 def test_labels_corrected_while_a_job_runs_do_not_tilt_the_promotion(db: Database) -> None:
@@ -256,7 +265,8 @@ def test_labels_corrected_while_a_job_runs_do_not_tilt_the_promotion(db: Databas
     )
     promotion = get_version(db, candidate).metrics["promotion"]
     assert promotion["active_accuracy_same_images"] == pytest.approx(on_same_labels)
-    assert promoted is True and active_version(db).id == candidate
+    serving = active_version(db)
+    assert promoted is True and serving is not None and serving.id == candidate
 
 
 def test_manual_policy_never_activates(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -282,7 +292,8 @@ def test_cli_train_wait_runs_the_job_here_and_reports_refusals(db: Database) -> 
     assert result.exit_code == 0, result.output
     assert "note: 'Scarves' left out: label 2 more train images" in result.output
     [job] = list_jobs(db, 5)
-    assert job.status == "succeeded" and job.model_version_id == active_version(db).id
+    active = active_version(db)
+    assert job.status == "succeeded" and active is not None and job.model_version_id == active.id
     assert f"model v{job.model_version_id}" in result.output
 
 
@@ -317,7 +328,7 @@ def test_training_reads_a_non_contiguous_pixel_cache_through_lazy_views(
     if mode == "quick":
         real_features = models.training.extract_features
 
-        def features_spy(model: object, pixels: object, cfg: object, **kwargs: object) -> np.ndarray:
+        def features_spy(model: torch.nn.Module, pixels: PixelRows, cfg: PreprocessConfig, **kwargs: Any) -> np.ndarray:
             seen.append((pixels, cfg))
             return real_features(model, pixels, cfg, **kwargs)
 
@@ -325,7 +336,9 @@ def test_training_reads_a_non_contiguous_pixel_cache_through_lazy_views(
     else:
         real_train = models.training.train_full
 
-        def train_spy(config: object, data: models.training.TrainData, **kwargs: object) -> object:
+        def train_spy(
+            config: models.training.TrainConfig, data: models.training.TrainData, **kwargs: Any
+        ) -> models.training.TrainResult:
             seen.extend([(data.train_pixels, kwargs["cfg"]), (data.val_pixels, kwargs["cfg"])])
             return real_train(config, data, **kwargs)
 
@@ -350,7 +363,7 @@ def test_evaluation_reads_a_non_contiguous_test_split_through_a_lazy_view(
     real_predict = Classifier.predict_pixels
     seen: list[tuple[object, object]] = []
 
-    def predict_spy(self: Classifier, pixels: object, **kwargs: object) -> np.ndarray:
+    def predict_spy(self: Classifier, pixels: PixelRows | torch.Tensor, **kwargs: Any) -> np.ndarray:
         seen.append((pixels, self.cfg))
         return real_predict(self, pixels, **kwargs)
 
@@ -383,7 +396,9 @@ def test_a_class_merged_since_the_parent_keeps_its_learned_row_under_the_categor
     assert lineage.continue_from == parent_id  # random weights everywhere (tests): the active version is continued
     model, _, notes, used = _starting_network(db, config, lineage, [shoes, hats, boots], active_id=parent_id)
     old, _ = load_checkpoint(checkpoint_path(db, parent), device="cpu")
-    new_w, old_w = model.get_classifier().weight, old.get_classifier().weight
+    new_head, old_head = timm_api(model).get_classifier(), timm_api(old).get_classifier()
+    assert isinstance(new_head, torch.nn.Linear) and isinstance(old_head, torch.nn.Linear)
+    new_w, old_w = new_head.weight, old_head.weight
     assert used == parent_id and any("head resized" in n for n in notes)
     torch.testing.assert_close(new_w[2], old_w[1])  # Boots = what Sneakers learned
     torch.testing.assert_close(new_w[0], old_w[0])  # Shoes

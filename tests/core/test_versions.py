@@ -34,9 +34,11 @@ def test_activate_retires_the_previous_and_rollback_restores_it(db: Database) ->
     v1 = save_random_version(db, CLASSES, seed=1)
     v2 = save_random_version(db, CLASSES, seed=2)
     activate_version(db, v1, actor="ann")
-    assert active_version(db).id == v1
+    active = active_version(db)
+    assert active is not None and active.id == v1
     activate_version(db, v2, actor="ann")
-    assert active_version(db).id == v2
+    active = active_version(db)
+    assert active is not None and active.id == v2
     assert get_version(db, v1).status == "retired"
     # Rollback: activating the older version again.
     activate_version(db, v1, actor="ann")
@@ -66,7 +68,8 @@ def test_broken_checkpoint_is_refused_and_the_active_version_keeps_serving(db: D
         activate_version(db, bad, actor="ann")
     with pytest.raises(CheckpointError):
         load_classifier(db, bad)
-    assert active_version(db).id == good
+    active = active_version(db)
+    assert active is not None and active.id == good
     assert get_version(db, bad).status == "candidate"
     classifier, view = load_classifier(db)
     assert view.id == good and classifier.class_names == CLASSES
@@ -130,7 +133,8 @@ def test_cli_lists_activates_evaluates_and_exports(db: Database, tmp_path) -> No
     checkpoint_path(db, get_version(db, v2)).write_bytes(b"garbage")
     refused = runner.invoke(app, ["models", "activate", str(v2)])
     assert refused.exit_code == 1 and f"v{v2}" in refused.output
-    assert active_version(db).id == v1
+    active = active_version(db)
+    assert active is not None and active.id == v1
     exported = runner.invoke(app, ["export", "model", str(tmp_path / "out")])
     assert exported.exit_code == 0, exported.output
     assert (tmp_path / "out" / f"model-v{v1}.safetensors").is_file()
@@ -178,7 +182,8 @@ def test_a_checkpoint_with_unusable_values_is_refused_and_the_active_version_kee
         sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "image_size": 20000}))
     with pytest.raises(CheckpointError, match=f"model v{bad}: checkpoint .* is not usable"):
         activate_version(db, bad, actor="ann")
-    assert active_version(db).id == good and get_version(db, bad).status == "candidate"
+    active = active_version(db)
+    assert active is not None and active.id == good and get_version(db, bad).status == "candidate"
     classifier, view = load_classifier(db)
     probs = classifier.predict_pixels(torch.zeros((2, 32, 32, 3), dtype=torch.uint8).numpy())
     assert view.id == good and torch.isfinite(torch.from_numpy(probs)).all()

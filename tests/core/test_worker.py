@@ -169,7 +169,8 @@ def test_a_killed_worker_leaves_a_failed_job_not_a_running_one(
         session.execute(update(Worker).values(process=""))
     worker.send_signal(signal.SIGKILL)
     finished(worker)
-    assert jobs.current_job(db).status == "running"
+    current = jobs.current_job(db)
+    assert current is not None and current.status == "running"
     time.sleep(HEARTBEAT_TIMEOUT_S + 0.3)
     assert not jobs.worker_alive(db)
     assert finished(start_worker(tmp_path, "--once")) == 0  # a new worker cleans up at start
@@ -295,7 +296,9 @@ def test_idle_step_refreshes_the_rolled_back_versions_predictions_and_survives_a
     def stored(version_id: int) -> int:
         with db.read() as session:
             query = select(func.count()).select_from(Prediction).where(Prediction.model_version_id == version_id)
-            return session.scalar(query)
+            count = session.scalar(query)
+        assert count is not None
+        return count
 
     old = save_random_version(db, ["Shoes", "Bags"], seed=1)
     new = save_random_version(db, ["Shoes", "Bags"], seed=2)
@@ -335,6 +338,7 @@ def test_an_unreadable_original_is_skipped_by_the_idle_refresh_and_the_others_st
     ids = store_images(db, [("Shoes", i, "train") for i in range(5)])
     with db.read() as session:
         broken = session.get(Image, ids[1])
+        assert broken is not None
         (db.settings.data_dir / broken.stored_path).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
 
     step = IdlePredictions(limit=3, retry_s=3600)

@@ -76,7 +76,8 @@ def test_a_worker_killed_on_this_machine_fails_its_job_at_once_and_the_next_work
     assert f"its process ({worker.pid} on " in job.error and "no longer runs (killed? out of memory?)" in job.error
     assert noticed_s < 2, noticed_s
     assert not jobs.worker_alive(db)  # so the UI starts a new worker at once, too
-    assert active_version(db).id == serving  # the active model keeps serving
+    active = active_version(db)
+    assert active is not None and active.id == serving  # the active model keeps serving
 
     use_runner(monkeypatch, "succeed")
     next_id = queue(db)  # Retrain is not refused as "already running"
@@ -154,5 +155,7 @@ def test_only_a_gone_process_of_this_machine_fails_a_job_before_the_timeout(db: 
     jobs.claim_next_job(db, "there:2:bbb")
     with db.write() as session:  # a silent pid on another machine: only its heartbeat timeout can tell
         session.add(Worker(id="there:2:bbb", host="there", pid=2, process="other-boot/pid:[1]/2/5"))
-    assert jobs.fail_stale_jobs(db) == [] and jobs.current_job(db).id == there
+    assert jobs.fail_stale_jobs(db) == []
+    current = jobs.current_job(db)
+    assert current is not None and current.id == there
     assert jobs.worker_alive(db)

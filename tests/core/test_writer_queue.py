@@ -83,7 +83,7 @@ def test_writers_of_several_processes_take_turns_and_none_waits_while_others_com
         child.join(10)
     assert not [r for r in results if r[3]], [r for r in results if r[3]]  # every write succeeded
     with db.read() as session:
-        order = [w for (w,) in session.execute(text("SELECT writer FROM turns ORDER BY id"))]
+        order: list[str] = list(session.scalars(text("SELECT writer FROM turns ORDER BY id")))
     assert Counter(order) == {writer: writes for writer, writes, _, _ in results}
     # In the order the writes committed: between two turns of one writer, how many turns did any other writer take?
     # Turns in the order they came allow one (two when a writer was slow to queue again); SQLite's own lock, handed

@@ -125,7 +125,9 @@ def die_while_saving(db: Database, job_id: int, *, on_progress: ProgressFn, shou
     from core.ml.staging import staged_checkpoint
     from models import checkpoint
 
-    def stall_half_way(tensors: object, filename: str, metadata: object = None) -> None:
+    def stall_half_way(
+        tensors: dict[str, torch.Tensor], filename: str | os.PathLike[str], metadata: dict[str, str] | None = None
+    ) -> None:
         with open(filename, "wb") as handle:
             handle.write(b"\0" * SAVING_STALL_BYTES)
             handle.flush()

@@ -32,7 +32,7 @@ from tests.imagegen import CATEGORY_COLOURS, image_bytes
 from tests.servers import ROOT, streamlit_server
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Page
+    from playwright.sync_api import FilePayload, Page
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -67,10 +67,10 @@ def _no_browser(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _photos(category: str) -> list[dict[str, object]]:
+def _photos(category: str) -> list[FilePayload]:
     """Generated PNGs of one category, chosen so each split gets what WANTED asks for."""
     need = dict(WANTED)
-    files: list[dict[str, object]] = []
+    files: list[FilePayload] = []
     for index in range(500):
         data = image_bytes(category, index, size=40)
         split = split_for_hash(hashlib.sha256(data).hexdigest()).value

@@ -6,10 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from models.factory import PreprocessConfig, create_network, preprocessing_config
+from models.factory import PreprocessConfig, create_network, preprocessing_config, timm_api
 
 CLASSES = ["Shoes", "Bags", "Hats"]
 COLOURS = np.array([[200, 40, 40], [40, 160, 60], [40, 60, 200]], dtype=np.float32)
+
+
+def linear_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The classifier of a timm network these tests build: a Linear layer (resnet18's `fc`, a stage-pooled head)."""
+    head = timm_api(model).get_classifier()
+    assert isinstance(head, torch.nn.Linear), type(head)
+    return head
 
 
 def synthetic_pixels(per_class: int, size: int = 32, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

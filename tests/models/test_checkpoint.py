@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,9 +101,9 @@ def test_weights_of_another_shape_are_refused(saved: Path) -> None:
         (lambda d: json.dumps(d).replace('"seed": 3', '"seed": ' + "9" * 5000), "not valid JSON.*digits"),
     ],
 )
-def test_bad_sidecars_are_refused(saved: Path, mutate: object, message: str) -> None:
+def test_bad_sidecars_are_refused(saved: Path, mutate: Callable[[dict[str, Any]], str], message: str) -> None:
     side = sidecar_path(saved)
-    side.write_text(mutate(json.loads(side.read_text())))  # type: ignore[operator]
+    side.write_text(mutate(json.loads(side.read_text())))
     with pytest.raises(CheckpointInvalid, match=message) as info:
         load_checkpoint(saved)
     assert "v1." in str(info.value)
@@ -150,11 +152,11 @@ def test_a_huge_sidecar_is_refused_before_it_is_parsed(saved: Path) -> None:
         assert time.perf_counter() - started < 0.5
 
 
-def _with_weights(saved: Path, change: object) -> None:
+def _with_weights(saved: Path, change: Callable[[dict[str, torch.Tensor]], object]) -> None:
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(saved))
-    change(state)  # type: ignore[operator]
+    change(state)
     save_file(state, str(saved), metadata={"format": "pt"})
 
 

@@ -27,7 +27,7 @@ from models.distributed import (
     train_full_distributed,
 )
 from models.errors import TrainingStopped
-from models.factory import PreprocessConfig, create_network, preprocessing_config
+from models.factory import PreprocessConfig, create_network, preprocessing_config, timm_api
 from models.training import EpochRecord, Progress, TrainConfig, TrainData, train_full
 from tests.models.conftest import CLASSES, synthetic_pixels
 
@@ -75,7 +75,8 @@ def test_two_cpu_processes_learn_write_one_checkpoint_and_match_a_one_process_ru
     result = train_full_distributed(
         _config(), data, model=net, cfg=cfg, devices=TWO_CPUS, folder=folder, on_progress=reports.append
     )
-    assert result.history[-1].train_loss < result.history[0].train_loss
+    first_loss, last_loss = result.history[0].train_loss, result.history[-1].train_loss
+    assert first_loss is not None and last_loss is not None and last_loss < first_loss
     assert result.best_val_acc is not None and result.best_val_acc > 0.5  # chance is 1/3
     # Exactly one checkpoint, by rank 0: the best epoch's weights, which the result's model holds.
     assert sorted(p.name for p in folder.iterdir() if p.is_file()) == [INITIAL_FILE, "trained.json", TRAINED_FILE]
@@ -98,7 +99,8 @@ def test_two_cpu_processes_learn_write_one_checkpoint_and_match_a_one_process_ru
     assert [h.epoch for h in result.history] == [h.epoch for h in one.history] == [1, 2, 3]
     assert result.val_logits is not None and one.val_logits is not None
     assert result.val_logits.shape == one.val_logits.shape == (9, len(CLASSES))
-    assert result.model.get_classifier().out_features == one.model.get_classifier().out_features == len(CLASSES)
+    result_head, one_head = timm_api(result.model).get_classifier(), timm_api(one.model).get_classifier()
+    assert result_head.out_features == one_head.out_features == len(CLASSES)
     assert not result.model.training and result.best_epoch in (1, 2, 3) and 0.05 <= result.temperature <= 20
     assert result.extra == {"devices": TWO_CPUS, "backend": "gloo", "processes": 2}
 
@@ -165,6 +167,7 @@ def test_memory_mapped_pixels_travel_by_file_name(tmp_path: Path) -> None:
     import pickle
 
     data = _data(tmp_path)
+    assert isinstance(data.train_pixels, np.memmap)
     rows = shareable(data.train_pixels)
     assert isinstance(rows, SharedRows)
     sent = pickle.dumps(rows)

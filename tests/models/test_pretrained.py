@@ -168,7 +168,9 @@ def test_a_requested_source_never_falls_back_to_random_weights(tmp_path: Path, b
 
 def test_timm_hub_weights_in_the_local_cache_are_used_with_the_network_off(tmp_path: Path) -> None:
     """The hub path for real: weights laid out in a Hugging Face cache, HF_HUB_OFFLINE=1, in a fresh process."""
-    hub_id = timm.models.get_pretrained_cfg("resnet18").hf_hub_id
+    pretrained_cfg = timm.models.get_pretrained_cfg("resnet18")
+    assert pretrained_cfg is not None and pretrained_cfg.hf_hub_id is not None
+    hub_id = pretrained_cfg.hf_hub_id
     repo = tmp_path / "hub" / f"models--{hub_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)

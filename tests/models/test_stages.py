@@ -16,7 +16,7 @@ import torch
 
 from models.checkpoint import CheckpointMeta, load_checkpoint, read_meta, save_checkpoint, sidecar_path
 from models.errors import CheckpointInvalid
-from models.factory import preprocessing_config
+from models.factory import preprocessing_config, timm_api
 from models.stages import (
     STAGE_LAYOUTS,
     BlockPooling,
@@ -49,7 +49,8 @@ def test_the_lite0_features_are_where_things_are_in_blocks_3_to_6_and_its_final_
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         features = pooled.forward_features(x)
-        plain = pooled.net.forward_head(pooled.net.forward_features(x), pre_logits=True)
+        net = timm_api(pooled.net)
+        plain = net.forward_head(net.forward_features(x), pre_logits=True)
         assert features.shape == (2, 4800) and features.dtype == torch.float32
         assert torch.allclose(features[:, -1280:], plain)  # the final features are the plain network's own
         assert torch.allclose(pooled(x), pooled.classifier(features))

@@ -87,7 +87,8 @@ def _events(db: Database) -> list[tuple[int, str, str, str, str]]:
     """(image id, action, actor, file name, note) of every image event."""
     columns = (ImageEvent.image_id, ImageEvent.action, ImageEvent.actor, ImageEvent.original_name, ImageEvent.note)
     with db.read() as session:
-        return [tuple(row) for row in session.execute(select(*columns).order_by(ImageEvent.id))]
+        rows = session.execute(select(*columns).order_by(ImageEvent.id))
+        return [(image_id, action, actor, name, note) for image_id, action, actor, name, note in rows]
 
 
 def test_an_admin_deletes_a_photo_from_its_card_after_confirming(db: Database) -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from streamlit.delta_generator import DeltaGenerator
 from streamlit.elements.progress import ProgressMixin
 
 from core.catalog.labels import add_category, audit_trail
@@ -46,7 +48,7 @@ def progress_texts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     seen: list[str] = []
     original = ProgressMixin.progress
 
-    def progress(self, value, text=None, **kwargs):  # type: ignore[no-untyped-def]
+    def progress(self: ProgressMixin, value: float, text: str | None = None, **kwargs: Any) -> DeltaGenerator:
         if text is not None:
             seen.append(text)
         return original(self, value, text=text, **kwargs)
