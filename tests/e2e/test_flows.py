@@ -233,6 +233,9 @@ def test_keyboard_review_keys_act_at_once_when_the_mode_is_switched_on_and_when_
         _wait_idle(page)
         second = card.get_by_text(re.compile(r"^#\d+ p\d\.png")).inner_text().split()[1]
         assert second != first
+        # The photo's buttons drawn (a press before they are there has nothing to act on; seen once in CI, under
+        # load); the first press still has to act.
+        expect(card.get_by_role("button", name=re.compile(r"^Shoes"))).to_be_enabled()
         page.keyboard.press("3")  # Shoes
         expect(page.get_by_text(re.compile(rf"Last: #\d+ {re.escape(second)}: labelled Shoes"))).to_be_visible()
         assert _labels_of(data_dir) == {first: "Bags", second: "Shoes"}
