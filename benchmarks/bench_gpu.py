@@ -343,11 +343,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     if args.devices:
-        rows = bench_scaling(args)
-        write_json(args.out, {"benchmark": "bench_gpu --devices", "settings": vars(args) | {"out": str(args.out)},
-                              "rows": rows, "peak_rss_mb": peak_rss_mb(), "versions": library_versions()})  # fmt: skip
+        scaling = bench_scaling(args)
+        settings = vars(args) | {"out": str(args.out)}
+        write_json(args.out, {"benchmark": "bench_gpu --devices", "settings": settings, "rows": scaling,
+                              "peak_rss_mb": peak_rss_mb(), "versions": library_versions()})  # fmt: skip
         print()
-        print(markdown_table(COLUMNS, rows))
+        print(markdown_table(COLUMNS, scaling))
         return 0
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     if device.type == "cuda":

@@ -23,6 +23,12 @@ from models.inference import Classifier, fuse_conv_bn
 from models.preprocess import pixels_to_tensor
 
 
+def to_channels_last(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model on `device` with channels-last weights (torch's type stubs omit `to`'s memory_format)."""
+    moved: torch.nn.Module = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return moved
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -90,7 +96,7 @@ def main() -> None:
 
     variants: dict[str, Callable[[np.ndarray], object]] = {"baseline: eager NCHW, no_grad": baseline}
 
-    cl_model = copy.deepcopy(model).to(device, memory_format=torch.channels_last)
+    cl_model = to_channels_last(copy.deepcopy(model), device)
 
     def channels_last(batch: np.ndarray) -> object:
         with torch.inference_mode():
@@ -107,7 +113,8 @@ def main() -> None:
     variants[name] = classifier.logits_pixels
 
     if args.compile:
-        compiled = torch.compile(fuse_conv_bn(copy.deepcopy(model)).to(device, memory_format=torch.channels_last))
+        fused = fuse_conv_bn(copy.deepcopy(model))
+        compiled = torch.compile(to_channels_last(fused, device))
 
         def compiled_run(batch: np.ndarray) -> object:
             with torch.inference_mode():

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -52,7 +53,8 @@ def photo_like(rng: np.random.Generator, size: int) -> Image.Image:
         cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.3)
         edge = np.clip((r - np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)) * small / 3, 0, 1)
         pixels = pixels * (1 - edge[..., None]) + rng.uniform(0, 255, 3)[None, None, :] * edge[..., None]
-    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").resize((size, size), Image.BICUBIC)
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    img = img.resize((size, size), Image.Resampling.BICUBIC)
     noisy = np.asarray(img).astype(np.int16) + rng.integers(-4, 5, (size, size, 3), dtype=np.int16)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
@@ -111,7 +113,7 @@ def _machine_busy_s() -> tuple[float, float]:
     return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz  # idle and iowait are not busy
 
 
-def child(spec: dict[str, object]) -> dict[str, object]:
+def child(spec: dict[str, Any]) -> dict[str, object]:
     """Import spec["files"] with the code under spec["code"] into a fresh data directory; returns the figures."""
     sys.path.insert(0, str(spec["code"]))
     # The fork server of the worker processes is a fresh interpreter that finds `core` from its working directory.
@@ -135,9 +137,9 @@ def child(spec: dict[str, object]) -> dict[str, object]:
     decoding = importlib.import_module("core.catalog.ingest.decoding")
     threads_at = decoding if hasattr(decoding, "DECODE_THREADS") else tunables  # moved to decoding on 2026-11-30
     if spec.get("threads"):
-        threads_at.DECODE_THREADS = int(spec["threads"])
+        setattr(threads_at, "DECODE_THREADS", int(spec["threads"]))  # noqa: B010  # a module's setting
     if spec.get("batch_rows"):
-        tunables.BATCH_ROWS = int(spec["batch_rows"])  # type: ignore[attr-defined]
+        setattr(tunables, "BATCH_ROWS", int(spec["batch_rows"]))  # noqa: B010
     db = open_database()
     rss_before = _status_kib("VmRSS")
     try:  # Linux: writing 5 resets the peak RSS (VmHWM) to the current RSS
@@ -176,7 +178,7 @@ def child(spec: dict[str, object]) -> dict[str, object]:
     }
 
 
-def run_child(spec: dict[str, object]) -> dict[str, object]:
+def run_child(spec: dict[str, Any]) -> dict[str, object]:
     out = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=False
     )
@@ -254,7 +256,9 @@ def main() -> None:
             print(f"{kind}: made {n} {size}x{size} files ({megabytes:.1f} MB) in {time.perf_counter() - started:.0f}s")
             base = min(baseline_s(files) for _ in range(2))  # also warms the page cache for every import
             runs: list[dict[str, object]] = []
-            plan = [(code, None, args.threads) for _ in range(args.rounds) for code in codes]
+            plan: list[tuple[str, int | None, int | None]] = [
+                (code, None, args.threads) for _ in range(args.rounds) for code in codes
+            ]
             plan += [("after", int(rows), args.threads) for rows in args.batch_rows.split(",") if rows]
             plan += [("after", None, int(threads)) for threads in args.thread_counts.split(",") if threads]
             for index, (code, rows, threads) in enumerate(plan):
@@ -304,7 +308,7 @@ def print_table(report: dict[str, object]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for kind, data in report["kinds"].items():  # type: ignore[attr-defined]
         n, base = data["n"], data["baseline_s"]
-        groups: dict[tuple[str, object, object], list[dict[str, object]]] = {}
+        groups: dict[tuple[str, object, object], list[dict[str, Any]]] = {}
         for run in data["runs"]:
             groups.setdefault((run["code"], run["batch_rows"], run["threads"]), []).append(run)
         for (code, rows, threads), runs in groups.items():

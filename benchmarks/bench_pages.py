@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     for order in ReviewOrder:
         for name, page in (("first", 1), ("last", last)):
             calls.append(
-                (f"review_queue {order.value}, {name} page", lambda o=order, p=page: review_queue(db, order=o, page=p))
+                (f"review_queue {order.value}, {name} page", partial(review_queue, db, order=order, page=page))
             )
     calls += [
         ("review_queue unlabelled, lowest-confidence", lambda: review_queue(db, label_state=LabelState.UNLABELLED)),

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ def main() -> None:
     feats, labels = synthetic_features(args.n + n_val, args.dim, args.classes, seed=0, noise=args.noise)
     x, y, xv, yv = feats[: args.n], labels[: args.n], feats[args.n :], labels[args.n :]
 
-    def ours(**options: object) -> Callable[[], Callable[[np.ndarray], np.ndarray]]:
+    def ours(**options: Any) -> Callable[[], Callable[[np.ndarray], np.ndarray]]:
         def fit() -> Callable[[np.ndarray], np.ndarray]:
             weight, bias = fit_head(x, y, xv, yv, num_classes=args.classes, config=TrainConfig(**options))
             return lambda f: (torch.from_numpy(f) @ weight.T + bias).argmax(1).numpy()

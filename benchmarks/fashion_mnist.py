@@ -173,7 +173,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     def limit(given: int | None, default: int | None) -> int | None:
         value = default if given is None else given
-        return None if value in (None, 0) else int(value)
+        return None if value is None or value == 0 else int(value)
 
     return {
         "preset": args.preset,

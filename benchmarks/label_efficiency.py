@@ -358,6 +358,15 @@ def label_from_review_queue(db: Any, count: int, truth: dict[str, str]) -> dict[
     }
 
 
+def _active_arch(db: Any) -> str:
+    """The architecture of the version the run just activated."""
+    from core.ml.versions import active_version
+
+    version = active_version(db)
+    assert version is not None, "the run's training job activated no version"
+    return version.arch
+
+
 def measure(db: Any, mode: str, test_limit: int | None, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train through the worker, then classify the official test images: (training summary, prediction results)."""
     training = train_with_worker(db, mode)
@@ -398,8 +407,6 @@ def run_random(
     series: Series, count: int, data: Any, orders: list[np.ndarray], args: argparse.Namespace, work: Path, mode: str
 ) -> dict[str, Any]:
     """One point of a random-picking series in a fresh data directory."""
-    from core.ml.versions import active_version
-
     data_dir = work / f"{series.name}-{count}"
     db = open_catalogue(data_dir, series)
     started = time.perf_counter()
@@ -408,7 +415,7 @@ def run_random(
     counts = labelled_counts(db)
     training, predicted = measure(db, mode, args.test_limit or None, work)
     seconds = time.perf_counter() - started
-    training["arch"] = active_version(db).arch
+    training["arch"] = _active_arch(db)
     shutil.rmtree(data_dir, ignore_errors=True)  # pixel caches at 224 px are large
     return make_row(series, counts, training, predicted, seconds, imported=imported)
 
@@ -417,8 +424,6 @@ def run_active(
     series: Series, data: Any, orders: list[np.ndarray], args: argparse.Namespace, work: Path, mode: str, on_row: Any
 ) -> None:
     """The active series: one catalogue, the pool imported once, labels added from the review queue between jobs."""
-    from core.ml.versions import active_version
-
     data_dir = work / series.name
     db = open_catalogue(data_dir, series)
     first, *later = args.labels
@@ -435,7 +440,7 @@ def run_active(
         counts = labelled_counts(db)
         print(f"{series.name}: {counts['labels']} labels", flush=True)
         training, predicted = measure(db, mode, args.test_limit or None, work)
-        training["arch"] = active_version(db).arch
+        training["arch"] = _active_arch(db)
         now = time.perf_counter()
         extra = {"pool": args.pool, "cumulative_seconds": now - series_started, **step}
         on_row(make_row(series, counts, training, predicted, now - started, **extra))

@@ -22,14 +22,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import cast
 
 if __package__ in (None, ""):  # run as a script: make `core` and `tests` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import bindparam, select, text
+from sqlalchemy import Table, bindparam, select, text
 
 from core import db as core_db
 from core.catalog.demo import balanced_indices, load_fashion_mnist
@@ -66,9 +68,10 @@ from tests.core.factories import populate
 from tests.imagegen import COPY_KINDS, encode
 
 SIZE = 224
+IMAGES = cast(Table, Image.__table__)  # a declarative class maps one Table
 update_by_id = (
-    Image.__table__.update()
-    .where(Image.__table__.c.id == bindparam("b_id"))
+    IMAGES.update()
+    .where(IMAGES.c.id == bindparam("b_id"))
     .values(duplicate_group_id=bindparam("b_group"), split=bindparam("b_split"))
 )
 
@@ -267,7 +270,7 @@ def _store_groups(db: core_db.Database, fraction: float, rng: np.random.Generato
         updates += [{"b_id": rows[m][0], "b_group": first_id,
                      "b_split": rows[m][1] if straddles else first_split} for m in members]  # fmt: skip
     with db.write() as session:
-        session.execute(Image.__table__.update().values(duplicate_group_id=None, duplicates_checked=True))
+        session.execute(IMAGES.update().values(duplicate_group_id=None, duplicates_checked=True))
         session.execute(update_by_id, updates)
 
 
@@ -294,7 +297,7 @@ def stored_groups(workdir: Path, images: int = 100_000, repeat: int = 5) -> None
         last = duplicate_groups(db, page_size=10).pages
         counts_ms = _median_ms(lambda: duplicate_counts(db), repeat)
         first_ms = _median_ms(lambda: duplicate_groups(db, page=1, page_size=10), repeat)
-        last_ms = _median_ms(lambda last=last: duplicate_groups(db, page=last, page_size=10), repeat)
+        last_ms = _median_ms(partial(duplicate_groups, db, page=last, page_size=10), repeat)
         unchecked_ms = _median_ms(lambda: unchecked_images(db), repeat)
         at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "streamlit_app.py"), default_timeout=120)
         at.run().switch_page("pages/duplicates.py").run()
@@ -323,6 +326,7 @@ def _join_cost(db: core_db.Database, rng: np.random.Generator, calls: int = 200)
         loners = list(session.scalars(select(Image.id).where(Image.duplicate_group_id.is_(None))))
     by_group: dict[int, list[int]] = {}
     for group_id, image_id in grouped:
+        assert group_id is not None  # selected where not null
         by_group.setdefault(group_id, []).append(image_id)
     groups = list(by_group.values())
 
