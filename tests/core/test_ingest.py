@@ -6,8 +6,8 @@ import io
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -984,7 +984,7 @@ import os, threading, time
 from pathlib import Path
 from core.db import open_database
 from core.catalog.ingest import import_paths
-from core.settings import Settings, get_settings
+from core.settings import get_settings
 
 def resident():
     with open("/proc/self/statm") as fh:
@@ -1198,16 +1198,10 @@ def _fail_on_named_file(files: Sequence[tuple[str, bytes, str]]) -> list[Process
 
     real = decoding.prepare_file
 
-    def failing(
-        settings: Settings,
-        name: str,
-        data: bytes,
-        sha: str,
-        decode_slot: Callable[[int], AbstractContextManager[object]] | None = None,
-    ) -> Prepared:
+    def failing(settings: Settings, name: str, *args: Any, **kwargs: Any) -> Prepared:
         if name.endswith("fail_here.png"):
             raise RuntimeError(f"a bug while preparing {name}")
-        return real(settings, name, data, sha, decode_slot)
+        return real(settings, name, *args, **kwargs)
 
     decoding.prepare_file = failing
     try:

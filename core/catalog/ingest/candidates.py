@@ -85,7 +85,7 @@ def read_file(path: Path, max_bytes: int) -> bytes:
             size = os.fstat(fd).st_size
             if size > max_bytes:
                 raise Refuse(f"file is {size:,} bytes, larger than the limit of {max_bytes:,} bytes")
-            chunks = [os.read(fd, size + 1)]  # one read for a regular file; more only if it grew or is short-read
+            chunks = [os.read(fd, size + 1)]  # a regular file: its bytes, then an empty read at its end
             total = len(chunks[0])
             while chunks[-1] and total <= max_bytes:
                 chunks.append(os.read(fd, max(size, 65536)))
